@@ -1,0 +1,140 @@
+#include "arrays.h"
+
+#include <cstring>
+
+#include "kvpack/backend.h"
+#include "kvpack/convert.h"
+
+namespace kvpack::bindings {
+
+namespace {
+constexpr int kNpyFloat = 11;  // NPY_FLOAT
+constexpr int kNpyHalf = 23;   // NPY_HALF
+}  // namespace
+
+std::string shape_string(const py::array& array) {
+  std::ostringstream os;
+  os << "(";
+  for (py::ssize_t i = 0; i < array.ndim(); ++i) os << (i ? ", " : "") << array.shape(i);
+  os << (array.ndim() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+std::string dtype_string(const py::array& array) {
+  return py::str(array.dtype()).cast<std::string>();
+}
+
+DType kv_dtype(const py::array& array, const char* name) {
+  const int num = array.dtype().num();
+  if (num == kNpyFloat) return DType::Float32;
+  if (num == kNpyHalf) return DType::Float16;
+  if (dtype_string(array) == "bfloat16" && array.itemsize() == 2) return DType::BFloat16;
+  KVPACK_TYPE_CHECK(false, name << ": expected dtype float32, float16 or bfloat16, got "
+                                << dtype_string(array));
+}
+
+void require_layout(const py::array& array, const char* name, int ndim, const char* layout) {
+  KVPACK_ARG_CHECK(array.ndim() == ndim, name << ": expected " << ndim << " dimensions " << layout
+                                              << ", got shape " << shape_string(array));
+  KVPACK_ARG_CHECK(array.flags() & py::array::c_style,
+                   name << ": expected a C-contiguous array, got strides that are not; "
+                           "pass numpy.ascontiguousarray("
+                        << name << ")");
+}
+
+KVView kv_view(const py::array& array, const char* name) {
+  KVView view;
+  view.dtype = kv_dtype(array, name);
+  require_layout(array, name, 3, "[heads_kv, tokens, head_dim]");
+  view.heads = array.shape(0);
+  view.tokens = array.shape(1);
+  view.dim = array.shape(2);
+  KVPACK_ARG_CHECK(view.heads > 0 && view.tokens > 0 && view.dim > 0,
+                   name << ": expected a non-empty cache, got shape " << shape_string(array));
+  view.data = array.data();
+  return view;
+}
+
+bool all_finite(const float* data, std::int64_t n) {
+  bool finite = true;
+  for (std::int64_t i = 0; i < n; ++i) finite &= std::isfinite(data[i]);
+  return finite;
+}
+
+py::array_t<float> finite_float32(const py::array& array, const char* name, int ndim,
+                                  const char* layout) {
+  const char kind = array.dtype().kind();
+  KVPACK_TYPE_CHECK(kind == 'f' || dtype_string(array) == "bfloat16",
+                    name << ": expected a floating-point array, got dtype " << dtype_string(array));
+  require_layout(array, name, ndim, layout);
+  py::array_t<float> result;
+  if (array.dtype().num() == kNpyFloat) {
+    result = py::reinterpret_borrow<py::array_t<float>>(array);
+  } else {
+    result = py::array_t<float>::ensure(array.attr("astype")("float32"));
+  }
+  KVPACK_ARG_CHECK(all_finite(result.data(), result.size()), name << ": contains NaN or Inf");
+  return result;
+}
+
+IndexView index_view(const py::array& array, const char* name, std::int64_t tokens) {
+  KVPACK_TYPE_CHECK(array.dtype().kind() == 'i' && array.itemsize() == 4,
+                    name << ": expected dtype int32, got " << dtype_string(array));
+  require_layout(array, name, 2, "[heads, n]");
+  IndexView view{static_cast<const std::int32_t*>(array.data()), array.shape(0), array.shape(1)};
+  KVPACK_ARG_CHECK(view.count > 0, name << ": expected at least one index per row, got shape "
+                                        << shape_string(array));
+  for (std::int64_t r = 0; r < view.rows; ++r) {
+    const std::int32_t* row = view.data + r * view.count;
+    for (std::int64_t i = 0; i < view.count; ++i) {
+      KVPACK_ARG_CHECK(row[i] >= 0 && row[i] < tokens, name << "[" << r << ", " << i << "]: expected a token index in [0, "
+                                                            << tokens << "), got " << row[i]);
+      KVPACK_ARG_CHECK(i == 0 || row[i] > row[i - 1],
+                       name << "[" << r << "]: expected indices sorted ascending without duplicates, got "
+                            << row[i - 1] << " before " << row[i] << " at position " << i);
+    }
+  }
+  return view;
+}
+
+py::array_t<float> owned_float_array(const std::vector<py::ssize_t>& shape) {
+  std::size_t n = 1;
+  for (py::ssize_t s : shape) n *= static_cast<std::size_t>(s);
+  float* data = new float[n == 0 ? 1 : n];
+  py::capsule owner(data, [](void* p) { delete[] static_cast<float*>(p); });
+  return py::array_t<float>(shape, data, owner);
+}
+
+void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays) {
+  for (const auto& [name, view] : arrays) {
+    std::vector<float> row(static_cast<std::size_t>(view.dim));
+    for (std::int64_t r = 0; r < view.heads * view.tokens; ++r) {
+      to_float(static_cast<const char*>(view.data) + r * view.dim * dtype_size(view.dtype), view.dtype,
+               view.dim, row.data());
+      for (std::int64_t i = 0; i < view.dim; ++i)
+        KVPACK_ARG_CHECK(std::isfinite(row[i]), name << ": contains NaN or Inf (first at ["
+                                                     << r / view.tokens << ", " << r % view.tokens
+                                                     << ", " << i << "])");
+    }
+  }
+  KVPACK_ARG_CHECK(false, "attention scores overflowed float32: q and keys are too large in magnitude");
+}
+
+bool use_cuda(const std::string& device) {
+  KVPACK_ARG_CHECK(device == "cpu" || device == "cuda",
+                   "device: expected 'cpu' or 'cuda', got '" << device << "'");
+  if (device == "cpu") return false;
+  KVPACK_ARG_CHECK(cuda_available(), "device: 'cuda' requested but "
+                                         << (cuda_compiled() ? "no CUDA device is visible"
+                                                             : "kvpack was built without CUDA"));
+  return true;
+}
+
+float resolve_scale_arg(const std::optional<double>& scale) {
+  if (!scale) return 0.0f;
+  KVPACK_ARG_CHECK(std::isfinite(*scale) && *scale > 0.0,
+                   "scale: expected a positive finite number or None, got " << *scale);
+  return static_cast<float>(*scale);
+}
+
+}  // namespace kvpack::bindings

@@ -1,0 +1,70 @@
+// NumPy <-> core conversion and argument validation for every binding: dtype,
+// ndim, shape, contiguity and value checks with messages that name the argument,
+// and result arrays that own C++ memory without a copy.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kvpack/common.h"
+
+namespace kvpack::bindings {
+
+namespace py = pybind11;
+
+/// A ValueError (std::invalid_argument) with a streamed message.
+#define KVPACK_ARG_CHECK(condition, message) KVPACK_CHECK(condition, message)
+
+/// A TypeError with a streamed message.
+#define KVPACK_TYPE_CHECK(condition, message) \
+  do {                                        \
+    if (!(condition)) {                       \
+      std::ostringstream kvpack_os_;          \
+      kvpack_os_ << message;                  \
+      throw py::type_error(kvpack_os_.str()); \
+    }                                         \
+  } while (0)
+
+std::string shape_string(const py::array& array);
+std::string dtype_string(const py::array& array);
+
+/// The storage dtype of a KV array; TypeError unless float32, float16 or bfloat16.
+DType kv_dtype(const py::array& array, const char* name);
+
+/// Checks ndim and C-contiguity of `array`.
+void require_layout(const py::array& array, const char* name, int ndim, const char* layout);
+
+/// Zero-copy view of a [heads, tokens, dim] KV array, validated.
+KVView kv_view(const py::array& array, const char* name);
+
+/// Float32 C-contiguous array of `array` with `ndim` dims: the array itself when it
+/// already is one, else a converted copy (queries are small). Rejects NaN/Inf.
+py::array_t<float> finite_float32(const py::array& array, const char* name, int ndim,
+                                  const char* layout);
+
+/// Zero-copy view of int32 index sets [rows, count], each row sorted, unique, in [0, tokens).
+IndexView index_view(const py::array& array, const char* name, std::int64_t tokens);
+
+/// A new float32 NumPy array of `shape` whose memory C++ allocated and the array owns.
+py::array_t<float> owned_float_array(const std::vector<py::ssize_t>& shape);
+
+/// Raises ValueError naming the first of `arrays` holding a NaN or Inf.
+[[noreturn]] void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays);
+
+/// True when all n floats at data are finite.
+bool all_finite(const float* data, std::int64_t n);
+
+/// Parses "cpu" / "cuda"; ValueError otherwise, or when CUDA is asked for but unusable.
+bool use_cuda(const std::string& device);
+
+/// 0 (the default 1/sqrt(head_dim)) for None, else a positive finite scale.
+float resolve_scale_arg(const std::optional<double>& scale);
+
+}  // namespace kvpack::bindings

@@ -1,0 +1,135 @@
+// Bindings of kvpack/attention.h: validate, convert, release the GIL, call the backend.
+#include <pybind11/stl.h>
+
+#include "arrays.h"
+#include "kvpack/attention.h"
+#include "kvpack/backend.h"
+#ifdef KVPACK_WITH_CUDA
+#include "kvpack/cuda.h"
+#endif
+
+namespace kvpack::bindings {
+
+namespace {
+
+py::tuple attention(const py::array& q_arg, const py::array& keys_arg, const py::array& values_arg,
+                    const std::optional<py::array>& indices_arg, const std::optional<py::array>& bias_arg,
+                    const std::optional<double>& scale, bool return_lse, bool return_weights,
+                    const std::string& device) {
+  const KVView keys = kv_view(keys_arg, "keys");
+  const KVView values = kv_view(values_arg, "values");
+  KVPACK_ARG_CHECK(values.heads == keys.heads && values.tokens == keys.tokens && values.dim == keys.dim,
+                   "values: expected shape " << shape_string(keys_arg) << " like keys, got "
+                                             << shape_string(values_arg));
+  KVPACK_TYPE_CHECK(values.dtype == keys.dtype, "values: expected dtype " << dtype_name(keys.dtype)
+                                                                          << " like keys, got "
+                                                                          << dtype_name(values.dtype));
+  const py::array_t<float> q = finite_float32(q_arg, "q", 2, "[heads_q, head_dim]");
+  const std::int64_t heads_q = q.shape(0);
+  KVPACK_ARG_CHECK(q.shape(1) == keys.dim, "q: expected head_dim " << keys.dim << " like keys, got shape "
+                                                                   << shape_string(q));
+  KVPACK_ARG_CHECK(heads_q > 0 && heads_q % keys.heads == 0,
+                   "q: expected heads_q to be a positive multiple of heads_kv=" << keys.heads
+                                                                                << ", got shape " << shape_string(q));
+  IndexView indices;
+  if (indices_arg) {
+    indices = index_view(*indices_arg, "indices", keys.tokens);
+    KVPACK_ARG_CHECK(indices.rows == keys.heads || indices.rows == heads_q,
+                     "indices: expected " << keys.heads << " (heads_kv) or " << heads_q
+                                          << " (heads_q) rows, got shape " << shape_string(*indices_arg));
+  }
+  std::optional<py::array_t<float>> bias;
+  if (bias_arg) {
+    bias = finite_float32(*bias_arg, "bias", 2, "[heads_kv, tokens]");
+    KVPACK_ARG_CHECK(bias->shape(0) == keys.heads && bias->shape(1) == keys.tokens,
+                     "bias: expected shape (" << keys.heads << ", " << keys.tokens << "), got "
+                                              << shape_string(*bias));
+  }
+  AttentionParams params;
+  params.scale = resolve_scale_arg(scale);
+  const bool cuda = use_cuda(device);
+
+  const std::int64_t count = indices_arg ? indices.count : keys.tokens;
+  py::array_t<float> out = owned_float_array({heads_q, keys.dim});
+  py::array_t<float> lse = owned_float_array({heads_q});
+  py::array_t<float> weights = return_weights ? owned_float_array({heads_q, count}) : owned_float_array({0});
+  AttentionOutput output{out.mutable_data(), lse.mutable_data(),
+                         return_weights ? weights.mutable_data() : nullptr};
+  {
+    py::gil_scoped_release release;
+    const IndexView* index_ptr = indices_arg ? &indices : nullptr;
+    const float* bias_ptr = bias ? bias->data() : nullptr;
+#ifdef KVPACK_WITH_CUDA
+    if (cuda) {
+      cuda::decode_attention(q.data(), heads_q, keys, values, index_ptr, bias_ptr, params, output);
+    } else
+#endif
+    {
+      (void)cuda;
+      decode_attention(q.data(), heads_q, keys, values, index_ptr, bias_ptr, params, output);
+    }
+  }
+  // Non-finite results can only come from non-finite (or overflowing) keys/values.
+  if (!all_finite(lse.data(), heads_q) || !all_finite(out.data(), heads_q * keys.dim))
+    raise_non_finite({{"keys", keys}, {"values", values}});
+  return py::make_tuple(out, return_lse ? py::object(lse) : py::object(py::none()),
+                        return_weights ? py::object(weights) : py::object(py::none()));
+}
+
+py::array_t<float> accumulated_attention_binding(const py::array& queries_arg, const py::array& keys_arg,
+                                                 bool causal, const std::string& reduction,
+                                                 bool per_query_head, const std::optional<double>& scale,
+                                                 const std::string& device) {
+  const KVView keys = kv_view(keys_arg, "keys");
+  const py::array_t<float> queries = finite_float32(queries_arg, "queries", 3, "[heads_q, window, head_dim]");
+  const std::int64_t heads_q = queries.shape(0), window = queries.shape(1);
+  KVPACK_ARG_CHECK(queries.shape(2) == keys.dim, "queries: expected head_dim " << keys.dim
+                                                                               << " like keys, got shape "
+                                                                               << shape_string(queries));
+  KVPACK_ARG_CHECK(heads_q > 0 && heads_q % keys.heads == 0,
+                   "queries: expected heads_q to be a positive multiple of heads_kv="
+                       << keys.heads << ", got shape " << shape_string(queries));
+  KVPACK_ARG_CHECK(window > 0, "queries: expected at least one query per head, got shape "
+                                   << shape_string(queries));
+  KVPACK_ARG_CHECK(!causal || window <= keys.tokens,
+                   "queries: a causal window of " << window << " queries needs at least as many keys, got "
+                                                  << keys.tokens << " tokens");
+  KVPACK_ARG_CHECK(reduction == "sum" || reduction == "mean",
+                   "reduction: expected 'sum' or 'mean', got '" << reduction << "'");
+  AccumulateParams params;
+  params.scale = resolve_scale_arg(scale);
+  params.causal = causal;
+  params.reduction = reduction == "mean" ? Reduction::Mean : Reduction::Sum;
+  params.per_query_head = per_query_head;
+  const bool cuda = use_cuda(device);
+  py::array_t<float> out = owned_float_array({per_query_head ? heads_q : keys.heads, keys.tokens});
+  {
+    py::gil_scoped_release release;
+#ifdef KVPACK_WITH_CUDA
+    if (cuda) {
+      cuda::accumulated_attention(queries.data(), heads_q, window, keys, params, out.mutable_data());
+    } else
+#endif
+    {
+      (void)cuda;
+      accumulated_attention(queries.data(), heads_q, window, keys, params, out.mutable_data());
+    }
+  }
+  if (!all_finite(out.data(), out.size())) raise_non_finite({{"keys", keys}});
+  return out;
+}
+
+}  // namespace
+
+void bind_attention(py::module_& m) {
+  m.def("attention", &attention, py::arg("q"), py::arg("keys"), py::arg("values"),
+        py::arg("indices") = py::none(), py::arg("bias") = py::none(), py::arg("scale") = py::none(),
+        py::arg("return_lse") = false, py::arg("return_weights") = false, py::arg("device") = "cpu",
+        "Decode attention; returns (out, lse or None, weights or None). See kvpack.attention.");
+  m.def("accumulated_attention", &accumulated_attention_binding, py::arg("queries"), py::arg("keys"),
+        py::arg("causal") = true, py::arg("reduction") = "sum", py::arg("per_query_head") = false,
+        py::arg("scale") = py::none(), py::arg("device") = "cpu",
+        "Attention each key receives from a window of queries. See kvpack.accumulated_attention.");
+}
+
+}  // namespace kvpack::bindings

@@ -1,0 +1,30 @@
+// The private extension module kvpack._core; the public API is python/kvpack.
+#include "arrays.h"
+#include "kvpack/backend.h"
+#include "kvpack/parallel.h"
+
+namespace kvpack::bindings {
+void bind_attention(py::module_& m);
+}  // namespace kvpack::bindings
+
+PYBIND11_MODULE(_core, m) {
+  namespace py = pybind11;
+  using namespace kvpack::bindings;
+  m.doc() = "kvpack C++/CUDA core (private; use the kvpack package)";
+  m.attr("__version__") = KVPACK_VERSION;
+
+  m.def("cuda_compiled", &kvpack::cuda_compiled, "True when kvpack was built with its CUDA backend.");
+  m.def("cuda_available", &kvpack::cuda_available,
+        "True when the CUDA backend is built and a GPU is usable.");
+  m.def("get_num_threads", &kvpack::num_threads, "Threads used by kvpack's parallel loops.");
+  m.def("set_num_threads", &kvpack::set_num_threads, py::arg("n"),
+        "Sets the threads used by kvpack's parallel loops (>= 1).");
+  m.def(
+      "_data_pointer",
+      [](const py::array& array) {
+        return reinterpret_cast<std::uintptr_t>(kv_view(array, "array").data);
+      },
+      py::arg("array"), "Address the core sees for a KV array (for zero-copy tests).");
+
+  bind_attention(m);
+}

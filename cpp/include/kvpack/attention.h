@@ -1,0 +1,63 @@
+// Decode-step attention over one layer's KV cache, dense or over token index
+// sets, and the accumulated attention a block of prompt queries gives each key.
+// Every compression and recall method in kvpack attends and scores through here.
+#pragma once
+
+#include <cstdint>
+
+#include "kvpack/common.h"
+
+namespace kvpack {
+
+/// Parameters of decode_attention.
+struct AttentionParams {
+  float scale = 0.0f;  ///< multiplies q.k; 0 means 1/sqrt(head_dim)
+};
+
+/// Where decode_attention writes; lse and weights may be null.
+struct AttentionOutput {
+  float* out = nullptr;      ///< size heads_q * dim: attention output
+  float* lse = nullptr;      ///< size heads_q: log-sum-exp of the scaled (+ biased) scores
+  float* weights = nullptr;  ///< size heads_q * n: softmax weights, n = tokens or indices->count
+};
+
+/// One decode step of grouped-query attention, float32 arithmetic over any
+/// storage dtype, one pass over the attended K and V rows.
+///
+/// Query head h reads KV head h / (heads_q / keys.heads).
+/// @param q        size heads_q * keys.dim, float32
+/// @param heads_q  a multiple of keys.heads
+/// @param keys     [heads_kv, tokens, dim]
+/// @param values   same shape and dtype as keys
+/// @param indices  null for dense attention; else rows == heads_kv (shared by a
+///                 group) or heads_q, each row sorted, unique, within [0, tokens)
+/// @param bias     null, or size heads_kv * tokens: added to each scaled score
+///                 (e.g. a merged slot's log-count)
+void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
+                      const KVView& values, const IndexView* indices, const float* bias,
+                      const AttentionParams& params, const AttentionOutput& output);
+
+/// How accumulated_attention reduces the attention a key receives.
+enum class Reduction : int {
+  Sum = 0,   ///< sum over the queries (and over the GQA group when grouped)
+  Mean = 1,  ///< divided by the number of queries that can see the key (x group size)
+};
+
+/// Parameters of accumulated_attention.
+struct AccumulateParams {
+  float scale = 0.0f;             ///< multiplies q.k; 0 means 1/sqrt(head_dim)
+  bool causal = true;             ///< query i sits at position tokens - window + i
+  Reduction reduction = Reduction::Sum;
+  bool per_query_head = false;    ///< false: reduce each GQA group onto its KV head
+};
+
+/// Attention each key receives from a window of queries (H2O, SnapKV, KVMerger evidence).
+///
+/// @param queries  size heads_q * window * keys.dim, float32
+/// @param heads_q  a multiple of keys.heads
+/// @param window   queries per head; <= keys.tokens when causal
+/// @param out      size (per_query_head ? heads_q : heads_kv) * keys.tokens
+void accumulated_attention(const float* queries, std::int64_t heads_q, std::int64_t window,
+                           const KVView& keys, const AccumulateParams& params, float* out);
+
+}  // namespace kvpack

@@ -1,0 +1,74 @@
+// Types and checks shared by every kvpack capability: the storage dtypes, the
+// non-owning views through which KV data crosses every interface, and the
+// argument-check macro whose message names the argument, expected and actual value.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace kvpack {
+
+/// Storage dtype of KV data. Arithmetic is always float32.
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+/// Bytes per element of `dtype`.
+inline std::size_t dtype_size(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
+
+/// Lower-case name of `dtype`, as NumPy spells it.
+inline const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return "float32";
+    case DType::Float16: return "float16";
+    case DType::BFloat16: return "bfloat16";
+  }
+  return "unknown";
+}
+
+/// Non-owning view of one layer's keys or values: C-contiguous
+/// [heads, tokens, dim] elements of `dtype` at `data`.
+struct KVView {
+  const void* data = nullptr;  ///< size heads * tokens * dim elements
+  DType dtype = DType::Float32;
+  std::int64_t heads = 0;
+  std::int64_t tokens = 0;
+  std::int64_t dim = 0;
+
+  /// Address of row (head, token).
+  const void* row(std::int64_t head, std::int64_t token) const {
+    return static_cast<const char*>(data) +
+           static_cast<std::size_t>((head * tokens + token) * dim) * dtype_size(dtype);
+  }
+};
+
+/// Non-owning view of token index sets: C-contiguous int32 [rows, count], each row
+/// sorted ascending without duplicates. rows is heads_kv (one set shared by a GQA
+/// group) or heads_q (one set per query head).
+struct IndexView {
+  const std::int32_t* data = nullptr;  ///< size rows * count
+  std::int64_t rows = 0;
+  std::int64_t count = 0;
+};
+
+namespace detail {
+[[noreturn]] inline void throw_invalid(const char* file, int line, const std::string& msg) {
+  std::ostringstream os;
+  os << msg << " [" << file << ":" << line << "]";
+  throw std::invalid_argument(os.str());
+}
+}  // namespace detail
+
+}  // namespace kvpack
+
+/// Throws std::invalid_argument (ValueError in Python) with `message` (a stream
+/// expression) and the source location when `condition` does not hold.
+#define KVPACK_CHECK(condition, message)                                  \
+  do {                                                                    \
+    if (!(condition)) {                                                   \
+      std::ostringstream kvpack_check_os_;                                \
+      kvpack_check_os_ << message;                                        \
+      ::kvpack::detail::throw_invalid(__FILE__, __LINE__, kvpack_check_os_.str()); \
+    }                                                                     \
+  } while (0)

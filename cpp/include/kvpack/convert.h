@@ -1,0 +1,69 @@
+// Element conversion between the storage dtypes and float32. Written as plain
+// scalar code over _Float16 / bit shifts so the compiler vectorises it (F16C,
+// AVX-512) inside the callers' simd loops.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "kvpack/common.h"
+
+namespace kvpack {
+
+inline float bf16_to_float(std::uint16_t bits) {
+  const std::uint32_t wide = static_cast<std::uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof out);
+  return out;
+}
+
+inline std::uint16_t float_to_bf16(float value) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((bits >> 16) | 0x40u);  // NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  return static_cast<std::uint16_t>(bits >> 16);
+}
+
+/// Converts n elements of `dtype` at src to float32 at dst.
+inline void to_float(const void* src, DType dtype, std::int64_t n, float* dst) {
+  switch (dtype) {
+    case DType::Float32:
+      std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float));
+      return;
+    case DType::Float16: {
+      const _Float16* s = static_cast<const _Float16*>(src);
+#pragma omp simd
+      for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+      return;
+    }
+    case DType::BFloat16: {
+      const std::uint16_t* s = static_cast<const std::uint16_t*>(src);
+#pragma omp simd
+      for (std::int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+      return;
+    }
+  }
+}
+
+/// Converts n float32 values at src to `dtype` at dst.
+inline void from_float(const float* src, std::int64_t n, DType dtype, void* dst) {
+  switch (dtype) {
+    case DType::Float32:
+      std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float));
+      return;
+    case DType::Float16: {
+      _Float16* d = static_cast<_Float16*>(dst);
+#pragma omp simd
+      for (std::int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(src[i]);
+      return;
+    }
+    case DType::BFloat16: {
+      std::uint16_t* d = static_cast<std::uint16_t*>(dst);
+      for (std::int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+      return;
+    }
+  }
+}
+
+}  // namespace kvpack

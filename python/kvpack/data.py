@@ -1,0 +1,160 @@
+"""KV data to run kvpack on.
+
+``synthetic_llama_cache`` builds a Llama-3-8B-shaped cache for performance at
+scale. It is synthetic: keys are drawn around per-head topic centres in runs of
+adjacent tokens (the structure semantic clustering and merging exploit), carry a few
+large outlier channels, an attention-sink token at position 0 and rotary position
+embedding (theta 500000) as models cache them; values follow the same topics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["SyntheticCache", "apply_rope", "synthetic_llama_cache"]
+
+
+@dataclass
+class SyntheticCache:
+    """One layer of a synthetic cache and a decode query for it.
+
+    Attributes
+    ----------
+    keys, values : ndarray, shape (heads_kv, tokens, head_dim)
+    query : ndarray of float32, shape (heads_q, head_dim)
+        The query of the next decode step (position ``tokens``), drawn near the
+        topic of a random earlier stretch of the context, as a retrieval step is.
+    topics : ndarray of int32, shape (tokens,)
+        The topic each token was drawn from.
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+    query: np.ndarray
+    topics: np.ndarray
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, theta: float = 500000.0) -> np.ndarray:
+    """Rotary position embedding, half-split convention (Llama / Hugging Face).
+
+    Parameters
+    ----------
+    x : ndarray, shape (..., n, head_dim)
+    positions : ndarray, shape (n,)
+    theta : float
+        Rotary base.
+
+    Returns
+    -------
+    ndarray of float32, the same shape as ``x``.
+    """
+    dim = x.shape[-1]
+    half = dim // 2
+    inv_freq = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / dim)
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    cos = np.cos(angles).astype(np.float32)
+    sin = np.sin(angles).astype(np.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(np.float32)
+
+
+def synthetic_llama_cache(
+    tokens: int = 32768,
+    *,
+    heads_kv: int = 8,
+    heads_q: int = 32,
+    head_dim: int = 128,
+    dtype: str | np.dtype = "float16",
+    mean_run: int = 64,
+    topics: int | None = None,
+    outlier_channels: int = 4,
+    seed: int = 0,
+) -> SyntheticCache:
+    """A Llama-3-8B-shaped synthetic cache for one layer (documented as synthetic).
+
+    Parameters
+    ----------
+    tokens : int
+        Context length.
+    heads_kv, heads_q, head_dim : int
+        Llama-3-8B: 8, 32, 128.
+    dtype : str or dtype
+        Storage dtype of keys and values (float32, float16 or bfloat16).
+    mean_run : int
+        Mean length of a run of adjacent tokens on one topic.
+    topics : int, optional
+        Number of topics; default ``max(8, tokens // 256)``.
+    outlier_channels : int
+        Channels per head whose key magnitude is 6x the others.
+    seed : int
+        Seed of the generator; equal seeds give equal caches.
+
+    Returns
+    -------
+    SyntheticCache
+    """
+    if tokens < 1 or heads_kv < 1 or head_dim < 2 or head_dim % 2:
+        raise ValueError(
+            f"tokens, heads_kv >= 1 and an even head_dim are required, got "
+            f"tokens={tokens}, heads_kv={heads_kv}, head_dim={head_dim}"
+        )
+    if heads_q % heads_kv:
+        raise ValueError(f"heads_q must be a multiple of heads_kv={heads_kv}, got {heads_q}")
+    rng = np.random.default_rng(seed)
+    n_topics = topics or max(8, tokens // 256)
+
+    # Runs of adjacent tokens share a topic.
+    runs = rng.geometric(1.0 / mean_run, size=tokens // max(mean_run // 2, 1) + 16)
+    run_topics = rng.integers(0, n_topics, size=runs.size)
+    topic_of = np.repeat(run_topics, runs)[:tokens].astype(np.int32)
+    if topic_of.size < tokens:
+        topic_of = np.pad(topic_of, (0, tokens - topic_of.size), mode="edge")
+
+    centres = rng.standard_normal((heads_kv, n_topics, head_dim), dtype=np.float32)
+    keys = centres[:, topic_of] + 0.6 * rng.standard_normal(
+        (heads_kv, tokens, head_dim), dtype=np.float32
+    )
+    # Outlier channels and an attention sink on the slowest rotary pairs, where RoPE
+    # barely rotates, so every query sees the sink whatever its position.
+    half = head_dim // 2
+    slow = np.r_[half - outlier_channels // 2 : half, head_dim - outlier_channels // 2 : head_dim]
+    keys[:, :, slow] *= 6.0
+    sink_direction = np.zeros(head_dim, dtype=np.float32)
+    sink_direction[slow] = 1.0
+    keys[:, 0] = 8.0 * sink_direction
+    keys = apply_rope(keys, np.arange(tokens))
+
+    value_centres = rng.standard_normal((heads_kv, n_topics, head_dim), dtype=np.float32)
+    values = value_centres[:, topic_of] + rng.standard_normal(
+        (heads_kv, tokens, head_dim), dtype=np.float32
+    )
+
+    # The next query looks back at the topic of a random earlier stretch.
+    target = topic_of[rng.integers(0, tokens)]
+    group = heads_q // heads_kv
+    query = np.repeat(centres[:, target], group, axis=0) + 0.6 * rng.standard_normal(
+        (heads_q, head_dim), dtype=np.float32
+    )
+    query[:, slow] += 0.3
+    query = apply_rope(query[:, None, :], np.array([tokens]))[:, 0, :]
+
+    storage = _storage_dtype(dtype)
+    return SyntheticCache(
+        keys=np.ascontiguousarray(keys.astype(storage)),
+        values=np.ascontiguousarray(values.astype(storage)),
+        query=np.ascontiguousarray(query, dtype=np.float32),
+        topics=topic_of,
+    )
+
+
+def _storage_dtype(dtype: str | np.dtype) -> np.dtype:
+    if str(dtype) == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    storage = np.dtype(dtype)
+    if storage not in (np.float32, np.float16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {storage}")
+    return storage
