@@ -10,6 +10,8 @@
 #include <limits>
 #include <vector>
 
+#include "fast_math.h"
+#include "vec.h"
 #include "kvpack/convert.h"
 #include "kvpack/parallel.h"
 
@@ -21,65 +23,112 @@ constexpr std::int64_t kBlockTokens = 32;     // tokens converted and scored tog
 constexpr std::int64_t kMinChunkTokens = 512;  // smallest token range worth a work item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline float dot(const float* a, const float* b, std::int64_t n) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (std::int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+using detail::f32x16;
+using detail::kLanes;
+using detail::load16;
+
+// out[g * ld + j] = q_g . k_j for the `Tile` queries at q (Tile * dim floats) and the
+// two keys k_0, k_1: one load of each key slice feeds every query, and 2 * Tile
+// independent FMA chains keep the units busy.
+template <int Tile, class T>
+inline void dot_tile2(const float* q, const T* k0, const T* k1, std::int64_t dim, float* out,
+                      std::int64_t ld) {
+  f32x16 acc0[Tile] = {}, acc1[Tile] = {};
+  std::int64_t i = 0;
+  for (; i + kLanes <= dim; i += kLanes) {
+    const f32x16 a = load16(k0 + i), b = load16(k1 + i);
+    for (int g = 0; g < Tile; ++g) {
+      const f32x16 qg = load16(q + g * dim + i);
+      acc0[g] += qg * a;
+      acc1[g] += qg * b;
+    }
+  }
+  for (int g = 0; g < Tile; ++g) {
+    float s0 = detail::reduce_add(acc0[g]), s1 = detail::reduce_add(acc1[g]);
+    for (std::int64_t r = i; r < dim; ++r) {
+      s0 += q[g * dim + r] * detail::widen(k0[r]);
+      s1 += q[g * dim + r] * detail::widen(k1[r]);
+    }
+    out[g * ld] = s0;
+    out[g * ld + 1] = s1;
+  }
 }
 
-inline void axpy(float alpha, const float* x, float* y, std::int64_t n) {
-#pragma omp simd
-  for (std::int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+// out_g += sum_j p[g * ld + j] * v_j over the n rows v_j, for the `Tile` outputs at out
+// (Tile * dim floats): each slice of the outputs stays in registers across the rows.
+template <int Tile, class T>
+inline void accumulate_tile(const T* const* v, std::int64_t n, const float* p, std::int64_t ld,
+                            std::int64_t dim, float* out) {
+  std::int64_t i = 0;
+  for (; i + kLanes <= dim; i += kLanes) {
+    f32x16 acc[Tile];
+    for (int g = 0; g < Tile; ++g) acc[g] = load16(out + g * dim + i);
+    for (std::int64_t j = 0; j < n; ++j) {
+      const f32x16 vv = load16(v[j] + i);
+      for (int g = 0; g < Tile; ++g) acc[g] += p[g * ld + j] * vv;
+    }
+    for (int g = 0; g < Tile; ++g) detail::store16(out + g * dim + i, acc[g]);
+  }
+  for (; i < dim; ++i)
+    for (std::int64_t j = 0; j < n; ++j)
+      for (int g = 0; g < Tile; ++g) out[g * dim + i] += p[g * ld + j] * detail::widen(v[j][i]);
 }
 
-// Row (head, token) as float32: the stored row itself for float32, else converted into buf.
-inline const float* row_as_float(const KVView& view, std::int64_t head, std::int64_t token,
-                                 float* buf) {
-  const void* row = view.row(head, token);
-  if (view.dtype == DType::Float32) return static_cast<const float*>(row);
-  to_float(row, view.dtype, view.dim, buf);
-  return buf;
-}
-
-// Running softmax state of `group` query heads over one token range.
+// Running softmax state of `Tile` query heads over one token range.
 struct Partial {
-  float* max;     // size group
-  float* sum;     // size group
-  float* output;  // size group * dim, un-normalised
+  float* max;     // size Tile
+  float* sum;     // size Tile
+  float* output;  // size Tile * dim, un-normalised
 };
 
 // Streams positions [begin, end) of a row of `count` positions; position p is token
-// token_at(p) of KV head `head`. qs holds the group's pre-scaled queries (group * dim).
-// When scores is non-null, the raw scaled scores are stored at scores[g * count + p].
-template <class TokenAt>
-void attend_range(const float* qs, std::int64_t group, const KVView& keys, const KVView& values,
-                  std::int64_t head, TokenAt token_at, std::int64_t begin, std::int64_t end,
-                  std::int64_t count, const float* bias_row, float* scores, Partial state) {
+// token_at(p) of KV head `head`; T is the storage element type. qs holds the tile's
+// pre-scaled queries (Tile * dim). When scores is non-null, the raw scaled scores are
+// stored at scores[g * count + p].
+template <int Tile, class T, class TokenAt>
+void attend_range(const float* qs, const KVView& keys, const KVView& values, std::int64_t head,
+                  TokenAt token_at, std::int64_t begin, std::int64_t end, std::int64_t count,
+                  const float* bias_row, float* scores, Partial state) {
   const std::int64_t dim = keys.dim;
-  std::vector<float> row_buf(static_cast<std::size_t>(kBlockTokens * dim));
-  std::vector<float> s(static_cast<std::size_t>(group * kBlockTokens));
-  std::vector<std::int64_t> tokens(kBlockTokens);
-  for (std::int64_t g = 0; g < group; ++g) {
+  float s[Tile * kBlockTokens];
+  std::int64_t tokens[kBlockTokens];
+  const T* rows[kBlockTokens];
+  for (int g = 0; g < Tile; ++g) {
     state.max[g] = kNegInf;
     state.sum[g] = 0.0f;
   }
-  std::fill(state.output, state.output + group * dim, 0.0f);
+  std::fill(state.output, state.output + Tile * dim, 0.0f);
 
+  const std::int64_t row_bytes = dim * static_cast<std::int64_t>(sizeof(T));
   for (std::int64_t b = begin; b < end; b += kBlockTokens) {
     const std::int64_t nb = std::min(kBlockTokens, end - b);
     for (std::int64_t j = 0; j < nb; ++j) tokens[j] = token_at(b + j);
 
-    // Scores: each key row is converted once and dotted with every query of the group.
-    for (std::int64_t j = 0; j < nb; ++j) {
-      const float* k = row_as_float(keys, head, tokens[j], row_buf.data() + j * dim);
-      const float add = bias_row ? bias_row[tokens[j]] : 0.0f;
-      for (std::int64_t g = 0; g < group; ++g) s[g * kBlockTokens + j] = dot(qs + g * dim, k, dim) + add;
+    // One block ahead, ask for the next K and V rows: decode attention is a stream
+    // of memory reads and the hardware prefetcher alone leaves bandwidth unused.
+    for (std::int64_t p = b + kBlockTokens; p < std::min(end, b + 2 * kBlockTokens); ++p) {
+      const std::int64_t t = token_at(p);
+      const char* k_row = static_cast<const char*>(keys.row(head, t));
+      const char* v_row = static_cast<const char*>(values.row(head, t));
+      for (std::int64_t off = 0; off < row_bytes; off += 64) {
+        __builtin_prefetch(k_row + off);
+        __builtin_prefetch(v_row + off);
+      }
     }
 
+    // Scores: each key row is read once for every query of the tile.
+    for (std::int64_t j = 0; j < nb; j += 2) {
+      const T* k0 = static_cast<const T*>(keys.row(head, tokens[j]));
+      const T* k1 = j + 1 < nb ? static_cast<const T*>(keys.row(head, tokens[j + 1])) : k0;
+      dot_tile2<Tile>(qs, k0, k1, dim, s + j, kBlockTokens);
+    }
+    if (bias_row)
+      for (int g = 0; g < Tile; ++g)
+        for (std::int64_t j = 0; j < nb; ++j) s[g * kBlockTokens + j] += bias_row[tokens[j]];
+
     // Online softmax update.
-    for (std::int64_t g = 0; g < group; ++g) {
-      float* sg = s.data() + g * kBlockTokens;
+    for (int g = 0; g < Tile; ++g) {
+      float* sg = s + g * kBlockTokens;
       if (scores) std::copy(sg, sg + nb, scores + g * count + b);
       float block_max = kNegInf;
       for (std::int64_t j = 0; j < nb; ++j) block_max = std::max(block_max, sg[j]);
@@ -88,23 +137,60 @@ void attend_range(const float* qs, std::int64_t group, const KVView& keys, const
         const float correction = std::exp(state.max[g] - new_max);
         state.sum[g] *= correction;
         float* og = state.output + g * dim;
-#pragma omp simd
         for (std::int64_t i = 0; i < dim; ++i) og[i] *= correction;
       }
-      float block_sum = 0.0f;
-      for (std::int64_t j = 0; j < nb; ++j) {
-        sg[j] = std::exp(sg[j] - new_max);
-        block_sum += sg[j];
+      // Exponentials 16 at a time; slots past the block's end are zeroed.
+      f32x16 sums = {};
+      for (std::int64_t j = 0; j < kBlockTokens; j += kLanes) {
+        f32x16 e = detail::exp16(load16(sg + j) - new_max);
+        for (std::int64_t l = 0; l < kLanes; ++l)
+          if (j + l >= nb) e[l] = 0.0f;
+        detail::store16(sg + j, e);
+        sums += e;
       }
+      const float block_sum = detail::reduce_add(sums);
       state.sum[g] += block_sum;
       state.max[g] = new_max;
     }
 
-    // Values: each row is converted once and accumulated into every query's output.
-    for (std::int64_t j = 0; j < nb; ++j) {
-      const float* v = row_as_float(values, head, tokens[j], row_buf.data());
-      for (std::int64_t g = 0; g < group; ++g) axpy(s[g * kBlockTokens + j], v, state.output + g * dim, dim);
-    }
+    // Values: each row is read once and accumulated into every output of the tile.
+    for (std::int64_t j = 0; j < nb; ++j) rows[j] = static_cast<const T*>(values.row(head, tokens[j]));
+    accumulate_tile<Tile>(rows, nb, s, kBlockTokens, dim, state.output);
+  }
+}
+
+template <int Tile, class TokenAt>
+void attend_range_typed(const float* qs, const KVView& keys, const KVView& values,
+                        std::int64_t head, TokenAt token_at, std::int64_t begin, std::int64_t end,
+                        std::int64_t count, const float* bias_row, float* scores, Partial state) {
+  switch (keys.dtype) {
+    case DType::Float32:
+      return attend_range<Tile, float>(qs, keys, values, head, token_at, begin, end, count,
+                                       bias_row, scores, state);
+    case DType::Float16:
+      return attend_range<Tile, _Float16>(qs, keys, values, head, token_at, begin, end, count,
+                                          bias_row, scores, state);
+    case DType::BFloat16:
+      return attend_range<Tile, detail::bf16>(qs, keys, values, head, token_at, begin, end, count,
+                                              bias_row, scores, state);
+  }
+}
+
+// Largest tile of query heads (8, 4, 2 or 1) that divides the group size.
+int tile_for(std::int64_t group) {
+  for (int tile : {8, 4, 2}) if (group % tile == 0) return tile;
+  return 1;
+}
+
+template <class TokenAt>
+void attend_range_tiled(int tile, const float* qs, const KVView& keys, const KVView& values,
+                        std::int64_t head, TokenAt token_at, std::int64_t begin, std::int64_t end,
+                        std::int64_t count, const float* bias_row, float* scores, Partial state) {
+  switch (tile) {
+    case 8: return attend_range_typed<8>(qs, keys, values, head, token_at, begin, end, count, bias_row, scores, state);
+    case 4: return attend_range_typed<4>(qs, keys, values, head, token_at, begin, end, count, bias_row, scores, state);
+    case 2: return attend_range_typed<2>(qs, keys, values, head, token_at, begin, end, count, bias_row, scores, state);
+    default: return attend_range_typed<1>(qs, keys, values, head, token_at, begin, end, count, bias_row, scores, state);
   }
 }
 
@@ -144,47 +230,50 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
   }
   const std::int64_t count = indices ? indices->count : keys.tokens;
 
-  // A work item is (row, token chunk); a row is a KV head with its group, or one query head.
-  const std::int64_t rows = per_query_head ? heads_q : keys.heads;
-  const std::int64_t group = per_query_head ? 1 : group_size;
+  // A work item is (row, token chunk); a row is a tile of query heads that share a KV
+  // head (and an index row), so each K/V row is read once per tile.
+  const std::int64_t tile = per_query_head ? 1 : tile_for(group_size);
+  const std::int64_t rows = heads_q / tile;
   const std::int64_t wanted = std::max<std::int64_t>(1, (4 * num_threads() + rows - 1) / rows);
   const std::int64_t chunks =
       std::max<std::int64_t>(1, std::min(wanted, count / kMinChunkTokens));
   const std::int64_t chunk_len = (count + chunks - 1) / chunks;
-  const std::int64_t stride = group * (dim + 2);
+  const std::int64_t stride = tile * (dim + 2);
   std::vector<float> partials(static_cast<std::size_t>(rows * chunks * stride));
   const float scale = resolve_scale(params.scale, dim);
 
   parallel_for(rows * chunks, [&](std::int64_t item) {
     const std::int64_t row = item / chunks, chunk = item % chunks;
-    const std::int64_t first_q = per_query_head ? row : row * group_size;
+    const std::int64_t first_q = row * tile;
     const std::int64_t head = first_q / group_size;
     const std::int64_t begin = chunk * chunk_len, end = std::min(count, begin + chunk_len);
     float* p = partials.data() + item * stride;
-    Partial state{p, p + group, p + 2 * group};
+    Partial state{p, p + tile, p + 2 * tile};
     if (begin >= end) {
       std::fill(p, p + stride, 0.0f);
-      std::fill(state.max, state.max + group, kNegInf);
+      std::fill(state.max, state.max + tile, kNegInf);
       return;
     }
-    std::vector<float> qs(static_cast<std::size_t>(group * dim));
-    for (std::int64_t i = 0; i < group * dim; ++i) qs[i] = q[first_q * dim + i] * scale;
+    std::vector<float> qs(static_cast<std::size_t>(tile * dim));
+    for (std::int64_t i = 0; i < tile * dim; ++i) qs[i] = q[first_q * dim + i] * scale;
     const float* bias_row = bias ? bias + head * keys.tokens : nullptr;
     float* scores = output.weights ? output.weights + first_q * count : nullptr;
+    const int t = static_cast<int>(tile);
     if (indices) {
       const std::int32_t* idx = indices->data + (indices->rows == heads_q ? first_q : head) * count;
-      attend_range(qs.data(), group, keys, values, head, [idx](std::int64_t p_) { return static_cast<std::int64_t>(idx[p_]); },
-                   begin, end, count, bias_row, scores, state);
+      auto token_at = [idx](std::int64_t pos) { return static_cast<std::int64_t>(idx[pos]); };
+      attend_range_tiled(t, qs.data(), keys, values, head, token_at, begin, end, count, bias_row,
+                         scores, state);
     } else {
-      attend_range(qs.data(), group, keys, values, head, [](std::int64_t p_) { return p_; }, begin,
-                   end, count, bias_row, scores, state);
+      auto token_at = [](std::int64_t pos) { return pos; };
+      attend_range_tiled(t, qs.data(), keys, values, head, token_at, begin, end, count, bias_row,
+                         scores, state);
     }
   });
 
   // Merge the chunks of every query head by log-sum-exp, then normalise the weights.
   parallel_for(heads_q, [&](std::int64_t hq) {
-    const std::int64_t row = per_query_head ? hq : hq / group_size;
-    const std::int64_t g = per_query_head ? 0 : hq % group_size;
+    const std::int64_t row = hq / tile, g = hq % tile;
     float global_max = kNegInf;
     for (std::int64_t c = 0; c < chunks; ++c)
       global_max = std::max(global_max, partials[(row * chunks + c) * stride + g]);
@@ -195,8 +284,9 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
       const float* p = partials.data() + (row * chunks + c) * stride;
       if (p[g] == kNegInf) continue;
       const float w = std::exp(p[g] - global_max);
-      total += p[group + g] * w;
-      axpy(w, p + 2 * group + g * dim, out, dim);
+      total += p[tile + g] * w;
+      const float* partial_out = p + 2 * tile + g * dim;
+      for (std::int64_t i = 0; i < dim; ++i) out[i] += w * partial_out[i];
     }
     const float inv = 1.0f / total;
     for (std::int64_t i = 0; i < dim; ++i) out[i] *= inv;
@@ -205,7 +295,7 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
     if (output.weights) {
       float* w = output.weights + hq * count;
 #pragma omp simd
-      for (std::int64_t i = 0; i < count; ++i) w[i] = std::exp(w[i] - lse);
+      for (std::int64_t i = 0; i < count; ++i) w[i] = detail::fast_exp(w[i] - lse);
     }
   });
 }
