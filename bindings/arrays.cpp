@@ -12,6 +12,17 @@ constexpr int kNpyFloat = 11;  // NPY_FLOAT
 constexpr int kNpyHalf = 23;   // NPY_HALF
 }  // namespace
 
+py::array as_array(const py::object& object, const char* name) {
+  if (py::isinstance<py::array>(object)) return py::reinterpret_borrow<py::array>(object);
+  KVPACK_TYPE_CHECK(!object.is_none(), name << ": expected an array, got None");
+  try {
+    return py::module_::import("numpy").attr("asarray")(object);
+  } catch (py::error_already_set&) {
+    KVPACK_TYPE_CHECK(false, name << ": expected an array, got "
+                                  << py::str(py::type::of(object).attr("__name__")).cast<std::string>());
+  }
+}
+
 std::string shape_string(const py::array& array) {
   std::ostringstream os;
   os << "(";

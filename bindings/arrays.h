@@ -32,6 +32,10 @@ namespace py = pybind11;
     }                                         \
   } while (0)
 
+/// `object` as a NumPy array (no copy for arrays and buffer/array-interface objects
+/// such as CPU torch tensors); TypeError naming the argument when it cannot be one.
+py::array as_array(const py::object& object, const char* name);
+
 std::string shape_string(const py::array& array);
 std::string dtype_string(const py::array& array);
 

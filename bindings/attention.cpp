@@ -12,10 +12,15 @@ namespace kvpack::bindings {
 
 namespace {
 
-py::tuple attention(const py::array& q_arg, const py::array& keys_arg, const py::array& values_arg,
-                    const std::optional<py::array>& indices_arg, const std::optional<py::array>& bias_arg,
+py::tuple attention(const py::object& q_obj, const py::object& keys_obj, const py::object& values_obj,
+                    const py::object& indices_obj, const py::object& bias_obj,
                     const std::optional<double>& scale, bool return_lse, bool return_weights,
                     const std::string& device) {
+  const py::array keys_arg = as_array(keys_obj, "keys"), values_arg = as_array(values_obj, "values");
+  const py::array q_arg = as_array(q_obj, "q");
+  std::optional<py::array> indices_arg, bias_arg;
+  if (!indices_obj.is_none()) indices_arg = as_array(indices_obj, "indices");
+  if (!bias_obj.is_none()) bias_arg = as_array(bias_obj, "bias");
   const KVView keys = kv_view(keys_arg, "keys");
   const KVView values = kv_view(values_arg, "values");
   KVPACK_ARG_CHECK(values.heads == keys.heads && values.tokens == keys.tokens && values.dim == keys.dim,
@@ -76,10 +81,11 @@ py::tuple attention(const py::array& q_arg, const py::array& keys_arg, const py:
                         return_weights ? py::object(weights) : py::object(py::none()));
 }
 
-py::array_t<float> accumulated_attention_binding(const py::array& queries_arg, const py::array& keys_arg,
+py::array_t<float> accumulated_attention_binding(const py::object& queries_obj, const py::object& keys_obj,
                                                  bool causal, const std::string& reduction,
                                                  bool per_query_head, const std::optional<double>& scale,
                                                  const std::string& device) {
+  const py::array keys_arg = as_array(keys_obj, "keys"), queries_arg = as_array(queries_obj, "queries");
   const KVView keys = kv_view(keys_arg, "keys");
   const py::array_t<float> queries = finite_float32(queries_arg, "queries", 3, "[heads_q, window, head_dim]");
   const std::int64_t heads_q = queries.shape(0), window = queries.shape(1);

@@ -123,7 +123,7 @@ def synthetic_llama_cache(
     keys[:, :, slow] *= 6.0
     sink_direction = np.zeros(head_dim, dtype=np.float32)
     sink_direction[slow] = 1.0
-    keys[:, 0] = 8.0 * sink_direction
+    keys[:, 0] = 14.0 * sink_direction
     keys = apply_rope(keys, np.arange(tokens))
 
     value_centres = rng.standard_normal((heads_kv, n_topics, head_dim), dtype=np.float32)
@@ -137,7 +137,7 @@ def synthetic_llama_cache(
     query = np.repeat(centres[:, target], group, axis=0) + 0.6 * rng.standard_normal(
         (heads_q, head_dim), dtype=np.float32
     )
-    query[:, slow] += 0.3
+    query[:, slow] += 3.0
     query = apply_rope(query[:, None, :], np.array([tokens]))[:, 0, :]
 
     storage = _storage_dtype(dtype)

@@ -1,0 +1,40 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+try:
+    import ml_dtypes
+
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # bfloat16 tests skip without ml_dtypes
+    BFLOAT16 = None
+
+KV_DTYPES = [
+    np.dtype(np.float32),
+    np.dtype(np.float16),
+    pytest.param(BFLOAT16, marks=pytest.mark.skipif(BFLOAT16 is None, reason="needs ml_dtypes")),
+]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def random_cache(rng, heads_kv, tokens, dim, dtype, heads_q=None):
+    """keys, values in `dtype` and a float32 query; values exactly representable."""
+    keys = rng.standard_normal((heads_kv, tokens, dim), dtype=np.float32).astype(dtype)
+    values = rng.standard_normal((heads_kv, tokens, dim), dtype=np.float32).astype(dtype)
+    q = rng.standard_normal((heads_q or heads_kv, dim), dtype=np.float32)
+    return q, keys, values
+
+
+def random_indices(rng, rows, tokens, count):
+    return np.ascontiguousarray(
+        np.stack([np.sort(rng.choice(tokens, size=count, replace=False)) for _ in range(rows)]),
+        dtype=np.int32,
+    )

@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+import reference
+from conftest import KV_DTYPES, random_cache, random_indices
+
+import kvpack
+
+SHAPES = [  # heads_kv, heads_q, tokens, dim
+    (1, 1, 1, 16),
+    (2, 8, 7, 64),
+    (4, 4, 600, 128),
+    (2, 6, 1500, 40),  # odd group (tile 2) and a head_dim that is no multiple of 16
+    (8, 32, 2100, 128),  # Llama-3-8B heads, several token chunks
+    (1, 8, 300, 256),  # tile of 8 query heads
+]
+
+
+def assert_close(actual, expected, atol=2e-5, rtol=2e-5):
+    np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize(("heads_kv", "heads_q", "tokens", "dim"), SHAPES)
+def test_dense_matches_float64_reference(rng, dtype, heads_kv, heads_q, tokens, dim):
+    q, k, v = random_cache(rng, heads_kv, tokens, dim, dtype, heads_q)
+    out, lse, weights = kvpack.attention(q, k, v, return_lse=True, return_weights=True)
+    ref_out, ref_lse, ref_weights = reference.decode_attention(q, k, v)
+    assert out.dtype == np.float32 and out.shape == (heads_q, dim)
+    assert_close(out, ref_out)
+    assert_close(lse, ref_lse)
+    assert_close(weights, ref_weights, atol=1e-6)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize(("heads_kv", "heads_q", "tokens", "dim"), SHAPES)
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_sparse_matches_reference(rng, dtype, heads_kv, heads_q, tokens, dim, per_query_head):
+    q, k, v = random_cache(rng, heads_kv, tokens, dim, dtype, heads_q)
+    rows = heads_q if per_query_head else heads_kv
+    idx = random_indices(rng, rows, tokens, max(1, tokens // 3))
+    out, lse, weights = kvpack.attention(q, k, v, idx, return_lse=True, return_weights=True)
+    ref_out, ref_lse, ref_weights = reference.decode_attention(q, k, v, indices=idx)
+    assert weights.shape == (heads_q, idx.shape[1])
+    assert_close(out, ref_out)
+    assert_close(lse, ref_lse)
+    assert_close(weights, ref_weights, atol=1e-6)
+
+
+def test_all_indices_equal_dense(rng):
+    q, k, v = random_cache(rng, 2, 777, 64, np.float16, 8)
+    idx = np.ascontiguousarray(np.broadcast_to(np.arange(777, dtype=np.int32), (2, 777)))
+    assert_close(kvpack.attention(q, k, v, idx), kvpack.attention(q, k, v), atol=1e-6)
+
+
+def test_bias_and_scale(rng):
+    q, k, v = random_cache(rng, 2, 900, 64, np.float32, 4)
+    bias = np.log(rng.integers(1, 5, size=(2, 900))).astype(np.float32)
+    out, lse = kvpack.attention(q, k, v, bias=bias, scale=0.3, return_lse=True)
+    ref_out, ref_lse, _ = reference.decode_attention(q, k, v, bias=bias, scale=0.3)
+    assert_close(out, ref_out)
+    assert_close(lse, ref_lse)
+    # A log-count bias equals attending the token repeated `count` times.
+    counts = np.exp(bias).round().astype(int)
+    k_rep = np.repeat(k[0], counts[0], axis=0)[None]
+    v_rep = np.repeat(v[0], counts[0], axis=0)[None]
+    ref_rep, _, _ = reference.decode_attention(q[:2], k_rep, v_rep, scale=0.3)
+    assert_close(out[:2], ref_rep)
+
+
+def test_return_combinations(rng):
+    q, k, v = random_cache(rng, 1, 50, 32, np.float32)
+    out = kvpack.attention(q, k, v)
+    out_l, lse = kvpack.attention(q, k, v, return_lse=True)
+    out_w, weights = kvpack.attention(q, k, v, return_weights=True)
+    assert isinstance(out, np.ndarray) and lse.shape == (1,) and weights.shape == (1, 50)
+    np.testing.assert_array_equal(out, out_l)
+    np.testing.assert_array_equal(out, out_w)
+
+
+def test_query_dtypes_are_converted(rng):
+    q, k, v = random_cache(rng, 2, 100, 64, np.float16, 4)
+    expected = kvpack.attention(q.astype(np.float16).astype(np.float32), k, v)
+    assert_close(kvpack.attention(q.astype(np.float16), k, v), expected, atol=0)
+    assert_close(kvpack.attention(q.astype(np.float64), k, v), kvpack.attention(q, k, v), atol=0)
+
+
+def test_result_does_not_depend_on_threads(rng):
+    q, k, v = random_cache(rng, 8, 5000, 128, np.float16, 32)
+    before = kvpack.get_num_threads()
+    try:
+        kvpack.set_num_threads(1)
+        one = kvpack.attention(q, k, v)
+        kvpack.set_num_threads(3)
+        three = kvpack.attention(q, k, v)
+    finally:
+        kvpack.set_num_threads(before)
+    assert_close(one, three, atol=1e-6)
+
+
+def test_large_scores_are_stable(rng):
+    q, k, v = random_cache(rng, 1, 300, 64, np.float32)
+    q *= 200.0  # scores in the thousands: a naive softmax overflows
+    out, lse = kvpack.attention(q, k, v, return_lse=True)
+    ref_out, ref_lse, _ = reference.decode_attention(q, k, v)
+    assert_close(out, ref_out, atol=1e-4)
+    assert_close(lse, ref_lse, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_accumulated_attention(rng, dtype, causal, reduction, per_query_head):
+    _, k, _ = random_cache(rng, 2, 150, 48, dtype)
+    queries = rng.standard_normal((6, 70, 48), dtype=np.float32)
+    got = kvpack.accumulated_attention(
+        queries, k, causal=causal, reduction=reduction, per_query_head=per_query_head
+    )
+    expected = reference.accumulated_attention(queries, k, causal, reduction, per_query_head)
+    assert got.shape == expected.shape
+    assert_close(got, expected, atol=1e-5)
+
+
+def test_accumulated_attention_totals(rng):
+    _, k, _ = random_cache(rng, 2, 300, 64, np.float16)
+    queries = rng.standard_normal((8, 32, 64), dtype=np.float32)
+    total = kvpack.accumulated_attention(queries, k)
+    # Every query spreads a mass of 1 over its keys; a group of 4 heads x 32 queries.
+    np.testing.assert_allclose(total.sum(axis=1), 4 * 32, rtol=1e-5)
+    # Keys after the window's first position are seen by fewer queries.
+    mean = kvpack.accumulated_attention(queries, k, reduction="mean")
+    assert_close(mean[:, -1], total[:, -1] / 4)
+
+
+def test_accumulated_attention_whole_prompt(rng):
+    # window == tokens: full causal prefill evidence, more rows than one query block.
+    _, k, _ = random_cache(rng, 1, 130, 32, np.float32)
+    queries = rng.standard_normal((2, 130, 32), dtype=np.float32)
+    got = kvpack.accumulated_attention(queries, k, per_query_head=True)
+    assert_close(got, reference.accumulated_attention(queries, k, per_query_head=True), atol=1e-5)

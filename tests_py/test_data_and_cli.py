@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+import kvpack
+from kvpack import cli
+from kvpack.data import apply_rope, synthetic_llama_cache
+
+
+def test_synthetic_cache_shape_and_determinism():
+    a = synthetic_llama_cache(2048, seed=3)
+    b = synthetic_llama_cache(2048, seed=3)
+    assert a.keys.shape == a.values.shape == (8, 2048, 128) and a.keys.dtype == np.float16
+    assert a.query.shape == (32, 128) and a.query.dtype == np.float32
+    np.testing.assert_array_equal(a.keys, b.keys)
+    assert not np.array_equal(a.keys, synthetic_llama_cache(2048, seed=4).keys)
+
+
+def test_synthetic_cache_has_sink_and_topics():
+    cache = synthetic_llama_cache(4096, seed=0, dtype="float32")
+    _, weights = kvpack.attention(cache.query, cache.keys, cache.values, return_weights=True)
+    # The sink token draws far more than a uniform share of attention.
+    assert weights[:, 0].mean() > 20 / 4096
+    # Adjacent keys on one topic are more alike than keys of different topics.
+    k = cache.keys[0] / np.linalg.norm(cache.keys[0], axis=1, keepdims=True)
+    same = cache.topics[1:] == cache.topics[:-1]
+    adjacent = (k[1:] * k[:-1]).sum(axis=1)
+    assert adjacent[same].mean() > adjacent[~same].mean() + 0.2
+
+
+def test_rope_is_a_rotation_with_relative_positions():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 5, 64)).astype(np.float32)
+    y = rng.standard_normal((1, 5, 64)).astype(np.float32)
+    rx, ry = apply_rope(x, np.arange(5)), apply_rope(y, np.arange(5) + 3)
+    np.testing.assert_allclose(np.linalg.norm(rx, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+    # q.k after RoPE depends only on the position difference.
+    shifted_x, shifted_y = apply_rope(x, np.arange(5) + 10), apply_rope(y, np.arange(5) + 13)
+    np.testing.assert_allclose((rx * ry).sum(-1), (shifted_x * shifted_y).sum(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_demo_prints_the_comparison(capsys):
+    assert cli.main(["demo", "--tokens", "4096", "--budget", "256", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "dense (all tokens)" in text and "top-256 oracle" in text
+    # the dense row's error against the float64 reference is printed and tiny
+    dense_error = float(text.split("dense (all tokens)")[1].split()[1])
+    assert dense_error < 1e-4
+
+
+def test_demo_rejects_budget_over_context(capsys):
+    assert cli.main(["demo", "--tokens", "100", "--budget", "200"]) == 2
+    assert "--budget 200 exceeds --tokens 100" in capsys.readouterr().err
+
+
+def test_python_dash_m(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "kvpack", "demo", "--tokens", "1024", "--budget", "64", "--repeats", "1"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sparse over 64 tokens" in result.stdout
+
+
+def test_oracle_indices_are_sorted_top_k():
+    weights = np.array([[0.1, 0.5, 0.2, 0.2], [0.3, 0.1, 0.1, 0.5]], np.float32)
+    np.testing.assert_array_equal(cli.oracle_indices(weights, 1, 2), [[1, 3]])
+
+
+@pytest.mark.parametrize("bad", [dict(tokens=0), dict(head_dim=7), dict(heads_q=9)])
+def test_synthetic_cache_rejects_bad_shapes(bad):
+    with pytest.raises(ValueError):
+        synthetic_llama_cache(**({"tokens": 64} | bad))
