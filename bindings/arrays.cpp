@@ -18,8 +18,9 @@ py::array as_array(const py::object& object, const char* name) {
   try {
     return py::module_::import("numpy").attr("asarray")(object);
   } catch (py::error_already_set&) {
-    KVPACK_TYPE_CHECK(false, name << ": expected an array, got "
-                                  << py::str(py::type::of(object).attr("__name__")).cast<std::string>());
+    KVPACK_TYPE_CHECK(false,
+                      name << ": expected an array, got "
+                           << py::str(py::type::of(object).attr("__name__")).cast<std::string>());
   }
 }
 
@@ -40,8 +41,8 @@ DType kv_dtype(const py::array& array, const char* name) {
   if (num == kNpyFloat) return DType::Float32;
   if (num == kNpyHalf) return DType::Float16;
   if (dtype_string(array) == "bfloat16" && array.itemsize() == 2) return DType::BFloat16;
-  KVPACK_TYPE_CHECK(false, name << ": expected dtype float32, float16 or bfloat16, got "
-                                << dtype_string(array));
+  KVPACK_TYPE_CHECK(
+      false, name << ": expected dtype float32, float16 or bfloat16, got " << dtype_string(array));
 }
 
 void require_layout(const py::array& array, const char* name, int ndim, const char* layout) {
@@ -98,10 +99,12 @@ IndexView index_view(const py::array& array, const char* name, std::int64_t toke
   for (std::int64_t r = 0; r < view.rows; ++r) {
     const std::int32_t* row = view.data + r * view.count;
     for (std::int64_t i = 0; i < view.count; ++i) {
-      KVPACK_ARG_CHECK(row[i] >= 0 && row[i] < tokens, name << "[" << r << ", " << i << "]: expected a token index in [0, "
+      KVPACK_ARG_CHECK(row[i] >= 0 && row[i] < tokens, name << "[" << r << ", " << i
+                                                            << "]: expected a token index in [0, "
                                                             << tokens << "), got " << row[i]);
       KVPACK_ARG_CHECK(i == 0 || row[i] > row[i - 1],
-                       name << "[" << r << "]: expected indices sorted ascending without duplicates, got "
+                       name << "[" << r
+                            << "]: expected indices sorted ascending without duplicates, got "
                             << row[i - 1] << " before " << row[i] << " at position " << i);
     }
   }
@@ -120,15 +123,16 @@ void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays)
   for (const auto& [name, view] : arrays) {
     std::vector<float> row(static_cast<std::size_t>(view.dim));
     for (std::int64_t r = 0; r < view.heads * view.tokens; ++r) {
-      to_float(static_cast<const char*>(view.data) + r * view.dim * dtype_size(view.dtype), view.dtype,
-               view.dim, row.data());
+      to_float(static_cast<const char*>(view.data) + r * view.dim * dtype_size(view.dtype),
+               view.dtype, view.dim, row.data());
       for (std::int64_t i = 0; i < view.dim; ++i)
         KVPACK_ARG_CHECK(std::isfinite(row[i]), name << ": contains NaN or Inf (first at ["
                                                      << r / view.tokens << ", " << r % view.tokens
                                                      << ", " << i << "])");
     }
   }
-  KVPACK_ARG_CHECK(false, "attention scores overflowed float32: q and keys are too large in magnitude");
+  KVPACK_ARG_CHECK(false,
+                   "attention scores overflowed float32: q and keys are too large in magnitude");
 }
 
 bool use_cuda(const std::string& device) {

@@ -12,36 +12,40 @@ namespace kvpack::bindings {
 
 namespace {
 
-py::tuple attention(const py::object& q_obj, const py::object& keys_obj, const py::object& values_obj,
-                    const py::object& indices_obj, const py::object& bias_obj,
-                    const std::optional<double>& scale, bool return_lse, bool return_weights,
-                    const std::string& device) {
-  const py::array keys_arg = as_array(keys_obj, "keys"), values_arg = as_array(values_obj, "values");
+py::tuple attention(const py::object& q_obj, const py::object& keys_obj,
+                    const py::object& values_obj, const py::object& indices_obj,
+                    const py::object& bias_obj, const std::optional<double>& scale, bool return_lse,
+                    bool return_weights, const std::string& device) {
+  const py::array keys_arg = as_array(keys_obj, "keys"),
+                  values_arg = as_array(values_obj, "values");
   const py::array q_arg = as_array(q_obj, "q");
   std::optional<py::array> indices_arg, bias_arg;
   if (!indices_obj.is_none()) indices_arg = as_array(indices_obj, "indices");
   if (!bias_obj.is_none()) bias_arg = as_array(bias_obj, "bias");
   const KVView keys = kv_view(keys_arg, "keys");
   const KVView values = kv_view(values_arg, "values");
-  KVPACK_ARG_CHECK(values.heads == keys.heads && values.tokens == keys.tokens && values.dim == keys.dim,
-                   "values: expected shape " << shape_string(keys_arg) << " like keys, got "
-                                             << shape_string(values_arg));
-  KVPACK_TYPE_CHECK(values.dtype == keys.dtype, "values: expected dtype " << dtype_name(keys.dtype)
-                                                                          << " like keys, got "
-                                                                          << dtype_name(values.dtype));
+  KVPACK_ARG_CHECK(
+      values.heads == keys.heads && values.tokens == keys.tokens && values.dim == keys.dim,
+      "values: expected shape " << shape_string(keys_arg) << " like keys, got "
+                                << shape_string(values_arg));
+  KVPACK_TYPE_CHECK(values.dtype == keys.dtype, "values: expected dtype "
+                                                    << dtype_name(keys.dtype) << " like keys, got "
+                                                    << dtype_name(values.dtype));
   const py::array_t<float> q = finite_float32(q_arg, "q", 2, "[heads_q, head_dim]");
   const std::int64_t heads_q = q.shape(0);
-  KVPACK_ARG_CHECK(q.shape(1) == keys.dim, "q: expected head_dim " << keys.dim << " like keys, got shape "
+  KVPACK_ARG_CHECK(q.shape(1) == keys.dim, "q: expected head_dim " << keys.dim
+                                                                   << " like keys, got shape "
                                                                    << shape_string(q));
   KVPACK_ARG_CHECK(heads_q > 0 && heads_q % keys.heads == 0,
-                   "q: expected heads_q to be a positive multiple of heads_kv=" << keys.heads
-                                                                                << ", got shape " << shape_string(q));
+                   "q: expected heads_q to be a positive multiple of heads_kv="
+                       << keys.heads << ", got shape " << shape_string(q));
   IndexView indices;
   if (indices_arg) {
     indices = index_view(*indices_arg, "indices", keys.tokens);
     KVPACK_ARG_CHECK(indices.rows == keys.heads || indices.rows == heads_q,
                      "indices: expected " << keys.heads << " (heads_kv) or " << heads_q
-                                          << " (heads_q) rows, got shape " << shape_string(*indices_arg));
+                                          << " (heads_q) rows, got shape "
+                                          << shape_string(*indices_arg));
   }
   std::optional<py::array_t<float>> bias;
   if (bias_arg) {
@@ -57,7 +61,8 @@ py::tuple attention(const py::object& q_obj, const py::object& keys_obj, const p
   const std::int64_t count = indices_arg ? indices.count : keys.tokens;
   py::array_t<float> out = owned_float_array({heads_q, keys.dim});
   py::array_t<float> lse = owned_float_array({heads_q});
-  py::array_t<float> weights = return_weights ? owned_float_array({heads_q, count}) : owned_float_array({0});
+  py::array_t<float> weights =
+      return_weights ? owned_float_array({heads_q, count}) : owned_float_array({0});
   AttentionOutput output{out.mutable_data(), lse.mutable_data(),
                          return_weights ? weights.mutable_data() : nullptr};
   {
@@ -81,25 +86,29 @@ py::tuple attention(const py::object& q_obj, const py::object& keys_obj, const p
                         return_weights ? py::object(weights) : py::object(py::none()));
 }
 
-py::array_t<float> accumulated_attention_binding(const py::object& queries_obj, const py::object& keys_obj,
-                                                 bool causal, const std::string& reduction,
-                                                 bool per_query_head, const std::optional<double>& scale,
+py::array_t<float> accumulated_attention_binding(const py::object& queries_obj,
+                                                 const py::object& keys_obj, bool causal,
+                                                 const std::string& reduction, bool per_query_head,
+                                                 const std::optional<double>& scale,
                                                  const std::string& device) {
-  const py::array keys_arg = as_array(keys_obj, "keys"), queries_arg = as_array(queries_obj, "queries");
+  const py::array keys_arg = as_array(keys_obj, "keys"),
+                  queries_arg = as_array(queries_obj, "queries");
   const KVView keys = kv_view(keys_arg, "keys");
-  const py::array_t<float> queries = finite_float32(queries_arg, "queries", 3, "[heads_q, window, head_dim]");
+  const py::array_t<float> queries =
+      finite_float32(queries_arg, "queries", 3, "[heads_q, window, head_dim]");
   const std::int64_t heads_q = queries.shape(0), window = queries.shape(1);
-  KVPACK_ARG_CHECK(queries.shape(2) == keys.dim, "queries: expected head_dim " << keys.dim
-                                                                               << " like keys, got shape "
-                                                                               << shape_string(queries));
+  KVPACK_ARG_CHECK(queries.shape(2) == keys.dim, "queries: expected head_dim "
+                                                     << keys.dim << " like keys, got shape "
+                                                     << shape_string(queries));
   KVPACK_ARG_CHECK(heads_q > 0 && heads_q % keys.heads == 0,
                    "queries: expected heads_q to be a positive multiple of heads_kv="
                        << keys.heads << ", got shape " << shape_string(queries));
   KVPACK_ARG_CHECK(window > 0, "queries: expected at least one query per head, got shape "
                                    << shape_string(queries));
   KVPACK_ARG_CHECK(!causal || window <= keys.tokens,
-                   "queries: a causal window of " << window << " queries needs at least as many keys, got "
-                                                  << keys.tokens << " tokens");
+                   "queries: a causal window of "
+                       << window << " queries needs at least as many keys, got " << keys.tokens
+                       << " tokens");
   KVPACK_ARG_CHECK(reduction == "sum" || reduction == "mean",
                    "reduction: expected 'sum' or 'mean', got '" << reduction << "'");
   AccumulateParams params;
@@ -113,7 +122,8 @@ py::array_t<float> accumulated_attention_binding(const py::object& queries_obj, 
     py::gil_scoped_release release;
 #ifdef KVPACK_WITH_CUDA
     if (cuda) {
-      cuda::accumulated_attention(queries.data(), heads_q, window, keys, params, out.mutable_data());
+      cuda::accumulated_attention(queries.data(), heads_q, window, keys, params,
+                                  out.mutable_data());
     } else
 #endif
     {
@@ -129,12 +139,13 @@ py::array_t<float> accumulated_attention_binding(const py::object& queries_obj, 
 
 void bind_attention(py::module_& m) {
   m.def("attention", &attention, py::arg("q"), py::arg("keys"), py::arg("values"),
-        py::arg("indices") = py::none(), py::arg("bias") = py::none(), py::arg("scale") = py::none(),
-        py::arg("return_lse") = false, py::arg("return_weights") = false, py::arg("device") = "cpu",
+        py::arg("indices") = py::none(), py::arg("bias") = py::none(),
+        py::arg("scale") = py::none(), py::arg("return_lse") = false,
+        py::arg("return_weights") = false, py::arg("device") = "cpu",
         "Decode attention; returns (out, lse or None, weights or None). See kvpack.attention.");
-  m.def("accumulated_attention", &accumulated_attention_binding, py::arg("queries"), py::arg("keys"),
-        py::arg("causal") = true, py::arg("reduction") = "sum", py::arg("per_query_head") = false,
-        py::arg("scale") = py::none(), py::arg("device") = "cpu",
+  m.def("accumulated_attention", &accumulated_attention_binding, py::arg("queries"),
+        py::arg("keys"), py::arg("causal") = true, py::arg("reduction") = "sum",
+        py::arg("per_query_head") = false, py::arg("scale") = py::none(), py::arg("device") = "cpu",
         "Attention each key receives from a window of queries. See kvpack.accumulated_attention.");
 }
 

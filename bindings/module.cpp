@@ -13,7 +13,8 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "kvpack C++/CUDA core (private; use the kvpack package)";
   m.attr("__version__") = KVPACK_VERSION;
 
-  m.def("cuda_compiled", &kvpack::cuda_compiled, "True when kvpack was built with its CUDA backend.");
+  m.def("cuda_compiled", &kvpack::cuda_compiled,
+        "True when kvpack was built with its CUDA backend.");
   m.def("cuda_available", &kvpack::cuda_available,
         "True when the CUDA backend is built and a GPU is usable.");
   m.def("get_num_threads", &kvpack::num_threads, "Threads used by kvpack's parallel loops.");

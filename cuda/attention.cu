@@ -22,14 +22,19 @@ constexpr int kMaxDim = 256;  // per-lane registers hold dim / 32 <= 8 elements
 constexpr int kPerLane = kMaxDim / kWarp;
 constexpr std::int64_t kMinChunkTokens = 256;
 
-__device__ __forceinline__ float load_float(const float* p, std::int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_float(const __half* p, std::int64_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ float load_float(const float* p, std::int64_t i) {
+  return p[i];
+}
+__device__ __forceinline__ float load_float(const __half* p, std::int64_t i) {
+  return __half2float(p[i]);
+}
 __device__ __forceinline__ float load_float(const __nv_bfloat16* p, std::int64_t i) {
   return __bfloat162float(p[i]);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
@@ -166,7 +171,8 @@ __global__ void accumulate_kernel(const float* queries, const T* keys, int heads
     for (int c = 0; c < dim; ++c) s += qv[c] * load_float(k_head + j * dim, c);
     s *= scale;
     const float new_max = fmaxf(local_max, s);
-    local_sum = local_sum * (local_max == -INFINITY ? 0.0f : expf(local_max - new_max)) + expf(s - new_max);
+    local_sum =
+        local_sum * (local_max == -INFINITY ? 0.0f : expf(local_max - new_max)) + expf(s - new_max);
     local_max = new_max;
   }
   __shared__ float block_max[256], block_sum[256];
@@ -240,8 +246,8 @@ int device_count() {
 void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
                       const KVView& values, const IndexView* indices, const float* bias,
                       const AttentionParams& params, const AttentionOutput& output) {
-  KVPACK_CHECK(keys.dim <= kMaxDim, "keys: the CUDA backend supports head_dim <= " << kMaxDim
-                                                                                  << ", got " << keys.dim);
+  KVPACK_CHECK(keys.dim <= kMaxDim,
+               "keys: the CUDA backend supports head_dim <= " << kMaxDim << ", got " << keys.dim);
   KVPACK_CHECK(heads_q > 0 && heads_q % keys.heads == 0,
                "q: expected heads_q to be a positive multiple of heads_kv=" << keys.heads
                                                                             << ", got " << heads_q);
@@ -257,14 +263,16 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
   DeviceBuffer d_q(q, static_cast<std::size_t>(heads_q * dim) * sizeof(float));
   DeviceBuffer d_k(keys.data, kv_bytes(keys));
   DeviceBuffer d_v(values.data, kv_bytes(values));
-  DeviceBuffer d_idx = indices ? DeviceBuffer(indices->data, static_cast<std::size_t>(
-                                                                  indices->rows * indices->count) *
-                                                                  sizeof(std::int32_t))
-                               : DeviceBuffer();
-  DeviceBuffer d_bias = bias ? DeviceBuffer(bias, static_cast<std::size_t>(keys.heads * keys.tokens) *
-                                                      sizeof(float))
-                             : DeviceBuffer();
-  DeviceBuffer d_scores(output.weights ? static_cast<std::size_t>(heads_q * count) * sizeof(float) : 0);
+  DeviceBuffer d_idx =
+      indices
+          ? DeviceBuffer(indices->data, static_cast<std::size_t>(indices->rows * indices->count) *
+                                            sizeof(std::int32_t))
+          : DeviceBuffer();
+  DeviceBuffer d_bias =
+      bias ? DeviceBuffer(bias, static_cast<std::size_t>(keys.heads * keys.tokens) * sizeof(float))
+           : DeviceBuffer();
+  DeviceBuffer d_scores(output.weights ? static_cast<std::size_t>(heads_q * count) * sizeof(float)
+                                       : 0);
   DeviceBuffer d_partials(static_cast<std::size_t>(heads_q * chunks * (dim + 2)) * sizeof(float));
   DeviceBuffer d_out(static_cast<std::size_t>(heads_q * dim) * sizeof(float));
   DeviceBuffer d_lse(static_cast<std::size_t>(heads_q) * sizeof(float));
@@ -280,12 +288,12 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
                            count, chunks, chunk_len, scale, scores, d_partials.as<float>());
       break;
     case DType::Float16:
-      launch_decode<__half>(d_q.as<float>(), d_k, d_v, idx, index_rows, d_bias.as<float>(), hq, keys,
-                            count, chunks, chunk_len, scale, scores, d_partials.as<float>());
+      launch_decode<__half>(d_q.as<float>(), d_k, d_v, idx, index_rows, d_bias.as<float>(), hq,
+                            keys, count, chunks, chunk_len, scale, scores, d_partials.as<float>());
       break;
     case DType::BFloat16:
-      launch_decode<__nv_bfloat16>(d_q.as<float>(), d_k, d_v, idx, index_rows, d_bias.as<float>(), hq,
-                                   keys, count, chunks, chunk_len, scale, scores,
+      launch_decode<__nv_bfloat16>(d_q.as<float>(), d_k, d_v, idx, index_rows, d_bias.as<float>(),
+                                   hq, keys, count, chunks, chunk_len, scale, scores,
                                    d_partials.as<float>());
       break;
   }
@@ -322,8 +330,8 @@ void accumulated_attention(const float* queries, std::int64_t heads_q, std::int6
   const int hq = static_cast<int>(heads_q), hkv = static_cast<int>(keys.heads);
   switch (keys.dtype) {
     case DType::Float32:
-      accumulate_kernel<float><<<grid, 256>>>(d_q.as<float>(), d_k.as<float>(), hq, hkv, window, tokens,
-                                              static_cast<int>(dim), scale, params.causal,
+      accumulate_kernel<float><<<grid, 256>>>(d_q.as<float>(), d_k.as<float>(), hq, hkv, window,
+                                              tokens, static_cast<int>(dim), scale, params.causal,
                                               params.per_query_head, d_acc.as<float>());
       break;
     case DType::Float16:

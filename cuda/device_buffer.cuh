@@ -10,13 +10,13 @@
 
 #include "kvpack/common.h"
 
-#define KVPACK_CUDA_CHECK(call)                                                           \
-  do {                                                                                    \
-    const cudaError_t kvpack_status_ = (call);                                            \
-    if (kvpack_status_ != cudaSuccess)                                                    \
-      throw std::runtime_error(std::string("CUDA error in ") + #call + ": " +             \
-                               cudaGetErrorString(kvpack_status_) + " [" + __FILE__ +     \
-                               ":" + std::to_string(__LINE__) + "]");                     \
+#define KVPACK_CUDA_CHECK(call)                                                             \
+  do {                                                                                      \
+    const cudaError_t kvpack_status_ = (call);                                              \
+    if (kvpack_status_ != cudaSuccess)                                                      \
+      throw std::runtime_error(std::string("CUDA error in ") + #call + ": " +               \
+                               cudaGetErrorString(kvpack_status_) + " [" + __FILE__ + ":" + \
+                               std::to_string(__LINE__) + "]");                             \
   } while (0)
 
 namespace kvpack::cuda {

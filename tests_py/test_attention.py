@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
-import reference
-from conftest import KV_DTYPES, random_cache, random_indices
 
 import kvpack
+
+import reference
+from conftest import KV_DTYPES, random_cache, random_indices
 
 SHAPES = [  # heads_kv, heads_q, tokens, dim
     (1, 1, 1, 16),

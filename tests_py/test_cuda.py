@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from conftest import KV_DTYPES, random_cache, random_indices
 
 import kvpack
+
+from conftest import KV_DTYPES, random_cache, random_indices
 
 pytestmark = [
     pytest.mark.cuda,
@@ -13,16 +14,22 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("dtype", KV_DTYPES)
-@pytest.mark.parametrize(("heads_kv", "heads_q", "tokens", "dim"), [(2, 8, 3000, 128), (1, 1, 5, 64), (4, 12, 700, 40)])
+@pytest.mark.parametrize(
+    ("heads_kv", "heads_q", "tokens", "dim"), [(2, 8, 3000, 128), (1, 1, 5, 64), (4, 12, 700, 40)]
+)
 @pytest.mark.parametrize("sparse", [None, "kv", "q"])
 def test_decode_attention_matches_cpu(rng, dtype, heads_kv, heads_q, tokens, dim, sparse):
     q, k, v = random_cache(rng, heads_kv, tokens, dim, dtype, heads_q)
     indices = None
     if sparse:
-        indices = random_indices(rng, heads_kv if sparse == "kv" else heads_q, tokens, max(1, tokens // 4))
+        indices = random_indices(
+            rng, heads_kv if sparse == "kv" else heads_q, tokens, max(1, tokens // 4)
+        )
     bias = rng.standard_normal((heads_kv, tokens)).astype(np.float32)
     cpu = kvpack.attention(q, k, v, indices, bias=bias, return_lse=True, return_weights=True)
-    gpu = kvpack.attention(q, k, v, indices, bias=bias, return_lse=True, return_weights=True, device="cuda")
+    gpu = kvpack.attention(
+        q, k, v, indices, bias=bias, return_lse=True, return_weights=True, device="cuda"
+    )
     for a, b in zip(cpu, gpu):
         np.testing.assert_allclose(b, a, atol=2e-5, rtol=2e-5)
 

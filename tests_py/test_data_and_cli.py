@@ -35,7 +35,9 @@ def test_rope_is_a_rotation_with_relative_positions():
     np.testing.assert_allclose(np.linalg.norm(rx, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
     # q.k after RoPE depends only on the position difference.
     shifted_x, shifted_y = apply_rope(x, np.arange(5) + 10), apply_rope(y, np.arange(5) + 13)
-    np.testing.assert_allclose((rx * ry).sum(-1), (shifted_x * shifted_y).sum(-1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        (rx * ry).sum(-1), (shifted_x * shifted_y).sum(-1), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_demo_prints_the_comparison(capsys):
@@ -57,8 +59,21 @@ def test_python_dash_m(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "kvpack", "demo", "--tokens", "1024", "--budget", "64", "--repeats", "1"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "kvpack",
+            "demo",
+            "--tokens",
+            "1024",
+            "--budget",
+            "64",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "sparse over 64 tokens" in result.stdout

@@ -22,30 +22,102 @@ def with_nan(array, where):
 
 
 ATTENTION_CASES = {
-    "keys float64": (dict(keys=K.astype(np.float64)), TypeError, "keys: expected dtype float32, float16 or bfloat16, got float64"),
+    "keys float64": (
+        dict(keys=K.astype(np.float64)),
+        TypeError,
+        "keys: expected dtype float32, float16 or bfloat16, got float64",
+    ),
     "keys int": (dict(keys=K.astype(np.int16)), TypeError, "keys: expected dtype"),
-    "keys 2-d": (dict(keys=K[0]), ValueError, r"keys: expected 3 dimensions \[heads_kv, tokens, head_dim\], got shape \(50, 32\)"),
-    "keys empty": (dict(keys=K[:, :0], values=V[:, :0]), ValueError, "keys: expected a non-empty cache"),
-    "values shape": (dict(values=V[:, :49].copy()), ValueError, r"values: expected shape \(2, 50, 32\) like keys, got \(2, 49, 32\)"),
-    "values dtype": (dict(values=V.astype(np.float32)), TypeError, "values: expected dtype float16 like keys, got float32"),
+    "keys 2-d": (
+        dict(keys=K[0]),
+        ValueError,
+        r"keys: expected 3 dimensions \[heads_kv, tokens, head_dim\], got shape \(50, 32\)",
+    ),
+    "keys empty": (
+        dict(keys=K[:, :0], values=V[:, :0]),
+        ValueError,
+        "keys: expected a non-empty cache",
+    ),
+    "values shape": (
+        dict(values=V[:, :49].copy()),
+        ValueError,
+        r"values: expected shape \(2, 50, 32\) like keys, got \(2, 49, 32\)",
+    ),
+    "values dtype": (
+        dict(values=V.astype(np.float32)),
+        TypeError,
+        "values: expected dtype float16 like keys, got float32",
+    ),
     "q 1-d": (dict(q=Q[0]), ValueError, "q: expected 2 dimensions"),
     "q head_dim": (dict(q=Q[:, :16].copy()), ValueError, "q: expected head_dim 32 like keys"),
-    "q heads": (dict(q=Q[:3].copy()), ValueError, "q: expected heads_q to be a positive multiple of heads_kv=2"),
+    "q heads": (
+        dict(q=Q[:3].copy()),
+        ValueError,
+        "q: expected heads_q to be a positive multiple of heads_kv=2",
+    ),
     "q int": (dict(q=Q.astype(np.int32)), TypeError, "q: expected a floating-point array"),
     "q nan": (dict(q=with_nan(Q, (1, 3))), ValueError, "q: contains NaN or Inf"),
-    "keys nan": (dict(keys=with_nan(K, (1, 7, 2))), ValueError, r"keys: contains NaN or Inf \(first at \[1, 7, 2\]\)"),
-    "values inf": (dict(values=np.where(np.arange(32) == 5, np.float16(np.inf), V)), ValueError, "values: contains NaN or Inf"),
-    "indices int64": (dict(indices=np.array([[0, 1], [2, 3]])), TypeError, "indices: expected dtype int32, got int64"),
+    "keys nan": (
+        dict(keys=with_nan(K, (1, 7, 2))),
+        ValueError,
+        r"keys: contains NaN or Inf \(first at \[1, 7, 2\]\)",
+    ),
+    "values inf": (
+        dict(values=np.where(np.arange(32) == 5, np.float16(np.inf), V)),
+        ValueError,
+        "values: contains NaN or Inf",
+    ),
+    "indices int64": (
+        dict(indices=np.array([[0, 1], [2, 3]])),
+        TypeError,
+        "indices: expected dtype int32, got int64",
+    ),
     "indices 1-d": (dict(indices=idx([0, 1])), ValueError, "indices: expected 2 dimensions"),
-    "indices rows": (dict(indices=idx([[0], [1], [2]])), ValueError, r"indices: expected 2 \(heads_kv\) or 4 \(heads_q\) rows"),
-    "indices empty": (dict(indices=np.zeros((2, 0), np.int32)), ValueError, "indices: expected at least one index per row"),
-    "indices range": (dict(indices=idx([[0, 1, 50], [0, 1, 2]])), ValueError, r"indices\[0, 2\]: expected a token index in \[0, 50\), got 50"),
-    "indices negative": (dict(indices=idx([[0, 1, 2], [-1, 1, 2]])), ValueError, r"indices\[1, 0\]: expected a token index in \[0, 50\), got -1"),
-    "indices unsorted": (dict(indices=idx([[0, 5, 2], [0, 1, 2]])), ValueError, r"indices\[0\]: expected indices sorted ascending without duplicates, got 5 before 2"),
-    "indices duplicate": (dict(indices=idx([[0, 1, 2], [3, 3, 4]])), ValueError, "without duplicates, got 3 before 3"),
-    "indices strided": (dict(indices=idx([[0, 1, 2, 3], [4, 5, 6, 7]])[:, ::2]), ValueError, "indices: expected a C-contiguous array"),
-    "bias shape": (dict(bias=np.zeros((2, 49), np.float32)), ValueError, r"bias: expected shape \(2, 50\)"),
-    "bias nan": (dict(bias=with_nan(np.zeros((2, 50), np.float32), (0, 0))), ValueError, "bias: contains NaN or Inf"),
+    "indices rows": (
+        dict(indices=idx([[0], [1], [2]])),
+        ValueError,
+        r"indices: expected 2 \(heads_kv\) or 4 \(heads_q\) rows",
+    ),
+    "indices empty": (
+        dict(indices=np.zeros((2, 0), np.int32)),
+        ValueError,
+        "indices: expected at least one index per row",
+    ),
+    "indices range": (
+        dict(indices=idx([[0, 1, 50], [0, 1, 2]])),
+        ValueError,
+        r"indices\[0, 2\]: expected a token index in \[0, 50\), got 50",
+    ),
+    "indices negative": (
+        dict(indices=idx([[0, 1, 2], [-1, 1, 2]])),
+        ValueError,
+        r"indices\[1, 0\]: expected a token index in \[0, 50\), got -1",
+    ),
+    "indices unsorted": (
+        dict(indices=idx([[0, 5, 2], [0, 1, 2]])),
+        ValueError,
+        r"indices\[0\]: expected indices sorted ascending without duplicates, got 5 before 2",
+    ),
+    "indices duplicate": (
+        dict(indices=idx([[0, 1, 2], [3, 3, 4]])),
+        ValueError,
+        "without duplicates, got 3 before 3",
+    ),
+    "indices strided": (
+        dict(indices=idx([[0, 1, 2, 3], [4, 5, 6, 7]])[:, ::2]),
+        ValueError,
+        "indices: expected a C-contiguous array",
+    ),
+    "bias shape": (
+        dict(bias=np.zeros((2, 49), np.float32)),
+        ValueError,
+        r"bias: expected shape \(2, 50\)",
+    ),
+    "bias nan": (
+        dict(bias=with_nan(np.zeros((2, 50), np.float32), (0, 0))),
+        ValueError,
+        "bias: contains NaN or Inf",
+    ),
     "scale negative": (dict(scale=-1.0), ValueError, "scale: expected a positive finite number"),
     "scale nan": (dict(scale=float("nan")), ValueError, "scale: expected a positive finite number"),
     "device": (dict(device="tpu"), ValueError, "device: expected 'cpu' or 'cuda', got 'tpu'"),
@@ -68,12 +140,32 @@ def test_cuda_requested_without_gpu():
 
 
 ACCUMULATE_CASES = {
-    "window > tokens": (dict(queries=np.zeros((4, 51, 32), np.float32)), ValueError, "queries: a causal window of 51 queries needs at least as many keys, got 50"),
+    "window > tokens": (
+        dict(queries=np.zeros((4, 51, 32), np.float32)),
+        ValueError,
+        "queries: a causal window of 51 queries needs at least as many keys, got 50",
+    ),
     "queries 2-d": (dict(queries=Q), ValueError, "queries: expected 3 dimensions"),
-    "queries empty": (dict(queries=np.zeros((4, 0, 32), np.float32)), ValueError, "queries: expected at least one query per head"),
-    "queries head_dim": (dict(queries=np.zeros((4, 3, 8), np.float32)), ValueError, "queries: expected head_dim 32"),
-    "queries nan": (dict(queries=np.full((4, 3, 32), np.nan, np.float32)), ValueError, "queries: contains NaN or Inf"),
-    "reduction": (dict(reduction="max"), ValueError, "reduction: expected 'sum' or 'mean', got 'max'"),
+    "queries empty": (
+        dict(queries=np.zeros((4, 0, 32), np.float32)),
+        ValueError,
+        "queries: expected at least one query per head",
+    ),
+    "queries head_dim": (
+        dict(queries=np.zeros((4, 3, 8), np.float32)),
+        ValueError,
+        "queries: expected head_dim 32",
+    ),
+    "queries nan": (
+        dict(queries=np.full((4, 3, 32), np.nan, np.float32)),
+        ValueError,
+        "queries: contains NaN or Inf",
+    ),
+    "reduction": (
+        dict(reduction="max"),
+        ValueError,
+        "reduction: expected 'sum' or 'mean', got 'max'",
+    ),
     "keys dtype": (dict(keys=K.astype(np.float64)), TypeError, "keys: expected dtype"),
 }
 

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
-from conftest import KV_DTYPES, random_cache
 
 import kvpack
 from kvpack import _core
+
+from conftest import KV_DTYPES, random_cache
 
 
 @pytest.mark.parametrize("dtype", KV_DTYPES)

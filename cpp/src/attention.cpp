@@ -11,15 +11,15 @@
 #include <vector>
 
 #include "fast_math.h"
-#include "vec.h"
 #include "kvpack/convert.h"
 #include "kvpack/parallel.h"
+#include "vec.h"
 
 namespace kvpack {
 
 namespace {
 
-constexpr std::int64_t kBlockTokens = 32;     // tokens converted and scored together
+constexpr std::int64_t kBlockTokens = 32;      // tokens converted and scored together
 constexpr std::int64_t kMinChunkTokens = 512;  // smallest token range worth a work item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -154,7 +154,8 @@ void attend_range(const float* qs, const KVView& keys, const KVView& values, std
     }
 
     // Values: each row is read once and accumulated into every output of the tile.
-    for (std::int64_t j = 0; j < nb; ++j) rows[j] = static_cast<const T*>(values.row(head, tokens[j]));
+    for (std::int64_t j = 0; j < nb; ++j)
+      rows[j] = static_cast<const T*>(values.row(head, tokens[j]));
     accumulate_tile<Tile>(rows, nb, s, kBlockTokens, dim, state.output);
   }
 }
@@ -178,7 +179,8 @@ void attend_range_typed(const float* qs, const KVView& keys, const KVView& value
 
 // Largest tile of query heads (8, 4, 2 or 1) that divides the group size.
 int tile_for(std::int64_t group) {
-  for (int tile : {8, 4, 2}) if (group % tile == 0) return tile;
+  for (int tile : {8, 4, 2})
+    if (group % tile == 0) return tile;
   return 1;
 }
 
@@ -187,10 +189,18 @@ void attend_range_tiled(int tile, const float* qs, const KVView& keys, const KVV
                         std::int64_t head, TokenAt token_at, std::int64_t begin, std::int64_t end,
                         std::int64_t count, const float* bias_row, float* scores, Partial state) {
   switch (tile) {
-    case 8: return attend_range_typed<8>(qs, keys, values, head, token_at, begin, end, count, bias_row, scores, state);
-    case 4: return attend_range_typed<4>(qs, keys, values, head, token_at, begin, end, count, bias_row, scores, state);
-    case 2: return attend_range_typed<2>(qs, keys, values, head, token_at, begin, end, count, bias_row, scores, state);
-    default: return attend_range_typed<1>(qs, keys, values, head, token_at, begin, end, count, bias_row, scores, state);
+    case 8:
+      return attend_range_typed<8>(qs, keys, values, head, token_at, begin, end, count, bias_row,
+                                   scores, state);
+    case 4:
+      return attend_range_typed<4>(qs, keys, values, head, token_at, begin, end, count, bias_row,
+                                   scores, state);
+    case 2:
+      return attend_range_typed<2>(qs, keys, values, head, token_at, begin, end, count, bias_row,
+                                   scores, state);
+    default:
+      return attend_range_typed<1>(qs, keys, values, head, token_at, begin, end, count, bias_row,
+                                   scores, state);
   }
 }
 
@@ -235,8 +245,7 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
   const std::int64_t tile = per_query_head ? 1 : tile_for(group_size);
   const std::int64_t rows = heads_q / tile;
   const std::int64_t wanted = std::max<std::int64_t>(1, (4 * num_threads() + rows - 1) / rows);
-  const std::int64_t chunks =
-      std::max<std::int64_t>(1, std::min(wanted, count / kMinChunkTokens));
+  const std::int64_t chunks = std::max<std::int64_t>(1, std::min(wanted, count / kMinChunkTokens));
   const std::int64_t chunk_len = (count + chunks - 1) / chunks;
   const std::int64_t stride = tile * (dim + 2);
   std::vector<float> partials(static_cast<std::size_t>(rows * chunks * stride));
@@ -312,8 +321,8 @@ void accumulated_attention(const float* queries, std::int64_t heads_q, std::int6
                    << keys.heads << ", got " << heads_q);
   KVPACK_CHECK(window > 0, "queries: expected at least one query per head, got 0");
   KVPACK_CHECK(!params.causal || window <= keys.tokens,
-               "queries: a causal window of " << window << " queries needs at least as many keys, got "
-                                              << keys.tokens);
+               "queries: a causal window of "
+                   << window << " queries needs at least as many keys, got " << keys.tokens);
   const std::int64_t tokens = keys.tokens, dim = keys.dim;
   const std::int64_t group_size = heads_q / keys.heads;
   const std::int64_t first_position = params.causal ? tokens - window : 0;

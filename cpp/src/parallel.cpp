@@ -15,7 +15,9 @@ std::atomic<int>& thread_setting() {
 }
 }  // namespace
 
-int num_threads() { return thread_setting().load(); }
+int num_threads() {
+  return thread_setting().load();
+}
 
 void set_num_threads(int n) {
   KVPACK_CHECK(n >= 1, "num_threads: expected >= 1, got " << n);

@@ -23,8 +23,12 @@ struct bf16 {
 };
 
 /// Scalar widening of one stored element.
-inline float widen(float x) { return x; }
-inline float widen(_Float16 x) { return static_cast<float>(x); }
+inline float widen(float x) {
+  return x;
+}
+inline float widen(_Float16 x) {
+  return static_cast<float>(x);
+}
 inline float widen(bf16 x) {
   const std::uint32_t wide = static_cast<std::uint32_t>(x.bits) << 16;
   float out;
@@ -42,7 +46,8 @@ inline f32x16 load16(const _Float16* p) {
   // GCC lowers a generic half->float vector conversion element by element; use the
   // hardware conversion where the target has one.
 #if defined(__AVX512F__)
-  return reinterpret_cast<f32x16>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  return reinterpret_cast<f32x16>(
+      _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 #elif defined(__F16C__)
   const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
@@ -65,7 +70,9 @@ inline f32x16 load16(const bf16* p) {
   return v;
 }
 
-inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+inline void store16(float* p, f32x16 v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
 inline float reduce_add(f32x16 v) {
 #if defined(__AVX512F__)

@@ -47,7 +47,9 @@ def oracle_indices(weights: np.ndarray, heads_kv: int, budget: int) -> np.ndarra
 def run_demo(args: argparse.Namespace) -> int:
     """Dense vs sparse decode attention on a Llama-3-8B-shaped synthetic cache."""
     if args.budget > args.tokens:
-        print(f"kvpack demo: --budget {args.budget} exceeds --tokens {args.tokens}", file=sys.stderr)
+        print(
+            f"kvpack demo: --budget {args.budget} exceeds --tokens {args.tokens}", file=sys.stderr
+        )
         return 2
     if args.threads:
         _core.set_num_threads(args.threads)
@@ -55,8 +57,10 @@ def run_demo(args: argparse.Namespace) -> int:
         f"kvpack {_core.__version__} | threads {_core.get_num_threads()} | "
         f"CUDA {'available' if _core.cuda_available() else 'not available'}"
     )
-    print(f"building a synthetic Llama-3-8B-shaped layer: 8 KV heads, 32 query heads, "
-          f"d=128, {args.tokens} tokens, float16 ...")
+    print(
+        f"building a synthetic Llama-3-8B-shaped layer: 8 KV heads, 32 query heads, "
+        f"d=128, {args.tokens} tokens, float16 ..."
+    )
     cache = synthetic_llama_cache(args.tokens, dtype="float16", seed=args.seed)
     k, v, q = cache.keys, cache.values, cache.query
 
@@ -64,8 +68,11 @@ def run_demo(args: argparse.Namespace) -> int:
     indices = oracle_indices(weights, k.shape[0], args.budget)
     sparse = attention(q, k, v, indices)
     recent = np.ascontiguousarray(
-        np.broadcast_to(np.arange(args.tokens - args.budget, args.tokens, dtype=np.int32),
-                        (k.shape[0], args.budget)))
+        np.broadcast_to(
+            np.arange(args.tokens - args.budget, args.tokens, dtype=np.int32),
+            (k.shape[0], args.budget),
+        )
+    )
     window = attention(q, k, v, recent)
 
     # Independent float64 reference for the dense output.
@@ -80,18 +87,31 @@ def run_demo(args: argparse.Namespace) -> int:
     def rel(a, b):
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
-    kept_mass = float(np.take_along_axis(weights.reshape(k.shape[0], group, -1),
-                                         indices[:, None, :], axis=2).sum(axis=2).mean())
+    kept_mass = float(
+        np.take_along_axis(weights.reshape(k.shape[0], group, -1), indices[:, None, :], axis=2)
+        .sum(axis=2)
+        .mean()
+    )
     t_dense = _median_seconds(lambda: attention(q, k, v), args.repeats)
     t_sparse = _median_seconds(lambda: attention(q, k, v, indices), args.repeats)
     kv_bytes = k.nbytes + v.nbytes
 
     rows = [
         ("dense (all tokens)", args.tokens, rel(dense, reference), 1.0, t_dense),
-        (f"sparse: top-{args.budget} oracle", args.budget, rel(sparse, reference), kept_mass,
-         t_sparse),
-        (f"sparse: recent {args.budget}", args.budget, rel(window, reference),
-         float(weights[:, -args.budget:].sum(axis=1).mean()), float("nan")),
+        (
+            f"sparse: top-{args.budget} oracle",
+            args.budget,
+            rel(sparse, reference),
+            kept_mass,
+            t_sparse,
+        ),
+        (
+            f"sparse: recent {args.budget}",
+            args.budget,
+            rel(window, reference),
+            float(weights[:, -args.budget :].sum(axis=1).mean()),
+            float("nan"),
+        ),
     ]
     print()
     print(f"{'method':<28}{'tokens':>8}{'rel. error':>12}{'attn mass':>11}{'time':>11}")
@@ -99,16 +119,20 @@ def run_demo(args: argparse.Namespace) -> int:
         t_text = f"{t * 1e3:8.2f} ms" if np.isfinite(t) else "          -"
         print(f"{name:<28}{n:>8}{err:>12.2e}{mass:>11.3f}{t_text}")
     print()
-    print(f"dense attention reads K+V ({kv_bytes / 2**20:.0f} MiB) at "
-          f"{kv_bytes / t_dense / 1e9:.1f} GB/s; sparse over {args.budget} tokens is "
-          f"{t_dense / t_sparse:.1f}x faster")
+    print(
+        f"dense attention reads K+V ({kv_bytes / 2**20:.0f} MiB) at "
+        f"{kv_bytes / t_dense / 1e9:.1f} GB/s; sparse over {args.budget} tokens is "
+        f"{t_dense / t_sparse:.1f}x faster"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="dense vs sparse attention on a Llama-shaped synthetic cache")
+    demo = sub.add_parser(
+        "demo", help="dense vs sparse attention on a Llama-shaped synthetic cache"
+    )
     demo.add_argument("--tokens", type=int, default=32768, help="context length [32768]")
     demo.add_argument("--budget", type=int, default=1024, help="tokens attended sparsely [1024]")
     demo.add_argument("--repeats", type=int, default=10, help="timed repetitions [10]")

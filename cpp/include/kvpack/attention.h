@@ -45,10 +45,10 @@ enum class Reduction : int {
 
 /// Parameters of accumulated_attention.
 struct AccumulateParams {
-  float scale = 0.0f;             ///< multiplies q.k; 0 means 1/sqrt(head_dim)
-  bool causal = true;             ///< query i sits at position tokens - window + i
+  float scale = 0.0f;  ///< multiplies q.k; 0 means 1/sqrt(head_dim)
+  bool causal = true;  ///< query i sits at position tokens - window + i
   Reduction reduction = Reduction::Sum;
-  bool per_query_head = false;    ///< false: reduce each GQA group onto its KV head
+  bool per_query_head = false;  ///< false: reduce each GQA group onto its KV head
 };
 
 /// Attention each key receives from a window of queries (H2O, SnapKV, KVMerger evidence).

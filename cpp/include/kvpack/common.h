@@ -15,14 +15,19 @@ namespace kvpack {
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 /// Bytes per element of `dtype`.
-inline std::size_t dtype_size(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
+inline std::size_t dtype_size(DType dtype) {
+  return dtype == DType::Float32 ? 4 : 2;
+}
 
 /// Lower-case name of `dtype`, as NumPy spells it.
 inline const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::Float32: return "float32";
-    case DType::Float16: return "float16";
-    case DType::BFloat16: return "bfloat16";
+    case DType::Float32:
+      return "float32";
+    case DType::Float16:
+      return "float16";
+    case DType::BFloat16:
+      return "bfloat16";
   }
   return "unknown";
 }
@@ -64,11 +69,11 @@ namespace detail {
 
 /// Throws std::invalid_argument (ValueError in Python) with `message` (a stream
 /// expression) and the source location when `condition` does not hold.
-#define KVPACK_CHECK(condition, message)                                  \
-  do {                                                                    \
-    if (!(condition)) {                                                   \
-      std::ostringstream kvpack_check_os_;                                \
-      kvpack_check_os_ << message;                                        \
+#define KVPACK_CHECK(condition, message)                                           \
+  do {                                                                             \
+    if (!(condition)) {                                                            \
+      std::ostringstream kvpack_check_os_;                                         \
+      kvpack_check_os_ << message;                                                 \
       ::kvpack::detail::throw_invalid(__FILE__, __LINE__, kvpack_check_os_.str()); \
-    }                                                                     \
+    }                                                                              \
   } while (0)

@@ -1,0 +1,1 @@
+"""kvpack performance suite: each figure is a ratio to a peer or limit measured in the same run."""

@@ -1,0 +1,37 @@
+"""Runs the performance suite and appends its figures to benchmarks/RESULTS.md.
+
+Usage: ``python -m benchmarks [--only NAME ...] [--no-record]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import attention
+from .common import append_results
+
+SUITES = {
+    "attention": ("Decode attention (32k tokens, 8/32 heads, d=128, float16)", attention.run),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--only", nargs="*", choices=sorted(SUITES), help="suites to run [all]")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md")
+    args = parser.parse_args(argv)
+    command = "python -m benchmarks" + (f" --only {' '.join(args.only)}" if args.only else "")
+    for name in args.only or SUITES:
+        title, run = SUITES[name]
+        rows = run()
+        if args.no_record:
+            for metric, value, target in rows:
+                print(f"{metric:<52} {value:>28}  {target}")
+        else:
+            print(append_results(title, command, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

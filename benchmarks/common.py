@@ -1,0 +1,75 @@
+"""Timing, machine description, same-run reference bandwidths and the RESULTS.md writer."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def best_seconds(fn, repeats: int = 7, warmup: int = 1) -> float:
+    """Fastest of `repeats` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def memcpy_bandwidth(nbytes: int, repeats: int = 7) -> float:
+    """Bytes per second of one single-threaded memcpy of `nbytes` (NumPy copyto)."""
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    return nbytes / best_seconds(lambda: np.copyto(dst, src), repeats)
+
+
+def machine() -> str:
+    """CPU model, core count and memory of this machine, in one line."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory = f", {pages / 2**30:.0f} GiB"
+    except (ValueError, OSError):
+        pass
+    return f"{model}, {os.cpu_count()} cores{memory}"
+
+
+def append_results(title: str, command: str, rows: list[tuple[str, str, str]]) -> str:
+    """Appends a section (metric, value, target) to RESULTS.md and returns its text."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"## {title}",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {machine()}",
+        f"- date: {now}",
+        "",
+        "| metric | value | target |",
+        "| --- | --- | --- |",
+        *[f"| {metric} | {value} | {target} |" for metric, value, target in rows],
+        "",
+    ]
+    text = "\n".join(lines) + "\n"
+    if not RESULTS.exists():
+        RESULTS.write_text("# kvpack benchmark results\n\nAppended by `python -m benchmarks`.\n\n")
+    with RESULTS.open("a") as results:
+        results.write(text)
+    return text

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every test of kvpack: format and lint gates, the C++ suite (warnings as errors, then
+# again under AddressSanitizer + UBSan), and the Python suite against the built package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+jobs=$(nproc)
+
+echo "== format and lint"
+git ls-files -- '*.h' '*.cpp' '*.cu' '*.cuh' | xargs clang-format --dry-run --Werror
+python3 -m ruff check python tests_py benchmarks
+python3 -m ruff format --check python tests_py benchmarks
+
+echo "== C++ tests (-Wall -Wextra -Werror)"
+cmake -S . -B build/tests -G Ninja -DKVPACK_WERROR=ON >/dev/null
+cmake --build build/tests -j "$jobs"
+ctest --test-dir build/tests --output-on-failure
+
+echo "== C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+cmake -S . -B build/sanitize -G Ninja -DKVPACK_SANITIZE=ON -DKVPACK_CUDA=OFF \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build build/sanitize -j "$jobs"
+ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build/sanitize --output-on-failure
+
+echo "== Python tests"
+python3 -m pytest

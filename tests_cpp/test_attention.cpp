@@ -1,0 +1,134 @@
+// The CPU attention core against double-precision references.
+#include "kvpack/attention.h"
+
+#include <gtest/gtest.h>
+
+#include <numeric>
+#include <string>
+
+#include "kvpack/convert.h"
+#include "kvpack/parallel.h"
+#include "reference.h"
+
+namespace kvpack {
+namespace {
+
+using testing::Cache;
+
+struct Shape {
+  std::int64_t heads_kv, heads_q, tokens, dim;
+};
+
+class DenseAttention : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(DenseAttention, MatchesReference) {
+  const Shape s = GetParam();
+  Cache c(s.heads_kv, s.tokens, s.dim, 1);
+  const auto q = testing::random_vector(static_cast<std::size_t>(s.heads_q * s.dim), 2);
+  std::vector<float> out(q.size()), lse(static_cast<std::size_t>(s.heads_q));
+  decode_attention(q.data(), s.heads_q, c.k, c.v, nullptr, nullptr, {},
+                   {out.data(), lse.data(), nullptr});
+  std::vector<std::int64_t> all(static_cast<std::size_t>(s.tokens));
+  std::iota(all.begin(), all.end(), 0);
+  for (std::int64_t h = 0; h < s.heads_q; ++h) {
+    double ref_lse;
+    const auto ref = testing::reference_attention(q.data() + h * s.dim, c,
+                                                  h / (s.heads_q / s.heads_kv), all, &ref_lse);
+    EXPECT_NEAR(lse[h], ref_lse, 1e-4);
+    for (std::int64_t i = 0; i < s.dim; ++i) EXPECT_NEAR(out[h * s.dim + i], ref[i], 2e-5);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, DenseAttention,
+                         ::testing::Values(Shape{1, 1, 1, 16}, Shape{2, 8, 1000, 64},
+                                           Shape{2, 6, 1500, 40}, Shape{8, 32, 2000, 128}),
+                         [](const ::testing::TestParamInfo<Shape>& param_info) {
+                           const Shape& s = param_info.param;
+                           return "kv" + std::to_string(s.heads_kv) + "_q" +
+                                  std::to_string(s.heads_q) + "_t" + std::to_string(s.tokens) +
+                                  "_d" + std::to_string(s.dim);
+                         });
+
+TEST(SparseAttention, PerQueryHeadIndicesMatchReference) {
+  Cache c(2, 500, 32, 3);
+  const std::int64_t heads_q = 4, count = 3;
+  const auto q = testing::random_vector(heads_q * 32, 4);
+  const std::vector<std::int32_t> idx = {0, 7, 499, 1, 2, 3, 10, 20, 30, 5, 6, 400};
+  IndexView view{idx.data(), heads_q, count};
+  std::vector<float> out(q.size()), weights(heads_q * count);
+  decode_attention(q.data(), heads_q, c.k, c.v, &view, nullptr, {},
+                   {out.data(), nullptr, weights.data()});
+  for (std::int64_t h = 0; h < heads_q; ++h) {
+    std::vector<std::int64_t> sel(idx.begin() + h * count, idx.begin() + (h + 1) * count);
+    double lse;
+    const auto ref = testing::reference_attention(q.data() + h * 32, c, h / 2, sel, &lse);
+    for (std::int64_t i = 0; i < 32; ++i) EXPECT_NEAR(out[h * 32 + i], ref[i], 2e-5);
+    EXPECT_NEAR(weights[h * count] + weights[h * count + 1] + weights[h * count + 2], 1.0, 1e-5);
+  }
+}
+
+TEST(Attention, HalfStorageMatchesFloatStorage) {
+  Cache c(2, 700, 64, 5);
+  std::vector<std::uint16_t> kh(c.keys.size()), vh(c.values.size());
+  from_float(c.keys.data(), static_cast<std::int64_t>(kh.size()), DType::Float16, kh.data());
+  from_float(c.values.data(), static_cast<std::int64_t>(vh.size()), DType::Float16, vh.data());
+  // Round the float32 copy through float16 too, so both hold the same values.
+  to_float(kh.data(), DType::Float16, static_cast<std::int64_t>(kh.size()), c.keys.data());
+  to_float(vh.data(), DType::Float16, static_cast<std::int64_t>(vh.size()), c.values.data());
+  const KVView k16{kh.data(), DType::Float16, 2, 700, 64},
+      v16{vh.data(), DType::Float16, 2, 700, 64};
+  const auto q = testing::random_vector(4 * 64, 6);
+  std::vector<float> a(q.size()), b(q.size());
+  decode_attention(q.data(), 4, c.k, c.v, nullptr, nullptr, {}, {a.data(), nullptr, nullptr});
+  decode_attention(q.data(), 4, k16, v16, nullptr, nullptr, {}, {b.data(), nullptr, nullptr});
+  for (std::size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-6);
+}
+
+TEST(Attention, RejectsBadShapes) {
+  Cache c(2, 10, 16, 7);
+  const auto q = testing::random_vector(3 * 16, 8);
+  std::vector<float> out(q.size());
+  EXPECT_THROW(
+      decode_attention(q.data(), 3, c.k, c.v, nullptr, nullptr, {}, {out.data(), nullptr, nullptr}),
+      std::invalid_argument);
+  KVView empty = c.k;
+  empty.tokens = 0;
+  EXPECT_THROW(decode_attention(q.data(), 2, empty, empty, nullptr, nullptr, {},
+                                {out.data(), nullptr, nullptr}),
+               std::invalid_argument);
+}
+
+TEST(Parallel, ExceptionsInsideTheLoopReachTheCaller) {
+  EXPECT_THROW(parallel_for(100,
+                            [](std::int64_t i) {
+                              if (i == 57) throw std::invalid_argument("57");
+                            }),
+               std::invalid_argument);
+  EXPECT_THROW(set_num_threads(0), std::invalid_argument);
+}
+
+TEST(AccumulatedAttention, CausalSumsMatchReference) {
+  Cache c(1, 40, 16, 9);
+  const std::int64_t heads_q = 2, window = 8;
+  const auto queries = testing::random_vector(heads_q * window * 16, 10);
+  std::vector<float> out(40);
+  accumulated_attention(queries.data(), heads_q, window, c.k, {}, out.data());
+  std::vector<double> ref(40, 0.0);
+  for (std::int64_t h = 0; h < heads_q; ++h)
+    for (std::int64_t i = 0; i < window; ++i) {
+      std::vector<std::int64_t> sel(static_cast<std::size_t>(40 - window + i + 1));
+      std::iota(sel.begin(), sel.end(), 0);
+      double lse;
+      testing::reference_attention(queries.data() + (h * window + i) * 16, c, 0, sel, &lse);
+      for (std::int64_t j : sel) {
+        double dot = 0;
+        for (int d = 0; d < 16; ++d)
+          dot += double(queries[(h * window + i) * 16 + d]) * c.keys[j * 16 + d];
+        ref[j] += std::exp(dot / 4.0 - lse);
+      }
+    }
+  for (int j = 0; j < 40; ++j) EXPECT_NEAR(out[j], ref[j], 1e-5);
+}
+
+}  // namespace
+}  // namespace kvpack
