@@ -21,6 +21,7 @@ namespace {
 
 constexpr std::int64_t kBlockTokens = 32;      // tokens converted and scored together
 constexpr std::int64_t kMinChunkTokens = 512;  // smallest token range worth a work item
+constexpr std::int64_t kPrefetchTokens = 64;   // how far ahead K/V rows are prefetched
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 using detail::f32x16;
@@ -104,20 +105,20 @@ void attend_range(const float* qs, const KVView& keys, const KVView& values, std
     const std::int64_t nb = std::min(kBlockTokens, end - b);
     for (std::int64_t j = 0; j < nb; ++j) tokens[j] = token_at(b + j);
 
-    // One block ahead, ask for the next K and V rows: decode attention is a stream
-    // of memory reads and the hardware prefetcher alone leaves bandwidth unused.
-    for (std::int64_t p = b + kBlockTokens; p < std::min(end, b + 2 * kBlockTokens); ++p) {
-      const std::int64_t t = token_at(p);
-      const char* k_row = static_cast<const char*>(keys.row(head, t));
-      const char* v_row = static_cast<const char*>(values.row(head, t));
-      for (std::int64_t off = 0; off < row_bytes; off += 64) {
-        __builtin_prefetch(k_row + off);
-        __builtin_prefetch(v_row + off);
-      }
-    }
-
     // Scores: each key row is read once for every query of the tile.
     for (std::int64_t j = 0; j < nb; j += 2) {
+      // Ask for the K and V rows kPrefetchTokens ahead, spread over the compute: a
+      // single core needs many misses in flight to stream at memory bandwidth.
+      for (std::int64_t p = b + j + kPrefetchTokens; p < std::min(end, b + j + kPrefetchTokens + 2);
+           ++p) {
+        const std::int64_t t = token_at(p);
+        const char* k_row = static_cast<const char*>(keys.row(head, t));
+        const char* v_row = static_cast<const char*>(values.row(head, t));
+        for (std::int64_t off = 0; off < row_bytes; off += 64) {
+          __builtin_prefetch(k_row + off, 0, 2);
+          __builtin_prefetch(v_row + off, 0, 2);
+        }
+      }
       const T* k0 = static_cast<const T*>(keys.row(head, tokens[j]));
       const T* k1 = j + 1 < nb ? static_cast<const T*>(keys.row(head, tokens[j + 1])) : k0;
       dot_tile2<Tile>(qs, k0, k1, dim, s + j, kBlockTokens);
