@@ -59,6 +59,14 @@ IndexView index_view(const py::array& array, const char* name, std::int64_t toke
 /// A new float32 NumPy array of `shape` whose memory C++ allocated and the array owns.
 py::array_t<float> owned_float_array(const std::vector<py::ssize_t>& shape);
 
+/// A NumPy array of `shape` that takes over `values` (moved, not copied).
+template <class T>
+py::array_t<T> adopt_vector(std::vector<T>&& values, const std::vector<py::ssize_t>& shape) {
+  auto* owned = new std::vector<T>(std::move(values));
+  py::capsule owner(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>(shape, owned->data(), owner);
+}
+
 /// Raises ValueError naming the first of `arrays` holding a NaN or Inf.
 [[noreturn]] void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays);
 

@@ -5,6 +5,7 @@
 
 namespace kvpack::bindings {
 void bind_attention(py::module_& m);
+void bind_clustering(py::module_& m);
 }  // namespace kvpack::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -28,4 +29,5 @@ PYBIND11_MODULE(_core, m) {
       py::arg("array"), "Address the core sees for a KV array (for zero-copy tests).");
 
   bind_attention(m);
+  bind_clustering(m);
 }

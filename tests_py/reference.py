@@ -56,3 +56,38 @@ def accumulated_attention(queries, keys, causal=True, reduction="sum", per_query
         return per_head
     grouped = per_head.reshape(heads_kv, group, tokens).sum(axis=1)
     return grouped / group if reduction == "mean" else grouped
+
+
+def kmeans(x, init_centroids, iters, spherical=True):
+    """Lloyd's k-means in float64 with kvpack's rules; returns (centroids, labels, history)."""
+    x = as64(x)
+    if spherical:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+    c = as64(init_centroids).copy()
+    if spherical:
+        c = c / np.linalg.norm(c, axis=1, keepdims=True)
+    k = c.shape[0]
+    history, previous = [], None
+    for it in range(iters):
+        if spherical:
+            scores = x @ c.T
+            labels = scores.argmax(axis=1)
+            costs = 1.0 - scores[np.arange(len(x)), labels]
+        else:
+            d2 = (x**2).sum(1)[:, None] - 2 * x @ c.T + (c**2).sum(1)[None, :]
+            labels = d2.argmin(axis=1)
+            costs = np.maximum(d2[np.arange(len(x)), labels], 0.0)
+        history.append(costs.sum())
+        if it > 0 and np.array_equal(labels, previous):
+            break
+        for j in range(k):
+            members = x[labels == j]
+            if len(members) == 0:
+                far = int(np.argmax(costs))
+                c[j] = x[far]
+                costs[far] = -np.inf
+                continue
+            mean = members.mean(axis=0)
+            c[j] = mean / np.linalg.norm(mean) if spherical else mean
+        previous = labels
+    return c, labels, history

@@ -14,8 +14,10 @@ from ._core import (
     set_num_threads,
 )
 from .attention import accumulated_attention, attention
+from .clustering import KMeansResult, kmeans
 
 __all__ = [
+    "KMeansResult",
     "__version__",
     "accumulated_attention",
     "attention",
@@ -23,5 +25,6 @@ __all__ = [
     "cuda_compiled",
     "data",
     "get_num_threads",
+    "kmeans",
     "set_num_threads",
 ]

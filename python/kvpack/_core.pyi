@@ -27,3 +27,12 @@ def accumulated_attention(
     scale: float | None = None,
     device: str = "cpu",
 ) -> np.ndarray: ...
+def kmeans(
+    x: np.ndarray,
+    n_clusters: int,
+    iters: int = 20,
+    seed: int = 0,
+    spherical: bool = True,
+    init: str = "kmeans++",
+    init_centroids: np.ndarray | None = None,
+) -> dict: ...
