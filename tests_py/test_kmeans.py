@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
-import reference
 
 import kvpack
+
+import reference
 
 
 def planted(rng, n=3000, k=12, d=32, noise=0.4, heads=None):
