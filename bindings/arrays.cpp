@@ -119,6 +119,16 @@ py::array_t<float> owned_float_array(const std::vector<py::ssize_t>& shape) {
   return py::array_t<float>(shape, data, owner);
 }
 
+void require_finite(const KVView& view, const char* name) {
+  std::vector<float> row(static_cast<std::size_t>(view.dim));
+  for (std::int64_t h = 0; h < view.heads; ++h)
+    for (std::int64_t t = 0; t < view.tokens; ++t) {
+      to_float(view.row(h, t), view.dtype, view.dim, row.data());
+      KVPACK_ARG_CHECK(all_finite(row.data(), view.dim),
+                       name << ": contains NaN or Inf (first in row [" << h << ", " << t << "])");
+    }
+}
+
 void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays) {
   for (const auto& [name, view] : arrays) {
     std::vector<float> row(static_cast<std::size_t>(view.dim));

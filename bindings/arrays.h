@@ -70,6 +70,9 @@ py::array_t<T> adopt_vector(std::vector<T>&& values, const std::vector<py::ssize
 /// Raises ValueError naming the first of `arrays` holding a NaN or Inf.
 [[noreturn]] void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays);
 
+/// Raises ValueError naming `name` when the view holds a NaN or Inf.
+void require_finite(const KVView& view, const char* name);
+
 /// True when all n floats at data are finite.
 bool all_finite(const float* data, std::int64_t n);
 

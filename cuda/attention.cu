@@ -216,6 +216,8 @@ float resolve_scale(float scale, std::int64_t dim) {
 }
 
 std::size_t kv_bytes(const KVView& v) {
+  KVPACK_CHECK(v.stride() == v.tokens * v.dim,
+               "keys/values: the CUDA backend takes C-contiguous [heads, tokens, dim] caches");
   return static_cast<std::size_t>(v.heads * v.tokens * v.dim) * dtype_size(v.dtype);
 }
 

@@ -14,10 +14,13 @@ from ._core import (
     set_num_threads,
 )
 from .attention import accumulated_attention, attention
-from .clustering import KMeansResult, kmeans
+from .clustering import ClusterIndex, ClusterKV, KMeansResult, QuestIndex, kmeans
 
 __all__ = [
+    "ClusterIndex",
+    "ClusterKV",
     "KMeansResult",
+    "QuestIndex",
     "__version__",
     "accumulated_attention",
     "attention",

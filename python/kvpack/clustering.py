@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["KMeansResult", "kmeans"]
+__all__ = ["ClusterIndex", "ClusterKV", "KMeansResult", "QuestIndex", "kmeans"]
 
 
 @dataclass
@@ -82,3 +82,252 @@ def kmeans(
     """
     result = _core.kmeans(x, n_clusters, iters, seed, spherical, init, init_centroids)
     return KMeansResult(**result)
+
+
+class ClusterIndex:
+    """ClusterKV's index of one layer: keys clustered per KV head by cosine k-means.
+
+    The first ``sink`` tokens are never clustered and always selected. Tokens appended
+    later wait in an unclustered window (always selected) until ``append_interval`` of
+    them are clustered into ``append_clusters`` new clusters.
+
+    Parameters
+    ----------
+    keys : ndarray, shape (heads_kv, tokens, head_dim)
+        float32, float16 or bfloat16, C-contiguous (post-RoPE, as models cache them).
+    n_clusters : int, optional
+        Clusters per head at prefill; default ``(tokens - sink) // 80`` (400 at 32k).
+    sink : int
+        Leading tokens kept out of clustering and always attended [16].
+    iters, seed, init
+        k-means rounds [20], seed [0] and initialisation ["kmeans++"].
+    append_interval, append_clusters : int
+        Decoded tokens clustered together [320] into this many clusters [8].
+
+    Attributes
+    ----------
+    centroids : ndarray of float32, shape (heads_kv, n_clusters, head_dim)
+        Mean key of each cluster (what a query scores).
+    sizes : ndarray of int32, shape (heads_kv, n_clusters)
+    offsets : ndarray of int32, shape (heads_kv, n_clusters + 1)
+        CSR offsets into ``order``.
+    order : ndarray of int32, shape (heads_kv, clustered)
+        Clustered token ids grouped by cluster, ascending within one.
+    labels : ndarray of int32, shape (heads_kv, clustered_until)
+        Cluster of each token; -1 for the sinks.
+
+    The arrays are read-only zero-copy views of a snapshot of the index; a view taken
+    before an ``append`` that adds clusters keeps showing the earlier snapshot.
+    """
+
+    def __init__(
+        self,
+        keys: np.ndarray,
+        n_clusters: int | None = None,
+        *,
+        sink: int = 16,
+        iters: int = 20,
+        seed: int = 0,
+        init: Literal["kmeans++", "random"] = "kmeans++",
+        append_interval: int = 320,
+        append_clusters: int = 8,
+    ) -> None:
+        self._index = _core.ClusterIndex(
+            keys, n_clusters or 0, sink, iters, seed, init, append_interval, append_clusters
+        )
+
+    def append(self, new_keys: np.ndarray) -> None:
+        """Adds decoded tokens' keys, shape (heads_kv, head_dim) or (heads_kv, n, head_dim)."""
+        self._index.append(new_keys)
+
+    def select(
+        self, q: np.ndarray, budget: int, window: int = 0, per_query_head: bool = False
+    ) -> np.ndarray:
+        """Token ids to attend for the decode query ``q``.
+
+        Sinks, the unclustered window and the last ``window`` tokens always; then whole
+        clusters in the order of ``q . centroid`` until ``budget`` tokens, the last
+        cluster cut to fit.
+
+        Parameters
+        ----------
+        q : ndarray, shape (heads_q, head_dim)
+        budget : int
+            Tokens per row; all tokens when the budget exceeds them.
+        window : int
+            Most recent tokens always included.
+        per_query_head : bool
+            One row per query head (each head ranks clusters with its own query), or one
+            row per KV head ranking by the group's summed scores.
+
+        Returns
+        -------
+        ndarray of int32, shape (heads_kv or heads_q, min(budget, tokens)), ascending rows
+        """
+        return self._index.select(q, budget, window, per_query_head)
+
+    def __getattr__(self, name):
+        if name in {
+            "heads",
+            "head_dim",
+            "tokens",
+            "sink",
+            "n_clusters",
+            "clustered_until",
+            "centroids",
+            "sizes",
+            "offsets",
+            "order",
+            "labels",
+        }:
+            return getattr(self._index, name)
+        raise AttributeError(name)
+
+
+class QuestIndex:
+    """Quest's page index: per page of ``page_size`` tokens, the channel-wise min and max key.
+
+    Parameters
+    ----------
+    keys : ndarray, shape (heads_kv, tokens, head_dim)
+    page_size : int
+        Tokens per page [16].
+    """
+
+    def __init__(self, keys: np.ndarray, page_size: int = 16) -> None:
+        self._index = _core.QuestIndex(keys, page_size)
+
+    def append(self, new_keys: np.ndarray) -> None:
+        """Adds decoded tokens' keys, shape (heads_kv, head_dim) or (heads_kv, n, head_dim)."""
+        self._index.append(new_keys)
+
+    def select(self, q: np.ndarray, budget: int, per_query_head: bool = False) -> np.ndarray:
+        """Token ids to attend: the current page, then pages by their upper bound of q . k.
+
+        A page scores ``sum_i max(q_i * min_i, q_i * max_i)``; pages are taken in that
+        order until ``budget`` tokens, the last page cut to fit.
+
+        Returns
+        -------
+        ndarray of int32, shape (heads_kv or heads_q, min(budget, tokens)), ascending rows
+        """
+        return self._index.select(q, budget, per_query_head)
+
+    @property
+    def page_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(min, max) per page, each of shape (heads_kv, pages, head_dim) (copies)."""
+        return self._index.page_bounds
+
+    def __getattr__(self, name):
+        if name in {"heads", "head_dim", "tokens", "page_size", "pages"}:
+            return getattr(self._index, name)
+        raise AttributeError(name)
+
+
+class ClusterKV:
+    """Decode-time recall of one layer's KV cache (ClusterKV, or Quest with ``method="quest"``).
+
+    The full cache stays in a slow tier (host memory). Each :meth:`step` appends the new
+    token, selects ``budget`` tokens, keeps the tokens recalled in the last
+    ``recall_steps`` steps in a fast tier, loads only the misses and attends over the
+    fast tier: score, select, gather, attention in one call.
+
+    Parameters
+    ----------
+    budget : int
+        Tokens attended per step [1024].
+    method : {"clusterkv", "quest"}
+    n_clusters, sink, iters, seed, init, append_interval, append_clusters
+        ClusterKV clustering (see :class:`ClusterIndex`).
+    window : int
+        Most recent tokens always attended [0].
+    recall_steps : int
+        R: tokens recalled in the last R steps stay in the fast tier [1].
+    per_query_head : bool
+        Each query head selects its own tokens (GQA) instead of one set per KV head.
+    page_size : int
+        Quest page size [16].
+
+    Examples
+    --------
+    >>> import numpy as np, kvpack
+    >>> rng = np.random.default_rng(0)
+    >>> k = rng.standard_normal((2, 2000, 64)).astype(np.float16)
+    >>> ckv = kvpack.ClusterKV(budget=256)
+    >>> ckv.prefill(k, k)
+    >>> out = ckv.step(rng.standard_normal((8, 64)), k[:, -1], k[:, -1])
+    >>> out.shape, ckv.last_step["selected"]
+    ((8, 64), 512)
+    """
+
+    def __init__(
+        self,
+        budget: int = 1024,
+        method: Literal["clusterkv", "quest"] = "clusterkv",
+        *,
+        n_clusters: int | None = None,
+        sink: int = 16,
+        window: int = 0,
+        recall_steps: int = 1,
+        per_query_head: bool = False,
+        page_size: int = 16,
+        iters: int = 20,
+        seed: int = 0,
+        init: Literal["kmeans++", "random"] = "kmeans++",
+        append_interval: int = 320,
+        append_clusters: int = 8,
+    ) -> None:
+        self._recall = _core.ClusterKV(
+            budget,
+            method,
+            n_clusters or 0,
+            sink,
+            window,
+            recall_steps,
+            per_query_head,
+            page_size,
+            iters,
+            seed,
+            init,
+            append_interval,
+            append_clusters,
+        )
+
+    def prefill(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Stores the prompt's cache, shape (heads_kv, tokens, head_dim), and builds the index."""
+        self._recall.prefill(keys, values)
+
+    def step(self, q: np.ndarray, new_key: np.ndarray, new_value: np.ndarray) -> np.ndarray:
+        """Appends the new token and attends over the recalled tokens.
+
+        Parameters
+        ----------
+        q : ndarray, shape (heads_q, head_dim)
+        new_key, new_value : ndarray, shape (heads_kv, head_dim)
+            The new token's key and value, in the dtype of the prefill.
+
+        Returns
+        -------
+        ndarray of float32, shape (heads_q, head_dim)
+        """
+        return self._recall.step(q, new_key, new_value)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the cache."""
+        return self._recall.tokens
+
+    @property
+    def last_step(self) -> dict:
+        """The last step's selected, hits, loaded, bytes_loaded and hit_rate (over KV heads)."""
+        return self._recall.last_step
+
+    @property
+    def total(self) -> dict:
+        """The same counts summed over every step since the prefill."""
+        return self._recall.total
+
+    @property
+    def last_selection(self) -> np.ndarray:
+        """Token ids attended in the last step, shape (rows, n), ascending rows."""
+        return self._recall.last_selection

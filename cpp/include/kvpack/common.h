@@ -32,19 +32,24 @@ inline const char* dtype_name(DType dtype) {
   return "unknown";
 }
 
-/// Non-owning view of one layer's keys or values: C-contiguous
-/// [heads, tokens, dim] elements of `dtype` at `data`.
+/// Non-owning view of one layer's keys or values: [heads, tokens, dim] elements of
+/// `dtype` at `data`, rows contiguous; heads are head_stride elements apart
+/// (0: tokens * dim, the C-contiguous layout), so a growing cache can keep spare room.
 struct KVView {
-  const void* data = nullptr;  ///< size heads * tokens * dim elements
+  const void* data = nullptr;  ///< size heads * stride() elements
   DType dtype = DType::Float32;
   std::int64_t heads = 0;
   std::int64_t tokens = 0;
   std::int64_t dim = 0;
+  std::int64_t head_stride = 0;
+
+  /// Elements from one head to the next.
+  std::int64_t stride() const { return head_stride ? head_stride : tokens * dim; }
 
   /// Address of row (head, token).
   const void* row(std::int64_t head, std::int64_t token) const {
     return static_cast<const char*>(data) +
-           static_cast<std::size_t>((head * tokens + token) * dim) * dtype_size(dtype);
+           static_cast<std::size_t>(head * stride() + token * dim) * dtype_size(dtype);
   }
 };
 

@@ -1,0 +1,95 @@
+// The decode-time recall object of one layer: the full KV cache stays in a slow tier,
+// each step selects tokens (ClusterKV's semantic clusters or Quest's pages), keeps the
+// tokens recalled in the last R steps in a fast tier, loads only the misses, and
+// attends over the fast tier: score -> select -> gather -> attention.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kvpack/attention.h"
+#include "kvpack/cluster_index.h"
+#include "kvpack/common.h"
+#include "kvpack/quest.h"
+
+namespace kvpack {
+
+/// How a recall step selects tokens.
+enum class RecallMethod : int { ClusterKV = 0, Quest = 1 };
+
+/// Parameters of ClusterKV.
+struct ClusterKVParams {
+  RecallMethod method = RecallMethod::ClusterKV;
+  std::int64_t budget = 1024;      ///< tokens attended per step (per KV head or query head)
+  std::int64_t window = 0;         ///< most recent tokens always attended (besides sinks and the unclustered window)
+  std::int64_t recall_steps = 1;   ///< R: tokens recalled in the last R steps stay in the fast tier
+  bool per_query_head = false;     ///< each query head selects its own tokens (GQA)
+  std::int64_t page_size = 16;     ///< Quest pages
+  ClusterIndexParams index;        ///< ClusterKV clustering
+};
+
+/// What one step moved between the tiers (token counts summed over KV heads).
+struct RecallStats {
+  std::int64_t steps = 0;         ///< decode steps counted
+  std::int64_t selected = 0;      ///< distinct tokens attended
+  std::int64_t hits = 0;          ///< of them already in the fast tier
+  std::int64_t loaded = 0;        ///< of them loaded from the slow tier
+  std::int64_t bytes_loaded = 0;  ///< K and V bytes loaded
+};
+
+class ClusterKV {
+ public:
+  explicit ClusterKV(const ClusterKVParams& params);
+
+  /// Takes the prompt's keys and values [heads_kv, tokens, dim] (copied into the slow
+  /// tier) and builds the index.
+  void prefill(const KVView& keys, const KVView& values);
+
+  /// One decode step: appends the new token (new_key, new_value: [heads_kv, 1, dim],
+  /// the dtype of the prefill), selects, loads the misses and attends.
+  /// @param q    size heads_q * dim float32
+  /// @param out  size heads_q * dim float32
+  void step(const float* q, std::int64_t heads_q, const KVView& new_key, const KVView& new_value,
+            float* out);
+
+  const RecallStats& last_step() const { return last_; }
+  const RecallStats& total() const { return total_; }
+  /// Token ids attended in the last step: rows * last_count(), ascending per row.
+  const std::vector<std::int32_t>& last_selection() const { return selection_; }
+  std::int64_t last_rows() const { return selection_rows_; }
+  std::int64_t tokens() const { return tokens_; }
+  std::int64_t heads() const { return heads_; }
+  std::int64_t dim() const { return dim_; }
+  DType dtype() const { return dtype_; }
+  const ClusterKVParams& params() const { return params_; }
+  const ClusterIndex* cluster_index() const { return cluster_index_.get(); }
+  const QuestIndex* quest_index() const { return quest_index_.get(); }
+  /// The slow tier: every token's keys / values.
+  KVView keys() const;
+  KVView values() const;
+
+ private:
+  void append_rows(const KVView& k, const KVView& v);
+  // Makes every token of `needed` (per KV head) resident; returns their slots in order.
+  void recall(const std::vector<std::vector<std::int32_t>>& needed, RecallStats& stats);
+  std::int32_t take_slot(std::int64_t head, std::int32_t token);
+
+  ClusterKVParams params_;
+  std::unique_ptr<ClusterIndex> cluster_index_;
+  std::unique_ptr<QuestIndex> quest_index_;
+  DType dtype_ = DType::Float32;
+  std::int64_t heads_ = 0, dim_ = 0, tokens_ = 0, capacity_ = 0, step_ = 0;
+  std::vector<unsigned char> keys_, values_;            // slow tier: heads * capacity_ * dim
+  std::int64_t slots_ = 0;                              // fast-tier rows per head
+  std::vector<unsigned char> fast_keys_, fast_values_;  // heads * slots_ * dim
+  std::vector<std::vector<std::int32_t>> slot_of_;      // per head: token -> slot or -1
+  std::vector<std::vector<std::int32_t>> token_in_;     // per head: slot -> token or -1
+  std::vector<std::vector<std::int64_t>> last_used_;    // per head: slot -> step
+  std::vector<std::vector<std::int32_t>> free_slots_;   // per head
+  std::vector<std::int32_t> selection_;
+  std::int64_t selection_rows_ = 0;
+  RecallStats last_, total_;
+};
+
+}  // namespace kvpack

@@ -1,0 +1,188 @@
+#include "kvpack/cluster_index.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "kvpack/convert.h"
+#include "kvpack/parallel.h"
+#include "kvpack/select.h"
+
+namespace kvpack {
+
+namespace {
+
+void check_params(const ClusterIndexParams& p) {
+  KVPACK_CHECK(p.n_clusters >= 0, "n_clusters: expected >= 0 (0: automatic), got " << p.n_clusters);
+  KVPACK_CHECK(p.tokens_per_cluster >= 1,
+               "tokens_per_cluster: expected >= 1, got " << p.tokens_per_cluster);
+  KVPACK_CHECK(p.sink >= 0, "sink: expected >= 0, got " << p.sink);
+  KVPACK_CHECK(p.iterations >= 1, "iters: expected >= 1, got " << p.iterations);
+  KVPACK_CHECK(p.append_interval >= 1, "append_interval: expected >= 1, got " << p.append_interval);
+  KVPACK_CHECK(p.append_clusters >= 1 && p.append_clusters <= p.append_interval,
+               "append_clusters: expected 1 <= append_clusters <= append_interval="
+                   << p.append_interval << ", got " << p.append_clusters);
+}
+
+// Float copy of tokens [first, first + count) of every head: heads * count * dim.
+std::vector<float> float_rows(const KVView& keys, std::int64_t first, std::int64_t count) {
+  std::vector<float> out(static_cast<std::size_t>(keys.heads * count * keys.dim));
+  for (std::int64_t h = 0; h < keys.heads; ++h)
+    to_float(keys.row(h, first), keys.dtype, count * keys.dim, out.data() + h * count * keys.dim);
+  return out;
+}
+
+}  // namespace
+
+ClusterIndex::ClusterIndex(const KVView& keys, const ClusterIndexParams& params) : params_(params) {
+  check_params(params);
+  KVPACK_CHECK(keys.data && keys.heads >= 1 && keys.tokens >= 1 && keys.dim >= 1,
+               "keys: expected a non-empty [heads_kv, tokens, head_dim] cache, got ["
+                   << keys.heads << ", " << keys.tokens << ", " << keys.dim << "]");
+  heads_ = keys.heads;
+  dim_ = keys.dim;
+  tokens_ = keys.tokens;
+  sink_ = std::min(params.sink, keys.tokens);
+  const std::int64_t clustered = keys.tokens - sink_;
+  const std::int64_t k = params.n_clusters
+                             ? params.n_clusters
+                             : std::max<std::int64_t>(1, clustered / params.tokens_per_cluster);
+  KVPACK_CHECK(clustered == 0 || k <= clustered,
+               "n_clusters: expected at most the " << clustered << " tokens after the sinks, got " << k);
+
+  auto empty = std::make_shared<ClusterArrays>();
+  empty->offsets.assign(static_cast<std::size_t>(heads_), 0);
+  empty->labels.assign(static_cast<std::size_t>(heads_ * sink_), -1);
+  empty->end = sink_;
+  arrays_ = empty;
+  if (clustered > 0) add_clusters(float_rows(keys, sink_, clustered), sink_, clustered, k);
+}
+
+void ClusterIndex::add_clusters(const std::vector<float>& keys, std::int64_t first,
+                                std::int64_t count, std::int64_t k) {
+  const ClusterArrays& old = *arrays_;
+  KMeansParams kp;
+  kp.n_clusters = k;
+  kp.iterations = params_.iterations;
+  kp.seed = params_.seed + static_cast<std::uint64_t>(first);  // fresh draws per batch
+  kp.spherical = true;
+  kp.init = params_.init;
+  const KVView view{keys.data(), DType::Float32, heads_, count, dim_};
+  const std::vector<KMeansResult> results = kmeans_heads(view, kp);
+
+  auto next = std::make_shared<ClusterArrays>();
+  ClusterArrays& a = *next;
+  a.clusters = old.clusters + k;
+  a.clustered = old.clustered + count;
+  a.end = first + count;
+  a.centroids.resize(static_cast<std::size_t>(heads_ * a.clusters * dim_));
+  a.sizes.resize(static_cast<std::size_t>(heads_ * a.clusters));
+  a.offsets.resize(static_cast<std::size_t>(heads_ * (a.clusters + 1)));
+  a.order.resize(static_cast<std::size_t>(heads_ * a.clustered));
+  a.labels.resize(static_cast<std::size_t>(heads_ * a.end));
+  for (std::int64_t h = 0; h < heads_; ++h) {
+    const std::vector<std::int32_t>& labels = results[static_cast<std::size_t>(h)].labels;
+    // Old clusters unchanged.
+    std::copy_n(old.centroids.begin() + h * old.clusters * dim_, old.clusters * dim_,
+                a.centroids.begin() + h * a.clusters * dim_);
+    std::copy_n(old.sizes.begin() + h * old.clusters, old.clusters, a.sizes.begin() + h * a.clusters);
+    std::copy_n(old.offsets.begin() + h * (old.clusters + 1), old.clusters + 1,
+                a.offsets.begin() + h * (a.clusters + 1));
+    std::copy_n(old.order.begin() + h * old.clustered, old.clustered, a.order.begin() + h * a.clustered);
+    std::copy_n(old.labels.begin() + h * old.end, old.end, a.labels.begin() + h * a.end);
+    // New clusters: sizes, CSR members by (cluster, position), mean keys.
+    std::int32_t* sizes = a.sizes.data() + h * a.clusters + old.clusters;
+    std::int32_t* offsets = a.offsets.data() + h * (a.clusters + 1) + old.clusters;
+    std::int32_t* order = a.order.data() + h * a.clustered;
+    float* centroids = a.centroids.data() + (h * a.clusters + old.clusters) * dim_;
+    std::fill(centroids, centroids + k * dim_, 0.0f);
+    for (std::int64_t i = 0; i < count; ++i) ++sizes[labels[i]];
+    for (std::int64_t j = 0; j < k; ++j) offsets[j + 1] = offsets[j] + sizes[j];
+    std::vector<std::int32_t> cursor(offsets, offsets + k);
+    const float* x = keys.data() + h * count * dim_;
+    std::vector<double> sums(static_cast<std::size_t>(k * dim_), 0.0);
+    for (std::int64_t i = 0; i < count; ++i) {
+      const std::int32_t j = labels[i];
+      order[cursor[j]++] = static_cast<std::int32_t>(first + i);
+      a.labels[h * a.end + first + i] = static_cast<std::int32_t>(old.clusters + j);
+      for (std::int64_t c = 0; c < dim_; ++c) sums[j * dim_ + c] += x[i * dim_ + c];
+    }
+    for (std::int64_t j = 0; j < k; ++j)
+      if (sizes[j] > 0)
+        for (std::int64_t c = 0; c < dim_; ++c)
+          centroids[j * dim_ + c] = static_cast<float>(sums[j * dim_ + c] / sizes[j]);
+  }
+  arrays_ = next;
+}
+
+void ClusterIndex::append(const KVView& new_keys) {
+  KVPACK_CHECK(new_keys.heads == heads_ && new_keys.dim == dim_,
+               "new_keys: expected [" << heads_ << ", n, " << dim_ << "], got [" << new_keys.heads
+                                      << ", " << new_keys.tokens << ", " << new_keys.dim << "]");
+  if (new_keys.tokens == 0) return;
+  // pending_ is [heads, pending_tokens_, dim]: re-layout with the new rows.
+  const std::int64_t total = pending_tokens_ + new_keys.tokens;
+  std::vector<float> merged(static_cast<std::size_t>(heads_ * total * dim_));
+  for (std::int64_t h = 0; h < heads_; ++h) {
+    std::copy_n(pending_.begin() + h * pending_tokens_ * dim_, pending_tokens_ * dim_,
+                merged.begin() + h * total * dim_);
+    to_float(new_keys.row(h, 0), new_keys.dtype, new_keys.tokens * dim_,
+             merged.data() + (h * total + pending_tokens_) * dim_);
+  }
+  pending_ = std::move(merged);
+  pending_tokens_ = total;
+  tokens_ += new_keys.tokens;
+
+  const std::int64_t m = params_.append_interval;
+  while (pending_tokens_ >= m) {
+    std::vector<float> batch(static_cast<std::size_t>(heads_ * m * dim_));
+    std::vector<float> rest(static_cast<std::size_t>(heads_ * (pending_tokens_ - m) * dim_));
+    for (std::int64_t h = 0; h < heads_; ++h) {
+      const auto head = pending_.begin() + h * pending_tokens_ * dim_;
+      std::copy_n(head, m * dim_, batch.begin() + h * m * dim_);
+      std::copy(head + m * dim_, head + pending_tokens_ * dim_,
+                rest.begin() + h * (pending_tokens_ - m) * dim_);
+    }
+    add_clusters(batch, arrays_->end, m, params_.append_clusters);
+    pending_ = std::move(rest);
+    pending_tokens_ -= m;
+  }
+}
+
+void ClusterIndex::select(const float* q, std::int64_t heads_q, std::int64_t budget,
+                          std::int64_t window, bool per_query_head, std::int32_t* out,
+                          std::vector<std::vector<std::int32_t>>* used_clusters) const {
+  KVPACK_CHECK(heads_q >= 1 && heads_q % heads_ == 0,
+               "q: expected heads_q to be a positive multiple of heads_kv=" << heads_ << ", got " << heads_q);
+  KVPACK_CHECK(budget >= 1, "budget: expected >= 1, got " << budget);
+  KVPACK_CHECK(window >= 0, "window: expected >= 0, got " << window);
+  const ClusterArrays& a = *arrays_;
+  const std::int64_t group = heads_q / heads_;
+  const std::int64_t rows = per_query_head ? heads_q : heads_;
+  const std::int64_t count = selection_size(budget);
+  if (used_clusters) used_clusters->assign(static_cast<std::size_t>(rows), {});
+
+  // Always attended: the sinks, then the unclustered window and the last `window` tokens.
+  std::vector<std::int32_t> always;
+  for (std::int64_t t = 0; t < sink_; ++t) always.push_back(static_cast<std::int32_t>(t));
+  const std::int64_t recent = std::max(sink_, std::min(a.end, tokens_ - window));
+  for (std::int64_t t = recent; t < tokens_; ++t) always.push_back(static_cast<std::int32_t>(t));
+
+  parallel_for(rows, [&](std::int64_t r) {
+    const std::int64_t head = per_query_head ? r / group : r;
+    std::vector<float> query(static_cast<std::size_t>(dim_), 0.0f);
+    const std::int64_t first_q = per_query_head ? r : r * group, n_q = per_query_head ? 1 : group;
+    for (std::int64_t g = 0; g < n_q; ++g)
+      for (std::int64_t c = 0; c < dim_; ++c) query[c] += q[(first_q + g) * dim_ + c];
+    std::vector<float> scores(static_cast<std::size_t>(a.clusters));
+    if (a.clusters > 0)
+      inner_products(a.centroids.data() + head * a.clusters * dim_, a.clusters, dim_, query.data(),
+                     scores.data());
+    const std::vector<std::int32_t> ranked = top_k(scores.data(), a.clusters, a.clusters);
+    const RankedGroups groups{ranked.data(), a.clusters, a.offsets.data() + head * (a.clusters + 1),
+                              a.order.data() + head * a.clustered};
+    fill_budget(always, groups, count, out + r * count,
+                used_clusters ? &(*used_clusters)[static_cast<std::size_t>(r)] : nullptr);
+  });
+}
+
+}  // namespace kvpack

@@ -1,0 +1,220 @@
+#include "kvpack/cluster_kv.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "kvpack/parallel.h"
+
+namespace kvpack {
+
+ClusterKV::ClusterKV(const ClusterKVParams& params) : params_(params) {
+  KVPACK_CHECK(params.budget >= 1, "budget: expected >= 1, got " << params.budget);
+  KVPACK_CHECK(params.window >= 0, "window: expected >= 0, got " << params.window);
+  KVPACK_CHECK(params.recall_steps >= 1, "recall_steps: expected >= 1, got " << params.recall_steps);
+  KVPACK_CHECK(params.page_size >= 1, "page_size: expected >= 1, got " << params.page_size);
+}
+
+KVView ClusterKV::keys() const {
+  return KVView{keys_.data(), dtype_, heads_, tokens_, dim_, capacity_ * dim_};
+}
+
+KVView ClusterKV::values() const {
+  return KVView{values_.data(), dtype_, heads_, tokens_, dim_, capacity_ * dim_};
+}
+
+void ClusterKV::append_rows(const KVView& k, const KVView& v) {
+  const std::size_t elem = dtype_size(dtype_);
+  if (tokens_ + k.tokens > capacity_) {  // grow the slow tier geometrically
+    const std::int64_t capacity = std::max(tokens_ + k.tokens, 2 * capacity_);
+    std::vector<unsigned char> nk(static_cast<std::size_t>(heads_ * capacity * dim_) * elem), nv(nk.size());
+    for (std::int64_t h = 0; h < heads_; ++h) {
+      const std::size_t bytes = static_cast<std::size_t>(tokens_ * dim_) * elem;
+      std::memcpy(nk.data() + h * capacity * dim_ * elem, keys_.data() + h * capacity_ * dim_ * elem, bytes);
+      std::memcpy(nv.data() + h * capacity * dim_ * elem, values_.data() + h * capacity_ * dim_ * elem, bytes);
+    }
+    keys_ = std::move(nk);
+    values_ = std::move(nv);
+    capacity_ = capacity;
+  }
+  const std::size_t row_bytes = static_cast<std::size_t>(dim_) * elem;
+  for (std::int64_t h = 0; h < heads_; ++h)
+    for (std::int64_t i = 0; i < k.tokens; ++i) {
+      std::memcpy(keys_.data() + ((h * capacity_ + tokens_ + i) * dim_) * elem, k.row(h, i), row_bytes);
+      std::memcpy(values_.data() + ((h * capacity_ + tokens_ + i) * dim_) * elem, v.row(h, i), row_bytes);
+    }
+  tokens_ += k.tokens;
+  for (auto& slots : slot_of_) slots.resize(static_cast<std::size_t>(tokens_), -1);
+}
+
+void ClusterKV::prefill(const KVView& keys, const KVView& values) {
+  KVPACK_CHECK(keys.data && values.data && keys.heads >= 1 && keys.tokens >= 1 && keys.dim >= 1,
+               "keys: expected a non-empty [heads_kv, tokens, head_dim] cache");
+  KVPACK_CHECK(values.heads == keys.heads && values.tokens == keys.tokens && values.dim == keys.dim &&
+                   values.dtype == keys.dtype,
+               "values: expected the shape and dtype of keys");
+  dtype_ = keys.dtype;
+  heads_ = keys.heads;
+  dim_ = keys.dim;
+  tokens_ = capacity_ = step_ = 0;
+  keys_.clear();
+  values_.clear();
+  last_ = total_ = RecallStats{};
+  slot_of_.assign(static_cast<std::size_t>(heads_), {});
+  append_rows(keys, values);
+  if (params_.method == RecallMethod::ClusterKV) {
+    cluster_index_ = std::make_unique<ClusterIndex>(keys, params_.index);
+    quest_index_.reset();
+  } else {
+    quest_index_ = std::make_unique<QuestIndex>(keys, params_.page_size);
+    cluster_index_.reset();
+  }
+  // The fast tier holds what the last R steps recalled (for every query head of a
+  // group when heads select on their own); it starts empty.
+  slots_ = params_.recall_steps * params_.budget;
+  const std::size_t elem = dtype_size(dtype_);
+  fast_keys_.assign(static_cast<std::size_t>(heads_ * slots_ * dim_) * elem, 0);
+  fast_values_.assign(fast_keys_.size(), 0);
+  token_in_.assign(static_cast<std::size_t>(heads_), std::vector<std::int32_t>(static_cast<std::size_t>(slots_), -1));
+  last_used_.assign(static_cast<std::size_t>(heads_), std::vector<std::int64_t>(static_cast<std::size_t>(slots_), -1));
+  free_slots_.assign(static_cast<std::size_t>(heads_), {});
+  for (auto& free : free_slots_)
+    for (std::int64_t s = slots_ - 1; s >= 0; --s) free.push_back(static_cast<std::int32_t>(s));
+}
+
+std::int32_t ClusterKV::take_slot(std::int64_t head, std::int32_t token) {
+  auto& free = free_slots_[static_cast<std::size_t>(head)];
+  KVPACK_CHECK(!free.empty(), "internal: fast tier full");
+  const std::int32_t slot = free.back();
+  free.pop_back();
+  token_in_[static_cast<std::size_t>(head)][static_cast<std::size_t>(slot)] = token;
+  slot_of_[static_cast<std::size_t>(head)][static_cast<std::size_t>(token)] = slot;
+  const std::size_t elem = dtype_size(dtype_), row = static_cast<std::size_t>(dim_) * elem;
+  std::memcpy(fast_keys_.data() + (head * slots_ + slot) * dim_ * elem,
+              keys_.data() + (head * capacity_ + token) * dim_ * elem, row);
+  std::memcpy(fast_values_.data() + (head * slots_ + slot) * dim_ * elem,
+              values_.data() + (head * capacity_ + token) * dim_ * elem, row);
+  return slot;
+}
+
+void ClusterKV::recall(const std::vector<std::vector<std::int32_t>>& needed, RecallStats& stats) {
+  const std::int64_t row_bytes = 2 * dim_ * static_cast<std::int64_t>(dtype_size(dtype_));
+  std::vector<RecallStats> per_head(static_cast<std::size_t>(heads_));
+  parallel_for(heads_, [&](std::int64_t h) {
+    auto& slot_of = slot_of_[static_cast<std::size_t>(h)];
+    auto& token_in = token_in_[static_cast<std::size_t>(h)];
+    auto& last_used = last_used_[static_cast<std::size_t>(h)];
+    const auto& tokens = needed[static_cast<std::size_t>(h)];
+    RecallStats& s = per_head[static_cast<std::size_t>(h)];
+    // Hits are marked first so eviction spares them.
+    for (std::int32_t t : tokens) {
+      const std::int32_t slot = slot_of[static_cast<std::size_t>(t)];
+      if (slot >= 0) {
+        last_used[static_cast<std::size_t>(slot)] = step_;
+        ++s.hits;
+      }
+    }
+    // Evict what no step of the last R used.
+    for (std::int64_t slot = 0; slot < slots_; ++slot) {
+      const std::int32_t t = token_in[static_cast<std::size_t>(slot)];
+      if (t >= 0 && last_used[static_cast<std::size_t>(slot)] <= step_ - params_.recall_steps) {
+        slot_of[static_cast<std::size_t>(t)] = -1;
+        token_in[static_cast<std::size_t>(slot)] = -1;
+        free_slots_[static_cast<std::size_t>(h)].push_back(static_cast<std::int32_t>(slot));
+      }
+    }
+    for (std::int32_t t : tokens) {
+      if (slot_of[static_cast<std::size_t>(t)] >= 0) continue;
+      const std::int32_t slot = take_slot(h, t);
+      last_used[static_cast<std::size_t>(slot)] = step_;
+      ++s.loaded;
+    }
+    s.selected = static_cast<std::int64_t>(tokens.size());
+  });
+  for (const RecallStats& s : per_head) {
+    stats.selected += s.selected;
+    stats.hits += s.hits;
+    stats.loaded += s.loaded;
+  }
+  stats.bytes_loaded = stats.loaded * row_bytes;
+}
+
+void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key,
+                     const KVView& new_value, float* out) {
+  KVPACK_CHECK(tokens_ > 0, "step: call prefill first");
+  KVPACK_CHECK(new_key.heads == heads_ && new_key.tokens == 1 && new_key.dim == dim_ && new_key.dtype == dtype_,
+               "new_key: expected [" << heads_ << ", " << dim_ << "] of dtype " << dtype_name(dtype_));
+  KVPACK_CHECK(new_value.heads == heads_ && new_value.tokens == 1 && new_value.dim == dim_ &&
+                   new_value.dtype == dtype_,
+               "new_value: expected [" << heads_ << ", " << dim_ << "] of dtype " << dtype_name(dtype_));
+  KVPACK_CHECK(heads_q >= 1 && heads_q % heads_ == 0,
+               "q: expected heads_q to be a positive multiple of heads_kv=" << heads_ << ", got " << heads_q);
+  const std::int64_t group = heads_q / heads_;
+  ++step_;
+  append_rows(new_key, new_value);
+
+  // Select.
+  const bool per_q = params_.per_query_head && group > 1;
+  const std::int64_t rows = per_q ? heads_q : heads_;
+  const std::int64_t count = std::min(params_.budget, tokens_);
+  selection_.assign(static_cast<std::size_t>(rows * count), 0);
+  selection_rows_ = rows;
+  if (cluster_index_) {
+    cluster_index_->append(new_key);
+    cluster_index_->select(q, heads_q, params_.budget, params_.window, per_q, selection_.data());
+  } else {
+    quest_index_->append(new_key);
+    quest_index_->select(q, heads_q, params_.budget, per_q, selection_.data());
+  }
+
+  // The fast tier must hold every selected token of a group at once; when query heads
+  // select on their own it is resized (and refilled) on the first step that needs more.
+  const std::int64_t need_slots = params_.recall_steps * count * (per_q ? group : 1);
+  if (need_slots > slots_) {
+    slots_ = need_slots;
+    const std::size_t elem = dtype_size(dtype_);
+    fast_keys_.assign(static_cast<std::size_t>(heads_ * slots_ * dim_) * elem, 0);
+    fast_values_.assign(fast_keys_.size(), 0);
+    token_in_.assign(static_cast<std::size_t>(heads_), std::vector<std::int32_t>(static_cast<std::size_t>(slots_), -1));
+    last_used_.assign(static_cast<std::size_t>(heads_), std::vector<std::int64_t>(static_cast<std::size_t>(slots_), -1));
+    free_slots_.assign(static_cast<std::size_t>(heads_), {});
+    for (auto& free : free_slots_)
+      for (std::int64_t s = slots_ - 1; s >= 0; --s) free.push_back(static_cast<std::int32_t>(s));
+    for (auto& slots : slot_of_) std::fill(slots.begin(), slots.end(), -1);
+  }
+
+  // Gather: make the selection resident, loading only the misses.
+  std::vector<std::vector<std::int32_t>> needed(static_cast<std::size_t>(heads_));
+  for (std::int64_t r = 0; r < rows; ++r) {
+    auto& n = needed[static_cast<std::size_t>(per_q ? r / group : r)];
+    n.insert(n.end(), selection_.begin() + r * count, selection_.begin() + (r + 1) * count);
+  }
+  for (auto& n : needed) {
+    std::sort(n.begin(), n.end());
+    n.erase(std::unique(n.begin(), n.end()), n.end());
+  }
+  last_ = RecallStats{};
+  last_.steps = 1;
+  recall(needed, last_);
+  total_.steps += 1;
+  total_.selected += last_.selected;
+  total_.hits += last_.hits;
+  total_.loaded += last_.loaded;
+  total_.bytes_loaded += last_.bytes_loaded;
+
+  // Attend over the fast tier at the selected tokens' slots.
+  std::vector<std::int32_t> slots(selection_.size());
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const auto& slot_of = slot_of_[static_cast<std::size_t>(per_q ? r / group : r)];
+    std::int32_t* row = slots.data() + r * count;
+    for (std::int64_t i = 0; i < count; ++i) row[i] = slot_of[static_cast<std::size_t>(selection_[r * count + i])];
+    std::sort(row, row + count);
+  }
+  const KVView fk{fast_keys_.data(), dtype_, heads_, slots_, dim_};
+  const KVView fv{fast_values_.data(), dtype_, heads_, slots_, dim_};
+  const IndexView index{slots.data(), rows, count};
+  AttentionOutput output;
+  output.out = out;
+  decode_attention(q, heads_q, fk, fv, &index, nullptr, AttentionParams{}, output);
+}
+
+}  // namespace kvpack

@@ -1,0 +1,62 @@
+#include "kvpack/select.h"
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <numeric>
+
+#include "kvpack/common.h"
+
+namespace kvpack {
+
+void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const float* q, float* out) {
+  using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<const RowMatrix> m(rows, n, dim);
+  Eigen::Map<const Eigen::VectorXf> v(q, dim);
+  Eigen::Map<Eigen::VectorXf>(out, n).noalias() = m * v;
+}
+
+std::vector<std::int32_t> top_k(const float* scores, std::int64_t n, std::int64_t k) {
+  KVPACK_CHECK(k >= 0 && k <= n, "k: expected 0 <= k <= n=" << n << ", got " << k);
+  std::vector<std::int32_t> idx(static_cast<std::size_t>(n));
+  std::iota(idx.begin(), idx.end(), 0);
+  auto better = [scores](std::int32_t a, std::int32_t b) {
+    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+  };
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), better);
+  idx.resize(static_cast<std::size_t>(k));
+  return idx;
+}
+
+void fill_budget(const std::vector<std::int32_t>& always, const RankedGroups& groups,
+                 std::int64_t budget, std::int32_t* out, std::vector<std::int32_t>* used_groups) {
+  std::vector<std::int32_t> taken;
+  taken.reserve(static_cast<std::size_t>(budget));
+  const auto n_always = static_cast<std::int64_t>(always.size());
+  if (n_always <= budget) {
+    taken = always;
+  } else {  // keep the earliest half and the latest half of the always-kept tokens
+    const std::int64_t head = budget / 2;
+    taken.assign(always.begin(), always.begin() + head);
+    taken.insert(taken.end(), always.end() - (budget - head), always.end());
+  }
+  std::int64_t remaining = budget - static_cast<std::int64_t>(taken.size());
+  const std::vector<std::int32_t> fixed = taken;  // sorted: membership by binary search
+  for (std::int64_t r = 0; r < groups.count && remaining > 0; ++r) {
+    const std::int32_t g = groups.order[r];
+    bool used = false;
+    for (std::int32_t m = groups.offsets[g]; m < groups.offsets[g + 1] && remaining > 0; ++m) {
+      const std::int32_t token = groups.members[m];
+      if (std::binary_search(fixed.begin(), fixed.end(), token)) continue;
+      taken.push_back(token);
+      --remaining;
+      used = true;
+    }
+    if (used && used_groups) used_groups->push_back(g);
+  }
+  KVPACK_CHECK(remaining == 0, "budget: only " << budget - remaining << " tokens to fill a budget of "
+                                               << budget);
+  std::sort(taken.begin(), taken.end());
+  std::copy(taken.begin(), taken.end(), out);
+}
+
+}  // namespace kvpack
