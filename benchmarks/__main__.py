@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attention, kmeans
+from . import attention, clusterkv, kmeans
 from .common import append_results
 
 SUITES = {
     "attention": ("Decode attention (32k tokens, 8/32 heads, d=128, float16)", attention.run),
+    "clusterkv": (
+        "ClusterKV decode step (32k tokens, budget 1024, 8/32 heads, d=128, float16)",
+        clusterkv.run,
+    ),
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",
         kmeans.run,

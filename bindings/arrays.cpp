@@ -120,26 +120,25 @@ py::array_t<float> owned_float_array(const std::vector<py::ssize_t>& shape) {
 }
 
 void require_finite(const KVView& view, const char* name) {
-  std::vector<float> row(static_cast<std::size_t>(view.dim));
-  for (std::int64_t h = 0; h < view.heads; ++h)
-    for (std::int64_t t = 0; t < view.tokens; ++t) {
-      to_float(view.row(h, t), view.dtype, view.dim, row.data());
-      KVPACK_ARG_CHECK(all_finite(row.data(), view.dim),
-                       name << ": contains NaN or Inf (first in row [" << h << ", " << t << "])");
-    }
+  std::int64_t row;
+  {
+    py::gil_scoped_release release;
+    row = first_non_finite_row(view);
+  }
+  KVPACK_ARG_CHECK(row < 0, name << ": contains NaN or Inf (first in row [" << row / view.tokens
+                                 << ", " << row % view.tokens << "])");
 }
 
 void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays) {
   for (const auto& [name, view] : arrays) {
+    const std::int64_t r = first_non_finite_row(view);
+    if (r < 0) continue;
     std::vector<float> row(static_cast<std::size_t>(view.dim));
-    for (std::int64_t r = 0; r < view.heads * view.tokens; ++r) {
-      to_float(static_cast<const char*>(view.data) + r * view.dim * dtype_size(view.dtype),
-               view.dtype, view.dim, row.data());
-      for (std::int64_t i = 0; i < view.dim; ++i)
-        KVPACK_ARG_CHECK(std::isfinite(row[i]), name << ": contains NaN or Inf (first at ["
-                                                     << r / view.tokens << ", " << r % view.tokens
-                                                     << ", " << i << "])");
-    }
+    to_float(view.row(r / view.tokens, r % view.tokens), view.dtype, view.dim, row.data());
+    std::int64_t i = 0;
+    while (i < view.dim && std::isfinite(row[i])) ++i;
+    KVPACK_ARG_CHECK(false, name << ": contains NaN or Inf (first at [" << r / view.tokens << ", "
+                                 << r % view.tokens << ", " << i << "])");
   }
   KVPACK_ARG_CHECK(false,
                    "attention scores overflowed float32: q and keys are too large in magnitude");

@@ -119,7 +119,8 @@ KVView token_view(const py::array& a, const char* name) {
     kv_dtype(a, name);
     require_layout(a, name, 2, "[heads_kv, head_dim]");
     KVView v{a.data(), kv_dtype(a, name), a.shape(0), 1, a.shape(1)};
-    KVPACK_ARG_CHECK(v.heads > 0 && v.dim > 0, name << ": expected a non-empty array, got shape " << shape_string(a));
+    KVPACK_ARG_CHECK(v.heads > 0 && v.dim > 0,
+                     name << ": expected a non-empty array, got shape " << shape_string(a));
     return v;
   }
   return kv_view(a, name);
@@ -127,24 +128,28 @@ KVView token_view(const py::array& a, const char* name) {
 
 // A zero-copy array over part of a shared index snapshot; the capsule keeps it alive.
 template <class T>
-py::array_t<T> snapshot_array(const std::shared_ptr<const ClusterArrays>& arrays, const std::vector<T>& data,
-                              const std::vector<py::ssize_t>& shape) {
+py::array_t<T> snapshot_array(const std::shared_ptr<const ClusterArrays>& arrays,
+                              const std::vector<T>& data, const std::vector<py::ssize_t>& shape) {
   auto* keep = new std::shared_ptr<const ClusterArrays>(arrays);
-  py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<const ClusterArrays>*>(p); });
+  py::capsule owner(keep,
+                    [](void* p) { delete static_cast<std::shared_ptr<const ClusterArrays>*>(p); });
   py::array_t<T> out(shape, data.data(), owner);
   py::detail::array_proxy(out.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
   return out;
 }
 
 py::array_t<std::int32_t> selection_array(std::vector<std::int32_t>&& tokens, std::int64_t rows) {
-  const auto count = static_cast<py::ssize_t>(rows ? static_cast<std::int64_t>(tokens.size()) / rows : 0);
+  const auto count =
+      static_cast<py::ssize_t>(rows ? static_cast<std::int64_t>(tokens.size()) / rows : 0);
   return adopt_vector(std::move(tokens), {static_cast<py::ssize_t>(rows), count});
 }
 
 void check_query(const py::array_t<float>& q, std::int64_t heads_kv, std::int64_t dim) {
-  KVPACK_ARG_CHECK(q.shape(1) == dim, "q: expected head_dim " << dim << ", got shape " << shape_string(q));
-  KVPACK_ARG_CHECK(q.shape(0) % heads_kv == 0, "q: expected heads_q to be a positive multiple of heads_kv="
-                                                   << heads_kv << ", got shape " << shape_string(q));
+  KVPACK_ARG_CHECK(q.shape(1) == dim,
+                   "q: expected head_dim " << dim << ", got shape " << shape_string(q));
+  KVPACK_ARG_CHECK(q.shape(0) % heads_kv == 0,
+                   "q: expected heads_q to be a positive multiple of heads_kv="
+                       << heads_kv << ", got shape " << shape_string(q));
 }
 
 py::dict stats_dict(const RecallStats& s) {
@@ -162,9 +167,10 @@ py::dict stats_dict(const RecallStats& s) {
 
 void bind_clustering(py::module_& m) {
   py::class_<ClusterIndex>(m, "ClusterIndex")
-      .def(py::init([](const py::object& keys_obj, std::int64_t n_clusters, std::int64_t sink, int iters,
-                       std::uint64_t seed, const std::string& init, std::int64_t append_interval,
-                       std::int64_t append_clusters, std::int64_t tokens_per_cluster) {
+      .def(py::init([](const py::object& keys_obj, std::int64_t n_clusters, std::int64_t sink,
+                       int iters, std::uint64_t seed, const std::string& init,
+                       std::int64_t append_interval, std::int64_t append_clusters,
+                       std::int64_t tokens_per_cluster) {
              const py::array keys = as_array(keys_obj, "keys");
              const KVView view = kv_view(keys, "keys");
              require_finite(view, "keys");
@@ -195,14 +201,16 @@ void bind_clustering(py::module_& m) {
           py::arg("new_keys"))
       .def(
           "select",
-          [](const ClusterIndex& self, const py::object& q_obj, std::int64_t budget, std::int64_t window,
-             bool per_query_head) {
-            const py::array_t<float> q = finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
+          [](const ClusterIndex& self, const py::object& q_obj, std::int64_t budget,
+             std::int64_t window, bool per_query_head) {
+            const py::array_t<float> q =
+                finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
             check_query(q, self.heads(), self.dim());
             KVPACK_ARG_CHECK(budget >= 1, "budget: expected >= 1, got " << budget);
             KVPACK_ARG_CHECK(window >= 0, "window: expected >= 0, got " << window);
             const std::int64_t rows = per_query_head ? q.shape(0) : self.heads();
-            std::vector<std::int32_t> out(static_cast<std::size_t>(rows * self.selection_size(budget)));
+            std::vector<std::int32_t> out(
+                static_cast<std::size_t>(rows * self.selection_size(budget)));
             {
               py::gil_scoped_release release;
               self.select(q.data(), q.shape(0), budget, window, per_query_head, out.data());
@@ -214,13 +222,16 @@ void bind_clustering(py::module_& m) {
       .def_property_readonly("head_dim", &ClusterIndex::dim)
       .def_property_readonly("tokens", &ClusterIndex::tokens)
       .def_property_readonly("sink", &ClusterIndex::sink)
-      .def_property_readonly("n_clusters", [](const ClusterIndex& s) { return s.arrays()->clusters; })
-      .def_property_readonly("clustered_until", [](const ClusterIndex& s) { return s.arrays()->end; })
-      .def_property_readonly("centroids",
-                             [](const ClusterIndex& s) {
-                               auto a = s.arrays();
-                               return snapshot_array(a, a->centroids, {s.heads(), a->clusters, s.dim()});
-                             })
+      .def_property_readonly("n_clusters",
+                             [](const ClusterIndex& s) { return s.arrays()->clusters; })
+      .def_property_readonly("clustered_until",
+                             [](const ClusterIndex& s) { return s.arrays()->end; })
+      .def_property_readonly(
+          "centroids",
+          [](const ClusterIndex& s) {
+            auto a = s.arrays();
+            return snapshot_array(a, a->centroids, {s.heads(), a->clusters, s.dim()});
+          })
       .def_property_readonly("sizes",
                              [](const ClusterIndex& s) {
                                auto a = s.arrays();
@@ -263,12 +274,15 @@ void bind_clustering(py::module_& m) {
           py::arg("new_keys"))
       .def(
           "select",
-          [](const QuestIndex& self, const py::object& q_obj, std::int64_t budget, bool per_query_head) {
-            const py::array_t<float> q = finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
+          [](const QuestIndex& self, const py::object& q_obj, std::int64_t budget,
+             bool per_query_head) {
+            const py::array_t<float> q =
+                finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
             check_query(q, self.heads(), self.dim());
             KVPACK_ARG_CHECK(budget >= 1, "budget: expected >= 1, got " << budget);
             const std::int64_t rows = per_query_head ? q.shape(0) : self.heads();
-            std::vector<std::int32_t> out(static_cast<std::size_t>(rows * self.selection_size(budget)));
+            std::vector<std::int32_t> out(
+                static_cast<std::size_t>(rows * self.selection_size(budget)));
             {
               py::gil_scoped_release release;
               self.select(q.data(), q.shape(0), budget, per_query_head, out.data());
@@ -291,13 +305,15 @@ void bind_clustering(py::module_& m) {
           hi.insert(hi.end(), s.page_max().begin() + begin, s.page_max().begin() + end);
         }
         const std::vector<py::ssize_t> shape{s.heads(), s.pages(), s.dim()};
-        return py::make_tuple(adopt_vector(std::move(lo), shape), adopt_vector(std::move(hi), shape));
+        return py::make_tuple(adopt_vector(std::move(lo), shape),
+                              adopt_vector(std::move(hi), shape));
       });
 
   py::class_<ClusterKV>(m, "ClusterKV")
-      .def(py::init([](std::int64_t budget, const std::string& method, std::int64_t n_clusters, std::int64_t sink,
-                       std::int64_t window, std::int64_t recall_steps, bool per_query_head, std::int64_t page_size,
-                       int iters, std::uint64_t seed, const std::string& init, std::int64_t append_interval,
+      .def(py::init([](std::int64_t budget, const std::string& method, std::int64_t n_clusters,
+                       std::int64_t sink, std::int64_t window, std::int64_t recall_steps,
+                       bool per_query_head, std::int64_t page_size, int iters, std::uint64_t seed,
+                       const std::string& init, std::int64_t append_interval,
                        std::int64_t append_clusters) {
              KVPACK_ARG_CHECK(method == "clusterkv" || method == "quest",
                               "method: expected 'clusterkv' or 'quest', got '" << method << "'");
@@ -315,7 +331,8 @@ void bind_clustering(py::module_& m) {
              p.index.init = parse_init(init);
              p.index.append_interval = append_interval;
              p.index.append_clusters = append_clusters;
-             KVPACK_ARG_CHECK(n_clusters >= 0, "n_clusters: expected >= 0 (0: automatic), got " << n_clusters);
+             KVPACK_ARG_CHECK(n_clusters >= 0,
+                              "n_clusters: expected >= 0 (0: automatic), got " << n_clusters);
              KVPACK_ARG_CHECK(sink >= 0, "sink: expected >= 0, got " << sink);
              KVPACK_ARG_CHECK(iters >= 1, "iters: expected >= 1, got " << iters);
              return std::make_unique<ClusterKV>(p);
@@ -328,7 +345,8 @@ void bind_clustering(py::module_& m) {
       .def(
           "prefill",
           [](ClusterKV& self, const py::object& keys_obj, const py::object& values_obj) {
-            const py::array keys = as_array(keys_obj, "keys"), values = as_array(values_obj, "values");
+            const py::array keys = as_array(keys_obj, "keys"),
+                            values = as_array(values_obj, "values");
             const KVView k = kv_view(keys, "keys"), v = kv_view(values, "values");
             KVPACK_ARG_CHECK(v.heads == k.heads && v.tokens == k.tokens && v.dim == k.dim,
                              "values: expected shape " << shape_string(keys) << " like keys, got "
@@ -344,32 +362,37 @@ void bind_clustering(py::module_& m) {
           py::arg("keys"), py::arg("values"))
       .def(
           "step",
-          [](ClusterKV& self, const py::object& q_obj, const py::object& key_obj, const py::object& value_obj) {
+          [](ClusterKV& self, const py::object& q_obj, const py::object& key_obj,
+             const py::object& value_obj) {
             KVPACK_ARG_CHECK(self.tokens() > 0, "step: call prefill(keys, values) first");
-            const py::array_t<float> q = finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
+            const py::array_t<float> q =
+                finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
             check_query(q, self.heads(), self.dim());
             const py::array key = contiguous_token(key_obj, "new_key");
             const py::array value = contiguous_token(value_obj, "new_value");
             const KVView k = token_view(key, "new_key"), v = token_view(value, "new_value");
             KVPACK_ARG_CHECK(k.heads == self.heads() && k.tokens == 1 && k.dim == self.dim(),
-                             "new_key: expected shape (" << self.heads() << ", " << self.dim() << "), got "
-                                                         << shape_string(key));
+                             "new_key: expected shape (" << self.heads() << ", " << self.dim()
+                                                         << "), got " << shape_string(key));
             KVPACK_ARG_CHECK(v.heads == self.heads() && v.tokens == 1 && v.dim == self.dim(),
-                             "new_value: expected shape (" << self.heads() << ", " << self.dim() << "), got "
-                                                           << shape_string(value));
+                             "new_value: expected shape (" << self.heads() << ", " << self.dim()
+                                                           << "), got " << shape_string(value));
             KVPACK_TYPE_CHECK(k.dtype == self.dtype() && v.dtype == self.dtype(),
-                              "new_key/new_value: expected dtype " << dtype_name(self.dtype()) << " like the prefill");
+                              "new_key/new_value: expected dtype " << dtype_name(self.dtype())
+                                                                   << " like the prefill");
             py::array_t<float> out = owned_float_array({q.shape(0), self.dim()});
             {
               py::gil_scoped_release release;
               self.step(q.data(), q.shape(0), k, v, out.mutable_data());
             }
-            if (!all_finite(out.data(), out.size())) raise_non_finite({{"new_key", k}, {"new_value", v}});
+            if (!all_finite(out.data(), out.size()))
+              raise_non_finite({{"new_key", k}, {"new_value", v}});
             return out;
           },
           py::arg("q"), py::arg("new_key"), py::arg("new_value"))
       .def_property_readonly("tokens", &ClusterKV::tokens)
-      .def_property_readonly("last_step", [](const ClusterKV& s) { return stats_dict(s.last_step()); })
+      .def_property_readonly("last_step",
+                             [](const ClusterKV& s) { return stats_dict(s.last_step()); })
       .def_property_readonly("total", [](const ClusterKV& s) { return stats_dict(s.total()); })
       .def_property_readonly("last_selection", [](const ClusterKV& s) {
         std::vector<std::int32_t> copy = s.last_selection();

@@ -46,8 +46,9 @@ ClusterIndex::ClusterIndex(const KVView& keys, const ClusterIndexParams& params)
   const std::int64_t k = params.n_clusters
                              ? params.n_clusters
                              : std::max<std::int64_t>(1, clustered / params.tokens_per_cluster);
-  KVPACK_CHECK(clustered == 0 || k <= clustered,
-               "n_clusters: expected at most the " << clustered << " tokens after the sinks, got " << k);
+  KVPACK_CHECK(clustered == 0 || k <= clustered, "n_clusters: expected at most the "
+                                                     << clustered << " tokens after the sinks, got "
+                                                     << k);
 
   auto empty = std::make_shared<ClusterArrays>();
   empty->offsets.assign(static_cast<std::size_t>(heads_), 0);
@@ -84,10 +85,12 @@ void ClusterIndex::add_clusters(const std::vector<float>& keys, std::int64_t fir
     // Old clusters unchanged.
     std::copy_n(old.centroids.begin() + h * old.clusters * dim_, old.clusters * dim_,
                 a.centroids.begin() + h * a.clusters * dim_);
-    std::copy_n(old.sizes.begin() + h * old.clusters, old.clusters, a.sizes.begin() + h * a.clusters);
+    std::copy_n(old.sizes.begin() + h * old.clusters, old.clusters,
+                a.sizes.begin() + h * a.clusters);
     std::copy_n(old.offsets.begin() + h * (old.clusters + 1), old.clusters + 1,
                 a.offsets.begin() + h * (a.clusters + 1));
-    std::copy_n(old.order.begin() + h * old.clustered, old.clustered, a.order.begin() + h * a.clustered);
+    std::copy_n(old.order.begin() + h * old.clustered, old.clustered,
+                a.order.begin() + h * a.clustered);
     std::copy_n(old.labels.begin() + h * old.end, old.end, a.labels.begin() + h * a.end);
     // New clusters: sizes, CSR members by (cluster, position), mean keys.
     std::int32_t* sizes = a.sizes.data() + h * a.clusters + old.clusters;
@@ -119,31 +122,25 @@ void ClusterIndex::append(const KVView& new_keys) {
                "new_keys: expected [" << heads_ << ", n, " << dim_ << "], got [" << new_keys.heads
                                       << ", " << new_keys.tokens << ", " << new_keys.dim << "]");
   if (new_keys.tokens == 0) return;
-  // pending_ is [heads, pending_tokens_, dim]: re-layout with the new rows.
-  const std::int64_t total = pending_tokens_ + new_keys.tokens;
-  std::vector<float> merged(static_cast<std::size_t>(heads_ * total * dim_));
+  pending_.resize(static_cast<std::size_t>(heads_));
   for (std::int64_t h = 0; h < heads_; ++h) {
-    std::copy_n(pending_.begin() + h * pending_tokens_ * dim_, pending_tokens_ * dim_,
-                merged.begin() + h * total * dim_);
+    auto& rows = pending_[static_cast<std::size_t>(h)];
+    rows.resize(static_cast<std::size_t>((pending_tokens_ + new_keys.tokens) * dim_));
     to_float(new_keys.row(h, 0), new_keys.dtype, new_keys.tokens * dim_,
-             merged.data() + (h * total + pending_tokens_) * dim_);
+             rows.data() + pending_tokens_ * dim_);
   }
-  pending_ = std::move(merged);
-  pending_tokens_ = total;
+  pending_tokens_ += new_keys.tokens;
   tokens_ += new_keys.tokens;
 
   const std::int64_t m = params_.append_interval;
   while (pending_tokens_ >= m) {
     std::vector<float> batch(static_cast<std::size_t>(heads_ * m * dim_));
-    std::vector<float> rest(static_cast<std::size_t>(heads_ * (pending_tokens_ - m) * dim_));
     for (std::int64_t h = 0; h < heads_; ++h) {
-      const auto head = pending_.begin() + h * pending_tokens_ * dim_;
-      std::copy_n(head, m * dim_, batch.begin() + h * m * dim_);
-      std::copy(head + m * dim_, head + pending_tokens_ * dim_,
-                rest.begin() + h * (pending_tokens_ - m) * dim_);
+      auto& rows = pending_[static_cast<std::size_t>(h)];
+      std::copy_n(rows.begin(), m * dim_, batch.begin() + h * m * dim_);
+      rows.erase(rows.begin(), rows.begin() + m * dim_);
     }
     add_clusters(batch, arrays_->end, m, params_.append_clusters);
-    pending_ = std::move(rest);
     pending_tokens_ -= m;
   }
 }
@@ -152,7 +149,8 @@ void ClusterIndex::select(const float* q, std::int64_t heads_q, std::int64_t bud
                           std::int64_t window, bool per_query_head, std::int32_t* out,
                           std::vector<std::vector<std::int32_t>>* used_clusters) const {
   KVPACK_CHECK(heads_q >= 1 && heads_q % heads_ == 0,
-               "q: expected heads_q to be a positive multiple of heads_kv=" << heads_ << ", got " << heads_q);
+               "q: expected heads_q to be a positive multiple of heads_kv=" << heads_ << ", got "
+                                                                            << heads_q);
   KVPACK_CHECK(budget >= 1, "budget: expected >= 1, got " << budget);
   KVPACK_CHECK(window >= 0, "window: expected >= 0, got " << window);
   const ClusterArrays& a = *arrays_;

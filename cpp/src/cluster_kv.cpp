@@ -10,7 +10,8 @@ namespace kvpack {
 ClusterKV::ClusterKV(const ClusterKVParams& params) : params_(params) {
   KVPACK_CHECK(params.budget >= 1, "budget: expected >= 1, got " << params.budget);
   KVPACK_CHECK(params.window >= 0, "window: expected >= 0, got " << params.window);
-  KVPACK_CHECK(params.recall_steps >= 1, "recall_steps: expected >= 1, got " << params.recall_steps);
+  KVPACK_CHECK(params.recall_steps >= 1,
+               "recall_steps: expected >= 1, got " << params.recall_steps);
   KVPACK_CHECK(params.page_size >= 1, "page_size: expected >= 1, got " << params.page_size);
 }
 
@@ -26,11 +27,14 @@ void ClusterKV::append_rows(const KVView& k, const KVView& v) {
   const std::size_t elem = dtype_size(dtype_);
   if (tokens_ + k.tokens > capacity_) {  // grow the slow tier geometrically
     const std::int64_t capacity = std::max(tokens_ + k.tokens, 2 * capacity_);
-    std::vector<unsigned char> nk(static_cast<std::size_t>(heads_ * capacity * dim_) * elem), nv(nk.size());
+    std::vector<unsigned char> nk(static_cast<std::size_t>(heads_ * capacity * dim_) * elem),
+        nv(nk.size());
     for (std::int64_t h = 0; h < heads_; ++h) {
       const std::size_t bytes = static_cast<std::size_t>(tokens_ * dim_) * elem;
-      std::memcpy(nk.data() + h * capacity * dim_ * elem, keys_.data() + h * capacity_ * dim_ * elem, bytes);
-      std::memcpy(nv.data() + h * capacity * dim_ * elem, values_.data() + h * capacity_ * dim_ * elem, bytes);
+      std::memcpy(nk.data() + h * capacity * dim_ * elem,
+                  keys_.data() + h * capacity_ * dim_ * elem, bytes);
+      std::memcpy(nv.data() + h * capacity * dim_ * elem,
+                  values_.data() + h * capacity_ * dim_ * elem, bytes);
     }
     keys_ = std::move(nk);
     values_ = std::move(nv);
@@ -39,8 +43,10 @@ void ClusterKV::append_rows(const KVView& k, const KVView& v) {
   const std::size_t row_bytes = static_cast<std::size_t>(dim_) * elem;
   for (std::int64_t h = 0; h < heads_; ++h)
     for (std::int64_t i = 0; i < k.tokens; ++i) {
-      std::memcpy(keys_.data() + ((h * capacity_ + tokens_ + i) * dim_) * elem, k.row(h, i), row_bytes);
-      std::memcpy(values_.data() + ((h * capacity_ + tokens_ + i) * dim_) * elem, v.row(h, i), row_bytes);
+      std::memcpy(keys_.data() + ((h * capacity_ + tokens_ + i) * dim_) * elem, k.row(h, i),
+                  row_bytes);
+      std::memcpy(values_.data() + ((h * capacity_ + tokens_ + i) * dim_) * elem, v.row(h, i),
+                  row_bytes);
     }
   tokens_ += k.tokens;
   for (auto& slots : slot_of_) slots.resize(static_cast<std::size_t>(tokens_), -1);
@@ -49,8 +55,8 @@ void ClusterKV::append_rows(const KVView& k, const KVView& v) {
 void ClusterKV::prefill(const KVView& keys, const KVView& values) {
   KVPACK_CHECK(keys.data && values.data && keys.heads >= 1 && keys.tokens >= 1 && keys.dim >= 1,
                "keys: expected a non-empty [heads_kv, tokens, head_dim] cache");
-  KVPACK_CHECK(values.heads == keys.heads && values.tokens == keys.tokens && values.dim == keys.dim &&
-                   values.dtype == keys.dtype,
+  KVPACK_CHECK(values.heads == keys.heads && values.tokens == keys.tokens &&
+                   values.dim == keys.dim && values.dtype == keys.dtype,
                "values: expected the shape and dtype of keys");
   dtype_ = keys.dtype;
   heads_ = keys.heads;
@@ -74,8 +80,10 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
   const std::size_t elem = dtype_size(dtype_);
   fast_keys_.assign(static_cast<std::size_t>(heads_ * slots_ * dim_) * elem, 0);
   fast_values_.assign(fast_keys_.size(), 0);
-  token_in_.assign(static_cast<std::size_t>(heads_), std::vector<std::int32_t>(static_cast<std::size_t>(slots_), -1));
-  last_used_.assign(static_cast<std::size_t>(heads_), std::vector<std::int64_t>(static_cast<std::size_t>(slots_), -1));
+  token_in_.assign(static_cast<std::size_t>(heads_),
+                   std::vector<std::int32_t>(static_cast<std::size_t>(slots_), -1));
+  last_used_.assign(static_cast<std::size_t>(heads_),
+                    std::vector<std::int64_t>(static_cast<std::size_t>(slots_), -1));
   free_slots_.assign(static_cast<std::size_t>(heads_), {});
   for (auto& free : free_slots_)
     for (std::int64_t s = slots_ - 1; s >= 0; --s) free.push_back(static_cast<std::int32_t>(s));
@@ -141,13 +149,17 @@ void ClusterKV::recall(const std::vector<std::vector<std::int32_t>>& needed, Rec
 void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key,
                      const KVView& new_value, float* out) {
   KVPACK_CHECK(tokens_ > 0, "step: call prefill first");
-  KVPACK_CHECK(new_key.heads == heads_ && new_key.tokens == 1 && new_key.dim == dim_ && new_key.dtype == dtype_,
-               "new_key: expected [" << heads_ << ", " << dim_ << "] of dtype " << dtype_name(dtype_));
-  KVPACK_CHECK(new_value.heads == heads_ && new_value.tokens == 1 && new_value.dim == dim_ &&
-                   new_value.dtype == dtype_,
-               "new_value: expected [" << heads_ << ", " << dim_ << "] of dtype " << dtype_name(dtype_));
+  KVPACK_CHECK(
+      new_key.heads == heads_ && new_key.tokens == 1 && new_key.dim == dim_ &&
+          new_key.dtype == dtype_,
+      "new_key: expected [" << heads_ << ", " << dim_ << "] of dtype " << dtype_name(dtype_));
+  KVPACK_CHECK(
+      new_value.heads == heads_ && new_value.tokens == 1 && new_value.dim == dim_ &&
+          new_value.dtype == dtype_,
+      "new_value: expected [" << heads_ << ", " << dim_ << "] of dtype " << dtype_name(dtype_));
   KVPACK_CHECK(heads_q >= 1 && heads_q % heads_ == 0,
-               "q: expected heads_q to be a positive multiple of heads_kv=" << heads_ << ", got " << heads_q);
+               "q: expected heads_q to be a positive multiple of heads_kv=" << heads_ << ", got "
+                                                                            << heads_q);
   const std::int64_t group = heads_q / heads_;
   ++step_;
   append_rows(new_key, new_value);
@@ -174,8 +186,10 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
     const std::size_t elem = dtype_size(dtype_);
     fast_keys_.assign(static_cast<std::size_t>(heads_ * slots_ * dim_) * elem, 0);
     fast_values_.assign(fast_keys_.size(), 0);
-    token_in_.assign(static_cast<std::size_t>(heads_), std::vector<std::int32_t>(static_cast<std::size_t>(slots_), -1));
-    last_used_.assign(static_cast<std::size_t>(heads_), std::vector<std::int64_t>(static_cast<std::size_t>(slots_), -1));
+    token_in_.assign(static_cast<std::size_t>(heads_),
+                     std::vector<std::int32_t>(static_cast<std::size_t>(slots_), -1));
+    last_used_.assign(static_cast<std::size_t>(heads_),
+                      std::vector<std::int64_t>(static_cast<std::size_t>(slots_), -1));
     free_slots_.assign(static_cast<std::size_t>(heads_), {});
     for (auto& free : free_slots_)
       for (std::int64_t s = slots_ - 1; s >= 0; --s) free.push_back(static_cast<std::int32_t>(s));
@@ -206,7 +220,8 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   for (std::int64_t r = 0; r < rows; ++r) {
     const auto& slot_of = slot_of_[static_cast<std::size_t>(per_q ? r / group : r)];
     std::int32_t* row = slots.data() + r * count;
-    for (std::int64_t i = 0; i < count; ++i) row[i] = slot_of[static_cast<std::size_t>(selection_[r * count + i])];
+    for (std::int64_t i = 0; i < count; ++i)
+      row[i] = slot_of[static_cast<std::size_t>(selection_[r * count + i])];
     std::sort(row, row + count);
   }
   const KVView fk{fast_keys_.data(), dtype_, heads_, slots_, dim_};

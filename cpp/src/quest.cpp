@@ -25,8 +25,10 @@ void QuestIndex::grow(std::int64_t pages_needed) {
   std::vector<float> new_min(static_cast<std::size_t>(heads_ * capacity * dim_));
   std::vector<float> new_max(new_min.size());
   for (std::int64_t h = 0; h < heads_; ++h) {
-    std::copy_n(min_.begin() + h * capacity_ * dim_, capacity_ * dim_, new_min.begin() + h * capacity * dim_);
-    std::copy_n(max_.begin() + h * capacity_ * dim_, capacity_ * dim_, new_max.begin() + h * capacity * dim_);
+    std::copy_n(min_.begin() + h * capacity_ * dim_, capacity_ * dim_,
+                new_min.begin() + h * capacity * dim_);
+    std::copy_n(max_.begin() + h * capacity_ * dim_, capacity_ * dim_,
+                new_max.begin() + h * capacity * dim_);
   }
   min_ = std::move(new_min);
   max_ = std::move(new_max);
@@ -60,10 +62,12 @@ void QuestIndex::append(const KVView& new_keys) {
   tokens_ = total;
 }
 
-void QuestIndex::select(const float* q, std::int64_t heads_q, std::int64_t budget, bool per_query_head,
-                        std::int32_t* out, std::vector<std::vector<std::int32_t>>* used_pages) const {
+void QuestIndex::select(const float* q, std::int64_t heads_q, std::int64_t budget,
+                        bool per_query_head, std::int32_t* out,
+                        std::vector<std::vector<std::int32_t>>* used_pages) const {
   KVPACK_CHECK(heads_q >= 1 && heads_q % heads_ == 0,
-               "q: expected heads_q to be a positive multiple of heads_kv=" << heads_ << ", got " << heads_q);
+               "q: expected heads_q to be a positive multiple of heads_kv=" << heads_ << ", got "
+                                                                            << heads_q);
   KVPACK_CHECK(budget >= 1, "budget: expected >= 1, got " << budget);
   const std::int64_t group = heads_q / heads_;
   const std::int64_t rows = per_query_head ? heads_q : heads_;
@@ -72,11 +76,14 @@ void QuestIndex::select(const float* q, std::int64_t heads_q, std::int64_t budge
   if (used_pages) used_pages->assign(static_cast<std::size_t>(rows), {});
 
   // Pages as CSR groups over the token ids 0..tokens-1; the current page is always kept.
-  std::vector<std::int32_t> offsets(static_cast<std::size_t>(n_pages + 1)), members(static_cast<std::size_t>(tokens_));
-  for (std::int64_t p = 0; p <= n_pages; ++p) offsets[p] = static_cast<std::int32_t>(std::min(p * page_size_, tokens_));
+  std::vector<std::int32_t> offsets(static_cast<std::size_t>(n_pages + 1)),
+      members(static_cast<std::size_t>(tokens_));
+  for (std::int64_t p = 0; p <= n_pages; ++p)
+    offsets[p] = static_cast<std::int32_t>(std::min(p * page_size_, tokens_));
   for (std::int64_t t = 0; t < tokens_; ++t) members[t] = static_cast<std::int32_t>(t);
   std::vector<std::int32_t> always;
-  const std::int64_t current = std::max<std::int64_t>(0, tokens_ - std::min(count, tokens_ - (n_pages - 1) * page_size_));
+  const std::int64_t current =
+      std::max<std::int64_t>(0, tokens_ - std::min(count, tokens_ - (n_pages - 1) * page_size_));
   for (std::int64_t t = current; t < tokens_; ++t) always.push_back(static_cast<std::int32_t>(t));
 
   parallel_for(rows, [&](std::int64_t r) {
@@ -89,6 +96,7 @@ void QuestIndex::select(const float* q, std::int64_t heads_q, std::int64_t budge
       float s = 0.0f;
       for (std::int64_t g = 0; g < n_q; ++g) {
         const float* qv = q + (first_q + g) * dim_;
+#pragma omp simd reduction(+ : s)
         for (std::int64_t c = 0; c < dim_; ++c) s += std::max(qv[c] * lo[c], qv[c] * hi[c]);
       }
       scores[p] = s;

@@ -8,7 +8,8 @@
 
 namespace kvpack {
 
-void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const float* q, float* out) {
+void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const float* q,
+                    float* out) {
   using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   Eigen::Map<const RowMatrix> m(rows, n, dim);
   Eigen::Map<const Eigen::VectorXf> v(q, dim);
@@ -53,8 +54,8 @@ void fill_budget(const std::vector<std::int32_t>& always, const RankedGroups& gr
     }
     if (used && used_groups) used_groups->push_back(g);
   }
-  KVPACK_CHECK(remaining == 0, "budget: only " << budget - remaining << " tokens to fill a budget of "
-                                               << budget);
+  KVPACK_CHECK(remaining == 0,
+               "budget: only " << budget - remaining << " tokens to fill a budget of " << budget);
   std::sort(taken.begin(), taken.end());
   std::copy(taken.begin(), taken.end(), out);
 }

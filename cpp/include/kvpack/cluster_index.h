@@ -15,27 +15,27 @@ namespace kvpack {
 
 /// Parameters of a ClusterIndex (defaults from the ClusterKV paper).
 struct ClusterIndexParams {
-  std::int64_t n_clusters = 0;          ///< prefill clusters per head; 0: clustered tokens / 80
-  std::int64_t tokens_per_cluster = 80; ///< used when n_clusters is 0
-  std::int64_t sink = 16;               ///< first tokens never clustered, always attended
-  int iterations = 20;                  ///< k-means rounds
-  std::uint64_t seed = 0;               ///< k-means seed
+  std::int64_t n_clusters = 0;           ///< prefill clusters per head; 0: clustered tokens / 80
+  std::int64_t tokens_per_cluster = 80;  ///< used when n_clusters is 0
+  std::int64_t sink = 16;                ///< first tokens never clustered, always attended
+  int iterations = 20;                   ///< k-means rounds
+  std::uint64_t seed = 0;                ///< k-means seed
   KMeansInit init = KMeansInit::PlusPlus;
-  std::int64_t append_interval = 320;   ///< decoded tokens clustered together (m)
-  std::int64_t append_clusters = 8;     ///< clusters made from them (C+)
+  std::int64_t append_interval = 320;  ///< decoded tokens clustered together (m)
+  std::int64_t append_clusters = 8;    ///< clusters made from them (C+)
 };
 
 /// Immutable arrays of the index, shared with views handed out (a new snapshot is
 /// made whenever clusters are added, so earlier views stay valid).
 struct ClusterArrays {
-  std::int64_t clusters = 0;         ///< per head
-  std::int64_t clustered = 0;        ///< clustered tokens per head
-  std::vector<float> centroids;      ///< heads * clusters * dim: mean of the member keys
-  std::vector<std::int32_t> sizes;   ///< heads * clusters
-  std::vector<std::int32_t> offsets; ///< heads * (clusters + 1), CSR into order
-  std::vector<std::int32_t> order;   ///< heads * clustered: members by cluster, then position
-  std::vector<std::int32_t> labels;  ///< heads * end: cluster of each token, -1 for sinks
-  std::int64_t end = 0;              ///< tokens [0, end) are sinks or clustered
+  std::int64_t clusters = 0;          ///< per head
+  std::int64_t clustered = 0;         ///< clustered tokens per head
+  std::vector<float> centroids;       ///< heads * clusters * dim: mean of the member keys
+  std::vector<std::int32_t> sizes;    ///< heads * clusters
+  std::vector<std::int32_t> offsets;  ///< heads * (clusters + 1), CSR into order
+  std::vector<std::int32_t> order;    ///< heads * clustered: members by cluster, then position
+  std::vector<std::int32_t> labels;   ///< heads * end: cluster of each token, -1 for sinks
+  std::int64_t end = 0;               ///< tokens [0, end) are sinks or clustered
 };
 
 class ClusterIndex {
@@ -57,7 +57,9 @@ class ClusterIndex {
               std::vector<std::vector<std::int32_t>>* used_clusters = nullptr) const;
 
   /// Tokens per row that select returns for `budget`.
-  std::int64_t selection_size(std::int64_t budget) const { return budget < tokens_ ? budget : tokens_; }
+  std::int64_t selection_size(std::int64_t budget) const {
+    return budget < tokens_ ? budget : tokens_;
+  }
 
   std::int64_t heads() const { return heads_; }
   std::int64_t dim() const { return dim_; }
@@ -69,12 +71,14 @@ class ClusterIndex {
  private:
   // Clusters tokens [first, first + count) whose float keys are at keys (heads * count * dim)
   // into k clusters per head and appends them to the index.
-  void add_clusters(const std::vector<float>& keys, std::int64_t first, std::int64_t count, std::int64_t k);
+  void add_clusters(const std::vector<float>& keys, std::int64_t first, std::int64_t count,
+                    std::int64_t k);
 
   ClusterIndexParams params_;
   std::int64_t heads_ = 0, dim_ = 0, tokens_ = 0, sink_ = 0;
   std::shared_ptr<const ClusterArrays> arrays_;
-  std::vector<float> pending_;  // heads * pending_tokens_ * dim float keys not yet clustered
+  std::vector<std::vector<float>>
+      pending_;  // per head: pending_tokens_ * dim float keys not yet clustered
   std::int64_t pending_tokens_ = 0;
 };
 

@@ -21,12 +21,13 @@ enum class RecallMethod : int { ClusterKV = 0, Quest = 1 };
 /// Parameters of ClusterKV.
 struct ClusterKVParams {
   RecallMethod method = RecallMethod::ClusterKV;
-  std::int64_t budget = 1024;      ///< tokens attended per step (per KV head or query head)
-  std::int64_t window = 0;         ///< most recent tokens always attended (besides sinks and the unclustered window)
-  std::int64_t recall_steps = 1;   ///< R: tokens recalled in the last R steps stay in the fast tier
-  bool per_query_head = false;     ///< each query head selects its own tokens (GQA)
-  std::int64_t page_size = 16;     ///< Quest pages
-  ClusterIndexParams index;        ///< ClusterKV clustering
+  std::int64_t budget = 1024;  ///< tokens attended per step (per KV head or query head)
+  std::int64_t window =
+      0;  ///< most recent tokens always attended (besides sinks and the unclustered window)
+  std::int64_t recall_steps = 1;  ///< R: tokens recalled in the last R steps stay in the fast tier
+  bool per_query_head = false;    ///< each query head selects its own tokens (GQA)
+  std::int64_t page_size = 16;    ///< Quest pages
+  ClusterIndexParams index;       ///< ClusterKV clustering
 };
 
 /// What one step moved between the tiers (token counts summed over KV heads).

@@ -47,6 +47,9 @@ inline void to_float(const void* src, DType dtype, std::int64_t n, float* dst) {
   }
 }
 
+/// Index of the first row (head * tokens + token) of `view` holding a NaN or Inf, or -1.
+std::int64_t first_non_finite_row(const KVView& view);
+
 /// Converts n float32 values at src to `dtype` at dst.
 inline void from_float(const float* src, std::int64_t n, DType dtype, void* dst) {
   switch (dtype) {

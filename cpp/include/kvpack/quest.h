@@ -23,9 +23,12 @@ class QuestIndex {
   /// KV head (the group's bounds summed) or per query head.
   /// @param out  size rows * selection_size(budget), ascending per row
   void select(const float* q, std::int64_t heads_q, std::int64_t budget, bool per_query_head,
-              std::int32_t* out, std::vector<std::vector<std::int32_t>>* used_pages = nullptr) const;
+              std::int32_t* out,
+              std::vector<std::vector<std::int32_t>>* used_pages = nullptr) const;
 
-  std::int64_t selection_size(std::int64_t budget) const { return budget < tokens_ ? budget : tokens_; }
+  std::int64_t selection_size(std::int64_t budget) const {
+    return budget < tokens_ ? budget : tokens_;
+  }
   std::int64_t heads() const { return heads_; }
   std::int64_t dim() const { return dim_; }
   std::int64_t tokens() const { return tokens_; }

@@ -9,7 +9,8 @@
 namespace kvpack {
 
 /// out[i] = rows[i] . q for n rows of dim floats (a GEMV).
-void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const float* q, float* out);
+void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const float* q,
+                    float* out);
 
 /// Indices of the k largest of n scores, highest first, ties to the lower index.
 std::vector<std::int32_t> top_k(const float* scores, std::int64_t n, std::int64_t k);
