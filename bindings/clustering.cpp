@@ -6,6 +6,9 @@
 #include "kvpack/cluster_kv.h"
 #include "kvpack/kmeans.h"
 #include "kvpack/quest.h"
+#ifdef KVPACK_WITH_CUDA
+#include "kvpack/cuda.h"
+#endif
 
 namespace kvpack::bindings {
 
@@ -70,10 +73,20 @@ py::dict kmeans_binding(const py::object& x_obj, std::int64_t n_clusters, int it
                              << n_clusters << ", " << points.dim << "), got "
                              << shape_string(*init_centroids));
   }
+  const bool cuda = use_cuda(device);
   std::vector<KMeansResult> results;
   {
     py::gil_scoped_release release;
-    results = kmeans_heads(points, params, init_centroids ? init_centroids->data() : nullptr);
+    const float* init_ptr = init_centroids ? init_centroids->data() : nullptr;
+#ifdef KVPACK_WITH_CUDA
+    if (cuda) {
+      results = cuda::kmeans_heads(points, params, init_ptr);
+    } else
+#endif
+    {
+      (void)cuda;
+      results = kmeans_heads(points, params, init_ptr);
+    }
   }
   // Gather the per-head results into [heads, ...] arrays.
   const std::int64_t heads = points.heads, k = n_clusters, d = points.dim, n = points.tokens;
@@ -401,7 +414,8 @@ void bind_clustering(py::module_& m) {
 
   m.def("kmeans", &kmeans_binding, py::arg("x"), py::arg("n_clusters"), py::arg("iters") = 20,
         py::arg("seed") = 0, py::arg("spherical") = true, py::arg("init") = "kmeans++",
-        py::arg("init_centroids") = py::none(), "k-means; see kvpack.kmeans.");
+        py::arg("init_centroids") = py::none(), py::arg("device") = "cpu",
+        "k-means; see kvpack.kmeans.");
 }
 
 }  // namespace kvpack::bindings

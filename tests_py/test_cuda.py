@@ -44,3 +44,18 @@ def test_accumulated_attention_matches_cpu(rng, dtype, reduction, per_query_head
     cpu = kvpack.accumulated_attention(queries, k, **kwargs)
     gpu = kvpack.accumulated_attention(queries, k, device="cuda", **kwargs)
     np.testing.assert_allclose(gpu, cpu, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+def test_kmeans_matches_cpu(rng, spherical, dtype):
+    centres = rng.standard_normal((2, 30, 64))
+    labels = rng.integers(0, 30, size=(2, 4000))
+    x = np.take_along_axis(centres, labels[..., None], axis=1) + 0.3 * rng.standard_normal(
+        (2, 4000, 64)
+    )
+    x = x.astype(dtype)
+    cpu = kvpack.kmeans(x, 30, seed=5, spherical=spherical)
+    gpu = kvpack.kmeans(x, 30, seed=5, spherical=spherical, device="cuda")
+    assert (cpu.labels == gpu.labels).mean() > 0.999
+    np.testing.assert_allclose(gpu.objective, cpu.objective, rtol=1e-4)

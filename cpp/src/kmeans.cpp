@@ -292,6 +292,15 @@ KMeansResult run_kmeans(const void* points, DType dtype, std::int64_t n, std::in
 
 }  // namespace
 
+std::vector<float> kmeans_initial_centroids(const void* points, DType dtype, std::int64_t n,
+                                            std::int64_t dim, const KMeansParams& params) {
+  KVPACK_CHECK(
+      params.n_clusters >= 1 && params.n_clusters <= n,
+      "n_clusters: expected 1 <= n_clusters <= points=" << n << ", got " << params.n_clusters);
+  const RowMatrix c = initial_centroids(prepare(points, dtype, n, dim, params.spherical), params);
+  return std::vector<float>(c.data(), c.data() + c.size());
+}
+
 KMeansResult kmeans(const void* points, DType dtype, std::int64_t n, std::int64_t dim,
                     const KMeansParams& params, const float* init_centroids) {
   return run_kmeans(points, dtype, n, dim, params, init_centroids, true);

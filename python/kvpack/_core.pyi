@@ -35,4 +35,69 @@ def kmeans(
     spherical: bool = True,
     init: str = "kmeans++",
     init_centroids: np.ndarray | None = None,
+    device: str = "cpu",
 ) -> dict: ...
+
+class ClusterIndex:
+    def __init__(
+        self,
+        keys: np.ndarray,
+        n_clusters: int = 0,
+        sink: int = 16,
+        iters: int = 20,
+        seed: int = 0,
+        init: str = "kmeans++",
+        append_interval: int = 320,
+        append_clusters: int = 8,
+        tokens_per_cluster: int = 80,
+    ) -> None: ...
+    def append(self, new_keys: np.ndarray) -> None: ...
+    def select(
+        self, q: np.ndarray, budget: int, window: int = 0, per_query_head: bool = False
+    ) -> np.ndarray: ...
+    heads: int
+    head_dim: int
+    tokens: int
+    sink: int
+    n_clusters: int
+    clustered_until: int
+    centroids: np.ndarray
+    sizes: np.ndarray
+    offsets: np.ndarray
+    order: np.ndarray
+    labels: np.ndarray
+
+class QuestIndex:
+    def __init__(self, keys: np.ndarray, page_size: int = 16) -> None: ...
+    def append(self, new_keys: np.ndarray) -> None: ...
+    def select(self, q: np.ndarray, budget: int, per_query_head: bool = False) -> np.ndarray: ...
+    heads: int
+    head_dim: int
+    tokens: int
+    page_size: int
+    pages: int
+    page_bounds: tuple[np.ndarray, np.ndarray]
+
+class ClusterKV:
+    def __init__(
+        self,
+        budget: int = 1024,
+        method: str = "clusterkv",
+        n_clusters: int = 0,
+        sink: int = 16,
+        window: int = 0,
+        recall_steps: int = 1,
+        per_query_head: bool = False,
+        page_size: int = 16,
+        iters: int = 20,
+        seed: int = 0,
+        init: str = "kmeans++",
+        append_interval: int = 320,
+        append_clusters: int = 8,
+    ) -> None: ...
+    def prefill(self, keys: np.ndarray, values: np.ndarray) -> None: ...
+    def step(self, q: np.ndarray, new_key: np.ndarray, new_value: np.ndarray) -> np.ndarray: ...
+    tokens: int
+    last_step: dict
+    total: dict
+    last_selection: np.ndarray

@@ -45,6 +45,7 @@ def kmeans(
     spherical: bool = True,
     init: Literal["kmeans++", "random"] = "kmeans++",
     init_centroids: np.ndarray | None = None,
+    device: Literal["cpu", "cuda"] = "cpu",
 ) -> KMeansResult:
     """Cosine (spherical) or Euclidean k-means, per head when batched.
 
@@ -68,6 +69,8 @@ def kmeans(
         k-means++ sampling or a random sample of distinct points.
     init_centroids : ndarray, shape ([heads,] n_clusters, d), optional
         Start from these centroids instead of ``init``.
+    device : {"cpu", "cuda"}
+        Backend; the CUDA one starts from the same initial centroids.
 
     Returns
     -------
@@ -80,7 +83,7 @@ def kmeans(
     >>> kvpack.kmeans(x, 10).labels.shape
     (1000,)
     """
-    result = _core.kmeans(x, n_clusters, iters, seed, spherical, init, init_centroids)
+    result = _core.kmeans(x, n_clusters, iters, seed, spherical, init, init_centroids, device)
     return KMeansResult(**result)
 
 

@@ -6,7 +6,10 @@
 
 #include <cstdint>
 
+#include <vector>
+
 #include "kvpack/attention.h"
+#include "kvpack/kmeans.h"
 
 namespace kvpack::cuda {
 
@@ -21,5 +24,10 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
 /// accumulated_attention on the GPU; same arguments and results as the CPU one.
 void accumulated_attention(const float* queries, std::int64_t heads_q, std::int64_t window,
                            const KVView& keys, const AccumulateParams& params, float* out);
+
+/// kmeans_heads on the GPU: same initialisation (computed on the CPU), Lloyd rounds with
+/// assignment and update kernels, early stop when no label changes.
+std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams& params,
+                                       const float* init_centroids = nullptr);
 
 }  // namespace kvpack::cuda

@@ -40,6 +40,11 @@ struct KMeansResult {
 KMeansResult kmeans(const void* points, DType dtype, std::int64_t n, std::int64_t dim,
                     const KMeansParams& params, const float* init_centroids = nullptr);
 
+/// The initial centroids kmeans starts from (k * dim floats; unit rows when spherical),
+/// so every backend starts from the same point.
+std::vector<float> kmeans_initial_centroids(const void* points, DType dtype, std::int64_t n,
+                                            std::int64_t dim, const KMeansParams& params);
+
 /// k-means of every head of a [heads, n, dim] view, heads in parallel when there are
 /// enough of them. init_centroids: null or size heads * k * dim.
 std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams& params,
