@@ -43,7 +43,7 @@ KVView points_view(const py::array& x, bool* batched) {
 
 py::dict kmeans_binding(const py::object& x_obj, std::int64_t n_clusters, int iters,
                         std::uint64_t seed, bool spherical, const std::string& init,
-                        const py::object& init_centroids_obj) {
+                        const py::object& init_centroids_obj, const std::string& device) {
   const py::array x = as_array(x_obj, "x");
   bool batched = false;
   const KVView points = points_view(x, &batched);
