@@ -29,7 +29,7 @@ void ClusterKV::append_rows(const KVView& k, const KVView& v) {
     const std::int64_t capacity = std::max(tokens_ + k.tokens, 2 * capacity_);
     std::vector<unsigned char> nk(static_cast<std::size_t>(heads_ * capacity * dim_) * elem),
         nv(nk.size());
-    for (std::int64_t h = 0; h < heads_; ++h) {
+    for (std::int64_t h = 0; h < heads_ && tokens_ > 0; ++h) {
       const std::size_t bytes = static_cast<std::size_t>(tokens_ * dim_) * elem;
       std::memcpy(nk.data() + h * capacity * dim_ * elem,
                   keys_.data() + h * capacity_ * dim_ * elem, bytes);
