@@ -165,6 +165,32 @@ void check_query(const py::array_t<float>& q, std::int64_t heads_kv, std::int64_
                        << heads_kv << ", got shape " << shape_string(q));
 }
 
+// Validates and appends decoded tokens' keys to a ClusterIndex or QuestIndex.
+template <class Index>
+void append_keys(Index& index, const py::object& keys_obj) {
+  const py::array keys = contiguous_token(keys_obj, "new_keys");
+  const KVView view = token_view(keys, "new_keys");
+  require_finite(view, "new_keys");
+  py::gil_scoped_release release;
+  index.append(view);
+}
+
+// Validates q and budget, then runs select(q, out) into a [rows, n] token array.
+template <class Index, class Select>
+py::array_t<std::int32_t> select_tokens(const Index& index, const py::object& q_obj,
+                                        std::int64_t budget, bool per_query_head, Select select) {
+  const py::array_t<float> q = finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
+  check_query(q, index.heads(), index.dim());
+  KVPACK_ARG_CHECK(budget >= 1, "budget: expected >= 1, got " << budget);
+  const std::int64_t rows = per_query_head ? q.shape(0) : index.heads();
+  std::vector<std::int32_t> out(static_cast<std::size_t>(rows * index.selection_size(budget)));
+  {
+    py::gil_scoped_release release;
+    select(q, out.data());
+  }
+  return selection_array(std::move(out), rows);
+}
+
 py::dict stats_dict(const RecallStats& s) {
   py::dict d;
   d["steps"] = s.steps;
@@ -202,33 +228,17 @@ void bind_clustering(py::module_& m) {
            py::arg("keys"), py::arg("n_clusters") = 0, py::arg("sink") = 16, py::arg("iters") = 20,
            py::arg("seed") = 0, py::arg("init") = "kmeans++", py::arg("append_interval") = 320,
            py::arg("append_clusters") = 8, py::arg("tokens_per_cluster") = 80)
-      .def(
-          "append",
-          [](ClusterIndex& self, const py::object& keys_obj) {
-            const py::array keys = contiguous_token(keys_obj, "new_keys");
-            const KVView view = token_view(keys, "new_keys");
-            require_finite(view, "new_keys");
-            py::gil_scoped_release release;
-            self.append(view);
-          },
-          py::arg("new_keys"))
+      .def("append", &append_keys<ClusterIndex>, py::arg("new_keys"))
       .def(
           "select",
-          [](const ClusterIndex& self, const py::object& q_obj, std::int64_t budget,
+          [](const ClusterIndex& self, const py::object& q, std::int64_t budget,
              std::int64_t window, bool per_query_head) {
-            const py::array_t<float> q =
-                finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
-            check_query(q, self.heads(), self.dim());
-            KVPACK_ARG_CHECK(budget >= 1, "budget: expected >= 1, got " << budget);
             KVPACK_ARG_CHECK(window >= 0, "window: expected >= 0, got " << window);
-            const std::int64_t rows = per_query_head ? q.shape(0) : self.heads();
-            std::vector<std::int32_t> out(
-                static_cast<std::size_t>(rows * self.selection_size(budget)));
-            {
-              py::gil_scoped_release release;
-              self.select(q.data(), q.shape(0), budget, window, per_query_head, out.data());
-            }
-            return selection_array(std::move(out), rows);
+            return select_tokens(self, q, budget, per_query_head,
+                                 [&](const py::array_t<float>& qa, std::int32_t* out) {
+                                   self.select(qa.data(), qa.shape(0), budget, window,
+                                               per_query_head, out);
+                                 });
           },
           py::arg("q"), py::arg("budget"), py::arg("window") = 0, py::arg("per_query_head") = false)
       .def_property_readonly("heads", &ClusterIndex::heads)
@@ -275,32 +285,15 @@ void bind_clustering(py::module_& m) {
              return std::make_unique<QuestIndex>(view, page_size);
            }),
            py::arg("keys"), py::arg("page_size") = 16)
-      .def(
-          "append",
-          [](QuestIndex& self, const py::object& keys_obj) {
-            const py::array keys = contiguous_token(keys_obj, "new_keys");
-            const KVView view = token_view(keys, "new_keys");
-            require_finite(view, "new_keys");
-            py::gil_scoped_release release;
-            self.append(view);
-          },
-          py::arg("new_keys"))
+      .def("append", &append_keys<QuestIndex>, py::arg("new_keys"))
       .def(
           "select",
-          [](const QuestIndex& self, const py::object& q_obj, std::int64_t budget,
+          [](const QuestIndex& self, const py::object& q, std::int64_t budget,
              bool per_query_head) {
-            const py::array_t<float> q =
-                finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
-            check_query(q, self.heads(), self.dim());
-            KVPACK_ARG_CHECK(budget >= 1, "budget: expected >= 1, got " << budget);
-            const std::int64_t rows = per_query_head ? q.shape(0) : self.heads();
-            std::vector<std::int32_t> out(
-                static_cast<std::size_t>(rows * self.selection_size(budget)));
-            {
-              py::gil_scoped_release release;
-              self.select(q.data(), q.shape(0), budget, per_query_head, out.data());
-            }
-            return selection_array(std::move(out), rows);
+            return select_tokens(self, q, budget, per_query_head,
+                                 [&](const py::array_t<float>& qa, std::int32_t* out) {
+                                   self.select(qa.data(), qa.shape(0), budget, per_query_head, out);
+                                 });
           },
           py::arg("q"), py::arg("budget"), py::arg("per_query_head") = false)
       .def_property_readonly("heads", &QuestIndex::heads)

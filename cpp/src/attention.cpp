@@ -10,7 +10,6 @@
 #include <limits>
 #include <vector>
 
-#include "fast_math.h"
 #include "kvpack/convert.h"
 #include "kvpack/parallel.h"
 #include "vec.h"
@@ -304,8 +303,10 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
     if (output.lse) output.lse[hq] = lse;
     if (output.weights) {
       float* w = output.weights + hq * count;
-#pragma omp simd
-      for (std::int64_t i = 0; i < count; ++i) w[i] = detail::fast_exp(w[i] - lse);
+      std::int64_t i = 0;
+      for (; i + kLanes <= count; i += kLanes)
+        detail::store16(w + i, detail::exp16(load16(w + i) - lse));
+      for (; i < count; ++i) w[i] = std::exp(w[i] - lse);
     }
   });
 }

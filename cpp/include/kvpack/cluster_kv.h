@@ -75,6 +75,8 @@ class ClusterKV {
   // Makes every token of `needed` (per KV head) resident; returns their slots in order.
   void recall(const std::vector<std::vector<std::int32_t>>& needed, RecallStats& stats);
   std::int32_t take_slot(std::int64_t head, std::int32_t token);
+  // Empties the fast tier and gives it `slots` rows per head.
+  void reset_fast_tier(std::int64_t slots);
 
   ClusterKVParams params_;
   std::unique_ptr<ClusterIndex> cluster_index_;
