@@ -23,7 +23,10 @@ def _objective(unit_points: np.ndarray, centroids: np.ndarray) -> float:
 
 
 def run(tokens: int = 32768, clusters: int = 400, iters: int = 20) -> list[tuple[str, str, str]]:
-    import faiss
+    try:
+        import faiss
+    except ImportError as error:
+        raise SystemExit("the k-means benchmark needs faiss: pip install -e '.[bench]'") from error
 
     keys = synthetic_llama_cache(tokens, dtype="float16", seed=0).keys
     unit = keys.astype(np.float32)
