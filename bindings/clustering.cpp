@@ -22,7 +22,7 @@ KMeansInit parse_init(const std::string& init) {
 
 // Points [n, d] or [heads, n, d] as a [heads, n, d] view; batched tells which.
 KVView points_view(const py::array& x, bool* batched) {
-  kv_dtype(x, "x");
+  const DType dtype = kv_dtype(x, "x");
   KVPACK_ARG_CHECK(
       x.ndim() == 2 || x.ndim() == 3,
       "x: expected 2 dimensions [n, d] or 3 [heads, n, d], got shape " << shape_string(x));
@@ -31,7 +31,7 @@ KVView points_view(const py::array& x, bool* batched) {
                    "numpy.ascontiguousarray(x)");
   *batched = x.ndim() == 3;
   KVView view;
-  view.dtype = kv_dtype(x, "x");
+  view.dtype = dtype;
   view.heads = *batched ? x.shape(0) : 1;
   view.tokens = x.shape(x.ndim() - 2);
   view.dim = x.shape(x.ndim() - 1);
@@ -386,13 +386,16 @@ void bind_clustering(py::module_& m) {
             KVPACK_TYPE_CHECK(k.dtype == self.dtype() && v.dtype == self.dtype(),
                               "new_key/new_value: expected dtype " << dtype_name(self.dtype())
                                                                    << " like the prefill");
+            // A NaN key would poison the clustering later; one token is cheap to check.
+            require_finite(k, "new_key");
+            require_finite(v, "new_value");
             py::array_t<float> out = owned_float_array({q.shape(0), self.dim()});
             {
               py::gil_scoped_release release;
               self.step(q.data(), q.shape(0), k, v, out.mutable_data());
             }
             if (!all_finite(out.data(), out.size()))
-              raise_non_finite({{"new_key", k}, {"new_value", v}});
+              raise_non_finite({{"keys", self.keys()}, {"values", self.values()}});
             return out;
           },
           py::arg("q"), py::arg("new_key"), py::arg("new_value"))

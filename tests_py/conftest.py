@@ -26,7 +26,7 @@ def rng():
 
 
 def random_cache(rng, heads_kv, tokens, dim, dtype, heads_q=None):
-    """keys, values in `dtype` and a float32 query; values exactly representable."""
+    """Standard-normal keys and values stored in `dtype`, and a float32 query."""
     keys = rng.standard_normal((heads_kv, tokens, dim), dtype=np.float32).astype(dtype)
     values = rng.standard_normal((heads_kv, tokens, dim), dtype=np.float32).astype(dtype)
     q = rng.standard_normal((heads_q or heads_kv, dim), dtype=np.float32)

@@ -269,3 +269,14 @@ def test_step_rejects_mismatched_token(rng):
         recall.step(q, np.ones((2, 16), np.float32), keys[:, 0])
     with pytest.raises(TypeError, match="expected dtype float32 like the prefill"):
         recall.step(q, keys[:, 0].astype(np.float16), keys[:, 0].astype(np.float16))
+
+
+def test_step_rejects_non_finite_token(rng):
+    keys, _, _ = topic_keys(rng, tokens=500)
+    recall = kvpack.ClusterKV(budget=64)
+    recall.prefill(keys, keys)
+    bad = keys[:, 0].copy()
+    bad[1, 3] = np.inf
+    with pytest.raises(ValueError, match="new_key: contains NaN or Inf"):
+        recall.step(np.ones((2, 32), np.float32), bad, keys[:, 0])
+    assert recall.tokens == 500  # nothing appended

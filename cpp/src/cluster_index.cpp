@@ -23,14 +23,6 @@ void check_params(const ClusterIndexParams& p) {
                    << p.append_interval << ", got " << p.append_clusters);
 }
 
-// Float copy of tokens [first, first + count) of every head: heads * count * dim.
-std::vector<float> float_rows(const KVView& keys, std::int64_t first, std::int64_t count) {
-  std::vector<float> out(static_cast<std::size_t>(keys.heads * count * keys.dim));
-  for (std::int64_t h = 0; h < keys.heads; ++h)
-    to_float(keys.row(h, first), keys.dtype, count * keys.dim, out.data() + h * count * keys.dim);
-  return out;
-}
-
 }  // namespace
 
 ClusterIndex::ClusterIndex(const KVView& keys, const ClusterIndexParams& params) : params_(params) {
@@ -55,11 +47,18 @@ ClusterIndex::ClusterIndex(const KVView& keys, const ClusterIndexParams& params)
   empty->labels.assign(static_cast<std::size_t>(heads_ * sink_), -1);
   empty->end = sink_;
   arrays_ = empty;
-  if (clustered > 0) add_clusters(float_rows(keys, sink_, clustered), sink_, clustered, k);
+  // The tokens after the sinks, read in place: a view that skips each head's sinks.
+  const KVView rows{clustered > 0 ? keys.row(0, sink_) : keys.data,
+                    keys.dtype,
+                    heads_,
+                    clustered,
+                    dim_,
+                    keys.stride()};
+  if (clustered > 0) add_clusters(rows, sink_, k);
 }
 
-void ClusterIndex::add_clusters(const std::vector<float>& keys, std::int64_t first,
-                                std::int64_t count, std::int64_t k) {
+void ClusterIndex::add_clusters(const KVView& keys, std::int64_t first, std::int64_t k) {
+  const std::int64_t count = keys.tokens;
   const ClusterArrays& old = *arrays_;
   KMeansParams kp;
   kp.n_clusters = k;
@@ -67,8 +66,7 @@ void ClusterIndex::add_clusters(const std::vector<float>& keys, std::int64_t fir
   kp.seed = params_.seed + static_cast<std::uint64_t>(first);  // fresh draws per batch
   kp.spherical = true;
   kp.init = params_.init;
-  const KVView view{keys.data(), DType::Float32, heads_, count, dim_};
-  const std::vector<KMeansResult> results = kmeans_heads(view, kp);
+  const std::vector<KMeansResult> results = kmeans_heads(keys, kp);
 
   auto next = std::make_shared<ClusterArrays>();
   ClusterArrays& a = *next;
@@ -101,13 +99,14 @@ void ClusterIndex::add_clusters(const std::vector<float>& keys, std::int64_t fir
     for (std::int64_t i = 0; i < count; ++i) ++sizes[labels[i]];
     for (std::int64_t j = 0; j < k; ++j) offsets[j + 1] = offsets[j] + sizes[j];
     std::vector<std::int32_t> cursor(offsets, offsets + k);
-    const float* x = keys.data() + h * count * dim_;
     std::vector<double> sums(static_cast<std::size_t>(k * dim_), 0.0);
+    std::vector<float> x(static_cast<std::size_t>(dim_));
     for (std::int64_t i = 0; i < count; ++i) {
       const std::int32_t j = labels[i];
       order[cursor[j]++] = static_cast<std::int32_t>(first + i);
       a.labels[h * a.end + first + i] = static_cast<std::int32_t>(old.clusters + j);
-      for (std::int64_t c = 0; c < dim_; ++c) sums[j * dim_ + c] += x[i * dim_ + c];
+      to_float(keys.row(h, i), keys.dtype, dim_, x.data());
+      for (std::int64_t c = 0; c < dim_; ++c) sums[j * dim_ + c] += x[c];
     }
     for (std::int64_t j = 0; j < k; ++j)
       if (sizes[j] > 0)
@@ -140,7 +139,8 @@ void ClusterIndex::append(const KVView& new_keys) {
       std::copy_n(rows.begin(), m * dim_, batch.begin() + h * m * dim_);
       rows.erase(rows.begin(), rows.begin() + m * dim_);
     }
-    add_clusters(batch, arrays_->end, m, params_.append_clusters);
+    add_clusters(KVView{batch.data(), DType::Float32, heads_, m, dim_}, arrays_->end,
+                 params_.append_clusters);
     pending_tokens_ -= m;
   }
 }
@@ -175,8 +175,20 @@ void ClusterIndex::select(const float* q, std::int64_t heads_q, std::int64_t bud
     if (a.clusters > 0)
       inner_products(a.centroids.data() + head * a.clusters * dim_, a.clusters, dim_, query.data(),
                      scores.data());
-    const std::vector<std::int32_t> ranked = top_k(scores.data(), a.clusters, a.clusters);
-    const RankedGroups groups{ranked.data(), a.clusters, a.offsets.data() + head * (a.clusters + 1),
+    // Rank only as many clusters as can fill the budget (whole-cluster sizes >= count
+    // guarantees it), doubling until they do: a full sort of every cluster is wasted work.
+    const std::int32_t* sizes = a.sizes.data() + head * a.clusters;
+    std::int64_t want = std::min<std::int64_t>(a.clusters, 16);
+    std::vector<std::int32_t> ranked;
+    for (;;) {
+      ranked = top_k(scores.data(), a.clusters, want);
+      std::int64_t covered = 0;
+      for (std::int32_t c : ranked) covered += sizes[c];
+      if (covered >= count || want == a.clusters) break;
+      want = std::min(a.clusters, 2 * want);
+    }
+    const RankedGroups groups{ranked.data(), static_cast<std::int64_t>(ranked.size()),
+                              a.offsets.data() + head * (a.clusters + 1),
                               a.order.data() + head * a.clustered};
     fill_budget(always, groups, count, out + r * count,
                 used_clusters ? &(*used_clusters)[static_cast<std::size_t>(r)] : nullptr);

@@ -77,10 +77,11 @@ inline void store16(float* p, f32x16 v) {
 inline float reduce_add(f32x16 v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
-#endif
+#else
   float sum = 0.0f;
   for (int l = 0; l < kLanes; ++l) sum += v[l];
   return sum;
+#endif
 }
 
 }  // namespace kvpack::detail

@@ -241,9 +241,10 @@ class ClusterKV:
         Tokens attended per step [1024].
     method : {"clusterkv", "quest"}
     n_clusters, sink, iters, seed, init, append_interval, append_clusters
-        ClusterKV clustering (see :class:`ClusterIndex`).
+        ClusterKV clustering (see :class:`ClusterIndex`); unused by Quest.
     window : int
-        Most recent tokens always attended [0].
+        Most recent tokens always attended [0] (ClusterKV; Quest always keeps its
+        current page).
     recall_steps : int
         R: tokens recalled in the last R steps stay in the fast tier [1].
     per_query_head : bool

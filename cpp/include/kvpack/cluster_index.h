@@ -69,10 +69,9 @@ class ClusterIndex {
   std::shared_ptr<const ClusterArrays> arrays() const { return arrays_; }
 
  private:
-  // Clusters tokens [first, first + count) whose float keys are at keys (heads * count * dim)
-  // into k clusters per head and appends them to the index.
-  void add_clusters(const std::vector<float>& keys, std::int64_t first, std::int64_t count,
-                    std::int64_t k);
+  // Clusters the rows of `keys` ([heads, count, dim], any dtype and head stride), which
+  // are tokens [first, first + count), into k clusters per head and appends them.
+  void add_clusters(const KVView& keys, std::int64_t first, std::int64_t k);
 
   ClusterIndexParams params_;
   std::int64_t heads_ = 0, dim_ = 0, tokens_ = 0, sink_ = 0;

@@ -18,6 +18,10 @@ void set_num_threads(int n);
 /// exception raised by any iteration is rethrown after the loop.
 template <class Body>
 void parallel_for(std::int64_t n, Body&& body) {
+  if (n <= 1 || num_threads() == 1) {  // no thread team for work that cannot be shared
+    for (std::int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
   std::exception_ptr error;
   std::mutex error_mutex;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
