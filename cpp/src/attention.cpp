@@ -90,7 +90,7 @@ void attend_range(const float* qs, const KVView& keys, const KVView& values, std
                   TokenAt token_at, std::int64_t begin, std::int64_t end, std::int64_t count,
                   const float* bias_row, float* scores, Partial state) {
   const std::int64_t dim = keys.dim;
-  float s[Tile * kBlockTokens];
+  float s[Tile * kBlockTokens] = {};  // slots past a short block's end stay finite
   std::int64_t tokens[kBlockTokens];
   const T* rows[kBlockTokens];
   for (int g = 0; g < Tile; ++g) {
