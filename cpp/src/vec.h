@@ -91,11 +91,11 @@ namespace kvpack::detail {
 typedef std::int32_t i32x16 __attribute__((vector_size(64)));
 
 /// exp of 16 floats at once, vectorised: range reduction by ln2 in two parts and a
-/// degree-6 polynomial; relative error below 2e-7 (inputs clamped to [-87, 88], NaN to -87).
-inline f32x16 exp16(f32x16 x) {
+/// degree-6 polynomial; relative error below 2e-7 (inputs clamped to [-87, 88]; NaN stays NaN).
+inline f32x16 exp16(f32x16 in) {
   const f32x16 lo = f32x16{} - 87.0f, hi = f32x16{} + 88.0f;
-  x = x > lo ? x : lo;  // also maps NaN to lo, so the integer conversion below is defined
-  x = x < hi ? x : hi;
+  f32x16 x = in > lo ? in : lo;  // NaN lanes become lo here (a defined integer conversion)
+  x = x < hi ? x : hi;           // and NaN again at the end
   // floor(x * log2(e) + 0.5) by truncating a value made positive.
   const i32x16 shifted = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, i32x16);
   const f32x16 n = __builtin_convertvector(shifted - 128, f32x16);
@@ -110,7 +110,7 @@ inline f32x16 exp16(f32x16 x) {
   const i32x16 bits = (shifted - 128 + 127) << 23;
   f32x16 scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return in == in ? p * scale : in;
 }
 
 }  // namespace kvpack::detail
