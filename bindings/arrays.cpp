@@ -45,6 +45,12 @@ DType kv_dtype(const py::array& array, const char* name) {
       false, name << ": expected dtype float32, float16 or bfloat16, got " << dtype_string(array));
 }
 
+py::dtype numpy_dtype(DType dtype) {
+  if (dtype == DType::BFloat16)
+    return py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16"));
+  return py::dtype(dtype == DType::Float16 ? "float16" : "float32");
+}
+
 void require_layout(const py::array& array, const char* name, int ndim, const char* layout) {
   KVPACK_ARG_CHECK(array.ndim() == ndim, name << ": expected " << ndim << " dimensions " << layout
                                               << ", got shape " << shape_string(array));
@@ -65,6 +71,63 @@ KVView kv_view(const py::array& array, const char* name) {
                    name << ": expected a non-empty cache, got shape " << shape_string(array));
   view.data = array.data();
   return view;
+}
+
+std::pair<KVView, KVView> kv_pair(const py::array& keys, const py::array& values) {
+  const KVView k = kv_view(keys, "keys"), v = kv_view(values, "values");
+  KVPACK_ARG_CHECK(v.heads == k.heads && v.tokens == k.tokens && v.dim == k.dim,
+                   "values: expected shape " << shape_string(keys) << " like keys, got "
+                                             << shape_string(values));
+  KVPACK_TYPE_CHECK(v.dtype == k.dtype, "values: expected dtype " << dtype_name(k.dtype)
+                                                                  << " like keys, got "
+                                                                  << dtype_name(v.dtype));
+  return {k, v};
+}
+
+py::array contiguous_token(const py::object& object, const char* name) {
+  const py::array a = as_array(object, name);
+  if (a.flags() & py::array::c_style) return a;
+  return py::module_::import("numpy").attr("ascontiguousarray")(a);
+}
+
+KVView token_view(const py::array& a, const char* name) {
+  if (a.ndim() == 2) {
+    require_layout(a, name, 2, "[heads_kv, head_dim]");
+    KVView v{a.data(), kv_dtype(a, name), a.shape(0), 1, a.shape(1)};
+    KVPACK_ARG_CHECK(v.heads > 0 && v.dim > 0,
+                     name << ": expected a non-empty array, got shape " << shape_string(a));
+    return v;
+  }
+  return kv_view(a, name);
+}
+
+NewToken new_token(const py::object& key, const py::object& value, std::int64_t heads,
+                   std::int64_t dim, DType dtype) {
+  NewToken t;
+  t.key_array = contiguous_token(key, "new_key");
+  t.value_array = contiguous_token(value, "new_value");
+  t.key = token_view(t.key_array, "new_key");
+  t.value = token_view(t.value_array, "new_value");
+  KVPACK_ARG_CHECK(t.key.heads == heads && t.key.tokens == 1 && t.key.dim == dim,
+                   "new_key: expected shape (" << heads << ", " << dim << "), got "
+                                               << shape_string(t.key_array));
+  KVPACK_ARG_CHECK(t.value.heads == heads && t.value.tokens == 1 && t.value.dim == dim,
+                   "new_value: expected shape (" << heads << ", " << dim << "), got "
+                                                 << shape_string(t.value_array));
+  KVPACK_TYPE_CHECK(t.key.dtype == dtype && t.value.dtype == dtype,
+                    "new_key/new_value: expected dtype " << dtype_name(dtype)
+                                                         << " like the prefill");
+  require_finite(t.key, "new_key");
+  require_finite(t.value, "new_value");
+  return t;
+}
+
+void check_query(const py::array_t<float>& q, std::int64_t heads_kv, std::int64_t dim) {
+  KVPACK_ARG_CHECK(q.shape(1) == dim,
+                   "q: expected head_dim " << dim << ", got shape " << shape_string(q));
+  KVPACK_ARG_CHECK(q.shape(0) % heads_kv == 0,
+                   "q: expected heads_q to be a positive multiple of heads_kv="
+                       << heads_kv << ", got shape " << shape_string(q));
 }
 
 bool all_finite(const float* data, std::int64_t n) {

@@ -42,11 +42,38 @@ std::string dtype_string(const py::array& array);
 /// The storage dtype of a KV array; TypeError unless float32, float16 or bfloat16.
 DType kv_dtype(const py::array& array, const char* name);
 
+/// The NumPy dtype of a storage dtype (bfloat16 through ml_dtypes).
+py::dtype numpy_dtype(DType dtype);
+
 /// Checks ndim and C-contiguity of `array`.
 void require_layout(const py::array& array, const char* name, int ndim, const char* layout);
 
 /// Zero-copy view of a [heads, tokens, dim] KV array, validated.
 KVView kv_view(const py::array& array, const char* name);
+
+/// Zero-copy views of a layer's keys and values, validated: values must match the
+/// shape and dtype of keys.
+std::pair<KVView, KVView> kv_pair(const py::array& keys, const py::array& values);
+
+/// One decoded token's keys or values, [heads_kv, head_dim] or [heads_kv, 1, head_dim];
+/// a non-contiguous one is copied (it is small).
+py::array contiguous_token(const py::object& object, const char* name);
+
+/// A [heads_kv, 1, head_dim] view of one token's keys or values from contiguous_token.
+KVView token_view(const py::array& a, const char* name);
+
+/// Views of a decode step's new key and value, checked against the cache's heads, head_dim
+/// and dtype and for NaN/Inf (one token is cheap to check). The arrays keep the data alive.
+// Hidden like the pybind11 types it holds.
+struct __attribute__((visibility("hidden"))) NewToken {
+  py::array key_array, value_array;
+  KVView key, value;
+};
+NewToken new_token(const py::object& key, const py::object& value, std::int64_t heads,
+                   std::int64_t dim, DType dtype);
+
+/// Checks a decode query against the cache's KV heads and head_dim.
+void check_query(const py::array_t<float>& q, std::int64_t heads_kv, std::int64_t dim);
 
 /// Float32 C-contiguous array of `array` with `ndim` dims: the array itself when it
 /// already is one, else a converted copy (queries are small). Rejects NaN/Inf.

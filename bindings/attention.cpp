@@ -22,15 +22,7 @@ py::tuple attention(const py::object& q_obj, const py::object& keys_obj,
   std::optional<py::array> indices_arg, bias_arg;
   if (!indices_obj.is_none()) indices_arg = as_array(indices_obj, "indices");
   if (!bias_obj.is_none()) bias_arg = as_array(bias_obj, "bias");
-  const KVView keys = kv_view(keys_arg, "keys");
-  const KVView values = kv_view(values_arg, "values");
-  KVPACK_ARG_CHECK(
-      values.heads == keys.heads && values.tokens == keys.tokens && values.dim == keys.dim,
-      "values: expected shape " << shape_string(keys_arg) << " like keys, got "
-                                << shape_string(values_arg));
-  KVPACK_TYPE_CHECK(values.dtype == keys.dtype, "values: expected dtype "
-                                                    << dtype_name(keys.dtype) << " like keys, got "
-                                                    << dtype_name(values.dtype));
+  const auto [keys, values] = kv_pair(keys_arg, values_arg);
   const py::array_t<float> q = finite_float32(q_arg, "q", 2, "[heads_q, head_dim]");
   const std::int64_t heads_q = q.shape(0);
   KVPACK_ARG_CHECK(q.shape(1) == keys.dim, "q: expected head_dim " << keys.dim

@@ -119,26 +119,6 @@ py::dict kmeans_binding(const py::object& x_obj, std::int64_t n_clusters, int it
   return out;
 }
 
-// A decoded token's keys or values are small: a non-contiguous one is copied.
-py::array contiguous_token(const py::object& object, const char* name) {
-  const py::array a = as_array(object, name);
-  if (a.flags() & py::array::c_style) return a;
-  return py::module_::import("numpy").attr("ascontiguousarray")(a);
-}
-
-// One token's keys or values: [heads_kv, d] or [heads_kv, 1, d].
-KVView token_view(const py::array& a, const char* name) {
-  if (a.ndim() == 2) {
-    kv_dtype(a, name);
-    require_layout(a, name, 2, "[heads_kv, head_dim]");
-    KVView v{a.data(), kv_dtype(a, name), a.shape(0), 1, a.shape(1)};
-    KVPACK_ARG_CHECK(v.heads > 0 && v.dim > 0,
-                     name << ": expected a non-empty array, got shape " << shape_string(a));
-    return v;
-  }
-  return kv_view(a, name);
-}
-
 // A zero-copy array over part of a shared index snapshot; the capsule keeps it alive.
 template <class T>
 py::array_t<T> snapshot_array(const std::shared_ptr<const ClusterArrays>& arrays,
@@ -155,14 +135,6 @@ py::array_t<std::int32_t> selection_array(std::vector<std::int32_t>&& tokens, st
   const auto count =
       static_cast<py::ssize_t>(rows ? static_cast<std::int64_t>(tokens.size()) / rows : 0);
   return adopt_vector(std::move(tokens), {static_cast<py::ssize_t>(rows), count});
-}
-
-void check_query(const py::array_t<float>& q, std::int64_t heads_kv, std::int64_t dim) {
-  KVPACK_ARG_CHECK(q.shape(1) == dim,
-                   "q: expected head_dim " << dim << ", got shape " << shape_string(q));
-  KVPACK_ARG_CHECK(q.shape(0) % heads_kv == 0,
-                   "q: expected heads_q to be a positive multiple of heads_kv="
-                       << heads_kv << ", got shape " << shape_string(q));
 }
 
 // Validates and appends decoded tokens' keys to a ClusterIndex or QuestIndex.
@@ -353,13 +325,7 @@ void bind_clustering(py::module_& m) {
           [](ClusterKV& self, const py::object& keys_obj, const py::object& values_obj) {
             const py::array keys = as_array(keys_obj, "keys"),
                             values = as_array(values_obj, "values");
-            const KVView k = kv_view(keys, "keys"), v = kv_view(values, "values");
-            KVPACK_ARG_CHECK(v.heads == k.heads && v.tokens == k.tokens && v.dim == k.dim,
-                             "values: expected shape " << shape_string(keys) << " like keys, got "
-                                                       << shape_string(values));
-            KVPACK_TYPE_CHECK(v.dtype == k.dtype, "values: expected dtype " << dtype_name(k.dtype)
-                                                                            << " like keys, got "
-                                                                            << dtype_name(v.dtype));
+            const auto [k, v] = kv_pair(keys, values);
             require_finite(k, "keys");
             require_finite(v, "values");
             py::gil_scoped_release release;
@@ -374,25 +340,13 @@ void bind_clustering(py::module_& m) {
             const py::array_t<float> q =
                 finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
             check_query(q, self.heads(), self.dim());
-            const py::array key = contiguous_token(key_obj, "new_key");
-            const py::array value = contiguous_token(value_obj, "new_value");
-            const KVView k = token_view(key, "new_key"), v = token_view(value, "new_value");
-            KVPACK_ARG_CHECK(k.heads == self.heads() && k.tokens == 1 && k.dim == self.dim(),
-                             "new_key: expected shape (" << self.heads() << ", " << self.dim()
-                                                         << "), got " << shape_string(key));
-            KVPACK_ARG_CHECK(v.heads == self.heads() && v.tokens == 1 && v.dim == self.dim(),
-                             "new_value: expected shape (" << self.heads() << ", " << self.dim()
-                                                           << "), got " << shape_string(value));
-            KVPACK_TYPE_CHECK(k.dtype == self.dtype() && v.dtype == self.dtype(),
-                              "new_key/new_value: expected dtype " << dtype_name(self.dtype())
-                                                                   << " like the prefill");
-            // A NaN key would poison the clustering later; one token is cheap to check.
-            require_finite(k, "new_key");
-            require_finite(v, "new_value");
+            // A NaN key would poison the clustering later; new_token rejects it.
+            const NewToken token =
+                new_token(key_obj, value_obj, self.heads(), self.dim(), self.dtype());
             py::array_t<float> out = owned_float_array({q.shape(0), self.dim()});
             {
               py::gil_scoped_release release;
-              self.step(q.data(), q.shape(0), k, v, out.mutable_data());
+              self.step(q.data(), q.shape(0), token.key, token.value, out.mutable_data());
             }
             if (!all_finite(out.data(), out.size()))
               raise_non_finite({{"keys", self.keys()}, {"values", self.values()}});

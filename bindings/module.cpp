@@ -6,6 +6,7 @@
 namespace kvpack::bindings {
 void bind_attention(py::module_& m);
 void bind_clustering(py::module_& m);
+void bind_compression(py::module_& m);
 }  // namespace kvpack::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -30,4 +31,5 @@ PYBIND11_MODULE(_core, m) {
 
   bind_attention(m);
   bind_clustering(m);
+  bind_compression(m);
 }

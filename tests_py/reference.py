@@ -91,3 +91,197 @@ def kmeans(x, init_centroids, iters, spherical=True):
             c[j] = mean / np.linalg.norm(mean) if spherical else mean
         previous = labels
     return c, labels, history
+
+
+# ---- compression methods (kvpack.compress) ----
+
+
+def round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def top_set(scores, k):
+    """Ascending indices of the k highest scores, ties to the lower index."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return np.sort(order[:k])
+
+
+def keep_streaming(tokens, slots, sinks=4):
+    head = min(sinks, slots)
+    return np.concatenate([np.arange(head), np.arange(tokens - (slots - head), tokens)])
+
+
+def keep_h2o(scores, slots, recent_ratio=0.5):
+    tokens = len(scores)
+    recent = min(round_half_up(recent_ratio * slots), slots)
+    heavy = top_set(scores[: tokens - recent], slots - recent)
+    return np.concatenate([heavy, np.arange(tokens - recent, tokens)])
+
+
+def keep_snapkv(scores, slots, window=32, kernel=5):
+    tokens = len(scores)
+    window = min(window, slots)
+    older = tokens - window
+    half = kernel // 2
+    pooled = [max(scores[max(0, t - half) : min(older, t + half + 1)]) for t in range(older)]
+    return np.concatenate([top_set(pooled, slots - window), np.arange(older, tokens)])
+
+
+def cam_head(keys, values, scores, slots, sinks=4, merge_window=32):
+    """CaM in expectation for one head: (keys, values, positions)."""
+    k, v, a = as64(keys), as64(values).copy(), as64(scores)
+    tokens = len(a)
+    sinks = min(sinks, slots)
+    window = slots - sinks
+    if window > 0:
+        for e in range(sinks, tokens - window):
+            kept = np.concatenate([a[:sinks], a[e + 1 : e + window + 1]])
+            mean = kept.mean()
+            p = min(1.0, max(0.0, a[e] / mean)) if mean > 0 else 0.0
+            for j in range(e + 1, min(e + merge_window, e + window) + 1):
+                v[j] += p / merge_window * v[e]
+    positions = keep_streaming(tokens, slots, sinks)
+    return k[positions], v[positions], positions
+
+
+def kvmerger_protection(fraction):
+    if fraction >= 0.5:
+        return 0.17, 0.12
+    if fraction >= 0.35:
+        t = (fraction - 0.35) / 0.15
+        return 0.08 + t * 0.09, 0.02 + t * 0.10
+    return 0.08 * fraction / 0.35, 0.02 * fraction / 0.35
+
+
+def cosine(a, b):
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den > 0 else 0.0
+
+
+def kvmerger_head(keys, values, scores, slots, protect_recent=None, protect_heavy=None, sigma=5.0):
+    """KVMerger for one head: (keys, values, counts, positions, threshold) in float64."""
+    k, v, a = as64(keys), as64(values), as64(scores)
+    tokens = len(a)
+    recent_share, heavy_share = kvmerger_protection(slots / tokens)
+    recent_share = recent_share if protect_recent is None else protect_recent
+    heavy_share = heavy_share if protect_heavy is None else protect_heavy
+    recent = round_half_up(recent_share * tokens)
+    heavy = round_half_up(heavy_share * tokens)
+    protected = np.zeros(tokens, bool)
+    protected[tokens - recent :] = True
+    protected[top_set(a[: tokens - recent], heavy)] = True
+    pairs = [t for t in range(tokens - 1) if not protected[t] and not protected[t + 1]]
+    similarity = np.array([cosine(k[t], k[t + 1]) for t in pairs])
+    merged_pairs = [pairs[i] for i in top_set(similarity, tokens - slots)]
+    linked = np.zeros(tokens, bool)
+    linked[merged_pairs] = True
+    out_k, out_v, counts, positions = [], [], [], []
+    first = 0
+    while first < tokens:
+        last = first
+        while linked[last]:
+            last += 1
+        members = np.arange(first, last + 1)
+        pivot = first + int(np.argmax(a[members]))
+        d2 = ((k[members] - k[pivot]) ** 2).sum(axis=1)
+        if sigma == "auto":
+            var = d2.sum() / (len(members) - 1) if len(members) > 1 else 0.0
+        else:
+            var = sigma**2
+        w = np.exp(-d2 / (2 * var)) if var > 0 else np.ones(len(members))
+        w /= w.sum()
+        out_k.append(w @ k[members])
+        out_v.append(w @ v[members])
+        counts.append(len(members))
+        positions.append(pivot)
+        first = last + 1
+    threshold = similarity[top_set(similarity, tokens - slots)].min() if slots < tokens else np.inf
+    return np.array(out_k), np.array(out_v), np.array(counts), np.array(positions), threshold
+
+
+def compress(keys, values, method, slots, scores=None, **params):
+    """Every kvpack.compress method head by head: dict of float64 keys/values, counts, positions."""
+    heads, tokens, _ = keys.shape
+    out = {"keys": [], "values": [], "counts": [], "positions": []}
+    for h in range(heads):
+        counts = None
+        if method == "full":
+            positions = np.arange(tokens)
+        elif method == "streaming_llm":
+            positions = keep_streaming(tokens, slots, **params)
+        elif method == "h2o":
+            positions = keep_h2o(scores[h], slots, **params)
+        elif method == "snapkv":
+            positions = keep_snapkv(scores[h], slots, **params)
+        elif method == "cam":
+            hk, hv, positions = cam_head(keys[h], values[h], scores[h], slots, **params)
+        elif method == "kvmerger":
+            hk, hv, counts, positions, _ = kvmerger_head(
+                keys[h], values[h], scores[h], slots, **params
+            )
+        else:
+            raise ValueError(method)
+        if method not in ("cam", "kvmerger"):
+            hk, hv = as64(keys[h])[positions], as64(values[h])[positions]
+        out["keys"].append(hk)
+        out["values"].append(hv)
+        out["counts"].append(np.ones(len(positions), int) if counts is None else counts)
+        out["positions"].append(positions)
+    return {name: np.stack(rows) for name, rows in out.items()}
+
+
+class EvictionReference:
+    """StreamingLLM / H2O decode-time eviction, simulated in float64 with token sets."""
+
+    def __init__(self, method, budget, sinks=4, recent_ratio=0.5):
+        self.method, self.budget, self.sinks = method, budget, sinks
+        self.recent = round_half_up(recent_ratio * budget)
+
+    def prefill(self, keys, values, scores=None):
+        heads, tokens, _ = keys.shape
+        self.k, self.v = list(as64(keys)), list(as64(values))
+        size = min(tokens, self.budget)
+        self.kept, self.score = [], []
+        for h in range(heads):
+            if self.method == "h2o":
+                recent = min(self.recent, size)
+                heavy = top_set(scores[h][: tokens - recent], size - recent)
+                kept = np.concatenate([heavy, np.arange(tokens - recent, tokens)])
+                self.score.append({int(t): float(scores[h][t]) for t in kept})
+            else:
+                kept = keep_streaming(tokens, size, self.sinks)
+            self.kept.append([int(t) for t in kept])
+        self.seen = tokens
+
+    def step(self, q, key, value):
+        heads = len(self.k)
+        q = as64(q)
+        group = q.shape[0] // heads
+        for h in range(heads):
+            self.k[h] = np.vstack([self.k[h], as64(key)[h]])
+            self.v[h] = np.vstack([self.v[h], as64(value)[h]])
+            self.kept[h].append(self.seen)
+            if self.method == "h2o":
+                self.score[h][self.seen] = 0.0
+        self.seen += 1
+        outs = []
+        for g in range(q.shape[0]):
+            h = g // group
+            idx = np.array(self.kept[h])
+            s = self.k[h][idx] @ q[g] / np.sqrt(q.shape[1])
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            outs.append(p @ self.v[h][idx])
+            if self.method == "h2o":
+                for t, w in zip(idx, p):
+                    self.score[h][int(t)] += w
+        if len(self.kept[0]) > self.budget:
+            for h in range(heads):
+                if self.method == "h2o":
+                    old = [t for t in self.kept[h] if t < self.seen - self.recent]
+                    victim = min(old, key=lambda t: (self.score[h][t], t))
+                    del self.score[h][victim]
+                else:
+                    victim = min(t for t in self.kept[h] if t >= min(self.sinks, self.budget))
+                self.kept[h].remove(victim)
+        return np.stack(outs)

@@ -2,6 +2,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 
 #include "kvpack/common.h"
@@ -16,16 +17,46 @@ void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const f
   Eigen::Map<Eigen::VectorXf>(out, n).noalias() = m * v;
 }
 
-std::vector<std::int32_t> top_k(const float* scores, std::int64_t n, std::int64_t k) {
+namespace {
+
+// Strict total order of the ranking: higher score first, ties to the lower index.
+struct Better {
+  const float* scores;
+  bool operator()(std::int32_t a, std::int32_t b) const {
+    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+  }
+};
+
+std::vector<std::int32_t> all_indices(std::int64_t n, std::int64_t k) {
   KVPACK_CHECK(k >= 0 && k <= n, "k: expected 0 <= k <= n=" << n << ", got " << k);
   std::vector<std::int32_t> idx(static_cast<std::size_t>(n));
   std::iota(idx.begin(), idx.end(), 0);
-  auto better = [scores](std::int32_t a, std::int32_t b) {
-    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
-  };
-  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), better);
+  return idx;
+}
+
+}  // namespace
+
+std::vector<std::int32_t> top_k(const float* scores, std::int64_t n, std::int64_t k) {
+  std::vector<std::int32_t> idx = all_indices(n, k);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), Better{scores});
   idx.resize(static_cast<std::size_t>(k));
   return idx;
+}
+
+std::vector<std::int32_t> top_k_set(const float* scores, std::int64_t n, std::int64_t k) {
+  std::vector<std::int32_t> idx = all_indices(n, k);
+  if (k < n) std::nth_element(idx.begin(), idx.begin() + k, idx.end(), Better{scores});
+  idx.resize(static_cast<std::size_t>(k));
+  std::sort(idx.begin(), idx.end());
+  return idx;
+}
+
+void gather_rows(const KVView& src, std::int64_t head, const std::int32_t* tokens,
+                 std::int64_t n, void* dst) {
+  const std::size_t row_bytes = static_cast<std::size_t>(src.dim) * dtype_size(src.dtype);
+  char* out = static_cast<char*>(dst);
+  for (std::int64_t i = 0; i < n; ++i, out += row_bytes)
+    std::memcpy(out, src.row(head, tokens[i]), row_bytes);
 }
 
 void fill_budget(const std::vector<std::int32_t>& always, const RankedGroups& groups,

@@ -15,19 +15,36 @@ from ._core import (
 )
 from .attention import accumulated_attention, attention
 from .clustering import ClusterIndex, ClusterKV, KMeansResult, QuestIndex, kmeans
+from .compression import METHODS, CompressedKV, EvictionCache, compress
+from .merging import (
+    MergingSets,
+    adjacent_similarity,
+    mergeable_fraction,
+    merging_sets,
+    similarity_profile,
+)
 
 __all__ = [
+    "METHODS",
     "ClusterIndex",
     "ClusterKV",
+    "CompressedKV",
+    "EvictionCache",
     "KMeansResult",
+    "MergingSets",
     "QuestIndex",
     "__version__",
     "accumulated_attention",
+    "adjacent_similarity",
     "attention",
+    "compress",
     "cuda_available",
     "cuda_compiled",
     "data",
     "get_num_threads",
     "kmeans",
+    "mergeable_fraction",
+    "merging_sets",
     "set_num_threads",
+    "similarity_profile",
 ]

@@ -101,3 +101,54 @@ class ClusterKV:
     last_step: dict
     total: dict
     last_selection: np.ndarray
+
+def compress(
+    keys: np.ndarray,
+    values: np.ndarray,
+    method: str,
+    budget: float | int,
+    queries: np.ndarray | None = None,
+    attention: np.ndarray | None = None,
+    scale: float | None = None,
+    sinks: int = 4,
+    recent_ratio: float = 0.5,
+    window: int = 32,
+    kernel: int = 5,
+    merge_window: int = 32,
+    protect_recent: float | None = None,
+    protect_heavy: float | None = None,
+    sigma: float = 5.0,
+) -> dict[str, np.ndarray | None]: ...
+def adjacent_similarity(keys: np.ndarray) -> np.ndarray: ...
+
+class EvictionCache:
+    def __init__(
+        self,
+        method: str,
+        budget: int,
+        sinks: int = 4,
+        recent_ratio: float = 0.5,
+        scale: float | None = None,
+    ) -> None: ...
+    def prefill(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        queries: np.ndarray | None = None,
+        attention: np.ndarray | None = None,
+    ) -> None: ...
+    def step(self, q: np.ndarray, new_key: np.ndarray, new_value: np.ndarray) -> np.ndarray: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def seen(self) -> int: ...
+    @property
+    def budget(self) -> int: ...
+    @property
+    def keys(self) -> np.ndarray: ...
+    @property
+    def values(self) -> np.ndarray: ...
+    @property
+    def positions(self) -> np.ndarray: ...
+    @property
+    def scores(self) -> np.ndarray: ...

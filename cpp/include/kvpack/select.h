@@ -1,10 +1,13 @@
-// The selection steps every recall and eviction method shares: scoring rows against
-// a query, ranking (top-k), and filling a token budget from ranked groups of tokens
-// (ClusterKV's clusters, Quest's pages) around tokens that are always kept.
+// The selection steps every recall, eviction and merging method shares: scoring rows
+// against a query, ranking (top-k), filling a token budget from ranked groups of tokens
+// (ClusterKV's clusters, Quest's pages) around tokens that are always kept, and
+// gathering the chosen rows.
 #pragma once
 
 #include <cstdint>
 #include <vector>
+
+#include "kvpack/common.h"
 
 namespace kvpack {
 
@@ -14,6 +17,15 @@ void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const f
 
 /// Indices of the k largest of n scores, highest first, ties to the lower index.
 std::vector<std::int32_t> top_k(const float* scores, std::int64_t n, std::int64_t k);
+
+/// The k largest of n scores as ascending indices (the same set top_k ranks: ties
+/// to the lower index), found by selection rather than a sort of the winners.
+std::vector<std::int32_t> top_k_set(const float* scores, std::int64_t n, std::int64_t k);
+
+/// Copies rows tokens[0..n) of `head` of src (unconverted, src's dtype) to dst, one
+/// row after the other: dst holds n * src.dim elements.
+void gather_rows(const KVView& src, std::int64_t head, const std::int32_t* tokens,
+                 std::int64_t n, void* dst);
 
 /// Groups of tokens in rank order: group g holds members[offsets[g] .. offsets[g + 1]),
 /// each group's members ascending.

@@ -1,0 +1,301 @@
+// Bindings of kvpack/compress.h, merge.h and evict.h: validate, convert, release the
+// GIL, call the core.
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstring>
+#include <map>
+
+#include "arrays.h"
+#include "kvpack/attention.h"
+#include "kvpack/compress.h"
+#include "kvpack/convert.h"
+#include "kvpack/evict.h"
+#include "kvpack/merge.h"
+
+namespace kvpack::bindings {
+
+namespace {
+
+CompressMethod parse_method(const std::string& method) {
+  static const std::map<std::string, CompressMethod> methods = {
+      {"full", CompressMethod::Full},     {"streaming_llm", CompressMethod::StreamingLLM},
+      {"h2o", CompressMethod::H2O},       {"snapkv", CompressMethod::SnapKV},
+      {"cam", CompressMethod::CaM},       {"kvmerger", CompressMethod::KVMerger}};
+  const auto it = methods.find(method);
+  KVPACK_ARG_CHECK(it != methods.end(), "method: expected one of 'full', 'streaming_llm', "
+                                        "'h2o', 'snapkv', 'cam', 'kvmerger', got '"
+                                            << method << "'");
+  return it->second;
+}
+
+// A budget is a fraction of the tokens in (0, 1] (float) or a token count (int).
+std::int64_t parse_budget(const py::object& budget, std::int64_t tokens) {
+  KVPACK_TYPE_CHECK(!py::isinstance<py::bool_>(budget),
+                    "budget: expected a fraction in (0, 1] or a token count, got a bool");
+  const py::module_ numbers = py::module_::import("numbers");
+  if (py::isinstance(budget, numbers.attr("Integral"))) {
+    const auto count = budget.cast<std::int64_t>();
+    KVPACK_ARG_CHECK(count >= 1 && count <= tokens, "budget: expected a token count in [1, "
+                                                        << tokens << "] (the context), got "
+                                                        << count);
+    return count;
+  }
+  KVPACK_TYPE_CHECK(py::isinstance(budget, numbers.attr("Real")),
+                    "budget: expected a fraction in (0, 1] or a token count, got "
+                        << py::str(py::type::handle_of(budget).attr("__name__")).cast<std::string>());
+  const auto fraction = budget.cast<double>();
+  KVPACK_ARG_CHECK(std::isfinite(fraction) && fraction > 0.0 && fraction <= 1.0,
+                   "budget: expected a fraction in (0, 1] or an int token count, got "
+                       << fraction);
+  return std::max<std::int64_t>(1, std::llround(fraction * static_cast<double>(tokens)));
+}
+
+// Accumulated attention [heads_kv, tokens] given by the caller, validated.
+std::optional<py::array_t<float>> attention_evidence(const py::object& attention,
+                                                     const KVView& keys) {
+  if (attention.is_none()) return std::nullopt;
+  py::array_t<float> scores = finite_float32(as_array(attention, "attention"), "attention", 2,
+                                             "[heads_kv, tokens]");
+  KVPACK_ARG_CHECK(scores.shape(0) == keys.heads && scores.shape(1) == keys.tokens,
+                   "attention: expected shape (" << keys.heads << ", " << keys.tokens << "), got "
+                                                 << shape_string(scores));
+  return scores;
+}
+
+// Prompt queries [heads_q, window, head_dim], validated against the keys.
+std::optional<py::array_t<float>> query_evidence(const py::object& queries, const KVView& keys) {
+  if (queries.is_none()) return std::nullopt;
+  py::array_t<float> q = finite_float32(as_array(queries, "queries"), "queries", 3,
+                                        "[heads_q, window, head_dim]");
+  KVPACK_ARG_CHECK(q.shape(2) == keys.dim, "queries: expected head_dim "
+                                               << keys.dim << " like keys, got shape "
+                                               << shape_string(q));
+  KVPACK_ARG_CHECK(q.shape(0) > 0 && q.shape(0) % keys.heads == 0,
+                   "queries: expected heads_q to be a positive multiple of heads_kv="
+                       << keys.heads << ", got shape " << shape_string(q));
+  KVPACK_ARG_CHECK(q.shape(1) >= 1 && q.shape(1) <= keys.tokens,
+                   "queries: expected 1 to tokens=" << keys.tokens
+                                                    << " prompt queries per head, got shape "
+                                                    << shape_string(q));
+  return q;
+}
+
+// The evidence a method ranks by, from exactly one of queries / attention.
+Evidence parse_evidence(const std::optional<py::array_t<float>>& scores,
+                        const std::optional<py::array_t<float>>& queries, bool needed,
+                        const std::string& method, float scale) {
+  KVPACK_ARG_CHECK(!(scores && queries),
+                   "queries, attention: pass one source of evidence, not both");
+  KVPACK_ARG_CHECK(!needed || scores || queries,
+                   "queries, attention: method '"
+                       << method
+                       << "' ranks tokens by attention; pass the prompt's queries [heads_q, "
+                          "window, head_dim] or the accumulated attention [heads_kv, tokens]");
+  Evidence e;
+  e.scale = scale;
+  if (scores) e.scores = scores->data();
+  if (queries) {
+    e.queries = queries->data();
+    e.heads_q = queries->shape(0);
+    e.window = queries->shape(1);
+  }
+  return e;
+}
+
+// Raises ValueError naming the input holding NaN/Inf when an output row is not finite.
+void check_finite_output(const KVView& out_keys, const KVView& out_values, const KVView& keys,
+                         const KVView& values) {
+  if (first_non_finite_row(out_keys) >= 0 || first_non_finite_row(out_values) >= 0)
+    raise_non_finite({{"keys", keys}, {"values", values}});
+}
+
+py::dict compress_binding(const py::object& keys_obj, const py::object& values_obj,
+                          const std::string& method_name, const py::object& budget_obj,
+                          const py::object& queries_obj, const py::object& attention_obj,
+                          const std::optional<double>& scale, std::int64_t sinks,
+                          double recent_ratio, std::int64_t window, std::int64_t kernel,
+                          std::int64_t merge_window, const std::optional<double>& protect_recent,
+                          const std::optional<double>& protect_heavy, double sigma) {
+  const CompressMethod method = parse_method(method_name);
+  const py::array keys_arg = as_array(keys_obj, "keys"),
+                  values_arg = as_array(values_obj, "values");
+  const auto [keys, values] = kv_pair(keys_arg, values_arg);
+  CompressParams params;
+  params.method = method;
+  params.budget = parse_budget(budget_obj, keys.tokens);
+  KVPACK_ARG_CHECK(sinks >= 0, "sinks: expected >= 0, got " << sinks);
+  KVPACK_ARG_CHECK(recent_ratio >= 0.0 && recent_ratio <= 1.0,
+                   "recent_ratio: expected a value in [0, 1], got " << recent_ratio);
+  KVPACK_ARG_CHECK(window >= 1, "window: expected >= 1, got " << window);
+  KVPACK_ARG_CHECK(kernel >= 1 && kernel % 2 == 1,
+                   "kernel: expected an odd pooling width >= 1, got " << kernel);
+  KVPACK_ARG_CHECK(merge_window >= 1, "merge_window: expected >= 1, got " << merge_window);
+  for (const auto& [name, share] : {std::pair{"protect_recent", protect_recent},
+                                    std::pair{"protect_heavy", protect_heavy}})
+    KVPACK_ARG_CHECK(!share || (*share >= 0.0 && *share <= 1.0),
+                     name << ": expected a share of the tokens in [0, 1], got " << *share);
+  KVPACK_ARG_CHECK(std::isfinite(sigma), "sigma: expected a positive width or 'auto', got "
+                                             << sigma);
+  params.sinks = sinks;
+  params.recent_ratio = static_cast<float>(recent_ratio);
+  params.window = window;
+  params.kernel = kernel;
+  params.merge_window = merge_window;
+  params.kvmerger.protect_recent = protect_recent ? static_cast<float>(*protect_recent) : -1.0f;
+  params.kvmerger.protect_heavy = protect_heavy ? static_cast<float>(*protect_heavy) : -1.0f;
+  params.kvmerger.sigma = static_cast<float>(sigma);
+
+  const auto scores = attention_evidence(attention_obj, keys);
+  const auto queries = query_evidence(queries_obj, keys);
+  const Evidence evidence = parse_evidence(scores, queries, needs_evidence(method), method_name,
+                                           resolve_scale_arg(scale));
+  const std::int64_t slots = compressed_length(params, keys.tokens);
+  const std::vector<py::ssize_t> shape{keys.heads, slots, keys.dim};
+  py::array out_keys(keys_arg.dtype(), shape), out_values(keys_arg.dtype(), shape);
+  py::array_t<std::int32_t> counts({keys.heads, slots}), positions({keys.heads, slots});
+  py::array_t<float> thresholds = owned_float_array({keys.heads});
+  CompressOutput out{out_keys.mutable_data(), out_values.mutable_data(), counts.mutable_data(),
+                     positions.mutable_data(), thresholds.mutable_data()};
+  KVView out_k = keys, out_v = values;
+  out_k.data = out_keys.data();
+  out_v.data = out_values.data();
+  out_k.tokens = out_v.tokens = slots;
+  out_k.head_stride = out_v.head_stride = 0;
+  {
+    py::gil_scoped_release release;
+    compress(keys, values, evidence, params, out);
+    check_finite_output(out_k, out_v, keys, values);
+  }
+  py::dict result;
+  result["keys"] = out_keys;
+  result["values"] = out_values;
+  result["counts"] = counts;
+  result["positions"] = positions;
+  result["thresholds"] = method == CompressMethod::KVMerger ? py::object(thresholds) : py::none();
+  return result;
+}
+
+py::array_t<float> adjacent_similarity_binding(const py::object& keys_obj) {
+  const py::array keys_arg = as_array(keys_obj, "keys");
+  const KVView keys = kv_view(keys_arg, "keys");
+  KVPACK_ARG_CHECK(keys.tokens >= 2,
+                   "keys: expected at least 2 tokens, got shape " << shape_string(keys_arg));
+  py::array_t<float> out = owned_float_array({keys.heads, keys.tokens - 1});
+  {
+    py::gil_scoped_release release;
+    adjacent_similarity(keys, out.mutable_data());
+  }
+  if (!all_finite(out.data(), out.size())) raise_non_finite({{"keys", keys}});
+  return out;
+}
+
+// A [heads, size, dim] copy of a cache view in its dtype (slots move as tokens are evicted).
+py::array copy_view(const KVView& view) {
+  py::array out(numpy_dtype(view.dtype), std::vector<py::ssize_t>{view.heads, view.tokens, view.dim});
+  const std::size_t bytes = static_cast<std::size_t>(view.tokens * view.dim) *
+                            dtype_size(view.dtype);
+  for (std::int64_t h = 0; h < view.heads; ++h)
+    if (bytes) std::memcpy(static_cast<char*>(out.mutable_data()) + h * bytes, view.row(h, 0), bytes);
+  return out;
+}
+
+// [heads, size] copy of a per-slot array laid out [heads, capacity].
+template <class T>
+py::array_t<T> copy_slots(const T* data, std::int64_t heads, std::int64_t size,
+                          std::int64_t capacity) {
+  py::array_t<T> out({heads, size});
+  for (std::int64_t h = 0; h < heads; ++h)
+    std::copy(data + h * capacity, data + h * capacity + size, out.mutable_data() + h * size);
+  return out;
+}
+
+}  // namespace
+
+void bind_compression(py::module_& m) {
+  m.def("compress", &compress_binding, py::arg("keys"), py::arg("values"), py::arg("method"),
+        py::arg("budget"), py::arg("queries") = py::none(), py::arg("attention") = py::none(),
+        py::arg("scale") = py::none(), py::arg("sinks") = 4, py::arg("recent_ratio") = 0.5,
+        py::arg("window") = 32, py::arg("kernel") = 5, py::arg("merge_window") = 32,
+        py::arg("protect_recent") = py::none(), py::arg("protect_heavy") = py::none(),
+        py::arg("sigma") = 5.0, "Prefill-time compression; see kvpack.compress.");
+  m.def("adjacent_similarity", &adjacent_similarity_binding, py::arg("keys"),
+        "Cosine similarity of each key with the next; see kvpack.adjacent_similarity.");
+
+  py::class_<EvictionCache>(m, "EvictionCache")
+      .def(py::init([](const std::string& policy, std::int64_t budget, std::int64_t sinks,
+                       double recent_ratio, const std::optional<double>& scale) {
+             KVPACK_ARG_CHECK(policy == "h2o" || policy == "streaming_llm",
+                              "method: expected 'h2o' or 'streaming_llm', got '" << policy << "'");
+             KVPACK_ARG_CHECK(budget >= 1, "budget: expected a token count >= 1, got " << budget);
+             EvictionCacheParams p;
+             p.policy = policy == "h2o" ? EvictionPolicy::H2O : EvictionPolicy::StreamingLLM;
+             p.budget = budget;
+             p.sinks = sinks;
+             p.recent_ratio = static_cast<float>(recent_ratio);
+             p.scale = resolve_scale_arg(scale);
+             return std::make_unique<EvictionCache>(p);
+           }),
+           py::arg("method"), py::arg("budget"), py::arg("sinks") = 4,
+           py::arg("recent_ratio") = 0.5, py::arg("scale") = py::none())
+      .def(
+          "prefill",
+          [](EvictionCache& self, const py::object& keys_obj, const py::object& values_obj,
+             const py::object& queries_obj, const py::object& attention_obj) {
+            const py::array keys_arg = as_array(keys_obj, "keys"),
+                            values_arg = as_array(values_obj, "values");
+            const auto [keys, values] = kv_pair(keys_arg, values_arg);
+            require_finite(keys, "keys");
+            require_finite(values, "values");
+            const bool h2o = self.params().policy == EvictionPolicy::H2O;
+            const auto scores = attention_evidence(attention_obj, keys);
+            const auto queries = query_evidence(queries_obj, keys);
+            const Evidence evidence = parse_evidence(scores, queries, h2o, "h2o",
+                                                     self.params().scale);
+            py::gil_scoped_release release;
+            std::vector<float> computed;
+            if (h2o && !scores) {
+              AccumulateParams accumulate;
+              accumulate.scale = evidence.scale;
+              computed.resize(static_cast<std::size_t>(keys.heads * keys.tokens));
+              accumulated_attention(evidence.queries, evidence.heads_q, evidence.window, keys,
+                                    accumulate, computed.data());
+            }
+            self.prefill(keys, values, scores ? scores->data() : computed.data());
+          },
+          py::arg("keys"), py::arg("values"), py::arg("queries") = py::none(),
+          py::arg("attention") = py::none())
+      .def(
+          "step",
+          [](EvictionCache& self, const py::object& q_obj, const py::object& key_obj,
+             const py::object& value_obj) {
+            KVPACK_ARG_CHECK(self.heads() > 0, "step: call prefill(keys, values) first");
+            const py::array_t<float> q =
+                finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
+            check_query(q, self.heads(), self.dim());
+            const NewToken token =
+                new_token(key_obj, value_obj, self.heads(), self.dim(), self.dtype());
+            py::array_t<float> out = owned_float_array({q.shape(0), self.dim()});
+            {
+              py::gil_scoped_release release;
+              self.step(q.data(), q.shape(0), token.key, token.value, out.mutable_data());
+            }
+            return out;
+          },
+          py::arg("q"), py::arg("new_key"), py::arg("new_value"))
+      .def_property_readonly("size", &EvictionCache::size)
+      .def_property_readonly("seen", &EvictionCache::seen)
+      .def_property_readonly("budget", [](const EvictionCache& s) { return s.params().budget; })
+      .def_property_readonly("keys", [](const EvictionCache& s) { return copy_view(s.keys()); })
+      .def_property_readonly("values",
+                             [](const EvictionCache& s) { return copy_view(s.values()); })
+      .def_property_readonly("positions",
+                             [](const EvictionCache& s) {
+                               return copy_slots(s.positions(), s.heads(), s.size(), s.capacity());
+                             })
+      .def_property_readonly("scores", [](const EvictionCache& s) {
+        return copy_slots(s.scores(), s.heads(), s.size(), s.capacity());
+      });
+}
+
+}  // namespace kvpack::bindings

@@ -1,0 +1,96 @@
+// The eviction baselines: which tokens StreamingLLM, H2O and SnapKV keep out of a
+// prompt's cache, and the decode-time cache that keeps a generating model within a
+// fixed number of slots per head (StreamingLLM's rolling window, H2O's running sums).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kvpack/common.h"
+
+namespace kvpack {
+
+/// StreamingLLM: the first min(sinks, budget) tokens and the latest ones.
+/// @param out  size budget (<= tokens): kept positions, ascending
+void streaming_keep(std::int64_t tokens, std::int64_t budget, std::int64_t sinks,
+                    std::int32_t* out);
+
+/// H2O: the latest `recent` tokens plus the budget - recent older tokens with the
+/// highest accumulated attention.
+/// @param scores  size tokens: attention each token received
+/// @param out     size budget (<= tokens): kept positions, ascending
+void h2o_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std::int64_t recent,
+              std::int32_t* out);
+
+/// SnapKV: the last min(window, budget) tokens (the observation window) plus the older
+/// tokens whose window attention, max-pooled over `kernel` neighbours, is highest.
+/// @param scores  size tokens: attention the observation window gave each token
+/// @param out     size budget (<= tokens): kept positions, ascending
+void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget,
+                 std::int64_t window, std::int64_t kernel, std::int32_t* out);
+
+/// Which token a full EvictionCache drops at each step.
+enum class EvictionPolicy : int {
+  StreamingLLM = 0,  ///< the oldest token after the sinks
+  H2O = 1,           ///< the lowest accumulated attention outside the recent window
+};
+
+/// Parameters of EvictionCache.
+struct EvictionCacheParams {
+  EvictionPolicy policy = EvictionPolicy::H2O;
+  std::int64_t budget = 1024;  ///< slots per KV head kept between steps
+  std::int64_t sinks = 4;      ///< StreamingLLM: first tokens never evicted
+  float recent_ratio = 0.5f;   ///< H2O: share of the budget held by the latest tokens
+  float scale = 0.0f;          ///< attention score scale; 0 means 1/sqrt(head_dim)
+};
+
+/// A bounded decode-time cache for one layer: at most `budget` tokens per KV head
+/// survive each step. Slots are unordered (positions() tells which token each holds);
+/// attention does not depend on slot order because keys carry their rotary phase.
+class EvictionCache {
+ public:
+  explicit EvictionCache(const EvictionCacheParams& params);
+
+  /// Starts from a prompt's cache [heads, tokens, dim], keeping the policy's choice of
+  /// at most budget tokens per head. scores: size heads * tokens, the accumulated
+  /// attention of each token (required by H2O, which keeps summing from there).
+  void prefill(const KVView& keys, const KVView& values, const float* scores);
+
+  /// One decode step: appends the new token (new_key, new_value: [heads, 1, dim] in the
+  /// prefill's dtype), attends q [heads_q, dim] over the kept tokens into out
+  /// [heads_q, dim], adds this step's attention weights to H2O's sums, and evicts one
+  /// token per head when more than budget remain.
+  void step(const float* q, std::int64_t heads_q, const KVView& new_key, const KVView& new_value,
+            float* out);
+
+  std::int64_t heads() const { return heads_; }
+  std::int64_t dim() const { return dim_; }
+  DType dtype() const { return dtype_; }
+  std::int64_t size() const { return size_; }        ///< tokens held per head
+  std::int64_t capacity() const { return capacity_; }  ///< slots per head (budget + 1)
+  std::int64_t seen() const { return seen_; }          ///< tokens the sequence holds so far
+  const EvictionCacheParams& params() const { return params_; }
+
+  /// [heads, size(), dim] views of the held keys and values (head stride capacity * dim).
+  KVView keys() const;
+  KVView values() const;
+  /// Original position of each slot: heads * capacity(), the first size() of each row valid.
+  const std::int32_t* positions() const { return positions_.data(); }
+  /// H2O's accumulated attention per slot, laid out like positions().
+  const float* scores() const { return scores_.data(); }
+
+ private:
+  KVView view(const std::vector<unsigned char>& data) const;
+  void write_slot(std::int64_t head, std::int64_t slot, const void* key, const void* value);
+  std::int64_t victim(std::int64_t head) const;
+
+  EvictionCacheParams params_;
+  DType dtype_ = DType::Float32;
+  std::int64_t heads_ = 0, dim_ = 0, capacity_ = 0, size_ = 0, seen_ = 0;
+  std::vector<unsigned char> keys_, values_;  // [heads, capacity, dim] in dtype_
+  std::vector<std::int32_t> positions_;       // [heads, capacity]
+  std::vector<float> scores_;                 // [heads, capacity]
+  std::vector<float> weights_;                // [heads_q, capacity]: the last step's softmax
+};
+
+}  // namespace kvpack

@@ -1,0 +1,161 @@
+#include "kvpack/evict.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "kvpack/attention.h"
+#include "kvpack/parallel.h"
+#include "kvpack/select.h"
+
+namespace kvpack {
+
+void streaming_keep(std::int64_t tokens, std::int64_t budget, std::int64_t sinks,
+                    std::int32_t* out) {
+  const std::int64_t head = std::min(sinks, budget);
+  std::iota(out, out + head, 0);
+  std::iota(out + head, out + budget, static_cast<std::int32_t>(tokens - (budget - head)));
+}
+
+void h2o_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std::int64_t recent,
+              std::int32_t* out) {
+  recent = std::clamp<std::int64_t>(recent, 0, budget);
+  const std::vector<std::int32_t> heavy = top_k_set(scores, tokens - recent, budget - recent);
+  std::copy(heavy.begin(), heavy.end(), out);
+  std::iota(out + heavy.size(), out + budget, static_cast<std::int32_t>(tokens - recent));
+}
+
+void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget,
+                 std::int64_t window, std::int64_t kernel, std::int32_t* out) {
+  window = std::min(window, budget);
+  const std::int64_t older = tokens - window, half = kernel / 2;
+  // Pooling lets a token ride on a strong neighbour, so kept tokens come in spans.
+  std::vector<float> pooled(static_cast<std::size_t>(older));
+  for (std::int64_t t = 0; t < older; ++t) {
+    const float* first = scores + std::max<std::int64_t>(0, t - half);
+    const float* last = scores + std::min(older, t + half + 1);
+    pooled[t] = *std::max_element(first, last);
+  }
+  const std::vector<std::int32_t> chosen = top_k_set(pooled.data(), older, budget - window);
+  std::copy(chosen.begin(), chosen.end(), out);
+  std::iota(out + chosen.size(), out + budget, static_cast<std::int32_t>(older));
+}
+
+EvictionCache::EvictionCache(const EvictionCacheParams& params) : params_(params) {
+  KVPACK_CHECK(params.budget >= 1, "budget: expected >= 1, got " << params.budget);
+  KVPACK_CHECK(params.sinks >= 0, "sinks: expected >= 0, got " << params.sinks);
+  KVPACK_CHECK(params.recent_ratio >= 0.0f && params.recent_ratio <= 1.0f,
+               "recent_ratio: expected a value in [0, 1], got " << params.recent_ratio);
+  capacity_ = params.budget + 1;  // room for the new token before one is evicted
+}
+
+KVView EvictionCache::view(const std::vector<unsigned char>& data) const {
+  KVView v;
+  v.data = data.data();
+  v.dtype = dtype_;
+  v.heads = heads_;
+  v.tokens = size_;
+  v.dim = dim_;
+  v.head_stride = capacity_ * dim_;
+  return v;
+}
+
+KVView EvictionCache::keys() const { return view(keys_); }
+KVView EvictionCache::values() const { return view(values_); }
+
+void EvictionCache::write_slot(std::int64_t head, std::int64_t slot, const void* key,
+                               const void* value) {
+  const std::size_t row = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
+  const std::size_t at = static_cast<std::size_t>(head * capacity_ + slot) * row;
+  if (keys_.data() + at != key) std::memcpy(keys_.data() + at, key, row);
+  if (values_.data() + at != value) std::memcpy(values_.data() + at, value, row);
+}
+
+void EvictionCache::prefill(const KVView& keys, const KVView& values, const float* scores) {
+  const bool h2o = params_.policy == EvictionPolicy::H2O;
+  KVPACK_CHECK(keys.tokens >= 1, "keys: expected at least one token, got " << keys.tokens);
+  KVPACK_CHECK(!h2o || scores != nullptr, "scores: H2O needs the prompt's accumulated attention");
+  heads_ = keys.heads;
+  dim_ = keys.dim;
+  dtype_ = keys.dtype;
+  const std::size_t slots = static_cast<std::size_t>(heads_ * capacity_);
+  keys_.assign(slots * dim_ * dtype_size(dtype_), 0);
+  values_.assign(keys_.size(), 0);
+  positions_.assign(slots, 0);
+  scores_.assign(slots, 0.0f);
+  size_ = std::min(keys.tokens, params_.budget);
+  seen_ = keys.tokens;
+  const auto recent = static_cast<std::int64_t>(std::lround(static_cast<double>(params_.recent_ratio) * static_cast<double>(params_.budget)));
+  parallel_for(heads_, [&](std::int64_t h) {
+    std::int32_t* kept = positions_.data() + h * capacity_;
+    if (h2o) {
+      h2o_keep(scores + h * keys.tokens, keys.tokens, size_, recent, kept);
+    } else {
+      streaming_keep(keys.tokens, size_, params_.sinks, kept);
+    }
+    for (std::int64_t s = 0; s < size_; ++s) {
+      write_slot(h, s, keys.row(h, kept[s]), values.row(h, kept[s]));
+      if (h2o) scores_[h * capacity_ + s] = scores[h * keys.tokens + kept[s]];
+    }
+  });
+}
+
+std::int64_t EvictionCache::victim(std::int64_t head) const {
+  const std::int32_t* pos = positions_.data() + head * capacity_;
+  std::int64_t best = -1;
+  if (params_.policy == EvictionPolicy::StreamingLLM) {
+    const std::int64_t sinks = std::min(params_.sinks, params_.budget);
+    for (std::int64_t s = 0; s < size_; ++s)
+      if (pos[s] >= sinks && (best < 0 || pos[s] < pos[best])) best = s;
+    return best;
+  }
+  const auto recent = static_cast<std::int64_t>(std::lround(static_cast<double>(params_.recent_ratio) * static_cast<double>(params_.budget)));
+  const float* score = scores_.data() + head * capacity_;
+  for (std::int64_t s = 0; s < size_; ++s) {
+    if (pos[s] >= seen_ - recent) continue;  // inside the recent window
+    if (best < 0 || score[s] < score[best] || (score[s] == score[best] && pos[s] < pos[best]))
+      best = s;
+  }
+  return best;
+}
+
+void EvictionCache::step(const float* q, std::int64_t heads_q, const KVView& new_key,
+                         const KVView& new_value, float* out) {
+  KVPACK_CHECK(heads_ > 0, "prefill: call prefill before step");
+  for (std::int64_t h = 0; h < heads_; ++h) {
+    write_slot(h, size_, new_key.row(h, 0), new_value.row(h, 0));
+    positions_[h * capacity_ + size_] = static_cast<std::int32_t>(seen_);
+    scores_[h * capacity_ + size_] = 0.0f;
+  }
+  ++size_;
+  ++seen_;
+  weights_.resize(static_cast<std::size_t>(heads_q * size_));
+  AttentionParams attention;
+  attention.scale = params_.scale;
+  decode_attention(q, heads_q, keys(), values(), nullptr, nullptr, attention,
+                   AttentionOutput{out, nullptr, weights_.data()});
+  if (params_.policy == EvictionPolicy::H2O) {
+    const std::int64_t group = heads_q / heads_;
+    for (std::int64_t g = 0; g < heads_q; ++g) {
+      float* score = scores_.data() + (g / group) * capacity_;
+      const float* w = weights_.data() + g * size_;
+      for (std::int64_t s = 0; s < size_; ++s) score[s] += w[s];
+    }
+  }
+  if (size_ <= params_.budget) return;
+  const std::size_t row = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
+  const std::int64_t last = size_ - 1;
+  for (std::int64_t h = 0; h < heads_; ++h) {
+    const std::int64_t v = victim(h);
+    if (v != last) {  // the last slot fills the hole, so slots stay packed
+      const std::size_t from = static_cast<std::size_t>(h * capacity_ + last) * row;
+      write_slot(h, v, keys_.data() + from, values_.data() + from);
+      positions_[h * capacity_ + v] = positions_[h * capacity_ + last];
+      scores_[h * capacity_ + v] = scores_[h * capacity_ + last];
+    }
+  }
+  --size_;
+}
+
+}  // namespace kvpack

@@ -1,0 +1,291 @@
+"""Prefill-time KV cache compression behind one call, and a bounded decode-time cache.
+
+Methods: ``"full"``, ``"streaming_llm"``, ``"h2o"``, ``"snapkv"``, ``"cam"`` and
+``"kvmerger"``. Every method returns the same :class:`CompressedKV`: exactly ``budget``
+slots per KV head, each with the number of original tokens it stands for and the
+position it keeps, so methods can be swapped in an experiment without other changes.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from . import _core
+from .attention import attention as _attention
+
+__all__ = ["METHODS", "CompressedKV", "EvictionCache", "compress"]
+
+# Method -> the keyword parameters it reads (defaults in kvpack.compress's docstring).
+_METHOD_PARAMS: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "streaming_llm": ("sinks",),
+    "h2o": ("recent_ratio",),
+    "snapkv": ("window", "kernel"),
+    "cam": ("sinks", "merge_window"),
+    "kvmerger": ("protect_recent", "protect_heavy", "sigma"),
+}
+METHODS: tuple[str, ...] = tuple(_METHOD_PARAMS)
+
+
+@dataclass(frozen=True)
+class CompressedKV:
+    """One layer's compressed cache: ``slots`` entries per KV head.
+
+    Attributes
+    ----------
+    keys, values : ndarray, shape (heads_kv, slots, head_dim)
+        In the input dtype; merged slots hold the weighted merge.
+    counts : ndarray of int32, shape (heads_kv, slots)
+        Original tokens each slot stands for (1 unless KVMerger merged a run).
+    positions : ndarray of int32, shape (heads_kv, slots)
+        Original position of each slot (a merged run's pivot), ascending per head.
+    method : str
+    tokens : int
+        Tokens per head before compression.
+    thresholds : ndarray of float32, shape (heads_kv,), or None
+        KVMerger only: the lowest adjacent-key similarity merged in each head, the
+        threshold its exact-budget search settled on (``inf`` where nothing merged).
+    log_count_bias : bool
+        Whether :meth:`attend` adds ``log(counts)`` to each slot's score, so a merged slot
+        keeps the softmax mass of the tokens it replaced.
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+    counts: np.ndarray
+    positions: np.ndarray
+    method: str
+    tokens: int
+    thresholds: np.ndarray | None = None
+    log_count_bias: bool = False
+
+    @property
+    def slots(self) -> int:
+        """Slots per head."""
+        return int(self.keys.shape[1])
+
+    @property
+    def ratio(self) -> float:
+        """Slots kept per original token."""
+        return self.slots / self.tokens
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        """``log(counts)`` as float32 when ``log_count_bias`` is on, else ``None``."""
+        if not self.log_count_bias:
+            return None
+        return np.log(self.counts).astype(np.float32)
+
+    def attend(self, q: np.ndarray, **kwargs):
+        """:func:`kvpack.attention` over the compressed cache (with the bias when on)."""
+        return _attention(q, self.keys, self.values, bias=self.bias, **kwargs)
+
+
+def compress(
+    keys: np.ndarray,
+    values: np.ndarray,
+    method: str,
+    budget: float | int,
+    *,
+    queries: np.ndarray | None = None,
+    attention: np.ndarray | None = None,
+    scale: float | None = None,
+    log_count_bias: bool = False,
+    **params,
+) -> CompressedKV:
+    """Compresses one layer's KV cache to ``budget`` slots per KV head.
+
+    Parameters
+    ----------
+    keys, values : ndarray, shape (heads_kv, tokens, head_dim)
+        float32, float16 or bfloat16, C-contiguous, same dtype (read in place).
+    method : {"full", "streaming_llm", "h2o", "snapkv", "cam", "kvmerger"}
+        ``"full"`` keeps everything whatever the budget.
+    budget : float or int
+        A float in (0, 1] is a fraction of the tokens (rounded, at least 1); an int is a
+        token count in [1, tokens].
+    queries : ndarray, shape (heads_q, window, head_dim), optional
+        The prompt's last queries; the accumulated attention each key received from them
+        (causal, GQA groups summed) is the evidence H2O, SnapKV, CaM and KVMerger rank
+        by. SnapKV observes only the last ``window`` of them.
+    attention : ndarray of float32, shape (heads_kv, tokens), optional
+        The evidence given directly (e.g. from :func:`kvpack.accumulated_attention`).
+        Pass ``queries`` or ``attention``, not both.
+    scale : float, optional
+        Score scale for evidence computed from ``queries``; default ``1/sqrt(head_dim)``.
+    log_count_bias : bool
+        Record that attention over the result should add ``log(counts)`` to each slot's
+        score (see :meth:`CompressedKV.attend`); an extension beyond KVMerger's paper.
+    **params
+        Method parameters, rejected when the method does not read them:
+
+        - ``sinks`` (4): first tokens always kept (``streaming_llm``, ``cam``).
+        - ``recent_ratio`` (0.5): share of the budget held by the latest tokens (``h2o``).
+        - ``window`` (32): SnapKV's observation window; ``kernel`` (5): its max-pooling width.
+        - ``merge_window`` (32): successors a CaM-evicted value is spread over.
+        - ``protect_recent``, ``protect_heavy``: shares of the tokens KVMerger never merges
+          (the latest ones; the highest-attention ones). Default: the paper's 17% + 12% at a
+          50% budget, 8% + 2% at 35%, linear between, scaled down below 35%.
+        - ``sigma`` (5.0): KVMerger's Gaussian kernel width; ``"auto"`` sets it per merged
+          run to the RMS distance of the members from the pivot.
+
+    Returns
+    -------
+    CompressedKV
+
+    Notes
+    -----
+    KVMerger always meets the budget exactly: it merges the ``tokens - budget`` most
+    similar adjacent pairs of unprotected keys (the paper's threshold, searched per head;
+    reported in ``thresholds``). CaM merges in expectation (``p * v / merge_window`` rather
+    than a Bernoulli draw), so its result is deterministic.
+
+    Examples
+    --------
+    >>> import numpy as np, kvpack
+    >>> k = np.random.rand(2, 100, 64).astype(np.float16)
+    >>> v = np.random.rand(2, 100, 64).astype(np.float16)
+    >>> q = np.random.rand(8, 16, 64).astype(np.float32)
+    >>> kvpack.compress(k, v, "kvmerger", 0.5, queries=q).keys.shape
+    (2, 50, 64)
+    """
+    if method in _METHOD_PARAMS:
+        unknown = sorted(set(params) - set(_METHOD_PARAMS[method]))
+        if unknown:
+            takes = ", ".join(_METHOD_PARAMS[method]) or "no parameters"
+            raise TypeError(
+                f"{unknown[0]}: method {method!r} does not take this parameter; it takes {takes}"
+            )
+    sigma = params.pop("sigma", 5.0)
+    if isinstance(sigma, str):
+        if sigma != "auto":
+            raise ValueError(f"sigma: expected a positive width or 'auto', got {sigma!r}")
+        sigma = 0.0
+    elif not isinstance(sigma, numbers.Real) or not sigma > 0:
+        raise ValueError(f"sigma: expected a positive width or 'auto', got {sigma!r}")
+    result = _core.compress(
+        keys, values, method, budget, queries, attention, scale, sigma=sigma, **params
+    )
+    return CompressedKV(
+        keys=result["keys"],
+        values=result["values"],
+        counts=result["counts"],
+        positions=result["positions"],
+        method=method,
+        tokens=int(np.shape(keys)[1]),
+        thresholds=result["thresholds"],
+        log_count_bias=bool(log_count_bias),
+    )
+
+
+class EvictionCache:
+    """A bounded decode-time cache for one layer: StreamingLLM's rolling window or H2O.
+
+    At most ``budget`` tokens per KV head survive each step, so a model generates with
+    constant memory. ``"streaming_llm"`` evicts the oldest token after the ``sinks``;
+    ``"h2o"`` adds each step's attention weights to every kept token's accumulated
+    attention and evicts the lowest outside the latest ``recent_ratio * budget`` tokens.
+
+    Parameters
+    ----------
+    method : {"h2o", "streaming_llm"}
+    budget : int
+        Tokens per KV head kept between steps.
+    sinks : int
+        StreamingLLM: first tokens never evicted (default 4).
+    recent_ratio : float
+        H2O: share of the budget held by the latest tokens (default 0.5).
+    scale : float, optional
+        Attention score scale; default ``1/sqrt(head_dim)``.
+
+    Examples
+    --------
+    >>> import numpy as np, kvpack
+    >>> k = np.random.rand(2, 100, 64).astype(np.float32)
+    >>> cache = kvpack.EvictionCache("streaming_llm", budget=32)
+    >>> cache.prefill(k, k)
+    >>> cache.step(np.ones((4, 64), np.float32), k[:, 0], k[:, 0]).shape
+    (4, 64)
+    >>> cache.size, cache.seen
+    (32, 101)
+    """
+
+    def __init__(
+        self,
+        method: Literal["h2o", "streaming_llm"] = "h2o",
+        budget: int = 1024,
+        *,
+        sinks: int = 4,
+        recent_ratio: float = 0.5,
+        scale: float | None = None,
+    ) -> None:
+        self.method = method
+        self._cache = _core.EvictionCache(method, budget, sinks, recent_ratio, scale)
+
+    def prefill(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        *,
+        queries: np.ndarray | None = None,
+        attention: np.ndarray | None = None,
+    ) -> None:
+        """Starts from a prompt's cache, keeping the method's choice of ``budget`` tokens.
+
+        H2O needs the prompt's evidence: ``queries`` (heads_q, window, head_dim) or the
+        accumulated ``attention`` (heads_kv, tokens), as for :func:`compress`.
+        """
+        self._cache.prefill(keys, values, queries, attention)
+
+    def step(self, q: np.ndarray, new_key: np.ndarray, new_value: np.ndarray) -> np.ndarray:
+        """Appends the new token, attends ``q`` over the kept tokens, then evicts.
+
+        Parameters
+        ----------
+        q : ndarray, shape (heads_q, head_dim)
+        new_key, new_value : ndarray, shape (heads_kv, head_dim)
+            In the dtype of the prefill.
+
+        Returns
+        -------
+        ndarray of float32, shape (heads_q, head_dim)
+        """
+        return self._cache.step(q, new_key, new_value)
+
+    @property
+    def budget(self) -> int:
+        return self._cache.budget
+
+    @property
+    def size(self) -> int:
+        """Tokens held per head."""
+        return self._cache.size
+
+    @property
+    def seen(self) -> int:
+        """Tokens of the sequence so far (prompt + decoded)."""
+        return self._cache.seen
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Copy of the held keys, (heads_kv, size, head_dim), in slot order."""
+        return self._cache.keys
+
+    @property
+    def values(self) -> np.ndarray:
+        """Copy of the held values, laid out like :attr:`keys`."""
+        return self._cache.values
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Original position of each slot, (heads_kv, size) int32 (slots are unordered)."""
+        return self._cache.positions
+
+    @property
+    def scores(self) -> np.ndarray:
+        """H2O's accumulated attention per slot, (heads_kv, size) float32."""
+        return self._cache.scores
