@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attention, clusterkv, kmeans
+from . import attention, clusterkv, compress, kmeans
 from .common import append_results
 
 SUITES = {
@@ -16,6 +16,14 @@ SUITES = {
     "clusterkv": (
         "ClusterKV decode step (32k tokens, budget 1024, 8/32 heads, d=128, float16)",
         clusterkv.run,
+    ),
+    "compress": (
+        "KVMerger compression speed (32k tokens x 8 heads x d=128, float16, evidence given)",
+        compress.run_speed,
+    ),
+    "merging_quality": (
+        "Compression quality on real MiniLM keys (attention-output relative error)",
+        compress.run_quality,
     ),
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",

@@ -114,9 +114,9 @@ NewToken new_token(const py::object& key, const py::object& value, std::int64_t 
   KVPACK_ARG_CHECK(t.value.heads == heads && t.value.tokens == 1 && t.value.dim == dim,
                    "new_value: expected shape (" << heads << ", " << dim << "), got "
                                                  << shape_string(t.value_array));
-  KVPACK_TYPE_CHECK(t.key.dtype == dtype && t.value.dtype == dtype,
-                    "new_key/new_value: expected dtype " << dtype_name(dtype)
-                                                         << " like the prefill");
+  KVPACK_TYPE_CHECK(
+      t.key.dtype == dtype && t.value.dtype == dtype,
+      "new_key/new_value: expected dtype " << dtype_name(dtype) << " like the prefill");
   require_finite(t.key, "new_key");
   require_finite(t.value, "new_value");
   return t;

@@ -19,13 +19,14 @@ namespace {
 
 CompressMethod parse_method(const std::string& method) {
   static const std::map<std::string, CompressMethod> methods = {
-      {"full", CompressMethod::Full},     {"streaming_llm", CompressMethod::StreamingLLM},
-      {"h2o", CompressMethod::H2O},       {"snapkv", CompressMethod::SnapKV},
-      {"cam", CompressMethod::CaM},       {"kvmerger", CompressMethod::KVMerger}};
+      {"full", CompressMethod::Full}, {"streaming_llm", CompressMethod::StreamingLLM},
+      {"h2o", CompressMethod::H2O},   {"snapkv", CompressMethod::SnapKV},
+      {"cam", CompressMethod::CaM},   {"kvmerger", CompressMethod::KVMerger}};
   const auto it = methods.find(method);
-  KVPACK_ARG_CHECK(it != methods.end(), "method: expected one of 'full', 'streaming_llm', "
-                                        "'h2o', 'snapkv', 'cam', 'kvmerger', got '"
-                                            << method << "'");
+  KVPACK_ARG_CHECK(it != methods.end(),
+                   "method: expected one of 'full', 'streaming_llm', "
+                   "'h2o', 'snapkv', 'cam', 'kvmerger', got '"
+                       << method << "'");
   return it->second;
 }
 
@@ -41,13 +42,13 @@ std::int64_t parse_budget(const py::object& budget, std::int64_t tokens) {
                                                         << count);
     return count;
   }
-  KVPACK_TYPE_CHECK(py::isinstance(budget, numbers.attr("Real")),
-                    "budget: expected a fraction in (0, 1] or a token count, got "
-                        << py::str(py::type::handle_of(budget).attr("__name__")).cast<std::string>());
+  KVPACK_TYPE_CHECK(
+      py::isinstance(budget, numbers.attr("Real")),
+      "budget: expected a fraction in (0, 1] or a token count, got "
+          << py::str(py::type::handle_of(budget).attr("__name__")).cast<std::string>());
   const auto fraction = budget.cast<double>();
   KVPACK_ARG_CHECK(std::isfinite(fraction) && fraction > 0.0 && fraction <= 1.0,
-                   "budget: expected a fraction in (0, 1] or an int token count, got "
-                       << fraction);
+                   "budget: expected a fraction in (0, 1] or an int token count, got " << fraction);
   return std::max<std::int64_t>(1, std::llround(fraction * static_cast<double>(tokens)));
 }
 
@@ -55,8 +56,8 @@ std::int64_t parse_budget(const py::object& budget, std::int64_t tokens) {
 std::optional<py::array_t<float>> attention_evidence(const py::object& attention,
                                                      const KVView& keys) {
   if (attention.is_none()) return std::nullopt;
-  py::array_t<float> scores = finite_float32(as_array(attention, "attention"), "attention", 2,
-                                             "[heads_kv, tokens]");
+  py::array_t<float> scores =
+      finite_float32(as_array(attention, "attention"), "attention", 2, "[heads_kv, tokens]");
   KVPACK_ARG_CHECK(scores.shape(0) == keys.heads && scores.shape(1) == keys.tokens,
                    "attention: expected shape (" << keys.heads << ", " << keys.tokens << "), got "
                                                  << shape_string(scores));
@@ -66,18 +67,17 @@ std::optional<py::array_t<float>> attention_evidence(const py::object& attention
 // Prompt queries [heads_q, window, head_dim], validated against the keys.
 std::optional<py::array_t<float>> query_evidence(const py::object& queries, const KVView& keys) {
   if (queries.is_none()) return std::nullopt;
-  py::array_t<float> q = finite_float32(as_array(queries, "queries"), "queries", 3,
-                                        "[heads_q, window, head_dim]");
-  KVPACK_ARG_CHECK(q.shape(2) == keys.dim, "queries: expected head_dim "
-                                               << keys.dim << " like keys, got shape "
-                                               << shape_string(q));
+  py::array_t<float> q =
+      finite_float32(as_array(queries, "queries"), "queries", 3, "[heads_q, window, head_dim]");
+  KVPACK_ARG_CHECK(q.shape(2) == keys.dim, "queries: expected head_dim " << keys.dim
+                                                                         << " like keys, got shape "
+                                                                         << shape_string(q));
   KVPACK_ARG_CHECK(q.shape(0) > 0 && q.shape(0) % keys.heads == 0,
                    "queries: expected heads_q to be a positive multiple of heads_kv="
                        << keys.heads << ", got shape " << shape_string(q));
   KVPACK_ARG_CHECK(q.shape(1) >= 1 && q.shape(1) <= keys.tokens,
-                   "queries: expected 1 to tokens=" << keys.tokens
-                                                    << " prompt queries per head, got shape "
-                                                    << shape_string(q));
+                   "queries: expected 1 to tokens="
+                       << keys.tokens << " prompt queries per head, got shape " << shape_string(q));
   return q;
 }
 
@@ -131,12 +131,12 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
   KVPACK_ARG_CHECK(kernel >= 1 && kernel % 2 == 1,
                    "kernel: expected an odd pooling width >= 1, got " << kernel);
   KVPACK_ARG_CHECK(merge_window >= 1, "merge_window: expected >= 1, got " << merge_window);
-  for (const auto& [name, share] : {std::pair{"protect_recent", protect_recent},
-                                    std::pair{"protect_heavy", protect_heavy}})
+  for (const auto& [name, share] :
+       {std::pair{"protect_recent", protect_recent}, std::pair{"protect_heavy", protect_heavy}})
     KVPACK_ARG_CHECK(!share || (*share >= 0.0 && *share <= 1.0),
                      name << ": expected a share of the tokens in [0, 1], got " << *share);
-  KVPACK_ARG_CHECK(std::isfinite(sigma), "sigma: expected a positive width or 'auto', got "
-                                             << sigma);
+  KVPACK_ARG_CHECK(std::isfinite(sigma),
+                   "sigma: expected a positive width or 'auto', got " << sigma);
   params.sinks = sinks;
   params.recent_ratio = static_cast<float>(recent_ratio);
   params.window = window;
@@ -192,11 +192,13 @@ py::array_t<float> adjacent_similarity_binding(const py::object& keys_obj) {
 
 // A [heads, size, dim] copy of a cache view in its dtype (slots move as tokens are evicted).
 py::array copy_view(const KVView& view) {
-  py::array out(numpy_dtype(view.dtype), std::vector<py::ssize_t>{view.heads, view.tokens, view.dim});
-  const std::size_t bytes = static_cast<std::size_t>(view.tokens * view.dim) *
-                            dtype_size(view.dtype);
+  py::array out(numpy_dtype(view.dtype),
+                std::vector<py::ssize_t>{view.heads, view.tokens, view.dim});
+  const std::size_t bytes =
+      static_cast<std::size_t>(view.tokens * view.dim) * dtype_size(view.dtype);
   for (std::int64_t h = 0; h < view.heads; ++h)
-    if (bytes) std::memcpy(static_cast<char*>(out.mutable_data()) + h * bytes, view.row(h, 0), bytes);
+    if (bytes)
+      std::memcpy(static_cast<char*>(out.mutable_data()) + h * bytes, view.row(h, 0), bytes);
   return out;
 }
 
@@ -250,8 +252,8 @@ void bind_compression(py::module_& m) {
             const bool h2o = self.params().policy == EvictionPolicy::H2O;
             const auto scores = attention_evidence(attention_obj, keys);
             const auto queries = query_evidence(queries_obj, keys);
-            const Evidence evidence = parse_evidence(scores, queries, h2o, "h2o",
-                                                     self.params().scale);
+            const Evidence evidence =
+                parse_evidence(scores, queries, h2o, "h2o", self.params().scale);
             py::gil_scoped_release release;
             std::vector<float> computed;
             if (h2o && !scores) {
@@ -287,8 +289,7 @@ void bind_compression(py::module_& m) {
       .def_property_readonly("seen", &EvictionCache::seen)
       .def_property_readonly("budget", [](const EvictionCache& s) { return s.params().budget; })
       .def_property_readonly("keys", [](const EvictionCache& s) { return copy_view(s.keys()); })
-      .def_property_readonly("values",
-                             [](const EvictionCache& s) { return copy_view(s.values()); })
+      .def_property_readonly("values", [](const EvictionCache& s) { return copy_view(s.values()); })
       .def_property_readonly("positions",
                              [](const EvictionCache& s) {
                                return copy_slots(s.positions(), s.heads(), s.size(), s.capacity());

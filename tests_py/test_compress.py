@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-import reference
-from conftest import KV_DTYPES
 
 import kvpack
+
+import reference
+from conftest import KV_DTYPES
 
 EVIDENCE_METHODS = ["h2o", "snapkv", "cam", "kvmerger"]
 
@@ -18,7 +19,9 @@ def structured_cache(rng, heads=2, tokens=300, dim=32, noise=0.15, value_noise=0
         t = 0
         while t < tokens:
             run = min(int(rng.integers(1, 9)), tokens - t)
-            keys[h, t : t + run] = rng.standard_normal(dim) + noise * rng.standard_normal((run, dim))
+            keys[h, t : t + run] = rng.standard_normal(dim) + noise * rng.standard_normal(
+                (run, dim)
+            )
             values[h, t : t + run] = rng.standard_normal(dim) + value_noise * rng.standard_normal(
                 (run, dim)
             )
@@ -236,9 +239,17 @@ def test_bad_arguments_raise(rng):
         ({"method": "lru"}, ValueError, "method: expected one of"),
         ({"attention": scores, "queries": queries}, ValueError, "not both"),
         ({"attention": scores[:1]}, ValueError, r"attention: expected shape \(2, 50\)"),
-        ({"attention": np.full((2, 50), np.nan, np.float32)}, ValueError, "attention: contains NaN"),
+        (
+            {"attention": np.full((2, 50), np.nan, np.float32)},
+            ValueError,
+            "attention: contains NaN",
+        ),
         ({"queries": queries[:3]}, ValueError, "queries: expected heads_q to be a positive"),
-        ({"queries": np.ascontiguousarray(queries[:, :, :4])}, ValueError, "queries: expected head_dim 8"),
+        (
+            {"queries": np.ascontiguousarray(queries[:, :, :4])},
+            ValueError,
+            "queries: expected head_dim 8",
+        ),
         ({"attention": scores, "window": 8}, TypeError, "window: method 'kvmerger' does not take"),
         ({"attention": scores, "sigma": -1.0}, ValueError, "sigma: expected a positive width"),
         ({"attention": scores, "sigma": "wide"}, ValueError, "sigma: expected a positive width"),

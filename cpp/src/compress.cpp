@@ -40,8 +40,7 @@ std::vector<float> evidence_scores(const KVView& keys, const Evidence& evidence,
     const std::int64_t dim = keys.dim, skip = window - params.window;
     last.resize(static_cast<std::size_t>(evidence.heads_q * params.window * dim));
     for (std::int64_t h = 0; h < evidence.heads_q; ++h)
-      std::memcpy(last.data() + h * params.window * dim,
-                  queries + (h * window + skip) * dim,
+      std::memcpy(last.data() + h * params.window * dim, queries + (h * window + skip) * dim,
                   static_cast<std::size_t>(params.window * dim) * sizeof(float));
     queries = last.data();
     window = params.window;
@@ -74,8 +73,8 @@ void compress(const KVView& keys, const KVView& values, const Evidence& evidence
     const float* head_scores = needs_evidence(params.method) ? scores + h * tokens : nullptr;
     switch (params.method) {
       case CompressMethod::KVMerger: {
-        const float threshold = kvmerger_head(keys, values, h, head_scores, slots,
-                                              params.kvmerger, head);
+        const float threshold =
+            kvmerger_head(keys, values, h, head_scores, slots, params.kvmerger, head);
         if (out.thresholds) out.thresholds[h] = threshold;
         return;
       }
@@ -94,7 +93,8 @@ void compress(const KVView& keys, const KVView& values, const Evidence& evidence
         break;
       case CompressMethod::H2O:
         h2o_keep(head_scores, tokens, slots,
-                 static_cast<std::int64_t>(std::lround(static_cast<double>(params.recent_ratio) * static_cast<double>(slots))),
+                 static_cast<std::int64_t>(std::lround(static_cast<double>(params.recent_ratio) *
+                                                       static_cast<double>(slots))),
                  head.positions);
         break;
       case CompressMethod::SnapKV:

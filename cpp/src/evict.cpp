@@ -26,8 +26,8 @@ void h2o_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std
   std::iota(out + heavy.size(), out + budget, static_cast<std::int32_t>(tokens - recent));
 }
 
-void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget,
-                 std::int64_t window, std::int64_t kernel, std::int32_t* out) {
+void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std::int64_t window,
+                 std::int64_t kernel, std::int32_t* out) {
   window = std::min(window, budget);
   const std::int64_t older = tokens - window, half = kernel / 2;
   // Pooling lets a token ride on a strong neighbour, so kept tokens come in spans.
@@ -61,8 +61,12 @@ KVView EvictionCache::view(const std::vector<unsigned char>& data) const {
   return v;
 }
 
-KVView EvictionCache::keys() const { return view(keys_); }
-KVView EvictionCache::values() const { return view(values_); }
+KVView EvictionCache::keys() const {
+  return view(keys_);
+}
+KVView EvictionCache::values() const {
+  return view(values_);
+}
 
 void EvictionCache::write_slot(std::int64_t head, std::int64_t slot, const void* key,
                                const void* value) {
@@ -86,7 +90,8 @@ void EvictionCache::prefill(const KVView& keys, const KVView& values, const floa
   scores_.assign(slots, 0.0f);
   size_ = std::min(keys.tokens, params_.budget);
   seen_ = keys.tokens;
-  const auto recent = static_cast<std::int64_t>(std::lround(static_cast<double>(params_.recent_ratio) * static_cast<double>(params_.budget)));
+  const auto recent = static_cast<std::int64_t>(
+      std::lround(static_cast<double>(params_.recent_ratio) * static_cast<double>(params_.budget)));
   parallel_for(heads_, [&](std::int64_t h) {
     std::int32_t* kept = positions_.data() + h * capacity_;
     if (h2o) {
@@ -110,7 +115,8 @@ std::int64_t EvictionCache::victim(std::int64_t head) const {
       if (pos[s] >= sinks && (best < 0 || pos[s] < pos[best])) best = s;
     return best;
   }
-  const auto recent = static_cast<std::int64_t>(std::lround(static_cast<double>(params_.recent_ratio) * static_cast<double>(params_.budget)));
+  const auto recent = static_cast<std::int64_t>(
+      std::lround(static_cast<double>(params_.recent_ratio) * static_cast<double>(params_.budget)));
   const float* score = scores_.data() + head * capacity_;
   for (std::int64_t s = 0; s < size_; ++s) {
     if (pos[s] >= seen_ - recent) continue;  // inside the recent window

@@ -9,34 +9,60 @@
 #include "kvpack/convert.h"
 #include "kvpack/parallel.h"
 #include "kvpack/select.h"
+#include "vec.h"
 
 namespace kvpack {
 
 namespace {
 
-float dot(const float* a, const float* b, std::int64_t n) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (std::int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+using detail::f32x16;
+using detail::kLanes;
+using detail::load16;
+
+// y += w * x over n elements, x widened from storage.
+template <class T>
+inline void axpy(float w, const T* x, float* y, std::int64_t n) {
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) detail::store16(y + i, load16(y + i) + w * load16(x + i));
+  for (; i < n; ++i) y[i] += w * detail::widen(x[i]);
+}
+
+// Squared distance of a and b, n elements each.
+template <class T>
+inline float squared_distance(const T* a, const T* b, std::int64_t n) {
+  f32x16 acc = {};
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const f32x16 d = load16(a + i) - load16(b + i);
+    acc += d * d;
+  }
+  float sum = detail::reduce_add(acc);
+  for (; i < n; ++i)
+    sum +=
+        (detail::widen(a[i]) - detail::widen(b[i])) * (detail::widen(a[i]) - detail::widen(b[i]));
   return sum;
 }
 
-// Cosine similarities of one head's adjacent keys into out (tokens - 1).
+// Cosine similarities of one head's adjacent keys into out (tokens - 1): one pass over
+// the rows, each read straight from storage.
+template <class T>
 void head_similarity(const KVView& keys, std::int64_t head, float* out) {
   const std::int64_t dim = keys.dim;
-  std::vector<float> rows(static_cast<std::size_t>(2 * dim));
-  float* prev = rows.data();
-  float* cur = prev + dim;
-  to_float(keys.row(head, 0), keys.dtype, dim, prev);
-  float prev_norm = std::sqrt(dot(prev, prev, dim));
+  const T* prev = static_cast<const T*>(keys.row(head, 0));
+  float prev_norm = std::sqrt(detail::dot(prev, prev, dim));
   for (std::int64_t t = 1; t < keys.tokens; ++t) {
-    to_float(keys.row(head, t), keys.dtype, dim, cur);
-    const float norm = std::sqrt(dot(cur, cur, dim));
+    const T* cur = static_cast<const T*>(keys.row(head, t));
+    const float norm = std::sqrt(detail::dot(cur, cur, dim));
     const float denom = prev_norm * norm;
-    out[t - 1] = denom > 0.0f ? dot(prev, cur, dim) / denom : 0.0f;
-    std::swap(prev, cur);
+    out[t - 1] = denom > 0.0f ? detail::dot(prev, cur, dim) / denom : 0.0f;
+    prev = cur;
     prev_norm = norm;
   }
+}
+
+void similarity_of_head(const KVView& keys, std::int64_t head, float* out) {
+  detail::with_storage_type(
+      keys.dtype, [&](auto element) { head_similarity<decltype(element)>(keys, head, out); });
 }
 
 void copy_row(const KVView& src, std::int64_t head, std::int64_t token, void* dst,
@@ -51,33 +77,27 @@ void* row_at(void* base, const KVView& like, std::int64_t slot) {
 }
 
 // Folds tokens [first, last] of `head` into slot `slot`: Gaussian weights around the
-// highest-scoring member. member_keys is scratch space.
+// highest-scoring member. scratch holds the weights and the two float sums.
+template <class T>
 void merge_run(const KVView& keys, const KVView& values, std::int64_t head, const float* scores,
                std::int64_t first, std::int64_t last, float sigma, std::int64_t slot,
                const HeadSlots& out, std::vector<float>& scratch) {
   const std::int64_t dim = keys.dim, n = last - first + 1;
   const std::int64_t pivot =
       std::max_element(scores + first, scores + last + 1) - scores;  // ties: first
-  scratch.resize(static_cast<std::size_t>((n + 3) * dim + n));
-  float* member_keys = scratch.data();  // n * dim
-  float* weights = member_keys + n * dim;
+  scratch.resize(static_cast<std::size_t>(n + 2 * dim));
+  float* weights = scratch.data();
   float* key_sum = weights + n;
   float* value_sum = key_sum + dim;
-  float* value_row = value_sum + dim;
-  for (std::int64_t i = 0; i < n; ++i)
-    to_float(keys.row(head, first + i), keys.dtype, dim, member_keys + i * dim);
-  const float* pivot_key = member_keys + (pivot - first) * dim;
+  const T* pivot_key = static_cast<const T*>(keys.row(head, pivot));
   double spread = 0.0;
   for (std::int64_t i = 0; i < n; ++i) {
-    const float* k = member_keys + i * dim;
-    float d2 = 0.0f;
-#pragma omp simd reduction(+ : d2)
-    for (std::int64_t c = 0; c < dim; ++c) d2 += (k[c] - pivot_key[c]) * (k[c] - pivot_key[c]);
-    weights[i] = d2;
-    spread += d2;
+    weights[i] = squared_distance(static_cast<const T*>(keys.row(head, first + i)), pivot_key, dim);
+    spread += weights[i];
   }
   // Data-driven width: the RMS distance of the other members to the pivot.
-  const double var = sigma > 0.0f ? static_cast<double>(sigma) * sigma : spread / static_cast<double>(n - 1);
+  const double var =
+      sigma > 0.0f ? static_cast<double>(sigma) * sigma : spread / static_cast<double>(n - 1);
   double total = 0.0;
   for (std::int64_t i = 0; i < n; ++i) {
     weights[i] = var > 0.0 ? static_cast<float>(std::exp(-weights[i] / (2.0 * var))) : 1.0f;
@@ -86,13 +106,8 @@ void merge_run(const KVView& keys, const KVView& values, std::int64_t head, cons
   std::fill(key_sum, key_sum + 2 * dim, 0.0f);
   for (std::int64_t i = 0; i < n; ++i) {
     const float w = static_cast<float>(weights[i] / total);
-    const float* k = member_keys + i * dim;
-    to_float(values.row(head, first + i), values.dtype, dim, value_row);
-#pragma omp simd
-    for (std::int64_t c = 0; c < dim; ++c) {
-      key_sum[c] += w * k[c];
-      value_sum[c] += w * value_row[c];
-    }
+    axpy(w, static_cast<const T*>(keys.row(head, first + i)), key_sum, dim);
+    axpy(w, static_cast<const T*>(values.row(head, first + i)), value_sum, dim);
   }
   from_float(key_sum, dim, keys.dtype, row_at(out.keys, keys, slot));
   from_float(value_sum, dim, values.dtype, row_at(out.values, values, slot));
@@ -105,7 +120,7 @@ void merge_run(const KVView& keys, const KVView& values, std::int64_t head, cons
 void adjacent_similarity(const KVView& keys, float* out) {
   if (keys.tokens < 2) return;
   parallel_for(keys.heads,
-               [&](std::int64_t h) { head_similarity(keys, h, out + h * (keys.tokens - 1)); });
+               [&](std::int64_t h) { similarity_of_head(keys, h, out + h * (keys.tokens - 1)); });
 }
 
 void kvmerger_default_protection(double fraction, float* recent, float* heavy) {
@@ -132,13 +147,15 @@ float kvmerger_head(const KVView& keys, const KVView& values, std::int64_t head,
                               &default_recent, &default_heavy);
   if (share_recent < 0.0f) share_recent = default_recent;
   if (share_heavy < 0.0f) share_heavy = default_heavy;
-  const auto recent = static_cast<std::int64_t>(std::llround(static_cast<double>(share_recent) * static_cast<double>(tokens)));
-  const auto heavy = static_cast<std::int64_t>(std::llround(static_cast<double>(share_heavy) * static_cast<double>(tokens)));
-  KVPACK_CHECK(recent + heavy <= budget,
-               "protect_recent, protect_heavy: protecting " << recent << " recent + " << heavy
-                                                            << " heavy tokens leaves no room in a "
-                                                               "budget of "
-                                                            << budget);
+  const auto recent = static_cast<std::int64_t>(
+      std::llround(static_cast<double>(share_recent) * static_cast<double>(tokens)));
+  const auto heavy = static_cast<std::int64_t>(
+      std::llround(static_cast<double>(share_heavy) * static_cast<double>(tokens)));
+  KVPACK_CHECK(recent + heavy <= budget, "protect_recent, protect_heavy: protecting "
+                                             << recent << " recent + " << heavy
+                                             << " heavy tokens leaves no room in a "
+                                                "budget of "
+                                             << budget);
 
   std::vector<std::uint8_t> keep(static_cast<std::size_t>(tokens), 0);  // protected tokens
   std::fill(keep.end() - recent, keep.end(), 1);
@@ -146,7 +163,9 @@ float kvmerger_head(const KVView& keys, const KVView& values, std::int64_t head,
 
   // Candidate links: adjacent pairs of unprotected tokens, ranked by similarity.
   std::vector<float> similarity(static_cast<std::size_t>(std::max<std::int64_t>(tokens - 1, 0)));
-  head_similarity(keys, head, similarity.data());
+  similarity_of_head(keys, head, similarity.data());
+  for (const float s : similarity)  // NaN would break the ranking; Inf keys give NaN here
+    KVPACK_CHECK(!std::isnan(s), "keys: contain NaN or Inf (head " << head << ")");
   std::vector<std::int32_t> link_at;
   std::vector<float> link_similarity;
   link_at.reserve(similarity.size());
@@ -171,21 +190,24 @@ float kvmerger_head(const KVView& keys, const KVView& values, std::int64_t head,
 
   std::vector<float> scratch;
   std::int64_t slot = 0;
-  for (std::int64_t first = 0; first < tokens; ++slot) {
-    std::int64_t last = first;
-    while (linked[last]) ++last;
-    if (last == first) {
-      copy_row(keys, head, first, out.keys, slot);
-      copy_row(values, head, first, out.values, slot);
-      out.counts[slot] = 1;
-      out.positions[slot] = static_cast<std::int32_t>(first);
-    } else {
-      merge_run(keys, values, head, scores, first, last, params.sigma, slot, out, scratch);
+  detail::with_storage_type(keys.dtype, [&](auto element) {
+    using T = decltype(element);
+    for (std::int64_t first = 0; first < tokens; ++slot) {
+      std::int64_t last = first;
+      while (linked[last]) ++last;
+      if (last == first) {
+        copy_row(keys, head, first, out.keys, slot);
+        copy_row(values, head, first, out.values, slot);
+        out.counts[slot] = 1;
+        out.positions[slot] = static_cast<std::int32_t>(first);
+      } else {
+        merge_run<T>(keys, values, head, scores, first, last, params.sigma, slot, out, scratch);
+      }
+      first = last + 1;
     }
-    first = last + 1;
-  }
-  KVPACK_CHECK(slot == budget, "kvmerger: produced " << slot << " slots for a budget of "
-                                                     << budget);
+  });
+  KVPACK_CHECK(slot == budget,
+               "kvmerger: produced " << slot << " slots for a budget of " << budget);
   return threshold;
 }
 
@@ -205,10 +227,9 @@ void cam_head(const KVView& keys, const KVView& values, std::int64_t head, const
     const std::int64_t spread = params.merge_window;
     for (std::int64_t e = sinks; e < evicted_end; ++e) {
       // When e leaves, the window holds e + 1 .. e + window.
-      const double kept_mean = (sink_sum + prefix[e + window + 1] - prefix[e + 1]) /
-                               static_cast<double>(sinks + window);
-      const double p =
-          kept_mean > 0.0 ? std::min(1.0, std::max(0.0, scores[e] / kept_mean)) : 0.0;
+      const double kept_mean =
+          (sink_sum + prefix[e + window + 1] - prefix[e + 1]) / static_cast<double>(sinks + window);
+      const double p = kept_mean > 0.0 ? std::min(1.0, std::max(0.0, scores[e] / kept_mean)) : 0.0;
       if (p == 0.0) continue;
       const float share = static_cast<float>(p / static_cast<double>(spread));
       const float* from = merged.data() + (e - sinks) * dim;

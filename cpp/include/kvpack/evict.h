@@ -26,8 +26,8 @@ void h2o_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std
 /// tokens whose window attention, max-pooled over `kernel` neighbours, is highest.
 /// @param scores  size tokens: attention the observation window gave each token
 /// @param out     size budget (<= tokens): kept positions, ascending
-void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget,
-                 std::int64_t window, std::int64_t kernel, std::int32_t* out);
+void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std::int64_t window,
+                 std::int64_t kernel, std::int32_t* out);
 
 /// Which token a full EvictionCache drops at each step.
 enum class EvictionPolicy : int {
@@ -66,7 +66,7 @@ class EvictionCache {
   std::int64_t heads() const { return heads_; }
   std::int64_t dim() const { return dim_; }
   DType dtype() const { return dtype_; }
-  std::int64_t size() const { return size_; }        ///< tokens held per head
+  std::int64_t size() const { return size_; }          ///< tokens held per head
   std::int64_t capacity() const { return capacity_; }  ///< slots per head (budget + 1)
   std::int64_t seen() const { return seen_; }          ///< tokens the sequence holds so far
   const EvictionCacheParams& params() const { return params_; }

@@ -24,8 +24,8 @@ std::vector<std::int32_t> top_k_set(const float* scores, std::int64_t n, std::in
 
 /// Copies rows tokens[0..n) of `head` of src (unconverted, src's dtype) to dst, one
 /// row after the other: dst holds n * src.dim elements.
-void gather_rows(const KVView& src, std::int64_t head, const std::int32_t* tokens,
-                 std::int64_t n, void* dst);
+void gather_rows(const KVView& src, std::int64_t head, const std::int32_t* tokens, std::int64_t n,
+                 void* dst);
 
 /// Groups of tokens in rank order: group g holds members[offsets[g] .. offsets[g + 1]),
 /// each group's members ascending.
