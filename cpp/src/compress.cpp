@@ -49,6 +49,10 @@ std::vector<float> evidence_scores(const KVView& keys, const Evidence& evidence,
   accumulate.scale = evidence.scale;
   scores.resize(static_cast<std::size_t>(keys.heads * keys.tokens));
   accumulated_attention(queries, evidence.heads_q, window, keys, accumulate, scores.data());
+  for (const float s : scores)  // rankings need finite scores
+    KVPACK_CHECK(std::isfinite(s),
+                 "keys: contain NaN or Inf (the attention they receive is not "
+                 "finite)");
   return scores;
 }
 

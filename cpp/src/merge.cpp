@@ -54,7 +54,8 @@ void head_similarity(const KVView& keys, std::int64_t head, float* out) {
     const T* cur = static_cast<const T*>(keys.row(head, t));
     const float norm = std::sqrt(detail::dot(cur, cur, dim));
     const float denom = prev_norm * norm;
-    out[t - 1] = denom > 0.0f ? detail::dot(prev, cur, dim) / denom : 0.0f;
+    // A zero key has similarity 0; NaN (from a NaN or Inf key) stays NaN for the caller.
+    out[t - 1] = denom == 0.0f ? 0.0f : detail::dot(prev, cur, dim) / denom;
     prev = cur;
     prev_norm = norm;
   }

@@ -3,6 +3,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <numeric>
 
 #include "kvpack/common.h"
@@ -44,11 +45,22 @@ std::vector<std::int32_t> top_k(const float* scores, std::int64_t n, std::int64_
 }
 
 std::vector<std::int32_t> top_k_set(const float* scores, std::int64_t n, std::int64_t k) {
-  std::vector<std::int32_t> idx = all_indices(n, k);
-  if (k < n) std::nth_element(idx.begin(), idx.begin() + k, idx.end(), Better{scores});
-  idx.resize(static_cast<std::size_t>(k));
-  std::sort(idx.begin(), idx.end());
-  return idx;
+  KVPACK_CHECK(k >= 0 && k <= n, "k: expected 0 <= k <= n=" << n << ", got " << k);
+  std::vector<std::int32_t> out;
+  out.reserve(static_cast<std::size_t>(k));
+  if (k == 0) return out;
+  // Select the k-th largest value on plain floats (no index indirection), then take
+  // every score above it and the lowest-index ties at it, in index order.
+  std::vector<float> copy(scores, scores + n);
+  std::nth_element(copy.begin(), copy.begin() + (k - 1), copy.end(), std::greater<float>());
+  const float kth = copy[static_cast<std::size_t>(k - 1)];
+  std::int64_t ties = k;
+  for (std::int64_t i = 0; i < n; ++i) ties -= scores[i] > kth;
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (scores[i] > kth || (scores[i] == kth && ties-- > 0))
+      out.push_back(static_cast<std::int32_t>(i));
+  }
+  return out;
 }
 
 void gather_rows(const KVView& src, std::int64_t head, const std::int32_t* tokens, std::int64_t n,
