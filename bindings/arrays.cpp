@@ -125,7 +125,7 @@ NewToken new_token(const py::object& key, const py::object& value, std::int64_t 
 void check_query(const py::array_t<float>& q, std::int64_t heads_kv, std::int64_t dim) {
   KVPACK_ARG_CHECK(q.shape(1) == dim,
                    "q: expected head_dim " << dim << ", got shape " << shape_string(q));
-  KVPACK_ARG_CHECK(q.shape(0) % heads_kv == 0,
+  KVPACK_ARG_CHECK(q.shape(0) > 0 && q.shape(0) % heads_kv == 0,
                    "q: expected heads_q to be a positive multiple of heads_kv="
                        << heads_kv << ", got shape " << shape_string(q));
 }
@@ -192,7 +192,8 @@ void require_finite(const KVView& view, const char* name) {
                                  << ", " << row % view.tokens << "])");
 }
 
-void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays) {
+void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays,
+                      const char* otherwise) {
   for (const auto& [name, view] : arrays) {
     const std::int64_t r = first_non_finite_row(view);
     if (r < 0) continue;
@@ -203,8 +204,7 @@ void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays)
     KVPACK_ARG_CHECK(false, name << ": contains NaN or Inf (first at [" << r / view.tokens << ", "
                                  << r % view.tokens << ", " << i << "])");
   }
-  KVPACK_ARG_CHECK(false,
-                   "attention scores overflowed float32: q and keys are too large in magnitude");
+  KVPACK_ARG_CHECK(false, otherwise);
 }
 
 bool use_cuda(const std::string& device) {

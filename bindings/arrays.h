@@ -95,7 +95,12 @@ py::array_t<T> adopt_vector(std::vector<T>&& values, const std::vector<py::ssize
 }
 
 /// Raises ValueError naming the first of `arrays` holding a NaN or Inf.
-[[noreturn]] void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays);
+/// When none does, the result overflowed float32: raises ValueError with `otherwise`.
+[[noreturn]] void raise_non_finite(
+    const std::vector<std::pair<const char*, KVView>>& arrays,
+    const char* otherwise =
+        "attention scores overflowed float32: q and keys are too large in "
+        "magnitude");
 
 /// Raises ValueError naming `name` when the view holds a NaN or Inf.
 void require_finite(const KVView& view, const char* name);

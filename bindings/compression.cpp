@@ -36,7 +36,11 @@ std::int64_t parse_budget(const py::object& budget, std::int64_t tokens) {
                     "budget: expected a fraction in (0, 1] or a token count, got a bool");
   const py::module_ numbers = py::module_::import("numbers");
   if (py::isinstance(budget, numbers.attr("Integral"))) {
-    const auto count = budget.cast<std::int64_t>();
+    const py::int_ big(budget);
+    KVPACK_ARG_CHECK(big.attr("__le__")(py::int_(tokens)).cast<bool>(),
+                     "budget: expected a token count in [1, " << tokens << "] (the context), got "
+                                                              << py::str(big).cast<std::string>());
+    const auto count = big.cast<std::int64_t>();
     KVPACK_ARG_CHECK(count >= 1 && count <= tokens, "budget: expected a token count in [1, "
                                                         << tokens << "] (the context), got "
                                                         << count);
@@ -107,7 +111,9 @@ Evidence parse_evidence(const std::optional<py::array_t<float>>& scores,
 void check_finite_output(const KVView& out_keys, const KVView& out_values, const KVView& keys,
                          const KVView& values) {
   if (first_non_finite_row(out_keys) >= 0 || first_non_finite_row(out_values) >= 0)
-    raise_non_finite({{"keys", keys}, {"values", values}});
+    raise_non_finite({{"keys", keys}, {"values", values}},
+                     "keys, values: the compressed cache overflows its dtype (merged values grew "
+                     "too large); compress in float32");
 }
 
 py::dict compress_binding(const py::object& keys_obj, const py::object& values_obj,
@@ -186,7 +192,9 @@ py::array_t<float> adjacent_similarity_binding(const py::object& keys_obj) {
     py::gil_scoped_release release;
     adjacent_similarity(keys, out.mutable_data());
   }
-  if (!all_finite(out.data(), out.size())) raise_non_finite({{"keys", keys}});
+  if (!all_finite(out.data(), out.size()))
+    raise_non_finite({{"keys", keys}},
+                     "keys: too large in magnitude (squared norms overflow float32)");
   return out;
 }
 
@@ -282,6 +290,8 @@ void bind_compression(py::module_& m) {
               py::gil_scoped_release release;
               self.step(q.data(), q.shape(0), token.key, token.value, out.mutable_data());
             }
+            if (!all_finite(out.data(), out.size()))
+              raise_non_finite({{"keys", self.keys()}, {"values", self.values()}});
             return out;
           },
           py::arg("q"), py::arg("new_key"), py::arg("new_value"))

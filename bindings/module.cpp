@@ -7,6 +7,7 @@ namespace kvpack::bindings {
 void bind_attention(py::module_& m);
 void bind_clustering(py::module_& m);
 void bind_compression(py::module_& m);
+void bind_quantization(py::module_& m);
 }  // namespace kvpack::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -32,4 +33,5 @@ PYBIND11_MODULE(_core, m) {
   bind_attention(m);
   bind_clustering(m);
   bind_compression(m);
+  bind_quantization(m);
 }

@@ -44,6 +44,11 @@ TEST(Select, TopKSetIsTheTopKRankingSorted) {
   }
 }
 
+TEST(Select, TopKSetRejectsNaN) {
+  const std::vector<float> scores = {1.0f, std::numeric_limits<float>::quiet_NaN(), 0.0f};
+  EXPECT_THROW(top_k_set(scores.data(), 3, 1), std::invalid_argument);
+}
+
 TEST(Evict, KeepSetsHaveTheBudgetAndTheirWindows) {
   std::vector<std::int32_t> out(6);
   streaming_keep(20, 6, 4, out.data());
@@ -127,6 +132,7 @@ TEST(EvictionCache, StreamingKeepsSinksAndTheLatestTokens) {
   for (int step = 0; step < 5; ++step) {
     KVView token = c.k;
     token.tokens = 1;
+    token.head_stride = c.k.stride();
     cache.step(q.data(), 4, token, token, out.data());
     ASSERT_EQ(cache.size(), 6);
     for (std::int64_t h = 0; h < 2; ++h) {

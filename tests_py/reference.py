@@ -285,3 +285,35 @@ class EvictionReference:
                     victim = min(t for t in self.kept[h] if t >= min(self.sinks, self.budget))
                 self.kept[h].remove(victim)
         return np.stack(outs)
+
+
+# ---- KIVI quantization (kvpack.quantize) ----
+
+
+def _kivi_groups(x, bits, axis):
+    """Dequantized x (float32) with one float16 (scale, minimum) per group along `axis`,
+    computed in float32 like the codes are."""
+    levels = np.float32(2**bits - 1)
+    lo, hi = x.min(axis=axis, keepdims=True), x.max(axis=axis, keepdims=True)
+    minimum = lo.astype(np.float16).astype(np.float32)
+    scale = ((hi - lo) / levels).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.clip(np.rint((x - minimum) / scale), 0, levels)
+    codes = np.where(scale > 0, codes, 0)
+    return minimum + scale * codes
+
+
+def kivi_dequantize(keys, values, bits, group=32, residual=128):
+    """Keys per channel over token groups, values per token over channel groups."""
+    k = np.asarray(keys).astype(np.float32)
+    v = np.asarray(values).astype(np.float32)
+    heads, tokens, dim = k.shape
+    n = max(0, tokens - residual) // group * group
+    out_k, out_v = k.copy(), v.copy()
+    if n:
+        blocks = k[:, :n].reshape(heads, n // group, group, dim)
+        out_k[:, :n] = _kivi_groups(blocks, bits, axis=2).reshape(heads, n, dim)
+        for first in range(0, dim, group):
+            part = v[:, :n, first : first + group]
+            out_v[:, :n, first : first + group] = _kivi_groups(part, bits, axis=2)
+    return out_k, out_v, n

@@ -89,9 +89,10 @@ def test_storage_dtypes_are_kept(rng, dtype, method):
     expected = reference.compress(keys, values, method, 64, scores)
     np.testing.assert_array_equal(result.positions, expected["positions"])
     tolerance = 1e-5 if dtype == np.float32 else 2e-2
-    np.testing.assert_allclose(
-        result.values.astype(np.float64), expected["values"], atol=tolerance, rtol=tolerance
-    )
+    for name in ("keys", "values"):
+        np.testing.assert_allclose(
+            getattr(result, name).astype(np.float64), expected[name], atol=tolerance, rtol=tolerance
+        )
 
 
 @pytest.mark.parametrize("method", kvpack.METHODS)
@@ -211,6 +212,7 @@ def test_kvmerger_beats_eviction_on_structured_keys(rng):
     [
         (0, ValueError, r"budget: expected a token count in \[1, 50\]"),
         (51, ValueError, r"budget: expected a token count in \[1, 50\] \(the context\), got 51"),
+        (2**70, ValueError, r"budget: expected a token count in \[1, 50\]"),
         (0.0, ValueError, r"budget: expected a fraction in \(0, 1\]"),
         (1.5, ValueError, r"budget: expected a fraction in \(0, 1\]"),
         (float("nan"), ValueError, r"budget: expected a fraction"),
@@ -253,6 +255,7 @@ def test_bad_arguments_raise(rng):
         ({"attention": scores, "window": 8}, TypeError, "window: method 'kvmerger' does not take"),
         ({"attention": scores, "sigma": -1.0}, ValueError, "sigma: expected a positive width"),
         ({"attention": scores, "sigma": "wide"}, ValueError, "sigma: expected a positive width"),
+        ({"attention": scores, "sigma": True}, ValueError, "sigma: expected a positive width"),
         ({"attention": scores, "protect_recent": 1.5}, ValueError, "protect_recent: expected"),
         (
             {"attention": scores, "protect_recent": 0.4, "protect_heavy": 0.3},
@@ -327,6 +330,19 @@ def test_eviction_cache_errors(rng):
         cache.step(np.ones((2, 8), np.float32), keys[:1, 0], keys[:, 0])
     with pytest.raises(TypeError, match="new_key/new_value: expected dtype float32"):
         cache.step(np.ones((2, 8), np.float32), keys[:, 0].astype(np.float16), keys[:, 0])
+    # A rejected step leaves the cache as it was.
+    for _ in range(3):
+        with pytest.raises(ValueError, match="q: expected heads_q to be a positive multiple"):
+            cache.step(np.ones((0, 8), np.float32), keys[:, 0], keys[:, 0])
+    assert cache.size == 8 and cache.seen == 10
+    cache.step(np.ones((2, 8), np.float32), keys[:, 0], keys[:, 0])
+    assert cache.size == 8 and cache.seen == 11
+    # Queries whose scores overflow give no ranking.
+    huge = np.full((4, 3, 8), 1e30, np.float32)
+    with pytest.raises(ValueError, match=r"(scores|keys)"):
+        kvpack.EvictionCache("h2o", 8).prefill(keys, keys, queries=huge)
+    with pytest.raises(ValueError, match=r"(scores|keys)"):
+        kvpack.compress(keys, keys, "h2o", 0.5, queries=huge)
 
 
 # ---- analysis helpers ----

@@ -129,6 +129,9 @@ std::int64_t EvictionCache::victim(std::int64_t head) const {
 void EvictionCache::step(const float* q, std::int64_t heads_q, const KVView& new_key,
                          const KVView& new_value, float* out) {
   KVPACK_CHECK(heads_ > 0, "prefill: call prefill before step");
+  KVPACK_CHECK(heads_q > 0 && heads_q % heads_ == 0,  // checked before any state changes
+               "q: expected heads_q to be a positive multiple of heads_kv=" << heads_ << ", got "
+                                                                            << heads_q);
   for (std::int64_t h = 0; h < heads_; ++h) {
     write_slot(h, size_, new_key.row(h, 0), new_value.row(h, 0));
     positions_[h * capacity_ + size_] = static_cast<std::int32_t>(seen_);

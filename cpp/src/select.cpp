@@ -2,6 +2,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <numeric>
@@ -51,6 +52,9 @@ std::vector<std::int32_t> top_k_set(const float* scores, std::int64_t n, std::in
   if (k == 0) return out;
   // Select the k-th largest value on plain floats (no index indirection), then take
   // every score above it and the lowest-index ties at it, in index order.
+  for (std::int64_t i = 0; i < n; ++i)  // NaN has no rank; callers pass finite scores
+    KVPACK_CHECK(!std::isnan(scores[i]),
+                 "scores: contain NaN (keys or queries not finite, or their scores overflowed)");
   std::vector<float> copy(scores, scores + n);
   std::nth_element(copy.begin(), copy.begin() + (k - 1), copy.end(), std::greater<float>());
   const float kth = copy[static_cast<std::size_t>(k - 1)];

@@ -23,6 +23,7 @@ from .merging import (
     merging_sets,
     similarity_profile,
 )
+from .quantization import QuantizedKV, quantize
 
 __all__ = [
     "METHODS",
@@ -32,6 +33,7 @@ __all__ = [
     "EvictionCache",
     "KMeansResult",
     "MergingSets",
+    "QuantizedKV",
     "QuestIndex",
     "__version__",
     "accumulated_attention",
@@ -45,6 +47,7 @@ __all__ = [
     "kmeans",
     "mergeable_fraction",
     "merging_sets",
+    "quantize",
     "set_num_threads",
     "similarity_profile",
 ]

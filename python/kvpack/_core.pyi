@@ -152,3 +152,30 @@ class EvictionCache:
     def positions(self) -> np.ndarray: ...
     @property
     def scores(self) -> np.ndarray: ...
+
+class QuantizedKV:
+    def __init__(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        bits: int = 2,
+        group: int = 32,
+        residual: int = 128,
+    ) -> None: ...
+    def dequantize(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def attend(
+        self,
+        q: np.ndarray,
+        scale: float | None = None,
+        return_lse: bool = False,
+        return_weights: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]: ...
+    nbytes: int
+    bits: int
+    group: int
+    residual: int
+    quantized: int
+    heads: int
+    tokens: int
+    head_dim: int
+    dtype: np.dtype

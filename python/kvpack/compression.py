@@ -104,7 +104,7 @@ def compress(
     keys, values : ndarray, shape (heads_kv, tokens, head_dim)
         float32, float16 or bfloat16, C-contiguous, same dtype (read in place).
     method : {"full", "streaming_llm", "h2o", "snapkv", "cam", "kvmerger"}
-        ``"full"`` keeps everything whatever the budget.
+        ``"full"`` keeps everything (the budget is still checked).
     budget : float or int
         A float in (0, 1] is a fraction of the tokens (rounded, at least 1); an int is a
         token count in [1, tokens].
@@ -165,7 +165,7 @@ def compress(
         if sigma != "auto":
             raise ValueError(f"sigma: expected a positive width or 'auto', got {sigma!r}")
         sigma = 0.0
-    elif not isinstance(sigma, numbers.Real) or not sigma > 0:
+    elif isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0:
         raise ValueError(f"sigma: expected a positive width or 'auto', got {sigma!r}")
     result = _core.compress(
         keys, values, method, budget, queries, attention, scale, sigma=sigma, **params

@@ -1,0 +1,78 @@
+// Bindings of kvpack/quant.h: validate, convert, release the GIL, call the core.
+#include <pybind11/stl.h>
+
+#include "arrays.h"
+#include "kvpack/quant.h"
+
+namespace kvpack::bindings {
+
+void bind_quantization(py::module_& m) {
+  py::class_<QuantizedKV>(m, "QuantizedKV")
+      .def(py::init([](const py::object& keys_obj, const py::object& values_obj, int bits,
+                       std::int64_t group, std::int64_t residual) {
+             const py::array keys_arg = as_array(keys_obj, "keys"),
+                             values_arg = as_array(values_obj, "values");
+             const auto [keys, values] = kv_pair(keys_arg, values_arg);
+             require_finite(keys, "keys");
+             require_finite(values, "values");
+             KVPACK_ARG_CHECK(bits == 2 || bits == 4 || bits == 8,
+                              "bits: expected 2, 4 or 8, got " << bits);
+             KVPACK_ARG_CHECK(group >= 1, "group: expected >= 1, got " << group);
+             KVPACK_ARG_CHECK(residual >= 0, "residual: expected >= 0, got " << residual);
+             QuantParams p;
+             p.bits = bits;
+             p.group = group;
+             p.residual = residual;
+             py::gil_scoped_release release;
+             return std::make_unique<QuantizedKV>(keys, values, p);
+           }),
+           py::arg("keys"), py::arg("values"), py::arg("bits") = 2, py::arg("group") = 32,
+           py::arg("residual") = 128)
+      .def("dequantize",
+           [](const QuantizedKV& self) {
+             const std::vector<py::ssize_t> shape{self.heads(), self.tokens(), self.dim()};
+             py::array_t<float> keys = owned_float_array(shape), values = owned_float_array(shape);
+             {
+               py::gil_scoped_release release;
+               self.dequantize(keys.mutable_data(), values.mutable_data());
+             }
+             return py::make_tuple(keys, values);
+           })
+      .def(
+          "attend",
+          [](const QuantizedKV& self, const py::object& q_obj, const std::optional<double>& scale,
+             bool return_lse, bool return_weights) {
+            const py::array_t<float> q =
+                finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
+            check_query(q, self.heads(), self.dim());
+            const std::int64_t heads_q = q.shape(0);
+            AttentionParams params;
+            params.scale = resolve_scale_arg(scale);
+            py::array_t<float> out = owned_float_array({heads_q, self.dim()});
+            py::array_t<float> lse = owned_float_array({heads_q});
+            py::array_t<float> weights = return_weights
+                                             ? owned_float_array({heads_q, self.tokens()})
+                                             : owned_float_array({0});
+            {
+              py::gil_scoped_release release;
+              self.attend(q.data(), heads_q, params,
+                          AttentionOutput{out.mutable_data(), lse.mutable_data(),
+                                          return_weights ? weights.mutable_data() : nullptr});
+            }
+            return py::make_tuple(out, return_lse ? py::object(lse) : py::object(py::none()),
+                                  return_weights ? py::object(weights) : py::object(py::none()));
+          },
+          py::arg("q"), py::arg("scale") = py::none(), py::arg("return_lse") = false,
+          py::arg("return_weights") = false)
+      .def_property_readonly("nbytes", &QuantizedKV::nbytes)
+      .def_property_readonly("bits", [](const QuantizedKV& s) { return s.params().bits; })
+      .def_property_readonly("group", [](const QuantizedKV& s) { return s.params().group; })
+      .def_property_readonly("residual", [](const QuantizedKV& s) { return s.params().residual; })
+      .def_property_readonly("quantized", &QuantizedKV::quantized)
+      .def_property_readonly("heads", &QuantizedKV::heads)
+      .def_property_readonly("tokens", &QuantizedKV::tokens)
+      .def_property_readonly("head_dim", &QuantizedKV::dim)
+      .def_property_readonly("dtype", [](const QuantizedKV& s) { return numpy_dtype(s.dtype()); });
+}
+
+}  // namespace kvpack::bindings

@@ -1,0 +1,66 @@
+// KIVI-style quantization of one layer's KV cache: asymmetric integer codes of 2, 4 or
+// 8 bits, keys per channel over groups of tokens, values per token over groups of
+// channels, the most recent tokens kept in full precision; codes packed densely. The
+// quantized cache is attended without expanding it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kvpack/attention.h"
+#include "kvpack/common.h"
+
+namespace kvpack {
+
+/// Parameters of QuantizedKV.
+struct QuantParams {
+  int bits = 2;                 ///< 2, 4 or 8
+  std::int64_t group = 32;      ///< keys: tokens per group; values: channels per group
+  std::int64_t residual = 128;  ///< latest tokens kept in full precision (at least)
+};
+
+/// One layer's cache [heads, tokens, dim] in KIVI form. The first quantized() tokens of
+/// each head are codes, a multiple of `group`; the rest stay in the input dtype.
+///
+/// Keys: for token group g and channel c, the codes of the group's tokens are packed
+/// together, with one (scale, minimum) pair per (g, c). Values: for token t and channel
+/// group j, the codes of the group's channels are packed together, with one pair per
+/// (t, j). Scales and minima are stored as float16, as in KIVI; a code q stands for
+/// minimum + scale * q.
+class QuantizedKV {
+ public:
+  QuantizedKV(const KVView& keys, const KVView& values, const QuantParams& params);
+
+  std::int64_t heads() const { return heads_; }
+  std::int64_t tokens() const { return tokens_; }
+  std::int64_t dim() const { return dim_; }
+  DType dtype() const { return dtype_; }
+  std::int64_t quantized() const { return quantized_; }  ///< tokens held as codes, per head
+  const QuantParams& params() const { return params_; }
+
+  /// Bytes the quantized form occupies (codes, scales, minima, residual rows).
+  std::int64_t nbytes() const;
+
+  /// Writes the dequantized cache as float32 [heads, tokens, dim] into keys and values.
+  void dequantize(float* keys, float* values) const;
+
+  /// Decode attention of q [heads_q, dim] over the quantized cache, reading codes
+  /// directly (no dequantized copy); out as for decode_attention.
+  void attend(const float* q, std::int64_t heads_q, const AttentionParams& params,
+              const AttentionOutput& output) const;
+
+ private:
+  std::int64_t key_group_bytes() const;  // packed codes of one channel in one token group
+  std::int64_t value_row_bytes() const;  // packed codes of one token's channels
+
+  QuantParams params_;
+  DType dtype_ = DType::Float32;
+  std::int64_t heads_ = 0, tokens_ = 0, dim_ = 0, quantized_ = 0, channel_groups_ = 0;
+  std::vector<std::uint8_t> key_codes_;            // [heads, token groups, dim, key_group_bytes]
+  std::vector<_Float16> key_scale_, key_min_;      // [heads, token groups, dim]
+  std::vector<std::uint8_t> value_codes_;          // [heads, quantized, value_row_bytes]
+  std::vector<_Float16> value_scale_, value_min_;  // [heads, quantized, channel groups]
+  std::vector<unsigned char> residual_keys_, residual_values_;  // [heads, rest, dim] in dtype
+};
+
+}  // namespace kvpack

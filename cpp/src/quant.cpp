@@ -1,0 +1,219 @@
+#include "kvpack/quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kvpack/convert.h"
+#include "kvpack/parallel.h"
+
+namespace kvpack {
+
+namespace {
+
+// Asymmetric code range of n values: (scale, minimum) rounded to float16 as stored.
+void fit_range(const float* x, std::int64_t n, std::int64_t stride, int bits, _Float16* scale,
+               _Float16* minimum) {
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  for (std::int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, x[i * stride]);
+    hi = std::max(hi, x[i * stride]);
+  }
+  *minimum = static_cast<_Float16>(lo);
+  *scale = static_cast<_Float16>((hi - lo) / static_cast<float>((1 << bits) - 1));
+}
+
+// Code of x in [0, 2^bits - 1] for the stored range.
+std::uint8_t encode(float x, float scale, float minimum, int bits) {
+  if (!(scale > 0.0f)) return 0;
+  const float level = std::nearbyint((x - minimum) / scale);
+  return static_cast<std::uint8_t>(std::clamp(level, 0.0f, static_cast<float>((1 << bits) - 1)));
+}
+
+// Packs code i of a run at bit i * bits (bits divides 8, so no code straddles a byte).
+void put_code(std::uint8_t* packed, std::int64_t i, int bits, std::uint8_t code) {
+  const std::int64_t bit = i * bits;
+  packed[bit / 8] = static_cast<std::uint8_t>(packed[bit / 8] | (code << (bit % 8)));
+}
+
+std::uint8_t get_code(const std::uint8_t* packed, std::int64_t i, int bits) {
+  const std::int64_t bit = i * bits;
+  return static_cast<std::uint8_t>((packed[bit / 8] >> (bit % 8)) & ((1 << bits) - 1));
+}
+
+}  // namespace
+
+QuantizedKV::QuantizedKV(const KVView& keys, const KVView& values, const QuantParams& params)
+    : params_(params),
+      dtype_(keys.dtype),
+      heads_(keys.heads),
+      tokens_(keys.tokens),
+      dim_(keys.dim) {
+  KVPACK_CHECK(params.bits == 2 || params.bits == 4 || params.bits == 8,
+               "bits: expected 2, 4 or 8, got " << params.bits);
+  KVPACK_CHECK(params.group >= 1, "group: expected >= 1, got " << params.group);
+  KVPACK_CHECK(params.residual >= 0, "residual: expected >= 0, got " << params.residual);
+  const std::int64_t group = params.group;
+  quantized_ = std::max<std::int64_t>(0, tokens_ - params.residual) / group * group;
+  channel_groups_ = (dim_ + group - 1) / group;
+  const std::int64_t token_groups = quantized_ / group, rest = tokens_ - quantized_;
+  key_codes_.assign(static_cast<std::size_t>(heads_ * token_groups * dim_ * key_group_bytes()), 0);
+  key_scale_.resize(static_cast<std::size_t>(heads_ * token_groups * dim_));
+  key_min_.resize(key_scale_.size());
+  value_codes_.assign(static_cast<std::size_t>(heads_ * quantized_ * value_row_bytes()), 0);
+  value_scale_.resize(static_cast<std::size_t>(heads_ * quantized_ * channel_groups_));
+  value_min_.resize(value_scale_.size());
+  const std::size_t row_bytes = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
+  residual_keys_.resize(static_cast<std::size_t>(heads_ * rest) * row_bytes);
+  residual_values_.resize(residual_keys_.size());
+
+  parallel_for(heads_, [&](std::int64_t h) {
+    std::vector<float> block(static_cast<std::size_t>(group * dim_));  // [group tokens, dim]
+    for (std::int64_t g = 0; g < token_groups; ++g) {
+      for (std::int64_t j = 0; j < group; ++j)
+        to_float(keys.row(h, g * group + j), dtype_, dim_, block.data() + j * dim_);
+      for (std::int64_t c = 0; c < dim_; ++c) {
+        const std::int64_t at = (h * token_groups + g) * dim_ + c;
+        fit_range(block.data() + c, group, dim_, params.bits, &key_scale_[at], &key_min_[at]);
+        const float scale = key_scale_[at], minimum = key_min_[at];
+        std::uint8_t* packed = key_codes_.data() + at * key_group_bytes();
+        for (std::int64_t j = 0; j < group; ++j)
+          put_code(packed, j, params.bits,
+                   encode(block[j * dim_ + c], scale, minimum, params.bits));
+      }
+    }
+    std::vector<float> row(static_cast<std::size_t>(dim_));
+    for (std::int64_t t = 0; t < quantized_; ++t) {
+      to_float(values.row(h, t), dtype_, dim_, row.data());
+      std::uint8_t* packed = value_codes_.data() + (h * quantized_ + t) * value_row_bytes();
+      for (std::int64_t j = 0; j < channel_groups_; ++j) {
+        const std::int64_t first = j * group, n = std::min(group, dim_ - first);
+        const std::int64_t at = (h * quantized_ + t) * channel_groups_ + j;
+        fit_range(row.data() + first, n, 1, params.bits, &value_scale_[at], &value_min_[at]);
+        const float scale = value_scale_[at], minimum = value_min_[at];
+        for (std::int64_t c = first; c < first + n; ++c)
+          put_code(packed, c, params.bits, encode(row[c], scale, minimum, params.bits));
+      }
+    }
+    for (std::int64_t t = quantized_; t < tokens_; ++t) {
+      const std::size_t at = static_cast<std::size_t>(h * rest + t - quantized_) * row_bytes;
+      std::memcpy(residual_keys_.data() + at, keys.row(h, t), row_bytes);
+      std::memcpy(residual_values_.data() + at, values.row(h, t), row_bytes);
+    }
+  });
+}
+
+std::int64_t QuantizedKV::key_group_bytes() const {
+  return (params_.group * params_.bits + 7) / 8;
+}
+
+std::int64_t QuantizedKV::value_row_bytes() const {
+  return (dim_ * params_.bits + 7) / 8;
+}
+
+std::int64_t QuantizedKV::nbytes() const {
+  const auto scales = static_cast<std::int64_t>(key_scale_.size() + key_min_.size() +
+                                                value_scale_.size() + value_min_.size());
+  return static_cast<std::int64_t>(key_codes_.size() + value_codes_.size() + residual_keys_.size() +
+                                   residual_values_.size()) +
+         scales * static_cast<std::int64_t>(sizeof(_Float16));
+}
+
+void QuantizedKV::dequantize(float* keys, float* values) const {
+  const std::int64_t group = params_.group, token_groups = quantized_ / group;
+  const std::int64_t rest = tokens_ - quantized_;
+  const std::size_t row_bytes = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
+  parallel_for(heads_, [&](std::int64_t h) {
+    float* k = keys + h * tokens_ * dim_;
+    float* v = values + h * tokens_ * dim_;
+    for (std::int64_t g = 0; g < token_groups; ++g)
+      for (std::int64_t c = 0; c < dim_; ++c) {
+        const std::int64_t at = (h * token_groups + g) * dim_ + c;
+        const float scale = key_scale_[at], minimum = key_min_[at];
+        const std::uint8_t* packed = key_codes_.data() + at * key_group_bytes();
+        for (std::int64_t j = 0; j < group; ++j)
+          k[(g * group + j) * dim_ + c] = minimum + scale * get_code(packed, j, params_.bits);
+      }
+    for (std::int64_t t = 0; t < quantized_; ++t) {
+      const std::uint8_t* packed = value_codes_.data() + (h * quantized_ + t) * value_row_bytes();
+      for (std::int64_t c = 0; c < dim_; ++c) {
+        const std::int64_t at = (h * quantized_ + t) * channel_groups_ + c / group;
+        // In float: _Float16 arithmetic would round the result to float16.
+        v[t * dim_ + c] = static_cast<float>(value_min_[at]) +
+                          static_cast<float>(value_scale_[at]) * get_code(packed, c, params_.bits);
+      }
+    }
+    for (std::int64_t t = quantized_; t < tokens_; ++t) {
+      const std::size_t at = static_cast<std::size_t>(h * rest + t - quantized_) * row_bytes;
+      to_float(residual_keys_.data() + at, dtype_, dim_, k + t * dim_);
+      to_float(residual_values_.data() + at, dtype_, dim_, v + t * dim_);
+    }
+  });
+}
+
+void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionParams& params,
+                         const AttentionOutput& output) const {
+  const std::int64_t group = params_.group, token_groups = quantized_ / group;
+  const std::int64_t rest = tokens_ - quantized_, per_kv = heads_q / heads_;
+  const float scale =
+      params.scale > 0.0f ? params.scale : 1.0f / std::sqrt(static_cast<float>(dim_));
+  const std::size_t row_bytes = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
+  parallel_for(heads_q, [&](std::int64_t hq) {
+    const std::int64_t h = hq / per_kv;
+    const float* qh = q + hq * dim_;
+    std::vector<float> scores(static_cast<std::size_t>(tokens_)),
+        row(static_cast<std::size_t>(dim_));
+    // Keys: score_j = sum_c q_c min_c + sum_c (q_c scale_c) code_cj over a token group.
+    for (std::int64_t g = 0; g < token_groups; ++g) {
+      float* s = scores.data() + g * group;
+      std::fill(s, s + group, 0.0f);
+      float offset = 0.0f;
+      for (std::int64_t c = 0; c < dim_; ++c) {
+        const std::int64_t at = (h * token_groups + g) * dim_ + c;
+        const float weight = qh[c] * static_cast<float>(key_scale_[at]);
+        offset += qh[c] * static_cast<float>(key_min_[at]);
+        const std::uint8_t* packed = key_codes_.data() + at * key_group_bytes();
+        for (std::int64_t j = 0; j < group; ++j) s[j] += weight * get_code(packed, j, params_.bits);
+      }
+      for (std::int64_t j = 0; j < group; ++j) s[j] = (s[j] + offset) * scale;
+    }
+    for (std::int64_t t = quantized_; t < tokens_; ++t) {
+      const std::size_t at = static_cast<std::size_t>(h * rest + t - quantized_) * row_bytes;
+      to_float(residual_keys_.data() + at, dtype_, dim_, row.data());
+      float dot = 0.0f;
+      for (std::int64_t c = 0; c < dim_; ++c) dot += qh[c] * row[c];
+      scores[t] = dot * scale;
+    }
+    const float top = *std::max_element(scores.begin(), scores.end());
+    double total = 0.0;
+    for (float& s : scores) {
+      s = std::exp(s - top);
+      total += s;
+    }
+    const float inv = static_cast<float>(1.0 / total);
+    float* out = output.out + hq * dim_;
+    std::fill(out, out + dim_, 0.0f);
+    // Values: out_c += p_t (min + scale code_tc), per channel group.
+    for (std::int64_t t = 0; t < quantized_; ++t) {
+      const float p = scores[t] * inv;
+      const std::uint8_t* packed = value_codes_.data() + (h * quantized_ + t) * value_row_bytes();
+      for (std::int64_t c = 0; c < dim_; ++c) {
+        const std::int64_t at = (h * quantized_ + t) * channel_groups_ + c / group;
+        out[c] += p * (static_cast<float>(value_min_[at]) +
+                       static_cast<float>(value_scale_[at]) * get_code(packed, c, params_.bits));
+      }
+    }
+    for (std::int64_t t = quantized_; t < tokens_; ++t) {
+      const float p = scores[t] * inv;
+      const std::size_t at = static_cast<std::size_t>(h * rest + t - quantized_) * row_bytes;
+      to_float(residual_values_.data() + at, dtype_, dim_, row.data());
+      for (std::int64_t c = 0; c < dim_; ++c) out[c] += p * row[c];
+    }
+    if (output.lse) output.lse[hq] = top + static_cast<float>(std::log(total));
+    if (output.weights)
+      for (std::int64_t t = 0; t < tokens_; ++t) output.weights[hq * tokens_ + t] = scores[t] * inv;
+  });
+}
+
+}  // namespace kvpack

@@ -1,0 +1,93 @@
+"""kvpack.quantize (KIVI codes) and attention over the codes against NumPy references."""
+
+import math
+
+import numpy as np
+import pytest
+
+import kvpack
+
+import reference
+from conftest import KV_DTYPES
+
+
+def outlier_cache(rng, heads=2, tokens=300, dim=48, dtype=np.float32):
+    """Keys with a few large outlier channels (why KIVI quantizes keys per channel)."""
+    keys = rng.standard_normal((heads, tokens, dim)).astype(np.float32)
+    keys[:, :, :3] *= 12.0
+    values = rng.standard_normal((heads, tokens, dim)).astype(np.float32)
+    return keys.astype(dtype), values.astype(dtype)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize(
+    ("tokens", "group", "residual"), [(300, 32, 128), (200, 16, 10), (50, 32, 128)]
+)
+def test_dequantize_matches_reference(rng, bits, dtype, tokens, group, residual):
+    keys, values = outlier_cache(rng, tokens=tokens, dtype=dtype)
+    qkv = kvpack.quantize(keys, values, bits, group=group, residual=residual)
+    ref_k, ref_v, n = reference.kivi_dequantize(keys, values, bits, group, residual)
+    assert qkv.quantized == n and qkv.tokens == tokens and qkv.dtype == dtype
+    k, v = qkv.dequantize()
+    np.testing.assert_allclose(k, ref_k, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(v, ref_v, rtol=1e-6, atol=1e-6)
+    # The residual window is exact.
+    np.testing.assert_array_equal(k[:, n:], keys[:, n:].astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_attention_over_codes_equals_attention_over_dequantized(rng, bits):
+    keys, values = outlier_cache(rng, tokens=400, dtype=np.float16)
+    qkv = kvpack.quantize(keys, values, bits)
+    q = rng.standard_normal((6, 48)).astype(np.float32)
+    out, lse, weights = qkv.attend(q, return_lse=True, return_weights=True)
+    k, v = qkv.dequantize()
+    ref_out, ref_lse, ref_w = reference.decode_attention(q, k, v)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
+    np.testing.assert_allclose(weights, ref_w, atol=1e-6)
+
+
+def test_codes_are_packed_densely(rng):
+    keys, values = outlier_cache(rng, heads=4, tokens=4096, dim=128, dtype=np.float16)
+    for bits in (2, 4, 8):
+        qkv = kvpack.quantize(keys, values, bits)
+        n = qkv.quantized
+        codes = 2 * 4 * n * 128 * bits // 8
+        ranges = 2 * 2 * 4 * (n // 32 * 128 + n * math.ceil(128 / 32))  # float16 pairs
+        rest = 2 * 4 * (4096 - n) * 128 * 2
+        assert qkv.nbytes == codes + ranges + rest
+    assert kvpack.quantize(keys, values, 2).compression_ratio > 4.5
+
+
+def test_error_falls_with_more_bits(rng):
+    keys, values = outlier_cache(rng, tokens=600)
+    q = rng.standard_normal((2, 48)).astype(np.float32)
+    full = kvpack.attention(q, keys, values)
+    errors = []
+    for bits in (2, 4, 8):
+        quantized = kvpack.quantize(keys, values, bits, residual=0)
+        k, _ = quantized.dequantize()
+        out = quantized.attend(q)
+        errors.append((np.abs(k - keys).mean(), np.linalg.norm(out - full) / np.linalg.norm(full)))
+    assert errors[0][0] > errors[1][0] > errors[2][0]
+    assert errors[0][1] > errors[1][1] > errors[2][1]
+    assert errors[2][1] < 1e-2
+
+
+def test_bad_arguments_raise(rng):
+    keys, values = outlier_cache(rng, tokens=64)
+    with pytest.raises(ValueError, match="bits: expected 2, 4 or 8, got 3"):
+        kvpack.quantize(keys, values, 3)
+    with pytest.raises(ValueError, match="group: expected >= 1, got 0"):
+        kvpack.quantize(keys, values, group=0)
+    with pytest.raises(ValueError, match="residual: expected >= 0, got -1"):
+        kvpack.quantize(keys, values, residual=-1)
+    bad = keys.copy()
+    bad[0, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="keys"):
+        kvpack.quantize(bad, values)
+    qkv = kvpack.quantize(keys, values)
+    with pytest.raises(ValueError, match="q: expected head_dim 48"):
+        qkv.attend(np.ones((2, 8), np.float32))
