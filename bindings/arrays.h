@@ -114,4 +114,23 @@ bool use_cuda(const std::string& device);
 /// 0 (the default 1/sqrt(head_dim)) for None, else a positive finite scale.
 float resolve_scale_arg(const std::optional<double>& scale);
 
+/// One validated decode step of a decode-time cache (ClusterKV, EvictionCache): q and the
+/// new token checked, the GIL released around cache.step, the output checked for NaN/Inf.
+template <class Cache>
+py::array_t<float> decode_step(Cache& cache, bool prefilled, const py::object& q_obj,
+                               const py::object& key_obj, const py::object& value_obj) {
+  KVPACK_ARG_CHECK(prefilled, "step: call prefill(keys, values) first");
+  const py::array_t<float> q = finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
+  check_query(q, cache.heads(), cache.dim());
+  const NewToken token = new_token(key_obj, value_obj, cache.heads(), cache.dim(), cache.dtype());
+  py::array_t<float> out = owned_float_array({q.shape(0), cache.dim()});
+  {
+    py::gil_scoped_release release;
+    cache.step(q.data(), q.shape(0), token.key, token.value, out.mutable_data());
+  }
+  if (!all_finite(out.data(), out.size()))
+    raise_non_finite({{"keys", cache.keys()}, {"values", cache.values()}});
+  return out;
+}
+
 }  // namespace kvpack::bindings

@@ -277,22 +277,9 @@ void bind_compression(py::module_& m) {
           py::arg("attention") = py::none())
       .def(
           "step",
-          [](EvictionCache& self, const py::object& q_obj, const py::object& key_obj,
-             const py::object& value_obj) {
-            KVPACK_ARG_CHECK(self.heads() > 0, "step: call prefill(keys, values) first");
-            const py::array_t<float> q =
-                finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
-            check_query(q, self.heads(), self.dim());
-            const NewToken token =
-                new_token(key_obj, value_obj, self.heads(), self.dim(), self.dtype());
-            py::array_t<float> out = owned_float_array({q.shape(0), self.dim()});
-            {
-              py::gil_scoped_release release;
-              self.step(q.data(), q.shape(0), token.key, token.value, out.mutable_data());
-            }
-            if (!all_finite(out.data(), out.size()))
-              raise_non_finite({{"keys", self.keys()}, {"values", self.values()}});
-            return out;
+          [](EvictionCache& self, const py::object& q, const py::object& key,
+             const py::object& value) {
+            return decode_step(self, self.heads() > 0, q, key, value);
           },
           py::arg("q"), py::arg("new_key"), py::arg("new_value"))
       .def_property_readonly("size", &EvictionCache::size)
