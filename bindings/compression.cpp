@@ -56,6 +56,24 @@ std::int64_t parse_budget(const py::object& budget, std::int64_t tokens) {
   return std::max<std::int64_t>(1, std::llround(fraction * static_cast<double>(tokens)));
 }
 
+// KVMerger's kernel width: a positive number, or "auto" (0 for the core: data-driven).
+float parse_sigma(const py::object& sigma) {
+  if (py::isinstance<py::str>(sigma)) {
+    const auto text = sigma.cast<std::string>();
+    KVPACK_ARG_CHECK(text == "auto",
+                     "sigma: expected a positive width or 'auto', got '" << text << "'");
+    return 0.0f;
+  }
+  const py::module_ numbers = py::module_::import("numbers");
+  KVPACK_ARG_CHECK(!py::isinstance<py::bool_>(sigma) && py::isinstance(sigma, numbers.attr("Real")),
+                   "sigma: expected a positive width or 'auto', got "
+                       << py::str(py::type::handle_of(sigma).attr("__name__")).cast<std::string>());
+  const auto width = sigma.cast<double>();
+  KVPACK_ARG_CHECK(std::isfinite(width) && width > 0.0,
+                   "sigma: expected a positive width or 'auto', got " << width);
+  return static_cast<float>(width);
+}
+
 // Accumulated attention [heads_kv, tokens] given by the caller, validated.
 std::optional<py::array_t<float>> attention_evidence(const py::object& attention,
                                                      const KVView& keys) {
@@ -122,7 +140,7 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
                           const std::optional<double>& scale, std::int64_t sinks,
                           double recent_ratio, std::int64_t window, std::int64_t kernel,
                           std::int64_t merge_window, const std::optional<double>& protect_recent,
-                          const std::optional<double>& protect_heavy, double sigma) {
+                          const std::optional<double>& protect_heavy, const py::object& sigma) {
   const CompressMethod method = parse_method(method_name);
   const py::array keys_arg = as_array(keys_obj, "keys"),
                   values_arg = as_array(values_obj, "values");
@@ -141,8 +159,6 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
        {std::pair{"protect_recent", protect_recent}, std::pair{"protect_heavy", protect_heavy}})
     KVPACK_ARG_CHECK(!share || (*share >= 0.0 && *share <= 1.0),
                      name << ": expected a share of the tokens in [0, 1], got " << *share);
-  KVPACK_ARG_CHECK(std::isfinite(sigma),
-                   "sigma: expected a positive width or 'auto', got " << sigma);
   params.sinks = sinks;
   params.recent_ratio = static_cast<float>(recent_ratio);
   params.window = window;
@@ -150,7 +166,7 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
   params.merge_window = merge_window;
   params.kvmerger.protect_recent = protect_recent ? static_cast<float>(*protect_recent) : -1.0f;
   params.kvmerger.protect_heavy = protect_heavy ? static_cast<float>(*protect_heavy) : -1.0f;
-  params.kvmerger.sigma = static_cast<float>(sigma);
+  params.kvmerger.sigma = parse_sigma(sigma);
 
   const auto scores = attention_evidence(attention_obj, keys);
   const auto queries = query_evidence(queries_obj, keys);
@@ -263,15 +279,7 @@ void bind_compression(py::module_& m) {
             const Evidence evidence =
                 parse_evidence(scores, queries, h2o, "h2o", self.params().scale);
             py::gil_scoped_release release;
-            std::vector<float> computed;
-            if (h2o && !scores) {
-              AccumulateParams accumulate;
-              accumulate.scale = evidence.scale;
-              computed.resize(static_cast<std::size_t>(keys.heads * keys.tokens));
-              accumulated_attention(evidence.queries, evidence.heads_q, evidence.window, keys,
-                                    accumulate, computed.data());
-            }
-            self.prefill(keys, values, scores ? scores->data() : computed.data());
+            self.prefill(keys, values, evidence);
           },
           py::arg("keys"), py::arg("values"), py::arg("queries") = py::none(),
           py::arg("attention") = py::none())

@@ -127,7 +127,7 @@ TEST(EvictionCache, StreamingKeepsSinksAndTheLatestTokens) {
   p.budget = 6;
   p.sinks = 2;
   EvictionCache cache(p);
-  cache.prefill(c.k, c.v, nullptr);
+  cache.prefill(c.k, c.v, Evidence{});
   std::vector<float> q(4 * 8, 0.1f), out(4 * 8);
   for (int step = 0; step < 5; ++step) {
     KVView token = c.k;

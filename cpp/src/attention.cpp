@@ -7,6 +7,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -382,6 +383,36 @@ void accumulated_attention(const float* queries, std::int64_t heads_q, std::int6
       }
     }
   });
+}
+
+std::vector<float> evidence_scores(const KVView& keys, const Evidence& evidence,
+                                   std::int64_t last_queries) {
+  const auto size = static_cast<std::size_t>(keys.heads * keys.tokens);
+  if (evidence.scores) return std::vector<float>(evidence.scores, evidence.scores + size);
+  KVPACK_CHECK(evidence.queries != nullptr,
+               "queries, attention: this method ranks tokens by attention; pass the prompt's "
+               "queries or the accumulated attention");
+  const float* queries = evidence.queries;
+  std::int64_t window = evidence.window;
+  std::vector<float> last;
+  if (last_queries > 0 && window > last_queries) {  // only the latest queries observe
+    const std::int64_t dim = keys.dim, skip = window - last_queries;
+    last.resize(static_cast<std::size_t>(evidence.heads_q * last_queries * dim));
+    for (std::int64_t h = 0; h < evidence.heads_q; ++h)
+      std::memcpy(last.data() + h * last_queries * dim, queries + (h * window + skip) * dim,
+                  static_cast<std::size_t>(last_queries * dim) * sizeof(float));
+    queries = last.data();
+    window = last_queries;
+  }
+  AccumulateParams accumulate;
+  accumulate.scale = evidence.scale;
+  std::vector<float> scores(size);
+  accumulated_attention(queries, evidence.heads_q, window, keys, accumulate, scores.data());
+  for (const float s : scores)  // rankings need finite scores
+    KVPACK_CHECK(std::isfinite(s),
+                 "keys, queries: their attention scores are not finite "
+                 "(NaN/Inf values, or scores that overflow float32)");
+  return scores;
 }
 
 }  // namespace kvpack

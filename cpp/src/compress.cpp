@@ -22,50 +22,19 @@ std::int64_t compressed_length(const CompressParams& params, std::int64_t tokens
   return params.method == CompressMethod::Full ? tokens : params.budget;
 }
 
-namespace {
-
-// The accumulated attention the method ranks by: given, or computed from the queries.
-std::vector<float> evidence_scores(const KVView& keys, const Evidence& evidence,
-                                   const CompressParams& params) {
-  std::vector<float> scores;
-  if (!needs_evidence(params.method) || evidence.scores) return scores;
-  KVPACK_CHECK(evidence.queries != nullptr,
-               "queries, attention: this method ranks tokens by attention; pass the prompt's "
-               "queries or the accumulated attention");
-  const float* queries = evidence.queries;
-  std::int64_t window = evidence.window;
-  std::vector<float> last;
-  if (params.method == CompressMethod::SnapKV && window > params.window) {
-    // SnapKV observes only the last `params.window` queries of the prompt.
-    const std::int64_t dim = keys.dim, skip = window - params.window;
-    last.resize(static_cast<std::size_t>(evidence.heads_q * params.window * dim));
-    for (std::int64_t h = 0; h < evidence.heads_q; ++h)
-      std::memcpy(last.data() + h * params.window * dim, queries + (h * window + skip) * dim,
-                  static_cast<std::size_t>(params.window * dim) * sizeof(float));
-    queries = last.data();
-    window = params.window;
-  }
-  AccumulateParams accumulate;
-  accumulate.scale = evidence.scale;
-  scores.resize(static_cast<std::size_t>(keys.heads * keys.tokens));
-  accumulated_attention(queries, evidence.heads_q, window, keys, accumulate, scores.data());
-  for (const float s : scores)  // rankings need finite scores
-    KVPACK_CHECK(std::isfinite(s),
-                 "keys: contain NaN or Inf (the attention they receive is not "
-                 "finite)");
-  return scores;
-}
-
-}  // namespace
-
 void compress(const KVView& keys, const KVView& values, const Evidence& evidence,
               const CompressParams& params, const CompressOutput& out) {
   const std::int64_t tokens = keys.tokens, dim = keys.dim;
   const std::int64_t slots = compressed_length(params, tokens);
   KVPACK_CHECK(slots >= 1 && slots <= tokens,
                "budget: expected 1 <= budget <= tokens=" << tokens << ", got " << slots);
-  const std::vector<float> computed = evidence_scores(keys, evidence, params);
-  const float* scores = evidence.scores ? evidence.scores : computed.data();
+  // SnapKV observes only the last `window` queries of the prompt.
+  const std::vector<float> evidence_copy =
+      needs_evidence(params.method)
+          ? evidence_scores(keys, evidence,
+                            params.method == CompressMethod::SnapKV ? params.window : 0)
+          : std::vector<float>();
+  const float* scores = evidence_copy.data();
   const std::size_t row_bytes = static_cast<std::size_t>(dim) * dtype_size(keys.dtype);
 
   parallel_for(keys.heads, [&](std::int64_t h) {

@@ -76,10 +76,12 @@ void EvictionCache::write_slot(std::int64_t head, std::int64_t slot, const void*
   if (values_.data() + at != value) std::memcpy(values_.data() + at, value, row);
 }
 
-void EvictionCache::prefill(const KVView& keys, const KVView& values, const float* scores) {
+void EvictionCache::prefill(const KVView& keys, const KVView& values, const Evidence& evidence) {
   const bool h2o = params_.policy == EvictionPolicy::H2O;
   KVPACK_CHECK(keys.tokens >= 1, "keys: expected at least one token, got " << keys.tokens);
-  KVPACK_CHECK(!h2o || scores != nullptr, "scores: H2O needs the prompt's accumulated attention");
+  const std::vector<float> evidence_copy =
+      h2o ? evidence_scores(keys, evidence) : std::vector<float>();
+  const float* scores = evidence_copy.data();
   heads_ = keys.heads;
   dim_ = keys.dim;
   dtype_ = keys.dtype;

@@ -117,7 +117,7 @@ def compress(
     merge_window: int = 32,
     protect_recent: float | None = None,
     protect_heavy: float | None = None,
-    sigma: float = 5.0,
+    sigma: float | str = 5.0,
 ) -> dict[str, np.ndarray | None]: ...
 def adjacent_similarity(keys: np.ndarray) -> np.ndarray: ...
 

@@ -8,7 +8,6 @@ position it keeps, so methods can be swapped in an experiment without other chan
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -160,16 +159,7 @@ def compress(
             raise TypeError(
                 f"{unknown[0]}: method {method!r} does not take this parameter; it takes {takes}"
             )
-    sigma = params.pop("sigma", 5.0)
-    if isinstance(sigma, str):
-        if sigma != "auto":
-            raise ValueError(f"sigma: expected a positive width or 'auto', got {sigma!r}")
-        sigma = 0.0
-    elif isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0:
-        raise ValueError(f"sigma: expected a positive width or 'auto', got {sigma!r}")
-    result = _core.compress(
-        keys, values, method, budget, queries, attention, scale, sigma=sigma, **params
-    )
+    result = _core.compress(keys, values, method, budget, queries, attention, scale, **params)
     return CompressedKV(
         keys=result["keys"],
         values=result["values"],

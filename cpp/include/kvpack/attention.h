@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "kvpack/common.h"
 
@@ -59,5 +60,22 @@ struct AccumulateParams {
 /// @param out      size (per_query_head ? heads_q : heads_kv) * keys.tokens
 void accumulated_attention(const float* queries, std::int64_t heads_q, std::int64_t window,
                            const KVView& keys, const AccumulateParams& params, float* out);
+
+/// What H2O, SnapKV, CaM and KVMerger rank tokens by: accumulated attention given
+/// directly, or prompt queries from which it is computed (causal, each GQA group summed
+/// onto its KV head).
+struct Evidence {
+  const float* scores = nullptr;   ///< heads_kv * tokens, or null
+  const float* queries = nullptr;  ///< heads_q * window * dim float32: the prompt's last queries
+  std::int64_t heads_q = 0;
+  std::int64_t window = 0;
+  float scale = 0.0f;  ///< score scale; 0 means 1/sqrt(dim)
+};
+
+/// The evidence as heads_kv * tokens finite scores: a copy of evidence.scores, or the
+/// accumulated attention of the last `last_queries` queries (0: all of them). Throws
+/// std::invalid_argument when there is neither, or when the scores are not finite.
+std::vector<float> evidence_scores(const KVView& keys, const Evidence& evidence,
+                                   std::int64_t last_queries = 0);
 
 }  // namespace kvpack

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "kvpack/attention.h"
 #include "kvpack/common.h"
 #include "kvpack/merge.h"
 
@@ -34,17 +35,6 @@ struct CompressParams {
   std::int64_t kernel = 5;         ///< SnapKV: max-pooling width, odd
   std::int64_t merge_window = 32;  ///< CaM: successors an evicted value is spread over
   KVMergerParams kvmerger;
-};
-
-/// What the methods rank by: accumulated attention given directly, or prompt queries
-/// from which compress computes it (causal, each GQA group summed onto its KV head).
-struct Evidence {
-  const float* scores = nullptr;   ///< heads_kv * tokens, or null
-  const float* queries = nullptr;  ///< heads_q * window * dim float32: the prompt's last
-                                   ///< queries (SnapKV uses its last params.window)
-  std::int64_t heads_q = 0;
-  std::int64_t window = 0;
-  float scale = 0.0f;  ///< score scale; 0 means 1/sqrt(dim)
 };
 
 /// Where compress writes, [heads, slots(), ...] each, C-contiguous.

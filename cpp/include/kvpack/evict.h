@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kvpack/attention.h"
 #include "kvpack/common.h"
 
 namespace kvpack {
@@ -52,9 +53,9 @@ class EvictionCache {
   explicit EvictionCache(const EvictionCacheParams& params);
 
   /// Starts from a prompt's cache [heads, tokens, dim], keeping the policy's choice of
-  /// at most budget tokens per head. scores: size heads * tokens, the accumulated
-  /// attention of each token (required by H2O, which keeps summing from there).
-  void prefill(const KVView& keys, const KVView& values, const float* scores);
+  /// at most budget tokens per head. H2O needs the evidence (it keeps summing from the
+  /// accumulated attention); StreamingLLM ignores it.
+  void prefill(const KVView& keys, const KVView& values, const Evidence& evidence);
 
   /// One decode step: appends the new token (new_key, new_value: [heads, 1, dim] in the
   /// prefill's dtype), attends q [heads_q, dim] over the kept tokens into out
