@@ -8,6 +8,7 @@ void bind_attention(py::module_& m);
 void bind_clustering(py::module_& m);
 void bind_compression(py::module_& m);
 void bind_quantization(py::module_& m);
+void bind_store(py::module_& m);
 }  // namespace kvpack::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -34,4 +35,5 @@ PYBIND11_MODULE(_core, m) {
   bind_clustering(m);
   bind_compression(m);
   bind_quantization(m);
+  bind_store(m);
 }

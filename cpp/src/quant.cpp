@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 
 #include "kvpack/convert.h"
 #include "kvpack/parallel.h"
@@ -37,6 +38,13 @@ void put_code(std::uint8_t* packed, std::int64_t i, int bits, std::uint8_t code)
   packed[bit / 8] = static_cast<std::uint8_t>(packed[bit / 8] | (code << (bit % 8)));
 }
 
+// Expands n codes packed at `bits` each into one byte per code.
+void unpack_codes(const std::uint8_t* packed, std::int64_t n, int bits, std::uint8_t* codes) {
+  const int per_byte = 8 / bits, mask = (1 << bits) - 1;
+  for (std::int64_t i = 0; i < n; ++i)
+    codes[i] = static_cast<std::uint8_t>((packed[i / per_byte] >> (i % per_byte * bits)) & mask);
+}
+
 std::uint8_t get_code(const std::uint8_t* packed, std::int64_t i, int bits) {
   const std::int64_t bit = i * bits;
   return static_cast<std::uint8_t>((packed[bit / 8] >> (bit % 8)) & ((1 << bits) - 1));
@@ -56,17 +64,9 @@ QuantizedKV::QuantizedKV(const KVView& keys, const KVView& values, const QuantPa
   KVPACK_CHECK(params.residual >= 0, "residual: expected >= 0, got " << params.residual);
   const std::int64_t group = params.group;
   quantized_ = std::max<std::int64_t>(0, tokens_ - params.residual) / group * group;
-  channel_groups_ = (dim_ + group - 1) / group;
+  allocate();
   const std::int64_t token_groups = quantized_ / group, rest = tokens_ - quantized_;
-  key_codes_.assign(static_cast<std::size_t>(heads_ * token_groups * dim_ * key_group_bytes()), 0);
-  key_scale_.resize(static_cast<std::size_t>(heads_ * token_groups * dim_));
-  key_min_.resize(key_scale_.size());
-  value_codes_.assign(static_cast<std::size_t>(heads_ * quantized_ * value_row_bytes()), 0);
-  value_scale_.resize(static_cast<std::size_t>(heads_ * quantized_ * channel_groups_));
-  value_min_.resize(value_scale_.size());
   const std::size_t row_bytes = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
-  residual_keys_.resize(static_cast<std::size_t>(heads_ * rest) * row_bytes);
-  residual_values_.resize(residual_keys_.size());
 
   parallel_for(heads_, [&](std::int64_t h) {
     std::vector<float> block(static_cast<std::size_t>(group * dim_));  // [group tokens, dim]
@@ -120,36 +120,149 @@ std::int64_t QuantizedKV::nbytes() const {
          scales * static_cast<std::int64_t>(sizeof(_Float16));
 }
 
-void QuantizedKV::dequantize(float* keys, float* values) const {
+void QuantizedKV::allocate() {
   const std::int64_t group = params_.group, token_groups = quantized_ / group;
   const std::int64_t rest = tokens_ - quantized_;
+  channel_groups_ = (dim_ + group - 1) / group;
+  key_codes_.assign(static_cast<std::size_t>(heads_ * token_groups * dim_ * key_group_bytes()), 0);
+  key_scale_.resize(static_cast<std::size_t>(heads_ * token_groups * dim_));
+  key_min_.resize(key_scale_.size());
+  value_codes_.assign(static_cast<std::size_t>(heads_ * quantized_ * value_row_bytes()), 0);
+  value_scale_.resize(static_cast<std::size_t>(heads_ * quantized_ * channel_groups_));
+  value_min_.resize(value_scale_.size());
   const std::size_t row_bytes = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
+  residual_keys_.resize(static_cast<std::size_t>(heads_ * rest) * row_bytes);
+  residual_values_.resize(residual_keys_.size());
+}
+
+void QuantizedKV::dequantize(DType dtype, void* keys, void* values) const {
+  const std::int64_t group = params_.group, token_groups = quantized_ / group;
+  const std::int64_t rest = tokens_ - quantized_;
+  const int bits = params_.bits;
+  const std::size_t in_row = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
+  const std::size_t out_row = static_cast<std::size_t>(dim_) * dtype_size(dtype);
   parallel_for(heads_, [&](std::int64_t h) {
-    float* k = keys + h * tokens_ * dim_;
-    float* v = values + h * tokens_ * dim_;
-    for (std::int64_t g = 0; g < token_groups; ++g)
+    unsigned char* k = static_cast<unsigned char*>(keys) + h * tokens_ * out_row;
+    unsigned char* v = static_cast<unsigned char*>(values) + h * tokens_ * out_row;
+    std::vector<float> row(static_cast<std::size_t>(dim_)), lo(row.size()), step(row.size());
+    // One token group's key codes, transposed to [token, channel] so rows expand with
+    // contiguous vector loads.
+    std::vector<std::uint8_t> block(static_cast<std::size_t>(group * dim_)),
+        run(static_cast<std::size_t>(std::max(group, dim_)));
+    for (std::int64_t g = 0; g < token_groups; ++g) {
+      const std::int64_t base = (h * token_groups + g) * dim_;
       for (std::int64_t c = 0; c < dim_; ++c) {
-        const std::int64_t at = (h * token_groups + g) * dim_ + c;
-        const float scale = key_scale_[at], minimum = key_min_[at];
-        const std::uint8_t* packed = key_codes_.data() + at * key_group_bytes();
-        for (std::int64_t j = 0; j < group; ++j)
-          k[(g * group + j) * dim_ + c] = minimum + scale * get_code(packed, j, params_.bits);
+        lo[c] = static_cast<float>(key_min_[base + c]);
+        step[c] = static_cast<float>(key_scale_[base + c]);
+        unpack_codes(key_codes_.data() + (base + c) * key_group_bytes(), group, bits, run.data());
+        for (std::int64_t j = 0; j < group; ++j) block[j * dim_ + c] = run[j];
       }
+      for (std::int64_t j = 0; j < group; ++j) {
+        const std::uint8_t* codes = block.data() + j * dim_;
+#pragma omp simd
+        for (std::int64_t c = 0; c < dim_; ++c) row[c] = lo[c] + step[c] * codes[c];
+        from_float(row.data(), dim_, dtype, k + (g * group + j) * out_row);
+      }
+    }
     for (std::int64_t t = 0; t < quantized_; ++t) {
-      const std::uint8_t* packed = value_codes_.data() + (h * quantized_ + t) * value_row_bytes();
-      for (std::int64_t c = 0; c < dim_; ++c) {
-        const std::int64_t at = (h * quantized_ + t) * channel_groups_ + c / group;
+      unpack_codes(value_codes_.data() + (h * quantized_ + t) * value_row_bytes(), dim_, bits,
+                   run.data());
+      const std::int64_t at = (h * quantized_ + t) * channel_groups_;
+      for (std::int64_t j = 0; j < channel_groups_; ++j) {
         // In float: _Float16 arithmetic would round the result to float16.
-        v[t * dim_ + c] = static_cast<float>(value_min_[at]) +
-                          static_cast<float>(value_scale_[at]) * get_code(packed, c, params_.bits);
+        const float minimum = static_cast<float>(value_min_[at + j]);
+        const float scale = static_cast<float>(value_scale_[at + j]);
+        const std::int64_t first = j * group, last = std::min(dim_, first + group);
+#pragma omp simd
+        for (std::int64_t c = first; c < last; ++c) row[c] = minimum + scale * run[c];
       }
+      from_float(row.data(), dim_, dtype, v + t * out_row);
     }
     for (std::int64_t t = quantized_; t < tokens_; ++t) {
-      const std::size_t at = static_cast<std::size_t>(h * rest + t - quantized_) * row_bytes;
-      to_float(residual_keys_.data() + at, dtype_, dim_, k + t * dim_);
-      to_float(residual_values_.data() + at, dtype_, dim_, v + t * dim_);
+      const std::size_t at = static_cast<std::size_t>(h * rest + t - quantized_) * in_row;
+      to_float(residual_keys_.data() + at, dtype_, dim_, row.data());
+      from_float(row.data(), dim_, dtype, k + t * out_row);
+      to_float(residual_values_.data() + at, dtype_, dim_, row.data());
+      from_float(row.data(), dim_, dtype, v + t * out_row);
     }
   });
+}
+
+namespace {
+
+struct SerialHeader {
+  std::int32_t bits, dtype;
+  std::int64_t group, residual, heads, tokens, dim, quantized;
+};
+
+template <class T>
+void write_section(unsigned char*& out, const std::vector<T>& section) {
+  std::memcpy(out, section.data(), section.size() * sizeof(T));
+  out += section.size() * sizeof(T);
+}
+
+template <class T>
+void read_section(const unsigned char*& in, std::vector<T>& section) {
+  std::memcpy(section.data(), in, section.size() * sizeof(T));
+  in += section.size() * sizeof(T);
+}
+
+}  // namespace
+
+std::size_t QuantizedKV::serialized_size() const {
+  return sizeof(SerialHeader) + key_codes_.size() + value_codes_.size() + residual_keys_.size() +
+         residual_values_.size() +
+         (key_scale_.size() + key_min_.size() + value_scale_.size() + value_min_.size()) *
+             sizeof(_Float16);
+}
+
+void QuantizedKV::serialize(unsigned char* out) const {
+  const SerialHeader header{params_.bits,  static_cast<std::int32_t>(dtype_),
+                            params_.group, params_.residual,
+                            heads_,        tokens_,
+                            dim_,          quantized_};
+  std::memcpy(out, &header, sizeof header);
+  out += sizeof header;
+  write_section(out, key_codes_);
+  write_section(out, key_scale_);
+  write_section(out, key_min_);
+  write_section(out, value_codes_);
+  write_section(out, value_scale_);
+  write_section(out, value_min_);
+  write_section(out, residual_keys_);
+  write_section(out, residual_values_);
+}
+
+QuantizedKV QuantizedKV::deserialize(const unsigned char* data, std::size_t size) {
+  SerialHeader header{};
+  if (size < sizeof header) throw std::runtime_error("quantized payload: truncated header");
+  std::memcpy(&header, data, sizeof header);
+  const bool sane = (header.bits == 2 || header.bits == 4 || header.bits == 8) &&
+                    header.dtype >= 0 && header.dtype <= 2 && header.group >= 1 &&
+                    header.heads >= 0 && header.tokens >= 0 && header.dim >= 1 &&
+                    header.quantized >= 0 && header.quantized <= header.tokens &&
+                    header.quantized % header.group == 0 && header.dim < (1 << 20) &&
+                    header.heads < (1 << 20) && header.tokens < (1ll << 32);
+  if (!sane) throw std::runtime_error("quantized payload: malformed header");
+  QuantizedKV kv;
+  kv.params_ = QuantParams{header.bits, header.group, header.residual};
+  kv.dtype_ = static_cast<DType>(header.dtype);
+  kv.heads_ = header.heads;
+  kv.tokens_ = header.tokens;
+  kv.dim_ = header.dim;
+  kv.quantized_ = header.quantized;
+  kv.allocate();
+  if (kv.serialized_size() != size) throw std::runtime_error("quantized payload: wrong size");
+  const unsigned char* in = data + sizeof header;
+  read_section(in, kv.key_codes_);
+  read_section(in, kv.key_scale_);
+  read_section(in, kv.key_min_);
+  read_section(in, kv.value_codes_);
+  read_section(in, kv.value_scale_);
+  read_section(in, kv.value_min_);
+  read_section(in, kv.residual_keys_);
+  read_section(in, kv.residual_values_);
+  return kv;
 }
 
 void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionParams& params,

@@ -78,4 +78,11 @@ struct Evidence {
 std::vector<float> evidence_scores(const KVView& keys, const Evidence& evidence,
                                    std::int64_t last_queries = 0);
 
+/// Mean over queries of the relative error ||o_b - o_a|| / ||o_a|| of decode attention
+/// over cache b against cache a (o over all query heads), for queries [heads_q, n, dim]
+/// float32 (the Evidence layout). The fidelity measure of lossy KV encodings.
+double attention_error(const float* queries, std::int64_t heads_q, std::int64_t n,
+                       const KVView& keys_a, const KVView& values_a, const KVView& keys_b,
+                       const KVView& values_b);
+
 }  // namespace kvpack

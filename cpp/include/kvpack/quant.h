@@ -42,7 +42,16 @@ class QuantizedKV {
   std::int64_t nbytes() const;
 
   /// Writes the dequantized cache as float32 [heads, tokens, dim] into keys and values.
-  void dequantize(float* keys, float* values) const;
+  void dequantize(float* keys, float* values) const { dequantize(DType::Float32, keys, values); }
+
+  /// Writes the dequantized cache [heads, tokens, dim] in `dtype` into keys and values.
+  void dequantize(DType dtype, void* keys, void* values) const;
+
+  /// Bytes of the serialized form: parameters, shapes, then every array in order.
+  std::size_t serialized_size() const;
+  void serialize(unsigned char* out) const;
+  /// The QuantizedKV serialized in `size` bytes at data; std::runtime_error if malformed.
+  static QuantizedKV deserialize(const unsigned char* data, std::size_t size);
 
   /// Decode attention of q [heads_q, dim] over the quantized cache, reading codes
   /// directly (no dequantized copy); out as for decode_attention.
@@ -50,6 +59,8 @@ class QuantizedKV {
               const AttentionOutput& output) const;
 
  private:
+  QuantizedKV() = default;
+  void allocate();
   std::int64_t key_group_bytes() const;  // packed codes of one channel in one token group
   std::int64_t value_row_bytes() const;  // packed codes of one token's channels
 

@@ -1,0 +1,133 @@
+// Codecs of the tiered store: one context's KV cache (all layers) encoded by one lossy or
+// lossless method into a versioned, checksummed byte blob, and decoded back.
+//
+// Blob layout (little-endian): a 64-byte header (magic, version, codec, dtype, layer
+// count, sizes, XXH64 checksum), the entry's key, a table of one record per layer, then
+// each layer's payload at a 64-byte aligned offset. The checksum covers every byte but
+// its own field, so a flipped byte anywhere is detected.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kvpack/attention.h"
+#include "kvpack/common.h"
+
+namespace kvpack {
+
+/// The methods a blob can be encoded with.
+enum class CodecKind : int {
+  None = 0,          ///< the cache as is
+  Quant = 1,         ///< KIVI quantization (quant.h) at `bits`
+  StreamingLLM = 2,  ///< sinks + latest tokens, `rate` of the tokens kept
+  SnapKV = 3,        ///< pooled observation-window attention, `rate` kept
+  H2O = 4,           ///< heavy hitters + latest tokens, `rate` kept
+  KVMerger = 5,      ///< adjacent similar keys merged down to `rate` of the tokens
+};
+
+/// One codec and its rate.
+struct Codec {
+  CodecKind kind = CodecKind::None;
+  int bits = 0;       ///< Quant: 2, 4 or 8
+  float rate = 1.0f;  ///< dropping / merging: share of the tokens kept, in (0, 1]
+
+  /// "none", "kivi-2", "h2o-0.5", ...: the name parse_codec reads back.
+  std::string name() const;
+  bool operator==(const Codec& other) const {
+    return kind == other.kind && bits == other.bits && rate == other.rate;
+  }
+};
+
+/// The codec named by `name` ("none", "kivi-8|4|2", "streaming_llm-R", "snapkv-R",
+/// "h2o-R", "kvmerger-R" with R in (0, 1]); std::invalid_argument otherwise.
+Codec parse_codec(const std::string& name);
+
+/// Version written into every blob; decode refuses other versions.
+constexpr std::uint32_t kBlobVersion = 1;
+
+/// An owning byte buffer whose start and padded capacity are multiples of 4096, as
+/// O_DIRECT I/O needs; the padding is zeroed.
+class Buffer {
+ public:
+  static constexpr std::size_t kAlignment = 4096;
+  explicit Buffer(std::size_t size);
+  ~Buffer();
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  unsigned char* data() { return data_; }
+  const unsigned char* data() const { return data_; }
+  std::size_t size() const { return size_; }          ///< meaningful bytes
+  std::size_t capacity() const { return capacity_; }  ///< size rounded up to 4096
+
+ private:
+  unsigned char* data_ = nullptr;
+  std::size_t size_ = 0, capacity_ = 0;
+};
+
+using BlobPtr = std::shared_ptr<const Buffer>;
+
+/// One layer's cache as views [heads_kv, tokens, dim].
+struct LayerView {
+  KVView keys;
+  KVView values;
+};
+
+/// What a blob's header says about it.
+struct BlobInfo {
+  std::string key;
+  Codec codec;
+  DType dtype = DType::Float32;
+  std::int64_t layers = 0;
+  std::size_t size = 0;  ///< bytes of the blob (unpadded)
+  std::uint64_t checksum = 0;
+};
+
+/// Smallest prefix of a blob that holds its header and key.
+constexpr std::size_t kBlobHeaderBytes = 64;
+
+/// Parses and sanity-checks a header (magic, version, codec, sizes) from the first
+/// `available` bytes; throws std::runtime_error when they are not a kvpack blob.
+BlobInfo read_blob_info(const unsigned char* data, std::size_t available);
+
+/// True when the blob's checksum matches its bytes.
+bool verify_blob(const Buffer& blob);
+
+/// Encodes `layers` (all with one dtype) under `key` with `codec`. Dropping and merging
+/// rank tokens by the accumulated attention of each layer's evidence (evidence[l]);
+/// with no evidence (empty vector) the layer's last 32 keys stand in for queries.
+BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, const Codec& codec,
+               const std::vector<Evidence>& evidence = {});
+
+/// The last n keys of a layer as float32 [heads, n, dim]: the queries that stand in for
+/// a context's own when the caller gives none (the Evidence layout).
+std::vector<float> proxy_queries(const KVView& keys, std::int64_t n);
+
+/// One decoded layer: [heads, tokens, dim] keys and values in the blob's dtype; for
+/// dropped or merged caches also the kept positions and token counts [heads, tokens].
+struct DecodedLayer {
+  void* keys = nullptr;
+  void* values = nullptr;
+  const std::int32_t* positions = nullptr;  ///< null for none / quantization
+  const std::int32_t* counts = nullptr;     ///< null for none / quantization
+  std::int64_t heads = 0, tokens = 0, dim = 0;
+  std::int64_t original_tokens = 0;  ///< tokens of the context before dropping / merging
+};
+
+/// A decoded context; `storage` owns the memory the layers point into.
+struct DecodedKV {
+  std::shared_ptr<void> storage;
+  Codec codec;
+  DType dtype = DType::Float32;
+  std::vector<DecodedLayer> layers;
+};
+
+/// Decodes a verified blob. For codec none the layers point into the blob itself unless
+/// `copy`: a blob still held by a tier must be copied before a caller may write to it;
+/// one the caller alone holds (just read from a file) is handed over without a copy.
+DecodedKV decode(const BlobPtr& blob, bool copy);
+
+}  // namespace kvpack

@@ -1,0 +1,145 @@
+// AdaptCache's tiered store: contexts' KV caches kept in DRAM, on SSD and on a Redis
+// server, each entry encoded by the codec and placed in the tier the policy picks.
+//
+// The adaptive policy measures, when an entry is put, every candidate codec's quality
+// (attention-output fidelity on probe queries) and decode time; with the tiers' read
+// bandwidths that gives each (codec, tier) a delay, and place() (policy.h) picks one per
+// entry, re-run on every insertion so older entries can be recompressed or demoted.
+// The LRU baselines store one fixed codec, newest in DRAM, demoting the least recently
+// used entry one tier down when a tier is full and promoting an entry on a hit.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kvpack/codec.h"
+#include "kvpack/tier.h"
+
+namespace kvpack {
+
+/// How the store encodes and places entries.
+enum class StorePolicy : int {
+  Adaptive = 0,      ///< codec, rate and tier per entry by utility (AdaptCache)
+  LRU = 1,           ///< no compression, LRU across the tiers
+  Kivi2LRU = 2,      ///< KIVI 2-bit, LRU across the tiers
+  StreamingLRU = 3,  ///< StreamingLLM at `streaming_rate`, LRU across the tiers
+};
+
+/// The adaptive policy's candidate codecs when none are given.
+std::vector<Codec> default_codecs();
+
+/// Parameters of TieredStore.
+struct StoreParams {
+  std::int64_t dram_bytes = 0;
+  std::string ssd_dir;  ///< empty: no SSD tier
+  std::int64_t ssd_bytes = 0;
+  bool o_direct = false;  ///< SSD reads bypass the page cache
+  int io_threads = 2;     ///< SSD prefetch readers
+  bool remote = false;    ///< a Redis tier after the others
+  RedisParams redis;
+  StorePolicy policy = StorePolicy::Adaptive;
+  double alpha = 0.1;              ///< seconds of loading delay one unit of quality is worth
+  std::vector<Codec> codecs;       ///< adaptive candidates (empty: default_codecs())
+  float streaming_rate = 0.5f;     ///< StreamingLRU's kept share
+  std::vector<double> bandwidths;  ///< read bytes/s per tier, fastest first; empty: profiled
+};
+
+/// What a get returned and cost.
+struct GetResult {
+  DecodedKV kv;
+  std::string tier;
+  std::int64_t bytes = 0;   ///< stored bytes read
+  double io_seconds = 0.0;  ///< reading the blob from its tier (checksum included)
+  double decode_seconds = 0.0;
+  double quality = 0.0;  ///< measured at put (NaN when unknown: entries found on disk)
+};
+
+/// Counters of one tier.
+struct TierStats {
+  std::string name;
+  std::int64_t hits = 0, entries = 0, used = 0, capacity = 0;
+  double bandwidth = 0.0;  ///< bytes/s the policy assumes
+};
+
+/// Counters of a store since it opened.
+struct StoreStats {
+  std::vector<TierStats> tiers;
+  std::int64_t gets = 0, misses = 0, puts = 0;
+  std::int64_t evictions = 0;       ///< entries that left the last tier
+  std::int64_t moves = 0;           ///< entries moved between tiers
+  std::int64_t recompressions = 0;  ///< entries re-encoded with another codec
+  std::int64_t corrupt = 0, errors = 0;
+  double mean_delay = 0.0, p95_delay = 0.0;  ///< seconds (io + decode) over hits
+  double mean_quality = 0.0;                 ///< over hits with a known quality
+};
+
+/// The tiered store. Thread-safe.
+class TieredStore {
+ public:
+  explicit TieredStore(const StoreParams& params);
+  ~TieredStore();
+
+  /// Stores one context (all layers, one dtype) under `key`, replacing any entry there.
+  /// probes[l]: queries [heads_q, n, dim] of layer l scoring quality and guiding token
+  /// dropping (empty: each layer's last 32 keys stand in). qualities: the caller's
+  /// quality per codec of codecs() (empty: measured).
+  void put(const std::string& key, const std::vector<LayerView>& layers,
+           const std::vector<Evidence>& probes, const std::vector<double>& qualities = {});
+
+  /// The entry decoded, or nothing when absent (or found corrupt, then dropped).
+  std::optional<GetResult> get(const std::string& key);
+  bool contains(const std::string& key);
+  bool remove(const std::string& key);
+  /// Starts reading an SSD entry in the background.
+  void prefetch(const std::string& key);
+
+  StoreStats stats() const;
+  /// Tier name and codec of an entry held by this store.
+  std::optional<std::pair<std::string, Codec>> where(const std::string& key) const;
+  /// The codecs the policy chooses among (one for the LRU baselines).
+  const std::vector<Codec>& codecs() const { return codecs_; }
+  const std::vector<double>& bandwidths() const { return bandwidths_; }
+
+ private:
+  struct Candidate {
+    Codec codec;
+    std::int64_t bytes = 0;  ///< stored bytes
+    double quality = 0.0;
+    double decode_seconds = 0.0;
+  };
+  struct Entry {
+    std::vector<Candidate> candidates;
+    int held = 0;  ///< candidate held now
+    int tier = 0;
+    double hits = 0.0;
+    std::uint64_t last_use = 0;
+    std::vector<std::vector<float>> probe_data;  ///< for re-encoding later
+    std::vector<Evidence> probes;
+  };
+
+  double utility(const Entry& entry, int candidate, int tier) const;
+  void place_adaptive(const std::string& key, std::unordered_map<int, BlobPtr>& fresh);
+  void place_lru(const std::string& key, const BlobPtr& blob);
+  void make_room(int tier, std::int64_t bytes, const std::string& keep);
+  void drop(const std::string& key);  // forget an entry and its blob
+  void profile_bandwidths();
+
+  StoreParams params_;
+  std::vector<Codec> codecs_;
+  std::vector<std::unique_ptr<Tier>> tiers_;
+  std::vector<double> bandwidths_;
+  mutable std::mutex mutex_;
+  std::unordered_map<std::string, Entry> entries_;
+  std::vector<std::string> order_;  ///< keys in insertion order (deterministic placement)
+  std::uint64_t clock_ = 0;
+  StoreStats counters_;
+  std::vector<double> delays_, qualities_;
+};
+
+}  // namespace kvpack

@@ -1,0 +1,90 @@
+// The storage tiers of the tiered store behind one interface: DRAM, SSD (a directory of
+// blob files) and a remote Redis server. Tiers hold encoded blobs; every read is
+// verified against the blob's checksum, and a corrupt blob is dropped and counted,
+// never returned.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kvpack/codec.h"
+
+namespace kvpack {
+
+/// What went wrong in a tier, counted since it opened.
+struct TierCounters {
+  std::int64_t corrupt = 0;  ///< blobs whose checksum or header failed (dropped)
+  std::int64_t errors = 0;   ///< I/O or connection errors (reported as misses)
+};
+
+/// One blob a tier holds.
+struct StoredBlob {
+  std::string key;
+  std::int64_t bytes = 0;  ///< stored bytes
+  Codec codec;
+};
+
+/// Bytes a blob occupies in any tier: its size rounded up to 4096 (the I/O block).
+inline std::int64_t stored_bytes(std::size_t blob_size) {
+  return static_cast<std::int64_t>((blob_size + Buffer::kAlignment - 1) / Buffer::kAlignment *
+                                   Buffer::kAlignment);
+}
+
+/// One storage tier. Thread-safe: every method may be called from many threads.
+class Tier {
+ public:
+  virtual ~Tier() = default;
+  virtual std::string name() const = 0;
+  /// Bytes of stored blobs (stored_bytes of each); never above the capacity.
+  virtual std::int64_t used() const = 0;
+  virtual std::int64_t capacity() const = 0;
+  /// Stores `blob` under `key`, replacing any previous blob; false (and nothing
+  /// stored) when it does not fit or the tier failed.
+  virtual bool put(const std::string& key, const BlobPtr& blob) = 0;
+  /// The verified blob under `key`, or null when absent, corrupt or unreachable.
+  virtual BlobPtr get(const std::string& key) = 0;
+  virtual bool contains(const std::string& key) = 0;
+  virtual void remove(const std::string& key) = 0;
+  /// The keys this tier holds with their stored bytes (for the SSD tier, rebuilt from the
+  /// directory when it opened).
+  virtual std::vector<StoredBlob> list() = 0;
+  /// Starts reading `key` in the background so a later get finds it in memory.
+  virtual void prefetch(const std::string& /*key*/) {}
+  virtual TierCounters counters() const = 0;
+};
+
+/// Blobs in process memory.
+std::unique_ptr<Tier> make_dram_tier(std::int64_t capacity);
+
+/// Parameters of the SSD tier.
+struct SsdParams {
+  std::string directory;      ///< created when missing
+  std::int64_t capacity = 0;  ///< bytes
+  bool o_direct = false;      ///< read with O_DIRECT (page cache bypassed) where supported
+  int io_threads = 2;         ///< background readers serving prefetch
+  std::int64_t prefetch_bytes = 256ll << 20;  ///< most bytes held by prefetched reads
+};
+
+/// Blobs as files in a directory: written to a temporary file, fsynced and renamed into
+/// place (a crash leaves the old file or the new one, never a torn one); the index is
+/// rebuilt from the files when the directory is reopened, leftovers of interrupted
+/// writes removed.
+std::unique_ptr<Tier> make_ssd_tier(const SsdParams& params);
+
+/// Parameters of the remote tier.
+struct RedisParams {
+  std::string host = "127.0.0.1";
+  int port = 6379;
+  int db = 0;
+  std::string prefix = "kvpack:";  ///< namespace of the store's keys on the server
+  std::int64_t capacity = 0;       ///< bytes this process may place there
+  int timeout_ms = 2000;           ///< connect / send / receive timeout
+};
+
+/// Blobs on a Redis server, shared by every process that uses the same prefix. A server
+/// that is down or stops answering makes calls fail fast as misses (counted as errors).
+std::unique_ptr<Tier> make_redis_tier(const RedisParams& params);
+
+}  // namespace kvpack

@@ -1,0 +1,412 @@
+#include "kvpack/codec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <sstream>
+#include <stdexcept>
+
+#include "kvpack/checksum.h"
+#include "kvpack/compress.h"
+#include "kvpack/convert.h"
+#include "kvpack/parallel.h"
+#include "kvpack/quant.h"
+
+namespace kvpack {
+
+namespace {
+
+constexpr char kMagic[8] = {'K', 'V', 'P', 'A', 'C', 'K', 'B', '1'};
+constexpr std::size_t kPayloadAlignment = 64;
+constexpr std::int64_t kProxyQueries = 32;  // keys standing in for queries without evidence
+
+// The first 64 bytes of a blob.
+struct Header {
+  char magic[8];
+  std::uint32_t version;
+  std::uint32_t codec_kind;
+  std::uint32_t bits;
+  float rate;
+  std::uint32_t dtype;
+  std::uint32_t layers;
+  std::uint64_t size;      // bytes of the blob
+  std::uint64_t checksum;  // XXH64 of bytes [48, size), seeded with XXH64 of bytes [0, 40)
+  std::uint32_t key_bytes;
+  std::uint32_t reserved[3];
+};
+static_assert(sizeof(Header) == kBlobHeaderBytes, "the header is 64 bytes");
+constexpr std::size_t kChecksumField = 40, kAfterChecksum = 48;
+
+// One layer's record in the table that follows the key.
+struct LayerRecord {
+  std::uint32_t heads, tokens, original_tokens, dim;
+  std::uint64_t offset, bytes;
+};
+static_assert(sizeof(LayerRecord) == 32, "layer records are 32 bytes");
+
+std::size_t align_up(std::size_t n, std::size_t alignment) {
+  return (n + alignment - 1) / alignment * alignment;
+}
+
+std::size_t table_offset(std::size_t key_bytes) {
+  return align_up(sizeof(Header) + key_bytes, 8);
+}
+
+std::uint64_t blob_checksum(const unsigned char* data, std::size_t size) {
+  const std::uint64_t seed = xxh64(data, kChecksumField);
+  return xxh64(data + kAfterChecksum, size - kAfterChecksum, seed);
+}
+
+bool drops_tokens(CodecKind kind) {
+  return kind == CodecKind::StreamingLLM || kind == CodecKind::SnapKV || kind == CodecKind::H2O ||
+         kind == CodecKind::KVMerger;
+}
+
+CompressMethod compress_method(CodecKind kind) {
+  switch (kind) {
+    case CodecKind::StreamingLLM:
+      return CompressMethod::StreamingLLM;
+    case CodecKind::SnapKV:
+      return CompressMethod::SnapKV;
+    case CodecKind::H2O:
+      return CompressMethod::H2O;
+    case CodecKind::KVMerger:
+      return CompressMethod::KVMerger;
+    default:
+      return CompressMethod::Full;
+  }
+}
+
+const char* kind_name(CodecKind kind) {
+  switch (kind) {
+    case CodecKind::None:
+      return "none";
+    case CodecKind::Quant:
+      return "kivi";
+    case CodecKind::StreamingLLM:
+      return "streaming_llm";
+    case CodecKind::SnapKV:
+      return "snapkv";
+    case CodecKind::H2O:
+      return "h2o";
+    case CodecKind::KVMerger:
+      return "kvmerger";
+  }
+  return "unknown";
+}
+
+std::size_t row_bytes(const KVView& view) {
+  return static_cast<std::size_t>(view.dim) * dtype_size(view.dtype);
+}
+
+// One layer encoded, before it is laid into the blob.
+struct EncodedLayer {
+  LayerRecord record{};
+  std::vector<unsigned char> payload;  // empty for codec none: copied from the views
+};
+
+void copy_rows(const KVView& view, unsigned char* out) {
+  const std::size_t bytes = static_cast<std::size_t>(view.tokens) * row_bytes(view);
+  for (std::int64_t h = 0; h < view.heads; ++h)
+    std::memcpy(out + static_cast<std::size_t>(h) * bytes, view.row(h, 0), bytes);
+}
+
+EncodedLayer encode_dropped(const LayerView& layer, const Codec& codec, const Evidence* given) {
+  CompressParams params;
+  params.method = compress_method(codec.kind);
+  params.budget = std::clamp<std::int64_t>(
+      std::llround(static_cast<double>(codec.rate) * static_cast<double>(layer.keys.tokens)), 1,
+      layer.keys.tokens);
+  std::vector<float> proxy;
+  Evidence evidence;
+  if (given) {
+    evidence = *given;
+  } else {
+    const std::int64_t n = std::min(kProxyQueries, layer.keys.tokens);
+    proxy = proxy_queries(layer.keys, n);
+    evidence.queries = proxy.data();
+    evidence.heads_q = layer.keys.heads;
+    evidence.window = n;
+  }
+  const std::int64_t slots = compressed_length(params, layer.keys.tokens);
+  const std::int64_t heads = layer.keys.heads, dim = layer.keys.dim;
+  const std::size_t kv_bytes = static_cast<std::size_t>(heads * slots) * row_bytes(layer.keys);
+  const std::size_t index_bytes = static_cast<std::size_t>(heads * slots) * sizeof(std::int32_t);
+  EncodedLayer encoded;
+  encoded.payload.resize(2 * kv_bytes + 2 * index_bytes);
+  unsigned char* base = encoded.payload.data();
+  CompressOutput out;
+  out.keys = base;
+  out.values = base + kv_bytes;
+  out.positions = reinterpret_cast<std::int32_t*>(base + 2 * kv_bytes);
+  out.counts = reinterpret_cast<std::int32_t*>(base + 2 * kv_bytes + index_bytes);
+  compress(layer.keys, layer.values, evidence, params, out);
+  encoded.record = {static_cast<std::uint32_t>(heads),
+                    static_cast<std::uint32_t>(slots),
+                    static_cast<std::uint32_t>(layer.keys.tokens),
+                    static_cast<std::uint32_t>(dim),
+                    0,
+                    encoded.payload.size()};
+  return encoded;
+}
+
+EncodedLayer encode_layer(const LayerView& layer, const Codec& codec, const Evidence* evidence) {
+  const KVView& keys = layer.keys;
+  EncodedLayer encoded;
+  encoded.record = {static_cast<std::uint32_t>(keys.heads),
+                    static_cast<std::uint32_t>(keys.tokens),
+                    static_cast<std::uint32_t>(keys.tokens),
+                    static_cast<std::uint32_t>(keys.dim),
+                    0,
+                    0};
+  if (codec.kind == CodecKind::None) {
+    encoded.record.bytes =
+        2 * static_cast<std::uint64_t>(keys.heads * keys.tokens) * row_bytes(keys);
+  } else if (codec.kind == CodecKind::Quant) {
+    const QuantizedKV quantized(layer.keys, layer.values, QuantParams{codec.bits, 32, 128});
+    encoded.payload.resize(quantized.serialized_size());
+    quantized.serialize(encoded.payload.data());
+    encoded.record.bytes = encoded.payload.size();
+  } else {
+    encoded = encode_dropped(layer, codec, evidence);
+  }
+  return encoded;
+}
+
+[[noreturn]] void malformed(const std::string& what) {
+  throw std::runtime_error("not a valid kvpack blob: " + what);
+}
+
+}  // namespace
+
+std::vector<float> proxy_queries(const KVView& keys, std::int64_t n) {
+  std::vector<float> queries(static_cast<std::size_t>(keys.heads * n * keys.dim));
+  for (std::int64_t h = 0; h < keys.heads; ++h)
+    for (std::int64_t i = 0; i < n; ++i)
+      to_float(keys.row(h, keys.tokens - n + i), keys.dtype, keys.dim,
+               queries.data() + (h * n + i) * keys.dim);
+  return queries;
+}
+
+std::string Codec::name() const {
+  std::ostringstream os;
+  os << kind_name(kind);
+  if (kind == CodecKind::Quant) os << "-" << bits;
+  if (drops_tokens(kind)) os << "-" << rate;
+  return os.str();
+}
+
+Codec parse_codec(const std::string& name) {
+  if (name == "none") return Codec{};
+  const auto dash = name.rfind('-');
+  KVPACK_CHECK(dash != std::string::npos,
+               "codec: expected 'none', 'kivi-8|4|2' or '<streaming_llm|snapkv|h2o|kvmerger>-R' "
+               "with R in (0, 1], got '"
+                   << name << "'");
+  const std::string kind = name.substr(0, dash), rate = name.substr(dash + 1);
+  char* end = nullptr;
+  const double number = std::strtod(rate.c_str(), &end);
+  const bool numeric = !rate.empty() && end == rate.c_str() + rate.size();
+  if (kind == "kivi") {
+    KVPACK_CHECK(numeric && (number == 2 || number == 4 || number == 8),
+                 "codec: expected kivi-8, kivi-4 or kivi-2, got '" << name << "'");
+    return Codec{CodecKind::Quant, static_cast<int>(number), 1.0f};
+  }
+  static const std::pair<const char*, CodecKind> dropping[] = {
+      {"streaming_llm", CodecKind::StreamingLLM},
+      {"snapkv", CodecKind::SnapKV},
+      {"h2o", CodecKind::H2O},
+      {"kvmerger", CodecKind::KVMerger}};
+  for (const auto& [label, codec_kind] : dropping)
+    if (kind == label) {
+      KVPACK_CHECK(numeric && number > 0.0 && number <= 1.0,
+                   "codec: expected a kept share R in (0, 1] in '" << name << "'");
+      return Codec{codec_kind, 0, static_cast<float>(number)};
+    }
+  KVPACK_CHECK(false,
+               "codec: expected 'none', 'kivi-8|4|2' or "
+               "'<streaming_llm|snapkv|h2o|kvmerger>-R', got '"
+                   << name << "'");
+}
+
+Buffer::Buffer(std::size_t size)
+    : size_(size), capacity_(std::max(align_up(size, kAlignment), kAlignment)) {
+  data_ = static_cast<unsigned char*>(std::aligned_alloc(kAlignment, capacity_));
+  if (!data_) throw std::bad_alloc();
+  std::memset(data_ + size_, 0, capacity_ - size_);
+}
+
+Buffer::~Buffer() {
+  std::free(data_);
+}
+
+BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
+  if (available < sizeof(Header)) malformed("shorter than its header");
+  Header header;
+  std::memcpy(&header, data, sizeof header);
+  if (std::memcmp(header.magic, kMagic, sizeof kMagic) != 0) malformed("bad magic");
+  if (header.version != kBlobVersion)
+    malformed("version " + std::to_string(header.version) + ", expected " +
+              std::to_string(kBlobVersion));
+  if (header.codec_kind > static_cast<std::uint32_t>(CodecKind::KVMerger)) malformed("codec");
+  if (header.dtype > static_cast<std::uint32_t>(DType::BFloat16)) malformed("dtype");
+  const std::size_t table = table_offset(header.key_bytes);
+  if (header.key_bytes > (1u << 20) || header.size < table + header.layers * sizeof(LayerRecord))
+    malformed("sizes");
+  if (available < sizeof(Header) + header.key_bytes) malformed("key truncated");
+  BlobInfo info;
+  info.key.assign(reinterpret_cast<const char*>(data + sizeof(Header)), header.key_bytes);
+  info.codec =
+      Codec{static_cast<CodecKind>(header.codec_kind), static_cast<int>(header.bits), header.rate};
+  info.dtype = static_cast<DType>(header.dtype);
+  info.layers = header.layers;
+  info.size = header.size;
+  info.checksum = header.checksum;
+  return info;
+}
+
+bool verify_blob(const Buffer& blob) {
+  try {
+    const BlobInfo info = read_blob_info(blob.data(), blob.size());
+    return info.size == blob.size() && blob_checksum(blob.data(), blob.size()) == info.checksum;
+  } catch (const std::runtime_error&) {
+    return false;
+  }
+}
+
+BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, const Codec& codec,
+               const std::vector<Evidence>& evidence) {
+  KVPACK_CHECK(!layers.empty(), "layers: expected at least one layer, got 0");
+  KVPACK_CHECK(
+      evidence.empty() || evidence.size() == layers.size(),
+      "evidence: expected one per layer (" << layers.size() << "), got " << evidence.size());
+  const DType dtype = layers[0].keys.dtype;
+  for (const LayerView& layer : layers)
+    KVPACK_CHECK(layer.keys.dtype == dtype && layer.values.dtype == dtype,
+                 "layers: expected one dtype for all layers (" << dtype_name(dtype) << ")");
+  std::vector<EncodedLayer> encoded(layers.size());
+  parallel_for(static_cast<std::int64_t>(layers.size()), [&](std::int64_t l) {
+    encoded[l] = encode_layer(layers[l], codec, evidence.empty() ? nullptr : &evidence[l]);
+  });
+
+  const std::size_t table = table_offset(key.size());
+  std::size_t offset = table + layers.size() * sizeof(LayerRecord);
+  for (EncodedLayer& layer : encoded) {
+    offset = align_up(offset, kPayloadAlignment);
+    layer.record.offset = offset;
+    offset += layer.record.bytes;
+  }
+  auto blob = std::make_shared<Buffer>(offset);
+  unsigned char* data = blob->data();
+  std::memset(data, 0, table + layers.size() * sizeof(LayerRecord));
+  Header header{};
+  std::memcpy(header.magic, kMagic, sizeof kMagic);
+  header.version = kBlobVersion;
+  header.codec_kind = static_cast<std::uint32_t>(codec.kind);
+  header.bits = static_cast<std::uint32_t>(codec.bits);
+  header.rate = codec.rate;
+  header.dtype = static_cast<std::uint32_t>(dtype);
+  header.layers = static_cast<std::uint32_t>(layers.size());
+  header.size = offset;
+  header.key_bytes = static_cast<std::uint32_t>(key.size());
+  std::memcpy(data + sizeof header, key.data(), key.size());
+  parallel_for(static_cast<std::int64_t>(layers.size()), [&](std::int64_t l) {
+    const EncodedLayer& layer = encoded[l];
+    std::memcpy(data + table + l * sizeof(LayerRecord), &layer.record, sizeof(LayerRecord));
+    unsigned char* payload = data + layer.record.offset;
+    if (codec.kind == CodecKind::None) {
+      copy_rows(layers[l].keys, payload);
+      copy_rows(layers[l].values, payload + layer.record.bytes / 2);
+    } else {
+      std::memcpy(payload, layer.payload.data(), layer.payload.size());
+    }
+    // Zero the alignment gap after the payload so the checksummed bytes are defined.
+    const std::size_t end = layer.record.offset + layer.record.bytes;
+    const std::size_t next =
+        l + 1 < static_cast<std::int64_t>(layers.size()) ? encoded[l + 1].record.offset : offset;
+    std::memset(data + end, 0, next - end);
+  });
+  // The gap between the table and the first payload.
+  const std::size_t table_end = table + layers.size() * sizeof(LayerRecord);
+  std::memset(data + table_end, 0, encoded[0].record.offset - table_end);
+  header.checksum = 0;
+  std::memcpy(data, &header, sizeof header);
+  header.checksum = blob_checksum(data, offset);
+  std::memcpy(data + kChecksumField, &header.checksum, sizeof header.checksum);
+  return blob;
+}
+
+DecodedKV decode(const BlobPtr& blob, bool copy) {
+  const BlobInfo info = read_blob_info(blob->data(), blob->size());
+  if (info.size != blob->size()) malformed("size differs from the header");
+  const std::size_t table = table_offset(info.key.size());
+  std::vector<LayerRecord> records(static_cast<std::size_t>(info.layers));
+  std::memcpy(records.data(), blob->data() + table, records.size() * sizeof(LayerRecord));
+  const std::size_t elem = dtype_size(info.dtype);
+
+  DecodedKV decoded;
+  decoded.codec = info.codec;
+  decoded.dtype = info.dtype;
+  decoded.layers.resize(records.size());
+  // Output offsets: quantized layers expand; others keep their payload layout.
+  std::vector<std::size_t> out_offset(records.size());
+  std::size_t out_size = 0;
+  for (std::size_t l = 0; l < records.size(); ++l) {
+    const LayerRecord& r = records[l];
+    if (r.offset + r.bytes > info.size || r.dim == 0) malformed("layer table");
+    const std::size_t kv = static_cast<std::size_t>(r.heads) * r.tokens * r.dim * elem;
+    const std::size_t index = static_cast<std::size_t>(r.heads) * r.tokens * sizeof(std::int32_t);
+    const std::size_t expected = info.codec.kind == CodecKind::None ? 2 * kv
+                                 : drops_tokens(info.codec.kind)    ? 2 * kv + 2 * index
+                                                                    : r.bytes;
+    if (r.bytes != expected) malformed("layer payload size");
+    out_size = align_up(out_size, kPayloadAlignment);
+    out_offset[l] = out_size;
+    out_size += info.codec.kind == CodecKind::Quant ? 2 * kv : r.bytes;
+  }
+
+  const bool in_place = info.codec.kind != CodecKind::Quant && !copy;
+  std::shared_ptr<Buffer> output;
+  unsigned char* base;
+  if (in_place) {
+    // The caller holds the only reference to a freshly read blob: hand its memory over.
+    decoded.storage = std::const_pointer_cast<Buffer>(blob);
+    base = const_cast<unsigned char*>(blob->data());
+  } else {
+    output = std::make_shared<Buffer>(std::max<std::size_t>(out_size, 1));
+    decoded.storage = output;
+    base = output->data();
+  }
+  parallel_for(static_cast<std::int64_t>(records.size()), [&](std::int64_t l) {
+    const LayerRecord& r = records[l];
+    const unsigned char* payload = blob->data() + r.offset;
+    unsigned char* out = in_place ? base + r.offset : base + out_offset[l];
+    const std::size_t kv = static_cast<std::size_t>(r.heads) * r.tokens * r.dim * elem;
+    DecodedLayer& layer = decoded.layers[l];
+    layer.heads = r.heads;
+    layer.tokens = r.tokens;
+    layer.dim = r.dim;
+    layer.original_tokens = r.original_tokens;
+    layer.keys = out;
+    layer.values = out + kv;
+    if (info.codec.kind == CodecKind::Quant) {
+      const QuantizedKV quantized = QuantizedKV::deserialize(payload, r.bytes);
+      if (quantized.heads() != r.heads || quantized.tokens() != r.tokens ||
+          quantized.dim() != r.dim || quantized.dtype() != info.dtype)
+        malformed("quantized layer shape");
+      quantized.dequantize(info.dtype, layer.keys, layer.values);
+      return;
+    }
+    if (!in_place) std::memcpy(out, payload, r.bytes);
+    if (drops_tokens(info.codec.kind)) {
+      const std::size_t index = static_cast<std::size_t>(r.heads) * r.tokens;
+      layer.positions = reinterpret_cast<const std::int32_t*>(out + 2 * kv);
+      layer.counts = layer.positions + index;
+    }
+  });
+  return decoded;
+}
+
+}  // namespace kvpack

@@ -1,0 +1,509 @@
+#include "kvpack/store.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+#include "kvpack/attention.h"
+#include "kvpack/policy.h"
+
+namespace kvpack {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+constexpr std::int64_t kProbeQueries = 32;
+
+// A decoded layer as views for attention.
+LayerView layer_view(const DecodedKV& kv, std::size_t l) {
+  const DecodedLayer& layer = kv.layers[l];
+  const KVView keys{layer.keys, kv.dtype, layer.heads, layer.tokens, layer.dim, 0};
+  KVView values = keys;
+  values.data = layer.values;
+  return {keys, values};
+}
+
+}  // namespace
+
+std::vector<Codec> default_codecs() {
+  std::vector<Codec> codecs;
+  for (const char* name : {"none", "kivi-8", "kivi-4", "kivi-2", "streaming_llm-0.5", "snapkv-0.5",
+                           "h2o-0.5", "kvmerger-0.5", "snapkv-0.25", "h2o-0.25"})
+    codecs.push_back(parse_codec(name));
+  return codecs;
+}
+
+TieredStore::TieredStore(const StoreParams& params) : params_(params) {
+  KVPACK_CHECK(std::isfinite(params.alpha) && params.alpha >= 0.0,
+               "alpha: expected a finite value >= 0, got " << params.alpha);
+  switch (params.policy) {
+    case StorePolicy::Adaptive:
+      codecs_ = params.codecs.empty() ? default_codecs() : params.codecs;
+      KVPACK_CHECK(std::find(codecs_.begin(), codecs_.end(), Codec{}) != codecs_.end(),
+                   "codecs: expected 'none' among the candidates (the lossless fallback)");
+      break;
+    case StorePolicy::LRU:
+      codecs_ = {Codec{}};
+      break;
+    case StorePolicy::Kivi2LRU:
+      codecs_ = {Codec{CodecKind::Quant, 2, 1.0f}};
+      break;
+    case StorePolicy::StreamingLRU:
+      KVPACK_CHECK(params.streaming_rate > 0.0f && params.streaming_rate <= 1.0f,
+                   "streaming_rate: expected a share in (0, 1], got " << params.streaming_rate);
+      codecs_ = {Codec{CodecKind::StreamingLLM, 0, params.streaming_rate}};
+      break;
+  }
+  tiers_.push_back(make_dram_tier(params.dram_bytes));
+  if (!params.ssd_dir.empty())
+    tiers_.push_back(make_ssd_tier(SsdParams{params.ssd_dir, params.ssd_bytes, params.o_direct,
+                                             params.io_threads, 256ll << 20}));
+  if (params.remote) tiers_.push_back(make_redis_tier(params.redis));
+  if (params.bandwidths.empty()) {
+    profile_bandwidths();
+  } else {
+    KVPACK_CHECK(params.bandwidths.size() == tiers_.size(), "bandwidths: expected one per tier ("
+                                                                << tiers_.size() << "), got "
+                                                                << params.bandwidths.size());
+    for (const double b : params.bandwidths)
+      KVPACK_CHECK(std::isfinite(b) && b > 0.0,
+                   "bandwidths: expected positive bytes per second, got " << b);
+    bandwidths_ = params.bandwidths;
+  }
+  // Entries a previous process left on disk.
+  for (std::size_t t = 1; t < tiers_.size(); ++t) {
+    if (tiers_[t]->name() != "ssd") continue;
+    for (const StoredBlob& stored : tiers_[t]->list()) {
+      Entry entry;
+      const double quality =
+          stored.codec.kind == CodecKind::None ? 1.0 : std::numeric_limits<double>::quiet_NaN();
+      entry.candidates.push_back(Candidate{stored.codec, stored.bytes, quality, 0.0});
+      entry.tier = static_cast<int>(t);
+      entries_[stored.key] = std::move(entry);
+      order_.push_back(stored.key);
+    }
+  }
+  std::sort(order_.begin(), order_.end());
+}
+
+TieredStore::~TieredStore() = default;
+
+void TieredStore::profile_bandwidths() {
+  // One 8 MiB blob (or what fits) written to and read back from every tier.
+  for (const auto& tier : tiers_) {
+    const std::int64_t room = tier->capacity() - tier->used();
+    const std::int64_t bytes = std::min<std::int64_t>(8ll << 20, room / 2);
+    double bandwidth = tier->name() == "dram" ? 8e9 : tier->name() == "ssd" ? 1e9 : 5e8;
+    if (bytes >= (256 << 10)) {
+      const std::int64_t dim = 128, tokens = bytes / (2 * dim * 4);
+      std::vector<float> data(static_cast<std::size_t>(tokens * dim), 0.5f);
+      const KVView view{data.data(), DType::Float32, 1, tokens, dim, 0};
+      const std::string key = std::string("\x01kvpack-profile", 15);
+      const BlobPtr blob = encode(key, {LayerView{view, view}}, Codec{});
+      if (tier->put(key, blob)) {
+        // A get as the store does it: the read, plus the copy out of a DRAM-held blob.
+        double best = std::numeric_limits<double>::infinity();
+        for (int repeat = 0; repeat < 3; ++repeat) {
+          const auto start = Clock::now();
+          const BlobPtr read = tier->get(key);
+          if (read) {
+            decode(read, tier->name() == "dram");
+            best = std::min(best, seconds_since(start));
+          }
+        }
+        tier->remove(key);
+        if (std::isfinite(best) && best > 0.0)
+          bandwidth = static_cast<double>(stored_bytes(blob->size())) / best;
+      }
+    }
+    bandwidths_.push_back(bandwidth);
+  }
+}
+
+double TieredStore::utility(const Entry& entry, int candidate, int tier) const {
+  const Candidate& c = entry.candidates[candidate];
+  const double quality = std::isnan(c.quality) ? 0.0 : c.quality;
+  const double delay = static_cast<double>(c.bytes) / bandwidths_[tier] + c.decode_seconds;
+  return (1.0 + entry.hits) * (params_.alpha * quality - delay);
+}
+
+void TieredStore::put(const std::string& key, const std::vector<LayerView>& layers,
+                      const std::vector<Evidence>& probes, const std::vector<double>& qualities) {
+  KVPACK_CHECK(!layers.empty(), "kv: expected at least one layer, got 0");
+  KVPACK_CHECK(
+      probes.empty() || probes.size() == layers.size(),
+      "probe_queries: expected one per layer (" << layers.size() << "), got " << probes.size());
+  KVPACK_CHECK(
+      qualities.empty() || qualities.size() == codecs_.size(),
+      "quality: expected one per codec (" << codecs_.size() << "), got " << qualities.size());
+  // Probe queries, kept with the entry for later re-encoding.
+  Entry entry;
+  entry.probe_data.resize(layers.size());
+  entry.probes.resize(layers.size());
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    const KVView& keys = layers[l].keys;
+    Evidence& probe = entry.probes[l];
+    if (probes.empty()) {
+      const std::int64_t n = std::min(kProbeQueries, keys.tokens);
+      entry.probe_data[l] = proxy_queries(keys, n);
+      probe.heads_q = keys.heads;
+      probe.window = n;
+    } else {
+      probe = probes[l];
+      entry.probe_data[l].assign(probe.queries,
+                                 probe.queries + probe.heads_q * probe.window * keys.dim);
+    }
+    probe.queries = entry.probe_data[l].data();
+    probe.scores = nullptr;
+  }
+
+  // Every candidate encoded, decoded (timed) and scored; one that cannot encode this
+  // context (too few tokens to drop) is left out.
+  std::unordered_map<int, BlobPtr> fresh;
+  for (std::size_t c = 0; c < codecs_.size(); ++c) {
+    BlobPtr blob;
+    try {
+      blob = encode(key, layers, codecs_[c], entry.probes);
+    } catch (const std::invalid_argument&) {
+      if (codecs_[c].kind == CodecKind::None) throw;
+      continue;
+    }
+    // Decode time as a get from SSD pays it (no copy for 'none'); the copy out of DRAM is
+    // in the DRAM tier's profiled bandwidth.
+    const auto start = Clock::now();
+    const DecodedKV decoded = decode(blob, false);
+    Candidate candidate{codecs_[c], stored_bytes(blob->size()), 1.0, seconds_since(start)};
+    if (!qualities.empty()) {
+      candidate.quality = qualities[c];
+    } else if (codecs_[c].kind != CodecKind::None) {
+      double error = 0.0;
+      for (std::size_t l = 0; l < layers.size(); ++l) {
+        const LayerView out = layer_view(decoded, l);
+        const Evidence& probe = entry.probes[l];
+        error += attention_error(probe.queries, probe.heads_q, probe.window, layers[l].keys,
+                                 layers[l].values, out.keys, out.values);
+      }
+      candidate.quality = std::max(0.0, 1.0 - error / static_cast<double>(layers.size()));
+    }
+    fresh[static_cast<int>(entry.candidates.size())] = blob;
+    entry.candidates.push_back(candidate);
+  }
+
+  std::lock_guard<std::mutex> lock(mutex_);
+  ++counters_.puts;
+  if (entries_.count(key)) drop(key);
+  entry.held = -1;  // not stored yet
+  entry.tier = -1;
+  entry.last_use = ++clock_;
+  entries_[key] = std::move(entry);
+  order_.push_back(key);
+  if (params_.policy == StorePolicy::Adaptive)
+    place_adaptive(key, fresh);
+  else
+    place_lru(key, fresh.begin()->second);
+}
+
+void TieredStore::drop(const std::string& key) {
+  const auto it = entries_.find(key);
+  if (it == entries_.end()) return;
+  if (it->second.tier >= 0) tiers_[it->second.tier]->remove(key);
+  entries_.erase(it);
+  order_.erase(std::find(order_.begin(), order_.end(), key));
+}
+
+void TieredStore::place_adaptive(const std::string& key, std::unordered_map<int, BlobPtr>& fresh) {
+  std::vector<PlacementItem> items;
+  std::vector<std::vector<std::pair<int, int>>> meaning;  // option -> (candidate, tier)
+  for (const std::string& name : order_) {
+    const Entry& entry = entries_.at(name);
+    PlacementItem item;
+    std::vector<std::pair<int, int>> options;
+    // A lossy encoding cannot be re-encoded: such entries only change tier.
+    const bool reencodable = entry.held < 0 || entry.candidates[entry.held].codec == Codec{};
+    for (int c = 0; c < static_cast<int>(entry.candidates.size()); ++c) {
+      if (!reencodable && c != entry.held) continue;
+      for (int t = 0; t < static_cast<int>(tiers_.size()); ++t) {
+        item.options.push_back({t, entry.candidates[c].bytes, utility(entry, c, t)});
+        options.emplace_back(c, t);
+      }
+    }
+    item.priority = entry.hits + 1e-12 * static_cast<double>(entry.last_use);
+    items.push_back(std::move(item));
+    meaning.push_back(std::move(options));
+  }
+  std::vector<std::int64_t> capacities;
+  for (const auto& tier : tiers_) capacities.push_back(tier->capacity());
+  const std::vector<int> choice = place(items, capacities);
+
+  // Take every moving blob out of its tier first, so the new layout fits while it is built.
+  struct Move {
+    std::string key;
+    BlobPtr blob;  // held blob (or the fresh one)
+    int candidate = -1, tier = -1;
+  };
+  std::vector<Move> moves;
+  for (std::size_t i = 0; i < order_.size(); ++i) {
+    const std::string& name = order_[i];
+    Entry& entry = entries_.at(name);
+    const int candidate = choice[i] < 0 ? -1 : meaning[i][choice[i]].first;
+    const int tier = choice[i] < 0 ? -1 : meaning[i][choice[i]].second;
+    if (name != key && candidate == entry.held && tier == entry.tier) continue;
+    Move move{name, nullptr, candidate, tier};
+    if (name == key) {
+      if (candidate >= 0) move.blob = fresh.at(candidate);
+    } else {
+      move.blob = tiers_[entry.tier]->get(name);
+      tiers_[entry.tier]->remove(name);
+    }
+    moves.push_back(std::move(move));
+  }
+  for (Move& move : moves) {
+    Entry& entry = entries_.at(move.key);
+    if (move.candidate >= 0 && move.blob && entry.held >= 0 && move.candidate != entry.held) {
+      // Recompress from the lossless copy with the codec the plan chose.
+      const DecodedKV original = decode(move.blob, false);
+      std::vector<LayerView> layers;
+      for (std::size_t l = 0; l < original.layers.size(); ++l)
+        layers.push_back(layer_view(original, l));
+      move.blob = encode(move.key, layers, entry.candidates[move.candidate].codec, entry.probes);
+      ++counters_.recompressions;
+    }
+    const bool placed =
+        move.candidate >= 0 && move.blob && tiers_[move.tier]->put(move.key, move.blob);
+    if (!placed) {
+      // Out of every tier (or unreadable): counted when it held a place before.
+      if (entry.held >= 0) ++counters_.evictions;
+      if (move.key == key && move.candidate >= 0) ++counters_.errors;
+      entries_.erase(move.key);
+      order_.erase(std::find(order_.begin(), order_.end(), move.key));
+      continue;
+    }
+    if (entry.held >= 0 && entry.tier != move.tier) ++counters_.moves;
+    entry.held = move.candidate;
+    entry.tier = move.tier;
+  }
+}
+
+void TieredStore::make_room(int tier, std::int64_t bytes, const std::string& keep) {
+  Tier& target = *tiers_[tier];
+  while (target.capacity() - target.used() < bytes) {
+    // The least recently used entry of this tier goes one tier down (or out).
+    const std::string* victim = nullptr;
+    std::uint64_t oldest = std::numeric_limits<std::uint64_t>::max();
+    for (const auto& [name, entry] : entries_)
+      if (entry.tier == tier && name != keep && entry.last_use < oldest) {
+        oldest = entry.last_use;
+        victim = &name;
+      }
+    if (!victim) return;
+    const std::string name = *victim;
+    Entry& entry = entries_.at(name);
+    const BlobPtr blob = target.get(name);
+    target.remove(name);
+    const int below = tier + 1;
+    bool placed = false;
+    if (blob && below < static_cast<int>(tiers_.size()) &&
+        stored_bytes(blob->size()) <= tiers_[below]->capacity()) {
+      make_room(below, stored_bytes(blob->size()), keep);
+      placed = tiers_[below]->put(name, blob);
+    }
+    if (placed) {
+      entry.tier = below;
+      ++counters_.moves;
+    } else {
+      ++counters_.evictions;
+      entries_.erase(name);
+      order_.erase(std::find(order_.begin(), order_.end(), name));
+    }
+  }
+}
+
+void TieredStore::place_lru(const std::string& key, const BlobPtr& blob) {
+  Entry& entry = entries_.at(key);
+  entry.held = 0;
+  const std::int64_t bytes = stored_bytes(blob->size());
+  for (int t = 0; t < static_cast<int>(tiers_.size()); ++t) {
+    if (bytes > tiers_[t]->capacity()) continue;
+    make_room(t, bytes, key);
+    if (tiers_[t]->put(key, blob)) {
+      entry.tier = t;
+      return;
+    }
+  }
+  entries_.erase(key);  // larger than every tier
+  order_.erase(std::find(order_.begin(), order_.end(), key));
+  ++counters_.evictions;
+}
+
+std::optional<GetResult> TieredStore::get(const std::string& key) {
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    int tier;
+    double quality;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++counters_.gets;
+      const auto it = entries_.find(key);
+      if (it == entries_.end()) {
+        if (params_.remote) break;  // another process may have shared it
+        ++counters_.misses;
+        return std::nullopt;
+      }
+      Entry& entry = it->second;
+      entry.hits += 1.0;
+      entry.last_use = ++clock_;
+      tier = entry.tier;
+      quality = entry.candidates[entry.held].quality;
+    }
+    const auto start = Clock::now();
+    BlobPtr blob = tiers_[tier]->get(key);
+    const double io = seconds_since(start);
+    std::unique_lock<std::mutex> lock(mutex_);
+    const auto it = entries_.find(key);
+    if (!blob) {
+      if (it != entries_.end() && it->second.tier == tier && !tiers_[tier]->contains(key)) {
+        // The tier dropped it (corrupt or unreachable): the entry is gone.
+        entries_.erase(it);
+        order_.erase(std::find(order_.begin(), order_.end(), key));
+        ++counters_.misses;
+        return std::nullopt;
+      }
+      --counters_.gets;
+      continue;  // moved meanwhile: look again
+    }
+    GetResult result;
+    result.tier = tiers_[tier]->name();
+    result.bytes = stored_bytes(blob->size());
+    result.io_seconds = io;
+    result.quality = quality;
+    bool shared = tier == 0;  // a blob a tier still holds is copied before it is handed out
+    if (params_.policy != StorePolicy::Adaptive && tier > 0 && it != entries_.end() &&
+        it->second.tier == tier) {
+      // LRU: a hit moves the entry to DRAM.
+      make_room(0, result.bytes, key);
+      if (result.bytes <= tiers_[0]->capacity() && tiers_[0]->put(key, blob)) {
+        tiers_[tier]->remove(key);
+        it->second.tier = 0;
+        ++counters_.moves;
+        shared = true;
+      }
+    }
+    counters_.tiers.resize(tiers_.size());
+    ++counters_.tiers[tier].hits;
+    lock.unlock();
+    const auto decode_start = Clock::now();
+    result.kv = decode(blob, shared);
+    result.decode_seconds = seconds_since(decode_start);
+    lock.lock();
+    delays_.push_back(result.io_seconds + result.decode_seconds);
+    if (!std::isnan(quality)) qualities_.push_back(quality);
+    return result;
+  }
+  // Not held here: a shared remote tier may have it from another process.
+  if (params_.remote) {
+    const auto start = Clock::now();
+    BlobPtr blob = tiers_.back()->get(key);
+    const double io = seconds_since(start);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!blob) {
+      ++counters_.misses;
+      return std::nullopt;
+    }
+    GetResult result;
+    result.tier = tiers_.back()->name();
+    result.bytes = stored_bytes(blob->size());
+    result.io_seconds = io;
+    result.quality = std::numeric_limits<double>::quiet_NaN();
+    const auto decode_start = Clock::now();
+    result.kv = decode(blob, false);
+    result.decode_seconds = seconds_since(decode_start);
+    counters_.tiers.resize(tiers_.size());
+    ++counters_.tiers.back().hits;
+    delays_.push_back(result.io_seconds + result.decode_seconds);
+    return result;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  ++counters_.misses;
+  return std::nullopt;
+}
+
+bool TieredStore::contains(const std::string& key) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (entries_.count(key)) return true;
+  }
+  return params_.remote && tiers_.back()->contains(key);
+}
+
+bool TieredStore::remove(const std::string& key) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const bool held = entries_.count(key) > 0;
+  drop(key);
+  if (params_.remote && !held && tiers_.back()->contains(key)) {
+    tiers_.back()->remove(key);
+    return true;
+  }
+  return held;
+}
+
+void TieredStore::prefetch(const std::string& key) {
+  int tier;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = entries_.find(key);
+    if (it == entries_.end()) return;
+    tier = it->second.tier;
+  }
+  tiers_[tier]->prefetch(key);
+}
+
+StoreStats TieredStore::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  StoreStats out = counters_;
+  out.tiers.resize(tiers_.size());
+  for (std::size_t t = 0; t < tiers_.size(); ++t) {
+    TierStats& tier = out.tiers[t];
+    tier.name = tiers_[t]->name();
+    tier.used = tiers_[t]->used();
+    tier.capacity = tiers_[t]->capacity();
+    tier.bandwidth = bandwidths_[t];
+    const TierCounters problems = tiers_[t]->counters();
+    out.corrupt += problems.corrupt;
+    out.errors += problems.errors;
+  }
+  for (const auto& [name, entry] : entries_)
+    if (entry.tier >= 0) ++out.tiers[entry.tier].entries;
+  if (!delays_.empty()) {
+    std::vector<double> sorted(delays_);
+    std::sort(sorted.begin(), sorted.end());
+    double sum = 0.0;
+    for (const double d : sorted) sum += d;
+    out.mean_delay = sum / static_cast<double>(sorted.size());
+    const auto rank =
+        static_cast<std::size_t>(std::ceil(0.95 * static_cast<double>(sorted.size())));
+    out.p95_delay = sorted[std::max<std::size_t>(rank, 1) - 1];
+  }
+  if (!qualities_.empty()) {
+    double sum = 0.0;
+    for (const double q : qualities_) sum += q;
+    out.mean_quality = sum / static_cast<double>(qualities_.size());
+  }
+  return out;
+}
+
+std::optional<std::pair<std::string, Codec>> TieredStore::where(const std::string& key) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto it = entries_.find(key);
+  if (it == entries_.end() || it->second.tier < 0) return std::nullopt;
+  return std::make_pair(tiers_[it->second.tier]->name(),
+                        it->second.candidates[it->second.held].codec);
+}
+
+}  // namespace kvpack

@@ -1,0 +1,411 @@
+#include "kvpack/tier.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <unordered_map>
+
+#include "kvpack/checksum.h"
+
+namespace kvpack {
+
+namespace {
+
+class DramTier final : public Tier {
+ public:
+  explicit DramTier(std::int64_t capacity) : capacity_(capacity) {}
+
+  std::string name() const override { return "dram"; }
+  std::int64_t used() const override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return used_;
+  }
+  std::int64_t capacity() const override { return capacity_; }
+
+  bool put(const std::string& key, const BlobPtr& blob) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = blobs_.find(key);
+    const std::int64_t old = it == blobs_.end() ? 0 : stored_bytes(it->second->size());
+    if (used_ - old + stored_bytes(blob->size()) > capacity_) return false;
+    used_ += stored_bytes(blob->size()) - old;
+    blobs_[key] = blob;
+    return true;
+  }
+
+  BlobPtr get(const std::string& key) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = blobs_.find(key);
+    return it == blobs_.end() ? nullptr : it->second;
+  }
+
+  bool contains(const std::string& key) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return blobs_.count(key) > 0;
+  }
+
+  void remove(const std::string& key) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = blobs_.find(key);
+    if (it == blobs_.end()) return;
+    used_ -= stored_bytes(it->second->size());
+    blobs_.erase(it);
+  }
+
+  std::vector<StoredBlob> list() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<StoredBlob> out;
+    for (const auto& [key, blob] : blobs_)
+      out.push_back(
+          {key, stored_bytes(blob->size()), read_blob_info(blob->data(), blob->size()).codec});
+    return out;
+  }
+
+  TierCounters counters() const override { return {}; }
+
+ private:
+  const std::int64_t capacity_;
+  mutable std::mutex mutex_;
+  std::int64_t used_ = 0;
+  std::unordered_map<std::string, BlobPtr> blobs_;
+};
+
+// A file descriptor closed on scope exit.
+struct Fd {
+  int fd = -1;
+  explicit Fd(int f) : fd(f) {}
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+};
+
+bool write_all(int fd, const unsigned char* data, std::size_t size) {
+  while (size > 0) {
+    const ssize_t n = ::write(fd, data, size);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    data += n;
+    size -= static_cast<std::size_t>(n);
+  }
+  return true;
+}
+
+// Reads exactly `size` bytes at `offset`; false on error or early end of file.
+bool read_all(int fd, unsigned char* data, std::size_t size, off_t offset) {
+  while (size > 0) {
+    const ssize_t n = ::pread(fd, data, size, offset);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    data += n;
+    size -= static_cast<std::size_t>(n);
+    offset += n;
+  }
+  return true;
+}
+
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() &&
+         text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+class SsdTier final : public Tier {
+ public:
+  explicit SsdTier(const SsdParams& params) : params_(params) {
+    KVPACK_CHECK(!params.directory.empty(), "ssd_dir: expected a directory path, got ''");
+    KVPACK_CHECK(params.io_threads >= 1, "io_threads: expected >= 1, got " << params.io_threads);
+    if (::mkdir(params.directory.c_str(), 0755) != 0 && errno != EEXIST)
+      throw std::runtime_error("ssd_dir: cannot create '" + params.directory +
+                               "': " + std::strerror(errno));
+    rebuild_index();
+    for (int i = 0; i < params.io_threads; ++i) workers_.emplace_back([this] { serve(); });
+  }
+
+  ~SsdTier() override {
+    {
+      std::lock_guard<std::mutex> lock(queue_mutex_);
+      stopping_ = true;
+    }
+    queue_ready_.notify_all();
+    for (std::thread& worker : workers_) worker.join();
+  }
+
+  std::string name() const override { return "ssd"; }
+  std::int64_t used() const override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return used_;
+  }
+  std::int64_t capacity() const override { return params_.capacity; }
+
+  bool put(const std::string& key, const BlobPtr& blob) override {
+    const std::int64_t bytes = stored_bytes(blob->size());
+    {
+      // Reserve the room first so concurrent puts cannot overshoot the capacity.
+      std::lock_guard<std::mutex> lock(mutex_);
+      const auto it = index_.find(key);
+      const std::int64_t old = it == index_.end() ? 0 : it->second.bytes;
+      if (used_ + reserved_ - old + bytes > params_.capacity) return false;
+      reserved_ += bytes;
+    }
+    const bool written = write_file(key, *blob);
+    std::lock_guard<std::mutex> lock(mutex_);
+    reserved_ -= bytes;
+    drop_prefetched(key);
+    if (!written) {
+      ++counters_.errors;
+      return false;
+    }
+    const auto it = index_.find(key);
+    if (it != index_.end()) used_ -= it->second.bytes;
+    index_[key] = Entry{blob->size(), bytes, read_blob_info(blob->data(), blob->size()).codec};
+    used_ += bytes;
+    return true;
+  }
+
+  BlobPtr get(const std::string& key) override {
+    std::size_t size;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const auto done = prefetched_.find(key);
+      if (done != prefetched_.end()) {
+        BlobPtr blob = done->second;
+        prefetched_bytes_ -= stored_bytes(blob->size());
+        prefetched_.erase(done);
+        return blob;
+      }
+      const auto it = index_.find(key);
+      if (it == index_.end()) return nullptr;
+      size = it->second.size;
+    }
+    return read_verified(key, size);
+  }
+
+  bool contains(const std::string& key) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return index_.count(key) > 0;
+  }
+
+  void remove(const std::string& key) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    drop_prefetched(key);
+    const auto it = index_.find(key);
+    if (it == index_.end()) return;
+    ::unlink(path_of(key).c_str());
+    used_ -= it->second.bytes;
+    index_.erase(it);
+  }
+
+  std::vector<StoredBlob> list() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<StoredBlob> out;
+    for (const auto& [key, entry] : index_) out.push_back({key, entry.bytes, entry.codec});
+    return out;
+  }
+
+  void prefetch(const std::string& key) override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!index_.count(key) || prefetched_.count(key)) return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(queue_mutex_);
+      queue_.push_back(key);
+    }
+    queue_ready_.notify_one();
+  }
+
+  TierCounters counters() const override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return counters_;
+  }
+
+ private:
+  struct Entry {
+    std::size_t size;    // blob bytes
+    std::int64_t bytes;  // stored bytes (file size)
+    Codec codec;
+  };
+
+  std::string file_name(const std::string& key) const {
+    char name[32];
+    std::snprintf(name, sizeof name, "%016llx.kvb",
+                  static_cast<unsigned long long>(xxh64(key.data(), key.size())));
+    return name;
+  }
+  std::string path_of(const std::string& key) const {
+    return params_.directory + "/" + file_name(key);
+  }
+
+  bool write_file(const std::string& key, const Buffer& blob) {
+    static std::atomic<std::uint64_t> serial{0};
+    const std::string final_path = path_of(key);
+    const std::string temp_path = final_path + "." + std::to_string(::getpid()) + "." +
+                                  std::to_string(serial.fetch_add(1)) + ".tmp";
+    {
+      Fd file(::open(temp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+      if (file.fd < 0) return false;
+      if (!write_all(file.fd, blob.data(), blob.capacity()) || ::fsync(file.fd) != 0) {
+        ::unlink(temp_path.c_str());
+        return false;
+      }
+    }
+    if (::rename(temp_path.c_str(), final_path.c_str()) != 0) {
+      ::unlink(temp_path.c_str());
+      return false;
+    }
+    // The rename itself is durable once the directory is synced.
+    Fd directory(::open(params_.directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    return directory.fd >= 0 && ::fsync(directory.fd) == 0;
+  }
+
+  int open_for_read(const std::string& path) const {
+    if (params_.o_direct) {
+      const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+      if (fd >= 0 || errno != EINVAL) return fd;  // EINVAL: no O_DIRECT on this file system
+    }
+    return ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  }
+
+  // Reads and verifies the blob of `key`; drops it (counted) when corrupt.
+  BlobPtr read_verified(const std::string& key, std::size_t size) {
+    auto blob = std::make_shared<Buffer>(size);
+    bool read = false;
+    {
+      Fd file(open_for_read(path_of(key)));
+      read = file.fd >= 0 && read_all(file.fd, blob->data(), blob->capacity(), 0);
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = index_.find(key);
+    if (it == index_.end() || it->second.size != size) return nullptr;  // removed or replaced
+    bool valid = false;
+    if (read) {
+      try {
+        valid = verify_blob(*blob) && read_blob_info(blob->data(), blob->size()).key == key;
+      } catch (const std::runtime_error&) {
+        valid = false;
+      }
+    }
+    if (!valid) {
+      ++counters_.corrupt;
+      ::unlink(path_of(key).c_str());
+      used_ -= it->second.bytes;
+      index_.erase(it);
+      return nullptr;
+    }
+    return blob;
+  }
+
+  void drop_prefetched(const std::string& key) {
+    const auto it = prefetched_.find(key);
+    if (it == prefetched_.end()) return;
+    prefetched_bytes_ -= stored_bytes(it->second->size());
+    prefetched_.erase(it);
+  }
+
+  void serve() {
+    for (;;) {
+      std::string key;
+      {
+        std::unique_lock<std::mutex> lock(queue_mutex_);
+        queue_ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+        if (stopping_) return;
+        key = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      std::size_t size;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        const auto it = index_.find(key);
+        if (it == index_.end() || prefetched_.count(key) ||
+            prefetched_bytes_ + it->second.bytes > params_.prefetch_bytes)
+          continue;
+        size = it->second.size;
+      }
+      BlobPtr blob = read_verified(key, size);
+      if (!blob) continue;
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (index_.count(key) && !prefetched_.count(key)) {
+        prefetched_[key] = blob;
+        prefetched_bytes_ += stored_bytes(blob->size());
+      }
+    }
+  }
+
+  // Scans the directory: removes leftovers of interrupted writes and files that are not
+  // blobs, and indexes the rest by the key written in their header.
+  void rebuild_index() {
+    DIR* dir = ::opendir(params_.directory.c_str());
+    if (!dir) throw std::runtime_error("ssd_dir: cannot open '" + params_.directory + "'");
+    std::vector<std::string> names;
+    while (const dirent* item = ::readdir(dir)) names.emplace_back(item->d_name);
+    ::closedir(dir);
+    for (const std::string& name : names) {
+      const std::string path = params_.directory + "/" + name;
+      if (ends_with(name, ".tmp")) {
+        ::unlink(path.c_str());
+        continue;
+      }
+      if (!ends_with(name, ".kvb")) continue;
+      Fd file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+      struct stat info {};
+      std::vector<unsigned char> head(Buffer::kAlignment);
+      bool indexed = false;
+      if (file.fd >= 0 && ::fstat(file.fd, &info) == 0) {
+        const auto available = static_cast<std::size_t>(
+            ::pread(file.fd, head.data(), head.size(), 0) > 0 ? std::min<off_t>(info.st_size, 4096)
+                                                              : 0);
+        try {
+          BlobInfo blob = read_blob_info(head.data(), available);
+          if (file_name(blob.key) == name &&
+              static_cast<std::int64_t>(info.st_size) == stored_bytes(blob.size)) {
+            index_[blob.key] = Entry{blob.size, stored_bytes(blob.size), blob.codec};
+            used_ += stored_bytes(blob.size);
+            indexed = true;
+          }
+        } catch (const std::runtime_error&) {
+        }
+      }
+      if (!indexed) {
+        ++counters_.corrupt;
+        ::unlink(path.c_str());
+      }
+    }
+  }
+
+  const SsdParams params_;
+  mutable std::mutex mutex_;
+  std::unordered_map<std::string, Entry> index_;
+  std::int64_t used_ = 0, reserved_ = 0;
+  TierCounters counters_;
+  std::unordered_map<std::string, BlobPtr> prefetched_;
+  std::int64_t prefetched_bytes_ = 0;
+  std::mutex queue_mutex_;
+  std::condition_variable queue_ready_;
+  std::deque<std::string> queue_;
+  bool stopping_ = false;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace
+
+std::unique_ptr<Tier> make_dram_tier(std::int64_t capacity) {
+  KVPACK_CHECK(capacity >= 0, "dram_bytes: expected >= 0, got " << capacity);
+  return std::make_unique<DramTier>(capacity);
+}
+
+std::unique_ptr<Tier> make_ssd_tier(const SsdParams& params) {
+  KVPACK_CHECK(params.capacity >= 0, "ssd_bytes: expected >= 0, got " << params.capacity);
+  return std::make_unique<SsdTier>(params);
+}
+
+}  // namespace kvpack
