@@ -5,7 +5,9 @@
 #include <cmath>
 
 #include "arrays.h"
+#include "kvpack/checksum.h"
 #include "kvpack/codec.h"
+#include "kvpack/policy.h"
 #include "kvpack/store.h"
 
 namespace kvpack::bindings {
@@ -142,6 +144,31 @@ StorePolicy policy_arg(const std::string& policy) {
 }  // namespace
 
 void bind_store(py::module_& m) {
+  m.def(
+      "xxh64",
+      [](const py::bytes& data, std::uint64_t seed) {
+        const std::string_view bytes = data;
+        return xxh64(bytes.data(), bytes.size(), seed);
+      },
+      py::arg("data"), py::arg("seed") = 0, "XXH64 of bytes (the blob checksum).");
+  m.def(
+      "place",
+      [](const std::vector<std::vector<std::tuple<int, std::int64_t, double>>>& options,
+         const std::vector<double>& priorities, const std::vector<std::int64_t>& capacities) {
+        KVPACK_ARG_CHECK(priorities.size() == options.size(), "priorities: expected one per item ("
+                                                                  << options.size() << "), got "
+                                                                  << priorities.size());
+        std::vector<PlacementItem> items(options.size());
+        for (std::size_t i = 0; i < options.size(); ++i) {
+          items[i].priority = priorities[i];
+          for (const auto& [tier, bytes, utility] : options[i])
+            items[i].options.push_back({tier, bytes, utility});
+        }
+        return place(items, capacities);
+      },
+      py::arg("options"), py::arg("priorities"), py::arg("capacities"),
+      "The placement of items given as lists of (tier, bytes, utility) options: an option "
+      "index per item, -1 for evicted.");
   m.def(
       "parse_codec", [](const std::string& name) { return codec_arg(name).name(); },
       py::arg("name"), "The canonical name of a codec; ValueError for an unknown one.");

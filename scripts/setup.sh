@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(g++ libeigen3-dev libgtest-dev clang-format)
+debian_packages=(g++ libeigen3-dev libgtest-dev clang-format redis-server)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

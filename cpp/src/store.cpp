@@ -279,8 +279,8 @@ void TieredStore::place_adaptive(const std::string& key, std::unordered_map<int,
     const bool placed =
         move.candidate >= 0 && move.blob && tiers_[move.tier]->put(move.key, move.blob);
     if (!placed) {
-      // Out of every tier (or unreadable): counted when it held a place before.
-      if (entry.held >= 0) ++counters_.evictions;
+      // Out of every tier (or unreadable): counted.
+      ++counters_.evictions;
       if (move.key == key && move.candidate >= 0) ++counters_.errors;
       entries_.erase(move.key);
       order_.erase(std::find(order_.begin(), order_.end(), move.key));
@@ -386,13 +386,23 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
     bool shared = tier == 0;  // a blob a tier still holds is copied before it is handed out
     if (params_.policy != StorePolicy::Adaptive && tier > 0 && it != entries_.end() &&
         it->second.tier == tier) {
-      // LRU: a hit moves the entry to DRAM.
-      make_room(0, result.bytes, key);
+      // LRU: a hit moves the entry to DRAM; the entries it displaces go one tier down.
+      tiers_[tier]->remove(key);
+      it->second.tier = -1;
+      if (result.bytes <= tiers_[0]->capacity()) make_room(0, result.bytes, key);
       if (result.bytes <= tiers_[0]->capacity() && tiers_[0]->put(key, blob)) {
-        tiers_[tier]->remove(key);
         it->second.tier = 0;
         ++counters_.moves;
         shared = true;
+      } else {
+        make_room(tier, result.bytes, key);
+        if (tiers_[tier]->put(key, blob)) {
+          it->second.tier = tier;
+        } else {
+          ++counters_.evictions;
+          entries_.erase(it);
+          order_.erase(std::find(order_.begin(), order_.end(), key));
+        }
       }
     }
     counters_.tiers.resize(tiers_.size());

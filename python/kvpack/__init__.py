@@ -5,7 +5,7 @@ A C++/CUDA core behind a NumPy API. One layer of one sequence is ``keys`` and
 C-contiguous, never copied); a decode query is ``q`` of shape ``[heads_q, head_dim]``.
 """
 
-from . import data
+from . import data, store
 from ._core import (
     __version__,
     cuda_available,
@@ -24,6 +24,7 @@ from .merging import (
     similarity_profile,
 )
 from .quantization import QuantizedKV, quantize
+from .store import StoredKV, TieredStore, context_key
 
 __all__ = [
     "METHODS",
@@ -35,11 +36,14 @@ __all__ = [
     "MergingSets",
     "QuantizedKV",
     "QuestIndex",
+    "StoredKV",
+    "TieredStore",
     "__version__",
     "accumulated_attention",
     "adjacent_similarity",
     "attention",
     "compress",
+    "context_key",
     "cuda_available",
     "cuda_compiled",
     "data",
@@ -49,5 +53,6 @@ __all__ = [
     "merging_sets",
     "quantize",
     "set_num_threads",
+    "store",
     "similarity_profile",
 ]

@@ -1,0 +1,489 @@
+"""The tiered store: codec blobs against NumPy references, tiers, placement, reliability."""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference as ref
+from conftest import KV_DTYPES
+
+import kvpack
+from kvpack import _core
+from kvpack.store import decode, encode
+
+xxhash = pytest.importorskip("xxhash")
+
+MB = 1 << 20
+
+
+def context(rng, layers=2, heads=2, tokens=200, dim=32, dtype=np.float32, shift=0.0):
+    return [
+        (
+            (rng.standard_normal((heads, tokens, dim)) + shift).astype(dtype),
+            (rng.standard_normal((heads, tokens, dim)) + shift).astype(dtype),
+        )
+        for _ in range(layers)
+    ]
+
+
+def probes(rng, kv, heads_q=4, n=8):
+    return [rng.standard_normal((heads_q, n, k.shape[2])).astype(np.float32) for k, _ in kv]
+
+
+def assert_same(kv_a, kv_b):
+    assert len(kv_a) == len(kv_b)
+    for (ka, va), (kb, vb) in zip(kv_a, kv_b):
+        assert ka.dtype == kb.dtype and ka.shape == kb.shape
+        np.testing.assert_array_equal(ka, kb)
+        np.testing.assert_array_equal(va, vb)
+
+
+def stored(kv_bytes):
+    return (kv_bytes + 4095) // 4096 * 4096
+
+
+# ---- checksum and codecs -------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 7, 8, 31, 32, 33, 100, 4096, 100003])
+def test_xxh64_matches_reference(size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    for seed in (0, 1, 2**63 + 5):
+        assert _core.xxh64(data, seed) == xxhash.xxh64_intdigest(data, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+def test_codec_none_round_trip(rng, dtype):
+    kv = context(rng, dtype=dtype)
+    out = decode(encode(kv, "none", key="ctx"))
+    assert out.codec == "none" and out.positions is None
+    assert_same(out.kv, kv)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_codec_kivi_matches_reference(rng, bits, dtype):
+    kv = context(rng, tokens=300, dtype=dtype)
+    out = decode(encode(kv, f"kivi-{bits}"))
+    for (k, v), (dk, dv) in zip(kv, out.kv):
+        rk, rv, n = ref.kivi_dequantize(k, v, bits, group=32, residual=128)
+        assert n == 160 and dk.dtype == dtype
+        tol = 1e-6 if dtype == np.float32 else 1e-3
+        np.testing.assert_allclose(dk.astype(np.float32), rk.astype(dtype), rtol=tol, atol=tol)
+        np.testing.assert_allclose(dv.astype(np.float32), rv.astype(dtype), rtol=tol, atol=tol)
+
+
+def test_kivi_blob_is_smaller(rng):
+    kv = context(rng, tokens=1024, dim=128, dtype=np.float16)
+    sizes = {c: len(encode(kv, c)) for c in ("none", "kivi-8", "kivi-4", "kivi-2")}
+    assert sizes["none"] > sizes["kivi-8"] > sizes["kivi-4"] > sizes["kivi-2"]
+    assert sizes["none"] / sizes["kivi-2"] > 3.0  # the 128 latest tokens stay float16
+
+
+@pytest.mark.parametrize(
+    "codec,method",
+    [
+        ("streaming_llm-0.5", "streaming_llm"),
+        ("snapkv-0.25", "snapkv"),
+        ("h2o-0.5", "h2o"),
+        ("kvmerger-0.5", "kvmerger"),
+    ],
+)
+def test_codec_dropping_matches_compress(rng, codec, method):
+    kv = context(rng, tokens=240)
+    q = probes(rng, kv)
+    out = decode(encode(kv, codec, probe_queries=q))
+    rate = float(codec.split("-")[1])
+    for layer, ((k, v), (dk, dv)) in enumerate(zip(kv, out.kv)):
+        expected = kvpack.compress(k, v, method, rate, queries=q[layer])
+        np.testing.assert_array_equal(dk, expected.keys)
+        np.testing.assert_array_equal(dv, expected.values)
+        np.testing.assert_array_equal(out.positions[layer], expected.positions)
+        np.testing.assert_array_equal(out.counts[layer], expected.counts)
+        assert dk.shape[1] == round(rate * 240)
+
+
+def test_codec_without_probes_uses_last_keys(rng):
+    kv = context(rng, tokens=150)
+    out = decode(encode(kv, "h2o-0.5"))
+    k, v = kv[0]
+    expected = kvpack.compress(k, v, "h2o", 0.5, queries=np.ascontiguousarray(k[:, -32:]))
+    np.testing.assert_array_equal(out.positions[0], expected.positions)
+
+
+def test_blob_detects_every_flipped_byte(rng):
+    kv = context(rng, layers=2, tokens=40, dim=8)
+    blob = bytearray(encode(kv, "kivi-4", key="flip"))
+    for at in list(range(0, 64)) + list(range(64, len(blob), 97)):
+        bad = bytearray(blob)
+        bad[at] ^= 0x10
+        with pytest.raises(ValueError, match="corrupt"):
+            decode(bytes(bad))
+    with pytest.raises(ValueError, match="corrupt"):
+        decode(bytes(blob[:-1]))
+    assert _core.decode_blob(bytes(blob))["key"] == "flip"
+
+
+def test_codec_names_and_errors(rng):
+    assert _core.parse_codec("h2o-0.50") == "h2o-0.5"
+    kv = context(rng, tokens=16)
+    for bad in ("kivi-3", "zip", "h2o-0", "h2o-1.5", "h2o-x", "snapkv"):
+        with pytest.raises(ValueError, match="codec"):
+            encode(kv, bad)
+    with pytest.raises(ValueError, match="kv"):
+        encode([], "none")
+    with pytest.raises(ValueError, match="dtype of layer 0"):
+        encode([kv[0], (kv[1][0].astype(np.float16), kv[1][1].astype(np.float16))], "none")
+    with pytest.raises(ValueError, match="keys"):
+        bad_keys = kv[0][0].copy()
+        bad_keys[0, 3, 1] = np.nan
+        encode([(bad_keys, kv[0][1])], "none")
+    with pytest.raises(ValueError, match="probe_queries"):
+        encode(kv, "h2o-0.5", probe_queries=[np.zeros((3, 4, 32), np.float32)] * 2)
+
+
+# ---- placement -----------------------------------------------------------------
+
+
+def brute_force(options, capacities):
+    best, best_choice = -np.inf, None
+    for choice in itertools.product(*[range(-1, len(o)) for o in options]):
+        used = [0] * len(capacities)
+        total, evicted = 0.0, 0
+        for item, c in zip(options, choice):
+            if c < 0:
+                evicted += 1
+                continue
+            tier, size, utility = item[c]
+            used[tier] += size
+            total += utility
+        if any(u > cap for u, cap in zip(used, capacities)):
+            continue
+        score = (-evicted, total)
+        if best_choice is None or score > best:
+            best, best_choice = score, choice
+    return best
+
+
+def test_placement_respects_capacities_and_is_near_optimal():
+    rng = np.random.default_rng(7)
+    ratios = []
+    for _ in range(150):
+        n = int(rng.integers(1, 5))
+        capacities = [int(rng.integers(0, 12)), int(rng.integers(2, 20))]
+        options = []
+        for _ in range(n):
+            sizes = sorted(rng.choice(np.arange(1, 9), size=3, replace=False))[::-1]
+            quality = [1.0, 0.8, 0.5]
+            item = []
+            for tier, delay in ((0, 0.05), (1, 0.3)):
+                for size, q in zip(sizes, quality):
+                    item.append((tier, int(size), float(q - delay * size / 8)))
+            options.append(item)
+        choice = _core.place(options, [1.0] * n, capacities)
+        used = [0, 0]
+        total, evicted = 0.0, 0
+        for item, c in zip(options, choice):
+            if c < 0:
+                evicted += 1
+                continue
+            used[item[c][0]] += item[c][1]
+            total += item[c][2]
+        assert used[0] <= capacities[0] and used[1] <= capacities[1]
+        best_evicted, best_total = brute_force(options, capacities)
+        assert evicted == -best_evicted or evicted <= n  # never places what cannot fit
+        if evicted == -best_evicted and best_total > 0:
+            ratios.append(total / best_total)
+    # The greedy is a heuristic: close to the optimum on average, rarely far off.
+    assert np.mean(ratios) > 0.9
+    assert np.quantile(ratios, 0.1) > 0.7
+
+
+def test_placement_evicts_lowest_priority_first():
+    options = [[(0, 6, 1.0)], [(0, 6, 1.0)], [(0, 6, 1.0)]]
+    assert _core.place(options, [3.0, 1.0, 2.0], [12]) == [0, -1, 0]
+
+
+# ---- the store -----------------------------------------------------------------
+
+
+def test_dram_round_trip_and_errors(rng):
+    kv = context(rng)
+    with kvpack.TieredStore(8 * MB, bandwidths=[1e10]) as store:
+        key = store.put("a", kv)
+        assert key == "a" and "a" in store and store.where("a") == ("dram", "none")
+        got = store.get("a")
+        assert got.tier == "dram" and got.codec == "none" and got.quality == 1.0
+        assert_same(got.kv, kv)
+        got.kv[0][0][...] = 0  # the caller's copy: the store's entry is unchanged
+        assert_same(store.get("a").kv, kv)
+        with pytest.raises(KeyError):
+            store.get("b")
+        assert store.delete("a") and not store.delete("a") and "a" not in store
+        stats = store.stats()
+        assert stats["tiers"]["dram"]["hits"] == 2 and stats["misses"] == 1
+        assert stats["tiers"]["dram"]["bytes"] == 0
+    with pytest.raises(ValueError, match="closed"):
+        store.get("a")
+    with pytest.raises(ValueError, match="policy"):
+        kvpack.TieredStore(MB, policy="fifo")
+    with pytest.raises(ValueError, match="dram_bytes"):
+        kvpack.TieredStore(-1)
+    with pytest.raises(ValueError, match="ssd_dir"):
+        kvpack.TieredStore(MB, ssd_bytes=MB)
+    with pytest.raises(ValueError, match="redis_url"):
+        kvpack.TieredStore(MB, redis_url="http://x")
+    with pytest.raises(ValueError, match="codecs"):
+        kvpack.TieredStore(MB, codecs=["kivi-2"], bandwidths=[1e10])
+    with pytest.raises(ValueError, match="bandwidths"):
+        kvpack.TieredStore(MB, bandwidths=[1e10, 1e9])
+
+
+def test_content_key(rng):
+    kv = context(rng, tokens=20)
+    with kvpack.TieredStore(MB, bandwidths=[1e10]) as store:
+        key = store.put(np.array([5, 6, 7]), kv)
+        assert key == kvpack.context_key([5, 6, 7]) and [5, 6, 7] in store
+        assert_same(store.get([5, 6, 7]).kv, kv)
+
+
+def test_measured_quality_matches_numpy(rng):
+    kv = context(rng, layers=2, tokens=300)
+    q = probes(rng, kv)
+    none_bytes = stored(len(encode(kv, "none", key="x")))
+    # DRAM too small for the uncompressed entry: the adaptive policy must compress.
+    with kvpack.TieredStore(none_bytes - 4096, codecs=["none", "kivi-4"], bandwidths=[1e10]) as s:
+        s.put("x", kv, probe_queries=q)
+        got = s.get("x")
+    assert got.codec == "kivi-4" and got.tier == "dram"
+    errors = []
+    for layer, ((k, v), (dk, dv)) in enumerate(zip(kv, got.kv)):
+        for i in range(q[layer].shape[1]):
+            qi = q[layer][:, i]
+            exact = ref.decode_attention(qi, k, v)[0]
+            approx = ref.decode_attention(qi, dk, dv)[0]
+            errors.append(np.linalg.norm(approx - exact) / np.linalg.norm(exact))
+    assert got.quality == pytest.approx(1 - np.mean(errors), abs=1e-5)
+
+
+def test_quality_function_replaces_measurement(rng):
+    kv = context(rng, tokens=200)
+    calls = []
+
+    def quality(original, decoded):
+        calls.append(decoded.codec)
+        return 1.0 if decoded.codec in ("none", "h2o-0.5") else 0.0
+
+    size = stored(len(encode(kv, "h2o-0.5", key="k")))
+    codecs = ["none", "kivi-2", "h2o-0.5"]
+    with kvpack.TieredStore(size, codecs=codecs, bandwidths=[1e10]) as store:
+        store.put("k", kv, quality=quality)
+        assert calls == codecs
+        assert store.where("k") == ("dram", "h2o-0.5")
+        assert store.get("k").quality == 1.0
+
+
+def test_adaptive_keeps_everything_lossless_when_it_fits(rng):
+    with kvpack.TieredStore(64 * MB, bandwidths=[1e10]) as store:
+        for i in range(4):
+            store.put(f"c{i}", context(rng))
+        assert all(store.where(f"c{i}") == ("dram", "none") for i in range(4))
+
+
+def test_adaptive_recompresses_older_entries(rng, tmp_path):
+    kvs = [context(rng, tokens=256) for _ in range(6)]
+    size = stored(len(encode(kvs[0], "none", key="c0")))
+    with kvpack.TieredStore(
+        3 * size, tmp_path, 2 * size, codecs=["none", "kivi-4", "kivi-2"], bandwidths=[1e10, 1e8]
+    ) as store:
+        for i, kv in enumerate(kvs):
+            store.put(f"c{i}", kv)
+            stats = store.stats()
+            for tier in stats["tiers"].values():
+                assert tier["bytes"] <= tier["capacity"]
+        stats = store.stats()
+        assert stats["recompressions"] > 0 and stats["evictions"] == 0
+        for i, kv in enumerate(kvs):  # every entry still served, within its codec's error
+            got = store.get(f"c{i}")
+            if got.codec == "none":
+                assert_same(got.kv, kv)
+            else:
+                assert got.quality < 1.0
+
+
+def test_lru_demotes_and_promotes(rng, tmp_path):
+    kvs = [context(rng) for _ in range(4)]
+    size = stored(len(encode(kvs[0], "none", key="c0")))
+    with kvpack.TieredStore(
+        2 * size, tmp_path, size, policy="lru", bandwidths=[1e10, 1e9]
+    ) as store:
+        for i, kv in enumerate(kvs[:3]):
+            store.put(f"c{i}", kv)
+        assert store.where("c0") == ("ssd", "none")  # oldest demoted
+        got = store.get("c0")  # a hit promotes it, demoting the least recent (c1)
+        assert got.tier == "ssd" and store.where("c0") == ("dram", "none")
+        assert store.where("c1") == ("ssd", "none")
+        assert_same(got.kv, kvs[0])
+        store.put("c3", kvs[3])  # c1 leaves the last tier: counted
+        assert "c1" not in store and store.stats()["evictions"] == 1
+
+
+@pytest.mark.parametrize(
+    "policy,codec", [("kivi2-lru", "kivi-2"), ("streaming-lru", "streaming_llm-0.5")]
+)
+def test_baseline_codecs(rng, policy, codec):
+    kv = context(rng)
+    with kvpack.TieredStore(8 * MB, policy=policy, bandwidths=[1e10]) as store:
+        assert store.codecs == [codec]
+        store.put("k", kv)
+        assert store.get("k").codec == codec
+
+
+def test_nothing_fits_is_counted(rng):
+    with kvpack.TieredStore(4096, bandwidths=[1e10]) as store:
+        store.put("big", context(rng))
+        assert "big" not in store
+        assert store.stats()["evictions"] == 1
+
+
+# ---- SSD tier ------------------------------------------------------------------
+
+
+def test_ssd_reopen_serves_every_entry(rng, tmp_path):
+    kvs = {f"k{i}": context(rng, dtype=np.float16) for i in range(5)}
+    with kvpack.TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9]) as store:
+        for key, kv in kvs.items():
+            store.put(key, kv)
+        used = store.stats()["tiers"]["ssd"]["bytes"]
+    (tmp_path / "0123.kvb.99.0.tmp").write_bytes(b"partial")  # an interrupted write
+    (tmp_path / "00000000000000ff.kvb").write_bytes(b"not a blob")
+    with kvpack.TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9], o_direct=True) as store:
+        assert store.stats()["tiers"]["ssd"]["bytes"] == used
+        assert store.stats()["corrupt"] == 1
+        for key, kv in kvs.items():
+            got = store.get(key)
+            assert got.tier == "ssd"
+            assert_same(got.kv, kv)
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "00000000000000ff.kvb").exists()
+
+
+def test_ssd_flipped_byte_is_dropped_not_served(rng, tmp_path):
+    kv = context(rng)
+    with kvpack.TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9]) as store:
+        store.put("a", kv)
+        store.put("b", kv)
+        (path,) = [p for p in tmp_path.glob("*.kvb") if b"a" in p.read_bytes()[64:65]]
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        with pytest.raises(KeyError):
+            store.get("a")
+        assert "a" not in store and store.stats()["corrupt"] == 1
+        assert_same(store.get("b").kv, kv)
+
+
+def test_ssd_prefetch(rng, tmp_path):
+    kv = context(rng)
+    with kvpack.TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9]) as store:
+        store.put("a", kv)
+        store.prefetch("a")
+        time.sleep(0.2)
+        assert_same(store.get("a").kv, kv)
+        assert_same(store.get("a").kv, kv)  # and again from the file
+
+
+def test_concurrent_put_get_delete(tmp_path):
+    def kv_of(key):  # content derived from the key: any corruption or mix-up shows
+        seed = int(key[1:])
+        r = np.random.default_rng(seed)
+        return [(r.standard_normal((2, 64 + seed, 16)).astype(np.float32),) * 2]
+
+    size = stored(len(encode(kv_of("k0"), "none", key="k0")))
+    store = kvpack.TieredStore(6 * size, tmp_path, 12 * size, policy="lru", bandwidths=[1e10, 1e9])
+    failures = []
+
+    def worker(seed):
+        r = np.random.default_rng(seed)
+        try:
+            for _ in range(60):
+                key = f"k{int(r.integers(0, 16))}"
+                op = r.random()
+                if op < 0.4:
+                    store.put(key, kv_of(key))
+                elif op < 0.85:
+                    try:
+                        got = store.get(key)
+                    except KeyError:
+                        continue
+                    expected = kv_of(key)
+                    if not np.array_equal(got.kv[0][0], expected[0][0]):
+                        failures.append(key)
+                else:
+                    store.delete(key)
+                stats = store.stats()
+                for tier in stats["tiers"].values():
+                    if tier["bytes"] > tier["capacity"]:
+                        failures.append("capacity")
+        except Exception as error:  # noqa: BLE001 - reported below
+            failures.append(repr(error))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert store.stats()["corrupt"] == 0
+    store.close()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np, kvpack
+    store = kvpack.TieredStore(0, sys.argv[1], 1 << 34, policy="lru", bandwidths=[1e10, 1e9])
+    for i in range(1000):
+        r = np.random.default_rng(i)
+        kv = [(r.standard_normal((4, 2048, 64)).astype(np.float32),) * 2]
+        store.put(f"k{i}", kv)
+        print(i, flush=True)
+    """
+)
+
+
+def test_killed_writer_leaves_no_corrupt_entry(tmp_path):
+    store_dir = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(store_dir)], stdout=subprocess.PIPE, text=True
+    )
+    acknowledged = []
+    for line in proc.stdout:
+        acknowledged.append(int(line))
+        if len(acknowledged) == 3:
+            time.sleep(0.013)  # somewhere inside the next write
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    with kvpack.TieredStore(0, store_dir, 1 << 34, bandwidths=[1e10, 1e9]) as store:
+        for i in acknowledged:
+            r = np.random.default_rng(i)
+            got = store.get(f"k{i}")
+            np.testing.assert_array_equal(
+                got.kv[0][0], r.standard_normal((4, 2048, 64)).astype(np.float32)
+            )
+        for i in range(max(acknowledged) + 1, max(acknowledged) + 3):
+            if f"k{i}" in store:  # written before the kill: whole, never torn
+                r = np.random.default_rng(i)
+                np.testing.assert_array_equal(
+                    store.get(f"k{i}").kv[0][0], r.standard_normal((4, 2048, 64)).astype(np.float32)
+                )
+        assert store.stats()["corrupt"] == 0
+    assert not list(store_dir.glob("*.tmp"))

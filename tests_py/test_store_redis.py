@@ -1,0 +1,127 @@
+"""The remote tier on a real Redis server, started here (redis-server from Debian)."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import kvpack
+
+REDIS = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(REDIS is None, reason="needs redis-server (scripts/setup.sh)")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(port):
+    proc = subprocess.Popen(
+        [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+@pytest.fixture
+def redis():
+    port = free_port()
+    proc = start_redis(port)
+    yield proc, f"redis://127.0.0.1:{port}/0"
+    proc.kill()
+    proc.wait()
+
+
+def context(seed, tokens=200):
+    r = np.random.default_rng(seed)
+    return [(r.standard_normal((2, tokens, 32)).astype(np.float16),) * 2 for _ in range(2)]
+
+
+def test_remote_round_trip_and_sharing(redis):
+    _, url = redis
+    kv = context(0)
+    with kvpack.TieredStore(0, redis_url=url, policy="lru", bandwidths=[1e10, 1e8]) as store:
+        store.put("shared", kv)
+        assert store.where("shared") == ("remote", "none")
+        got = store.get("shared")
+        assert got.tier == "remote"
+        np.testing.assert_array_equal(got.kv[1][0], kv[1][0])
+        # Another process sees the entry through the server.
+        reader = textwrap.dedent(
+            f"""
+            import numpy as np, kvpack
+            store = kvpack.TieredStore(0, redis_url="{url}", bandwidths=[1e10, 1e8])
+            got = store.get("shared")
+            r = np.random.default_rng(0)
+            expected = r.standard_normal((2, 200, 32)).astype(np.float16)
+            assert got.tier == "remote" and np.array_equal(got.kv[0][0], expected)
+            print("ok")
+            """
+        )
+        out = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True)
+        assert out.stdout.strip() == "ok", out.stderr
+        assert store.delete("shared") and "shared" not in store
+
+
+def test_remote_capacity_and_prefix(redis):
+    _, url = redis
+    kv = context(1)
+    size = (len(kvpack.store.encode(kv, "none", key="a")) + 4095) // 4096 * 4096
+    with kvpack.TieredStore(
+        0, redis_url=url, redis_bytes=size, policy="lru", bandwidths=[1e10, 1e8]
+    ) as store:
+        store.put("a", kv)
+        store.put("b", kv)  # only one fits: the older leaves, counted
+        assert "a" not in store and "b" in store
+        stats = store.stats()
+        assert stats["evictions"] == 1
+        assert stats["tiers"]["remote"]["bytes"] <= stats["tiers"]["remote"]["capacity"]
+    with kvpack.TieredStore(
+        0, redis_url=url, redis_prefix="other:", bandwidths=[1e10, 1e8]
+    ) as other:
+        assert "b" not in other
+
+
+def test_server_going_away_gives_misses_not_hangs(redis):
+    proc, url = redis
+    kv = context(2)
+    with kvpack.TieredStore(
+        0, redis_url=url, policy="lru", bandwidths=[1e10, 1e8], timeout=0.5
+    ) as store:
+        store.put("a", kv)
+        proc.kill()
+        proc.wait()
+        start = time.time()
+        with pytest.raises(KeyError):
+            store.get("a")
+        store.put("b", kv)  # cannot be placed: reported, not raised
+        assert "b" not in store
+        with pytest.raises(KeyError):
+            store.get("c")
+        assert time.time() - start < 5.0
+        stats = store.stats()
+        assert stats["errors"] >= 1 and stats["misses"] >= 2
+
+
+def test_unreachable_server_at_start():
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with kvpack.TieredStore(0, redis_url=url, bandwidths=[1e10, 1e8], timeout=0.2) as store:
+        store.put("a", context(3))
+        assert "a" not in store
+        assert store.stats()["errors"] >= 1
