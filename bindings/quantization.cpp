@@ -28,16 +28,35 @@ void bind_quantization(py::module_& m) {
            }),
            py::arg("keys"), py::arg("values"), py::arg("bits") = 2, py::arg("group") = 32,
            py::arg("residual") = 128)
-      .def("dequantize",
-           [](const QuantizedKV& self) {
-             const std::vector<py::ssize_t> shape{self.heads(), self.tokens(), self.dim()};
-             py::array_t<float> keys = owned_float_array(shape), values = owned_float_array(shape);
-             {
-               py::gil_scoped_release release;
-               self.dequantize(keys.mutable_data(), values.mutable_data());
-             }
-             return py::make_tuple(keys, values);
-           })
+      .def(
+          "dequantize",
+          [](const QuantizedKV& self, const py::object& keys_out,
+             const py::object& values_out) -> py::tuple {
+            if (keys_out.is_none() && values_out.is_none()) {
+              const std::vector<py::ssize_t> shape{self.heads(), self.tokens(), self.dim()};
+              py::array_t<float> keys = owned_float_array(shape), values = owned_float_array(shape);
+              {
+                py::gil_scoped_release release;
+                self.dequantize(keys.mutable_data(), values.mutable_data());
+              }
+              return py::make_tuple(keys, values);
+            }
+            // Into the caller's arrays (any KV dtype), e.g. a preallocated cache.
+            const py::array keys = as_array(keys_out, "out"), values = as_array(values_out, "out");
+            const auto [k, v] = kv_pair(keys, values);
+            KVPACK_ARG_CHECK(keys.writeable() && values.writeable(),
+                             "out: expected writable arrays");
+            KVPACK_ARG_CHECK(
+                k.heads == self.heads() && k.tokens == self.tokens() && k.dim == self.dim(),
+                "out: expected shape [" << self.heads() << ", " << self.tokens() << ", "
+                                        << self.dim() << "], got " << shape_string(keys));
+            {
+              py::gil_scoped_release release;
+              self.dequantize(k.dtype, const_cast<void*>(k.data), const_cast<void*>(v.data));
+            }
+            return py::make_tuple(keys, values);
+          },
+          py::arg("keys_out") = py::none(), py::arg("values_out") = py::none())
       .def(
           "attend",
           [](const QuantizedKV& self, const py::object& q_obj, const std::optional<double>& scale,

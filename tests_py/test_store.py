@@ -8,16 +8,16 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import reference as ref
-from conftest import KV_DTYPES
 
 import kvpack
 from kvpack import _core
 from kvpack.store import decode, encode
+
+import reference as ref
+from conftest import KV_DTYPES
 
 xxhash = pytest.importorskip("xxhash")
 
@@ -432,7 +432,7 @@ def test_concurrent_put_get_delete(tmp_path):
                 for tier in stats["tiers"].values():
                     if tier["bytes"] > tier["capacity"]:
                         failures.append("capacity")
-        except Exception as error:  # noqa: BLE001 - reported below
+        except Exception as error:
             failures.append(repr(error))
 
     threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]

@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+
+#include <sys/mman.h>
 #include <sstream>
 #include <stdexcept>
 
@@ -233,8 +235,14 @@ Codec parse_codec(const std::string& name) {
 
 Buffer::Buffer(std::size_t size)
     : size_(size), capacity_(std::max(align_up(size, kAlignment), kAlignment)) {
-  data_ = static_cast<unsigned char*>(std::aligned_alloc(kAlignment, capacity_));
+  // Large buffers start on a 2 MiB boundary and ask for transparent huge pages: a fresh
+  // decoded entry is then faulted in with 512x fewer page faults.
+  constexpr std::size_t kHuge = 2u << 20;
+  const bool huge = capacity_ >= kHuge;
+  const std::size_t allocated = huge ? align_up(capacity_, kHuge) : capacity_;
+  data_ = static_cast<unsigned char*>(std::aligned_alloc(huge ? kHuge : kAlignment, allocated));
   if (!data_) throw std::bad_alloc();
+  if (huge) ::madvise(data_, allocated, MADV_HUGEPAGE);
   std::memset(data_ + size_, 0, capacity_ - size_);
 }
 

@@ -38,11 +38,30 @@ void put_code(std::uint8_t* packed, std::int64_t i, int bits, std::uint8_t code)
   packed[bit / 8] = static_cast<std::uint8_t>(packed[bit / 8] | (code << (bit % 8)));
 }
 
-// Expands n codes packed at `bits` each into one byte per code.
+// Expands n codes packed at Bits each (n a multiple of 8 / Bits, or the tail of a row)
+// into one byte per code; Bits is a template argument so the shifts are constants and
+// the loop vectorises.
+template <int Bits>
+void unpack_codes(const std::uint8_t* packed, std::int64_t n, std::uint8_t* codes) {
+  constexpr int kPerByte = 8 / Bits, kMask = (1 << Bits) - 1;
+  const std::int64_t whole = n / kPerByte;
+#pragma omp simd
+  for (std::int64_t b = 0; b < whole; ++b)
+    for (int s = 0; s < kPerByte; ++s)
+      codes[b * kPerByte + s] = static_cast<std::uint8_t>((packed[b] >> (s * Bits)) & kMask);
+  for (std::int64_t i = whole * kPerByte; i < n; ++i)
+    codes[i] = static_cast<std::uint8_t>((packed[i / kPerByte] >> (i % kPerByte * Bits)) & kMask);
+}
+
 void unpack_codes(const std::uint8_t* packed, std::int64_t n, int bits, std::uint8_t* codes) {
-  const int per_byte = 8 / bits, mask = (1 << bits) - 1;
-  for (std::int64_t i = 0; i < n; ++i)
-    codes[i] = static_cast<std::uint8_t>((packed[i / per_byte] >> (i % per_byte * bits)) & mask);
+  switch (bits) {
+    case 2:
+      return unpack_codes<2>(packed, n, codes);
+    case 4:
+      return unpack_codes<4>(packed, n, codes);
+    default:
+      return unpack_codes<8>(packed, n, codes);
+  }
 }
 
 std::uint8_t get_code(const std::uint8_t* packed, std::int64_t i, int bits) {
@@ -135,41 +154,63 @@ void QuantizedKV::allocate() {
   residual_values_.resize(residual_keys_.size());
 }
 
+namespace {
+
+// Expands one token group of key codes (group tokens x dim channels) into rows of `dtype`:
+// the packed bytes are first transposed to [byte, channel] so each output row is a
+// contiguous vector expression over channels.
+template <int Bits>
+void expand_key_group(const std::uint8_t* packed, std::int64_t group_bytes, std::int64_t group,
+                      std::int64_t dim, const float* lo, const float* step, DType dtype,
+                      std::size_t out_row, unsigned char* out, std::uint8_t* transposed,
+                      float* row) {
+  constexpr int kPerByte = 8 / Bits, kMask = (1 << Bits) - 1;
+  for (std::int64_t c = 0; c < dim; ++c)
+    for (std::int64_t b = 0; b < group_bytes; ++b)
+      transposed[b * dim + c] = packed[c * group_bytes + b];
+  for (std::int64_t j = 0; j < group; ++j) {
+    const std::uint8_t* bytes = transposed + (j / kPerByte) * dim;
+    const int shift = static_cast<int>(j % kPerByte) * Bits;
+#pragma omp simd
+    for (std::int64_t c = 0; c < dim; ++c)
+      row[c] = lo[c] + step[c] * static_cast<float>((bytes[c] >> shift) & kMask);
+    from_float(row, dim, dtype, out + j * out_row);
+  }
+}
+
+}  // namespace
+
 void QuantizedKV::dequantize(DType dtype, void* keys, void* values) const {
   const std::int64_t group = params_.group, token_groups = quantized_ / group;
   const std::int64_t rest = tokens_ - quantized_;
   const int bits = params_.bits;
   const std::size_t in_row = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
   const std::size_t out_row = static_cast<std::size_t>(dim_) * dtype_size(dtype);
+  const auto expand = bits == 2   ? &expand_key_group<2>
+                      : bits == 4 ? &expand_key_group<4>
+                                  : &expand_key_group<8>;
   parallel_for(heads_, [&](std::int64_t h) {
     unsigned char* k = static_cast<unsigned char*>(keys) + h * tokens_ * out_row;
     unsigned char* v = static_cast<unsigned char*>(values) + h * tokens_ * out_row;
     std::vector<float> row(static_cast<std::size_t>(dim_)), lo(row.size()), step(row.size());
-    // One token group's key codes, transposed to [token, channel] so rows expand with
-    // contiguous vector loads.
-    std::vector<std::uint8_t> block(static_cast<std::size_t>(group * dim_)),
-        run(static_cast<std::size_t>(std::max(group, dim_)));
+    std::vector<std::uint8_t> transposed(static_cast<std::size_t>(key_group_bytes() * dim_)),
+        run(static_cast<std::size_t>(dim_));
     for (std::int64_t g = 0; g < token_groups; ++g) {
       const std::int64_t base = (h * token_groups + g) * dim_;
       for (std::int64_t c = 0; c < dim_; ++c) {
+        // In float: _Float16 arithmetic would round the result to float16.
         lo[c] = static_cast<float>(key_min_[base + c]);
         step[c] = static_cast<float>(key_scale_[base + c]);
-        unpack_codes(key_codes_.data() + (base + c) * key_group_bytes(), group, bits, run.data());
-        for (std::int64_t j = 0; j < group; ++j) block[j * dim_ + c] = run[j];
       }
-      for (std::int64_t j = 0; j < group; ++j) {
-        const std::uint8_t* codes = block.data() + j * dim_;
-#pragma omp simd
-        for (std::int64_t c = 0; c < dim_; ++c) row[c] = lo[c] + step[c] * codes[c];
-        from_float(row.data(), dim_, dtype, k + (g * group + j) * out_row);
-      }
+      expand(key_codes_.data() + base * key_group_bytes(), key_group_bytes(), group, dim_,
+             lo.data(), step.data(), dtype, out_row, k + g * group * out_row, transposed.data(),
+             row.data());
     }
     for (std::int64_t t = 0; t < quantized_; ++t) {
       unpack_codes(value_codes_.data() + (h * quantized_ + t) * value_row_bytes(), dim_, bits,
                    run.data());
       const std::int64_t at = (h * quantized_ + t) * channel_groups_;
       for (std::int64_t j = 0; j < channel_groups_; ++j) {
-        // In float: _Float16 arithmetic would round the result to float16.
         const float minimum = static_cast<float>(value_min_[at + j]);
         const float scale = static_cast<float>(value_scale_[at + j]);
         const std::int64_t first = j * group, last = std::min(dim_, first + group);

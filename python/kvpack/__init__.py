@@ -53,6 +53,6 @@ __all__ = [
     "merging_sets",
     "quantize",
     "set_num_threads",
-    "store",
     "similarity_profile",
+    "store",
 ]

@@ -38,9 +38,14 @@ class QuantizedKV:
         extra = tuple(x for x, wanted in ((lse, return_lse), (weights, return_weights)) if wanted)
         return (out, *extra)
 
-    def dequantize(self) -> tuple[np.ndarray, np.ndarray]:
-        """The cache the codes stand for: float32 keys and values (heads, tokens, head_dim)."""
-        return self._core.dequantize()
+    def dequantize(self, out: tuple[np.ndarray, np.ndarray] | None = None):
+        """The cache the codes stand for: float32 keys and values (heads, tokens, head_dim),
+        or written into ``out`` = (keys, values), writable C-contiguous arrays of that shape
+        in any KV dtype (a preallocated cache), which are returned."""
+        if out is None:
+            return self._core.dequantize()
+        keys, values = out
+        return self._core.dequantize(keys, values)
 
     @property
     def nbytes(self) -> int:
