@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attention, clusterkv, compress, kmeans
+from . import attention, clusterkv, compress, kmeans, store
 from .common import append_results
 
 SUITES = {
@@ -24,6 +24,11 @@ SUITES = {
     "merging_quality": (
         "Compression quality on real MiniLM keys (attention-output relative error)",
         compress.run_quality,
+    ),
+    "store": ("Tiered store read speed (64 MiB entry, float16)", store.run_speed),
+    "store_trace": (
+        "Tiered store: Zipf trace of real MiniLM caches, adaptive vs LRU baselines",
+        store.run_trace,
     ),
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",
