@@ -38,28 +38,39 @@ inline std::uint64_t merge_round(std::uint64_t acc, std::uint64_t lane) {
 
 }  // namespace
 
-std::uint64_t xxh64(const void* data, std::size_t size, std::uint64_t seed) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  const unsigned char* const end = p + size;
+Xxh64Stream::Xxh64Stream(const unsigned char* begin, std::uint64_t seed)
+    : begin_(begin),
+      next_(begin),
+      seed_(seed),
+      v1_(seed + kPrime1 + kPrime2),
+      v2_(seed + kPrime2),
+      v3_(seed),
+      v4_(seed - kPrime1) {}
+
+void Xxh64Stream::update(const unsigned char* end) {
+  for (; end - next_ >= 32; next_ += 32) {
+    v1_ = round(v1_, read64(next_));
+    v2_ = round(v2_, read64(next_ + 8));
+    v3_ = round(v3_, read64(next_ + 16));
+    v4_ = round(v4_, read64(next_ + 24));
+  }
+}
+
+std::uint64_t Xxh64Stream::digest(const unsigned char* end) {
+  update(end);
+  const auto size = static_cast<std::uint64_t>(end - begin_);
   std::uint64_t h;
   if (size >= 32) {
-    std::uint64_t v1 = seed + kPrime1 + kPrime2, v2 = seed + kPrime2, v3 = seed,
-                  v4 = seed - kPrime1;
-    for (const unsigned char* limit = end - 32; p <= limit; p += 32) {
-      v1 = round(v1, read64(p));
-      v2 = round(v2, read64(p + 8));
-      v3 = round(v3, read64(p + 16));
-      v4 = round(v4, read64(p + 24));
-    }
-    h = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
-    h = merge_round(h, v1);
-    h = merge_round(h, v2);
-    h = merge_round(h, v3);
-    h = merge_round(h, v4);
+    h = rotl(v1_, 1) + rotl(v2_, 7) + rotl(v3_, 12) + rotl(v4_, 18);
+    h = merge_round(h, v1_);
+    h = merge_round(h, v2_);
+    h = merge_round(h, v3_);
+    h = merge_round(h, v4_);
   } else {
-    h = seed + kPrime5;
+    h = seed_ + kPrime5;
   }
-  h += static_cast<std::uint64_t>(size);
+  h += size;
+  const unsigned char* p = next_;
   for (; p + 8 <= end; p += 8) h = rotl(h ^ round(0, read64(p)), 27) * kPrime1 + kPrime4;
   if (p + 4 <= end) {
     h = rotl(h ^ (static_cast<std::uint64_t>(read32(p)) * kPrime1), 23) * kPrime2 + kPrime3;
@@ -72,6 +83,11 @@ std::uint64_t xxh64(const void* data, std::size_t size, std::uint64_t seed) {
   h *= kPrime3;
   h ^= h >> 32;
   return h;
+}
+
+std::uint64_t xxh64(const void* data, std::size_t size, std::uint64_t seed) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  return Xxh64Stream(p, seed).digest(p + size);
 }
 
 }  // namespace kvpack

@@ -275,13 +275,28 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
   return info;
 }
 
-bool verify_blob(const Buffer& blob) {
+void BlobVerifier::update(std::size_t available) {
+  available = std::min(available, blob_.size());
+  if (!stream_ && available >= kAfterChecksum)
+    stream_.emplace(blob_.data() + kAfterChecksum, xxh64(blob_.data(), kChecksumField));
+  if (stream_) stream_->update(blob_.data() + available);
+}
+
+bool BlobVerifier::valid() {
   try {
-    const BlobInfo info = read_blob_info(blob.data(), blob.size());
-    return info.size == blob.size() && blob_checksum(blob.data(), blob.size()) == info.checksum;
+    const BlobInfo info = read_blob_info(blob_.data(), blob_.size());
+    update(blob_.size());
+    return info.size == blob_.size() && stream_ &&
+           stream_->digest(blob_.data() + blob_.size()) == info.checksum;
   } catch (const std::runtime_error&) {
     return false;
   }
+}
+
+bool verify_blob(const Buffer& blob) {
+  BlobVerifier verifier(blob);
+  verifier.update(blob.size());
+  return verifier.valid();
 }
 
 BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, const Codec& codec,

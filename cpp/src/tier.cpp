@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -278,25 +279,63 @@ class SsdTier final : public Tier {
     return ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   }
 
-  // Reads and verifies the blob of `key`; drops it (counted) when corrupt.
+  // Reads and verifies the blob of `key`; drops it (counted) when corrupt. A helper
+  // thread reads ahead in chunks while this one checksums what has arrived.
   BlobPtr read_verified(const std::string& key, std::size_t size) {
+    constexpr std::size_t kChunk = 4u << 20;
     auto blob = std::make_shared<Buffer>(size);
-    bool read = false;
+    BlobVerifier verifier(*blob);
+    bool read = false, valid = false;
     {
       Fd file(open_for_read(path_of(key)));
-      read = file.fd >= 0 && read_all(file.fd, blob->data(), blob->capacity(), 0);
+      if (file.fd >= 0 && blob->capacity() <= 2 * kChunk) {
+        read = read_all(file.fd, blob->data(), blob->capacity(), 0);
+      } else if (file.fd >= 0) {
+        std::mutex progress_mutex;
+        std::condition_variable progress;
+        std::size_t arrived = 0;
+        bool failed = false;
+        std::thread reader([&] {
+          for (std::size_t at = 0; at < blob->capacity(); at += kChunk) {
+            const std::size_t n = std::min(kChunk, blob->capacity() - at);
+            const bool ok = read_all(file.fd, blob->data() + at, n, static_cast<off_t>(at));
+            std::lock_guard<std::mutex> lock(progress_mutex);
+            if (!ok) failed = true;
+            arrived = ok ? at + n : arrived;
+            progress.notify_one();
+            if (!ok) return;
+          }
+        });
+        std::size_t populated = kChunk;  // the reader faults in its first chunk itself
+        for (std::size_t seen = 0;;) {
+          // While the device works, fault in the pages of the chunks ahead (zeroing fresh
+          // memory is CPU work that would otherwise stall each read). MADV_POPULATE_WRITE
+          // never changes a page already present, so it cannot race with the reader.
+          for (; populated < std::min(blob->capacity(), seen + 3 * kChunk); populated += kChunk)
+            ::madvise(blob->data() + populated, std::min(kChunk, blob->capacity() - populated),
+                      MADV_POPULATE_WRITE);
+          std::unique_lock<std::mutex> lock(progress_mutex);
+          progress.wait(lock, [&] { return failed || arrived > seen; });
+          seen = arrived;
+          const bool done = failed || seen >= blob->capacity();
+          lock.unlock();
+          verifier.update(seen);
+          if (done) break;
+        }
+        reader.join();
+        read = !failed;
+      }
+      if (read) {
+        try {
+          valid = verifier.valid() && read_blob_info(blob->data(), blob->size()).key == key;
+        } catch (const std::runtime_error&) {
+          valid = false;
+        }
+      }
     }
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = index_.find(key);
     if (it == index_.end() || it->second.size != size) return nullptr;  // removed or replaced
-    bool valid = false;
-    if (read) {
-      try {
-        valid = verify_blob(*blob) && read_blob_info(blob->data(), blob->size()).key == key;
-      } catch (const std::runtime_error&) {
-        valid = false;
-      }
-    }
     if (!valid) {
       ++counters_.corrupt;
       ::unlink(path_of(key).c_str());

@@ -10,10 +10,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "kvpack/attention.h"
+#include "kvpack/checksum.h"
 #include "kvpack/common.h"
 
 namespace kvpack {
@@ -95,6 +97,20 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available);
 
 /// True when the blob's checksum matches its bytes.
 bool verify_blob(const Buffer& blob);
+
+/// Verifies a blob while it is being read into `blob`, so checking overlaps the I/O:
+/// update(n) each time the first n bytes are in place (n growing), valid() at the end.
+class BlobVerifier {
+ public:
+  explicit BlobVerifier(const Buffer& blob) : blob_(blob) {}
+  void update(std::size_t available);
+  /// True when every byte arrived and the header and checksum match.
+  bool valid();
+
+ private:
+  const Buffer& blob_;
+  std::optional<Xxh64Stream> stream_;
+};
 
 /// Encodes `layers` (all with one dtype) under `key` with `codec`. Dropping and merging
 /// rank tokens by the accumulated attention of each layer's evidence (evidence[l]);
