@@ -193,7 +193,9 @@ def run_trace(
             bandwidths = probe.bandwidths
         runs = {}
         for policy in ("lru", "kivi2-lru", "streaming-lru"):
-            runs[policy] = _replay(contexts, requests, policy, 0.0, dram, ssd, directory, bandwidths)
+            runs[policy] = _replay(
+                contexts, requests, policy, 0.0, dram, ssd, directory, bandwidths
+            )
             for path in Path(directory).glob("*.kvb"):
                 path.unlink()
         alphas = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.3)
@@ -253,7 +255,9 @@ def run_trace(
         )
     if ratios:
         ratio, baseline = min(ratios)
-        rows.append(("best static baseline at equal quality", f"{baseline}: {ratio:.2f}x", ">= 1.4"))
+        rows.append(
+            ("best static baseline at equal quality", f"{baseline}: {ratio:.2f}x", ">= 1.4")
+        )
     if plot:
         rows.append(("figure", str(_plot(runs, alphas)), ""))
     return rows

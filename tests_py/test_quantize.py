@@ -91,3 +91,31 @@ def test_bad_arguments_raise(rng):
     qkv = kvpack.quantize(keys, values)
     with pytest.raises(ValueError, match="q: expected head_dim 48"):
         qkv.attend(np.ones((2, 8), np.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dequantize_into_caller_arrays(rng, bits):
+    keys = rng.standard_normal((2, 300, 64)).astype(np.float16)
+    values = rng.standard_normal((2, 300, 64)).astype(np.float16)
+    quantized = kvpack.quantize(keys, values, bits=bits)
+    expected_k, expected_v, _ = reference.kivi_dequantize(keys, values, bits)
+    out = (np.empty_like(keys), np.empty_like(values))
+    assert quantized.dequantize(out=out)[0] is out[0]
+    np.testing.assert_allclose(out[0], expected_k.astype(np.float16), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(out[1], expected_v.astype(np.float16), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="out"):
+        quantized.dequantize(out=(np.empty((2, 299, 64), np.float16),) * 2)
+
+
+def test_attention_reads_quantized_cache(rng):
+    keys = rng.standard_normal((2, 400, 64)).astype(np.float32)
+    values = rng.standard_normal((2, 400, 64)).astype(np.float32)
+    q = rng.standard_normal((8, 64)).astype(np.float32)
+    quantized = kvpack.quantize(keys, values, bits=4)
+    rk, rv, _ = reference.kivi_dequantize(keys, values, 4)
+    expected = reference.decode_attention(q, rk, rv)[0]
+    np.testing.assert_allclose(kvpack.attention(q, quantized), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="QuantizedKV"):
+        kvpack.attention(q, quantized, values)
+    with pytest.raises(TypeError, match="values"):
+        kvpack.attention(q, keys)

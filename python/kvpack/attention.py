@@ -13,8 +13,8 @@ __all__ = ["accumulated_attention", "attention"]
 
 def attention(
     q: np.ndarray,
-    keys: np.ndarray,
-    values: np.ndarray,
+    keys,
+    values: np.ndarray | None = None,
     indices: np.ndarray | None = None,
     *,
     bias: np.ndarray | None = None,
@@ -33,7 +33,9 @@ def attention(
     q : ndarray, shape (heads_q, head_dim)
         The step's queries (any float dtype; converted to float32, it is small).
     keys, values : ndarray, shape (heads_kv, tokens, head_dim)
-        float32, float16 or bfloat16 (``ml_dtypes``), C-contiguous, same dtype.
+        float32, float16 or bfloat16 (``ml_dtypes``), C-contiguous, same dtype. Or
+        ``keys`` a :class:`kvpack.QuantizedKV` and no ``values``: attention reads the
+        codes directly, without expanding them (dense, no bias).
     indices : ndarray of int32, shape (heads_kv, n) or (heads_q, n), optional
         Token indices to attend, each row sorted ascending without duplicates. One
         row per KV head is shared by its query group; one row per query head lets
@@ -62,6 +64,16 @@ def attention(
     >>> kvpack.attention(q, k, v).shape
     (8, 64)
     """
+    from .quantization import QuantizedKV
+
+    if isinstance(keys, QuantizedKV):
+        if values is not None or indices is not None or bias is not None or device != "cpu":
+            raise ValueError(
+                "keys: a QuantizedKV is attended whole on the CPU; pass no values, indices or bias"
+            )
+        return keys.attend(q, scale=scale, return_lse=return_lse, return_weights=return_weights)
+    if values is None:
+        raise TypeError("values: required with keys given as an array")
     out, lse, weights = _core.attention(
         q, keys, values, indices, bias, scale, return_lse, return_weights, device
     )
