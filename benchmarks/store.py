@@ -82,6 +82,7 @@ def run_speed() -> list[tuple[str, str, str]]:
         ) as store:
             store.put("entry", kv)
             (path,) = Path(directory).glob("*.kvb")
+            size = path.stat().st_size
             ssd, raw = [], []
             for _ in range(5):  # interleaved, so drift on a shared disk hits both alike
                 raw.append(_raw_direct_read(path))
@@ -89,7 +90,6 @@ def run_speed() -> list[tuple[str, str, str]]:
                 got = store.get("entry")
                 ssd.append(time.perf_counter() - start)
                 assert got.tier == "ssd"
-        size = path.stat().st_size if path.exists() else nbytes
     rows.append(
         (
             "SSD get (O_DIRECT, checksum) / raw O_DIRECT read",

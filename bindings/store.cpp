@@ -238,8 +238,11 @@ void bind_store(py::module_& m) {
              }
              params.policy = policy_arg(policy);
              params.alpha = alpha;
-             if (codecs)
+             if (codecs) {
+               KVPACK_ARG_CHECK(!codecs->empty(),
+                                "codecs: expected at least 'none', got an empty list");
                for (const std::string& name : *codecs) params.codecs.push_back(codec_arg(name));
+             }
              params.streaming_rate = static_cast<float>(streaming_rate);
              if (bandwidths) params.bandwidths = *bandwidths;
              py::gil_scoped_release release;

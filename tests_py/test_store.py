@@ -175,7 +175,7 @@ def brute_force(options, capacities):
 
 def test_placement_respects_capacities_and_is_near_optimal():
     rng = np.random.default_rng(7)
-    ratios = []
+    ratios, extra_evictions = [], 0
     for _ in range(150):
         n = int(rng.integers(1, 5))
         capacities = [int(rng.integers(0, 12)), int(rng.integers(2, 20))]
@@ -199,10 +199,12 @@ def test_placement_respects_capacities_and_is_near_optimal():
             total += item[c][2]
         assert used[0] <= capacities[0] and used[1] <= capacities[1]
         best_evicted, best_total = brute_force(options, capacities)
-        assert evicted == -best_evicted or evicted <= n  # never places what cannot fit
+        extra_evictions += evicted > -best_evicted
         if evicted == -best_evicted and best_total > 0:
             ratios.append(total / best_total)
-    # The greedy is a heuristic: close to the optimum on average, rarely far off.
+    # The greedy is a heuristic: it rarely evicts more than it must (an item left over
+    # when the tiers' remainders are fragmented), and is close to the optimum otherwise.
+    assert extra_evictions <= 5
     assert np.mean(ratios) > 0.9
     assert np.quantile(ratios, 0.1) > 0.7
 
@@ -243,6 +245,8 @@ def test_dram_round_trip_and_errors(rng):
         kvpack.TieredStore(MB, redis_url="http://x")
     with pytest.raises(ValueError, match="codecs"):
         kvpack.TieredStore(MB, codecs=["kivi-2"], bandwidths=[1e10])
+    with pytest.raises(ValueError, match="codecs"):
+        kvpack.TieredStore(MB, codecs=[], bandwidths=[1e10])
     with pytest.raises(ValueError, match="bandwidths"):
         kvpack.TieredStore(MB, bandwidths=[1e10, 1e9])
 
@@ -394,10 +398,19 @@ def test_ssd_prefetch(rng, tmp_path):
     kv = context(rng)
     with kvpack.TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9]) as store:
         store.put("a", kv)
+        store.put("b", kv)
         store.prefetch("a")
-        time.sleep(0.2)
+        time.sleep(1.0)  # let the I/O thread finish (no time is asserted)
+        for path in tmp_path.glob("*.kvb"):  # the file goes: only the prefetched copy is left
+            if path.read_bytes()[64:65] == b"a":
+                path.unlink()
         assert_same(store.get("a").kv, kv)
-        assert_same(store.get("a").kv, kv)  # and again from the file
+        assert_same(store.get("b").kv, kv)
+        for path in tmp_path.glob("*.kvb"):
+            path.unlink()
+        with pytest.raises(KeyError):  # a file removed behind the store's back is a miss
+            store.get("b")
+        assert "b" not in store and store.stats()["errors"] == 1
 
 
 def test_concurrent_put_get_delete(tmp_path):
@@ -469,6 +482,7 @@ def test_killed_writer_leaves_no_corrupt_entry(tmp_path):
         if len(acknowledged) == 3:
             time.sleep(0.013)  # somewhere inside the next write
             break
+    assert proc.poll() is None  # still writing when it is killed
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()

@@ -415,23 +415,46 @@ std::vector<float> evidence_scores(const KVView& keys, const Evidence& evidence,
   return scores;
 }
 
-double attention_error(const float* queries, std::int64_t heads_q, std::int64_t n,
-                       const KVView& keys_a, const KVView& values_a, const KVView& keys_b,
-                       const KVView& values_b) {
-  const std::int64_t dim = keys_a.dim;
+namespace {
+
+// Query i of queries [heads_q, n, dim] as a decode step's [heads_q, dim].
+void gather_query(const float* queries, std::int64_t heads_q, std::int64_t n, std::int64_t dim,
+                  std::int64_t i, float* q) {
+  for (std::int64_t h = 0; h < heads_q; ++h)
+    std::memcpy(q + h * dim, queries + (h * n + i) * dim,
+                static_cast<std::size_t>(dim) * sizeof(float));
+}
+
+}  // namespace
+
+std::vector<float> probe_outputs(const float* queries, std::int64_t heads_q, std::int64_t n,
+                                 const KVView& keys, const KVView& values) {
+  const std::int64_t dim = keys.dim;
   const auto size = static_cast<std::size_t>(heads_q * dim);
-  std::vector<float> q(size), out_a(size), out_b(size);
+  std::vector<float> q(size), outputs(static_cast<std::size_t>(n) * size);
+  for (std::int64_t i = 0; i < n; ++i) {
+    gather_query(queries, heads_q, n, dim, i, q.data());
+    decode_attention(q.data(), heads_q, keys, values, nullptr, nullptr, {},
+                     {outputs.data() + i * heads_q * dim});
+  }
+  return outputs;
+}
+
+double attention_error(const float* queries, std::int64_t heads_q, std::int64_t n,
+                       const std::vector<float>& reference, const KVView& keys,
+                       const KVView& values) {
+  const std::int64_t dim = keys.dim;
+  const auto size = static_cast<std::size_t>(heads_q * dim);
+  std::vector<float> q(size), out(size);
   double total = 0.0;
   for (std::int64_t i = 0; i < n; ++i) {
-    for (std::int64_t h = 0; h < heads_q; ++h)
-      std::memcpy(q.data() + h * dim, queries + (h * n + i) * dim,
-                  static_cast<std::size_t>(dim) * sizeof(float));
-    decode_attention(q.data(), heads_q, keys_a, values_a, nullptr, nullptr, {}, {out_a.data()});
-    decode_attention(q.data(), heads_q, keys_b, values_b, nullptr, nullptr, {}, {out_b.data()});
+    gather_query(queries, heads_q, n, dim, i, q.data());
+    decode_attention(q.data(), heads_q, keys, values, nullptr, nullptr, {}, {out.data()});
+    const float* exact = reference.data() + static_cast<std::size_t>(i) * size;
     double diff = 0.0, norm = 0.0;
     for (std::size_t j = 0; j < size; ++j) {
-      diff += static_cast<double>(out_b[j] - out_a[j]) * (out_b[j] - out_a[j]);
-      norm += static_cast<double>(out_a[j]) * out_a[j];
+      diff += static_cast<double>(out[j] - exact[j]) * (out[j] - exact[j]);
+      norm += static_cast<double>(exact[j]) * exact[j];
     }
     total += norm > 0.0 ? std::sqrt(diff / norm) : std::sqrt(diff);
   }

@@ -22,7 +22,6 @@ namespace {
 
 constexpr char kMagic[8] = {'K', 'V', 'P', 'A', 'C', 'K', 'B', '1'};
 constexpr std::size_t kPayloadAlignment = 64;
-constexpr std::int64_t kProxyQueries = 32;  // keys standing in for queries without evidence
 
 // The first 64 bytes of a blob.
 struct Header {

@@ -20,8 +20,6 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-constexpr std::int64_t kProbeQueries = 32;
-
 // A decoded layer as views for attention.
 LayerView layer_view(const DecodedKV& kv, std::size_t l) {
   const DecodedLayer& layer = kv.layers[l];
@@ -67,6 +65,7 @@ TieredStore::TieredStore(const StoreParams& params) : params_(params) {
     tiers_.push_back(make_ssd_tier(SsdParams{params.ssd_dir, params.ssd_bytes, params.o_direct,
                                              params.io_threads, 256ll << 20}));
   if (params.remote) tiers_.push_back(make_redis_tier(params.redis));
+  counters_.tiers.resize(tiers_.size());
   if (params.bandwidths.empty()) {
     profile_bandwidths();
   } else {
@@ -152,7 +151,7 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
     const KVView& keys = layers[l].keys;
     Evidence& probe = entry.probes[l];
     if (probes.empty()) {
-      const std::int64_t n = std::min(kProbeQueries, keys.tokens);
+      const std::int64_t n = std::min(kProxyQueries, keys.tokens);
       entry.probe_data[l] = proxy_queries(keys, n);
       probe.heads_q = keys.heads;
       probe.window = n;
@@ -164,6 +163,14 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
     probe.queries = entry.probe_data[l].data();
     probe.scores = nullptr;
   }
+
+  // The probes' attention over the original cache: the reference every candidate's
+  // quality is measured against, computed once.
+  std::vector<std::vector<float>> reference(layers.size());
+  if (qualities.empty())
+    for (std::size_t l = 0; l < layers.size(); ++l)
+      reference[l] = probe_outputs(entry.probes[l].queries, entry.probes[l].heads_q,
+                                   entry.probes[l].window, layers[l].keys, layers[l].values);
 
   // Every candidate encoded, decoded (timed) and scored; one that cannot encode this
   // context (too few tokens to drop) is left out.
@@ -188,8 +195,8 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
       for (std::size_t l = 0; l < layers.size(); ++l) {
         const LayerView out = layer_view(decoded, l);
         const Evidence& probe = entry.probes[l];
-        error += attention_error(probe.queries, probe.heads_q, probe.window, layers[l].keys,
-                                 layers[l].values, out.keys, out.values);
+        error += attention_error(probe.queries, probe.heads_q, probe.window, reference[l], out.keys,
+                                 out.values);
       }
       candidate.quality = std::max(0.0, 1.0 - error / static_cast<double>(layers.size()));
     }
@@ -344,18 +351,17 @@ void TieredStore::place_lru(const std::string& key, const BlobPtr& blob) {
 }
 
 std::optional<GetResult> TieredStore::get(const std::string& key) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++counters_.gets;
+  }
   for (int attempt = 0; attempt < 3; ++attempt) {
     int tier;
     double quality;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      ++counters_.gets;
       const auto it = entries_.find(key);
-      if (it == entries_.end()) {
-        if (params_.remote) break;  // another process may have shared it
-        ++counters_.misses;
-        return std::nullopt;
-      }
+      if (it == entries_.end()) break;
       Entry& entry = it->second;
       entry.hits += 1.0;
       entry.last_use = ++clock_;
@@ -369,33 +375,28 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
     const auto it = entries_.find(key);
     if (!blob) {
       if (it != entries_.end() && it->second.tier == tier && !tiers_[tier]->contains(key)) {
-        // The tier dropped it (corrupt or unreachable): the entry is gone.
+        // The tier dropped it (corrupt, or its file gone): the entry is gone.
         entries_.erase(it);
         order_.erase(std::find(order_.begin(), order_.end(), key));
         ++counters_.misses;
         return std::nullopt;
       }
-      --counters_.gets;
-      continue;  // moved meanwhile: look again
+      continue;  // moved meanwhile (look again), or a failed read (try again)
     }
-    GetResult result;
-    result.tier = tiers_[tier]->name();
-    result.bytes = stored_bytes(blob->size());
-    result.io_seconds = io;
-    result.quality = quality;
     bool shared = tier == 0;  // a blob a tier still holds is copied before it is handed out
     if (params_.policy != StorePolicy::Adaptive && tier > 0 && it != entries_.end() &&
         it->second.tier == tier) {
       // LRU: a hit moves the entry to DRAM; the entries it displaces go one tier down.
+      const std::int64_t bytes = stored_bytes(blob->size());
       tiers_[tier]->remove(key);
       it->second.tier = -1;
-      if (result.bytes <= tiers_[0]->capacity()) make_room(0, result.bytes, key);
-      if (result.bytes <= tiers_[0]->capacity() && tiers_[0]->put(key, blob)) {
+      if (bytes <= tiers_[0]->capacity()) make_room(0, bytes, key);
+      if (bytes <= tiers_[0]->capacity() && tiers_[0]->put(key, blob)) {
         it->second.tier = 0;
         ++counters_.moves;
         shared = true;
       } else {
-        make_room(tier, result.bytes, key);
+        make_room(tier, bytes, key);
         if (tiers_[tier]->put(key, blob)) {
           it->second.tier = tier;
         } else {
@@ -405,43 +406,37 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
         }
       }
     }
-    counters_.tiers.resize(tiers_.size());
-    ++counters_.tiers[tier].hits;
     lock.unlock();
-    const auto decode_start = Clock::now();
-    result.kv = decode(blob, shared);
-    result.decode_seconds = seconds_since(decode_start);
-    lock.lock();
-    delays_.push_back(result.io_seconds + result.decode_seconds);
-    if (!std::isnan(quality)) qualities_.push_back(quality);
-    return result;
+    return served(blob, tier, io, quality, shared);
   }
-  // Not held here: a shared remote tier may have it from another process.
+  // Not held here (or unreadable): a shared remote tier may have it from another process.
   if (params_.remote) {
     const auto start = Clock::now();
     BlobPtr blob = tiers_.back()->get(key);
-    const double io = seconds_since(start);
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!blob) {
-      ++counters_.misses;
-      return std::nullopt;
-    }
-    GetResult result;
-    result.tier = tiers_.back()->name();
-    result.bytes = stored_bytes(blob->size());
-    result.io_seconds = io;
-    result.quality = std::numeric_limits<double>::quiet_NaN();
-    const auto decode_start = Clock::now();
-    result.kv = decode(blob, false);
-    result.decode_seconds = seconds_since(decode_start);
-    counters_.tiers.resize(tiers_.size());
-    ++counters_.tiers.back().hits;
-    delays_.push_back(result.io_seconds + result.decode_seconds);
-    return result;
+    if (blob)
+      return served(blob, static_cast<int>(tiers_.size()) - 1, seconds_since(start),
+                    std::numeric_limits<double>::quiet_NaN(), false);
   }
   std::lock_guard<std::mutex> lock(mutex_);
   ++counters_.misses;
   return std::nullopt;
+}
+
+GetResult TieredStore::served(const BlobPtr& blob, int tier, double io_seconds, double quality,
+                              bool shared) {
+  GetResult result;
+  result.tier = tiers_[tier]->name();
+  result.bytes = stored_bytes(blob->size());
+  result.io_seconds = io_seconds;
+  result.quality = quality;
+  const auto start = Clock::now();
+  result.kv = decode(blob, shared);
+  result.decode_seconds = seconds_since(start);
+  std::lock_guard<std::mutex> lock(mutex_);
+  ++counters_.tiers[tier].hits;
+  delays_.push_back(result.io_seconds + result.decode_seconds);
+  if (!std::isnan(quality)) qualities_.push_back(quality);
+  return result;
 }
 
 bool TieredStore::contains(const std::string& key) {

@@ -285,9 +285,10 @@ class SsdTier final : public Tier {
     constexpr std::size_t kChunk = 4u << 20;
     auto blob = std::make_shared<Buffer>(size);
     BlobVerifier verifier(*blob);
-    bool read = false, valid = false;
+    bool read = false, valid = false, missing = false;
     {
       Fd file(open_for_read(path_of(key)));
+      missing = file.fd < 0 && errno == ENOENT;
       if (file.fd >= 0 && blob->capacity() <= 2 * kChunk) {
         read = read_all(file.fd, blob->data(), blob->capacity(), 0);
       } else if (file.fd >= 0) {
@@ -336,6 +337,16 @@ class SsdTier final : public Tier {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = index_.find(key);
     if (it == index_.end() || it->second.size != size) return nullptr;  // removed or replaced
+    if (!read && !missing) {  // an I/O error says nothing about the file: keep it
+      ++counters_.errors;
+      return nullptr;
+    }
+    if (missing) {  // removed behind the store's back
+      ++counters_.errors;
+      used_ -= it->second.bytes;
+      index_.erase(it);
+      return nullptr;
+    }
     if (!valid) {
       ++counters_.corrupt;
       ::unlink(path_of(key).c_str());

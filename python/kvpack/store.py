@@ -175,7 +175,7 @@ class TieredStore:
             io_threads=io_threads,
             streaming_rate=streaming_rate,
             bandwidths=None if bandwidths is None else [float(b) for b in bandwidths],
-            timeout_ms=max(1, round(timeout * 1000)),
+            timeout_ms=round(timeout * 1000),
         )
 
     @property

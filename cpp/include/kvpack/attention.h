@@ -78,11 +78,16 @@ struct Evidence {
 std::vector<float> evidence_scores(const KVView& keys, const Evidence& evidence,
                                    std::int64_t last_queries = 0);
 
-/// Mean over queries of the relative error ||o_b - o_a|| / ||o_a|| of decode attention
-/// over cache b against cache a (o over all query heads), for queries [heads_q, n, dim]
-/// float32 (the Evidence layout). The fidelity measure of lossy KV encodings.
+/// Decode attention outputs [n, heads_q, dim] of queries [heads_q, n, dim] float32 (the
+/// Evidence layout) over one cache: the reference attention_error compares against.
+std::vector<float> probe_outputs(const float* queries, std::int64_t heads_q, std::int64_t n,
+                                 const KVView& keys, const KVView& values);
+
+/// Mean over queries of the relative error ||o - o_ref|| / ||o_ref|| of decode attention
+/// over a cache against `reference` (probe_outputs of the same queries over the original
+/// cache), o over all query heads. The fidelity measure of lossy KV encodings.
 double attention_error(const float* queries, std::int64_t heads_q, std::int64_t n,
-                       const KVView& keys_a, const KVView& values_a, const KVView& keys_b,
-                       const KVView& values_b);
+                       const std::vector<float>& reference, const KVView& keys,
+                       const KVView& values);
 
 }  // namespace kvpack

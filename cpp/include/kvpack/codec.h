@@ -118,6 +118,9 @@ class BlobVerifier {
 BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, const Codec& codec,
                const std::vector<Evidence>& evidence = {});
 
+/// How many of a layer's last keys stand in for its queries when the caller gives none.
+constexpr std::int64_t kProxyQueries = 32;
+
 /// The last n keys of a layer as float32 [heads, n, dim]: the queries that stand in for
 /// a context's own when the caller gives none (the Evidence layout).
 std::vector<float> proxy_queries(const KVView& keys, std::int64_t n);

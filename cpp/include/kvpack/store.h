@@ -10,7 +10,6 @@
 #pragma once
 
 #include <cstdint>
-#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -128,6 +127,8 @@ class TieredStore {
   void place_lru(const std::string& key, const BlobPtr& blob);
   void make_room(int tier, std::int64_t bytes, const std::string& keep);
   void drop(const std::string& key);  // forget an entry and its blob
+  // A read blob decoded (outside the lock) and counted as a hit of `tier`.
+  GetResult served(const BlobPtr& blob, int tier, double io_seconds, double quality, bool shared);
   void profile_bandwidths();
 
   StoreParams params_;
