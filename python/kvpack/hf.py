@@ -1,0 +1,402 @@
+"""Hugging Face transformers integration: one ``Cache`` per kvpack method.
+
+    cache = kvpack.hf.make_cache(model, method="clusterkv", budget=256)
+    model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+
+Works with Llama/Mistral/Qwen-style decoders (any model whose attention layers call
+``past_key_values.update`` and then the configured attention function). ``make_cache``
+switches the model's attention implementation to ``"kvpack"``: SDPA for every other
+cache, and for a kvpack cache the method's own attention. The first ``skip_layers``
+layers keep their whole cache.
+
+The first forward is the prefill: attention is exact over the whole prompt, then each
+layer compresses. Per method:
+
+- ``h2o``, ``streaming_llm``, ``snapkv``, ``cam``, ``kvmerger``: the prompt's cache is
+  compressed to ``budget`` slots per KV head by :func:`kvpack.compress`, ranked by the
+  attention the prompt's queries paid each key. Decoded tokens are appended.
+- ``clusterkv``, ``quest``: the whole cache stays in host memory in a
+  :class:`kvpack.ClusterKV` per sequence; each decoded token attends ``budget`` recalled
+  tokens (clusters, or Quest pages).
+- ``kivi``: the prompt's cache becomes KIVI codes (:func:`kvpack.quantize`, ``bits``,
+  group 32) with the latest ``budget`` tokens in full precision; decode attends the codes
+  directly and the decoded tokens in full precision, merged by log-sum-exp.
+- ``full``: no compression (a reference that runs the same code path).
+
+``budget`` is a token count, or a fraction of each prompt in (0, 1). Batches may be
+left-padded: padding never takes a slot.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .clustering import ClusterKV
+from .compression import compress
+from .quantization import quantize
+
+try:
+    import torch
+    from transformers import AttentionInterface
+    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as error:  # pragma: no cover - exercised without the models extra
+    raise ImportError(
+        "kvpack.hf needs torch and transformers: pip install 'kvpack[models]'"
+    ) from error
+
+__all__ = ["METHODS", "KVPackCache", "make_cache"]
+
+EVICTION_METHODS = ("full", "h2o", "streaming_llm", "snapkv", "cam", "kvmerger")
+RECALL_METHODS = ("clusterkv", "quest")
+METHODS = (*EVICTION_METHODS, *RECALL_METHODS, "kivi")
+ATTENTION = "kvpack"
+
+
+def make_cache(
+    model,
+    method: str = "clusterkv",
+    budget: int | float = 1024,
+    *,
+    skip_layers: int = 2,
+    **options: Any,
+) -> KVPackCache:
+    """A cache that compresses or recalls the KV cache of ``model`` with ``method``.
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel
+        A decoder-only model; its attention implementation becomes ``"kvpack"``.
+    method : str
+        One of :data:`METHODS`.
+    budget : int or float
+        Slots (tokens) per KV head kept or recalled; a float in (0, 1) is a fraction of
+        each prompt. For ``kivi``, the tokens kept in full precision.
+    skip_layers : int
+        First layers left uncompressed [2].
+    **options
+        Passed on: to :func:`kvpack.compress` (e.g. ``sinks``, ``window``,
+        ``log_count_bias``, ``sigma``), :class:`kvpack.ClusterKV` (e.g. ``sink``,
+        ``n_clusters``, ``recall_steps``), or for ``kivi`` ``bits`` (2) and ``group`` (32).
+
+    Returns
+    -------
+    KVPackCache
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget: expected an int or a float, got {type(budget).__name__}")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget: a fraction must lie in (0, 1], got {budget}")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"budget: expected at least 1 token, got {budget}")
+    layers = model.config.get_text_config().num_hidden_layers
+    if not 0 <= skip_layers <= layers:
+        raise ValueError(f"skip_layers: expected 0 to {layers}, got {skip_layers}")
+    _use_kvpack_attention(model)
+    return KVPackCache(layers, method, budget, skip_layers=skip_layers, **options)
+
+
+class KVPackCache(Cache):
+    """A transformers ``Cache`` whose layers compress or recall with one kvpack method.
+
+    Build it with :func:`make_cache`. ``stats()`` reports what the layers hold and, for
+    recall methods, the fast-tier hit rate and bytes loaded.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        method: str,
+        budget: int | float,
+        *,
+        skip_layers: int = 2,
+        **options: Any,
+    ) -> None:
+        kind = (
+            _EvictionLayer
+            if method in EVICTION_METHODS
+            else _RecallLayer
+            if method in RECALL_METHODS
+            else _KiviLayer
+        )
+        layers = [
+            DynamicLayer() if i < skip_layers else kind(method, budget, dict(options))
+            for i in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+        self.method, self.budget, self.skip_layers = method, budget, skip_layers
+
+    def stats(self) -> dict:
+        """Tokens seen, slots held per compressed layer, and recall counts summed over
+        layers and sequences (``hits``, ``loaded``, ``bytes_loaded``, ``hit_rate``)."""
+        compressed = [layer for layer in self.layers if isinstance(layer, _KVPackLayer)]
+        result = {
+            "method": self.method,
+            "tokens": self.get_seq_length(),
+            "slots": [layer.slots() for layer in compressed],
+        }
+        if self.method in RECALL_METHODS:
+            totals = [r.total for layer in compressed for r in layer.recall]
+            for name in ("selected", "hits", "loaded", "bytes_loaded"):
+                result[name] = int(sum(t[name] for t in totals))
+            result["hit_rate"] = result["hits"] / max(1, result["selected"])
+        return result
+
+
+class _KVPackLayer(DynamicLayer):
+    """Shared by every method: the first forward is the prefill (exact attention over
+    the prompt, then ``_compress``), later forwards decode (``_decode``)."""
+
+    is_croppable = False
+
+    def __init__(self, method: str, budget: int | float, options: dict) -> None:
+        super().__init__()
+        self.method, self.budget, self.options = method, budget, options
+        self.seen = 0
+        self.prefilled = False
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Masks keep the logical layout (every token seen); attend() maps them to slots.
+        return self.seen + query_length, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        if not self.prefilled:
+            keys, values = super().update(key_states, value_states)
+        else:
+            keys, values = self._append(key_states, value_states)
+        keys._kvpack_layer = self  # read by _attention: this layer attends
+        return keys, values
+
+    def attend(self, module, query, key, value, attention_mask, scaling):
+        if self.prefilled:
+            return self._decode(module, query, key, value, attention_mask, scaling)
+        output, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling
+        )
+        valid = _valid_tokens(attention_mask, key.shape[0], key.shape[-2], key.device)
+        self._compress(query, key, value, valid, scaling)
+        self.prefilled = True
+        return output
+
+    def _budget(self, prompt_tokens: int) -> int:
+        if isinstance(self.budget, float):
+            return max(1, round(self.budget * prompt_tokens))
+        return self.budget
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("kvpack caches do not support beam search")
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise NotImplementedError("kvpack caches do not support expanding the batch")
+
+
+class _EvictionLayer(_KVPackLayer):
+    """Slots per KV head after :func:`kvpack.compress`, with the logical position each
+    stands for, whether it is a real token, and its log(count) bias."""
+
+    def _compress(self, query, keys, values, valid, scaling):
+        log_count_bias = bool(self.options.get("log_count_bias", False))
+        rows = []
+        for b in range(keys.shape[0]):
+            tokens = torch.nonzero(valid[b]).flatten()
+            k, v = keys[b][:, tokens], values[b][:, tokens]
+            budget = self._budget(tokens.numel())
+            if self.method == "full" or budget >= tokens.numel():
+                positions = tokens.expand(k.shape[0], -1)
+                rows.append((k, v, positions, torch.zeros(positions.shape)))
+                continue
+            c = compress(
+                _numpy(k),
+                _numpy(v),
+                self.method,
+                budget,
+                scale=scaling,
+                queries=_numpy(query[b][:, tokens].float()),
+                **self.options,
+            )
+            positions = tokens[torch.from_numpy(c.positions.astype(np.int64)).to(tokens.device)]
+            bias = np.log(c.counts) if log_count_bias else np.zeros(c.counts.shape)
+            rows.append((_torch(c.keys, k), _torch(c.values, v), positions, torch.from_numpy(bias)))
+        slots = max(row[0].shape[1] for row in rows)
+        pad = lambda x, value: torch.nn.functional.pad(  # noqa: E731
+            x,
+            (0, 0, 0, slots - x.shape[1]) if x.ndim == 3 else (0, slots - x.shape[1]),
+            value=value,
+        )
+        self.keys = torch.stack([pad(r[0], 0.0) for r in rows])
+        self.values = torch.stack([pad(r[1], 0.0) for r in rows])
+        self.positions = torch.stack([pad(r[2], -1) for r in rows])
+        self.bias = torch.stack([pad(r[3].float(), -math.inf) for r in rows]).to(keys.device)
+
+    def _append(self, key_states, value_states):
+        batch, heads, new = key_states.shape[:3]
+        first = self.seen - new
+        positions = torch.arange(first, self.seen, device=key_states.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, positions.expand(batch, heads, new)], -1)
+        self.bias = torch.cat([self.bias, self.bias.new_zeros(batch, heads, new)], -1)
+        return self.keys, self.values
+
+    def _decode(self, module, query, key, value, attention_mask, scaling):
+        new = query.shape[2]
+        q_positions = torch.arange(self.seen - new, self.seen, device=query.device)
+        slot_positions = self.positions[:, :, None, :]  # [b, heads_kv, 1, slots]
+        allowed = (slot_positions >= 0) & (slot_positions <= q_positions[:, None])
+        if attention_mask is not None:
+            logical = attention_mask[:, :1].expand(-1, key.shape[1], -1, -1)
+            gathered = torch.gather(logical, 3, slot_positions.clamp(min=0).expand(-1, -1, new, -1))
+            allowed &= gathered if gathered.dtype == torch.bool else gathered == 0
+        bias = torch.where(allowed, self.bias[:, :, None, :], -math.inf).to(query.dtype)
+        groups = query.shape[1] // key.shape[1]
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query,
+            key.repeat_interleave(groups, dim=1),
+            value.repeat_interleave(groups, dim=1),
+            attn_mask=bias.repeat_interleave(groups, dim=1),
+            scale=scaling,
+        )
+        return output.transpose(1, 2).contiguous()
+
+    def slots(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[-2])
+
+
+class _RecallLayer(_KVPackLayer):
+    """One :class:`kvpack.ClusterKV` per sequence holds the whole cache on the host."""
+
+    def _compress(self, query, keys, values, valid, scaling):
+        self.recall = []
+        for b in range(keys.shape[0]):
+            tokens = torch.nonzero(valid[b]).flatten()
+            recall = ClusterKV(self._budget(tokens.numel()), self.method, **self.options)
+            recall.prefill(_numpy(keys[b][:, tokens]), _numpy(values[b][:, tokens]))
+            self.recall.append(recall)
+        self.keys = self.values = None  # the host copies in ClusterKV are the cache now
+
+    def _append(self, key_states, value_states):
+        return key_states, value_states  # decode() hands them to ClusterKV.step
+
+    def _decode(self, module, query, key, value, attention_mask, scaling):
+        # ClusterKV scales scores by 1/sqrt(head_dim); fold the model's scaling into q.
+        q = query.float() * (scaling * math.sqrt(query.shape[-1]))
+        output = torch.empty(
+            query.shape[0], query.shape[2], *query.shape[1:2], query.shape[-1], dtype=torch.float32
+        )
+        for b, recall in enumerate(self.recall):
+            for i in range(query.shape[2]):
+                output[b, i] = torch.from_numpy(
+                    recall.step(_numpy(q[b, :, i]), _numpy(key[b, :, i]), _numpy(value[b, :, i]))
+                )
+        return output.to(query.device, query.dtype)
+
+    def slots(self) -> int:
+        return min((r.tokens for r in getattr(self, "recall", [])), default=0)
+
+
+class _KiviLayer(_KVPackLayer):
+    """KIVI codes of the prompt per sequence, plus the decoded tokens in full precision."""
+
+    def _compress(self, query, keys, values, valid, scaling):
+        bits, group = self.options.get("bits", 2), self.options.get("group", 32)
+        self.quantized = []
+        for b in range(keys.shape[0]):
+            tokens = torch.nonzero(valid[b]).flatten()
+            self.quantized.append(
+                quantize(
+                    _numpy(keys[b][:, tokens]),
+                    _numpy(values[b][:, tokens]),
+                    bits,
+                    group=group,
+                    residual=self._budget(tokens.numel()),
+                )
+            )
+        self.keys = keys[:, :, :0]
+        self.values = values[:, :, :0]
+
+    def _append(self, key_states, value_states):
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def _decode(self, module, query, key, value, attention_mask, scaling):
+        new, decoded = query.shape[2], key.shape[2]
+        groups = query.shape[1] // key.shape[1]
+        tail_k = key.float().repeat_interleave(groups, dim=1)
+        tail_v = value.float().repeat_interleave(groups, dim=1)
+        output = torch.empty(query.shape[0], new, query.shape[1], query.shape[-1])
+        for b, quantized in enumerate(self.quantized):
+            for i in range(new):
+                q = query[b, :, i].float()
+                out_codes, lse_codes = quantized.attend(_numpy(q), scale=scaling, return_lse=True)
+                seen = decoded - new + i + 1  # decoded tokens this query may attend
+                scores = torch.einsum("hd,hnd->hn", q.cpu(), tail_k[b, :, :seen].cpu()) * scaling
+                lse_tail = torch.logsumexp(scores, dim=-1)
+                out_tail = torch.einsum(
+                    "hn,hnd->hd", torch.softmax(scores, -1), tail_v[b, :, :seen].cpu()
+                )
+                lse_codes = torch.from_numpy(lse_codes)
+                top = torch.maximum(lse_codes, lse_tail)
+                w_codes, w_tail = torch.exp(lse_codes - top), torch.exp(lse_tail - top)
+                output[b, i] = (
+                    w_codes[:, None] * torch.from_numpy(out_codes) + w_tail[:, None] * out_tail
+                ) / (w_codes + w_tail)[:, None]
+        return output.to(query.device, query.dtype)
+
+    def slots(self) -> int:
+        return min((q.tokens for q in getattr(self, "quantized", [])), default=0)
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The ``"kvpack"`` attention implementation: a kvpack layer's own attention when
+    the cache returned one, SDPA otherwise."""
+    layer = getattr(key, "_kvpack_layer", None)
+    if layer is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return layer.attend(module, query, key, value, attention_mask, scaling), None
+
+
+def _use_kvpack_attention(model) -> None:
+    AttentionInterface.register(ATTENTION, _attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    if model.config._attn_implementation != ATTENTION:
+        model.set_attn_implementation(ATTENTION)
+
+
+def _valid_tokens(attention_mask, batch: int, tokens: int, device) -> torch.Tensor:
+    """[batch, tokens] True for real tokens: what the prompt's last query may attend."""
+    if attention_mask is None:
+        return torch.ones(batch, tokens, dtype=torch.bool, device=device)
+    last = attention_mask[:, 0, -1, :tokens]
+    return last if last.dtype == torch.bool else last == 0
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A C-contiguous NumPy array of a CPU copy of ``t`` (bfloat16 through ml_dtypes)."""
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to(like.device)
+    return torch.from_numpy(np.ascontiguousarray(a)).to(like.device, like.dtype)

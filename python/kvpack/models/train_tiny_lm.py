@@ -1,0 +1,162 @@
+"""Train the tiny byte-level Llama LM that kvpack ships.
+
+    python -m kvpack.models.train_tiny_lm --out python/kvpack/models/tiny_lm
+
+Deterministic for a seed and thread count on one machine (the data are the local
+standard library and /usr/share/doc; see :mod:`kvpack.models.tasks`). Training runs in
+phases of growing context (length:batch:steps), each batch a mix of natural text,
+pass-key prompts and key-value lookups, with bfloat16 autocast on the CPU. Every
+``--eval-every`` steps it logs the held-out loss (bits per byte) and pass-key accuracy
+at the phase's length, and writes the weights, so a run can be stopped early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import TINY_LM_DIR, tasks, tiny_lm_config
+
+
+def _batch(rng, corpus, length, batch, mix):
+    rows = []
+    for _ in range(batch):
+        kind = rng.choice(3, p=mix)
+        if kind == 0:
+            start = int(rng.integers(0, corpus.train.size - length))
+            rows.append([tasks.BOS, *corpus.train[start : start + length - 1].tolist()])
+        elif kind == 1:
+            text = corpus.train if rng.random() < 0.5 else None
+            rows.append(tasks.passkey_sample(rng, length, text)[0])
+        else:
+            rows.append(tasks.kv_lookup_sample(rng, length))
+    return np.asarray(rows, dtype=np.int64)
+
+
+def evaluate(model, corpus, length, rng, prompts=16, windows=8):
+    """Held-out bits per byte, and pass-key accuracy (teacher-forced greedy match)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        starts = rng.integers(0, corpus.held_out.size - length, size=windows)
+        ids = torch.tensor(
+            np.stack([[tasks.BOS, *corpus.held_out[s : s + length - 1]] for s in starts]),
+            dtype=torch.long,
+        )
+        loss = float(model(input_ids=ids, labels=ids).loss)
+        correct = 0
+        for i in range(prompts):
+            text = corpus.held_out if i % 2 else None
+            sample, answer_start, _ = tasks.passkey_sample(rng, length, text)
+            logits = model(input_ids=torch.tensor([sample])).logits[0]
+            predicted = logits[answer_start - 1 : -1].argmax(-1).tolist()
+            correct += predicted == sample[answer_start:]
+    model.train()
+    return loss / math.log(2), correct / prompts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=TINY_LM_DIR)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--phases", default="512:16:1000,1024:8:500,2048:4:700", help="length:batch:steps per phase"
+    )
+    parser.add_argument("--mix", default="0.4,0.3,0.3", help="text, pass-key, lookup shares")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    eval_rng = np.random.default_rng(args.seed + 1)
+    phases = [tuple(int(x) for x in p.split(":")) for p in args.phases.split(",")]
+    mix = np.array([float(x) for x in args.mix.split(",")])
+    mix /= mix.sum()
+    context = max(length for length, _, _ in phases)
+    total = sum(steps for _, _, steps in phases)
+
+    corpus = tasks.corpus()
+    model = LlamaForCausalLM._from_config(tiny_lm_config(context), attn_implementation="sdpa")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1
+    )
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, total - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    record = {
+        "settings": vars(args) | {"out": str(args.out)},
+        "architecture": tiny_lm_config(context).to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "data": {
+            "sources": corpus.sources,
+            "files": corpus.files,
+            "train_bytes": int(corpus.train.size),
+            "held_out_bytes": int(corpus.held_out.size),
+        },
+        "environment": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+        },
+        "log": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.train()
+    step, started = 0, time.time()
+    for length, batch, steps in phases:
+        for _ in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            ids = torch.from_numpy(_batch(rng, corpus, length, batch, mix))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % 20 == 0:
+                print(
+                    f"step {step}/{total} len {length} loss {float(loss):.3f} "
+                    f"{time.time() - started:.0f}s",
+                    flush=True,
+                )
+            if step % args.eval_every == 0 or step == total:
+                bits, passkey = evaluate(model, corpus, length, eval_rng)
+                entry = {
+                    "step": step,
+                    "length": length,
+                    "train_loss": float(loss),
+                    "held_out_bits_per_byte": bits,
+                    "passkey": passkey,
+                    "seconds": time.time() - started,
+                }
+                record["log"].append(entry)
+                print(json.dumps(entry), flush=True)
+                copy.deepcopy(model).to(torch.float16).save_pretrained(args.out)
+                (args.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

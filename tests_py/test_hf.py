@@ -1,0 +1,161 @@
+"""kvpack.hf: every method as a transformers Cache on a tiny random-weight Llama."""
+
+import numpy as np
+import pytest
+
+import reference
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+hf = pytest.importorskip("kvpack.hf")
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+
+HEAD_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, 120), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0  # the second prompt is left-padded
+    return ids, mask
+
+
+def generate(model, ids, mask, cache, new=10):
+    with torch.no_grad():
+        return model.generate(
+            ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+@pytest.mark.parametrize("method", hf.METHODS)
+def test_budget_over_context_gives_the_dynamic_cache_tokens(model, prompts, method):
+    ids, mask = prompts
+    expected = generate(model, ids, mask, DynamicCache(config=model.config))
+    cache = hf.make_cache(model, method, budget=4096)
+    assert torch.equal(generate(model, ids, mask, cache), expected)
+    assert cache.get_seq_length() == ids.shape[1] + 9
+
+
+@pytest.mark.parametrize("method", hf.METHODS)
+def test_small_budget_generates_and_padding_takes_no_slot(model, prompts, method):
+    ids, mask = prompts
+    cache = hf.make_cache(model, method, budget=32)
+    batched = generate(model, ids, mask, cache)
+    alone = generate(model, ids[1:, 40:], None, hf.make_cache(model, method, budget=32))
+    assert torch.equal(batched[1, 40:], alone[0])
+    stats = cache.stats()
+    assert stats["tokens"] == ids.shape[1] + 9
+    if method in ("h2o", "streaming_llm", "snapkv", "cam", "kvmerger"):
+        assert stats["slots"] == [32 + 9] * 2  # budget, then each decoded token
+    assert cache.layers[0].get_seq_length() == ids.shape[1] + 9  # skipped: all of it
+
+
+def test_forward_loop_equals_generate(model, prompts):
+    ids, _ = prompts
+    ids = ids[:1]
+    expected = generate(model, ids, None, hf.make_cache(model, "clusterkv", budget=48), new=6)
+    cache = hf.make_cache(model, "clusterkv", budget=48)
+    tokens = ids
+    with torch.no_grad():
+        logits = model(tokens, past_key_values=cache, use_cache=True).logits
+        for _ in range(6):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            logits = model(nxt, past_key_values=cache, use_cache=True).logits
+    assert torch.equal(tokens, expected)
+    assert 0.0 <= cache.stats()["hit_rate"] <= 1.0
+
+
+def _layer_step(model, method, budget, prompt=96, **options):
+    """Prefill and one decode step of layer 2 through the public Cache API and the
+    registered "kvpack" attention; returns the inputs and the decode output."""
+    cache = hf.make_cache(model, method, budget=budget, **options)
+    module = model.model.layers[2].self_attn
+    attend = ALL_ATTENTION_FUNCTIONS["kvpack"]
+    g = torch.Generator().manual_seed(7)
+    k, v = (torch.randn(1, 2, prompt + 1, HEAD_DIM, generator=g) for _ in range(2))
+    q = torch.randn(1, 4, prompt + 1, HEAD_DIM, generator=g)
+    scaling = HEAD_DIM**-0.5
+    keys, values = cache.update(k[:, :, :prompt], v[:, :, :prompt], 2)
+    prefill, _ = attend(module, q[:, :, :prompt], keys, values, None, scaling=scaling)
+    keys, values = cache.update(k[:, :, prompt:], v[:, :, prompt:], 2)
+    out, _ = attend(module, q[:, :, prompt:], keys, values, None, scaling=scaling)
+    return cache, q[0].numpy(), k[0].numpy(), v[0].numpy(), prefill[0], out[0, 0].numpy()
+
+
+@pytest.mark.parametrize("method", ["h2o", "snapkv", "streaming_llm", "kvmerger"])
+def test_eviction_layer_attends_the_compressed_slots(model, method):
+    _cache, q, k, v, prefill, out = _layer_step(model, method, budget=24)
+    prompt = k.shape[1] - 1
+    scores = reference.accumulated_attention(q[:, :prompt], k[:, :prompt])
+    kept = reference.compress(k[:, :prompt], v[:, :prompt], method, 24, scores=scores)
+    keys = np.concatenate([kept["keys"], k[:, prompt:]], axis=1)
+    values = np.concatenate([kept["values"], v[:, prompt:]], axis=1)
+    expected, _, _ = reference.decode_attention(q[:, prompt], keys, values)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    # The prefill itself is exact causal attention over the prompt.
+    last, _, _ = reference.decode_attention(q[:, prompt - 1], k[:, :prompt], v[:, :prompt])
+    np.testing.assert_allclose(prefill[-1].numpy(), last, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["clusterkv", "quest"])
+def test_recall_layer_attends_the_selected_tokens(model, method):
+    cache, q, k, v, _, out = _layer_step(
+        model, method, budget=32, **({"sink": 4, "n_clusters": 6} if method == "clusterkv" else {})
+    )
+    prompt = k.shape[1] - 1
+    selected = cache.layers[2].recall[0].last_selection
+    assert selected.shape[1] < prompt + 1
+    expected, _, _ = reference.decode_attention(q[:, prompt], k, v, indices=selected)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_kivi_layer_attends_codes_and_decoded_tokens(model):
+    _cache, q, k, v, _, out = _layer_step(model, "kivi", budget=16, bits=2)
+    prompt = k.shape[1] - 1
+    deq_k, deq_v, quantized = reference.kivi_dequantize(
+        k[:, :prompt], v[:, :prompt], 2, residual=16
+    )
+    assert quantized == 64
+    keys = np.concatenate([deq_k, k[:, prompt:]], axis=1)
+    values = np.concatenate([deq_v, v[:, prompt:]], axis=1)
+    expected, _, _ = reference.decode_attention(q[:, prompt], keys, values)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_arguments_are_named(model):
+    with pytest.raises(ValueError, match="method"):
+        hf.make_cache(model, "bogus")
+    with pytest.raises(ValueError, match="budget"):
+        hf.make_cache(model, "h2o", budget=0)
+    with pytest.raises(ValueError, match="budget"):
+        hf.make_cache(model, "h2o", budget=1.5)
+    with pytest.raises(TypeError, match="budget"):
+        hf.make_cache(model, "h2o", budget="half")
+    with pytest.raises(ValueError, match="skip_layers"):
+        hf.make_cache(model, "h2o", skip_layers=9)
