@@ -159,3 +159,33 @@ def test_bad_arguments_are_named(model):
         hf.make_cache(model, "h2o", budget="half")
     with pytest.raises(ValueError, match="skip_layers"):
         hf.make_cache(model, "h2o", skip_layers=9)
+
+
+def test_checkpoint_kv_matches_a_plain_forward(model, tmp_path):
+    from kvpack.data import checkpoint_kv
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model.save_pretrained(tmp_path)
+    ids = list(range(3, 67))
+    layers = checkpoint_kv(tmp_path, ids=ids)
+    assert len(layers) == 4
+    tensor = torch.tensor([ids])
+    positions = torch.arange(len(ids))[None]
+    with torch.no_grad():
+        hidden = model(tensor, output_hidden_states=True).hidden_states
+        cos, sin = model.model.rotary_emb(hidden[0], positions)
+        for i, got in enumerate(layers):
+            block = model.model.layers[i]
+            x = block.input_layernorm(hidden[i])
+            attn = block.self_attn
+            q = attn.q_proj(x).view(1, len(ids), 4, HEAD_DIM).transpose(1, 2)
+            k = attn.k_proj(x).view(1, len(ids), 2, HEAD_DIM).transpose(1, 2)
+            v = attn.v_proj(x).view(1, len(ids), 2, HEAD_DIM).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            assert got.queries.shape == (4, len(ids), HEAD_DIM)
+            assert got.keys.shape == got.values.shape == (2, len(ids), HEAD_DIM)
+            np.testing.assert_allclose(got.queries, q[0].numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got.keys, k[0].numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got.values, v[0].numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="model"):
+        checkpoint_kv(tmp_path / "missing", ids=ids)

