@@ -1,10 +1,17 @@
-"""The ``kvpack`` command line: ``kvpack demo`` runs the main job on embedded defaults."""
+"""The ``kvpack`` command line.
+
+``kvpack demo`` runs the main job on embedded defaults; ``kvpack eval`` measures the
+quality of every method x budget on a model (pass-key accuracy, perplexity, or
+attention fidelity) and prints a table, optionally JSON and a figure.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -127,6 +134,211 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+TASKS = ("passkey", "perplexity", "fidelity")
+EVAL_METHODS = (
+    "full",
+    "clusterkv",
+    "quest",
+    "kvmerger",
+    "h2o",
+    "streaming_llm",
+    "snapkv",
+    "cam",
+    "kivi",
+)
+
+
+class UserError(Exception):
+    """A mistake on the command line: printed as one line, exit status 2."""
+
+
+def _parse_budgets(text: str) -> list[int | float]:
+    budgets = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise UserError(f"--budgets: {item!r} is not a number") from None
+        if value <= 0:
+            raise UserError(f"--budgets: {item} must be positive")
+        budgets.append(value if value < 1 else int(value))
+    return budgets
+
+
+def _load_model(name: str, task: str):
+    """The model named on the command line (None for the K/Q/V-only sources)."""
+    if name == "synthetic":
+        if task != "fidelity":
+            raise UserError("--model synthetic has no tokens: use it with --task fidelity")
+        return None
+    if name == "minilm":
+        if task != "fidelity":
+            raise UserError("--model minilm is an encoder: use it with --task fidelity")
+        return None
+    from .models import load_tiny_lm
+
+    if name == "tiny":
+        return load_tiny_lm()
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model: {name} is not tiny, minilm, synthetic or a checkpoint directory")
+    try:
+        return load_tiny_lm(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--model: cannot load {name}: {error}") from None
+
+
+def _fidelity_layers(args, model):
+    from . import data
+
+    if args.model == "synthetic":
+        layers = []
+        for seed in range(4):
+            cache = data.synthetic_llama_cache(args.context, dtype="float32", seed=seed)
+            # No prompt queries exist: the last 32 keys stand in for the observation
+            # window, the decode query is the step attended.
+            group = cache.query.shape[0] // cache.keys.shape[0]
+            window = np.repeat(cache.keys[:, -33:-1].astype(np.float32), group, axis=0)
+            queries = np.concatenate([window, cache.query[:, None]], axis=1)
+            layers.append(data.LayerKV(queries, cache.keys, cache.values))
+        return layers
+    if args.model == "minilm":
+        args.context = min(args.context, 512)
+        return data.minilm_kv(tokens=args.context)
+    return data.checkpoint_kv(model, ids=list(range(1, args.context + 1)))
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Every method x budget on one task; a table, and optionally JSON and a figure."""
+    from . import evaluation
+
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in (*EVAL_METHODS, "dynamic")]
+    if unknown:
+        raise UserError(
+            f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(EVAL_METHODS)}"
+        )
+    budgets = _parse_budgets(args.budgets)
+    too_large = [b for b in budgets if isinstance(b, int) and b > args.context]
+    if too_large:
+        raise UserError(f"--budgets: {too_large[0]} exceeds the context of {args.context} tokens")
+    model = _load_model(args.model, args.task)
+    if model is not None and args.context > model.config.max_position_embeddings:
+        raise UserError(
+            f"--context: {args.context} exceeds the model's trained context of "
+            f"{model.config.max_position_embeddings}"
+        )
+    from tqdm.auto import tqdm
+
+    layers = _fidelity_layers(args, model) if args.task == "fidelity" else None
+    per_run = {"passkey": args.prompts, "perplexity": args.windows, "fidelity": 1}[args.task]
+    bar = tqdm(
+        total=len(methods) * len(budgets) * per_run,
+        disable=args.quiet,
+        desc=f"{args.task} on {args.model}",
+        unit="run" if layers else "prompt",
+    )
+    results = []
+    for method in methods:
+        for budget in budgets:
+            bar.set_postfix_str(f"{method} @ {budget}")
+            if args.task == "passkey":
+                value = evaluation.passkey_accuracy(
+                    model,
+                    _hf_method(method),
+                    budget,
+                    context=args.context,
+                    prompts=args.prompts,
+                    seed=args.seed,
+                    filler=args.filler,
+                    progress=bar.update,
+                )
+            elif args.task == "perplexity":
+                value = evaluation.perplexity(
+                    model,
+                    _hf_method(method),
+                    budget,
+                    context=args.context,
+                    windows=args.windows,
+                    seed=args.seed,
+                    progress=bar.update,
+                )
+            else:
+                value = evaluation.fidelity(layers, method, budget)
+                bar.update(1)
+            results.append(
+                {
+                    "task": args.task,
+                    "model": args.model,
+                    "method": method,
+                    "budget": budget,
+                    "context": args.context,
+                    "value": value,
+                }
+            )
+    bar.close()
+    print(_table(results, methods, budgets, args.task))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        print(f"results: {args.json}")
+    if args.plot:
+        print(f"figure: {_plot(results, methods, budgets, args)}")
+    return 0
+
+
+def _hf_method(method: str) -> str:
+    return "dynamic" if method == "full" else method
+
+
+VALUE_NAMES = {
+    "passkey": "pass-key accuracy",
+    "perplexity": "perplexity",
+    "fidelity": "attention-output relative error",
+}
+
+
+def _table(results, methods, budgets, task) -> str:
+    header = f"{VALUE_NAMES[task]} by method (rows) and budget (columns)"
+    lines = [header, f"{'method':<16}" + "".join(f"{_budget_label(b):>12}" for b in budgets)]
+    for method in methods:
+        values = [r["value"] for r in results if r["method"] == method]
+        lines.append(f"{method:<16}" + "".join(f"{v:>12.4g}" for v in values))
+    return "\n".join(lines)
+
+
+def _budget_label(budget) -> str:
+    return f"{budget:g}" if isinstance(budget, int) else f"{budget * 100:g}%"
+
+
+def _plot(results, methods, budgets, args) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = Path(args.plot)
+    directory.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    positions = range(len(budgets))
+    for method in methods:
+        axes.plot(
+            positions,
+            [r["value"] for r in results if r["method"] == method],
+            marker="o",
+            label=method,
+        )
+    axes.set_xticks(list(positions), [_budget_label(b) for b in budgets])
+    axes.set_xlabel("budget (tokens, or share of the context)")
+    axes.set_ylabel(VALUE_NAMES[args.task])
+    axes.set_title(f"{args.task}, {args.model}, context {args.context}")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = directory / f"{args.task}_{Path(args.model).name}_{args.context}.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +351,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=0, help="threads (0: all) [0]")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic cache [0]")
     demo.set_defaults(func=run_demo)
+
+    ev = sub.add_parser("eval", help="quality of every method x budget on a model")
+    ev.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (the shipped LM), minilm, synthetic, or a checkpoint directory",
+    )
+    ev.add_argument("--task", choices=TASKS, default="passkey")
+    ev.add_argument(
+        "--methods",
+        default="full,clusterkv,quest,h2o,streaming_llm",
+        help=f"comma-separated, from {','.join(EVAL_METHODS)}",
+    )
+    ev.add_argument(
+        "--budgets",
+        default="0.0625,0.125,0.25",
+        help="comma-separated tokens (>= 1) or shares of the context (< 1)",
+    )
+    ev.add_argument("--context", type=int, default=2048, help="tokens per prompt [2048]")
+    ev.add_argument("--prompts", type=int, default=20, help="pass-key prompts [20]")
+    ev.add_argument("--windows", type=int, default=8, help="perplexity text windows [8]")
+    ev.add_argument(
+        "--filler",
+        choices=("repeat", "text"),
+        default="repeat",
+        help="pass-key haystack: repeated sentences or held-out text",
+    )
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", help="write the results to this JSON file")
+    ev.add_argument("--plot", help="write a PNG figure into this directory")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=run_eval)
     return parser
 
 
@@ -149,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except UserError as error:
+        print(f"kvpack {args.command}: {error}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError) as error:
         print(f"kvpack {args.command}: {error}", file=sys.stderr)
         return 2

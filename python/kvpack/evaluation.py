@@ -15,7 +15,7 @@ import numpy as np
 
 from .models import tasks
 
-__all__ = ["passkey_accuracy", "perplexity"]
+__all__ = ["fidelity", "passkey_accuracy", "perplexity"]
 
 Progress = Callable[[int], None]
 
@@ -80,8 +80,12 @@ def passkey_accuracy(
         ids = torch.tensor([s[0][: s[1]] for s in chunk])
         with torch.no_grad():
             out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), past_key_values=_cache(model, method, budget),
-                max_new_tokens=7, do_sample=False, pad_token_id=tasks.PAD,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=_cache(model, method, budget),
+                max_new_tokens=7,
+                do_sample=False,
+                pad_token_id=tasks.PAD,
             )
         for row, (_, _, key) in zip(out[:, ids.shape[1] :].tolist(), chunk):
             correct += tasks.decode(row).strip().startswith(key)
@@ -127,3 +131,52 @@ def perplexity(
         if progress:
             progress(1)
     return math.exp(total / count)
+
+
+def fidelity(layers, method: str, budget: int | float, *, observe: int = 32) -> float:
+    """Mean attention-output relative error of one decode step per layer.
+
+    The last query of each layer attends the cache of the tokens before it, compressed
+    or recalled by ``method``; the reference is dense attention over all of them.
+
+    Parameters
+    ----------
+    layers : list of kvpack.data.LayerKV (or objects with queries, keys, values)
+        Queries (heads_q, tokens, d), keys and values (heads_kv, tokens, d).
+    method : str
+        ``"full"``, a :data:`kvpack.METHODS` compression, ``"clusterkv"``, ``"quest"``
+        or ``"kivi"`` (``budget`` = full-precision tokens, 2-bit codes).
+    budget : int or float
+        Tokens kept or recalled, or a fraction of the context.
+    observe : int
+        Prompt queries before the step the compression methods rank keys by.
+    """
+    from .attention import attention
+    from .clustering import ClusterKV
+    from .compression import compress
+    from .quantization import quantize
+
+    errors = []
+    for layer in layers:
+        keys = np.ascontiguousarray(layer.keys[:, :-1])
+        values = np.ascontiguousarray(layer.values[:, :-1])
+        q = np.ascontiguousarray(layer.queries[:, -1])
+        tokens = keys.shape[1]
+        slots = budget if isinstance(budget, int) else max(1, round(budget * tokens))
+        if slots > tokens:
+            raise ValueError(f"budget: {slots} tokens exceed the context of {tokens}")
+        dense = attention(q, keys, values)
+        if method in ("clusterkv", "quest"):
+            recall = ClusterKV(slots, method)
+            head = (np.ascontiguousarray(x[:, :-1]) for x in (keys, values))
+            recall.prefill(*head)
+            out = recall.step(
+                q, np.ascontiguousarray(keys[:, -1]), np.ascontiguousarray(values[:, -1])
+            )
+        elif method == "kivi":
+            out = quantize(keys, values, 2, residual=slots).attend(q)
+        else:
+            window = np.ascontiguousarray(layer.queries[:, -1 - observe : -1])
+            out = compress(keys, values, method, slots, queries=window).attend(q)
+        errors.append(np.linalg.norm(out - dense) / np.linalg.norm(dense))
+    return float(np.mean(errors))

@@ -1,0 +1,102 @@
+"""kvpack eval: tables, JSON and figures, fidelity against a float64 reference, and
+the one-line errors a user meets."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import reference
+
+from kvpack import cli, data, evaluation
+
+
+def _layer(rng, heads_kv=2, heads_q=4, tokens=300, dim=16):
+    keys = rng.standard_normal((heads_kv, tokens, dim)).astype(np.float32)
+    values = rng.standard_normal((heads_kv, tokens, dim)).astype(np.float32)
+    queries = rng.standard_normal((heads_q, tokens, dim)).astype(np.float32)
+    return data.LayerKV(queries, keys, values)
+
+
+@pytest.mark.parametrize("method", ["h2o", "snapkv", "kvmerger"])
+def test_fidelity_equals_a_float64_reference(rng, method):
+    layer = _layer(rng)
+    keys, values = layer.keys[:, :-1], layer.values[:, :-1]
+    q = layer.queries[:, -1]
+    scores = reference.accumulated_attention(layer.queries[:, -33:-1], keys)
+    kept = reference.compress(keys, values, method, 60, scores=scores)
+    out, _, _ = reference.decode_attention(q, kept["keys"], kept["values"])
+    dense, _, _ = reference.decode_attention(q, keys, values)
+    expected = np.linalg.norm(out - dense) / np.linalg.norm(dense)
+    assert evaluation.fidelity([layer], method, 60) == pytest.approx(expected, rel=1e-3)
+
+
+def test_fidelity_of_kivi_and_recall(rng):
+    layer = _layer(rng)
+    assert evaluation.fidelity([layer], "full", 0.5) == 0.0
+    keys, values = layer.keys[:, :-1], layer.values[:, :-1]
+    deq_k, deq_v, _ = reference.kivi_dequantize(keys, values, 2, residual=64)
+    q = layer.queries[:, -1]
+    out, _, _ = reference.decode_attention(q, deq_k, deq_v)
+    dense, _, _ = reference.decode_attention(q, keys, values)
+    expected = np.linalg.norm(out - dense) / np.linalg.norm(dense)
+    assert evaluation.fidelity([layer], "kivi", 64) == pytest.approx(expected, rel=1e-3)
+    # Recall of every token is dense attention.
+    assert evaluation.fidelity([layer], "clusterkv", 299) < 1e-5
+
+
+def test_eval_writes_table_json_and_figure(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    status = cli.main(
+        [
+            "eval",
+            "--model",
+            "synthetic",
+            "--task",
+            "fidelity",
+            "--context",
+            "2048",
+            "--methods",
+            "full,clusterkv,quest",
+            "--budgets",
+            "0.125,512",
+            "--quiet",
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "figs"),
+        ]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "clusterkv" in printed and "12.5%" in printed
+    results = json.loads(out.read_text())
+    assert [(r["method"], r["budget"]) for r in results] == [
+        (m, b) for m in ("full", "clusterkv", "quest") for b in (0.125, 512)
+    ]
+    assert results[0]["value"] == 0.0
+    assert all(0 < r["value"] < 1 for r in results[2:])
+    assert (tmp_path / "figs" / "fidelity_synthetic_2048.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "full,bogus"], "--methods: unknown bogus"),
+        (["--budgets", "4096", "--context", "2048"], "--budgets: 4096 exceeds the context"),
+        (["--budgets", "half"], "--budgets: 'half' is not a number"),
+        (["--model", "/nonexistent/model"], "--model: /nonexistent/model is not"),
+        (["--model", "minilm", "--task", "passkey"], "--model minilm is an encoder"),
+    ],
+)
+def test_user_errors_are_one_line(argv, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "kvpack", "eval", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
