@@ -7,9 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-import reference
 
 from kvpack import cli, data, evaluation
+
+import reference
 
 
 def _layer(rng, heads_kv=2, heads_q=4, tokens=300, dim=16):
