@@ -172,3 +172,13 @@ def kv_lookup_sample(rng: np.random.Generator, length: int) -> list[int]:
         queries.append(f"key {k} -> {v}\n")
         used += len(queries[-1])
     return encode("".join(lines + queries))[:length]
+
+
+def repeat_sample(rng: np.random.Generator, length: int) -> list[int]:
+    """``length`` tokens of one random string repeated: every token after the first copy
+    is predictable by looking back (the induction pattern retrieval builds on)."""
+    alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789 ", dtype=np.uint8)
+    period = int(rng.integers(8, max(9, (length - 1) // 2)))
+    string = alphabet[rng.integers(0, alphabet.size, size=period)]
+    body = np.tile(string, (length - 1) // period + 1)[: length - 1]
+    return [BOS, *body.tolist()]

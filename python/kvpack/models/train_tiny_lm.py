@@ -5,7 +5,8 @@
 Deterministic for a seed and thread count on one machine (the data are the local
 standard library and /usr/share/doc; see :mod:`kvpack.models.tasks`). Training runs in
 phases of growing context (length:batch:steps), each batch a mix of natural text,
-pass-key prompts and key-value lookups, with bfloat16 autocast on the CPU. Every
+pass-key prompts, key-value lookups and repeated random strings (which teach
+looking back early), with bfloat16 autocast on the CPU. Every
 ``--eval-every`` steps it logs the held-out loss (bits per byte) and pass-key accuracy
 at the phase's length, and writes the weights, so a run can be stopped early.
 """
@@ -29,15 +30,17 @@ from . import TINY_LM_DIR, tasks, tiny_lm_config
 def _batch(rng, corpus, length, batch, mix):
     rows = []
     for _ in range(batch):
-        kind = rng.choice(3, p=mix)
+        kind = rng.choice(4, p=mix)
         if kind == 0:
             start = int(rng.integers(0, corpus.train.size - length))
             rows.append([tasks.BOS, *corpus.train[start : start + length - 1].tolist()])
         elif kind == 1:
             text = corpus.train if rng.random() < 0.5 else None
             rows.append(tasks.passkey_sample(rng, length, text)[0])
-        else:
+        elif kind == 2:
             rows.append(tasks.kv_lookup_sample(rng, length))
+        else:
+            rows.append(tasks.repeat_sample(rng, length))
     return np.asarray(rows, dtype=np.int64)
 
 
@@ -70,9 +73,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--phases", default="512:16:1000,1024:8:500,2048:4:700", help="length:batch:steps per phase"
+        "--phases",
+        default="256:32:400,512:16:700,1024:8:400,2048:4:600",
+        help="length:batch:steps per phase",
     )
-    parser.add_argument("--mix", default="0.4,0.3,0.3", help="text, pass-key, lookup shares")
+    parser.add_argument(
+        "--mix", default="0.3,0.2,0.2,0.3", help="text, pass-key, lookup, repeat shares"
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=200)
