@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 import kvpack
-from kvpack import cli
 from kvpack.data import apply_rope, synthetic_llama_cache
 
 
@@ -38,50 +37,6 @@ def test_rope_is_a_rotation_with_relative_positions():
     np.testing.assert_allclose(
         (rx * ry).sum(-1), (shifted_x * shifted_y).sum(-1), rtol=1e-4, atol=1e-4
     )
-
-
-def test_demo_prints_the_comparison(capsys):
-    assert cli.main(["demo", "--tokens", "4096", "--budget", "256", "--repeats", "1"]) == 0
-    text = capsys.readouterr().out
-    assert "dense (all tokens)" in text and "top-256 oracle" in text
-    # the dense row's error against the float64 reference is printed and tiny
-    dense_error = float(text.split("dense (all tokens)")[1].split()[1])
-    assert dense_error < 1e-4
-
-
-def test_demo_rejects_budget_over_context(capsys):
-    assert cli.main(["demo", "--tokens", "100", "--budget", "200"]) == 2
-    assert "--budget 200 exceeds --tokens 100" in capsys.readouterr().err
-
-
-def test_python_dash_m(tmp_path):
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kvpack",
-            "demo",
-            "--tokens",
-            "1024",
-            "--budget",
-            "64",
-            "--repeats",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "sparse over 64 tokens" in result.stdout
-
-
-def test_oracle_indices_are_sorted_top_k():
-    weights = np.array([[0.1, 0.5, 0.2, 0.2], [0.3, 0.1, 0.1, 0.5]], np.float32)
-    np.testing.assert_array_equal(cli.oracle_indices(weights, 1, 2), [[1, 3]])
 
 
 @pytest.mark.parametrize("bad", [dict(tokens=0), dict(head_dim=7), dict(heads_q=9)])

@@ -15,7 +15,7 @@ import numpy as np
 
 from .models import tasks
 
-__all__ = ["fidelity", "passkey_accuracy", "perplexity"]
+__all__ = ["fidelity", "lm_contexts", "passkey_accuracy", "perplexity"]
 
 Progress = Callable[[int], None]
 
@@ -180,3 +180,37 @@ def fidelity(layers, method: str, budget: int | float, *, observe: int = 32) -> 
             out = compress(keys, values, method, slots, queries=window).attend(q)
         errors.append(np.linalg.norm(out - dense) / np.linalg.norm(dense))
     return float(np.mean(errors))
+
+
+def lm_contexts(model, count: int, tokens: int = 1024, probes: int = 32):
+    """Prompt caches of ``model`` on consecutive held-out text windows, for
+    :func:`kvpack.store.replay`: (kv as float16 per layer, probe queries, prefill seconds).
+
+    The probe queries are each layer's last ``probes`` keys repeated over the query
+    heads of their group (the store's stand-in when no queries are recorded).
+    """
+    import time
+
+    import torch
+
+    text = tasks.corpus().held_out
+    if count * tokens > text.size:
+        raise ValueError(f"count: {count} windows of {tokens} exceed the held-out text")
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    contexts = []
+    for i in range(count):
+        ids = torch.tensor([tasks.encode(text[i * tokens : (i + 1) * tokens - 1].tobytes())])
+        start = time.perf_counter()
+        with torch.no_grad():
+            cache = model(ids, use_cache=True).past_key_values
+        seconds = time.perf_counter() - start
+        kv = [
+            (layer.keys[0].numpy().astype(np.float16), layer.values[0].numpy().astype(np.float16))
+            for layer in cache.layers
+        ]
+        queries = [
+            np.ascontiguousarray(k[:, -probes:].astype(np.float32).repeat(group, axis=0))
+            for k, _ in kv
+        ]
+        contexts.append((kv, queries, seconds))
+    return contexts

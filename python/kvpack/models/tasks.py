@@ -3,7 +3,9 @@
 The corpus is text every machine with Python and Debian has: the Python standard
 library's sources and the plain-text documentation under /usr/share/doc (gzip files
 decompressed). Files are split into train and held-out by a hash of their path, so
-the split is the same wherever the files are the same.
+the split is the same wherever the files are the same; the held-out text comes from the
+standard library only (held-out documentation files are left out of both), so it does not
+change with the Debian packages a machine has.
 
 Pass-key retrieval follows the usual prompt: filler text, one sentence with a random
 five-digit key at a random depth, and the question at the end. Key-value lookup is
@@ -85,8 +87,11 @@ def corpus(max_doc_bytes: int = 1 << 20) -> Corpus:
             continue
         if not data or len(data) > max_doc_bytes or b"\0" in data[:4096]:
             continue
-        relative = str(path.relative_to(stdlib if path.is_relative_to(stdlib) else doc))
-        (held_out if _held_out(relative) else train).append(data)
+        in_stdlib = path.is_relative_to(stdlib)
+        if not _held_out(str(path.relative_to(stdlib if in_stdlib else doc))):
+            train.append(data)
+        elif in_stdlib:  # held-out text is the standard library's alone: the same on
+            held_out.append(data)  # every machine with this Python, whatever is installed
     if not train or not held_out:
         raise RuntimeError("corpus: found no text under the standard library or /usr/share/doc")
     join = lambda docs: np.frombuffer(b"\n\n".join(docs), dtype=np.uint8)  # noqa: E731

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             step += 1
             if step % 20 == 0:
                 print(
-                    f"step {step}/{total} len {length} loss {float(loss):.3f} "
+                    f"step {step}/{total} len {length} loss {loss.item():.3f} "
                     f"{time.time() - started:.0f}s",
                     flush=True,
                 )
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                 entry = {
                     "step": step,
                     "length": length,
-                    "train_loss": float(loss),
+                    "train_loss": loss.item(),
                     "held_out_bits_per_byte": bits,
                     "passkey": passkey,
                     "seconds": time.time() - started,

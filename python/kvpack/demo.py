@@ -1,0 +1,240 @@
+"""``kvpack demo``: every method on the shipped tiny LM, the store policies on a trace,
+and the decode speed at 32k tokens, in one run on embedded defaults.
+
+Sections (each a table; figures written to ``--out``, a temporary directory by default):
+
+1. Pass-key retrieval at the trained context with a budget of 1/16 of it.
+2. Held-out perplexity with the prompt compressed to 50% and 35%.
+3. AdaptCache: the adaptive policy and the LRU baselines on a Zipf trace of the LM's
+   prompt caches (DRAM and SSD tiers in the output directory).
+4. Decode speed: a ClusterKV step against dense attention on a Llama-3-8B-shaped
+   synthetic layer of 32k tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = (
+    "full",
+    "clusterkv",
+    "quest",
+    "kvmerger",
+    "h2o",
+    "streaming_llm",
+    "snapkv",
+    "cam",
+    "kivi",
+)
+POLICIES = (
+    ("lru", "lru", 0.0),
+    ("kivi2-lru", "kivi2-lru", 0.0),
+    ("streaming-lru", "streaming-lru", 0.0),
+    ("adaptive a=0.001", "adaptive", 0.001),
+    ("adaptive a=0.01", "adaptive", 0.01),
+    ("adaptive a=0.1", "adaptive", 0.1),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", help="directory for figures and the store [a new temporary one]")
+    parser.add_argument("--context", type=int, default=2048, help="tokens per prompt [2048]")
+    parser.add_argument(
+        "--budget", type=float, default=0.0625, help="pass-key budget, share of the context [1/16]"
+    )
+    parser.add_argument("--prompts", type=int, default=10, help="pass-key prompts per method [10]")
+    parser.add_argument("--windows", type=int, default=3, help="perplexity windows [3]")
+    parser.add_argument("--contexts", type=int, default=24, help="store trace contexts [24]")
+    parser.add_argument("--requests", type=int, default=150, help="store trace requests [150]")
+    parser.add_argument(
+        "--speed-tokens",
+        type=int,
+        default=32768,
+        help="synthetic context of the speed section [32768]",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from . import evaluation
+    from .models import load_tiny_lm
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kvpack-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_tiny_lm()
+    trained = model.config.max_position_embeddings
+    if args.context > trained:
+        raise ValueError(f"--context: {args.context} exceeds the trained context of {trained}")
+    if not 0.0 < args.budget < 1.0:
+        raise ValueError(f"--budget: expected a share in (0, 1), got {args.budget}")
+    shares = (0.5, 0.35)
+    steps = len(METHODS) * (args.prompts + len(shares) * args.windows) + args.requests * len(
+        POLICIES
+    )
+    bar = tqdm(total=steps, disable=args.quiet, desc="kvpack demo", unit="step")
+
+    passkey, ppl = {}, {}
+    for method in METHODS:
+        name = "dynamic" if method == "full" else method
+        bar.set_postfix_str(f"pass-key, {method}")
+        passkey[method] = evaluation.passkey_accuracy(
+            model,
+            name,
+            args.budget,
+            context=args.context,
+            prompts=args.prompts,
+            batch=5,
+            progress=bar.update,
+        )
+        for share in shares:
+            bar.set_postfix_str(f"perplexity, {method} @ {share:.0%}")
+            ppl[method, share] = evaluation.perplexity(
+                model,
+                name,
+                share,
+                context=args.context,
+                windows=args.windows,
+                progress=bar.update,
+            )
+
+    bar.set_postfix_str("store trace")
+    runs = _store_trace(model, args, out, bar.update)
+    bar.close()
+    speed = _speed(args.speed_tokens)
+
+    budget_tokens = round(args.budget * args.context)
+    print(
+        f"\nkvpack demo: tiny LM ({trained}-token context), {args.prompts} pass-key prompts, "
+        f"{args.windows} perplexity windows of {args.context} bytes"
+    )
+    print(
+        f"{'method':<15}{f'pass-key @{budget_tokens}':>16}"
+        + "".join(f"{f'ppl @{s:.0%}':>12}" for s in shares)
+    )
+    for method in METHODS:
+        print(
+            f"{method:<15}{passkey[method]:>16.0%}"
+            + "".join(f"{ppl[method, s]:>12.3f}" for s in shares)
+        )
+    print(f"\nAdaptCache on a Zipf trace: {args.contexts} contexts, {args.requests} requests")
+    print(f"{'policy':<19}{'mean ms':>9}{'repeat ms':>11}{'quality':>9}  served")
+    for name, r in runs.items():
+        print(
+            f"{name:<19}{r['mean_delay'] * 1e3:>9.2f}{r['repeat_delay'] * 1e3:>11.2f}"
+            f"{r['quality']:>9.4f}  {r['served']}"
+        )
+    print(
+        f"\ndecode step at {args.speed_tokens} tokens (synthetic Llama-3-8B layer, float16): "
+        f"dense {speed['dense'] * 1e3:.2f} ms, ClusterKV (budget 1024) "
+        f"{speed['clusterkv'] * 1e3:.2f} ms, {speed['dense'] / speed['clusterkv']:.1f}x faster"
+    )
+    figures = _figures(out, passkey, ppl, shares, runs, budget_tokens)
+    print("\nfigures: " + ", ".join(str(f) for f in figures))
+    return 0
+
+
+def _store_trace(model, args, out: Path, progress) -> dict:
+    from . import evaluation, store
+
+    contexts = evaluation.lm_contexts(model, args.contexts)
+    requests, _ = store.zipf_trace(args.contexts, args.requests)
+    entry = sum(k.nbytes + v.nbytes for k, v in contexts[0][0])
+    dram, ssd = int(0.15 * entry * args.contexts), int(0.4 * entry * args.contexts)
+    runs = {}
+    for name, policy, alpha in POLICIES:
+        directory = Path(tempfile.mkdtemp(prefix=f"store-{policy}-", dir=out))
+        with store.TieredStore(dram, str(directory), ssd, policy=policy, alpha=alpha) as s:
+            runs[name] = store.replay(s, contexts, requests, progress=progress)
+        for path in directory.glob("*"):
+            path.unlink()
+        directory.rmdir()
+    return runs
+
+
+def _speed(tokens: int) -> dict:
+    from .attention import attention
+    from .clustering import ClusterKV
+    from .data import synthetic_llama_cache
+
+    cache = synthetic_llama_cache(tokens, dtype="float16", seed=0)
+    k, v, q = cache.keys, cache.values, cache.query
+    recall = ClusterKV(budget=1024)
+    recall.prefill(np.ascontiguousarray(k[:, :-8]), np.ascontiguousarray(v[:, :-8]))
+
+    def best(fn, repeats=5):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    dense = best(lambda: attention(q, k, v))
+    steps = iter(range(tokens - 8, tokens))
+    step = best(
+        lambda: (
+            t := next(steps),
+            recall.step(q, np.ascontiguousarray(k[:, t]), np.ascontiguousarray(v[:, t])),
+        )
+    )
+    return {"dense": dense, "clusterkv": step}
+
+
+def _figures(out: Path, passkey, ppl, shares, runs, budget_tokens) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    axes.bar(list(passkey), [100 * v for v in passkey.values()], color="C0")
+    axes.set_ylabel("pass-key accuracy (%)")
+    axes.set_title(f"tiny LM, budget {budget_tokens} tokens")
+    axes.tick_params(axis="x", rotation=45)
+    figure.tight_layout()
+    paths.append(out / "passkey.png")
+    figure.savefig(paths[-1], dpi=120)
+
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(shares)
+    for i, share in enumerate(shares):
+        axes.bar(
+            np.arange(len(passkey)) + i * width,
+            [ppl[m, share] for m in passkey],
+            width,
+            label=f"{share:.0%} kept",
+        )
+    axes.set_xticks(np.arange(len(passkey)) + width / 2, list(passkey), rotation=45)
+    axes.set_ylabel("held-out perplexity (per byte)")
+    axes.legend()
+    figure.tight_layout()
+    paths.append(out / "perplexity.png")
+    figure.savefig(paths[-1], dpi=120)
+
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    adaptive = [r for n, r in runs.items() if n.startswith("adaptive")]
+    axes.plot(
+        [r["repeat_delay"] * 1e3 for r in adaptive],
+        [r["quality"] for r in adaptive],
+        "o-",
+        label="adaptive (alpha swept)",
+    )
+    for name, r in runs.items():
+        if not name.startswith("adaptive"):
+            axes.plot(r["repeat_delay"] * 1e3, r["quality"], "s", label=name)
+    axes.set_xlabel("mean delay of repeat requests (ms)")
+    axes.set_ylabel("mean quality")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    paths.append(out / "store_trace.png")
+    figure.savefig(paths[-1], dpi=120)
+    plt.close("all")
+    return paths
