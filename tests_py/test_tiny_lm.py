@@ -1,0 +1,127 @@
+"""The shipped tiny LM: loads offline, retrieves pass-keys as the README states, its
+training script runs, and ``kvpack demo`` runs end to end on it."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from kvpack import evaluation  # noqa: E402
+from kvpack.models import TINY_LM_DIR, load_tiny_lm, tasks, training_record  # noqa: E402
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def _readme_number(pattern: str) -> float:
+    match = re.search(pattern, README)
+    assert match, f"README states no {pattern!r}"
+    return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_tiny_lm()
+
+
+def test_weights_are_small_and_load_offline(model):
+    assert (TINY_LM_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
+    assert model.config.max_position_embeddings >= 2048
+    assert model.config.vocab_size == tasks.VOCAB_SIZE
+    code = "from kvpack.models import load_tiny_lm; load_tiny_lm()"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+def test_passkey_accuracy_with_full_cache_is_what_the_readme_says(model):
+    stated = _readme_number(r"full cache retrieves ([0-9.]+)% of the 10 fixed pass-key prompts")
+    accuracy = evaluation.passkey_accuracy(model, context=2048, prompts=10, batch=5, seed=0)
+    assert 100 * accuracy == stated
+
+
+def test_held_out_perplexity_is_what_the_readme_says(model):
+    stated = _readme_number(r"held-out perplexity of ([0-9.]+) per byte")
+    assert evaluation.perplexity(model, windows=4, seed=0) == pytest.approx(stated, abs=0.01)
+
+
+def test_training_record_describes_the_weights():
+    record = training_record()
+    assert record["settings"]["seed"] == 0
+    assert record["parameters"] == sum(p.numel() for p in load_tiny_lm().parameters())
+    assert record["log"][-1]["passkey"] >= 0.9
+
+
+def test_training_script_runs(tmp_path):
+    from kvpack.models import train_tiny_lm
+
+    status = train_tiny_lm.main(
+        ["--out", str(tmp_path), "--phases", "64:2:2,128:2:2", "--eval-every", "2"]
+    )
+    assert status == 0
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert [entry["step"] for entry in record["log"]] == [2, 4]
+    trained = load_tiny_lm(tmp_path)
+    assert trained.config.max_position_embeddings == 128
+
+
+def test_tasks_are_exact_length_and_answerable():
+    rng = np.random.default_rng(0)
+    ids, answer, key = tasks.passkey_sample(rng, 400)
+    assert len(ids) == 400 and tasks.decode(ids[answer:]) == f" {key}."
+    assert f"The pass key is {key}." in tasks.decode(ids[:answer])
+    assert len(tasks.kv_lookup_sample(rng, 300)) == 300
+    assert len(tasks.repeat_sample(rng, 300)) == 300
+    with pytest.raises(ValueError, match="length"):
+        tasks.passkey_sample(rng, 50)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvpack",
+            "demo",
+            "--context",
+            "512",
+            "--prompts",
+            "2",
+            "--windows",
+            "1",
+            "--contexts",
+            "4",
+            "--requests",
+            "12",
+            "--speed-tokens",
+            "4096",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in (
+        "clusterkv",
+        "quest",
+        "kvmerger",
+        "h2o",
+        "streaming_llm",
+        "snapkv",
+        "cam",
+        "kivi",
+        "adaptive a=0.01",
+        "kivi2-lru",
+    ):
+        assert name in result.stdout
+    for figure in ("passkey.png", "perplexity.png", "store_trace.png"):
+        assert (tmp_path / figure).stat().st_size > 1000
