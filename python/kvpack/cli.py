@@ -137,6 +137,7 @@ def run_eval(args: argparse.Namespace) -> int:
                     prompts=args.prompts,
                     seed=args.seed,
                     filler=args.filler,
+                    skip_layers=args.skip_layers,
                     progress=bar.update,
                 )
             elif args.task == "perplexity":
@@ -147,6 +148,7 @@ def run_eval(args: argparse.Namespace) -> int:
                     context=args.context,
                     windows=args.windows,
                     seed=args.seed,
+                    skip_layers=args.skip_layers,
                     progress=bar.update,
                 )
             else:
@@ -225,6 +227,19 @@ def _plot(results, methods, budgets, args) -> Path:
     return path
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    """The performance suite of the source tree's benchmarks/ (python -m benchmarks)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise UserError("kvpack bench runs benchmarks/ of a source checkout (pip install -e .)")
+    command = [sys.executable, "-m", "benchmarks", *(["--only", *args.only] if args.only else [])]
+    if args.no_record:
+        command.append("--no-record")
+    return subprocess.run(command, cwd=root, check=False).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,11 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="repeat",
         help="pass-key haystack: repeated sentences or held-out text",
     )
+    ev.add_argument(
+        "--skip-layers",
+        type=int,
+        default=2,
+        help="first layers left uncompressed (passkey, perplexity) [2]",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", help="write the results to this JSON file")
     ev.add_argument("--plot", help="write a PNG figure into this directory")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=run_eval)
+
+    bench = sub.add_parser("bench", help="the performance suite; appends to RESULTS.md")
+    bench.add_argument("--only", nargs="*", help="suites to run [all]")
+    bench.add_argument("--no-record", action="store_true", help="print only")
+    bench.set_defaults(func=run_bench)
     return parser
 
 

@@ -20,14 +20,14 @@ __all__ = ["fidelity", "lm_contexts", "passkey_accuracy", "perplexity"]
 Progress = Callable[[int], None]
 
 
-def _cache(model, method: str, budget):
+def _cache(model, method: str, budget, skip_layers: int):
     from transformers import DynamicCache
 
     if method == "dynamic":
         return DynamicCache(config=model.config)
     from . import hf
 
-    return hf.make_cache(model, method, budget)
+    return hf.make_cache(model, method, budget, skip_layers=skip_layers)
 
 
 def passkey_accuracy(
@@ -40,6 +40,7 @@ def passkey_accuracy(
     batch: int = 4,
     seed: int = 0,
     filler: str = "repeat",
+    skip_layers: int = 2,
     progress: Progress | None = None,
 ) -> float:
     """Share of pass-key prompts whose five digits greedy decoding gets right.
@@ -61,6 +62,8 @@ def passkey_accuracy(
         Seed of the keys and haystacks; equal seeds give equal prompts for every method.
     filler : {"repeat", "text"}
         Haystack of repeated filler sentences, or held-out natural text.
+    skip_layers : int
+        First layers the method leaves uncompressed (see :func:`kvpack.hf.make_cache`).
     progress : callable, optional
         Called with the number of prompts done after each batch.
     """
@@ -82,7 +85,7 @@ def passkey_accuracy(
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=_cache(model, method, budget),
+                past_key_values=_cache(model, method, budget, skip_layers),
                 max_new_tokens=7,
                 do_sample=False,
                 pad_token_id=tasks.PAD,
@@ -103,6 +106,7 @@ def perplexity(
     prefix: float = 0.75,
     windows: int = 8,
     seed: int = 0,
+    skip_layers: int = 2,
     progress: Progress | None = None,
 ) -> float:
     """Per-byte perplexity of held-out text after the method compressed its prefix.
@@ -121,7 +125,7 @@ def perplexity(
     total, count = 0.0, 0
     for start in rng.integers(0, held_out.size - context, size=windows):
         ids = torch.tensor([[tasks.BOS, *held_out[start : start + context - 1].tolist()]])
-        cache = _cache(model, method, budget)
+        cache = _cache(model, method, budget, skip_layers)
         with torch.no_grad():
             first = model(ids[:, :split], past_key_values=cache, use_cache=True).logits[:, -1:]
             rest = model(ids[:, split:-1], past_key_values=cache, use_cache=True).logits
