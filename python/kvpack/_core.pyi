@@ -1,3 +1,5 @@
+from typing import Any, overload
+
 import numpy as np
 
 __version__: str
@@ -162,7 +164,10 @@ class QuantizedKV:
         group: int = 32,
         residual: int = 128,
     ) -> None: ...
+    @overload
     def dequantize(self) -> tuple[np.ndarray, np.ndarray]: ...
+    @overload
+    def dequantize(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
     def attend(
         self,
         q: np.ndarray,
@@ -179,3 +184,56 @@ class QuantizedKV:
     tokens: int
     head_dim: int
     dtype: np.dtype
+
+# Tiered store (AdaptCache): blobs, placement, tiers.
+KV = list[tuple[np.ndarray, np.ndarray]]
+
+def xxh64(data: bytes, seed: int = 0) -> int: ...
+def place(
+    options: list[list[tuple[int, int, float]]],
+    priorities: list[float],
+    capacities: list[int],
+) -> list[tuple[int, int] | None]: ...
+def parse_codec(name: str) -> str: ...
+def encode_blob(
+    key: str, kv: KV, codec: str, probe_queries: list[np.ndarray] | None = None
+) -> bytes: ...
+def decode_blob(blob: bytes) -> dict[str, Any]: ...
+
+class TieredStore:
+    def __init__(
+        self,
+        dram_bytes: int,
+        ssd_dir: str | None = None,
+        ssd_bytes: int = 0,
+        redis_host: str | None = None,
+        redis_port: int = 6379,
+        redis_db: int = 0,
+        redis_prefix: str = "kvpack:",
+        redis_bytes: int = 0,
+        policy: str = "adaptive",
+        alpha: float = 0.1,
+        codecs: list[str] | None = None,
+        o_direct: bool = False,
+        io_threads: int = 2,
+        streaming_rate: float = 0.5,
+        bandwidths: list[float] | None = None,
+        timeout_ms: int = 2000,
+    ) -> None: ...
+    def put(
+        self,
+        key: str,
+        kv: KV,
+        probe_queries: list[np.ndarray] | None = None,
+        quality: list[float] | None = None,
+    ) -> None: ...
+    def get(self, key: str) -> dict[str, Any] | None: ...
+    def contains(self, key: str) -> bool: ...
+    def remove(self, key: str) -> bool: ...
+    def prefetch(self, key: str) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+    def where(self, key: str) -> tuple[str, str] | None: ...
+    @property
+    def codecs(self) -> list[str]: ...
+    @property
+    def bandwidths(self) -> list[float]: ...
