@@ -85,8 +85,14 @@ def test_eval_writes_table_json_and_figure(tmp_path, capsys):
     ("argv", "message"),
     [
         (["--methods", "full,bogus"], "--methods: unknown bogus"),
-        (["--budgets", "4096", "--context", "2048"], "--budgets: 4096 exceeds the context"),
+        (
+            ["--budgets", "4096", "--context", "2048"],
+            "--budgets: 4096 tokens is not below the context",
+        ),
         (["--budgets", "half"], "--budgets: 'half' is not a number"),
+        (["--budgets", "nan"], "--budgets: nan must be a positive number"),
+        (["--budgets", "2.5"], "--budgets: 2.5 is neither a share"),
+        (["--prompts", "0"], "--prompts: expected at least 1"),
         (["--model", "/nonexistent/model"], "--model: /nonexistent/model is not"),
         (["--model", "minilm", "--task", "passkey"], "--model minilm is an encoder"),
     ],

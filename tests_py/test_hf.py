@@ -34,9 +34,9 @@ def model():
 @pytest.fixture(scope="module")
 def prompts():
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 128, (2, 120), generator=generator)
+    ids = torch.randint(1, 128, (2, 120), generator=generator)  # 0 is the pad token
     mask = torch.ones_like(ids)
-    mask[1, :40] = 0  # the second prompt is left-padded
+    ids[1, :40], mask[1, :40] = 0, 0  # the second prompt is left-padded
     return ids, mask
 
 
@@ -52,11 +52,12 @@ def generate(model, ids, mask, cache, new=10):
         )
 
 
+@pytest.mark.parametrize("skip_layers", [0, 2])
 @pytest.mark.parametrize("method", hf.METHODS)
-def test_budget_over_context_gives_the_dynamic_cache_tokens(model, prompts, method):
+def test_budget_over_context_gives_the_dynamic_cache_tokens(model, prompts, method, skip_layers):
     ids, mask = prompts
     expected = generate(model, ids, mask, DynamicCache(config=model.config))
-    cache = hf.make_cache(model, method, budget=4096)
+    cache = hf.make_cache(model, method, budget=4096, skip_layers=skip_layers)
     assert torch.equal(generate(model, ids, mask, cache), expected)
     assert cache.get_seq_length() == ids.shape[1] + 9
 
@@ -68,17 +69,27 @@ def test_small_budget_generates_and_padding_takes_no_slot(model, prompts, method
     batched = generate(model, ids, mask, cache)
     alone = generate(model, ids[1:, 40:], None, hf.make_cache(model, method, budget=32))
     assert torch.equal(batched[1, 40:], alone[0])
-    stats = cache.stats()
-    assert stats["tokens"] == ids.shape[1] + 9
-    if method in ("h2o", "streaming_llm", "snapkv", "cam", "kvmerger"):
-        assert stats["slots"] == [32 + 9] * 2  # budget, then each decoded token
     assert cache.layers[0].get_seq_length() == ids.shape[1] + 9  # skipped: all of it
+    layer = cache.layers[2]
+    for row, real in enumerate((120, 80)):
+        if method in ("full", "h2o", "streaming_llm", "snapkv", "cam", "kvmerger"):
+            positions = layer.positions[row]
+            held = positions[positions >= 0]
+            # The budget (all for full), then each decoded token; never a padding position.
+            kept = real if method == "full" else 32
+            assert (positions >= 0).sum(-1).tolist() == [kept + 9] * 2
+            assert held.min() >= 120 - real
+        elif method in ("clusterkv", "quest"):
+            assert layer.recall[row].tokens == real + 9
+        else:
+            assert layer.quantized[row].tokens == real
 
 
 def test_forward_loop_equals_generate(model, prompts):
     ids, _ = prompts
     ids = ids[:1]
-    expected = generate(model, ids, None, hf.make_cache(model, "clusterkv", budget=48), new=6)
+    ones = torch.ones_like(ids)
+    expected = generate(model, ids, ones, hf.make_cache(model, "clusterkv", budget=48), new=6)
     cache = hf.make_cache(model, "clusterkv", budget=48)
     tokens = ids
     with torch.no_grad():
@@ -149,6 +160,12 @@ def test_kivi_layer_attends_codes_and_decoded_tokens(model):
 
 
 def test_bad_arguments_are_named(model):
+    with pytest.raises(TypeError, match="sink: method 'h2o' does not take"):
+        hf.make_cache(model, "h2o", sink=4)
+    with pytest.raises(TypeError, match="bit: method 'kivi'"):
+        hf.make_cache(model, "kivi", bit=4)
+    assert hf.make_cache(model, "clusterkv", np.int64(64), sink=4).budget == 64
+    assert hf.make_cache(model, "clusterkv").stats()["hit_rate"] == 0.0
     with pytest.raises(ValueError, match="method"):
         hf.make_cache(model, "bogus")
     with pytest.raises(ValueError, match="budget"):

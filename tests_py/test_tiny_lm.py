@@ -51,6 +51,25 @@ def test_held_out_perplexity_is_what_the_readme_says(model):
     assert evaluation.perplexity(model, windows=4, seed=0) == pytest.approx(stated, abs=0.01)
 
 
+@pytest.mark.parametrize("method", ["full", "clusterkv", "kivi"])
+def test_perplexity_of_an_uncompressed_cache_is_one_forward(model, method):
+    """Prefill then a 511-token decode chunk through kvpack's layers equals one forward."""
+    context, windows = 1024, 2
+    dynamic = evaluation.perplexity(model, context=context, windows=windows, seed=3)
+    budget = 1.0 if method == "full" else 4096
+    ours = evaluation.perplexity(model, method, budget, context=context, windows=windows, seed=3)
+    assert ours == pytest.approx(dynamic, rel=1e-4)
+    held_out = tasks.corpus().held_out
+    split = round(0.75 * context)
+    total = 0.0
+    for start in np.random.default_rng(3).integers(0, held_out.size - context, size=windows):
+        ids = torch.tensor([[tasks.BOS, *held_out[start : start + context - 1].tolist()]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, split - 1 : -1]
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, split:], reduction="sum"))
+    assert dynamic == pytest.approx(np.exp(total / (windows * (context - split))), rel=1e-4)
+
+
 def test_training_record_describes_the_weights():
     record = training_record()
     assert record["settings"]["seed"] == 0
@@ -110,7 +129,10 @@ def test_demo_runs_end_to_end(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stderr
-    for name in (
+    lines = result.stdout.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.split()}
+    for method in (
+        "full",
         "clusterkv",
         "quest",
         "kvmerger",
@@ -119,9 +141,18 @@ def test_demo_runs_end_to_end(tmp_path):
         "snapkv",
         "cam",
         "kivi",
-        "adaptive a=0.01",
-        "kivi2-lru",
     ):
-        assert name in result.stdout
+        passkey, *perplexities = rows[method]
+        assert 0 <= float(passkey.rstrip("%")) <= 100
+        assert all(1 < float(p) < 256 for p in perplexities)
+    policies = {
+        line[:19].strip(): line[19:48].split()
+        for line in lines
+        if line.startswith(("lru ", "kivi2-lru ", "streaming-lru ", "adaptive a="))
+    }
+    assert len(policies) == 6
+    for mean, repeat, quality in policies.values():
+        assert float(mean) > 0 and float(repeat) >= 0 and 0 < float(quality) <= 1
+    assert float(policies["lru"][2]) == 1.0  # lossless: quality 1
     for figure in ("passkey.png", "perplexity.png", "store_trace.png"):
         assert (tmp_path / figure).stat().st_size > 1000

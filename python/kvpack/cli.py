@@ -45,8 +45,10 @@ def _parse_budgets(text: str) -> list[int | float]:
             value = float(item)
         except ValueError:
             raise UserError(f"--budgets: {item!r} is not a number") from None
-        if value <= 0:
-            raise UserError(f"--budgets: {item} must be positive")
+        if not 0 < value < float("inf"):
+            raise UserError(f"--budgets: {item} must be a positive number")
+        if value >= 1 and value != int(value):
+            raise UserError(f"--budgets: {item} is neither a share below 1 nor a token count")
         budgets.append(value if value < 1 else int(value))
     return budgets
 
@@ -105,9 +107,14 @@ def run_eval(args: argparse.Namespace) -> int:
             f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(EVAL_METHODS)}"
         )
     budgets = _parse_budgets(args.budgets)
-    too_large = [b for b in budgets if isinstance(b, int) and b > args.context]
+    for flag in ("context", "prompts", "windows"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag}: expected at least 1, got {getattr(args, flag)}")
+    too_large = [b for b in budgets if isinstance(b, int) and b >= args.context]
     if too_large:
-        raise UserError(f"--budgets: {too_large[0]} exceeds the context of {args.context} tokens")
+        raise UserError(
+            f"--budgets: {too_large[0]} tokens is not below the context of {args.context}"
+        )
     model = _load_model(args.model, args.task)
     if model is not None and args.context > model.config.max_position_embeddings:
         raise UserError(

@@ -74,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--context: {args.context} exceeds the trained context of {trained}")
     if not 0.0 < args.budget < 1.0:
         raise ValueError(f"--budget: expected a share in (0, 1), got {args.budget}")
+    for flag in ("context", "prompts", "windows", "contexts", "requests", "speed_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}: expected at least 1")
+    if args.context < 256:
+        raise ValueError(f"--context: expected at least 256 tokens, got {args.context}")
     shares = (0.5, 0.35)
     steps = len(METHODS) * (args.prompts + len(shares) * args.windows) + args.requests * len(
         POLICIES

@@ -71,6 +71,8 @@ def passkey_accuracy(
 
     if filler not in ("repeat", "text"):
         raise ValueError(f"filler: expected 'repeat' or 'text', got {filler!r}")
+    if prompts < 1 or batch < 1:
+        raise ValueError(f"prompts and batch: expected at least 1, got {prompts}, {batch}")
     rng = np.random.default_rng(seed)
     text = tasks.corpus().held_out if filler == "text" else None
     samples = [
@@ -117,11 +119,17 @@ def perplexity(
     """
     import torch
 
-    if not 0.0 < prefix < 1.0:
-        raise ValueError(f"prefix: expected a share in (0, 1), got {prefix}")
     held_out = tasks.corpus().held_out
-    rng = np.random.default_rng(seed)
     split = round(prefix * context)
+    if not 1 <= split <= context - 2:
+        raise ValueError(
+            f"prefix: {prefix} of {context} tokens leaves no prompt or nothing to score"
+        )
+    if windows < 1:
+        raise ValueError(f"windows: expected at least 1, got {windows}")
+    if context >= held_out.size:
+        raise ValueError(f"context: {context} exceeds the held-out text ({held_out.size} bytes)")
+    rng = np.random.default_rng(seed)
     total, count = 0.0, 0
     for start in rng.integers(0, held_out.size - context, size=windows):
         ids = torch.tensor([[tasks.BOS, *held_out[start : start + context - 1].tolist()]])

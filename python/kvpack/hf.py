@@ -10,7 +10,8 @@ cache, and for a kvpack cache the method's own attention. The first ``skip_layer
 layers keep their whole cache.
 
 The first forward is the prefill: attention is exact over the whole prompt, then each
-layer compresses. Per method:
+layer compresses; later forwards decode, one token or a chunk at a time (so a prompt
+prefilled in chunks is compressed after its first chunk). Per method:
 
 - ``h2o``, ``streaming_llm``, ``snapkv``, ``cam``, ``kvmerger``: the prompt's cache is
   compressed to ``budget`` slots per KV head by :func:`kvpack.compress`, ranked by the
@@ -29,13 +30,15 @@ left-padded: padding never takes a slot.
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from typing import Any
 
 import numpy as np
 
 from .clustering import ClusterKV
-from .compression import compress
+from .compression import _METHOD_PARAMS, compress
 from .quantization import quantize
 
 try:
@@ -89,17 +92,36 @@ def make_cache(
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(f"budget: expected an int or a float, got {type(budget).__name__}")
-    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget: a fraction must lie in (0, 1], got {budget}")
-    if isinstance(budget, int) and budget < 1:
-        raise ValueError(f"budget: expected at least 1 token, got {budget}")
+    if isinstance(budget, numbers.Integral):
+        budget = int(budget)
+        if budget < 1:
+            raise ValueError(f"budget: expected at least 1 token, got {budget}")
+    elif not 0.0 < float(budget) <= 1.0:
+        raise ValueError(f"budget: a share of the prompt must lie in (0, 1], got {budget}")
+    else:
+        budget = float(budget)
     layers = model.config.get_text_config().num_hidden_layers
-    if not 0 <= skip_layers <= layers:
-        raise ValueError(f"skip_layers: expected 0 to {layers}, got {skip_layers}")
+    if not isinstance(skip_layers, numbers.Integral) or not 0 <= skip_layers <= layers:
+        raise ValueError(f"skip_layers: expected an int from 0 to {layers}, got {skip_layers!r}")
+    unknown = sorted(set(options) - set(_options_of(method)))
+    if unknown:
+        takes = ", ".join(_options_of(method)) or "no options"
+        raise TypeError(
+            f"{unknown[0]}: method {method!r} does not take this option; it takes {takes}"
+        )
     _use_kvpack_attention(model)
-    return KVPackCache(layers, method, budget, skip_layers=skip_layers, **options)
+    return KVPackCache(layers, method, budget, skip_layers=int(skip_layers), **options)
+
+
+def _options_of(method: str) -> tuple[str, ...]:
+    if method in EVICTION_METHODS:
+        return (*_METHOD_PARAMS[method], "log_count_bias")
+    if method in RECALL_METHODS:
+        names = inspect.signature(ClusterKV.__init__).parameters
+        return tuple(n for n in names if n not in ("self", "budget", "method"))
+    return ("bits", "group")
 
 
 class KVPackCache(Cache):
@@ -142,7 +164,7 @@ class KVPackCache(Cache):
             "slots": [layer.slots() for layer in compressed],
         }
         if self.method in RECALL_METHODS:
-            totals = [r.total for layer in compressed for r in layer.recall]
+            totals = [r.total for layer in compressed for r in getattr(layer, "recall", [])]
             for name in ("selected", "hits", "loaded", "bytes_loaded"):
                 result[name] = int(sum(t[name] for t in totals))
             result["hit_rate"] = result["hits"] / max(1, result["selected"])
@@ -195,11 +217,22 @@ class _KVPackLayer(DynamicLayer):
             return max(1, round(self.budget * prompt_tokens))
         return self.budget
 
+    def reset(self) -> None:
+        super().reset()
+        self.seen, self.prefilled = 0, False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError("kvpack caches cannot be cropped (assisted decoding)")
+
     def reorder_cache(self, beam_idx):
         raise NotImplementedError("kvpack caches do not support beam search")
 
     def batch_repeat_interleave(self, repeats: int):
         raise NotImplementedError("kvpack caches do not support expanding the batch")
+
+    def batch_select_indices(self, indices):
+        raise NotImplementedError("kvpack caches do not support selecting batch rows")
 
 
 class _EvictionLayer(_KVPackLayer):
@@ -255,8 +288,8 @@ class _EvictionLayer(_KVPackLayer):
         q_positions = torch.arange(self.seen - new, self.seen, device=query.device)
         slot_positions = self.positions[:, :, None, :]  # [b, heads_kv, 1, slots]
         allowed = (slot_positions >= 0) & (slot_positions <= q_positions[:, None])
-        if attention_mask is not None:
-            logical = attention_mask[:, :1].expand(-1, key.shape[1], -1, -1)
+        if attention_mask is not None:  # [b, 1, q, seen]: the logical layout, one head
+            logical = attention_mask.expand(-1, key.shape[1], -1, -1)
             gathered = torch.gather(logical, 3, slot_positions.clamp(min=0).expand(-1, -1, new, -1))
             allowed &= gathered if gathered.dtype == torch.bool else gathered == 0
         bias = torch.where(allowed, self.bias[:, :, None, :], -math.inf).to(query.dtype)
@@ -366,6 +399,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if layer is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    unsupported = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name)]
+    if unsupported or dropout:
+        raise NotImplementedError(
+            f"kvpack caches do not support {(unsupported or ['attention dropout'])[0]}"
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     return layer.attend(module, query, key, value, attention_mask, scaling), None
