@@ -179,11 +179,20 @@ def kv_lookup_sample(rng: np.random.Generator, length: int) -> list[int]:
     return encode("".join(lines + queries))[:length]
 
 
-def repeat_sample(rng: np.random.Generator, length: int) -> list[int]:
+def repeat_sample(
+    rng: np.random.Generator, length: int, max_period: int | None = None
+) -> list[int]:
     """``length`` tokens of one random string repeated: every token after the first copy
-    is predictable by looking back (the induction pattern retrieval builds on)."""
+    is predictable by looking back (the induction pattern retrieval builds on).
+
+    The period is uniform in [8, ``length // 2``) by default, or in [4, ``max_period``]
+    (short periods repeat many times: a denser signal).
+    """
     alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789 ", dtype=np.uint8)
-    period = int(rng.integers(8, max(9, (length - 1) // 2)))
+    if max_period is None:
+        period = int(rng.integers(8, max(9, (length - 1) // 2)))
+    else:
+        period = int(rng.integers(4, max_period + 1))
     string = alphabet[rng.integers(0, alphabet.size, size=period)]
     body = np.tile(string, (length - 1) // period + 1)[: length - 1]
     return [BOS, *body.tolist()]

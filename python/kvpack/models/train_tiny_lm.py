@@ -27,7 +27,7 @@ import numpy as np
 from . import TINY_LM_DIR, tasks, tiny_lm_config
 
 
-def _batch(rng, corpus, length, batch, mix):
+def _batch(rng, corpus, length, batch, mix, repeat_period=None):
     rows = []
     for _ in range(batch):
         kind = rng.choice(4, p=mix)
@@ -40,7 +40,7 @@ def _batch(rng, corpus, length, batch, mix):
         elif kind == 2:
             rows.append(tasks.kv_lookup_sample(rng, length))
         else:
-            rows.append(tasks.repeat_sample(rng, length))
+            rows.append(tasks.repeat_sample(rng, length, repeat_period))
     return np.asarray(rows, dtype=np.int64)
 
 
@@ -83,6 +83,15 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument(
+        "--stop-after", type=int, help="stop after this step (the schedule still spans all phases)"
+    )
+    parser.add_argument(
+        "--repeat-period", type=int, help="longest period of the repeated strings [length / 2]"
+    )
+    parser.add_argument(
+        "--init", type=Path, help="continue from the weights in this directory (a later stage)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -99,7 +108,15 @@ def main(argv=None) -> int:
     total = sum(steps for _, _, steps in phases)
 
     corpus = tasks.corpus()
-    model = LlamaForCausalLM._from_config(tiny_lm_config(context), attn_implementation="sdpa")
+    if args.init:
+        model = LlamaForCausalLM.from_pretrained(
+            args.init, dtype=torch.float32, attn_implementation="sdpa"
+        )
+        model.config.max_position_embeddings = max(context, model.config.max_position_embeddings)
+        earlier = json.loads((args.init / "training.json").read_text())
+    else:
+        model = LlamaForCausalLM._from_config(tiny_lm_config(context), attn_implementation="sdpa")
+        earlier = None
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1
     )
@@ -127,6 +144,9 @@ def main(argv=None) -> int:
         },
         "log": [],
     }
+    if earlier:
+        record["earlier_stages"] = [*earlier.get("earlier_stages", []), earlier]
+        record["architecture"] = model.config.to_dict()
     args.out.mkdir(parents=True, exist_ok=True)
     model.train()
     step, started = 0, time.time()
@@ -134,7 +154,7 @@ def main(argv=None) -> int:
         for _ in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            ids = torch.from_numpy(_batch(rng, corpus, length, batch, mix))
+            ids = torch.from_numpy(_batch(rng, corpus, length, batch, mix, args.repeat_period))
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -148,7 +168,8 @@ def main(argv=None) -> int:
                     f"{time.time() - started:.0f}s",
                     flush=True,
                 )
-            if step % args.eval_every == 0 or step == total:
+            last = step == total or step == args.stop_after
+            if step % args.eval_every == 0 or last:
                 bits, passkey = evaluate(model, corpus, length, eval_rng)
                 entry = {
                     "step": step,
@@ -162,6 +183,8 @@ def main(argv=None) -> int:
                 print(json.dumps(entry), flush=True)
                 copy.deepcopy(model).to(torch.float16).save_pretrained(args.out)
                 (args.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+            if step == args.stop_after:
+                return 0
     return 0
 
 
