@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attention, clusterkv, compress, kmeans, store
+from . import attention, clusterkv, compress, kmeans, store, tiny_lm
 from .common import append_results
 
 SUITES = {
@@ -29,6 +29,10 @@ SUITES = {
     "store_trace": (
         "Tiered store: Zipf trace of real MiniLM caches, adaptive vs LRU baselines",
         store.run_trace,
+    ),
+    "tiny_lm": (
+        "Quality on the shipped tiny LM: pass-key at 1/16 budget, perplexity at 50% / 35%",
+        tiny_lm.run,
     ),
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     record = {
-        "settings": vars(args) | {"out": str(args.out)},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "architecture": tiny_lm_config(context).to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "data": {

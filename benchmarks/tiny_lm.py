@@ -1,0 +1,61 @@
+"""Quality on the shipped tiny LM (the real-model targets).
+
+- Pass-key retrieval at the trained context with a budget of 1/16 of it: ClusterKV
+  within 5 points of the full cache and at least as good as Quest; H2O and
+  StreamingLLM beside them. Reported with the default two uncompressed first layers and
+  with every layer compressed.
+- Held-out perplexity with the prompt compressed to 50% and 35%: KVMerger below H2O
+  and CaM.
+"""
+
+from __future__ import annotations
+
+from kvpack import evaluation
+from kvpack.models import load_tiny_lm
+
+PASSKEY_METHODS = ("dynamic", "clusterkv", "quest", "h2o", "streaming_llm")
+PERPLEXITY_METHODS = ("dynamic", "kvmerger", "h2o", "cam")
+
+
+def run(prompts: int = 20, windows: int = 8) -> list[tuple[str, str, str]]:
+    model = load_tiny_lm()
+    context = model.config.max_position_embeddings
+    budget = context // 16
+    rows = []
+    for skip_layers in (2, 0):
+        accuracy = {
+            method: evaluation.passkey_accuracy(
+                model, method, budget, context=context, prompts=prompts, skip_layers=skip_layers
+            )
+            for method in PASSKEY_METHODS
+        }
+        for method, value in accuracy.items():
+            target = ""
+            if method == "clusterkv":
+                gap = 100 * (accuracy["dynamic"] - value)
+                holds = gap <= 5 and value >= accuracy["quest"]
+                target = (
+                    f"within 5 points of full and >= quest: {'holds' if holds else 'does not hold'}"
+                    f" ({gap:+.0f} points)"
+                )
+            name = "full cache" if method == "dynamic" else f"{method} @ {budget}"
+            rows.append(
+                (
+                    f"pass-key at {context}, {name}, first {skip_layers} layers uncompressed",
+                    f"{value:.0%} of {prompts}",
+                    target,
+                )
+            )
+    for share in (0.5, 0.35):
+        ppl = {
+            method: evaluation.perplexity(model, method, share, context=context, windows=windows)
+            for method in PERPLEXITY_METHODS
+        }
+        for method, value in ppl.items():
+            target = ""
+            if method == "kvmerger":
+                holds = value < min(ppl["h2o"], ppl["cam"])
+                target = f"< h2o and cam: {'holds' if holds else 'does not hold'}"
+            name = "full cache" if method == "dynamic" else f"{method} @ {share:.0%}"
+            rows.append((f"held-out perplexity per byte, {name}", f"{value:.4f}", target))
+    return rows
