@@ -20,14 +20,14 @@ __all__ = ["fidelity", "lm_contexts", "passkey_accuracy", "perplexity"]
 Progress = Callable[[int], None]
 
 
-def _cache(model, method: str, budget, skip_layers: int):
+def _cache(model, method: str, budget, skip_layers: int, options: dict | None = None):
     from transformers import DynamicCache
 
     if method == "dynamic":
         return DynamicCache(config=model.config)
     from . import hf
 
-    return hf.make_cache(model, method, budget, skip_layers=skip_layers)
+    return hf.make_cache(model, method, budget, skip_layers=skip_layers, **(options or {}))
 
 
 def passkey_accuracy(
@@ -41,6 +41,7 @@ def passkey_accuracy(
     seed: int = 0,
     filler: str = "repeat",
     skip_layers: int = 2,
+    options: dict | None = None,
     progress: Progress | None = None,
 ) -> float:
     """Share of pass-key prompts whose five digits greedy decoding gets right.
@@ -64,6 +65,8 @@ def passkey_accuracy(
         Haystack of repeated filler sentences, or held-out natural text.
     skip_layers : int
         First layers the method leaves uncompressed (see :func:`kvpack.hf.make_cache`).
+    options : dict, optional
+        The method's options (e.g. ``{"n_clusters": 256}`` for ClusterKV).
     progress : callable, optional
         Called with the number of prompts done after each batch.
     """
@@ -87,7 +90,7 @@ def passkey_accuracy(
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=_cache(model, method, budget, skip_layers),
+                past_key_values=_cache(model, method, budget, skip_layers, options),
                 max_new_tokens=7,
                 do_sample=False,
                 pad_token_id=tasks.PAD,
