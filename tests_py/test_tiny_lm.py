@@ -85,13 +85,13 @@ def test_training_script_runs(tmp_path):
     from kvpack.models import train_tiny_lm
 
     status = train_tiny_lm.main(
-        ["--out", str(tmp_path), "--phases", "64:2:2,128:2:2", "--eval-every", "2"]
+        ["--out", str(tmp_path), "--phases", "256:2:2,320:1:2", "--eval-every", "2"]
     )
     assert status == 0
     record = json.loads((tmp_path / "training.json").read_text())
     assert [entry["step"] for entry in record["log"]] == [2, 4]
     trained = load_tiny_lm(tmp_path)
-    assert trained.config.max_position_embeddings == 128
+    assert trained.config.max_position_embeddings == 320
 
 
 def test_tasks_are_exact_length_and_answerable():
