@@ -34,6 +34,10 @@ SUITES = {
         "Quality on the shipped tiny LM: pass-key at 1/16 budget, perplexity at 50% / 35%",
         tiny_lm.run,
     ),
+    "tiny_lm_hit_rate": (
+        "ClusterKV cluster-cache hit rate on the tiny LM (256 decode steps, R = 1)",
+        tiny_lm.run_hit_rate,
+    ),
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",
         kmeans.run,
