@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .demo import METHODS
 from .demo import add_arguments as add_demo_arguments
 from .demo import run as run_demo
 
@@ -21,17 +22,6 @@ __all__ = ["main"]
 
 
 TASKS = ("passkey", "perplexity", "fidelity")
-EVAL_METHODS = (
-    "full",
-    "clusterkv",
-    "quest",
-    "kvmerger",
-    "h2o",
-    "streaming_llm",
-    "snapkv",
-    "cam",
-    "kivi",
-)
 
 
 class UserError(Exception):
@@ -101,10 +91,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from . import evaluation
 
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in (*EVAL_METHODS, "dynamic")]
+    unknown = [m for m in methods if m not in (*METHODS, "dynamic")]
     if unknown:
         raise UserError(
-            f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(EVAL_METHODS)}"
+            f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}"
         )
     budgets = _parse_budgets(args.budgets)
     for flag in ("context", "prompts", "windows"):
@@ -266,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--methods",
         default="full,clusterkv,quest,h2o,streaming_llm",
-        help=f"comma-separated, from {','.join(EVAL_METHODS)}",
+        help=f"comma-separated, from {','.join(METHODS)}",
     )
     ev.add_argument(
         "--budgets",

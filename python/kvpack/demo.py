@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+# Every method kvpack compares, in the order tables list them.
 METHODS = (
     "full",
     "clusterkv",
