@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attention, clusterkv, compress, kmeans, store, tiny_lm
+from . import attention, clusterkv, compress, demo, kmeans, store, tiny_lm
 from .common import append_results
 
 SUITES = {
@@ -38,6 +38,7 @@ SUITES = {
         "ClusterKV cluster-cache hit rate on the tiny LM (256 decode steps, R = 1)",
         tiny_lm.run_hit_rate,
     ),
+    "demo": ("kvpack demo on its defaults (the main job)", demo.run),
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",
         kmeans.run,

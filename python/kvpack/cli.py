@@ -53,7 +53,7 @@ def _load_model(name: str, task: str):
         if task != "fidelity":
             raise UserError("--model minilm is an encoder: use it with --task fidelity")
         return None
-    from .models import load_tiny_lm
+    from .models import load_tiny_lm, tasks
 
     if name == "tiny":
         return load_tiny_lm()
@@ -61,9 +61,17 @@ def _load_model(name: str, task: str):
     if not (path / "config.json").is_file():
         raise UserError(f"--model: {name} is not tiny, minilm, synthetic or a checkpoint directory")
     try:
-        return load_tiny_lm(path)
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"--model: cannot load {name}: {error}") from None
+    if task != "fidelity" and model.config.vocab_size != tasks.VOCAB_SIZE:
+        raise UserError(
+            f"--task {task} feeds bytes: {name} is not a byte-level model (use --task fidelity)"
+        )
+    return model
 
 
 def _fidelity_layers(args, model):
@@ -83,7 +91,11 @@ def _fidelity_layers(args, model):
     if args.model == "minilm":
         args.context = min(args.context, 512)
         return data.minilm_kv(tokens=args.context)
-    return data.checkpoint_kv(model, ids=list(range(1, args.context + 1)))
+    if args.model == "tiny":  # bytes of held-out text
+        from .models import encode, tasks
+
+        return data.checkpoint_kv(model, ids=encode(tasks.corpus().held_out[: args.context - 1]))
+    return data.checkpoint_kv(args.model, tokens=args.context)  # its tokenizer, real text
 
 
 def run_eval(args: argparse.Namespace) -> int:

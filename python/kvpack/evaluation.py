@@ -197,12 +197,12 @@ def fidelity(layers, method: str, budget: int | float, *, observe: int = 32) -> 
     return float(np.mean(errors))
 
 
-def lm_contexts(model, count: int, tokens: int = 1024, probes: int = 32):
+def lm_contexts(model, count: int, tokens: int = 1024):
     """Prompt caches of ``model`` on consecutive held-out text windows, for
-    :func:`kvpack.store.replay`: (kv as float16 per layer, probe queries, prefill seconds).
+    :func:`kvpack.store.replay`: (kv as float16 per layer, None, prefill seconds).
 
-    The probe queries are each layer's last ``probes`` keys repeated over the query
-    heads of their group (the store's stand-in when no queries are recorded).
+    No probe queries are recorded, so the store scores each codec on each layer's last
+    keys (its own stand-in).
     """
     import time
 
@@ -211,7 +211,6 @@ def lm_contexts(model, count: int, tokens: int = 1024, probes: int = 32):
     text = tasks.corpus().held_out
     if count * tokens > text.size:
         raise ValueError(f"count: {count} windows of {tokens} exceed the held-out text")
-    group = model.config.num_attention_heads // model.config.num_key_value_heads
     contexts = []
     for i in range(count):
         ids = torch.tensor([tasks.encode(text[i * tokens : (i + 1) * tokens - 1].tobytes())])
@@ -223,9 +222,5 @@ def lm_contexts(model, count: int, tokens: int = 1024, probes: int = 32):
             (layer.keys[0].numpy().astype(np.float16), layer.values[0].numpy().astype(np.float16))
             for layer in cache.layers
         ]
-        queries = [
-            np.ascontiguousarray(k[:, -probes:].astype(np.float32).repeat(group, axis=0))
-            for k, _ in kv
-        ]
-        contexts.append((kv, queries, seconds))
+        contexts.append((kv, None, seconds))
     return contexts
