@@ -1,6 +1,7 @@
-"""Runs the performance suite and appends its figures to benchmarks/RESULTS.md.
+"""Runs the performance suite, records each suite's run and renders benchmarks/RESULTS.md.
 
-Usage: ``python -m benchmarks [--only NAME ...] [--no-record]``
+Usage: ``python -m benchmarks [--only NAME ...] [--no-record]`` or
+``python -m benchmarks --report`` (render RESULTS.md from the saved runs alone).
 """
 
 from __future__ import annotations
@@ -8,8 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attention, clusterkv, compress, demo, kmeans, store, tiny_lm
-from .common import append_results
+from . import attention, clusterkv, compress, demo, kmeans, report, store, tiny_lm
 
 SUITES = {
     "attention": ("Decode attention (32k tokens, 8/32 heads, d=128, float16)", attention.run),
@@ -50,16 +50,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--only", nargs="*", choices=sorted(SUITES), help="suites to run [all]")
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md")
+    parser.add_argument(
+        "--report", action="store_true", help="run nothing; render RESULTS.md from saved runs"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        report.render(list(SUITES))
+        print(f"wrote {report.RESULTS}")
+        return 0
     command = "python -m benchmarks" + (f" --only {' '.join(args.only)}" if args.only else "")
     for name in args.only or SUITES:
         title, run = SUITES[name]
         rows = run()
-        if args.no_record:
-            for metric, value, target in rows:
-                print(f"{metric:<52} {value:>28}  {target}")
-        else:
-            print(append_results(title, command, rows))
+        print(f"## {title}")
+        for metric, value, target in rows:
+            print(f"{metric:<52} {value:>28}  {target}")
+        if not args.no_record:
+            print(f"recorded {report.record(name, title, command, rows)}")
+            report.render(list(SUITES))
     return 0
 
 

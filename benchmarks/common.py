@@ -1,16 +1,12 @@
-"""Timing, machine description, same-run reference bandwidths and the RESULTS.md writer."""
+"""Timing, machine description and same-run reference bandwidths."""
 
 from __future__ import annotations
 
-import datetime
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def best_seconds(fn, repeats: int = 7, warmup: int = 1) -> float:
@@ -50,26 +46,3 @@ def machine() -> str:
     except (ValueError, OSError):
         pass
     return f"{model}, {os.cpu_count()} cores{memory}"
-
-
-def append_results(title: str, command: str, rows: list[tuple[str, str, str]]) -> str:
-    """Appends a section (metric, value, target) to RESULTS.md and returns its text."""
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        f"## {title}",
-        "",
-        f"- command: `{command}`",
-        f"- machine: {machine()}",
-        f"- date: {now}",
-        "",
-        "| metric | value | target |",
-        "| --- | --- | --- |",
-        *[f"| {metric} | {value} | {target} |" for metric, value, target in rows],
-        "",
-    ]
-    text = "\n".join(lines) + "\n"
-    if not RESULTS.exists():
-        RESULTS.write_text("# kvpack benchmark results\n\nAppended by `python -m benchmarks`.\n\n")
-    with RESULTS.open("a") as results:
-        results.write(text)
-    return text

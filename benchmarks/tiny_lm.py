@@ -29,20 +29,20 @@ def run(prompts: int = 20, windows: int = 8) -> list[tuple[str, str, str]]:
             )
             for method in PASSKEY_METHODS
         }
-        # The default clusters (tokens / 80) hold ~80 tokens; a 128-token budget recalls
-        # little more than one. Finer clusters (8 tokens) show what the recall can do.
-        accuracy["clusterkv, 8-token clusters"] = evaluation.passkey_accuracy(
+        # The default clusters follow the budget (>= 12 per budget, ~11 tokens here); the
+        # paper's fixed 80-token clusters fill a 128-token budget with one or two.
+        accuracy["clusterkv, 80-token clusters"] = evaluation.passkey_accuracy(
             model,
             "clusterkv",
             budget,
             context=context,
             prompts=prompts,
             skip_layers=skip_layers,
-            options={"n_clusters": context // 8},
+            options={"n_clusters": context // 80},
         )
         for method, value in accuracy.items():
             target = ""
-            if method.startswith("clusterkv"):
+            if method == "clusterkv":
                 gap = 100 * (accuracy["dynamic"] - value)
                 holds = gap <= 5 and value >= accuracy["quest"]
                 target = (

@@ -340,6 +340,11 @@ void bind_clustering(py::module_& m) {
           },
           py::arg("q"), py::arg("new_key"), py::arg("new_value"))
       .def_property_readonly("tokens", &ClusterKV::tokens)
+      .def_property_readonly("n_clusters",
+                             [](const ClusterKV& s) -> std::int64_t {
+                               const ClusterIndex* index = s.cluster_index();
+                               return index ? index->arrays()->clusters : 0;
+                             })
       .def_property_readonly("last_step",
                              [](const ClusterKV& s) { return stats_dict(s.last_step()); })
       .def_property_readonly("total", [](const ClusterKV& s) { return stats_dict(s.total()); })

@@ -186,6 +186,22 @@ def test_recalled_clusters_stay_in_the_fast_tier(rng):
     assert recall.total["steps"] == 2
 
 
+@pytest.mark.parametrize(
+    "tokens, budget, expected",
+    [
+        (32784, 1024, 32768 // 80),  # the paper's setting: 80-token clusters
+        (2064, 128, -(-12 * 2048 // 128)),  # a small budget still holds 12 clusters
+        (116, 4, 100),  # never more clusters than clustered tokens
+    ],
+)
+def test_automatic_cluster_count_follows_the_budget(rng, tokens, budget, expected):
+    keys = rng.standard_normal((1, tokens, 8)).astype(np.float32)
+    recall = kvpack.ClusterKV(budget=budget, iters=1)
+    recall.prefill(keys, keys)
+    assert recall.n_clusters == expected
+    assert kvpack.ClusterKV(budget=budget, method="quest").n_clusters == 0
+
+
 def test_clusterkv_recovers_more_attention_than_quest(rng):
     """Topics scattered in short runs: semantic clusters beat positional pages."""
     rng = np.random.default_rng(2024)

@@ -358,6 +358,33 @@ def test_nothing_fits_is_counted(rng):
         assert store.stats()["evictions"] == 1
 
 
+def test_zipf_trace_follows_its_popularity():
+    requests, arrivals = kvpack.store.zipf_trace(8, 200_000, exponent=1.0, rate=20.0, seed=3)
+    counts = np.sort(np.bincount(requests, minlength=8))[::-1] / requests.size
+    expected = 1.0 / np.arange(1, 9)
+    np.testing.assert_allclose(counts, expected / expected.sum(), atol=0.005)
+    gaps = np.diff(arrivals, prepend=0.0)
+    assert np.all(gaps > 0) and abs(gaps.mean() - 1 / 20.0) < 0.001
+    with pytest.raises(ValueError, match="contexts and requests must be positive"):
+        kvpack.store.zipf_trace(0, 10)
+
+
+def test_replay_counts_hits_misses_and_repeat_requests(rng):
+    kvs = [context(rng) for _ in range(3)]
+    contexts = [(kv, probes(rng, kv), 10.0 * (i + 1)) for i, kv in enumerate(kvs)]
+    size = stored(len(encode(kvs[0], "none", key="c0")))
+    with kvpack.TieredStore(2 * size, policy="lru", bandwidths=[1e10]) as store:
+        # 0, 1 miss; 0 hits; 2 misses and evicts 1 (least recent); 0 hits; 1 misses.
+        run = kvpack.store.replay(store, contexts, [0, 1, 0, 2, 0, 1])
+    assert run["served"] == {"dram": 2, "ssd": 0, "redis": 0, "miss": 4}
+    assert run["evictions"] == 2  # 1 by the put of 2, then 0 or 2 by the put of 1
+    # Hits cost microseconds, misses their recomputation (10, 20, 30 s).
+    assert run["mean_delay"] == pytest.approx((10 + 20 + 30 + 20) / 6, abs=0.01)
+    assert run["repeat_delay"] == pytest.approx(20 / 3, abs=0.01)  # requests 3, 5, 6
+    assert run["quality"] == run["repeat_quality"] == 1.0  # lossless
+    assert run["p95_delay"] == pytest.approx(np.quantile([0, 0, 10, 20, 20, 30], 0.95), abs=0.01)
+
+
 # ---- SSD tier ------------------------------------------------------------------
 
 

@@ -150,13 +150,13 @@ def test_demo_runs_end_to_end(tmp_path):
         assert 0 <= float(passkey.rstrip("%")) <= 100
         assert all(1 < float(p) < 256 for p in perplexities)
     policies = {
-        line[:19].strip(): line[19:48].split()
+        line[:19].strip(): line[19:46].split()
         for line in lines
         if line.startswith(("lru ", "kivi2-lru ", "streaming-lru ", "adaptive a="))
     }
     assert len(policies) == 6
-    for mean, repeat, quality in policies.values():
-        assert float(mean) > 0 and float(repeat) >= 0 and 0 < float(quality) <= 1
-    assert float(policies["lru"][2]) == 1.0  # lossless: quality 1
+    for load, quality, mean in policies.values():
+        assert float(mean) > 0 and float(load) >= 0 and 0 < float(quality) <= 1
+    assert float(policies["lru"][1]) == 1.0  # lossless: quality 1
     for figure in ("passkey.png", "perplexity.png", "store_trace.png"):
         assert (tmp_path / figure).stat().st_size > 1000

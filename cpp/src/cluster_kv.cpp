@@ -52,6 +52,20 @@ void ClusterKV::append_rows(const KVView& k, const KVView& v) {
   for (auto& slots : slot_of_) slots.resize(static_cast<std::size_t>(tokens_), -1);
 }
 
+ClusterIndexParams ClusterKV::index_params(std::int64_t tokens) const {
+  ClusterIndexParams index = params_.index;
+  const std::int64_t clustered = tokens - std::min(index.sink, tokens);
+  if (index.n_clusters == 0 && clustered > 0) {
+    // The paper's 80-token clusters fill a 1k budget with ~13 clusters at 32k tokens. A
+    // smaller budget keeps that granularity, so it is not spent on one or two clusters.
+    const std::int64_t by_size = clustered / index.tokens_per_cluster;
+    const std::int64_t by_budget =
+        (kClustersPerBudget * clustered + params_.budget - 1) / params_.budget;
+    index.n_clusters = std::clamp<std::int64_t>(std::max(by_size, by_budget), 1, clustered);
+  }
+  return index;
+}
+
 void ClusterKV::prefill(const KVView& keys, const KVView& values) {
   KVPACK_CHECK(keys.data && values.data && keys.heads >= 1 && keys.tokens >= 1 && keys.dim >= 1,
                "keys: expected a non-empty [heads_kv, tokens, head_dim] cache");
@@ -68,7 +82,7 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
   slot_of_.assign(static_cast<std::size_t>(heads_), {});
   append_rows(keys, values);
   if (params_.method == RecallMethod::ClusterKV) {
-    cluster_index_ = std::make_unique<ClusterIndex>(keys, params_.index);
+    cluster_index_ = std::make_unique<ClusterIndex>(keys, index_params(keys.tokens));
     quest_index_.reset();
   } else {
     quest_index_ = std::make_unique<QuestIndex>(keys, params_.page_size);

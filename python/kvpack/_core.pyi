@@ -100,6 +100,7 @@ class ClusterKV:
     def prefill(self, keys: np.ndarray, values: np.ndarray) -> None: ...
     def step(self, q: np.ndarray, new_key: np.ndarray, new_value: np.ndarray) -> np.ndarray: ...
     tokens: int
+    n_clusters: int
     last_step: dict
     total: dict
     last_selection: np.ndarray

@@ -241,7 +241,9 @@ class ClusterKV:
         Tokens attended per step [1024].
     method : {"clusterkv", "quest"}
     n_clusters, sink, iters, seed, init, append_interval, append_clusters
-        ClusterKV clustering (see :class:`ClusterIndex`); unused by Quest.
+        ClusterKV clustering (see :class:`ClusterIndex`); unused by Quest. The automatic
+        ``n_clusters`` is the paper's ``(tokens - sink) // 80``, raised where needed so
+        that ``budget`` holds at least 12 clusters (as 1024 does at 32k tokens).
     window : int
         Most recent tokens always attended [0] (ClusterKV; Quest always keeps its
         current page).
@@ -320,6 +322,11 @@ class ClusterKV:
     def tokens(self) -> int:
         """Tokens in the cache."""
         return self._recall.tokens
+
+    @property
+    def n_clusters(self) -> int:
+        """Clusters per KV head in the index (0 for Quest, or before the prefill)."""
+        return self._recall.n_clusters
 
     @property
     def last_step(self) -> dict:

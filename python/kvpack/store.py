@@ -323,11 +323,13 @@ def replay(store: TieredStore, contexts, requests, progress=None) -> dict:
     -------
     dict
         ``mean_delay``, ``p95_delay`` (seconds; a miss costs its recomputation, a hit
-        its measured read and decode), ``repeat_delay`` (mean over requests for a
-        context seen before), ``quality`` (mean; 1 for recomputed contexts),
-        ``served`` (requests per tier and ``miss``), ``evictions``, ``recompressions``.
+        its measured read and decode), ``quality`` (mean; 1 for recomputed contexts),
+        ``repeat_delay`` and ``repeat_quality`` (the same over requests for a context
+        seen before: the loads a store can serve, without the first requests' prefill
+        that every policy pays alike), ``served`` (requests per tier and ``miss``),
+        ``evictions``, ``recompressions``.
     """
-    delays, qualities, repeats = [], [], []
+    delays, qualities, repeats, repeat_qualities = [], [], [], []
     served = {"dram": 0, "ssd": 0, "redis": 0, "miss": 0}
     seen = set()
     for index in requests:
@@ -345,6 +347,7 @@ def replay(store: TieredStore, contexts, requests, progress=None) -> dict:
         qualities.append(quality)
         if index in seen:
             repeats.append(delay)
+            repeat_qualities.append(quality)
         seen.add(index)
         if progress:
             progress(1)
@@ -353,6 +356,7 @@ def replay(store: TieredStore, contexts, requests, progress=None) -> dict:
         "mean_delay": float(np.mean(delays)),
         "p95_delay": float(np.quantile(delays, 0.95)),
         "repeat_delay": float(np.mean(repeats)) if repeats else float("nan"),
+        "repeat_quality": float(np.mean(repeat_qualities)) if repeats else float("nan"),
         "quality": float(np.mean(qualities)),
         "served": served,
         "evictions": stats["evictions"],

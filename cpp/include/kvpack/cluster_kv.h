@@ -27,8 +27,14 @@ struct ClusterKVParams {
   std::int64_t recall_steps = 1;  ///< R: tokens recalled in the last R steps stay in the fast tier
   bool per_query_head = false;    ///< each query head selects its own tokens (GQA)
   std::int64_t page_size = 16;    ///< Quest pages
-  ClusterIndexParams index;       ///< ClusterKV clustering
+  /// ClusterKV clustering. With n_clusters 0 the prefill makes clustered tokens / 80
+  /// clusters, or more where the budget would otherwise hold fewer than
+  /// kClustersPerBudget of them.
+  ClusterIndexParams index;
 };
+
+/// Fewest whole clusters a budget holds when the cluster count is automatic.
+inline constexpr std::int64_t kClustersPerBudget = 12;
 
 /// What one step moved between the tiers (token counts summed over KV heads).
 struct RecallStats {
@@ -77,6 +83,8 @@ class ClusterKV {
   std::int32_t take_slot(std::int64_t head, std::int32_t token);
   // Empties the fast tier and gives it `slots` rows per head.
   void reset_fast_tier(std::int64_t slots);
+  // The clustering of a `tokens`-long prompt (the automatic cluster count resolved).
+  ClusterIndexParams index_params(std::int64_t tokens) const;
 
   ClusterKVParams params_;
   std::unique_ptr<ClusterIndex> cluster_index_;

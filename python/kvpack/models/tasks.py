@@ -179,20 +179,30 @@ def kv_lookup_sample(rng: np.random.Generator, length: int) -> list[int]:
     return encode("".join(lines + queries))[:length]
 
 
+REPEAT_ALPHABETS = {"letters": b"abcdefghijklmnopqrstuvwxyz0123456789 ", "digits": b"0123456789"}
+
+
 def repeat_sample(
-    rng: np.random.Generator, length: int, max_period: int | None = None
+    rng: np.random.Generator,
+    length: int,
+    max_period: int | None = None,
+    alphabet: str = "letters",
 ) -> list[int]:
     """``length`` tokens of one random string repeated: every token after the first copy
     is predictable by looking back (the induction pattern retrieval builds on).
 
     The period is uniform in [8, ``length // 2``) by default, or in [4, ``max_period``]
-    (short periods repeat many times: a denser signal).
+    (short periods repeat many times: a denser signal). Over the ten ``"digits"`` the same
+    symbol recurs within a period, so one token of context no longer says where to copy
+    from: the model has to match longer prefixes, as it must for pass keys like 86556.
     """
-    alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789 ", dtype=np.uint8)
+    if alphabet not in REPEAT_ALPHABETS:
+        raise ValueError(f"alphabet: expected one of {list(REPEAT_ALPHABETS)}, got {alphabet!r}")
+    symbols = np.frombuffer(REPEAT_ALPHABETS[alphabet], dtype=np.uint8)
     if max_period is None:
         period = int(rng.integers(8, max(9, (length - 1) // 2)))
     else:
         period = int(rng.integers(4, max_period + 1))
-    string = alphabet[rng.integers(0, alphabet.size, size=period)]
+    string = symbols[rng.integers(0, symbols.size, size=period)]
     body = np.tile(string, (length - 1) // period + 1)[: length - 1]
     return [BOS, *body.tolist()]

@@ -27,7 +27,7 @@ import numpy as np
 from . import TINY_LM_DIR, tasks, tiny_lm_config
 
 
-def _batch(rng, corpus, length, batch, mix, repeat_period=None):
+def _batch(rng, corpus, length, batch, mix, repeat_period=None, repeat_alphabet="letters"):
     rows = []
     for _ in range(batch):
         kind = rng.choice(4, p=mix)
@@ -40,7 +40,7 @@ def _batch(rng, corpus, length, batch, mix, repeat_period=None):
         elif kind == 2:
             rows.append(tasks.kv_lookup_sample(rng, length))
         else:
-            rows.append(tasks.repeat_sample(rng, length, repeat_period))
+            rows.append(tasks.repeat_sample(rng, length, repeat_period, repeat_alphabet))
     return np.asarray(rows, dtype=np.int64)
 
 
@@ -88,6 +88,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--repeat-period", type=int, help="longest period of the repeated strings [length / 2]"
+    )
+    parser.add_argument(
+        "--repeat-alphabet",
+        choices=sorted(tasks.REPEAT_ALPHABETS),
+        default="letters",
+        help="symbols of the repeated strings",
     )
     parser.add_argument(
         "--init", type=Path, help="continue from the weights in this directory (a later stage)"
@@ -154,7 +160,9 @@ def main(argv=None) -> int:
         for _ in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            ids = torch.from_numpy(_batch(rng, corpus, length, batch, mix, args.repeat_period))
+            ids = torch.from_numpy(
+                _batch(rng, corpus, length, batch, mix, args.repeat_period, args.repeat_alphabet)
+            )
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
