@@ -19,6 +19,9 @@ from .common import machine
 HERE = Path(__file__).parent
 RECORDS = HERE / "results"
 RESULTS = HERE / "RESULTS.md"
+README = HERE.parent / "README.md"
+# The README shows the claims table between these lines, rewritten by every render.
+README_START, README_END = "<!-- claims: start -->", "<!-- claims: end -->"
 
 # (system, the paper's claim, suite, metric it is checked by). The metric is matched as a
 # prefix of the suite's row names; the first matching row gives value and verdict.
@@ -147,18 +150,9 @@ def _row(cells) -> str:
     return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 
 
-def render(order: list[str], records: Path = RECORDS, results: Path | None = RESULTS) -> str:
-    """Renders the saved records, writes them to ``results`` (unless None), returns the text."""
-    records = load_records(order, records)
+def claims_table(records: dict[str, dict]) -> list[str]:
+    """The papers' claims, each with the row that checks it and its verdict."""
     lines = [
-        "# kvpack results",
-        "",
-        "Rendered by `python -m benchmarks --report` (`kvpack report`) from the latest run of",
-        "each suite in benchmarks/results/; `kvpack bench --only NAME` re-runs one suite and",
-        "renders again. Every number below comes from the run named in its section.",
-        "",
-        "## The papers' claims, checked here",
-        "",
         _row(("system", "claim", "measured by", "value", "target", "verdict")),
         _row(("---",) * 6),
     ]
@@ -171,7 +165,37 @@ def render(order: list[str], records: Path = RECORDS, results: Path | None = RES
         lines.append(
             _row((system, claim, f"{suite}: {metric}", value, target, verdict(value, target)))
         )
-    lines += [
+    return lines
+
+
+def with_claims(readme: str, table: list[str]) -> str:
+    """``readme`` with the lines between the claims markers replaced by ``table``."""
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start < 0 or end < start:
+        return readme
+    return readme[: start + len(README_START)] + "\n" + "\n".join(table) + "\n" + readme[end:]
+
+
+def render(
+    order: list[str],
+    records: Path = RECORDS,
+    results: Path | None = RESULTS,
+    readme: Path | None = README,
+) -> str:
+    """Renders the saved records into ``results`` and the claims table into ``readme``
+    (each skipped when None); returns the RESULTS.md text."""
+    records = load_records(order, records)
+    claims = claims_table(records)
+    lines = [
+        "# kvpack results",
+        "",
+        "Rendered by `python -m benchmarks --report` (`kvpack report`) from the latest run of",
+        "each suite in benchmarks/results/; `kvpack bench --only NAME` re-runs one suite and",
+        "renders again. Every number below comes from the run named in its section.",
+        "",
+        "## The papers' claims, checked here",
+        "",
+        *claims,
         "",
         "## Every target",
         "",
@@ -200,4 +224,6 @@ def render(order: list[str], records: Path = RECORDS, results: Path | None = RES
     text = "\n".join(lines) + "\n"
     if results is not None:
         results.write_text(text)
+    if readme is not None and readme.exists():
+        readme.write_text(with_claims(readme.read_text(), claims))
     return text

@@ -62,9 +62,19 @@ def run(prompts: int = 20, windows: int = 8) -> list[tuple[str, str, str]]:
             method: evaluation.perplexity(model, method, share, context=context, windows=windows)
             for method in PERPLEXITY_METHODS
         }
+        # The log-count bias (each merged slot keeps the softmax mass of its tokens) is
+        # kvpack's option beyond the paper.
+        ppl["kvmerger + log-count bias"] = evaluation.perplexity(
+            model,
+            "kvmerger",
+            share,
+            context=context,
+            windows=windows,
+            options={"log_count_bias": True},
+        )
         for method, value in ppl.items():
             target = ""
-            if method == "kvmerger":
+            if method.startswith("kvmerger"):
                 holds = value < min(ppl["h2o"], ppl["cam"])
                 target = f"< h2o and cam: {'holds' if holds else 'does not hold'}"
             name = "full cache" if method == "dynamic" else f"{method} @ {share:.0%}"

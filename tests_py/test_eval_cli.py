@@ -107,3 +107,15 @@ def test_user_errors_are_one_line(argv, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unwritable_output_is_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "kvpack", "demo", "--out", "/proc/kvpack-demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "kvpack demo:" in result.stderr and "/proc/kvpack-demo" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

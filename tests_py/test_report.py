@@ -41,9 +41,14 @@ def test_render_from_saved_runs(tmp_path):
     rows = [("dense / clusterkv step", "14.2x", ">= 10x"), ("prefill", "5391 ms", "")]
     report.record("clusterkv", "ClusterKV decode step", "python -m benchmarks", rows, tmp_path)
     report.record("extra", "Another suite", "python -m benchmarks --only extra", [], tmp_path)
-    out = tmp_path / "RESULTS.md"
-    text = report.render(["clusterkv"], tmp_path, out)
+    out, readme = tmp_path / "RESULTS.md", tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.README_START}\nold\n{report.README_END}\n\nrest\n")
+    text = report.render(["clusterkv"], tmp_path, out, readme)
     assert out.read_text() == text
+    claims = report.claims_table(report.load_records(["clusterkv"], tmp_path))
+    assert readme.read_text() == "\n".join(
+        ["# x", "", report.README_START, *claims, report.README_END, "", "rest", ""]
+    )
     lines = text.splitlines()
     claim = next(line for line in lines if "decode faster than full attention" in line)
     assert "| clusterkv: dense / clusterkv step | 14.2x | >= 10x | holds |" in claim
@@ -56,9 +61,13 @@ def test_render_from_saved_runs(tmp_path):
 
 
 def test_committed_results_match_the_saved_runs():
-    """RESULTS.md says what the saved runs say (re-render after every recorded run)."""
-    rendered = report.render(list(SUITES), results=None)
+    """RESULTS.md and the README's claims table say what the saved runs say."""
+    rendered = report.render(list(SUITES), results=None, readme=None)
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text() == rendered
+    readme = (ROOT / "README.md").read_text()
+    assert report.README_START in readme
+    claims = report.claims_table(report.load_records(list(SUITES)))
+    assert report.with_claims(readme, claims) == readme
 
 
 def test_report_command_renders():

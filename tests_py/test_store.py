@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,6 +250,17 @@ def test_dram_round_trip_and_errors(rng):
         kvpack.TieredStore(MB, codecs=[], bandwidths=[1e10])
     with pytest.raises(ValueError, match="bandwidths"):
         kvpack.TieredStore(MB, bandwidths=[1e10, 1e9])
+
+
+def test_ssd_capacity_beyond_the_free_disk_is_refused(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(ValueError, match=r"ssd_bytes: .* bytes free \(disk full"):
+        kvpack.TieredStore(MB, tmp_path / "store", free + (1 << 40))
+    with pytest.raises(ValueError, match=r"ssd_dir: .* is not a directory"):
+        (tmp_path / "file").write_bytes(b"x")
+        kvpack.TieredStore(MB, tmp_path / "file", MB)
+    with kvpack.TieredStore(MB, tmp_path / "store", MB, bandwidths=[1e10, 1e9]) as store:
+        assert store.stats()["tiers"]["ssd"]["capacity"] == MB  # room enough: opens
 
 
 def test_content_key(rng):

@@ -333,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as error:
         print(f"kvpack {args.command}: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # an unwritable --out, a full disk
+        print(f"kvpack {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

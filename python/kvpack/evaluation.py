@@ -112,13 +112,16 @@ def perplexity(
     windows: int = 8,
     seed: int = 0,
     skip_layers: int = 2,
+    options: dict | None = None,
     progress: Progress | None = None,
 ) -> float:
     """Per-byte perplexity of held-out text after the method compressed its prefix.
 
     Each window of ``context`` held-out bytes is split: the first ``prefix`` share is
     the prompt (prefilled, then compressed), the rest is scored token by token in one
-    forward over the compressed cache.
+    forward over the compressed cache. ``options`` go to the method (e.g.
+    ``{"log_count_bias": True}`` for KVMerger); the other arguments are as in
+    :func:`passkey_accuracy`.
     """
     import torch
 
@@ -136,7 +139,7 @@ def perplexity(
     total, count = 0.0, 0
     for start in rng.integers(0, held_out.size - context, size=windows):
         ids = torch.tensor([[tasks.BOS, *held_out[start : start + context - 1].tolist()]])
-        cache = _cache(model, method, budget, skip_layers)
+        cache = _cache(model, method, budget, skip_layers, options)
         with torch.no_grad():
             first = model(ids[:, :split], past_key_values=cache, use_cache=True).logits[:, -1:]
             rest = model(ids[:, split:-1], past_key_values=cache, use_cache=True).logits

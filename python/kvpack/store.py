@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -169,6 +171,8 @@ class TieredStore:
         timeout: float = 2.0,
     ) -> None:
         host, port, db = _redis_address(redis_url) if redis_url is not None else (None, 6379, 0)
+        if ssd_dir is not None:
+            _check_room(Path(ssd_dir), ssd_bytes)
         self._core = _core.TieredStore(
             dram_bytes,
             ssd_dir=None if ssd_dir is None else str(ssd_dir),
@@ -278,6 +282,23 @@ class TieredStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_room(directory: Path, capacity: int) -> None:
+    """Refuses an SSD capacity the directory's file system cannot hold (what the store
+    already keeps there counts as room)."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"ssd_dir: {str(directory)!r} is not a directory")
+    kept = sum(p.stat().st_size for p in directory.glob("*.kvb")) if directory.is_dir() else 0
+    free = shutil.disk_usage(existing).free + kept
+    if isinstance(capacity, int) and capacity > free:
+        raise ValueError(
+            f"ssd_bytes: {capacity} bytes asked for, but {str(directory)!r} has "
+            f"{free} bytes free (disk full or capacity too large)"
+        )
 
 
 def zipf_trace(
