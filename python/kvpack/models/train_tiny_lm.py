@@ -151,7 +151,9 @@ def main(argv=None) -> int:
         "log": [],
     }
     if earlier:
-        record["earlier_stages"] = [*earlier.get("earlier_stages", []), earlier]
+        # Flat: each earlier stage once, in order, without its own copy of the ones before.
+        stage = {k: v for k, v in earlier.items() if k != "earlier_stages"}
+        record["earlier_stages"] = [*earlier.get("earlier_stages", []), stage]
         record["architecture"] = model.config.to_dict()
     args.out.mkdir(parents=True, exist_ok=True)
     model.train()
