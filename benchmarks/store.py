@@ -4,8 +4,9 @@ trace of context reuse comparing the adaptive policy with the LRU baselines.
 Speed (Llama-3-8B-shaped synthetic entry: 2 layers x 8 KV heads x 8192 tokens x d=128,
 float16, 64 MiB). Targets (issue: AdaptCache): a DRAM-tier get of an uncompressed entry
 at >= 50% of same-run memcpy bandwidth; an SSD-tier get (O_DIRECT) at >= 70% of the raw
-O_DIRECT sequential read bandwidth of the same file; KIVI 2-bit dequantization >= 2 GB/s
-of output per core (one thread, into a preallocated float16 cache).
+O_DIRECT sequential read bandwidth of the same file (the best of 1, 4, 8 and 32 MiB
+requests); KIVI 2-bit dequantization >= 2 GB/s of output per core (one thread, into a
+preallocated float16 cache).
 
 Trace: real KV caches of all-MiniLM-L6-v2 (6 layers x 12 heads x d=32, float16) on
 384-token windows of real text (the standard library's argparse and json sources); each
@@ -87,7 +88,8 @@ def run_speed() -> list[tuple[str, str, str]]:
             size = path.stat().st_size
             ssd, raw = [], []
             for _ in range(5):  # interleaved, so drift on a shared disk hits both alike
-                raw.append(_raw_direct_read(path))
+                # The device's best plain sequential read, over a few request sizes.
+                raw.append(min(_raw_direct_read(path, chunk << 20) for chunk in (1, 4, 8, 32)))
                 start = time.perf_counter()
                 got = store.get("entry")
                 ssd.append(time.perf_counter() - start)
@@ -106,7 +108,8 @@ def run_speed() -> list[tuple[str, str, str]]:
     try:
         quantized = kvpack.quantize(cache.keys, cache.values, bits=2)
         out = (np.empty_like(cache.keys), np.empty_like(cache.values))
-        seconds = best_seconds(lambda: quantized.dequantize(out=out), repeats=7)
+        # Best of 15: a shared machine's neighbours slow single runs by up to 2x.
+        seconds = best_seconds(lambda: quantized.dequantize(out=out), repeats=15)
     finally:
         kvpack.set_num_threads(threads)
     produced = out[0].nbytes + out[1].nbytes
@@ -216,7 +219,21 @@ def run_trace(
             [(r["repeat_quality"], r["repeat_delay"]) for r in adaptive], run["repeat_quality"]
         )
         name = f"{baseline}: loading delay / adaptive's at equal quality"
-        if delay is None:
+        lowest = min(adaptive, key=lambda r: r["repeat_quality"])
+        if delay is None and run["repeat_quality"] < lowest["repeat_quality"]:
+            # Below the curve's lowest quality: that point already has more quality, so its
+            # delay bounds adaptive's delay at the baseline's quality from above.
+            ratios.append((run["repeat_delay"] / lowest["repeat_delay"], baseline))
+            rows.append(
+                (
+                    name,
+                    f"{ratios[-1][0]:.2f} at least (adaptive's lowest-quality point, "
+                    f"{lowest['repeat_quality']:.4f}, is above the baseline's "
+                    f"{run['repeat_quality']:.4f})",
+                    ">= 1.4",
+                )
+            )
+        elif delay is None:
             rows.append((name, f"n/a (quality {run['repeat_quality']:.4f} beyond the curve)", ""))
         else:
             ratios.append((run["repeat_delay"] / delay, baseline))

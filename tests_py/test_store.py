@@ -352,6 +352,23 @@ def test_lru_demotes_and_promotes(rng, tmp_path):
         assert "c1" not in store and store.stats()["evictions"] == 1
 
 
+def test_lru_hit_too_large_for_dram_stays_on_ssd(rng, tmp_path):
+    kv = context(rng)
+    size = stored(len(encode(kv, "none", key="c0")))
+    with kvpack.TieredStore(
+        size // 2, tmp_path, 2 * size, policy="lru", bandwidths=[1e10, 1e9]
+    ) as store:
+        store.put("c0", kv)
+        (path,) = tmp_path.glob("*.kvb")
+        inode = path.stat().st_ino
+        for _ in range(2):
+            got = store.get("c0")
+            assert got.tier == "ssd" and store.where("c0") == ("ssd", "none")
+            assert_same(got.kv, kv)
+        assert path.stat().st_ino == inode  # read in place, never written again
+        assert store.stats()["moves"] == 0
+
+
 @pytest.mark.parametrize(
     "policy,codec", [("kivi2-lru", "kivi-2"), ("streaming-lru", "streaming_llm-0.5")]
 )

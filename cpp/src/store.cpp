@@ -384,14 +384,15 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
       continue;  // moved meanwhile (look again), or a failed read (try again)
     }
     bool shared = tier == 0;  // a blob a tier still holds is copied before it is handed out
+    const std::int64_t bytes = stored_bytes(blob->size());
     if (params_.policy != StorePolicy::Adaptive && tier > 0 && it != entries_.end() &&
-        it->second.tier == tier) {
-      // LRU: a hit moves the entry to DRAM; the entries it displaces go one tier down.
-      const std::int64_t bytes = stored_bytes(blob->size());
+        it->second.tier == tier && bytes <= tiers_[0]->capacity()) {
+      // LRU: a hit moves the entry to DRAM; the entries it displaces go one tier down. An
+      // entry larger than DRAM stays where it is (moving it out and back costs a write).
       tiers_[tier]->remove(key);
       it->second.tier = -1;
-      if (bytes <= tiers_[0]->capacity()) make_room(0, bytes, key);
-      if (bytes <= tiers_[0]->capacity() && tiers_[0]->put(key, blob)) {
+      make_room(0, bytes, key);
+      if (tiers_[0]->put(key, blob)) {
         it->second.tier = 0;
         ++counters_.moves;
         shared = true;
