@@ -190,7 +190,7 @@ def test_recalled_clusters_stay_in_the_fast_tier(rng):
     "tokens, budget, expected",
     [
         (32784, 1024, 32768 // 80),  # the paper's setting: 80-token clusters
-        (2064, 128, -(-12 * 2048 // 128)),  # a small budget still holds 12 clusters
+        (2064, 128, -(-12 * 2048 // 128)),  # clusters of budget/12 tokens on average
         (116, 4, 100),  # never more clusters than clustered tokens
     ],
 )

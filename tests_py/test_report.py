@@ -80,3 +80,46 @@ def test_report_command_renders():
     )
     assert result.returncode == 0, result.stderr
     assert "RESULTS.md" in result.stdout
+
+
+def _run(delay_ms, quality, mean_ms=30.0):
+    return {
+        "repeat_delay": delay_ms / 1e3,
+        "repeat_quality": quality,
+        "mean_delay": mean_ms / 1e3,
+        "quality": quality,
+    }
+
+
+def test_store_trace_comparison_names_every_baseline():
+    from benchmarks.store import compare
+
+    runs = {
+        "lru": _run(19.0, 1.0, 47.0),
+        "kivi2-lru": _run(1.5, 0.90, 32.0),
+        "streaming-lru": _run(0.5, 0.70, 31.0),
+        "adaptive a=1": _run(0.2, 0.80, 30.0),
+        "adaptive a=2": _run(1.0, 0.95, 30.5),
+        "adaptive a=3": _run(6.0, 0.99, 33.0),
+    }
+    rows = {metric: (value, target) for metric, value, target in compare(runs)}
+    # kivi2: adaptive at quality 0.90 lies 2/3 of the way from (0.80, 0.2) to (0.95, 1.0).
+    at = 0.2 + (1.0 - 0.2) * (0.90 - 0.80) / (0.95 - 0.80)
+    assert rows["kivi2-lru: loading delay / adaptive's at equal quality"] == (
+        f"{1.5 / at:.2f}",
+        ">= 1.4",
+    )
+    # streaming: below the curve, bounded by the fastest adaptive point.
+    value, target = rows["streaming-lru: loading delay / adaptive's at equal quality"]
+    assert value.startswith(f"{0.5 / 0.2:.2f} at least") and target == ">= 1.4"
+    # lru: above the curve's top quality, named rather than dropped.
+    assert rows["lru: loading delay / adaptive's at equal quality"][0].startswith("n/a: quality")
+    best, target = rows["best static baseline, loading delay at equal quality"]
+    assert best == f"kivi2-lru: {1.5 / at:.2f}x; not comparable: lru (quality above the curve)"
+    assert report.verdict(best, target) == "holds"
+    # Quality at equal delay: kivi2 at 1.5 ms -> between (1.0, 0.95) and (6.0, 0.99).
+    gain = 0.95 + 0.04 * (1.5 - 1.0) / 5.0 - 0.90
+    value, _ = rows["kivi2-lru: adaptive quality - baseline's at equal loading delay"]
+    assert value.startswith(f"{gain:+.4f}")
+    best, _ = rows["best static baseline, quality gain at equal loading delay"]
+    assert best.startswith("kivi2-lru: ") and "not comparable: lru" in best

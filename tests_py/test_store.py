@@ -256,6 +256,8 @@ def test_ssd_capacity_beyond_the_free_disk_is_refused(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(ValueError, match=r"ssd_bytes: .* bytes free \(disk full"):
         kvpack.TieredStore(MB, tmp_path / "store", free + (1 << 40))
+    with pytest.raises(ValueError, match="ssd_bytes: "):
+        kvpack.TieredStore(MB, tmp_path / "store", np.int64(free + (1 << 40)))
     with pytest.raises(ValueError, match=r"ssd_dir: .* is not a directory"):
         (tmp_path / "file").write_bytes(b"x")
         kvpack.TieredStore(MB, tmp_path / "file", MB)

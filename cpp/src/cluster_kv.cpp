@@ -56,9 +56,10 @@ ClusterIndexParams ClusterKV::index_params(std::int64_t tokens) const {
   ClusterIndexParams index = params_.index;
   const std::int64_t clustered = tokens - std::min(index.sink, tokens);
   if (index.n_clusters == 0 && clustered > 0) {
-    // The paper's 80-token clusters fill a 1k budget with ~13 clusters at 32k tokens. A
-    // smaller budget keeps that granularity, so it is not spent on one or two clusters.
-    const std::int64_t by_size = clustered / index.tokens_per_cluster;
+    // The paper's 80-token clusters are ~1/13 of a 1k budget at 32k tokens. A smaller
+    // budget keeps clusters of at most budget/12 tokens on average, so it is not spent on
+    // one or two clusters.
+    const std::int64_t by_size = clustered / std::max<std::int64_t>(1, index.tokens_per_cluster);
     const std::int64_t by_budget =
         (kClustersPerBudget * clustered + params_.budget - 1) / params_.budget;
     index.n_clusters = std::clamp<std::int64_t>(std::max(by_size, by_budget), 1, clustered);

@@ -243,7 +243,7 @@ class ClusterKV:
     n_clusters, sink, iters, seed, init, append_interval, append_clusters
         ClusterKV clustering (see :class:`ClusterIndex`); unused by Quest. The automatic
         ``n_clusters`` is the paper's ``(tokens - sink) // 80``, raised where needed so
-        that ``budget`` holds at least 12 clusters (as 1024 does at 32k tokens).
+        that the mean cluster holds at most ``budget / 12`` tokens (as with 1024 at 32k).
     window : int
         Most recent tokens always attended [0] (ClusterKV; Quest always keeps its
         current page).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -294,7 +295,11 @@ def _check_room(directory: Path, capacity: int) -> None:
         raise ValueError(f"ssd_dir: {str(directory)!r} is not a directory")
     kept = sum(p.stat().st_size for p in directory.glob("*.kvb")) if directory.is_dir() else 0
     free = shutil.disk_usage(existing).free + kept
-    if isinstance(capacity, int) and capacity > free:
+    try:
+        capacity = operator.index(capacity)  # Python and NumPy integers alike
+    except TypeError:
+        return  # not an integer: the core names the argument
+    if capacity > free:
         raise ValueError(
             f"ssd_bytes: {capacity} bytes asked for, but {str(directory)!r} has "
             f"{free} bytes free (disk full or capacity too large)"

@@ -28,12 +28,11 @@ struct ClusterKVParams {
   bool per_query_head = false;    ///< each query head selects its own tokens (GQA)
   std::int64_t page_size = 16;    ///< Quest pages
   /// ClusterKV clustering. With n_clusters 0 the prefill makes clustered tokens / 80
-  /// clusters, or more where the budget would otherwise hold fewer than
-  /// kClustersPerBudget of them.
+  /// clusters, or more where their mean size would exceed budget / kClustersPerBudget.
   ClusterIndexParams index;
 };
 
-/// Fewest whole clusters a budget holds when the cluster count is automatic.
+/// The automatic cluster count keeps the mean cluster at most budget / this many tokens.
 inline constexpr std::int64_t kClustersPerBudget = 12;
 
 /// What one step moved between the tiers (token counts summed over KV heads).
