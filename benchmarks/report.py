@@ -88,9 +88,11 @@ def record(
     title: str,
     command: str,
     rows: list[tuple[str, str, str]],
-    records: Path = RECORDS,
+    records: Path | None = None,
 ) -> Path:
-    """Saves one suite's run as ``results/<name>.json`` (replacing the previous run)."""
+    """Saves one suite's run as ``<records>/<name>.json`` (default results/), replacing
+    the previous run."""
+    records = records or RECORDS
     records.mkdir(exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     entry = {
@@ -105,8 +107,9 @@ def record(
     return path
 
 
-def load_records(order: list[str], records: Path = RECORDS) -> dict[str, dict]:
+def load_records(order: list[str], records: Path | None = None) -> dict[str, dict]:
     """Every saved record, the suites in ``order`` first, then any others by name."""
+    records = records or RECORDS
     found = {path.stem: path for path in records.glob("*.json")} if records.is_dir() else {}
     names = [n for n in order if n in found] + sorted(set(found) - set(order))
     return {name: json.loads(found[name].read_text()) for name in names}
@@ -178,12 +181,12 @@ def with_claims(readme: str, table: list[str]) -> str:
 
 def render(
     order: list[str],
-    records: Path = RECORDS,
+    records: Path | None = None,
     results: Path | None = RESULTS,
     readme: Path | None = README,
 ) -> str:
-    """Renders the saved records into ``results`` and the claims table into ``readme``
-    (each skipped when None); returns the RESULTS.md text."""
+    """Renders the saved records (default results/) into ``results`` and the claims
+    table into ``readme`` (each skipped when None); returns the RESULTS.md text."""
     records = load_records(order, records)
     claims = claims_table(records)
     lines = [

@@ -158,6 +158,23 @@ def _interpolate(points, x):
     return None
 
 
+BASELINES = ("lru", "kivi2-lru", "streaming-lru")
+
+
+def _best(label: str, found: list, fmt: str, target: str) -> tuple[str, str, str]:
+    """The row of the baseline closest to adaptive (the least of ``found``: (value,
+    baseline, qualifier)), naming the baselines the curve could not be compared with."""
+    value, baseline, qualifier = min(found)
+    compared = {f[1] for f in found}
+    skipped = [b for b in BASELINES if b not in compared]
+    apart = f"; not comparable: {', '.join(skipped)}" if skipped else ""
+    return (
+        f"best static baseline, {label}",
+        f"{baseline}: {fmt.format(value)}{qualifier}{apart}",
+        target,
+    )
+
+
 def compare(runs: dict) -> list[tuple[str, str, str]]:
     """Rows comparing the adaptive runs (names starting "adaptive") with each baseline:
     loading delay at equal quality, quality at equal loading delay, and the mean delay of
@@ -166,10 +183,9 @@ def compare(runs: dict) -> list[tuple[str, str, str]]:
     # The loading delay is over requests for a context stored before: the first request
     # of each context is a prefill that every policy pays alike.
     adaptive = [r for n, r in runs.items() if n.startswith("adaptive")]
-    baselines = ("lru", "kivi2-lru", "streaming-lru")
     top = max(adaptive, key=lambda r: r["repeat_quality"])
-    ratios, gains, apart = [], [], []
-    for baseline in baselines:
+    ratios, gains = [], []
+    for baseline in BASELINES:
         run = runs[baseline]
         quality, delay = run["repeat_quality"], run["repeat_delay"]
         name = f"{baseline}: loading delay / adaptive's at equal quality"
@@ -187,7 +203,6 @@ def compare(runs: dict) -> list[tuple[str, str, str]]:
             text = f"{bound:.2f} at least (every adaptive point has quality above {quality:.4f})"
             rows.append((name, text, ">= 1.4" if bound >= 1.4 else ""))
         else:
-            apart.append(baseline)
             rows.append(
                 (
                     name,
@@ -200,56 +215,28 @@ def compare(runs: dict) -> list[tuple[str, str, str]]:
         name = f"{baseline}: adaptive quality - baseline's at equal loading delay"
         at_delay = _interpolate([(r["repeat_delay"], r["repeat_quality"]) for r in adaptive], delay)
         if at_delay is not None:
-            gains.append((at_delay - quality, baseline))
+            gains.append((at_delay - quality, baseline, ""))
             rows.append(
                 (name, f"{at_delay - quality:+.4f} ({at_delay:.4f} vs {quality:.4f})", "> 0")
             )
         else:
             rows.append((name, f"n/a: delay {delay * 1e3:.2f} ms outside the curve", ""))
-    # Baselines the curve cannot be compared with are named, not silently left out.
-    unmatched = f"; not comparable: {', '.join(apart)} (quality above the curve)" if apart else ""
     if ratios:
-        ratio, baseline, bound = min(ratios)
-        rows.append(
-            (
-                "best static baseline, loading delay at equal quality",
-                f"{baseline}: {ratio:.2f}x{bound}{unmatched}",
-                ">= 1.4",
-            )
-        )
+        rows.append(_best("loading delay at equal quality", ratios, "{:.2f}x", ">= 1.4"))
     if gains:
-        gain, baseline = min(gains)
-        skipped = [b for b in baselines if b not in {g[1] for g in gains}]
-        rows.append(
-            (
-                "best static baseline, quality gain at equal loading delay",
-                f"{baseline}: {gain:+.4f}"
-                + (
-                    f"; not comparable: {', '.join(skipped)} (delay outside the curve)"
-                    if skipped
-                    else ""
-                ),
-                "> 0",
-            )
-        )
+        rows.append(_best("quality gain at equal loading delay", gains, "{:+.4f}", "> 0"))
     # Every request, first-request prefill included (the same for every policy).
     everything = []
-    for baseline in baselines:
+    for baseline in BASELINES:
+        run = runs[baseline]
         at_quality = _interpolate(
-            [(r["quality"], r["mean_delay"]) for r in adaptive], runs[baseline]["quality"]
+            [(r["quality"], r["mean_delay"]) for r in adaptive], run["quality"]
         )
         if at_quality is not None:
-            everything.append((runs[baseline]["mean_delay"] / at_quality, baseline))
+            everything.append((run["mean_delay"] / at_quality, baseline, ""))
     if everything:
-        ratio, baseline = min(everything)
-        skipped = [b for b in baselines if b not in {e[1] for e in everything}]
         rows.append(
-            (
-                "best static baseline, mean delay of all requests at equal quality",
-                f"{baseline}: {ratio:.2f}x"
-                + (f"; not comparable: {', '.join(skipped)}" if skipped else ""),
-                "reported",
-            )
+            _best("mean delay of all requests at equal quality", everything, "{:.2f}x", "reported")
         )
     return rows
 
@@ -269,7 +256,7 @@ def run_trace(
         with kvpack.TieredStore(dram, directory, ssd, o_direct=True) as probe:
             bandwidths = probe.bandwidths
         runs = {}
-        for policy in ("lru", "kivi2-lru", "streaming-lru"):
+        for policy in BASELINES:
             runs[policy] = _replay(
                 contexts, requests, policy, 0.0, dram, ssd, directory, bandwidths
             )
@@ -306,7 +293,7 @@ def run_trace(
         )
     rows += compare(runs)
     if plot:
-        rows.append(("figure", str(_plot(runs, alphas)), ""))
+        rows.append(("figure", str(_plot(runs, alphas).relative_to(FIGURES.parents[1])), ""))
     return rows
 
 
@@ -325,7 +312,7 @@ def _plot(runs, alphas) -> Path:
         "o-",
         label="adaptive (alpha swept)",
     )
-    for name in ("lru", "kivi2-lru", "streaming-lru"):
+    for name in BASELINES:
         run = runs[name]
         axis.plot(run["repeat_delay"] * 1e3, run["repeat_quality"], "s", label=name)
     axis.set_xlabel("mean loading delay of repeat requests (ms)")

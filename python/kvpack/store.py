@@ -355,7 +355,7 @@ def replay(store: TieredStore, contexts, requests, progress=None) -> dict:
         that every policy pays alike), ``served`` (requests per tier and ``miss``),
         ``evictions``, ``recompressions``.
     """
-    delays, qualities, repeats, repeat_qualities = [], [], [], []
+    delays, qualities, repeat = [], [], []
     served = {"dram": 0, "ssd": 0, "redis": 0, "miss": 0}
     seen = set()
     for index in requests:
@@ -371,9 +371,7 @@ def replay(store: TieredStore, contexts, requests, progress=None) -> dict:
             served["miss"] += 1
         delays.append(delay)
         qualities.append(quality)
-        if index in seen:
-            repeats.append(delay)
-            repeat_qualities.append(quality)
+        repeat.append(index in seen)
         seen.add(index)
         if progress:
             progress(1)
@@ -381,8 +379,10 @@ def replay(store: TieredStore, contexts, requests, progress=None) -> dict:
     return {
         "mean_delay": float(np.mean(delays)),
         "p95_delay": float(np.quantile(delays, 0.95)),
-        "repeat_delay": float(np.mean(repeats)) if repeats else float("nan"),
-        "repeat_quality": float(np.mean(repeat_qualities)) if repeats else float("nan"),
+        "repeat_delay": float(np.mean(np.compress(repeat, delays))) if any(repeat) else math.nan,
+        "repeat_quality": float(np.mean(np.compress(repeat, qualities)))
+        if any(repeat)
+        else math.nan,
         "quality": float(np.mean(qualities)),
         "served": served,
         "evictions": stats["evictions"],
