@@ -38,6 +38,10 @@ SUITES = {
         "ClusterKV cluster-cache hit rate on the tiny LM (256 decode steps, R = 1)",
         tiny_lm.run_hit_rate,
     ),
+    "key_similarity": (
+        "Adjacent-key similarity of real models (KVMerger's premise)",
+        tiny_lm.run_key_similarity,
+    ),
     "demo": ("kvpack demo on its defaults (the main job)", demo.run),
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",
