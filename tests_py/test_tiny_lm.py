@@ -72,6 +72,74 @@ def test_perplexity_of_an_uncompressed_cache_is_one_forward(model, method):
     assert dynamic == pytest.approx(np.exp(total / (windows * (context - split))), rel=1e-4)
 
 
+def _window_losses(model, ids, split):
+    """Per-token loss of ids[split:] from one plain forward (float64)."""
+    with torch.no_grad():
+        logits = model(ids).logits[0, split - 1 : -1].double()
+    return torch.nn.functional.cross_entropy(logits, ids[0, split:], reduction="none").numpy()
+
+
+def test_context_dependent_tokens_are_those_the_distant_prompt_predicts(model):
+    """Against plain forwards: a token counts when the whole prompt lowers its loss by
+    >= 2 nats below the prompt's last 128 tokens and predicts it with loss <= 2."""
+    context, windows, short = 1024, 3, 128
+    masks = evaluation.context_dependent_tokens(
+        model, context=context, windows=windows, seed=5, short=short
+    )
+    held_out = tasks.corpus().held_out
+    split = round(0.75 * context)
+    starts = np.random.default_rng(5).integers(0, held_out.size - context, size=windows)
+    for start, mask in zip(starts, masks):
+        ids = torch.tensor([[tasks.BOS, *held_out[start : start + context - 1].tolist()]])
+        full = _window_losses(model, ids, split)
+        cut = torch.cat([ids[:, :1], ids[:, split - short :]], dim=1)
+        near = _window_losses(model, cut, short + 1)
+        gain = near - full
+        expected = (gain >= 2.0) & (full <= 2.0)
+        borderline = (np.abs(gain - 2.0) < 1e-3) | (np.abs(full - 2.0) < 1e-3)
+        assert mask.shape == (context - split,)
+        np.testing.assert_array_equal(mask[~borderline], expected[~borderline])
+    assert sum(int(m.sum()) for m in masks) > 0
+
+
+def test_long_context_perplexity_scores_the_selected_tokens(model):
+    context, windows = 1024, 4
+    masks = evaluation.context_dependent_tokens(model, context=context, windows=windows, seed=2)
+    full = evaluation.long_context_perplexity(
+        model, context=context, windows=windows, seed=2, key_tokens=masks
+    )
+    held_out = tasks.corpus().held_out
+    split = round(0.75 * context)
+    starts = np.random.default_rng(2).integers(0, held_out.size - context, size=windows)
+    losses = []
+    for start, mask in zip(starts, masks):
+        ids = torch.tensor([[tasks.BOS, *held_out[start : start + context - 1].tolist()]])
+        losses.append(_window_losses(model, ids, split)[mask])
+    assert full == pytest.approx(np.exp(np.concatenate(losses).mean()), rel=1e-4)
+    # A window that drops the distant prompt loses on these tokens far more than on the
+    # average token: the metric sees what compression removes.
+    kept = 0.25
+    window_all = evaluation.perplexity(
+        model, "streaming_llm", kept, context=context, windows=windows, seed=2
+    )
+    window_long = evaluation.long_context_perplexity(
+        model, "streaming_llm", kept, context=context, windows=windows, seed=2, key_tokens=masks
+    )
+    every = evaluation.perplexity(model, context=context, windows=windows, seed=2)
+    assert window_long / full > 1.5 * (window_all / every)
+
+
+def test_long_context_perplexity_rejects_bad_selections(model):
+    masks = evaluation.context_dependent_tokens(model, context=512, windows=1, seed=0)
+    with pytest.raises(ValueError, match="key_tokens: expected 2 masks of 128 tokens"):
+        evaluation.long_context_perplexity(model, context=512, windows=2, key_tokens=masks)
+    none = [np.zeros_like(masks[0])]
+    with pytest.raises(ValueError, match="key_tokens: no token depends"):
+        evaluation.long_context_perplexity(model, context=512, windows=1, key_tokens=none)
+    with pytest.raises(ValueError, match=r"short: expected 1\.\.382 prompt tokens, got 400"):
+        evaluation.context_dependent_tokens(model, context=512, windows=1, short=400)
+
+
 def test_training_record_describes_the_weights():
     record = training_record()
     stages = [*record["earlier_stages"], record]

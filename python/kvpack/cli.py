@@ -1,8 +1,9 @@
 """The ``kvpack`` command line.
 
 ``kvpack demo`` runs the main job on embedded defaults; ``kvpack eval`` measures the
-quality of every method x budget on a model (pass-key accuracy, perplexity, or
-attention fidelity) and prints a table, optionally JSON and a figure.
+quality of every method x budget on a model (pass-key accuracy, perplexity, the
+perplexity of context-dependent tokens, or attention fidelity) and prints a table,
+optionally JSON and a figure.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .demo import run as run_demo
 __all__ = ["main"]
 
 
-TASKS = ("passkey", "perplexity", "fidelity")
+TASKS = ("passkey", "perplexity", "long-perplexity", "fidelity")
 
 
 class UserError(Exception):
@@ -67,11 +68,26 @@ def _load_model(name: str, task: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"--model: cannot load {name}: {error}") from None
-    if task != "fidelity" and model.config.vocab_size != tasks.VOCAB_SIZE:
+    if task == "passkey" and model.config.vocab_size != tasks.VOCAB_SIZE:
         raise UserError(
-            f"--task {task} feeds bytes: {name} is not a byte-level model (use --task fidelity)"
+            f"--task passkey feeds bytes: {name} is not a byte-level model "
+            "(use --task perplexity, long-perplexity or fidelity)"
         )
     return model
+
+
+def _tokenizer(name: str, model, task: str):
+    """The checkpoint's tokenizer for perplexity on a model that does not read bytes."""
+    from .models import tasks
+
+    if task not in ("perplexity", "long-perplexity") or model.config.vocab_size == tasks.VOCAB_SIZE:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--model: {name} has no tokenizer to cut held-out text: {error}") from None
 
 
 def _fidelity_layers(args, model):
@@ -126,7 +142,18 @@ def run_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     layers = _fidelity_layers(args, model) if args.task == "fidelity" else None
-    per_run = {"passkey": args.prompts, "perplexity": args.windows, "fidelity": 1}[args.task]
+    tokenizer = _tokenizer(args.model, model, args.task)
+    key_tokens = None
+    if args.task == "long-perplexity":  # one selection of tokens scores every method
+        key_tokens = evaluation.context_dependent_tokens(
+            model, context=args.context, windows=args.windows, seed=args.seed, tokenizer=tokenizer
+        )
+        if not any(mask.any() for mask in key_tokens):
+            raise UserError(
+                f"--windows: no token of {args.windows} windows depends on the distant "
+                "context; use more"
+            )
+    per_run = {"passkey": args.prompts, "fidelity": 1}.get(args.task, args.windows)
     bar = tqdm(
         total=len(methods) * len(budgets) * per_run,
         disable=args.quiet,
@@ -158,8 +185,22 @@ def run_eval(args: argparse.Namespace) -> int:
                     windows=args.windows,
                     seed=args.seed,
                     skip_layers=args.skip_layers,
+                    tokenizer=tokenizer,
                     progress=bar.update,
                 )
+            elif args.task == "long-perplexity":
+                value = evaluation.long_context_perplexity(
+                    model,
+                    _hf_method(method),
+                    budget,
+                    context=args.context,
+                    windows=args.windows,
+                    seed=args.seed,
+                    skip_layers=args.skip_layers,
+                    key_tokens=key_tokens,
+                    tokenizer=tokenizer,
+                )
+                bar.update(args.windows)
             else:
                 value = evaluation.fidelity(layers, method, budget)
                 bar.update(1)
@@ -190,6 +231,7 @@ def _hf_method(method: str) -> str:
 VALUE_NAMES = {
     "passkey": "pass-key accuracy",
     "perplexity": "perplexity",
+    "long-perplexity": "perplexity of context-dependent tokens",
     "fidelity": "attention-output relative error",
 }
 
@@ -301,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-layers",
         type=int,
         default=2,
-        help="first layers left uncompressed (passkey, perplexity) [2]",
+        help="first layers left uncompressed (causal-LM tasks) [2]",
     )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", help="write the results to this JSON file")
