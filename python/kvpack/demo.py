@@ -4,7 +4,8 @@ and the decode speed at 32k tokens, in one run on embedded defaults.
 Sections (each a table; figures written to ``--out``, a temporary directory by default):
 
 1. Pass-key retrieval at the trained context with a budget of 1/16 of it.
-2. Held-out perplexity with the prompt compressed to 50% and 35%.
+2. Held-out perplexity with the prompt compressed to 50% and 35%, over every scored byte
+   and over the bytes that need the distant prompt (most bytes do not).
 3. AdaptCache: the adaptive policy and the LRU baselines on a Zipf trace of the LM's
    prompt caches (DRAM and SSD tiers in the output directory).
 4. Decode speed: a ClusterKV step against dense attention on a Llama-3-8B-shaped
@@ -14,6 +15,7 @@ Sections (each a table; figures written to ``--out``, a temporary directory by d
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompts", type=int, default=10, help="pass-key prompts per method [10]")
     parser.add_argument("--windows", type=int, default=3, help="perplexity windows [3]")
+    parser.add_argument(
+        "--long-windows",
+        type=int,
+        default=16,
+        help="windows searched for bytes that need the distant prompt [16]",
+    )
     parser.add_argument("--contexts", type=int, default=24, help="store trace contexts [24]")
     parser.add_argument("--requests", type=int, default=150, help="store trace requests [150]")
     parser.add_argument(
@@ -75,18 +83,24 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--context: {args.context} exceeds the trained context of {trained}")
     if not 0.0 < args.budget < 1.0:
         raise ValueError(f"--budget: expected a share in (0, 1), got {args.budget}")
-    for flag in ("context", "prompts", "windows", "contexts", "requests", "speed_tokens"):
+    flags = ("context", "prompts", "windows", "long_windows", "contexts", "requests")
+    for flag in (*flags, "speed_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}: expected at least 1")
     if args.context < 256:
         raise ValueError(f"--context: expected at least 256 tokens, got {args.context}")
     shares = (0.5, 0.35)
-    steps = len(METHODS) * (args.prompts + len(shares) * args.windows) + args.requests * len(
-        POLICIES
-    )
+    per_method = args.prompts + len(shares) * (args.windows + args.long_windows)
+    steps = args.long_windows + len(METHODS) * per_method + args.requests * len(POLICIES)
     bar = tqdm(total=steps, disable=args.quiet, desc="kvpack demo", unit="step")
 
-    passkey, ppl = {}, {}
+    bar.set_postfix_str("bytes that need the distant prompt")
+    key_tokens = evaluation.context_dependent_tokens(
+        model, context=args.context, windows=args.long_windows
+    )
+    bar.update(args.long_windows)
+    selected = sum(int(mask.sum()) for mask in key_tokens)
+    passkey, ppl, long_ppl = {}, {}, {}
     for method in METHODS:
         name = "dynamic" if method == "full" else method
         bar.set_postfix_str(f"pass-key, {method}")
@@ -109,6 +123,17 @@ def run(args: argparse.Namespace) -> int:
                 windows=args.windows,
                 progress=bar.update,
             )
+            long_ppl[method, share] = math.nan
+            if selected:
+                long_ppl[method, share] = evaluation.long_context_perplexity(
+                    model,
+                    name,
+                    share,
+                    context=args.context,
+                    windows=args.long_windows,
+                    key_tokens=key_tokens,
+                )
+            bar.update(args.long_windows)
 
     bar.set_postfix_str("store trace")
     runs = _store_trace(model, args, out, bar.update)
@@ -121,13 +146,19 @@ def run(args: argparse.Namespace) -> int:
         f"{args.windows} perplexity windows of {args.context} bytes"
     )
     print(
+        f"(ctx: perplexity of the {selected} bytes in {args.long_windows} windows that the "
+        "distant prompt predicts)"
+    )
+    print(
         f"{'method':<15}{f'pass-key @{budget_tokens}':>16}"
         + "".join(f"{f'ppl @{s:.0%}':>12}" for s in shares)
+        + "".join(f"{f'ctx @{s:.0%}':>12}" for s in shares)
     )
     for method in METHODS:
         print(
             f"{method:<15}{passkey[method]:>16.0%}"
             + "".join(f"{ppl[method, s]:>12.3f}" for s in shares)
+            + "".join(f"{long_ppl[method, s]:>12.3f}" for s in shares)
         )
     print(f"\nAdaptCache on a Zipf trace: {args.contexts} contexts, {args.requests} requests")
     print("(load: requests for a context stored before; mean: every request, prefill included)")
@@ -142,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         f"dense {speed['dense'] * 1e3:.2f} ms, ClusterKV (budget 1024) "
         f"{speed['clusterkv'] * 1e3:.2f} ms, {speed['dense'] / speed['clusterkv']:.1f}x faster"
     )
-    figures = _figures(out, passkey, ppl, shares, runs, budget_tokens)
+    figures = _figures(out, passkey, (ppl, long_ppl), shares, runs, budget_tokens)
     print("\nfigures: " + ", ".join(str(f) for f in figures))
     return 0
 
@@ -194,7 +225,7 @@ def _speed(tokens: int) -> dict:
     return {"dense": dense, "clusterkv": step}
 
 
-def _figures(out: Path, passkey, ppl, shares, runs, budget_tokens) -> list[Path]:
+def _figures(out: Path, passkey, perplexities, shares, runs, budget_tokens) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,18 +241,21 @@ def _figures(out: Path, passkey, ppl, shares, runs, budget_tokens) -> list[Path]
     paths.append(out / "passkey.png")
     figure.savefig(paths[-1], dpi=120)
 
-    figure, axes = plt.subplots(figsize=(7, 3.5))
+    figure, panels = plt.subplots(1, 2, figsize=(11, 3.5))
     width = 0.8 / len(shares)
-    for i, share in enumerate(shares):
-        axes.bar(
-            np.arange(len(passkey)) + i * width,
-            [ppl[m, share] for m in passkey],
-            width,
-            label=f"{share:.0%} kept",
-        )
-    axes.set_xticks(np.arange(len(passkey)) + width / 2, list(passkey), rotation=45)
-    axes.set_ylabel("held-out perplexity (per byte)")
-    axes.legend()
+    titles = ("every scored byte", "bytes that need the distant prompt")
+    for axes, ppl, title in zip(panels, perplexities, titles):
+        for i, share in enumerate(shares):
+            axes.bar(
+                np.arange(len(passkey)) + i * width,
+                [ppl[m, share] for m in passkey],
+                width,
+                label=f"{share:.0%} kept",
+            )
+        axes.set_xticks(np.arange(len(passkey)) + width / 2, list(passkey), rotation=45)
+        axes.set_ylabel("held-out perplexity (per byte)")
+        axes.set_title(title)
+    panels[-1].legend(loc="upper left")  # its full-cache bars leave that corner free
     figure.tight_layout()
     paths.append(out / "perplexity.png")
     figure.savefig(paths[-1], dpi=120)
