@@ -34,9 +34,9 @@ SUITES = {
         "Pass-key retrieval on the shipped tiny LM at 1/16 of the context",
         tiny_lm.run,
     ),
-    "tiny_lm_perplexity": (
-        "Perplexity on the shipped tiny LM with the prompt compressed to 50% / 35%",
-        tiny_lm.run_perplexity,
+    "tiny_lm_merging": (
+        "KVMerger, H2O and CaM on the tiny LM: perplexity and pass-key at 50% / 35%",
+        tiny_lm.run_merging,
     ),
     "tiny_lm_hit_rate": (
         "ClusterKV cluster-cache hit rate on the tiny LM (256 decode steps, R = 1)",

@@ -74,11 +74,15 @@ def run(prompts: int = 20) -> list[tuple[str, str, str]]:
     return rows
 
 
-def run_perplexity(windows: int = 8, long_windows: int = 32) -> list[tuple[str, str, str]]:
-    """Perplexity per byte after compressing the prompt (the first 3/4 of 2048 held-out
-    bytes) to 50% and 35%: over all scored bytes (``windows`` windows), and over the
-    bytes whose loss the distant prompt lowers by 2 nats or more (``long_windows``
-    windows; :func:`kvpack.evaluation.context_dependent_tokens`)."""
+def run_merging(
+    windows: int = 8, long_windows: int = 32, prompts: int = 20
+) -> list[tuple[str, str, str]]:
+    """KVMerger against H2O and CaM with the prompt compressed to 50% and 35%: perplexity
+    per byte (the prompt is the first 3/4 of 2048 held-out bytes) over all scored bytes
+    (``windows`` windows) and over the bytes whose loss the distant prompt lowers by 2
+    nats or more (``long_windows`` windows;
+    :func:`kvpack.evaluation.context_dependent_tokens`), then pass-key retrieval (the
+    paper's needle test)."""
     model = load_tiny_lm()
     context = model.config.max_position_embeddings
     key_tokens = evaluation.context_dependent_tokens(model, context=context, windows=long_windows)
@@ -125,6 +129,25 @@ def run_perplexity(windows: int = 8, long_windows: int = 32) -> list[tuple[str, 
                             target,
                         )
                     )
+    for share in (0.5, 0.35):
+        accuracy = {
+            name: evaluation.passkey_accuracy(
+                model, method, share, context=context, prompts=prompts, options=options
+            )
+            for name, (method, options) in PERPLEXITY_METHODS.items()
+        }
+        for name, value in accuracy.items():
+            target = ""
+            if name.startswith("kvmerger"):
+                holds = value > max(accuracy["h2o"], accuracy["cam"])
+                target = f"> h2o and cam: {'holds' if holds else 'does not hold'}"
+            rows.append(
+                (
+                    f"pass-key at {context}, {name} @ {share:.0%}, first 2 layers uncompressed",
+                    f"{value:.0%} of {prompts}",
+                    target,
+                )
+            )
     return rows
 
 
