@@ -160,6 +160,14 @@ def run_eval(args: argparse.Namespace) -> int:
         desc=f"{args.task} on {args.model}",
         unit="run" if layers else "prompt",
     )
+    # What both perplexity tasks read besides the method and the budget.
+    text = {
+        "context": args.context,
+        "windows": args.windows,
+        "seed": args.seed,
+        "skip_layers": args.skip_layers,
+        "tokenizer": tokenizer,
+    }
     results = []
     for method in methods:
         for budget in budgets:
@@ -178,27 +186,11 @@ def run_eval(args: argparse.Namespace) -> int:
                 )
             elif args.task == "perplexity":
                 value = evaluation.perplexity(
-                    model,
-                    _hf_method(method),
-                    budget,
-                    context=args.context,
-                    windows=args.windows,
-                    seed=args.seed,
-                    skip_layers=args.skip_layers,
-                    tokenizer=tokenizer,
-                    progress=bar.update,
+                    model, _hf_method(method), budget, progress=bar.update, **text
                 )
             elif args.task == "long-perplexity":
                 value = evaluation.long_context_perplexity(
-                    model,
-                    _hf_method(method),
-                    budget,
-                    context=args.context,
-                    windows=args.windows,
-                    seed=args.seed,
-                    skip_layers=args.skip_layers,
-                    key_tokens=key_tokens,
-                    tokenizer=tokenizer,
+                    model, _hf_method(method), budget, key_tokens=key_tokens, **text
                 )
                 bar.update(args.windows)
             else:
