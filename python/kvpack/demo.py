@@ -96,9 +96,8 @@ def run(args: argparse.Namespace) -> int:
 
     bar.set_postfix_str("bytes that need the distant prompt")
     key_tokens = evaluation.context_dependent_tokens(
-        model, context=args.context, windows=args.long_windows
+        model, context=args.context, windows=args.long_windows, progress=bar.update
     )
-    bar.update(args.long_windows)
     selected = sum(int(mask.sum()) for mask in key_tokens)
     passkey, ppl, long_ppl = {}, {}, {}
     for method in METHODS:
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                 windows=args.windows,
                 progress=bar.update,
             )
-            long_ppl[method, share] = math.nan
+            long_ppl[method, share] = math.nan  # printed when no token needs the prompt
             if selected:
                 long_ppl[method, share] = evaluation.long_context_perplexity(
                     model,
@@ -132,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
                     context=args.context,
                     windows=args.long_windows,
                     key_tokens=key_tokens,
+                    progress=bar.update,
                 )
-            bar.update(args.long_windows)
+            else:
+                bar.update(args.long_windows)
 
     bar.set_postfix_str("store trace")
     runs = _store_trace(model, args, out, bar.update)

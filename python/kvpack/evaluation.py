@@ -1,16 +1,18 @@
-"""Quality of a method on a real model: pass-key accuracy, perplexity, and perplexity
-of the tokens that need the distant context.
+"""Quality of a method on a real model: pass-key accuracy, perplexity, the perplexity
+of the tokens that need the distant prompt, and attention fidelity.
 
-Both run a Hugging Face causal LM through :func:`kvpack.hf.make_cache` (``"dynamic"``
-is the plain transformers ``DynamicCache``, the full-cache reference) on byte-level
-prompts of :mod:`kvpack.models.tasks`, so they suit the shipped tiny LM and any model
-whose tokens are bytes.
+The model-level measures run a Hugging Face causal LM through
+:func:`kvpack.hf.make_cache` (``"dynamic"`` is the plain transformers ``DynamicCache``,
+the full-cache reference) on held-out text and prompts of :mod:`kvpack.models.tasks`.
+Pass-key prompts are bytes (the shipped tiny LM, or any model whose tokens are bytes);
+the perplexities also take a subword model with its tokenizer.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -115,9 +117,16 @@ def passkey_accuracy(
 _BYTES_PER_TOKEN = 8
 
 
+@dataclass
+class _Windows:
+    texts: list  # token ids, torch tensors of shape (1, context)
+    split: int  # prompt length: tokens [0, split) are compressed, the rest scored
+    head: int  # leading BOS tokens (0 or 1), kept when a prompt is cut short
+
+
 def _text_windows(context: int, prefix: float, windows: int, seed: int, tokenizer=None):
-    """Held-out windows of ``context`` tokens and the prompt length ``split``: bytes with
-    BOS first, or the tokenizer's ids (its BOS first when it has one)."""
+    """Held-out windows of ``context`` tokens: bytes with BOS first, or the tokenizer's
+    ids (its BOS first when it has one)."""
     import torch
 
     held_out = tasks.corpus().held_out
@@ -130,22 +139,27 @@ def _text_windows(context: int, prefix: float, windows: int, seed: int, tokenize
         raise ValueError(f"windows: expected at least 1, got {windows}")
     span = context if tokenizer is None else _BYTES_PER_TOKEN * context
     if span >= held_out.size:
-        raise ValueError(f"context: {context} exceeds the held-out text ({held_out.size} bytes)")
+        raise ValueError(
+            f"context: {context} tokens need {span} held-out bytes; the text has {held_out.size}"
+        )
+    bos = [tasks.BOS] if tokenizer is None else []
+    if tokenizer is not None and tokenizer.bos_token_id is not None:
+        bos = [tokenizer.bos_token_id]
     rng = np.random.default_rng(seed)
     texts = []
     for start in rng.integers(0, held_out.size - span, size=windows):
         if tokenizer is None:
-            ids = [tasks.BOS, *held_out[start : start + context - 1].tolist()]
+            ids = held_out[start : start + context - 1].tolist()
         else:
             text = held_out[start : start + span].tobytes().decode("utf-8", errors="replace")
-            bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-            ids = bos + tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-            if len(ids) < context:
+            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            if len(bos) + len(ids) < context:
                 raise ValueError(
-                    f"context: {span} held-out bytes give only {len(ids)} tokens, not {context}"
+                    f"context: {context} tokens: {span} held-out bytes give only "
+                    f"{len(bos) + len(ids)}"
                 )
-        texts.append(torch.tensor([ids[:context]]))
-    return split, texts
+        texts.append(torch.tensor([(bos + ids)[:context]]))
+    return _Windows(texts, split, len(bos))
 
 
 def _token_losses(model, ids, split: int, cache) -> np.ndarray:
@@ -160,6 +174,21 @@ def _token_losses(model, ids, split: int, cache) -> np.ndarray:
     logits = torch.cat([first, rest], dim=1)
     nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, split:], reduction="none")
     return nll.numpy().astype(np.float64)
+
+
+def _perplexity_over(
+    model, method, budget, windows: _Windows, masks, skip_layers, options, progress
+) -> float:
+    """exp(mean loss) of the scored tokens each mask selects (every one where None)."""
+    losses = []
+    for ids, mask in zip(windows.texts, masks or [None] * len(windows.texts)):
+        if mask is None or mask.any():
+            cache = _cache(model, method, budget, skip_layers, options)
+            loss = _token_losses(model, ids, windows.split, cache)
+            losses.append(loss if mask is None else loss[mask])
+        if progress:
+            progress(1)
+    return math.exp(np.concatenate(losses).mean())
 
 
 def perplexity(
@@ -178,25 +207,40 @@ def perplexity(
 ) -> float:
     """Per-token perplexity of held-out text after the method compressed its prefix.
 
-    Each window of ``context`` held-out bytes is split: the first ``prefix`` share is
+    Each window of ``context`` held-out tokens is split: the first ``prefix`` share is
     the prompt (prefilled, then compressed), the rest is scored token by token in one
-    forward over the compressed cache. ``options`` go to the method (e.g.
-    ``{"log_count_bias": True}`` for KVMerger); the other arguments are as in
-    :func:`passkey_accuracy`. Tokens are bytes (the shipped tiny LM), or the ids of
-    ``tokenizer`` (a transformers tokenizer of ``model``; windows are then ``context``
-    of its tokens).
+    forward over the compressed cache. Most of those tokens are predicted from the last
+    few hundred, which every method keeps: :func:`long_context_perplexity` scores the
+    ones that need the distant prompt.
 
-    Most bytes of text are predicted from the last few hundred, which every method
-    keeps: see :func:`long_context_perplexity` for the bytes that need the prompt.
+    Parameters
+    ----------
+    model : transformers causal LM
+    method : str
+        ``"dynamic"`` or one of :data:`kvpack.hf.METHODS`.
+    budget : int or float
+        Tokens (or fraction of the prompt) the method keeps or recalls.
+    context : int
+        Tokens per window.
+    prefix : float
+        Share of each window that is the prompt.
+    windows : int
+        Windows at seeded random offsets of the held-out text.
+    seed : int
+        Seed of the offsets; equal seeds give equal windows for every method.
+    skip_layers : int
+        First layers the method leaves uncompressed.
+    options : dict, optional
+        The method's options (e.g. ``{"log_count_bias": True}`` for KVMerger).
+    tokenizer : transformers tokenizer, optional
+        ``model``'s own, for a model whose tokens are not bytes: the held-out text is cut
+        into ``context`` of its tokens (its BOS first when it has one). Default: bytes,
+        BOS first (the shipped tiny LM).
+    progress : callable, optional
+        Called with 1 after each window.
     """
-    split, texts = _text_windows(context, prefix, windows, seed, tokenizer)
-    losses = []
-    for ids in texts:
-        cache = _cache(model, method, budget, skip_layers, options)
-        losses.append(_token_losses(model, ids, split, cache))
-        if progress:
-            progress(1)
-    return math.exp(np.concatenate(losses).mean())
+    text = _text_windows(context, prefix, windows, seed, tokenizer)
+    return _perplexity_over(model, method, budget, text, None, skip_layers, options, progress)
 
 
 def context_dependent_tokens(
@@ -210,29 +254,46 @@ def context_dependent_tokens(
     gain: float = 2.0,
     max_loss: float = 2.0,
     tokenizer=None,
+    progress: Progress | None = None,
 ) -> list[np.ndarray]:
     """The scored tokens of :func:`perplexity`'s windows that depend on the distant prompt.
 
-    A token counts when the full prompt lowers its loss by at least ``gain`` nats
-    against a prompt cut to its last ``short`` tokens, and the full prompt predicts it
-    well (loss at most ``max_loss``): the key tokens of LongPPL (Fang et al., 2025,
-    with its thresholds 2 and 2), with the model as its own evaluator. ``tokenizer`` as
-    in :func:`perplexity`.
+    Each window is scored twice with the full cache: after the whole prompt, and after
+    the prompt cut to its last ``short`` tokens (BOS kept; the scored tokens before each
+    one stay in both, since compression touches only the prompt). A token counts when
+    the whole prompt lowers its loss by at least ``gain`` nats and predicts it well
+    (loss at most ``max_loss``): LongPPL's key tokens (Fang et al., 2025, thresholds 2
+    and 2), the model as its own judge, the short context being the uncut prompt's tail.
+
+    Parameters
+    ----------
+    model, context, prefix, windows, seed, tokenizer, progress
+        As in :func:`perplexity`.
+    short : int
+        Prompt tokens the cut prompt keeps, fewer than the prompt's (BOS aside).
+    gain : float
+        Least loss (nats) the distant prompt must save.
+    max_loss : float
+        Most loss (nats) the full prompt may leave.
 
     Returns
     -------
     list of ndarray of bool, one per window, shape (context - split,)
-        ``True`` where the token at ``split + i`` depends on the distant prompt.
+        With ``split = round(prefix * context)``: ``True`` where the token at
+        ``split + i`` depends on the distant prompt.
     """
-    split, texts = _text_windows(context, prefix, windows, seed, tokenizer)
-    if not 1 <= short < split - 1:
-        raise ValueError(f"short: expected 1..{split - 2} prompt tokens, got {short}")
+    text = _text_windows(context, prefix, windows, seed, tokenizer)
+    split, head = text.split, text.head
+    if not 1 <= short < split - head:  # at least one prompt token must be distant
+        raise ValueError(f"short: expected 1..{split - head - 1} prompt tokens, got {short}")
     masks = []
-    for ids in texts:
+    for ids in text.texts:
         full = _token_losses(model, ids, split, _cache(model, "dynamic", 1.0, 0))
-        cut = np.concatenate(([0], np.arange(split - short, ids.shape[1])))
-        near = _token_losses(model, ids[:, cut], short + 1, _cache(model, "dynamic", 1.0, 0))
+        cut = np.concatenate((np.arange(head), np.arange(split - short, ids.shape[1])))
+        near = _token_losses(model, ids[:, cut], head + short, _cache(model, "dynamic", 1.0, 0))
         masks.append((near - full >= gain) & (full <= max_loss))
+        if progress:
+            progress(1)
     return masks
 
 
@@ -249,33 +310,46 @@ def long_context_perplexity(
     key_tokens: list[np.ndarray] | None = None,
     options: dict | None = None,
     tokenizer=None,
+    progress: Progress | None = None,
 ) -> float:
     """Perplexity of the tokens that depend on the distant prompt, after the method
-    compressed the prompt: what compression can lose, without the bytes every method
+    compressed the prompt: what compression can lose, without the tokens every method
     predicts from its recent window.
 
-    Parameters are as in :func:`perplexity`; ``key_tokens`` are
-    :func:`context_dependent_tokens` for the same windows (computed with its defaults
-    when not given; pass them to score several methods on one selection).
+    The full cache's value is low by construction (its loss on these tokens is at most
+    ``max_loss``); compare methods with each other on one selection.
+
+    Parameters
+    ----------
+    model, method, budget, context, prefix, windows, seed, skip_layers, options, tokenizer
+        As in :func:`perplexity`.
+    key_tokens : list of ndarray of bool, optional
+        :func:`context_dependent_tokens` of the same windows (computed with its defaults
+        when not given; pass them to score several methods on one selection).
+    progress : callable, optional
+        Called with 1 after each window.
+
+    Returns
+    -------
+    float
+        exp of the mean loss over the selected tokens of every window.
     """
     if key_tokens is None:
         key_tokens = context_dependent_tokens(
             model, context=context, prefix=prefix, windows=windows, seed=seed, tokenizer=tokenizer
         )
-    split, texts = _text_windows(context, prefix, windows, seed, tokenizer)
-    if len(key_tokens) != windows or any(m.shape != (context - split,) for m in key_tokens):
+    text = _text_windows(context, prefix, windows, seed, tokenizer)
+    masks = [np.asarray(m) for m in key_tokens]
+    if len(masks) != windows or any(
+        m.dtype != bool or m.shape != (context - text.split,) for m in masks
+    ):
         raise ValueError(
-            f"key_tokens: expected {windows} masks of {context - split} tokens "
+            f"key_tokens: expected {windows} boolean masks of {context - text.split} tokens "
             "(context_dependent_tokens with the same context, prefix and windows)"
         )
-    if not any(m.any() for m in key_tokens):
+    if not any(m.any() for m in masks):
         raise ValueError("key_tokens: no token depends on the distant prompt; use more windows")
-    losses = []
-    for ids, mask in zip(texts, key_tokens):
-        if mask.any():
-            cache = _cache(model, method, budget, skip_layers, options)
-            losses.append(_token_losses(model, ids, split, cache)[mask])
-    return math.exp(np.concatenate(losses).mean())
+    return _perplexity_over(model, method, budget, text, masks, skip_layers, options, progress)
 
 
 def fidelity(layers, method: str, budget: int | float, *, observe: int = 32) -> float:
