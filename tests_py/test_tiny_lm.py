@@ -140,6 +140,10 @@ def test_long_context_perplexity_rejects_bad_selections(model):
         evaluation.long_context_perplexity(model, context=512, windows=1, key_tokens=none)
     with pytest.raises(ValueError, match=r"short: expected 1\.\.382 prompt tokens, got 400"):
         evaluation.context_dependent_tokens(model, context=512, windows=1, short=400)
+    with pytest.raises(ValueError, match="gain: expected a number of nats, got NaN"):
+        evaluation.context_dependent_tokens(model, context=512, windows=1, gain=float("nan"))
+    with pytest.raises(TypeError, match="tokenizer: expected a transformers tokenizer"):
+        evaluation.perplexity(model, context=512, windows=1, tokenizer="gpt2")
 
 
 def test_training_record_describes_the_weights():

@@ -137,6 +137,8 @@ def _text_windows(context: int, prefix: float, windows: int, seed: int, tokenize
         )
     if windows < 1:
         raise ValueError(f"windows: expected at least 1, got {windows}")
+    if tokenizer is not None and not (callable(tokenizer) and hasattr(tokenizer, "bos_token_id")):
+        raise TypeError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer)}")
     span = context if tokenizer is None else _BYTES_PER_TOKEN * context
     if span >= held_out.size:
         raise ValueError(
@@ -282,6 +284,9 @@ def context_dependent_tokens(
         With ``split = round(prefix * context)``: ``True`` where the token at
         ``split + i`` depends on the distant prompt.
     """
+    for name, value in (("gain", gain), ("max_loss", max_loss)):
+        if math.isnan(value):
+            raise ValueError(f"{name}: expected a number of nats, got NaN")
     text = _text_windows(context, prefix, windows, seed, tokenizer)
     split, head = text.split, text.head
     if not 1 <= short < split - head:  # at least one prompt token must be distant
