@@ -25,9 +25,13 @@ PASSKEY_METHODS = ("dynamic", "clusterkv", "quest", "h2o", "streaming_llm")
 # name: (method, options). The log-count bias (each merged slot keeps the softmax mass
 # of the tokens it stands for) is kvpack's option beyond the paper.
 # StreamingLLM is the recency reference: the share of loss that the recent window explains.
+# "pivot only" is an ablation: a kernel so narrow that each merged slot is its pivot token
+# alone (no averaging), which separates the loss of averaging from that of which tokens
+# keep a slot.
 PERPLEXITY_METHODS = {
     "kvmerger": ("kvmerger", None),
     "kvmerger + log-count bias": ("kvmerger", {"log_count_bias": True}),
+    "ablation: kvmerger, pivot only (sigma 0.001)": ("kvmerger", {"sigma": 1e-3}),
     "h2o": ("h2o", None),
     "cam": ("cam", None),
     "streaming_llm": ("streaming_llm", None),
