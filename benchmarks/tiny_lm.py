@@ -28,7 +28,7 @@ PASSKEY_METHODS = ("dynamic", "clusterkv", "quest", "h2o", "streaming_llm")
 # "pivot only" is an ablation: a kernel so narrow that each merged slot is its pivot token
 # alone (no averaging), which separates the loss of averaging from that of which tokens
 # keep a slot.
-PERPLEXITY_METHODS = {
+MERGING_METHODS = {
     "kvmerger": ("kvmerger", None),
     "kvmerger + log-count bias": ("kvmerger", {"log_count_bias": True}),
     "ablation: kvmerger, pivot only (sigma 0.001)": ("kvmerger", {"sigma": 1e-3}),
@@ -128,7 +128,7 @@ def run_merging(
             for share in (0.5, 0.35):
                 ppl = {
                     name: measure(method, share, skip_layers=skip_layers, options=options)
-                    for name, (method, options) in PERPLEXITY_METHODS.items()
+                    for name, (method, options) in MERGING_METHODS.items()
                 }
                 for name, value in ppl.items():
                     rows.append(
@@ -144,7 +144,7 @@ def run_merging(
             name: evaluation.passkey_accuracy(
                 model, method, share, context=context, prompts=prompts, options=options
             )
-            for name, (method, options) in PERPLEXITY_METHODS.items()
+            for name, (method, options) in MERGING_METHODS.items()
         }
         for name, value in accuracy.items():
             rows.append(

@@ -23,8 +23,6 @@ __all__ = ["main"]
 
 
 TASKS = ("passkey", "perplexity", "long-perplexity", "fidelity")
-# long-perplexity: prompt tokens the short context keeps (context_dependent_tokens' short).
-LONG_CONTEXT_SHORT = 128
 
 
 class UserError(Exception):
@@ -135,11 +133,11 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(
             f"--budgets: {too_large[0]} tokens is not below the context of {args.context}"
         )
-    prompt = round(0.75 * args.context)  # the perplexity tasks' prompt (their prefix)
-    if args.task == "long-perplexity" and prompt - 1 <= LONG_CONTEXT_SHORT:
+    prompt = round(evaluation.PROMPT_SHARE * args.context)  # BOS included
+    if args.task == "long-perplexity" and prompt - 1 <= evaluation.SHORT_PROMPT:
         raise UserError(
             f"--context: {args.context} leaves a prompt of {prompt} tokens; long-perplexity "
-            f"compares it with its last {LONG_CONTEXT_SHORT}, so it needs more"
+            f"compares it with its last {evaluation.SHORT_PROMPT}, so it needs more"
         )
     model = _load_model(args.model, args.task)
     if model is not None and args.context > model.config.max_position_embeddings:
@@ -167,7 +165,6 @@ def run_eval(args: argparse.Namespace) -> int:
             context=args.context,
             windows=args.windows,
             seed=args.seed,
-            short=LONG_CONTEXT_SHORT,
             tokenizer=tokenizer,
             progress=bar.update,
         )

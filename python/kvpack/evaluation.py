@@ -112,6 +112,11 @@ def passkey_accuracy(
     return correct / prompts
 
 
+# The perplexity windows' defaults: the prompt's share of a window, and the prompt tokens
+# the short context of context_dependent_tokens keeps.
+PROMPT_SHARE = 0.75
+SHORT_PROMPT = 128
+
 # Held-out bytes read per window when a tokenizer cuts it: enough for `context` tokens of
 # any subword vocabulary (they hold 2-5 bytes of text on average).
 _BYTES_PER_TOKEN = 8
@@ -144,9 +149,10 @@ def _text_windows(context: int, prefix: float, windows: int, seed: int, tokenize
         raise ValueError(
             f"context: {context} tokens need {span} held-out bytes; the text has {held_out.size}"
         )
-    bos = [tasks.BOS] if tokenizer is None else []
-    if tokenizer is not None and tokenizer.bos_token_id is not None:
-        bos = [tokenizer.bos_token_id]
+    if tokenizer is None:
+        bos = [tasks.BOS]
+    else:
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     rng = np.random.default_rng(seed)
     texts = []
     for start in rng.integers(0, held_out.size - span, size=windows):
@@ -199,7 +205,7 @@ def perplexity(
     budget: int | float = 1.0,
     *,
     context: int = 2048,
-    prefix: float = 0.75,
+    prefix: float = PROMPT_SHARE,
     windows: int = 8,
     seed: int = 0,
     skip_layers: int = 2,
@@ -249,10 +255,10 @@ def context_dependent_tokens(
     model,
     *,
     context: int = 2048,
-    prefix: float = 0.75,
+    prefix: float = PROMPT_SHARE,
     windows: int = 16,
     seed: int = 0,
-    short: int = 128,
+    short: int = SHORT_PROMPT,
     gain: float = 2.0,
     max_loss: float = 2.0,
     tokenizer=None,
@@ -308,7 +314,7 @@ def long_context_perplexity(
     budget: int | float = 1.0,
     *,
     context: int = 2048,
-    prefix: float = 0.75,
+    prefix: float = PROMPT_SHARE,
     windows: int = 16,
     seed: int = 0,
     skip_layers: int = 2,
