@@ -184,7 +184,7 @@ def run_hit_rate(prompt: int = 1792, steps: int = 256) -> list[tuple[str, str, s
             model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=cache,
+                **{hf.cache_argument(model): cache},
                 max_new_tokens=steps,
                 min_new_tokens=steps,
                 do_sample=False,

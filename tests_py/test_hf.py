@@ -45,7 +45,7 @@ def generate(model, ids, mask, cache, new=10):
         return model.generate(
             ids,
             attention_mask=mask,
-            past_key_values=cache,
+            **{hf.cache_argument(model): cache},
             max_new_tokens=new,
             do_sample=False,
             pad_token_id=0,
@@ -93,11 +93,11 @@ def test_forward_loop_equals_generate(model, prompts):
     cache = hf.make_cache(model, "clusterkv", budget=48)
     tokens = ids
     with torch.no_grad():
-        logits = model(tokens, past_key_values=cache, use_cache=True).logits
+        logits = model(tokens, **{hf.cache_argument(model): cache}, use_cache=True).logits
         for _ in range(6):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, nxt], dim=1)
-            logits = model(nxt, past_key_values=cache, use_cache=True).logits
+            logits = model(nxt, **{hf.cache_argument(model): cache}, use_cache=True).logits
     assert torch.equal(tokens, expected)
     assert 0.0 <= cache.stats()["hit_rate"] <= 1.0
 

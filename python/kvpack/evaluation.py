@@ -30,14 +30,17 @@ __all__ = [
 Progress = Callable[[int], None]
 
 
-def _cache(model, method: str, budget, skip_layers: int, options: dict | None = None):
+def _cache(model, method: str, budget, skip_layers: int, options: dict | None = None) -> dict:
+    """The keyword argument that hands ``model`` a fresh cache of ``method``."""
     from transformers import DynamicCache
 
-    if method == "dynamic":
-        return DynamicCache(config=model.config)
     from . import hf
 
-    return hf.make_cache(model, method, budget, skip_layers=skip_layers, **(options or {}))
+    if method == "dynamic":
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = hf.make_cache(model, method, budget, skip_layers=skip_layers, **(options or {}))
+    return {hf.cache_argument(model): cache}
 
 
 def passkey_accuracy(
@@ -100,7 +103,7 @@ def passkey_accuracy(
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=_cache(model, method, budget, skip_layers, options),
+                **_cache(model, method, budget, skip_layers, options),
                 max_new_tokens=7,
                 do_sample=False,
                 pad_token_id=tasks.PAD,
@@ -170,15 +173,15 @@ def _text_windows(context: int, prefix: float, windows: int, seed: int, tokenize
     return _Windows(texts, split, len(bos))
 
 
-def _token_losses(model, ids, split: int, cache) -> np.ndarray:
+def _token_losses(model, ids, split: int, cache: dict) -> np.ndarray:
     """Negative log-likelihood (nats) of tokens ``split..`` of ``ids``: the prompt
-    ``ids[:, :split]`` is prefilled into ``cache`` (which compresses it), the rest is
-    scored in one forward over that cache."""
+    ``ids[:, :split]`` is prefilled into the cache (which compresses it; ``cache`` is the
+    keyword argument from :func:`_cache`), the rest is scored in one forward over it."""
     import torch
 
     with torch.no_grad():
-        first = model(ids[:, :split], past_key_values=cache, use_cache=True).logits[:, -1:]
-        rest = model(ids[:, split:-1], past_key_values=cache, use_cache=True).logits
+        first = model(ids[:, :split], **cache, use_cache=True).logits[:, -1:]
+        rest = model(ids[:, split:-1], **cache, use_cache=True).logits
     logits = torch.cat([first, rest], dim=1)
     nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, split:], reduction="none")
     return nll.numpy().astype(np.float64)
@@ -423,6 +426,8 @@ def lm_contexts(model, count: int, tokens: int = 1024):
 
     import torch
 
+    from .hf import returned_cache
+
     text = tasks.corpus().held_out
     if count * tokens > text.size:
         raise ValueError(f"count: {count} windows of {tokens} exceed the held-out text")
@@ -431,7 +436,7 @@ def lm_contexts(model, count: int, tokens: int = 1024):
         ids = torch.tensor([tasks.encode(text[i * tokens : (i + 1) * tokens - 1].tobytes())])
         start = time.perf_counter()
         with torch.no_grad():
-            cache = model(ids, use_cache=True).past_key_values
+            cache = returned_cache(model(ids, use_cache=True))
         seconds = time.perf_counter() - start
         kv = [
             (layer.keys[0].numpy().astype(np.float16), layer.values[0].numpy().astype(np.float16))

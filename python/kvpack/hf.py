@@ -1,10 +1,14 @@
 """Hugging Face transformers integration: one ``Cache`` per kvpack method.
 
     cache = kvpack.hf.make_cache(model, method="clusterkv", budget=256)
-    model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    model.generate(input_ids, cache=cache, max_new_tokens=32)
 
-Works with Llama/Mistral/Qwen-style decoders (any model whose attention layers call
-``past_key_values.update`` and then the configured attention function). ``make_cache``
+transformers takes the cache as ``cache=`` since it renamed ``past_key_values``; older 5.x
+releases take ``past_key_values=``. :func:`cache_argument` names the one the installed
+release takes (``model.generate(ids, **{kvpack.hf.cache_argument(model): cache})``).
+
+Works with Llama/Mistral/Qwen-style decoders (any model whose attention layers call the
+cache's ``update`` and then the configured attention function). ``make_cache``
 switches the model's attention implementation to ``"kvpack"``: SDPA for every other
 cache, and for a kvpack cache the method's own attention. The first ``skip_layers``
 layers keep their whole cache.
@@ -52,12 +56,29 @@ except ImportError as error:  # pragma: no cover - exercised without the models 
         "kvpack.hf needs torch and transformers: pip install 'kvpack[models]'"
     ) from error
 
-__all__ = ["METHODS", "KVPackCache", "make_cache"]
+__all__ = ["METHODS", "KVPackCache", "cache_argument", "make_cache", "returned_cache"]
 
 EVICTION_METHODS = ("full", "h2o", "streaming_llm", "snapkv", "cam", "kvmerger")
 RECALL_METHODS = ("clusterkv", "quest")
 METHODS = (*EVICTION_METHODS, *RECALL_METHODS, "kivi")
 ATTENTION = "kvpack"
+
+
+def cache_argument(model) -> str:
+    """The keyword under which ``model``'s forward (and so ``generate``) takes a cache:
+    ``"cache"`` in current transformers, ``"past_key_values"`` in releases before the
+    rename. Passing the other name warns (current) or is ignored (older)."""
+    forward = getattr(model, "forward", None)
+    if forward is None:
+        raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
+    parameters = inspect.signature(forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def returned_cache(output) -> Cache:
+    """The cache a forward returned (``output.cache``, or ``past_key_values`` before the
+    rename), read without the deprecation warning of the old name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def make_cache(
