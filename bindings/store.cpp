@@ -212,7 +212,9 @@ void bind_store(py::module_& m) {
                        std::int64_t redis_bytes, const std::string& policy, double alpha,
                        const std::optional<std::vector<std::string>>& codecs, bool o_direct,
                        int io_threads, double streaming_rate,
-                       const std::optional<std::vector<double>>& bandwidths, int timeout_ms) {
+                       const std::optional<std::vector<double>>& bandwidths,
+                       const std::optional<std::vector<double>>& decode_bandwidths,
+                       int timeout_ms) {
              KVPACK_ARG_CHECK(dram_bytes >= 0, "dram_bytes: expected >= 0, got " << dram_bytes);
              KVPACK_ARG_CHECK(ssd_bytes >= 0, "ssd_bytes: expected >= 0, got " << ssd_bytes);
              KVPACK_ARG_CHECK(redis_bytes >= 0, "redis_bytes: expected >= 0, got " << redis_bytes);
@@ -244,7 +246,14 @@ void bind_store(py::module_& m) {
                for (const std::string& name : *codecs) params.codecs.push_back(codec_arg(name));
              }
              params.streaming_rate = static_cast<float>(streaming_rate);
+             // An empty list would silently mean "measure": only None says that.
+             KVPACK_ARG_CHECK(!bandwidths || !bandwidths->empty(),
+                              "bandwidths: expected one per tier, got an empty list");
+             KVPACK_ARG_CHECK(!decode_bandwidths || !decode_bandwidths->empty(),
+                              "decode_bandwidths: expected one per codec or one for all, got an "
+                              "empty list");
              if (bandwidths) params.bandwidths = *bandwidths;
+             if (decode_bandwidths) params.decode_bandwidths = *decode_bandwidths;
              py::gil_scoped_release release;
              return std::make_unique<TieredStore>(params);
            }),
@@ -253,7 +262,8 @@ void bind_store(py::module_& m) {
            py::arg("redis_db") = 0, py::arg("redis_prefix") = "kvpack:", py::arg("redis_bytes") = 0,
            py::arg("policy") = "adaptive", py::arg("alpha") = 0.1, py::arg("codecs") = py::none(),
            py::arg("o_direct") = false, py::arg("io_threads") = 2, py::arg("streaming_rate") = 0.5,
-           py::arg("bandwidths") = py::none(), py::arg("timeout_ms") = 2000)
+           py::arg("bandwidths") = py::none(), py::arg("decode_bandwidths") = py::none(),
+           py::arg("timeout_ms") = 2000)
       .def(
           "put",
           [](TieredStore& self, const std::string& key, const py::object& kv,

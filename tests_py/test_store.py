@@ -25,6 +25,16 @@ xxhash = pytest.importorskip("xxhash")
 MB = 1 << 20
 
 
+def TieredStore(*args, **kwargs):
+    """kvpack.TieredStore with fixed decode costs ('none' free, 1 GB/s for the others)
+    unless a test gives its own: with the read bandwidths each test gives, the adaptive
+    placement depends on the entries alone, never on how busy the machine is."""
+    if kwargs.get("policy", "adaptive") == "adaptive" and "decode_bandwidths" not in kwargs:
+        codecs = kwargs.get("codecs") or kvpack.store.CODECS
+        kwargs["decode_bandwidths"] = [np.inf if c == "none" else 1e9 for c in codecs]
+    return kvpack.TieredStore(*args, **kwargs)
+
+
 def context(rng, layers=2, heads=2, tokens=200, dim=32, dtype=np.float32, shift=0.0):
     return [
         (
@@ -220,7 +230,7 @@ def test_placement_evicts_lowest_priority_first():
 
 def test_dram_round_trip_and_errors(rng):
     kv = context(rng)
-    with kvpack.TieredStore(8 * MB, bandwidths=[1e10]) as store:
+    with TieredStore(8 * MB, bandwidths=[1e10]) as store:
         key = store.put("a", kv)
         assert key == "a" and "a" in store and store.where("a") == ("dram", "none")
         got = store.get("a")
@@ -237,37 +247,37 @@ def test_dram_round_trip_and_errors(rng):
     with pytest.raises(ValueError, match="closed"):
         store.get("a")
     with pytest.raises(ValueError, match="policy"):
-        kvpack.TieredStore(MB, policy="fifo")
+        TieredStore(MB, policy="fifo")
     with pytest.raises(ValueError, match="dram_bytes"):
-        kvpack.TieredStore(-1)
+        TieredStore(-1)
     with pytest.raises(ValueError, match="ssd_dir"):
-        kvpack.TieredStore(MB, ssd_bytes=MB)
+        TieredStore(MB, ssd_bytes=MB)
     with pytest.raises(ValueError, match="redis_url"):
-        kvpack.TieredStore(MB, redis_url="http://x")
+        TieredStore(MB, redis_url="http://x")
     with pytest.raises(ValueError, match="codecs"):
-        kvpack.TieredStore(MB, codecs=["kivi-2"], bandwidths=[1e10])
+        TieredStore(MB, codecs=["kivi-2"], bandwidths=[1e10])
     with pytest.raises(ValueError, match="codecs"):
-        kvpack.TieredStore(MB, codecs=[], bandwidths=[1e10])
+        TieredStore(MB, codecs=[], bandwidths=[1e10])
     with pytest.raises(ValueError, match="bandwidths"):
-        kvpack.TieredStore(MB, bandwidths=[1e10, 1e9])
+        TieredStore(MB, bandwidths=[1e10, 1e9])
 
 
 def test_ssd_capacity_beyond_the_free_disk_is_refused(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(ValueError, match=r"ssd_bytes: .* bytes free \(disk full"):
-        kvpack.TieredStore(MB, tmp_path / "store", free + (1 << 40))
+        TieredStore(MB, tmp_path / "store", free + (1 << 40))
     with pytest.raises(ValueError, match="ssd_bytes: "):
-        kvpack.TieredStore(MB, tmp_path / "store", np.int64(free + (1 << 40)))
+        TieredStore(MB, tmp_path / "store", np.int64(free + (1 << 40)))
     with pytest.raises(ValueError, match=r"ssd_dir: .* is not a directory"):
         (tmp_path / "file").write_bytes(b"x")
-        kvpack.TieredStore(MB, tmp_path / "file", MB)
-    with kvpack.TieredStore(MB, tmp_path / "store", MB, bandwidths=[1e10, 1e9]) as store:
+        TieredStore(MB, tmp_path / "file", MB)
+    with TieredStore(MB, tmp_path / "store", MB, bandwidths=[1e10, 1e9]) as store:
         assert store.stats()["tiers"]["ssd"]["capacity"] == MB  # room enough: opens
 
 
 def test_content_key(rng):
     kv = context(rng, tokens=20)
-    with kvpack.TieredStore(MB, bandwidths=[1e10]) as store:
+    with TieredStore(MB, bandwidths=[1e10]) as store:
         key = store.put(np.array([5, 6, 7]), kv)
         assert key == kvpack.context_key([5, 6, 7]) and [5, 6, 7] in store
         assert_same(store.get([5, 6, 7]).kv, kv)
@@ -278,7 +288,9 @@ def test_measured_quality_matches_numpy(rng):
     q = probes(rng, kv)
     none_bytes = stored(len(encode(kv, "none", key="x")))
     # DRAM too small for the uncompressed entry: the adaptive policy must compress.
-    with kvpack.TieredStore(none_bytes - 4096, codecs=["none", "kivi-4"], bandwidths=[1e10]) as s:
+    with TieredStore(
+        none_bytes - 4096, codecs=["none", "kivi-4"], bandwidths=[1e10], decode_bandwidths=1e9
+    ) as s:
         s.put("x", kv, probe_queries=q)
         got = s.get("x")
     assert got.codec == "kivi-4" and got.tier == "dram"
@@ -302,7 +314,7 @@ def test_quality_function_replaces_measurement(rng):
 
     size = stored(len(encode(kv, "h2o-0.5", key="k")))
     codecs = ["none", "kivi-2", "h2o-0.5"]
-    with kvpack.TieredStore(size, codecs=codecs, bandwidths=[1e10]) as store:
+    with TieredStore(size, codecs=codecs, bandwidths=[1e10], decode_bandwidths=1e9) as store:
         store.put("k", kv, quality=quality)
         assert calls == codecs
         assert store.where("k") == ("dram", "h2o-0.5")
@@ -310,17 +322,66 @@ def test_quality_function_replaces_measurement(rng):
 
 
 def test_adaptive_keeps_everything_lossless_when_it_fits(rng):
-    with kvpack.TieredStore(64 * MB, bandwidths=[1e10]) as store:
+    # Fixed read and decode costs ('none' decodes for free, as it copies nothing): the
+    # placement cannot depend on the machine's load.
+    free_none = [np.inf] + [1e9] * (len(kvpack.store.CODECS) - 1)
+    with TieredStore(64 * MB, bandwidths=[1e10], decode_bandwidths=free_none) as store:
         for i in range(4):
             store.put(f"c{i}", context(rng))
         assert all(store.where(f"c{i}") == ("dram", "none") for i in range(4))
 
 
+def test_cost_model_decides_the_codec(rng):
+    """utility = alpha x quality - (bytes / read bandwidth + bytes / decode bandwidth):
+    reading at 1 MB/s favours the smaller KIVI-4 entry, until decoding it costs more."""
+    kv = context(rng, tokens=256)
+    q = probes(rng, kv)
+    codecs = ["none", "kivi-4"]
+    sizes = [stored(len(encode(kv, c, key="k", probe_queries=q))) for c in codecs]
+
+    def placed(decode_bandwidths):
+        with TieredStore(
+            64 * MB, codecs=codecs, bandwidths=[1e6], decode_bandwidths=decode_bandwidths
+        ) as store:
+            store.put("k", kv, probe_queries=q)
+            quality = [1.0, _kivi4_quality(kv, q)]
+            utility = [
+                0.1 * quality[i] - sizes[i] / 1e6 - sizes[i] / decode_bandwidths[i]
+                for i in range(2)
+            ]
+            return store.where("k")[1], codecs[int(np.argmax(utility))]
+
+    for decode_bandwidths in ([np.inf, np.inf], [np.inf, 1e5]):
+        chosen, expected = placed(decode_bandwidths)
+        assert chosen == expected
+    assert placed([np.inf, np.inf])[0] == "kivi-4" and placed([np.inf, 1e5])[0] == "none"
+    for bad in ([1e9, 1e9, 1e9], [1e9, 0.0], [np.nan], []):
+        with pytest.raises(ValueError, match="decode_bandwidths"):
+            TieredStore(MB, codecs=codecs, bandwidths=[1e10], decode_bandwidths=bad)
+
+
+def _kivi4_quality(kv, q):
+    """KIVI-4's quality as the store measured it: 1 - mean relative attention error."""
+    got = decode(encode(kv, "kivi-4", key="k", probe_queries=q))
+    errors = []
+    for layer, ((k, v), (dk, dv)) in enumerate(zip(kv, got.kv)):
+        for i in range(q[layer].shape[1]):
+            exact = ref.decode_attention(q[layer][:, i], k, v)[0]
+            approx = ref.decode_attention(q[layer][:, i], dk, dv)[0]
+            errors.append(np.linalg.norm(approx - exact) / np.linalg.norm(exact))
+    return 1 - np.mean(errors)
+
+
 def test_adaptive_recompresses_older_entries(rng, tmp_path):
     kvs = [context(rng, tokens=256) for _ in range(6)]
     size = stored(len(encode(kvs[0], "none", key="c0")))
-    with kvpack.TieredStore(
-        3 * size, tmp_path, 2 * size, codecs=["none", "kivi-4", "kivi-2"], bandwidths=[1e10, 1e8]
+    with TieredStore(
+        3 * size,
+        tmp_path,
+        2 * size,
+        codecs=["none", "kivi-4", "kivi-2"],
+        bandwidths=[1e10, 1e8],
+        decode_bandwidths=1e9,
     ) as store:
         for i, kv in enumerate(kvs):
             store.put(f"c{i}", kv)
@@ -340,9 +401,7 @@ def test_adaptive_recompresses_older_entries(rng, tmp_path):
 def test_lru_demotes_and_promotes(rng, tmp_path):
     kvs = [context(rng) for _ in range(4)]
     size = stored(len(encode(kvs[0], "none", key="c0")))
-    with kvpack.TieredStore(
-        2 * size, tmp_path, size, policy="lru", bandwidths=[1e10, 1e9]
-    ) as store:
+    with TieredStore(2 * size, tmp_path, size, policy="lru", bandwidths=[1e10, 1e9]) as store:
         for i, kv in enumerate(kvs[:3]):
             store.put(f"c{i}", kv)
         assert store.where("c0") == ("ssd", "none")  # oldest demoted
@@ -357,9 +416,7 @@ def test_lru_demotes_and_promotes(rng, tmp_path):
 def test_lru_hit_too_large_for_dram_stays_on_ssd(rng, tmp_path):
     kv = context(rng)
     size = stored(len(encode(kv, "none", key="c0")))
-    with kvpack.TieredStore(
-        size // 2, tmp_path, 2 * size, policy="lru", bandwidths=[1e10, 1e9]
-    ) as store:
+    with TieredStore(size // 2, tmp_path, 2 * size, policy="lru", bandwidths=[1e10, 1e9]) as store:
         store.put("c0", kv)
         (path,) = tmp_path.glob("*.kvb")
         inode = path.stat().st_ino
@@ -376,14 +433,14 @@ def test_lru_hit_too_large_for_dram_stays_on_ssd(rng, tmp_path):
 )
 def test_baseline_codecs(rng, policy, codec):
     kv = context(rng)
-    with kvpack.TieredStore(8 * MB, policy=policy, bandwidths=[1e10]) as store:
+    with TieredStore(8 * MB, policy=policy, bandwidths=[1e10]) as store:
         assert store.codecs == [codec]
         store.put("k", kv)
         assert store.get("k").codec == codec
 
 
 def test_nothing_fits_is_counted(rng):
-    with kvpack.TieredStore(4096, bandwidths=[1e10]) as store:
+    with TieredStore(4096, bandwidths=[1e10]) as store:
         store.put("big", context(rng))
         assert "big" not in store
         assert store.stats()["evictions"] == 1
@@ -404,7 +461,7 @@ def test_replay_counts_hits_misses_and_repeat_requests(rng):
     kvs = [context(rng) for _ in range(3)]
     contexts = [(kv, probes(rng, kv), 10.0 * (i + 1)) for i, kv in enumerate(kvs)]
     size = stored(len(encode(kvs[0], "none", key="c0")))
-    with kvpack.TieredStore(2 * size, policy="lru", bandwidths=[1e10]) as store:
+    with TieredStore(2 * size, policy="lru", bandwidths=[1e10]) as store:
         # 0, 1 miss; 0 hits; 2 misses and evicts 1 (least recent); 0 hits; 1 misses.
         run = kvpack.store.replay(store, contexts, [0, 1, 0, 2, 0, 1])
     assert run["served"] == {"dram": 2, "ssd": 0, "redis": 0, "miss": 4}
@@ -421,13 +478,13 @@ def test_replay_counts_hits_misses_and_repeat_requests(rng):
 
 def test_ssd_reopen_serves_every_entry(rng, tmp_path):
     kvs = {f"k{i}": context(rng, dtype=np.float16) for i in range(5)}
-    with kvpack.TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9]) as store:
+    with TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9]) as store:
         for key, kv in kvs.items():
             store.put(key, kv)
         used = store.stats()["tiers"]["ssd"]["bytes"]
     (tmp_path / "0123.kvb.99.0.tmp").write_bytes(b"partial")  # an interrupted write
     (tmp_path / "00000000000000ff.kvb").write_bytes(b"not a blob")
-    with kvpack.TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9], o_direct=True) as store:
+    with TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9], o_direct=True) as store:
         assert store.stats()["tiers"]["ssd"]["bytes"] == used
         assert store.stats()["corrupt"] == 1
         for key, kv in kvs.items():
@@ -439,7 +496,7 @@ def test_ssd_reopen_serves_every_entry(rng, tmp_path):
 
 def test_ssd_flipped_byte_is_dropped_not_served(rng, tmp_path):
     kv = context(rng)
-    with kvpack.TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9]) as store:
+    with TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9]) as store:
         store.put("a", kv)
         store.put("b", kv)
         (path,) = [p for p in tmp_path.glob("*.kvb") if b"a" in p.read_bytes()[64:65]]
@@ -454,7 +511,7 @@ def test_ssd_flipped_byte_is_dropped_not_served(rng, tmp_path):
 
 def test_ssd_prefetch(rng, tmp_path):
     kv = context(rng)
-    with kvpack.TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9]) as store:
+    with TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9]) as store:
         store.put("a", kv)
         store.put("b", kv)
         store.prefetch("a")
@@ -478,7 +535,7 @@ def test_concurrent_put_get_delete(tmp_path):
         return [(r.standard_normal((2, 64 + seed, 16)).astype(np.float32),) * 2]
 
     size = stored(len(encode(kv_of("k0"), "none", key="k0")))
-    store = kvpack.TieredStore(6 * size, tmp_path, 12 * size, policy="lru", bandwidths=[1e10, 1e9])
+    store = TieredStore(6 * size, tmp_path, 12 * size, policy="lru", bandwidths=[1e10, 1e9])
     failures = []
 
     def worker(seed):
@@ -544,7 +601,7 @@ def test_killed_writer_leaves_no_corrupt_entry(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
-    with kvpack.TieredStore(0, store_dir, 1 << 34, bandwidths=[1e10, 1e9]) as store:
+    with TieredStore(0, store_dir, 1 << 34, bandwidths=[1e10, 1e9]) as store:
         for i in acknowledged:
             r = np.random.default_rng(i)
             got = store.get(f"k{i}")

@@ -77,6 +77,15 @@ TieredStore::TieredStore(const StoreParams& params) : params_(params) {
                    "bandwidths: expected positive bytes per second, got " << b);
     bandwidths_ = params.bandwidths;
   }
+  if (!params.decode_bandwidths.empty()) {
+    KVPACK_CHECK(params.decode_bandwidths.size() == codecs_.size() ||
+                     params.decode_bandwidths.size() == 1,
+                 "decode_bandwidths: expected one per codec (" << codecs_.size()
+                                                               << ") or one for all, got "
+                                                               << params.decode_bandwidths.size());
+    for (const double b : params.decode_bandwidths)
+      KVPACK_CHECK(b > 0.0, "decode_bandwidths: expected positive bytes per second, got " << b);
+  }
   // Entries a previous process left on disk.
   for (std::size_t t = 1; t < tiers_.size(); ++t) {
     if (tiers_[t]->name() != "ssd") continue;
@@ -188,6 +197,10 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
     const auto start = Clock::now();
     const DecodedKV decoded = decode(blob, false);
     Candidate candidate{codecs_[c], stored_bytes(blob->size()), 1.0, seconds_since(start)};
+    if (!params_.decode_bandwidths.empty())
+      candidate.decode_seconds =
+          static_cast<double>(candidate.bytes) /
+          params_.decode_bandwidths[params_.decode_bandwidths.size() == 1 ? 0 : c];
     if (!qualities.empty()) {
       candidate.quality = qualities[c];
     } else if (codecs_[c].kind != CodecKind::None) {

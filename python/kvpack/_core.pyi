@@ -219,6 +219,7 @@ class TieredStore:
         io_threads: int = 2,
         streaming_rate: float = 0.5,
         bandwidths: list[float] | None = None,
+        decode_bandwidths: list[float] | None = None,
         timeout_ms: int = 2000,
     ) -> None: ...
     def put(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._extras import MissingExtra, require
 from .demo import METHODS
 from .demo import add_arguments as add_demo_arguments
 from .demo import run as run_demo
@@ -139,6 +140,7 @@ def run_eval(args: argparse.Namespace) -> int:
             f"--context: {args.context} leaves a prompt of {prompt} tokens; long-perplexity "
             f"compares it with its last {evaluation.SHORT_PROMPT}, so it needs more"
         )
+    _require_for_eval(args)
     model = _load_model(args.model, args.task)
     if model is not None and args.context > model.config.max_position_embeddings:
         raise UserError(
@@ -231,6 +233,16 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"figure: {_plot(results, methods, budgets, args)}")
     return 0
+
+
+def _require_for_eval(args: argparse.Namespace) -> None:
+    """The extras this eval needs, checked before any model loads."""
+    modules = [] if args.model == "synthetic" else ["torch", "transformers"]
+    if args.model not in ("synthetic", "minilm"):
+        modules.append("safetensors")
+    if args.plot:
+        modules.append("matplotlib")
+    require(f"kvpack eval --model {args.model}" + (" --plot" if args.plot else ""), *modules)
 
 
 def _hf_method(method: str) -> str:
@@ -387,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"kvpack {args.command}: {error}", file=sys.stderr)
         return 2
+    except MissingExtra as error:
+        print(f"kvpack {args.command}: {error}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError) as error:
         print(f"kvpack {args.command}: {error}", file=sys.stderr)
         return 2

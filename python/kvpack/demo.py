@@ -15,12 +15,15 @@ Sections (each a table; figures written to ``--out``, a temporary directory by d
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ._extras import require
 
 # Every method kvpack compares, in the order tables list them.
 METHODS = (
@@ -69,16 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+def _check(args: argparse.Namespace) -> int:
+    """Refuses bad arguments before anything is loaded or written; returns the tiny LM's
+    trained context."""
+    from .models import TINY_LM_DIR
 
-    from . import evaluation
-    from .models import load_tiny_lm
-
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kvpack-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_tiny_lm()
-    trained = model.config.max_position_embeddings
+    trained = json.loads((TINY_LM_DIR / "config.json").read_text())["max_position_embeddings"]
     if args.context > trained:
         raise ValueError(f"--context: {args.context} exceeds the trained context of {trained}")
     if not 0.0 < args.budget < 1.0:
@@ -89,6 +88,21 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')}: expected at least 1")
     if args.context < 256:
         raise ValueError(f"--context: expected at least 256 tokens, got {args.context}")
+    require("kvpack demo", "torch", "transformers", "safetensors", "matplotlib")
+    return trained
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    trained = _check(args)
+    from tqdm.auto import tqdm
+
+    from . import evaluation
+    from .models import load_tiny_lm
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kvpack-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_tiny_lm()
     shares = (0.5, 0.35)
     per_method = args.prompts + len(shares) * (args.windows + args.long_windows)
     steps = args.long_windows + len(METHODS) * per_method + args.requests * len(POLICIES)
@@ -176,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     )
     figures = _figures(out, passkey, (ppl, long_ppl), shares, runs, budget_tokens)
     print("\nfigures: " + ", ".join(str(f) for f in figures))
+    print(f"wall time: {time.perf_counter() - started:.0f} s")
     return 0
 
 

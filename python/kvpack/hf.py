@@ -41,20 +41,18 @@ from typing import Any
 
 import numpy as np
 
+from ._extras import require
 from .clustering import ClusterKV
 from .compression import _METHOD_PARAMS, compress
 from .quantization import quantize
 
-try:
-    import torch
-    from transformers import AttentionInterface
-    from transformers.cache_utils import Cache, DynamicLayer
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-except ImportError as error:  # pragma: no cover - exercised without the models extra
-    raise ImportError(
-        "kvpack.hf needs torch and transformers: pip install 'kvpack[models]'"
-    ) from error
+require("kvpack.hf", "torch", "transformers")
+
+import torch  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
+from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 __all__ = ["METHODS", "KVPackCache", "cache_argument", "make_cache", "returned_cache"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import operator
 import shutil
 from collections.abc import Callable, Sequence
@@ -151,6 +152,11 @@ class TieredStore:
         Read SSD files with O_DIRECT, bypassing the page cache.
     bandwidths : sequence of float
         Read bandwidth (bytes/s) per tier; profiled when the store opens if omitted.
+    decode_bandwidths : float or sequence of float
+        Stored bytes decoded per second, one per codec of :attr:`codecs` or one for all
+        (``math.inf``: decoding is free); each candidate's decode is timed at ``put`` if
+        omitted. With ``bandwidths`` too, the placement depends only on the entries, not on
+        how busy the machine is.
     """
 
     def __init__(
@@ -169,6 +175,7 @@ class TieredStore:
         io_threads: int = 2,
         streaming_rate: float = 0.5,
         bandwidths: Sequence[float] | None = None,
+        decode_bandwidths: float | Sequence[float] | None = None,
         timeout: float = 2.0,
     ) -> None:
         host, port, db = _redis_address(redis_url) if redis_url is not None else (None, 6379, 0)
@@ -190,6 +197,7 @@ class TieredStore:
             io_threads=io_threads,
             streaming_rate=streaming_rate,
             bandwidths=None if bandwidths is None else [float(b) for b in bandwidths],
+            decode_bandwidths=_per_codec(decode_bandwidths),
             timeout_ms=round(timeout * 1000),
         )
 
@@ -283,6 +291,15 @@ class TieredStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _per_codec(decode_bandwidths) -> list[float] | None:
+    """The decode cost model as the core takes it: one value per codec, or one for all."""
+    if decode_bandwidths is None:
+        return None
+    if isinstance(decode_bandwidths, numbers.Real):
+        return [float(decode_bandwidths)]
+    return [float(b) for b in decode_bandwidths]
 
 
 def _check_room(directory: Path, capacity: int) -> None:

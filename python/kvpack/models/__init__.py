@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .._extras import require
 from . import tasks
 from .tasks import decode, encode
 
@@ -61,19 +62,24 @@ def load_tiny_lm(path: str | Path | None = None, dtype=None, attn_implementation
         In eval mode. ``model.config.max_position_embeddings`` is the trained context;
         tokens are bytes (:func:`encode`, :func:`decode`).
     """
-    try:
-        import torch
-        from transformers import LlamaForCausalLM
-    except ImportError as error:
-        raise ImportError(
-            "load_tiny_lm needs torch and transformers: pip install 'kvpack[models]'"
-        ) from error
+    require("load_tiny_lm", "torch", "transformers", "safetensors")
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging
+
     directory = Path(path) if path is not None else TINY_LM_DIR
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"path: no tiny LM (config.json) in {directory}")
-    model = LlamaForCausalLM.from_pretrained(
-        directory, dtype=dtype or torch.float32, attn_implementation=attn_implementation
-    )
+    # Loading 38 tensors takes milliseconds: no progress bar among a caller's output.
+    bar = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        model = LlamaForCausalLM.from_pretrained(
+            directory, dtype=dtype or torch.float32, attn_implementation=attn_implementation
+        )
+    finally:
+        if bar:
+            logging.enable_progress_bar()
     return model.eval()
 
 
