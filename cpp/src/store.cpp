@@ -78,11 +78,10 @@ TieredStore::TieredStore(const StoreParams& params) : params_(params) {
     bandwidths_ = params.bandwidths;
   }
   if (!params.decode_bandwidths.empty()) {
-    KVPACK_CHECK(params.decode_bandwidths.size() == codecs_.size() ||
-                     params.decode_bandwidths.size() == 1,
-                 "decode_bandwidths: expected one per codec (" << codecs_.size()
-                                                               << ") or one for all, got "
-                                                               << params.decode_bandwidths.size());
+    KVPACK_CHECK(
+        params.decode_bandwidths.size() == codecs_.size() || params.decode_bandwidths.size() == 1,
+        "decode_bandwidths: expected one per codec (" << codecs_.size() << ") or one for all, got "
+                                                      << params.decode_bandwidths.size());
     for (const double b : params.decode_bandwidths)
       KVPACK_CHECK(b > 0.0, "decode_bandwidths: expected positive bytes per second, got " << b);
   }

@@ -48,8 +48,8 @@ struct StoreParams {
   float streaming_rate = 0.5f;     ///< StreamingLRU's kept share
   std::vector<double> bandwidths;  ///< read bytes/s per tier, fastest first; empty: profiled
   /// Stored bytes decoded per second, one per codec of codecs() or one for all (infinity:
-  /// free); empty: each candidate's decode is timed at put. Given with `bandwidths`, placement depends
-  /// on the inputs alone, not on how busy the machine is.
+  /// free); empty: each candidate's decode is timed at put. Given with `bandwidths`, placement
+  /// depends on the inputs alone, not on how busy the machine is.
   std::vector<double> decode_bandwidths;
 };
 
