@@ -112,6 +112,7 @@ py::dict stats_dict(const StoreStats& stats) {
     t["bytes"] = tier.used;
     t["capacity"] = tier.capacity;
     t["bandwidth"] = tier.bandwidth;
+    t["prefetched"] = tier.prefetched;
     tiers[py::str(tier.name)] = t;
   }
   py::dict out;

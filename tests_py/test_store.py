@@ -515,7 +515,10 @@ def test_ssd_prefetch(rng, tmp_path):
         store.put("a", kv)
         store.put("b", kv)
         store.prefetch("a")
-        time.sleep(1.0)  # let the I/O thread finish (no time is asserted)
+        deadline = time.monotonic() + 120  # a guard against a hang, not a timing
+        while store.stats()["tiers"]["ssd"]["prefetched"] == 0:
+            assert time.monotonic() < deadline, "prefetch never finished"
+            time.sleep(0.01)
         for path in tmp_path.glob("*.kvb"):  # the file goes: only the prefetched copy is left
             if path.read_bytes()[64:65] == b"a":
                 path.unlink()

@@ -495,6 +495,7 @@ StoreStats TieredStore::stats() const {
     const TierCounters problems = tiers_[t]->counters();
     out.corrupt += problems.corrupt;
     out.errors += problems.errors;
+    tier.prefetched = problems.prefetched;
   }
   for (const auto& [name, entry] : entries_)
     if (entry.tier >= 0) ++out.tiers[entry.tier].entries;

@@ -227,7 +227,9 @@ class SsdTier final : public Tier {
 
   TierCounters counters() const override {
     std::lock_guard<std::mutex> lock(mutex_);
-    return counters_;
+    TierCounters out = counters_;
+    out.prefetched = static_cast<std::int64_t>(prefetched_.size());
+    return out;
   }
 
  private:

@@ -277,9 +277,9 @@ class TieredStore:
         return self._store.where(_key(key))
 
     def stats(self) -> dict:
-        """Hits, entries, bytes and capacity per tier; gets, misses, puts, evictions,
-        moves, recompressions, corrupt entries dropped, errors; mean and p95 loading
-        delay (seconds) and mean quality over hits."""
+        """Hits, entries, bytes, capacity and prefetched blobs per tier; gets, misses,
+        puts, evictions, moves, recompressions, corrupt entries dropped, errors; mean and
+        p95 loading delay (seconds) and mean quality over hits."""
         return self._store.stats()
 
     def close(self) -> None:

@@ -67,7 +67,8 @@ struct GetResult {
 struct TierStats {
   std::string name;
   std::int64_t hits = 0, entries = 0, used = 0, capacity = 0;
-  double bandwidth = 0.0;  ///< bytes/s the policy assumes
+  double bandwidth = 0.0;       ///< bytes/s the policy assumes
+  std::int64_t prefetched = 0;  ///< blobs read ahead by prefetch, held in memory
 };
 
 /// Counters of a store since it opened.

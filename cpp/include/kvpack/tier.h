@@ -15,8 +15,9 @@ namespace kvpack {
 
 /// What went wrong in a tier, counted since it opened.
 struct TierCounters {
-  std::int64_t corrupt = 0;  ///< blobs whose checksum or header failed (dropped)
-  std::int64_t errors = 0;   ///< I/O or connection errors (reported as misses)
+  std::int64_t corrupt = 0;     ///< blobs whose checksum or header failed (dropped)
+  std::int64_t errors = 0;      ///< I/O or connection errors (reported as misses)
+  std::int64_t prefetched = 0;  ///< blobs read ahead and held in memory now
 };
 
 /// One blob a tier holds.
