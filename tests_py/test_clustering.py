@@ -15,14 +15,20 @@ def topic_keys(rng, heads=2, tokens=3000, dim=32, topics=24, run=20, noise=0.3):
     return keys.astype(np.float32), centres, topic_of
 
 
-def reference_select(index, q, budget, window=0, per_query_head=False):
-    """NumPy re-statement of ClusterIndex.select from the index's arrays."""
+def reference_select(index, q, budget, window=0, per_query_head=False, prompt=None):
+    """NumPy re-statement of ClusterIndex.select from the index's arrays (``prompt``:
+    tokens the index was built on, default all)."""
+    prompt = index.tokens if prompt is None else prompt
     heads, tokens, sink, end = index.heads, index.tokens, index.sink, index.clustered_until
     group = q.shape[0] // heads
-    if budget >= tokens:
+    # The budget holds tokens of the clustered range; unclustered ones come on top (or,
+    # right after they were clustered, the newest decoded token).
+    on_top = tokens - end or int(tokens > prompt)
+    count = min(budget, tokens - on_top) + on_top
+    if count >= tokens:
         rows = q.shape[0] if per_query_head else heads
         return np.tile(np.arange(tokens, dtype=np.int32), (rows, 1))
-    recent = max(sink, min(end, tokens - window))
+    recent = max(sink, min(tokens - on_top, tokens - window))
     always = list(range(sink)) + list(range(recent, tokens))
     out = []
     for r in range(q.shape[0] if per_query_head else heads):
@@ -34,7 +40,7 @@ def reference_select(index, q, budget, window=0, per_query_head=False):
         for c in ranked:
             members = index.order[head, index.offsets[head, c] : index.offsets[head, c + 1]]
             for t in members:
-                if len(taken) == budget:
+                if len(taken) == count:
                     break
                 if t not in always:
                     taken.append(int(t))
@@ -98,8 +104,14 @@ def test_append_clusters_every_interval(rng):
     assert np.all(index.labels[:, 1000:1064] >= 10)
     q = rng.standard_normal((2, 32)).astype(np.float32)
     selection = index.select(q, 200)
-    assert np.all(np.isin(np.arange(1064, 1100), selection))  # unclustered window attended
-    np.testing.assert_array_equal(selection, reference_select(index, q, 200))
+    assert selection.shape == (2, 200 + 36)  # the unclustered window on top of the budget
+    assert np.all(np.isin(np.arange(1064, 1100), selection))
+    np.testing.assert_array_equal(selection, reference_select(index, q, 200, prompt=1000))
+    for i in range(100, 128):  # the next batch is clustered at 1128: the newest is on top
+        index.append(keys[:, i])
+    selection = index.select(q, 200)
+    assert selection.shape == (2, 201) and np.all(selection[:, -1] == 1127)
+    np.testing.assert_array_equal(selection, reference_select(index, q, 200, prompt=1000))
 
 
 def test_quest_pages_and_selection(rng):
@@ -163,7 +175,8 @@ def test_step_attends_exactly_the_selection(rng, method, per_query_head):
         k = np.concatenate([k, new_k[:, None]], axis=1)
         v = np.concatenate([v, new_v[:, None]], axis=1)
         selection = recall.last_selection
-        assert selection.shape == (8 if per_query_head else 2, 256)
+        decoded = step + 1 if method == "clusterkv" else 0  # unclustered: on top of the budget
+        assert selection.shape == (8 if per_query_head else 2, 256 + decoded)
         assert selection[0, -1] == k.shape[1] - 1  # the new token is attended
         expected, _, _ = reference.decode_attention(q, k, v, indices=selection)
         np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
@@ -179,10 +192,10 @@ def test_recalled_clusters_stay_in_the_fast_tier(rng):
     q = rng.standard_normal((2, 32)).astype(np.float32)
     recall.step(q, keys[:, 0], keys[:, 0])
     first = recall.last_step
-    assert first["hits"] == 0 and first["loaded"] == 512
+    assert first["hits"] == 0 and first["loaded"] == 2 * (256 + 1)
     recall.step(q, keys[:, 1], keys[:, 1])  # same query: only the new token is missing
     second = recall.last_step
-    assert second["loaded"] == 2 and second["hits"] == 510
+    assert second["loaded"] == 2 and second["hits"] == 2 * (256 + 1)
     assert recall.total["steps"] == 2
 
 
@@ -296,3 +309,31 @@ def test_step_rejects_non_finite_token(rng):
     with pytest.raises(ValueError, match="new_key: contains NaN or Inf"):
         recall.step(np.ones((2, 32), np.float32), bad, keys[:, 0])
     assert recall.tokens == 500  # nothing appended
+
+
+def test_decoded_window_is_attended_on_top_of_the_budget(rng):
+    """Budget 128 after a 1792-token prompt: every decode step recalls 128 tokens of the
+    prompt however many decoded tokens wait to be clustered (ClusterKV's reference)."""
+    keys, _, _ = topic_keys(rng, tokens=1792)
+    recall = kvpack.ClusterKV(budget=128, iters=2)
+    recall.prefill(keys, keys)
+    for step in range(330):  # past the first clustering of decoded tokens, at 320
+        new = rng.standard_normal((2, 32)).astype(np.float32)
+        recall.step(rng.standard_normal((2, 32)).astype(np.float32), new, new)
+        selection = recall.last_selection
+        tokens = 1792 + step + 1
+        on_top = (step + 1) % 320 or 1  # the unclustered tokens, or the own token
+        assert selection.shape == (2, 128 + on_top)
+        assert np.all(selection[:, -on_top:] == np.arange(tokens - on_top, tokens))
+        # The rest is the budget: 128 tokens of the prompt (and of clustered decoded ones).
+        assert np.all((selection < tokens - on_top).sum(axis=1) == 128)
+
+
+def test_own_token_is_attended_when_it_is_clustered(rng):
+    keys, _, _ = topic_keys(rng, tokens=500)
+    recall = kvpack.ClusterKV(budget=64, append_interval=8, append_clusters=2, iters=2)
+    recall.prefill(keys, keys)
+    for step in range(20):
+        new = rng.standard_normal((2, 32)).astype(np.float32)
+        recall.step(rng.standard_normal((2, 32)).astype(np.float32), new, new)
+        assert np.all(recall.last_selection[:, -1] == 500 + step)

@@ -32,7 +32,7 @@ ClusterIndex::ClusterIndex(const KVView& keys, const ClusterIndexParams& params)
                    << keys.heads << ", " << keys.tokens << ", " << keys.dim << "]");
   heads_ = keys.heads;
   dim_ = keys.dim;
-  tokens_ = keys.tokens;
+  tokens_ = prompt_tokens_ = keys.tokens;
   sink_ = std::min(params.sink, keys.tokens);
   const std::int64_t clustered = keys.tokens - sink_;
   const std::int64_t k = params.n_clusters
@@ -159,10 +159,11 @@ void ClusterIndex::select(const float* q, std::int64_t heads_q, std::int64_t bud
   const std::int64_t count = selection_size(budget);
   if (used_clusters) used_clusters->assign(static_cast<std::size_t>(rows), {});
 
-  // Always attended: the sinks, then the unclustered window and the last `window` tokens.
+  // Always attended: the sinks, then the last `window` tokens and the tokens on top of the
+  // budget (the unclustered window, or a decode step's own token just clustered).
   std::vector<std::int32_t> always;
   for (std::int64_t t = 0; t < sink_; ++t) always.push_back(static_cast<std::int32_t>(t));
-  const std::int64_t recent = std::max(sink_, std::min(a.end, tokens_ - window));
+  const std::int64_t recent = std::max(sink_, std::min(tokens_ - on_top(), tokens_ - window));
   for (std::int64_t t = recent; t < tokens_; ++t) always.push_back(static_cast<std::int32_t>(t));
 
   parallel_for(rows, [&](std::int64_t r) {

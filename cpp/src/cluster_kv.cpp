@@ -187,11 +187,13 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   // Select.
   const bool per_q = params_.per_query_head && group > 1;
   const std::int64_t rows = per_q ? heads_q : heads_;
-  const std::int64_t count = std::min(params_.budget, tokens_);
+  if (cluster_index_) cluster_index_->append(new_key);
+  // ClusterKV attends the unclustered decoded tokens on top of the budget.
+  const std::int64_t count = cluster_index_ ? cluster_index_->selection_size(params_.budget)
+                                            : std::min(params_.budget, tokens_);
   selection_.assign(static_cast<std::size_t>(rows * count), 0);
   selection_rows_ = rows;
   if (cluster_index_) {
-    cluster_index_->append(new_key);
     cluster_index_->select(q, heads_q, params_.budget, params_.window, per_q, selection_.data());
   } else {
     quest_index_->append(new_key);
@@ -200,8 +202,15 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
 
   // The fast tier must hold every selected token of a group at once; when query heads
   // select on their own it is resized (and refilled) on the first step that needs more.
-  const std::int64_t need_slots = params_.recall_steps * count * (per_q ? group : 1);
-  if (need_slots > slots_) reset_fast_tier(need_slots);
+  const std::int64_t rows_per_head = per_q ? group : 1;
+  const std::int64_t need_slots = params_.recall_steps * count * rows_per_head;
+  if (need_slots > slots_) {
+    // Room at once for the largest selection to come (the budget and a full unclustered
+    // window), so the growing window never empties the fast tier.
+    const std::int64_t most =
+        cluster_index_ ? std::min(params_.budget, tokens_) + params_.index.append_interval : 0;
+    reset_fast_tier(std::max(need_slots, params_.recall_steps * most * rows_per_head));
+  }
 
   // Gather: make the selection resident, loading only the misses.
   std::vector<std::vector<std::int32_t>> needed(static_cast<std::size_t>(heads_));

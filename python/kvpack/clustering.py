@@ -148,9 +148,10 @@ class ClusterIndex:
     ) -> np.ndarray:
         """Token ids to attend for the decode query ``q``.
 
-        Sinks, the unclustered window and the last ``window`` tokens always; then whole
-        clusters in the order of ``q . centroid`` until ``budget`` tokens, the last
-        cluster cut to fit.
+        ``budget`` tokens of the clustered range: the sinks, the last ``window`` tokens and
+        the newest token always, then whole clusters in the order of ``q . centroid``, the
+        last cluster cut to fit. The unclustered window (decoded tokens waiting to be
+        clustered) comes on top of the budget, as in ClusterKV's reference code.
 
         Parameters
         ----------
@@ -165,7 +166,8 @@ class ClusterIndex:
 
         Returns
         -------
-        ndarray of int32, shape (heads_kv or heads_q, min(budget, tokens)), ascending rows
+        ndarray of int32, shape (heads_kv or heads_q, min(budget, clustered_until) +
+        tokens - clustered_until), ascending rows
         """
         return self._index.select(q, budget, window, per_query_head)
 
@@ -238,7 +240,9 @@ class ClusterKV:
     Parameters
     ----------
     budget : int
-        Tokens attended per step [1024].
+        Tokens attended per step [1024]. ClusterKV attends the decoded tokens not yet
+        clustered (fewer than ``append_interval``) on top of it, as its reference code
+        does, and every step its own token.
     method : {"clusterkv", "quest"}
     n_clusters, sink, iters, seed, init, append_interval, append_clusters
         ClusterKV clustering (see :class:`ClusterIndex`); unused by Quest. The automatic
@@ -262,8 +266,8 @@ class ClusterKV:
     >>> ckv = kvpack.ClusterKV(budget=256)
     >>> ckv.prefill(k, k)
     >>> out = ckv.step(rng.standard_normal((8, 64)), k[:, -1], k[:, -1])
-    >>> out.shape, ckv.last_step["selected"]
-    ((8, 64), 512)
+    >>> out.shape, ckv.last_step["selected"]  # 256 + the decoded token, per KV head
+    ((8, 64), 514)
     """
 
     def __init__(

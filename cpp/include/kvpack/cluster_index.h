@@ -46,20 +46,27 @@ class ClusterIndex {
   /// Adds new tokens' keys [heads, n, dim]; clusters every append_interval of them.
   void append(const KVView& new_keys);
 
-  /// Selects `budget` tokens (all when budget >= tokens) for the query q [heads_q, dim]:
-  /// sinks, the unclustered window and the last `window` tokens always, then whole
-  /// clusters by q . centroid, the last one cut to fit. Rows are per KV head (the
-  /// group's scores summed) or, when per_query_head, per query head.
+  /// Selects tokens for the query q [heads_q, dim]: `budget` of the clustered range
+  /// (sinks and the last `window` tokens always, then whole clusters by q . centroid, the
+  /// last one cut to fit), and on top of it the appended tokens not yet clustered, as
+  /// ClusterKV does; right after they were clustered, the newest appended token (a decode
+  /// step's own). Rows are per KV head (the group's scores summed) or, when
+  /// per_query_head, per query head.
   /// @param out          size rows * selection_size(budget), ascending per row
   /// @param used_clusters null, or one list per row of the clusters that contributed
   void select(const float* q, std::int64_t heads_q, std::int64_t budget, std::int64_t window,
               bool per_query_head, std::int32_t* out,
               std::vector<std::vector<std::int32_t>>* used_clusters = nullptr) const;
 
-  /// Tokens per row that select returns for `budget`.
+  /// Tokens per row that select returns for `budget`: up to `budget` of the clustered
+  /// range, plus the tokens always attended on top of it (on_top()).
   std::int64_t selection_size(std::int64_t budget) const {
-    return budget < tokens_ ? budget : tokens_;
+    const std::int64_t in_range = arrays_->end - (newest_clustered() ? 1 : 0);
+    return (budget < in_range ? budget : in_range) + on_top();
   }
+  /// Tokens attended on top of the budget: the unclustered appended tokens, or the newest
+  /// appended token when it was just clustered.
+  std::int64_t on_top() const { return tokens_ - arrays_->end + (newest_clustered() ? 1 : 0); }
 
   std::int64_t heads() const { return heads_; }
   std::int64_t dim() const { return dim_; }
@@ -74,7 +81,10 @@ class ClusterIndex {
   void add_clusters(const KVView& keys, std::int64_t first, std::int64_t k);
 
   ClusterIndexParams params_;
-  std::int64_t heads_ = 0, dim_ = 0, tokens_ = 0, sink_ = 0;
+  // True when the newest token was appended after the prompt and is already clustered.
+  bool newest_clustered() const { return tokens_ > prompt_tokens_ && arrays_->end == tokens_; }
+
+  std::int64_t heads_ = 0, dim_ = 0, tokens_ = 0, sink_ = 0, prompt_tokens_ = 0;
   std::shared_ptr<const ClusterArrays> arrays_;
   std::vector<std::vector<float>>
       pending_;  // per head: pending_tokens_ * dim float keys not yet clustered

@@ -21,7 +21,9 @@ enum class RecallMethod : int { ClusterKV = 0, Quest = 1 };
 /// Parameters of ClusterKV.
 struct ClusterKVParams {
   RecallMethod method = RecallMethod::ClusterKV;
-  std::int64_t budget = 1024;  ///< tokens attended per step (per KV head or query head)
+  /// Tokens attended per step (per KV head or query head); ClusterKV attends its decoded
+  /// tokens not yet clustered (at most index.append_interval) on top of it.
+  std::int64_t budget = 1024;
   std::int64_t window =
       0;  ///< most recent tokens always attended (besides sinks and the unclustered window)
   std::int64_t recall_steps = 1;  ///< R: tokens recalled in the last R steps stay in the fast tier
