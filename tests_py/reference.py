@@ -135,8 +135,7 @@ def cam_head(keys, values, scores, slots, sinks=4, merge_window=32):
     window = slots - sinks
     if window > 0:
         for e in range(sinks, tokens - window):
-            kept = np.concatenate([a[:sinks], a[e + 1 : e + window + 1]])
-            mean = kept.mean()
+            mean = a[e + 1 : e + window + 1].mean()  # the recent window after e
             p = min(1.0, max(0.0, a[e] / mean)) if mean > 0 else 0.0
             for j in range(e + 1, min(e + merge_window, e + window) + 1):
                 v[j] += p / merge_window * v[e]

@@ -384,3 +384,26 @@ def test_merging_sets_histogram_and_fraction(rng):
     profile = kvpack.similarity_profile([keys, np.ascontiguousarray(keys[:, :50])])
     assert profile.shape == (2, 2)
     np.testing.assert_allclose(profile[0], sim.mean(axis=1), rtol=1e-6)
+
+
+def test_cam_merge_probability_is_relative_to_the_recent_window():
+    """CaM's reference divides an evicted token's score by the mean over the recent window
+    after it, not over sinks and window: sinks holding most of the attention must not
+    make it merge less."""
+    tokens, slots, sinks, spread = 12, 6, 2, 4
+    keys = np.zeros((1, tokens, 4), np.float32)
+    values = np.zeros((1, tokens, 4), np.float32)
+    values[0, :, 0] = np.arange(1, tokens + 1)  # value of token t: t + 1 in channel 0
+    scores = np.full((1, tokens), 0.02, np.float32)
+    scores[0, :sinks] = 0.4  # the sinks draw most of the attention
+    result = kvpack.compress(
+        keys, values, "cam", slots, attention=scores, sinks=sinks, merge_window=spread
+    )
+    merged = values[0, :, 0].astype(np.float64)
+    for e in range(sinks, tokens - (slots - sinks)):
+        p = min(1.0, scores[0, e] / scores[0, e + 1 : e + 1 + slots - sinks].mean())
+        assert p == pytest.approx(1.0)  # as large as its successors: merged in full
+        for j in range(e + 1, min(e + spread, e + slots - sinks) + 1):
+            merged[j] += p / spread * merged[e]
+    np.testing.assert_array_equal(result.positions[0], [0, 1, 8, 9, 10, 11])
+    np.testing.assert_allclose(result.values[0, :, 0], merged[[0, 1, 8, 9, 10, 11]], rtol=1e-6)

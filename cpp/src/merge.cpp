@@ -224,12 +224,13 @@ void cam_head(const KVView& keys, const KVView& values, std::int64_t head, const
       to_float(values.row(head, t), values.dtype, dim, merged.data() + (t - sinks) * dim);
     std::vector<double> prefix(static_cast<std::size_t>(tokens + 1), 0.0);
     for (std::int64_t t = 0; t < tokens; ++t) prefix[t + 1] = prefix[t] + scores[t];
-    const double sink_sum = prefix[sinks];
     const std::int64_t spread = params.merge_window;
     for (std::int64_t e = sinks; e < evicted_end; ++e) {
-      // When e leaves, the window holds e + 1 .. e + window.
+      // When e leaves, the window holds e + 1 .. e + window; as CaM's reference code, its
+      // score is compared with their mean (the sinks, which often draw most attention,
+      // would make every merge improbable).
       const double kept_mean =
-          (sink_sum + prefix[e + window + 1] - prefix[e + 1]) / static_cast<double>(sinks + window);
+          (prefix[e + window + 1] - prefix[e + 1]) / static_cast<double>(window);
       const double p = kept_mean > 0.0 ? std::min(1.0, std::max(0.0, scores[e] / kept_mean)) : 0.0;
       if (p == 0.0) continue;
       const float share = static_cast<float>(p / static_cast<double>(spread));

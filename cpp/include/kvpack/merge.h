@@ -57,8 +57,9 @@ struct CaMParams {
 /// CaM on head `head`: keeps the sinks and the latest budget - sinks tokens. Walking
 /// the sequence as a window slides over it, each token that leaves adds p / m of its
 /// (already merged) value to each of the next m tokens still in the window, with
-/// p = min(1, its score / the mean score of the tokens kept at that moment) — the
-/// expectation of the paper's Bernoulli merge, so results are deterministic. A share is
+/// p = min(1, its score / the mean score of the recent window after it: the tokens
+/// e + 1 .. e + budget - sinks, as CaM's reference code) — the expectation of the
+/// paper's Bernoulli merge, so results are deterministic. A share is
 /// always p / merge_window; successors past the window's end receive none (as in the
 /// paper's code, that part of the mass is dropped). Keys of
 /// evicted tokens are dropped; counts are 1.
