@@ -84,3 +84,41 @@ def test_cache_folder_defaults(monkeypatch, tmp_path):
     assert pretrained.cache_folder(NAME) == tmp_path / NAME
     monkeypatch.delenv("KVPACK_CACHE")
     assert pretrained.cache_folder(NAME) == Path.home() / ".cache" / "kvpack" / NAME
+
+
+@pytest.fixture(scope="module")
+def smollm2(cache_dir):
+    return load_pretrained(NAME, cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize("method", ["dynamic", "full", "clusterkv", "quest", "kivi"])
+def test_uncompressed_kvpack_cache_equals_plain_forward_on_smollm2(smollm2, method):
+    """Through kvpack.hf on the real model (GQA 9/3, 30 layers): a budget covering the
+    prompt reproduces one plain forward's perplexity over held-out text."""
+    from kvpack import evaluation
+
+    model, tokenizer = smollm2
+    context = 256
+    budget = 1.0 if method in ("dynamic", "full") else 4096
+    ours = evaluation.perplexity(
+        model, method, budget, context=context, windows=1, seed=2, tokenizer=tokenizer
+    )
+    (ids,) = evaluation._text_windows(context, 0.75, 1, 2, tokenizer).texts
+    split = round(0.75 * context)
+    with torch.no_grad():
+        logits = model(ids).logits[0, split - 1 : -1].double()
+    loss = torch.nn.functional.cross_entropy(logits, ids[0, split:], reduction="none")
+    assert ours == pytest.approx(float(torch.exp(loss.mean())), rel=2e-4)
+
+
+def test_eval_cli_on_smollm2(smollm2, cache_dir, monkeypatch, capsys, tmp_path):
+    from kvpack.cli import main
+
+    monkeypatch.setenv("KVPACK_CACHE", str(cache_dir))
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", NAME, "--task", "perplexity", "--methods", "full,cam"]
+    argv += ["--budgets", "0.5", "--windows", "1", "--context", "256", "--quiet"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert "cam" in capsys.readouterr().out and out.exists()
+    assert main(["eval", "--model", NAME, "--task", "passkey"]) == 2
+    assert "not a byte-level model" in capsys.readouterr().err

