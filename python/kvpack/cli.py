@@ -23,7 +23,7 @@ from .demo import run as run_demo
 __all__ = ["main"]
 
 
-TASKS = ("passkey", "perplexity", "long-perplexity", "fidelity")
+TASKS = ("passkey", "ruler", "perplexity", "long-perplexity", "fidelity")
 
 
 class UserError(Exception):
@@ -58,6 +58,11 @@ def _load_model(name: str, task: str):
     from .models import PRETRAINED, load_pretrained, load_tiny_lm, tasks
 
     if name == "tiny":
+        if task == "ruler":
+            raise UserError(
+                "--task ruler builds prompts with a subword tokenizer: tiny reads bytes "
+                "(use --task passkey)"
+            )
         return load_tiny_lm()
     if name in PRETRAINED:
         if task == "passkey":
@@ -80,6 +85,11 @@ def _load_model(name: str, task: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"--model: cannot load {name}: {error}") from None
+    if task == "ruler" and model.config.vocab_size == tasks.VOCAB_SIZE:
+        raise UserError(
+            f"--task ruler builds prompts with a subword tokenizer: {name} reads bytes "
+            "(use --task passkey)"
+        )
     if task == "passkey" and model.config.vocab_size != tasks.VOCAB_SIZE:
         raise UserError(
             f"--task passkey feeds bytes: {name} is not a byte-level model "
@@ -92,7 +102,8 @@ def _tokenizer(name: str, model, task: str):
     """The checkpoint's tokenizer for perplexity on a model that does not read bytes."""
     from .models import tasks
 
-    if task not in ("perplexity", "long-perplexity") or model.config.vocab_size == tasks.VOCAB_SIZE:
+    reads_text = ("perplexity", "long-perplexity", "ruler")
+    if task not in reads_text or model.config.vocab_size == tasks.VOCAB_SIZE:
         return None
     from transformers import AutoTokenizer
 
@@ -170,7 +181,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
     layers = _fidelity_layers(args, model) if args.task == "fidelity" else None
     tokenizer = _tokenizer(args.model, model, args.task)
-    per_run = {"passkey": args.prompts, "fidelity": 1}.get(args.task, args.windows)
+    from .models import ruler
+
+    per_run = {
+        "passkey": args.prompts,
+        "ruler": args.prompts * len(ruler.TASKS),
+        "fidelity": 1,
+    }.get(args.task, args.windows)
     selection = args.windows if args.task == "long-perplexity" else 0
     bar = tqdm(
         total=selection + len(methods) * len(budgets) * per_run,
@@ -206,7 +223,21 @@ def run_eval(args: argparse.Namespace) -> int:
     for method in methods:
         for budget in budgets:
             bar.set_postfix_str(f"{method} @ {budget}")
-            if args.task == "passkey":
+            details = None
+            if args.task == "ruler":
+                details = evaluation.ruler_scores(
+                    model,
+                    tokenizer,
+                    _hf_method(method),
+                    budget,
+                    context=args.context,
+                    samples=args.prompts,
+                    seed=args.seed,
+                    skip_layers=args.skip_layers,
+                    progress=bar.update,
+                )
+                value = details["average"]
+            elif args.task == "passkey":
                 value = evaluation.passkey_accuracy(
                     model,
                     _hf_method(method),
@@ -242,10 +273,13 @@ def run_eval(args: argparse.Namespace) -> int:
                     "budget": budget,
                     "context": args.context,
                     "value": value,
+                    **({"tasks": details} if details else {}),
                 }
             )
     bar.close()
     print(_table(results, methods, budgets, args.task))
+    if args.task == "ruler":
+        print(_ruler_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
         print(f"results: {args.json}")
@@ -270,6 +304,7 @@ def _hf_method(method: str) -> str:
 
 VALUE_NAMES = {
     "passkey": "pass-key accuracy",
+    "ruler": "RULER-style task average (string match)",
     "perplexity": "perplexity",
     "long-perplexity": "perplexity of context-dependent tokens",
     "fidelity": "attention-output relative error",
@@ -282,6 +317,16 @@ def _table(results, methods, budgets, task) -> str:
     for method in methods:
         values = [r["value"] for r in results if r["method"] == method]
         lines.append(f"{method:<16}" + "".join(f"{v:>12.4g}" for v in values))
+    return "\n".join(lines)
+
+
+def _ruler_table(results) -> str:
+    from .models import ruler
+
+    lines = ["per task", f"{'method @ budget':<24}" + "".join(f"{t[:10]:>11}" for t in ruler.TASKS)]
+    for r in results:
+        label = f"{r['method']} @ {_budget_label(r['budget'])}"
+        lines.append(f"{label:<24}" + "".join(f"{r['tasks'][t]:>11.2f}" for t in ruler.TASKS))
     return "\n".join(lines)
 
 
@@ -364,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--task",
         choices=TASKS,
         default="passkey",
-        help="passkey: retrieval accuracy; perplexity: on held-out text; long-perplexity: on "
+        help="passkey: retrieval accuracy (byte models); ruler: seven RULER-style tasks "
+        "with the model's tokenizer; perplexity: on held-out text; long-perplexity: on "
         "its tokens that need the distant prompt; fidelity: attention error [passkey]",
     )
     ev.add_argument(
@@ -378,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated tokens (>= 1) or shares of the context (< 1)",
     )
     ev.add_argument("--context", type=int, default=2048, help="tokens per prompt [2048]")
-    ev.add_argument("--prompts", type=int, default=20, help="pass-key prompts [20]")
+    ev.add_argument(
+        "--prompts", type=int, default=20, help="pass-key prompts, or prompts per ruler task [20]"
+    )
     ev.add_argument("--windows", type=int, default=8, help="perplexity text windows [8]")
     ev.add_argument(
         "--filler",

@@ -25,6 +25,7 @@ __all__ = [
     "long_context_perplexity",
     "passkey_accuracy",
     "perplexity",
+    "ruler_scores",
 ]
 
 Progress = Callable[[int], None]
@@ -113,6 +114,93 @@ def passkey_accuracy(
         if progress:
             progress(len(chunk))
     return correct / prompts
+
+
+def ruler_scores(
+    model,
+    tokenizer,
+    method: str = "dynamic",
+    budget: int | float = 1.0,
+    *,
+    tasks=None,
+    context: int = 2048,
+    samples: int = 4,
+    seed: int = 0,
+    skip_layers: int = 2,
+    options: dict | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """RULER-style task scores of a subword model decoding from ``method``'s cache.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+    tokenizer : transformers tokenizer
+        ``model``'s own: prompts are built from its tokens (:mod:`kvpack.models.ruler`).
+    method : str
+        ``"dynamic"`` or one of :data:`kvpack.hf.METHODS`.
+    budget : int or float
+        Tokens (or fraction of the prompt) the method keeps or recalls.
+    tasks : sequence of str, optional
+        Of :data:`kvpack.models.ruler.TASKS` (default all).
+    context : int
+        Prompt tokens.
+    samples : int
+        Prompts per task; needles at depths evenly spread from start to end.
+    seed : int
+        Equal seeds give equal prompts for every method.
+    skip_layers : int
+        First layers the method leaves uncompressed.
+    options : dict, optional
+        The method's options.
+    progress : callable, optional
+        Called with 1 after each prompt.
+
+    Returns
+    -------
+    dict
+        Task name -> mean score in [0, 1] (RULER's string match: the share of expected
+        answers in the output), and ``"average"`` over the tasks.
+    """
+    import torch
+
+    from .models import ruler
+
+    tasks = tuple(ruler.TASKS if tasks is None else tasks)
+    unknown = [t for t in tasks if t not in ruler.TASKS]
+    if unknown or not tasks:
+        raise ValueError(
+            f"tasks: expected some of {', '.join(ruler.TASKS)}, got {unknown or tasks}"
+        )
+    if samples < 1:
+        raise ValueError(f"samples: expected at least 1, got {samples}")
+    if not (callable(tokenizer) and hasattr(tokenizer, "eos_token_id")):
+        raise TypeError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer)}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scores = {}
+    for index, task in enumerate(tasks):
+        total = 0.0
+        for i in range(samples):
+            rng = np.random.default_rng([seed, index, i])
+            depth = i / max(1, samples - 1)
+            sample = ruler.make_sample(task, tokenizer, context, rng, depth=depth)
+            ids = torch.tensor([sample.prompt])
+            with torch.no_grad():
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    **_cache(model, method, budget, skip_layers, options),
+                    max_new_tokens=sample.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+            answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            total += ruler.score(answer, sample.answers)
+            if progress:
+                progress(1)
+        scores[task] = total / samples
+    scores["average"] = float(np.mean([scores[t] for t in tasks]))
+    return scores
 
 
 # The perplexity windows' defaults: the prompt's share of a window, and the prompt tokens

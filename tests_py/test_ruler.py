@@ -1,0 +1,89 @@
+"""RULER-style tasks built with SmolLM2's tokenizer: exact lengths, needles where asked,
+answers the prompt holds, RULER's string-match score; the eval CLI runs them."""
+
+import re
+
+import numpy as np
+import pytest
+
+from kvpack.models import load_pretrained, ruler
+
+NEEDLE_TASKS = ("passkey", "single_needle", "multikey", "multivalue", "variable_tracking")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_pretrained("smollm2-135m")[1]
+
+
+@pytest.mark.parametrize("task", ruler.TASKS)
+@pytest.mark.parametrize("length", [512, 2048])
+def test_samples_have_the_length_and_hold_their_answers(tokenizer, task, length):
+    sample = ruler.make_sample(task, tokenizer, length, np.random.default_rng(7), depth=0.3)
+    if task in NEEDLE_TASKS:
+        assert len(sample.prompt) == length
+    else:  # word lists: the longest that fits
+        assert length - 12 <= len(sample.prompt) <= length
+    assert sample.prompt[0] == tokenizer.bos_token_id
+    text = tokenizer.decode(sample.prompt)
+    for answer in sample.answers:
+        assert answer in text
+    if task == "multikey":  # the value asked for is the asked key's, among distractors
+        key = re.search(r"magic number for (\w+) mentioned", text).group(1)
+        assert f"numbers for {key} is: {sample.answers[0]}." in text
+        assert len(re.findall(r"special magic numbers for \w+ is:", text)) == 4
+    if task == "common_words":  # the ten answers are the ten most frequent list items
+        items = re.findall(r"^\d+\. (\w+)$", text, flags=re.MULTILINE)
+        words, counts = np.unique(items, return_counts=True)
+        assert set(words[np.argsort(-counts, kind="stable")][:10]) == set(sample.answers)
+    if task == "frequent_words":
+        items = re.findall(r"^\d+\. (\w+)$", text, flags=re.MULTILINE)
+        words, counts = np.unique(items, return_counts=True)
+        assert list(words[np.argsort(-counts, kind="stable")][:3]) == sample.answers
+
+
+def test_needle_depth_and_determinism(tokenizer):
+    positions = []
+    for depth in (0.0, 0.5, 1.0):
+        rng = np.random.default_rng(1)
+        sample = ruler.make_sample("single_needle", tokenizer, 1024, rng, depth)
+        positions.append(sample.text.index(sample.answers[0]) / len(sample.text))
+    assert positions[0] < 0.15 and 0.35 < positions[1] < 0.65 and positions[2] > 0.85
+    a = ruler.make_sample("multivalue", tokenizer, 700, np.random.default_rng(3))
+    b = ruler.make_sample("multivalue", tokenizer, 700, np.random.default_rng(3))
+    assert a.prompt == b.prompt and a.answers == b.answers
+
+
+def test_string_match_score_and_bad_input(tokenizer):
+    assert ruler.score(" 1234567 and 7654321", ["1234567", "7654321"]) == 1.0
+    assert ruler.score("ABCDE, fghij", ["abcde", "FGHIJ", "zzzzz", "yyyyy"]) == 0.5
+    assert ruler.score("nothing", ["1234567"]) == 0.0
+    with pytest.raises(ValueError, match="answers"):
+        ruler.score("x", [])
+    with pytest.raises(ValueError, match="task: expected one of"):
+        ruler.make_sample("qa", tokenizer, 512, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="depth"):
+        ruler.make_sample("passkey", tokenizer, 512, np.random.default_rng(0), depth=1.5)
+    with pytest.raises(ValueError, match="length"):
+        ruler.make_sample("passkey", tokenizer, 40, np.random.default_rng(0))
+
+
+def test_eval_cli_ruler_on_smollm2(capsys, tmp_path):
+    import json
+
+    from kvpack.cli import main
+
+    out = tmp_path / "ruler.json"
+    argv = ["eval", "--model", "smollm2-135m", "--task", "ruler", "--methods", "full"]
+    argv += ["--budgets", "0.5", "--prompts", "1", "--context", "320", "--quiet"]
+    assert main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "RULER-style task average" in printed and "per task" in printed
+    results = json.loads(out.read_text())
+    assert [r["method"] for r in results] == ["full"]
+    for r in results:
+        assert set(r["tasks"]) == {*ruler.TASKS, "average"}
+        assert r["value"] == pytest.approx(np.mean([r["tasks"][t] for t in ruler.TASKS]))
+    assert results[0]["tasks"]["passkey"] == 1.0  # the full cache finds a shallow pass key
+    assert main(["eval", "--model", "tiny", "--task", "ruler"]) == 2
+    assert "subword tokenizer" in capsys.readouterr().err
