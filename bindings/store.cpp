@@ -196,9 +196,12 @@ void bind_store(py::module_& m) {
         KVPACK_ARG_CHECK(verify_blob(*blob),
                          "blob: not a kvpack blob, or corrupt (header or checksum mismatch)");
         DecodedKV decoded;
-        {
+        try {
           py::gil_scoped_release release;
           decoded = decode(blob, false);
+        } catch (const std::runtime_error& error) {
+          // A checksummed but malformed blob is bad input too.
+          throw std::invalid_argument(std::string("blob: ") + error.what());
         }
         py::dict out = decoded_dict(std::move(decoded));
         out["key"] = read_blob_info(blob->data(), blob->size()).key;

@@ -71,6 +71,85 @@ def test_xxh64_matches_reference(size):
         assert _core.xxh64(data, seed) == xxhash.xxh64_intdigest(data, seed=seed)
 
 
+def _forged(blob: bytes, edit) -> bytes:
+    """``blob`` with ``edit(bytearray)`` applied, its checksum made valid again: what anyone
+    who can write to a shared tier can plant (XXH64 is no MAC)."""
+    data = bytearray(blob)
+    edit(data)
+    seed = xxhash.xxh64_intdigest(bytes(data[:40]))
+    data[40:48] = xxhash.xxh64_intdigest(bytes(data[48:]), seed=seed).to_bytes(8, "little")
+    return bytes(data)
+
+
+def _record(data, layer=0):
+    """Offset of a layer record: after the 64-byte header and the key, 8-byte aligned."""
+    key_bytes = int.from_bytes(data[48:52], "little")
+    return (64 + key_bytes + 7) // 8 * 8 + 32 * layer
+
+
+def _put_u(data, at, width, value):
+    data[at : at + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
+
+
+HOSTILE = {
+    # offset + bytes wraps past 2^64 onto memory before the buffer
+    "wrapping offset": lambda d: _put_u(d, _record(d) + 16, 8, -(8 << 20)),
+    "offset past the end": lambda d: _put_u(d, _record(d) + 16, 8, len(d) + 64),
+    "unaligned offset": lambda d: _put_u(d, _record(d) + 16, 8, _u(d, _record(d) + 16, 8) + 4),
+    # heads x tokens x dim x 4 overflows to a small number
+    "overflowing shape": lambda d: (
+        _put_u(d, _record(d), 4, 1 << 31),
+        _put_u(d, _record(d) + 4, 4, 1 << 31),
+        _put_u(d, _record(d) + 12, 4, 1 << 2),
+    ),
+    "huge shape": lambda d: _put_u(d, _record(d) + 4, 4, (1 << 32) - 1),
+}
+
+
+def _u(data, at, width):
+    return int.from_bytes(data[at : at + width], "little")
+
+
+@pytest.mark.parametrize("codec", ["none", "kivi-2", "h2o-0.5"])
+@pytest.mark.parametrize("attack", sorted(HOSTILE))
+def test_forged_layer_table_is_refused_not_read(rng, codec, attack):
+    kv = context(rng, tokens=64)
+    blob = _forged(encode(kv, codec, key="victim"), HOSTILE[attack])
+    with pytest.raises(ValueError, match="blob: not a valid kvpack blob"):
+        decode(blob)
+
+
+def test_forged_positions_and_counts_are_refused(rng):
+    kv = context(rng, tokens=64)
+    blob = encode(kv, "h2o-0.5", key="k")
+    heads, tokens, dim = 2, 32, 32
+    offset = _u(blob, _record(blob) + 16, 8)
+    positions = offset + 2 * heads * tokens * dim * 4  # after keys and values (float32)
+    counts = positions + 4 * heads * tokens
+    edits = {
+        "out of range": lambda d: _put_u(d, positions, 4, 64),
+        "negative": lambda d: _put_u(d, positions, 4, -1),
+        "not ascending": lambda d: _put_u(d, positions + 4, 4, _u(d, positions, 4)),
+        "zero count": lambda d: _put_u(d, counts, 4, 0),
+    }
+    for edit in edits.values():
+        with pytest.raises(ValueError, match=r"positions|counts"):
+            decode(_forged(blob, edit))
+    assert decode(blob).positions[0].shape == (heads, tokens)  # the unforged blob is fine
+
+
+def test_forged_blob_in_a_tier_is_a_counted_miss(rng, tmp_path):
+    kv = context(rng, tokens=64)
+    with TieredStore(0, tmp_path, 64 * MB, policy="lru", bandwidths=[1e10, 1e9]) as store:
+        store.put("victim", kv)
+        (path,) = tmp_path.glob("*.kvb")
+        path.write_bytes(_forged(path.read_bytes(), HOSTILE["wrapping offset"]))
+        with pytest.raises(KeyError):
+            store.get("victim")
+        stats = store.stats()
+        assert stats["corrupt"] == 1 and "victim" not in store
+
+
 @pytest.mark.parametrize("dtype", KV_DTYPES)
 def test_codec_none_round_trip(rng, dtype):
     kv = context(rng, dtype=dtype)

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <new>
 
 #include <sys/mman.h>
@@ -178,6 +179,33 @@ EncodedLayer encode_layer(const LayerView& layer, const Codec& codec, const Evid
 
 [[noreturn]] void malformed(const std::string& what) {
   throw std::runtime_error("not a valid kvpack blob: " + what);
+}
+
+// No layer decodes to more than this many times its blob's size (KIVI 2-bit of float32
+// is 16x, plus its scales).
+constexpr std::size_t kMaxExpansion = 32;
+
+// out = the product of factors; false when it does not fit in size_t.
+bool checked_product(std::initializer_list<std::size_t> factors, std::size_t& out) {
+  out = 1;
+  for (const std::size_t f : factors)
+    if (__builtin_mul_overflow(out, f, &out)) return false;
+  return true;
+}
+
+// Positions of a token-dropping layer ascend per head within its original tokens, and
+// every slot stands for at least one token.
+void check_slots(const DecodedLayer& layer) {
+  for (std::int64_t h = 0; h < layer.heads; ++h) {
+    const std::int32_t* positions = layer.positions + h * layer.tokens;
+    const std::int32_t* counts = layer.counts + h * layer.tokens;
+    for (std::int64_t t = 0; t < layer.tokens; ++t) {
+      if (positions[t] < 0 || positions[t] >= layer.original_tokens ||
+          (t > 0 && positions[t] <= positions[t - 1]))
+        malformed("positions out of range or not ascending");
+      if (counts[t] < 1 || counts[t] > layer.original_tokens) malformed("counts");
+    }
+  }
 }
 
 }  // namespace
@@ -375,15 +403,25 @@ DecodedKV decode(const BlobPtr& blob, bool copy) {
   // Output offsets: quantized layers expand; others keep their payload layout.
   std::vector<std::size_t> out_offset(records.size());
   std::size_t out_size = 0;
+  // A blob may come from anyone who can write to a shared tier, checksum and all: every
+  // size is checked without overflow against the blob before anything is read or
+  // allocated from it.
   for (std::size_t l = 0; l < records.size(); ++l) {
     const LayerRecord& r = records[l];
-    if (r.offset + r.bytes > info.size || r.dim == 0) malformed("layer table");
-    const std::size_t kv = static_cast<std::size_t>(r.heads) * r.tokens * r.dim * elem;
-    const std::size_t index = static_cast<std::size_t>(r.heads) * r.tokens * sizeof(std::int32_t);
+    if (r.offset > info.size || r.bytes > info.size - r.offset || r.dim == 0 ||
+        r.offset % kPayloadAlignment != 0)
+      malformed("layer table");
+    std::size_t kv = 0, index = 0;
+    if (!checked_product({r.heads, r.tokens, r.dim, elem}, kv) ||
+        !checked_product({r.heads, r.tokens, sizeof(std::int32_t)}, index) ||
+        kv > info.size * kMaxExpansion)
+      malformed("layer shape");
     const std::size_t expected = info.codec.kind == CodecKind::None ? 2 * kv
                                  : drops_tokens(info.codec.kind)    ? 2 * kv + 2 * index
                                                                     : r.bytes;
     if (r.bytes != expected) malformed("layer payload size");
+    if (drops_tokens(info.codec.kind) && r.original_tokens < r.tokens)
+      malformed("layer keeps more tokens than it had");
     out_size = align_up(out_size, kPayloadAlignment);
     out_offset[l] = out_size;
     out_size += info.codec.kind == CodecKind::Quant ? 2 * kv : r.bytes;
@@ -426,6 +464,7 @@ DecodedKV decode(const BlobPtr& blob, bool copy) {
       const std::size_t index = static_cast<std::size_t>(r.heads) * r.tokens;
       layer.positions = reinterpret_cast<const std::int32_t*>(out + 2 * kv);
       layer.counts = layer.positions + index;
+      check_slots(layer);
     }
   });
   return decoded;

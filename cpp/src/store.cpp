@@ -420,14 +420,14 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
       }
     }
     lock.unlock();
-    return served(blob, tier, io, quality, shared);
+    return served(key, blob, tier, io, quality, shared);
   }
   // Not held here (or unreadable): a shared remote tier may have it from another process.
   if (params_.remote) {
     const auto start = Clock::now();
     BlobPtr blob = tiers_.back()->get(key);
     if (blob)
-      return served(blob, static_cast<int>(tiers_.size()) - 1, seconds_since(start),
+      return served(key, blob, static_cast<int>(tiers_.size()) - 1, seconds_since(start),
                     std::numeric_limits<double>::quiet_NaN(), false);
   }
   std::lock_guard<std::mutex> lock(mutex_);
@@ -435,15 +435,25 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
   return std::nullopt;
 }
 
-GetResult TieredStore::served(const BlobPtr& blob, int tier, double io_seconds, double quality,
-                              bool shared) {
+std::optional<GetResult> TieredStore::served(const std::string& key, const BlobPtr& blob, int tier,
+                                             double io_seconds, double quality, bool shared) {
   GetResult result;
   result.tier = tiers_[tier]->name();
   result.bytes = stored_bytes(blob->size());
   result.io_seconds = io_seconds;
   result.quality = quality;
   const auto start = Clock::now();
-  result.kv = decode(blob, shared);
+  try {
+    result.kv = decode(blob, shared);
+  } catch (const std::runtime_error&) {
+    // Checksummed but malformed (written by someone else): never served, dropped, counted.
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++counters_.corrupt;
+    ++counters_.misses;
+    if (entries_.count(key)) drop(key);
+    tiers_[tier]->remove(key);
+    return std::nullopt;
+  }
   result.decode_seconds = seconds_since(start);
   std::lock_guard<std::mutex> lock(mutex_);
   ++counters_.tiers[tier].hits;

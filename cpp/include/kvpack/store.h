@@ -132,8 +132,10 @@ class TieredStore {
   void place_lru(const std::string& key, const BlobPtr& blob);
   void make_room(int tier, std::int64_t bytes, const std::string& keep);
   void drop(const std::string& key);  // forget an entry and its blob
-  // A read blob decoded (outside the lock) and counted as a hit of `tier`.
-  GetResult served(const BlobPtr& blob, int tier, double io_seconds, double quality, bool shared);
+  // A read blob decoded (outside the lock) and counted as a hit of `tier`; nothing when it
+  // is malformed (then dropped and counted as corrupt).
+  std::optional<GetResult> served(const std::string& key, const BlobPtr& blob, int tier,
+                                  double io_seconds, double quality, bool shared);
   void profile_bandwidths();
 
   StoreParams params_;
