@@ -36,7 +36,16 @@ std::string dtype_string(const py::array& array) {
   return py::str(array.dtype()).cast<std::string>();
 }
 
+// Arrays cross into the core without a copy, so their bytes must be in this machine's order:
+// a big-endian float32 has the same type number as a native one.
+void require_native(const py::array& array, const char* name) {
+  KVPACK_ARG_CHECK(array.dtype().attr("isnative").cast<bool>(),
+                   name << ": expected native byte order, got dtype " << dtype_string(array)
+                        << "; pass " << name << ".astype(" << name << ".dtype.newbyteorder('='))");
+}
+
 DType kv_dtype(const py::array& array, const char* name) {
+  require_native(array, name);
   const int num = array.dtype().num();
   if (num == kNpyFloat) return DType::Float32;
   if (num == kNpyHalf) return DType::Float16;
@@ -143,7 +152,7 @@ py::array_t<float> finite_float32(const py::array& array, const char* name, int 
                     name << ": expected a floating-point array, got dtype " << dtype_string(array));
   require_layout(array, name, ndim, layout);
   py::array_t<float> result;
-  if (array.dtype().num() == kNpyFloat) {
+  if (array.dtype().num() == kNpyFloat && array.dtype().attr("isnative").cast<bool>()) {
     result = py::reinterpret_borrow<py::array_t<float>>(array);
   } else {
     result = py::array_t<float>::ensure(array.attr("astype")("float32"));
@@ -155,6 +164,7 @@ py::array_t<float> finite_float32(const py::array& array, const char* name, int 
 IndexView index_view(const py::array& array, const char* name, std::int64_t tokens) {
   KVPACK_TYPE_CHECK(array.dtype().kind() == 'i' && array.itemsize() == 4,
                     name << ": expected dtype int32, got " << dtype_string(array));
+  require_native(array, name);
   require_layout(array, name, 2, "[heads, n]");
   IndexView view{static_cast<const std::int32_t*>(array.data()), array.shape(0), array.shape(1)};
   KVPACK_ARG_CHECK(view.count > 0, name << ": expected at least one index per row, got shape "

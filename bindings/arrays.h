@@ -39,6 +39,9 @@ py::array as_array(const py::object& object, const char* name);
 std::string shape_string(const py::array& array);
 std::string dtype_string(const py::array& array);
 
+/// ValueError unless the array's bytes are in this machine's order (read in place).
+void require_native(const py::array& array, const char* name);
+
 /// The storage dtype of a KV array; TypeError unless float32, float16 or bfloat16.
 DType kv_dtype(const py::array& array, const char* name);
 

@@ -43,6 +43,8 @@ void bind_quantization(py::module_& m) {
             }
             // Into the caller's arrays (any KV dtype), e.g. a preallocated cache.
             const py::array keys = as_array(keys_out, "out"), values = as_array(values_out, "out");
+            require_native(keys, "out");
+            require_native(values, "out");
             const auto [k, v] = kv_pair(keys, values);
             KVPACK_ARG_CHECK(keys.writeable() && values.writeable(),
                              "out: expected writable arrays");

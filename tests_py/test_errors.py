@@ -192,3 +192,25 @@ def test_thread_count_must_be_positive():
 def test_not_an_array():
     with pytest.raises(TypeError, match="keys: expected dtype"):
         kvpack.attention(Q, "not an array", V)
+
+
+def test_big_endian_arrays_are_converted_or_refused_never_misread():
+    """A '>f4' array has the type number of a native float32: the bindings must look at
+    its byte order. Small float32 inputs (queries, evidence) are converted; arrays the
+    core reads in place (keys, values, indices, out=) are refused, naming the argument."""
+    big = lambda a: a.astype(a.dtype.newbyteorder(">"))  # noqa: E731
+    expected = kvpack.attention(Q, K, V)
+    np.testing.assert_array_equal(kvpack.attention(big(Q), K, V), expected)
+    for name, args in {"keys": (Q, big(K), V), "values": (Q, K, big(V))}.items():
+        with pytest.raises(ValueError, match=rf"{name}: expected native byte order, got dtype >f2"):
+            kvpack.attention(*args)
+    with pytest.raises(ValueError, match="indices: expected native byte order"):
+        kvpack.attention(Q, K, V, big(idx([[0, 3, 9], [1, 2, 4]])))
+    keys32 = K.astype(np.float32)
+    scores = RNG.random((2, 50), dtype=np.float32)
+    native = kvpack.compress(keys32, keys32, "h2o", 20, attention=scores)
+    swapped = kvpack.compress(keys32, keys32, "h2o", 20, attention=big(scores))
+    np.testing.assert_array_equal(swapped.positions, native.positions)
+    quantized = kvpack.quantize(keys32, keys32, 4, residual=0)
+    with pytest.raises(ValueError, match="out: expected native byte order"):
+        quantized.dequantize(out=(big(np.empty_like(keys32)), big(np.empty_like(keys32))))
