@@ -229,9 +229,13 @@ bool use_cuda(const std::string& device) {
 
 float resolve_scale_arg(const std::optional<double>& scale) {
   if (!scale) return 0.0f;
-  KVPACK_ARG_CHECK(std::isfinite(*scale) && *scale > 0.0,
-                   "scale: expected a positive finite number or None, got " << *scale);
-  return static_cast<float>(*scale);
+  // 0 means "the default 1/sqrt(head_dim)" to the core: a scale that rounds to 0 (or to
+  // infinity) in float32 must not silently become it.
+  const float as_float = static_cast<float>(*scale);
+  KVPACK_ARG_CHECK(
+      std::isfinite(*scale) && *scale > 0.0 && as_float > 0.0f && std::isfinite(as_float),
+      "scale: expected a positive number representable in float32 or None, got " << *scale);
+  return as_float;
 }
 
 }  // namespace kvpack::bindings

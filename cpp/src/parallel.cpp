@@ -20,7 +20,10 @@ int num_threads() {
 }
 
 void set_num_threads(int n) {
-  KVPACK_CHECK(n >= 1, "num_threads: expected >= 1, got " << n);
+  // Beyond this a parallel region cannot start its threads (OpenMP's own limit is lower).
+  constexpr int kMaxThreads = 1024;
+  KVPACK_CHECK(n >= 1 && n <= kMaxThreads,
+               "n: expected 1 to " << kMaxThreads << " threads, got " << n);
   thread_setting().store(n);
 }
 

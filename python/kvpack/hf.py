@@ -109,6 +109,8 @@ def make_cache(
     -------
     KVPackCache
     """
+    if not hasattr(getattr(model, "config", None), "get_text_config"):
+        raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):

@@ -4,6 +4,7 @@ observations, per layer and head)."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,10 @@ def merging_sets(keys: np.ndarray, threshold: float = 0.75) -> MergingSets:
     -------
     MergingSets
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold: expected a number, got {type(threshold).__name__}")
+    if not -1.0 <= float(threshold) <= 1.0:  # NaN fails too
+        raise ValueError(f"threshold: expected a cosine similarity in [-1, 1], got {threshold}")
     similarity = adjacent_similarity(keys)
     tokens = similarity.shape[1] + 1
     starts, sizes = [], []

@@ -84,7 +84,11 @@ class StoredKV:
 
 def context_key(tokens: Sequence[int] | np.ndarray) -> str:
     """The content key of a context: SHA-256 of its token ids (as int64)."""
-    ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
+    given = np.asarray(tokens)
+    if given.dtype.kind not in "iu" and not (given.size == 0 and given.dtype.kind == "f"):
+        # Floats would be truncated: [1.5, 2.5] must not key the entry of [1, 2].
+        raise TypeError(f"tokens: expected integer token ids, got dtype {given.dtype}")
+    ids = np.ascontiguousarray(given.astype(np.int64))
     return "tokens:" + hashlib.sha256(ids.tobytes()).hexdigest()
 
 
@@ -126,7 +130,13 @@ def _redis_address(url: str) -> tuple[str, int, int]:
     db = parsed.path.strip("/")
     if db and not db.isdigit():
         raise ValueError(f"redis_url: expected a database number after '/', got {url!r}")
-    return parsed.hostname, parsed.port or 6379, int(db or 0)
+    try:
+        port = parsed.port
+    except ValueError:  # out of range
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"redis_url: expected a port from 1 to 65535, got {url!r}")
+    return parsed.hostname, port or 6379, int(db or 0)
 
 
 class TieredStore:
@@ -179,6 +189,8 @@ class TieredStore:
         timeout: float = 2.0,
     ) -> None:
         host, port, db = _redis_address(redis_url) if redis_url is not None else (None, 6379, 0)
+        if ssd_dir is not None and (str(ssd_dir) == "" or "\0" in str(ssd_dir)):
+            raise ValueError(f"ssd_dir: expected a directory path, got {str(ssd_dir)!r}")
         if ssd_dir is not None:
             _check_room(Path(ssd_dir), ssd_bytes)
         self._core = _core.TieredStore(
