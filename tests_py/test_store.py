@@ -561,16 +561,51 @@ def test_ssd_reopen_serves_every_entry(rng, tmp_path):
         for key, kv in kvs.items():
             store.put(key, kv)
         used = store.stats()["tiers"]["ssd"]["bytes"]
-    (tmp_path / "0123.kvb.99.0.tmp").write_bytes(b"partial")  # an interrupted write
-    (tmp_path / "00000000000000ff.kvb").write_bytes(b"not a blob")
+        entry_bytes = used // len(kvs)
+    (tmp_path / "00000000000000aa.kvb.99.0.tmp").write_bytes(b"partial")  # an interrupted write
+    damaged = sorted(tmp_path.glob("*.kvb"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:5000])  # a blob of the store's, truncated
+    foreign = {"notes.tmp": b"mine", "00000000000000ff.kvb": b"not a blob", "x.kvb": b"x"}
+    for name, data in foreign.items():
+        (tmp_path / name).write_bytes(data)
+    os.mkfifo(tmp_path / "00000000000000ee.kvb")  # opening a FIFO must not hang
     with TieredStore(0, tmp_path, 64 * MB, bandwidths=[1e10, 1e9], o_direct=True) as store:
-        assert store.stats()["tiers"]["ssd"]["bytes"] == used
-        assert store.stats()["corrupt"] == 1
+        assert store.stats()["corrupt"] == 1  # the truncated blob, counted and removed
+        assert store.stats()["tiers"]["ssd"]["bytes"] == used - entry_bytes
+        served = 0
         for key, kv in kvs.items():
-            got = store.get(key)
-            assert got.tier == "ssd"
-            assert_same(got.kv, kv)
-    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "00000000000000ff.kvb").exists()
+            if key in store:
+                got = store.get(key)
+                assert got.tier == "ssd"
+                assert_same(got.kv, kv)
+                served += 1
+        assert served == len(kvs) - 1
+    assert not (tmp_path / "00000000000000aa.kvb.99.0.tmp").exists() and not damaged.exists()
+    for name, data in foreign.items():  # files the store did not write are left alone
+        assert (tmp_path / name).read_bytes() == data
+
+
+def test_ssd_reopen_keeps_entries_with_long_keys(rng, tmp_path):
+    keys = ["k" * 5000, "long-" + "x" * 70000]  # headers with keys beyond 4 KiB
+    kv = context(rng, tokens=16)
+    with TieredStore(0, tmp_path, 64 * MB, policy="lru", bandwidths=[1e10, 1e9]) as store:
+        for key in keys:
+            store.put(key, kv)
+    with TieredStore(0, tmp_path, 64 * MB, policy="lru", bandwidths=[1e10, 1e9]) as store:
+        assert store.stats()["corrupt"] == 0
+        for key in keys:
+            assert_same(store.get(key).kv, kv)
+
+
+def test_ssd_fifo_in_place_of_a_blob_is_a_miss_not_a_hang(rng, tmp_path):
+    kv = context(rng, tokens=16)
+    with TieredStore(0, tmp_path, 64 * MB, policy="lru", bandwidths=[1e10, 1e9]) as store:
+        store.put("a", kv)
+        (path,) = tmp_path.glob("*.kvb")
+        path.unlink()
+        os.mkfifo(path)
+        with pytest.raises(KeyError):
+            store.get("a")
 
 
 def test_ssd_flipped_byte_is_dropped_not_served(rng, tmp_path):

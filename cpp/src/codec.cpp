@@ -277,6 +277,18 @@ Buffer::~Buffer() {
   std::free(data_);
 }
 
+bool has_blob_magic(const unsigned char* header) {
+  return std::memcmp(header, kMagic, sizeof kMagic) == 0;
+}
+
+std::size_t blob_prefix_bytes(const unsigned char* header_bytes) {
+  Header header;
+  std::memcpy(&header, header_bytes, sizeof header);
+  if (!has_blob_magic(header_bytes)) malformed("bad magic");
+  if (header.key_bytes > (1u << 20)) malformed("sizes");
+  return sizeof(Header) + header.key_bytes;
+}
+
 BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
   if (available < sizeof(Header)) malformed("shorter than its header");
   Header header;

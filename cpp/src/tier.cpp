@@ -6,7 +6,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -273,12 +275,22 @@ class SsdTier final : public Tier {
     return directory.fd >= 0 && ::fsync(directory.fd) == 0;
   }
 
+  // Opens a blob file; -1 (errno set) unless it is a regular file. Non-blocking, so a FIFO
+  // put in a blob's place cannot hang a get.
   int open_for_read(const std::string& path) const {
+    int fd = -1;
     if (params_.o_direct) {
-      const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
-      if (fd >= 0 || errno != EINVAL) return fd;  // EINVAL: no O_DIRECT on this file system
+      fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_DIRECT);
+      if (fd < 0 && errno != EINVAL) return fd;  // EINVAL: no O_DIRECT on this file system
     }
-    return ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    struct stat info {};
+    if (fd >= 0 && (::fstat(fd, &info) != 0 || !S_ISREG(info.st_mode))) {
+      ::close(fd);
+      errno = EIO;
+      return -1;
+    }
+    return fd;
   }
 
   // Reads and verifies the blob of `key`; drops it (counted) when corrupt. A helper
@@ -395,8 +407,9 @@ class SsdTier final : public Tier {
     }
   }
 
-  // Scans the directory: removes leftovers of interrupted writes and files that are not
-  // blobs, and indexes the rest by the key written in their header.
+  // Scans the directory: removes leftovers of this tier's interrupted writes, indexes its
+  // blobs by the key in their header and removes its blobs found damaged. Anything else
+  // (other files, FIFOs, files that are not kvpack blobs) is left alone.
   void rebuild_index() {
     DIR* dir = ::opendir(params_.directory.c_str());
     if (!dir) throw std::runtime_error("ssd_dir: cannot open '" + params_.directory + "'");
@@ -405,35 +418,61 @@ class SsdTier final : public Tier {
     ::closedir(dir);
     for (const std::string& name : names) {
       const std::string path = params_.directory + "/" + name;
-      if (ends_with(name, ".tmp")) {
+      if (is_temp_name(name)) {
         ::unlink(path.c_str());
         continue;
       }
-      if (!ends_with(name, ".kvb")) continue;
-      Fd file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+      if (!is_blob_name(name)) continue;
+      // Non-blocking, so a FIFO under a blob's name cannot hang the open.
+      Fd file(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
       struct stat info {};
-      std::vector<unsigned char> head(Buffer::kAlignment);
+      if (file.fd < 0 || ::fstat(file.fd, &info) != 0 || !S_ISREG(info.st_mode)) continue;
+      unsigned char header[kBlobHeaderBytes];
+      if (info.st_size < static_cast<off_t>(sizeof header) ||
+          !read_all(file.fd, header, sizeof header, 0) || !has_blob_magic(header))
+        continue;  // not a kvpack blob: not this tier's to delete
       bool indexed = false;
-      if (file.fd >= 0 && ::fstat(file.fd, &info) == 0) {
-        const auto available = static_cast<std::size_t>(
-            ::pread(file.fd, head.data(), head.size(), 0) > 0 ? std::min<off_t>(info.st_size, 4096)
-                                                              : 0);
-        try {
-          BlobInfo blob = read_blob_info(head.data(), available);
+      try {
+        // The key follows the header; it may be long, so read exactly as much as it needs.
+        std::vector<unsigned char> with_key(blob_prefix_bytes(header));
+        if (static_cast<std::size_t>(info.st_size) >= with_key.size() &&
+            read_all(file.fd, with_key.data(), with_key.size(), 0)) {
+          const BlobInfo blob = read_blob_info(with_key.data(), with_key.size());
           if (file_name(blob.key) == name &&
               static_cast<std::int64_t>(info.st_size) == stored_bytes(blob.size)) {
             index_[blob.key] = Entry{blob.size, stored_bytes(blob.size), blob.codec};
             used_ += stored_bytes(blob.size);
             indexed = true;
           }
-        } catch (const std::runtime_error&) {
         }
+      } catch (const std::runtime_error&) {
       }
-      if (!indexed) {
+      if (!indexed) {  // a kvpack blob under a blob's name, damaged: counted and removed
         ++counters_.corrupt;
         ::unlink(path.c_str());
       }
     }
+  }
+
+  // <16 hex digits>.kvb: the names file_name() gives.
+  static bool is_blob_name(const std::string& name) {
+    if (name.size() != 20 || !ends_with(name, ".kvb")) return false;
+    return std::all_of(name.begin(), name.begin() + 16,
+                       [](char c) { return std::isxdigit(static_cast<unsigned char>(c)); });
+  }
+  // <blob name>.<pid>.<serial>.tmp: write_file()'s temporary files.
+  static bool is_temp_name(const std::string& name) {
+    if (!ends_with(name, ".tmp") || name.size() < 20 || !is_blob_name(name.substr(0, 20)))
+      return false;
+    const std::string middle = name.substr(20, name.size() - 24);  // ".<pid>.<serial>"
+    int dots = 0;
+    for (const char c : middle) {
+      if (c == '.')
+        ++dots;
+      else if (!std::isdigit(static_cast<unsigned char>(c)))
+        return false;
+    }
+    return dots == 2 && middle.front() == '.';
   }
 
   const SsdParams params_;

@@ -95,6 +95,12 @@ constexpr std::size_t kBlobHeaderBytes = 64;
 /// `available` bytes; throws std::runtime_error when they are not a kvpack blob.
 BlobInfo read_blob_info(const unsigned char* data, std::size_t available);
 
+/// True when `header` (its first kBlobHeaderBytes) starts like a kvpack blob.
+bool has_blob_magic(const unsigned char* header);
+/// Bytes of a blob's header and key, from its first kBlobHeaderBytes: what
+/// read_blob_info needs. Throws std::runtime_error for a bad header.
+std::size_t blob_prefix_bytes(const unsigned char* header);
+
 /// True when the blob's checksum matches its bytes.
 bool verify_blob(const Buffer& blob);
 
