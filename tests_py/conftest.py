@@ -38,3 +38,13 @@ def random_indices(rng, rows, tokens, count):
         np.stack([np.sort(rng.choice(tokens, size=count, replace=False)) for _ in range(rows)]),
         dtype=np.int32,
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A cache folder holding SmolLM2-135M converted once for the whole session."""
+    from kvpack.models import load_pretrained
+
+    root = tmp_path_factory.mktemp("kvpack-cache")
+    load_pretrained("smollm2-135m", cache_dir=root)
+    return root

@@ -15,10 +15,8 @@ NAME = "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kvpack-cache")
-    load_pretrained(NAME, cache_dir=root)  # the one conversion this module pays for
-    return root
+def cache_dir(smollm2_cache):
+    return smollm2_cache  # converted once per session (conftest)
 
 
 def test_weights_are_the_gguf_file_dequantized(cache_dir):

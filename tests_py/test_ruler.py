@@ -12,8 +12,8 @@ NEEDLE_TASKS = ("passkey", "single_needle", "multikey", "multivalue", "variable_
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_pretrained("smollm2-135m")[1]
+def tokenizer(smollm2_cache):
+    return load_pretrained("smollm2-135m", cache_dir=smollm2_cache)[1]
 
 
 @pytest.mark.parametrize("task", ruler.TASKS)
@@ -68,11 +68,12 @@ def test_string_match_score_and_bad_input(tokenizer):
         ruler.make_sample("passkey", tokenizer, 40, np.random.default_rng(0))
 
 
-def test_eval_cli_ruler_on_smollm2(capsys, tmp_path):
+def test_eval_cli_ruler_on_smollm2(smollm2_cache, monkeypatch, capsys, tmp_path):
     import json
 
     from kvpack.cli import main
 
+    monkeypatch.setenv("KVPACK_CACHE", str(smollm2_cache))
     out = tmp_path / "ruler.json"
     argv = ["eval", "--model", "smollm2-135m", "--task", "ruler", "--methods", "full"]
     argv += ["--budgets", "0.5", "--prompts", "1", "--context", "320", "--quiet"]
