@@ -132,11 +132,13 @@ def _with_needles(rng, builder, length, head, needles, tail, depths):
 
 def _listing(rng, builder, length, words_for, head, tail):
     """Prompt ids of at most ``length`` tokens from the longest numbered word list
-    ``words_for(n)`` that fits, n found by bisection."""
+    ``words_for(n)`` (shuffled) that fits, n found by bisection."""
     head_ids, tail_ids = builder.ids(head), builder.ids(tail)
+    seed = int(rng.integers(1 << 31))  # one shuffle per n: bisection sees the same lists
 
     def ids(n):
         items = words_for(n)
+        items = [items[i] for i in np.random.default_rng([seed, n]).permutation(len(items))]
         text = "".join(f"{i + 1}. {w}\n" for i, w in enumerate(items))
         return builder.bos + head_ids + builder.ids(text) + tail_ids
 
@@ -246,8 +248,7 @@ def make_sample(task: str, tokenizer, length: int, rng, depth: float | None = No
 
         def words_for(n):
             repeats = min(30, max(2, n // 20))
-            items = common * repeats + rare[: max(0, n - 10 * repeats)]
-            return [items[i] for i in np.random.default_rng(n).permutation(len(items))]
+            return common * repeats + rare[: max(0, n - 10 * repeats)]
 
         head = (
             "Below is a numbered list of words. In these words, some appear more often "
@@ -265,8 +266,7 @@ def make_sample(task: str, tokenizer, length: int, rng, depth: float | None = No
     def words_for(n):
         weights = 1.0 / np.arange(1, len(coded) + 1) ** 2.0
         counts = np.maximum(1, np.round(weights / weights.sum() * n)).astype(int)
-        items = [w for w, c in zip(coded, counts) for _ in range(c)][:n]
-        return [items[i] for i in np.random.default_rng(n).permutation(len(items))]
+        return [w for w, c in zip(coded, counts) for _ in range(c)][:n]
 
     head = (
         "Read the following coded text and track the frequency of each coded word. Find "
