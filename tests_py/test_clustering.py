@@ -337,3 +337,15 @@ def test_own_token_is_attended_when_it_is_clustered(rng):
         new = rng.standard_normal((2, 32)).astype(np.float32)
         recall.step(rng.standard_normal((2, 32)).astype(np.float32), new, new)
         assert np.all(recall.last_selection[:, -1] == 500 + step)
+
+
+def test_huge_budget_or_recall_steps_allocate_only_what_the_context_needs(rng):
+    keys, _, _ = topic_keys(rng, tokens=400)
+    for options in ({"budget": 1 << 40}, {"budget": 64, "recall_steps": 1 << 40}):
+        recall = kvpack.ClusterKV(iters=2, **options)
+        recall.prefill(keys, keys)
+        for step in range(3):
+            q = rng.standard_normal((2, 32)).astype(np.float32)
+            out = recall.step(q, keys[:, step], keys[:, step])
+            assert np.all(np.isfinite(out))
+        assert recall.last_step["hits"] + recall.last_step["loaded"] == recall.last_step["selected"]

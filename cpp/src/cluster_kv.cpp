@@ -90,8 +90,9 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
     cluster_index_.reset();
   }
   // The fast tier holds what the last R steps recalled (for every query head of a
-  // group when heads select on their own).
-  reset_fast_tier(params_.recall_steps * params_.budget);
+  // group when heads select on their own), never more than every token once.
+  const std::int64_t recall_steps = std::min(params_.recall_steps, tokens_);
+  reset_fast_tier(std::min(recall_steps * std::min(params_.budget, tokens_), tokens_));
 }
 
 void ClusterKV::reset_fast_tier(std::int64_t slots) {
@@ -202,14 +203,17 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
 
   // The fast tier must hold every selected token of a group at once; when query heads
   // select on their own it is resized (and refilled) on the first step that needs more.
+  // A head's fast tier never holds more than every token once, however large R is.
   const std::int64_t rows_per_head = per_q ? group : 1;
-  const std::int64_t need_slots = params_.recall_steps * count * rows_per_head;
+  const std::int64_t recall_steps = std::min(params_.recall_steps, tokens_);
+  const std::int64_t need_slots = std::min(recall_steps * count * rows_per_head, tokens_);
   if (need_slots > slots_) {
     // Room at once for the largest selection to come (the budget and a full unclustered
     // window), so the growing window never empties the fast tier.
-    const std::int64_t most =
-        cluster_index_ ? std::min(params_.budget, tokens_) + params_.index.append_interval : 0;
-    reset_fast_tier(std::max(need_slots, params_.recall_steps * most * rows_per_head));
+    const std::int64_t window = cluster_index_ ? params_.index.append_interval : 0;
+    const std::int64_t most = cluster_index_ ? std::min(params_.budget, tokens_) + window : 0;
+    reset_fast_tier(
+        std::min(std::max(need_slots, recall_steps * most * rows_per_head), tokens_ + window));
   }
 
   // Gather: make the selection resident, loading only the misses.
