@@ -58,11 +58,8 @@ def _load_model(name: str, task: str):
     from .models import PRETRAINED, load_pretrained, load_tiny_lm, tasks
 
     if name == "tiny":
-        if task == "ruler":
-            raise UserError(
-                "--task ruler builds prompts with a subword tokenizer: tiny reads bytes "
-                "(use --task passkey)"
-            )
+        if task == "ruler":  # the same refusal as for any byte-level checkpoint below
+            _refuse_bytes_for_ruler(name)
         return load_tiny_lm()
     if name in PRETRAINED:
         if task == "passkey":
@@ -86,16 +83,20 @@ def _load_model(name: str, task: str):
     except (OSError, ValueError) as error:
         raise UserError(f"--model: cannot load {name}: {error}") from None
     if task == "ruler" and model.config.vocab_size == tasks.VOCAB_SIZE:
-        raise UserError(
-            f"--task ruler builds prompts with a subword tokenizer: {name} reads bytes "
-            "(use --task passkey)"
-        )
+        _refuse_bytes_for_ruler(name)
     if task == "passkey" and model.config.vocab_size != tasks.VOCAB_SIZE:
         raise UserError(
             f"--task passkey feeds bytes: {name} is not a byte-level model "
             "(use --task perplexity, long-perplexity or fidelity)"
         )
     return model
+
+
+def _refuse_bytes_for_ruler(name: str) -> None:
+    raise UserError(
+        f"--task ruler builds prompts with a subword tokenizer: {name} reads bytes "
+        "(use --task passkey)"
+    )
 
 
 def _tokenizer(name: str, model, task: str):

@@ -116,6 +116,11 @@ def passkey_accuracy(
     return correct / prompts
 
 
+def _check_tokenizer(tokenizer) -> None:
+    if not (callable(tokenizer) and hasattr(tokenizer, "bos_token_id")):
+        raise TypeError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer)}")
+
+
 def ruler_scores(
     model,
     tokenizer,
@@ -174,8 +179,7 @@ def ruler_scores(
         )
     if samples < 1:
         raise ValueError(f"samples: expected at least 1, got {samples}")
-    if not (callable(tokenizer) and hasattr(tokenizer, "eos_token_id")):
-        raise TypeError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer)}")
+    _check_tokenizer(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores = {}
     for index, task in enumerate(tasks):
@@ -233,8 +237,8 @@ def _text_windows(context: int, prefix: float, windows: int, seed: int, tokenize
         )
     if windows < 1:
         raise ValueError(f"windows: expected at least 1, got {windows}")
-    if tokenizer is not None and not (callable(tokenizer) and hasattr(tokenizer, "bos_token_id")):
-        raise TypeError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer)}")
+    if tokenizer is not None:
+        _check_tokenizer(tokenizer)
     span = context if tokenizer is None else _BYTES_PER_TOKEN * context
     if span >= held_out.size:
         raise ValueError(

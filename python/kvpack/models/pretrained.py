@@ -125,7 +125,6 @@ def _intact(folder: Path) -> bool:
 def _convert(source: PretrainedModel, folder: Path) -> None:
     """Dequantizes the GGUF file into float16 safetensors beside the tokenizer, in a
     temporary folder renamed into place once its manifest is written."""
-    require("converting a GGUF model", "torch", "transformers", "safetensors")
     if importlib.util.find_spec("gguf") is None:
         raise MissingExtra(
             "load_pretrained needs gguf to read the GGUF file, not installed: "
