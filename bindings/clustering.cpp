@@ -292,7 +292,7 @@ void bind_clustering(py::module_& m) {
                        std::int64_t sink, std::int64_t window, std::int64_t recall_steps,
                        bool per_query_head, std::int64_t page_size, int iters, std::uint64_t seed,
                        const std::string& init, std::int64_t append_interval,
-                       std::int64_t append_clusters) {
+                       std::int64_t append_clusters, bool fast_tier) {
              KVPACK_ARG_CHECK(method == "clusterkv" || method == "quest",
                               "method: expected 'clusterkv' or 'quest', got '" << method << "'");
              ClusterKVParams p;
@@ -301,6 +301,7 @@ void bind_clustering(py::module_& m) {
              p.window = window;
              p.recall_steps = recall_steps;
              p.per_query_head = per_query_head;
+             p.fast_tier = fast_tier;
              p.page_size = page_size;
              p.index.n_clusters = n_clusters;
              p.index.sink = sink;
@@ -319,7 +320,7 @@ void bind_clustering(py::module_& m) {
            py::arg("sink") = 16, py::arg("window") = 0, py::arg("recall_steps") = 1,
            py::arg("per_query_head") = false, py::arg("page_size") = 16, py::arg("iters") = 20,
            py::arg("seed") = 0, py::arg("init") = "kmeans++", py::arg("append_interval") = 320,
-           py::arg("append_clusters") = 8)
+           py::arg("append_clusters") = 8, py::arg("fast_tier") = false)
       .def(
           "prefill",
           [](ClusterKV& self, const py::object& keys_obj, const py::object& values_obj) {

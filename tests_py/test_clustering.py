@@ -141,11 +141,12 @@ def test_quest_pages_and_selection(rng):
 
 @pytest.mark.parametrize("method", ["clusterkv", "quest"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_step_equals_dense_attention_when_budget_covers_context(rng, method, dtype):
+@pytest.mark.parametrize("fast_tier", [False, True])
+def test_step_equals_dense_attention_when_budget_covers_context(rng, method, dtype, fast_tier):
     keys, _, _ = topic_keys(rng, tokens=700)
     keys = keys.astype(dtype)
     values = rng.standard_normal(keys.shape).astype(dtype)
-    recall = kvpack.ClusterKV(budget=2000, method=method)
+    recall = kvpack.ClusterKV(budget=2000, method=method, fast_tier=fast_tier)
     recall.prefill(keys, values)
     k, v = keys, values
     for _ in range(3):
@@ -162,10 +163,13 @@ def test_step_equals_dense_attention_when_budget_covers_context(rng, method, dty
 
 @pytest.mark.parametrize("method", ["clusterkv", "quest"])
 @pytest.mark.parametrize("per_query_head", [False, True])
-def test_step_attends_exactly_the_selection(rng, method, per_query_head):
+@pytest.mark.parametrize("fast_tier", [False, True])
+def test_step_attends_exactly_the_selection(rng, method, per_query_head, fast_tier):
     keys, _, _ = topic_keys(rng)
     values = rng.standard_normal(keys.shape).astype(np.float32)
-    recall = kvpack.ClusterKV(budget=256, method=method, per_query_head=per_query_head)
+    recall = kvpack.ClusterKV(
+        budget=256, method=method, per_query_head=per_query_head, fast_tier=fast_tier
+    )
     recall.prefill(keys, values)
     k, v = keys, values
     for step in range(4):
@@ -185,9 +189,10 @@ def test_step_attends_exactly_the_selection(rng, method, per_query_head):
         assert stats["bytes_loaded"] == stats["loaded"] * 2 * 32 * 4
 
 
-def test_recalled_clusters_stay_in_the_fast_tier(rng):
+@pytest.mark.parametrize("fast_tier", [False, True])
+def test_recalled_clusters_stay_in_the_fast_tier(rng, fast_tier):
     keys, _, _ = topic_keys(rng)
-    recall = kvpack.ClusterKV(budget=256, recall_steps=1)
+    recall = kvpack.ClusterKV(budget=256, recall_steps=1, fast_tier=fast_tier)
     recall.prefill(keys, keys)
     q = rng.standard_normal((2, 32)).astype(np.float32)
     recall.step(q, keys[:, 0], keys[:, 0])
@@ -197,6 +202,28 @@ def test_recalled_clusters_stay_in_the_fast_tier(rng):
     second = recall.last_step
     assert second["loaded"] == 2 and second["hits"] == 2 * (256 + 1)
     assert recall.total["steps"] == 2
+
+
+@pytest.mark.parametrize("method", ["clusterkv", "quest"])
+@pytest.mark.parametrize("recall_steps", [1, 3])
+def test_attending_in_place_equals_the_fast_tier(rng, method, recall_steps):
+    # Over clusterings of the decoded window, the host path (no copies) attends the same
+    # tokens as the fast tier and counts the hits and loads it would have.
+    keys, _, _ = topic_keys(rng, tokens=600)
+    values = rng.standard_normal(keys.shape).astype(np.float32)
+    options = dict(budget=96, method=method, recall_steps=recall_steps, append_interval=16)
+    in_place, cached = kvpack.ClusterKV(**options), kvpack.ClusterKV(fast_tier=True, **options)
+    for recall in (in_place, cached):
+        recall.prefill(keys, values)
+    for step in range(40):
+        q = (rng.standard_normal((8, 32)) + (step // 10)).astype(np.float32)  # some locality
+        new_k = rng.standard_normal((2, 32)).astype(np.float32)
+        a = in_place.step(q, new_k, new_k)
+        b = cached.step(q, new_k, new_k)
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(in_place.last_selection, cached.last_selection)
+        assert in_place.last_step == cached.last_step
+    assert 0 < in_place.total["hit_rate"] < 1
 
 
 @pytest.mark.parametrize(
@@ -339,10 +366,11 @@ def test_own_token_is_attended_when_it_is_clustered(rng):
         assert np.all(recall.last_selection[:, -1] == 500 + step)
 
 
-def test_huge_budget_or_recall_steps_allocate_only_what_the_context_needs(rng):
+@pytest.mark.parametrize("fast_tier", [False, True])
+def test_huge_budget_or_recall_steps_allocate_only_what_the_context_needs(rng, fast_tier):
     keys, _, _ = topic_keys(rng, tokens=400)
     for options in ({"budget": 1 << 40}, {"budget": 64, "recall_steps": 1 << 40}):
-        recall = kvpack.ClusterKV(iters=2, **options)
+        recall = kvpack.ClusterKV(iters=2, fast_tier=fast_tier, **options)
         recall.prefill(keys, keys)
         for step in range(3):
             q = rng.standard_normal((2, 32)).astype(np.float32)

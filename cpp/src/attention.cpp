@@ -24,9 +24,9 @@ constexpr std::int64_t kMinChunkTokens = 512;  // smallest token range worth a w
 constexpr std::int64_t kPrefetchTokens = 64;   // how far ahead K/V rows are prefetched
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-using detail::f32x16;
+using detail::floatv;
 using detail::kLanes;
-using detail::load16;
+using detail::load_lanes;
 
 // out[g * ld + j] = q_g . k_j for the `Tile` queries at q (Tile * dim floats) and the
 // two keys k_0, k_1: one load of each key slice feeds every query, and 2 * Tile
@@ -34,12 +34,12 @@ using detail::load16;
 template <int Tile, class T>
 inline void dot_tile2(const float* q, const T* k0, const T* k1, std::int64_t dim, float* out,
                       std::int64_t ld) {
-  f32x16 acc0[Tile] = {}, acc1[Tile] = {};
+  floatv acc0[Tile] = {}, acc1[Tile] = {};
   std::int64_t i = 0;
   for (; i + kLanes <= dim; i += kLanes) {
-    const f32x16 a = load16(k0 + i), b = load16(k1 + i);
+    const floatv a = load_lanes(k0 + i), b = load_lanes(k1 + i);
     for (int g = 0; g < Tile; ++g) {
-      const f32x16 qg = load16(q + g * dim + i);
+      const floatv qg = load_lanes(q + g * dim + i);
       acc0[g] += qg * a;
       acc1[g] += qg * b;
     }
@@ -62,13 +62,13 @@ inline void accumulate_tile(const T* const* v, std::int64_t n, const float* p, s
                             std::int64_t dim, float* out) {
   std::int64_t i = 0;
   for (; i + kLanes <= dim; i += kLanes) {
-    f32x16 acc[Tile];
-    for (int g = 0; g < Tile; ++g) acc[g] = load16(out + g * dim + i);
+    floatv acc[Tile];
+    for (int g = 0; g < Tile; ++g) acc[g] = load_lanes(out + g * dim + i);
     for (std::int64_t j = 0; j < n; ++j) {
-      const f32x16 vv = load16(v[j] + i);
+      const floatv vv = load_lanes(v[j] + i);
       for (int g = 0; g < Tile; ++g) acc[g] += p[g * ld + j] * vv;
     }
-    for (int g = 0; g < Tile; ++g) detail::store16(out + g * dim + i, acc[g]);
+    for (int g = 0; g < Tile; ++g) detail::store_lanes(out + g * dim + i, acc[g]);
   }
   for (; i < dim; ++i)
     for (std::int64_t j = 0; j < n; ++j)
@@ -140,13 +140,13 @@ void attend_range(const float* qs, const KVView& keys, const KVView& values, std
         float* og = state.output + g * dim;
         for (std::int64_t i = 0; i < dim; ++i) og[i] *= correction;
       }
-      // Exponentials 16 at a time; slots past the block's end are zeroed.
-      f32x16 sums = {};
+      // Exponentials kLanes at a time; slots past the block's end are zeroed.
+      floatv sums = {};
       for (std::int64_t j = 0; j < kBlockTokens; j += kLanes) {
-        f32x16 e = detail::exp16(load16(sg + j) - new_max);
+        floatv e = detail::exp_lanes(load_lanes(sg + j) - new_max);
         for (std::int64_t l = 0; l < kLanes; ++l)
           if (j + l >= nb) e[l] = 0.0f;
-        detail::store16(sg + j, e);
+        detail::store_lanes(sg + j, e);
         sums += e;
       }
       const float block_sum = detail::reduce_add(sums);
@@ -306,7 +306,7 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
       float* w = output.weights + hq * count;
       std::int64_t i = 0;
       for (; i + kLanes <= count; i += kLanes)
-        detail::store16(w + i, detail::exp16(load16(w + i) - lse));
+        detail::store_lanes(w + i, detail::exp_lanes(load_lanes(w + i) - lse));
       for (; i < count; ++i) w[i] = std::exp(w[i] - lse);
     }
   });

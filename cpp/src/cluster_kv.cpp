@@ -7,6 +7,10 @@
 
 namespace kvpack {
 
+namespace {
+constexpr std::int64_t kNever = -(std::int64_t{1} << 62);  // a step no recency window reaches
+}  // namespace
+
 ClusterKV::ClusterKV(const ClusterKVParams& params) : params_(params) {
   KVPACK_CHECK(params.budget >= 1, "budget: expected >= 1, got " << params.budget);
   KVPACK_CHECK(params.window >= 0, "window: expected >= 0, got " << params.window);
@@ -25,21 +29,11 @@ KVView ClusterKV::values() const {
 
 void ClusterKV::append_rows(const KVView& k, const KVView& v) {
   const std::size_t elem = dtype_size(dtype_);
-  if (tokens_ + k.tokens > capacity_) {  // grow the slow tier geometrically
-    const std::int64_t capacity = std::max(tokens_ + k.tokens, 2 * capacity_);
-    std::vector<unsigned char> nk(static_cast<std::size_t>(heads_ * capacity * dim_) * elem),
-        nv(nk.size());
-    for (std::int64_t h = 0; h < heads_ && tokens_ > 0; ++h) {
-      const std::size_t bytes = static_cast<std::size_t>(tokens_ * dim_) * elem;
-      std::memcpy(nk.data() + h * capacity * dim_ * elem,
-                  keys_.data() + h * capacity_ * dim_ * elem, bytes);
-      std::memcpy(nv.data() + h * capacity * dim_ * elem,
-                  values_.data() + h * capacity_ * dim_ * elem, bytes);
-    }
-    keys_ = std::move(nk);
-    values_ = std::move(nv);
-    capacity_ = capacity;
-  }
+  // Grow by a quarter: a copy every capacity/4 tokens keeps appends cheap on average
+  // while the slow tier stays within 1.25x of the tokens it holds.
+  if (tokens_ + k.tokens > capacity_)
+    reserve_rows(
+        std::max(tokens_ + k.tokens, capacity_ + std::max<std::int64_t>(64, capacity_ / 4)));
   const std::size_t row_bytes = static_cast<std::size_t>(dim_) * elem;
   for (std::int64_t h = 0; h < heads_; ++h)
     for (std::int64_t i = 0; i < k.tokens; ++i) {
@@ -50,6 +44,24 @@ void ClusterKV::append_rows(const KVView& k, const KVView& v) {
     }
   tokens_ += k.tokens;
   for (auto& slots : slot_of_) slots.resize(static_cast<std::size_t>(tokens_), -1);
+  for (auto& steps : recalled_at_) steps.resize(static_cast<std::size_t>(tokens_), kNever);
+}
+
+void ClusterKV::reserve_rows(std::int64_t capacity) {
+  if (capacity <= capacity_) return;
+  const std::size_t elem = dtype_size(dtype_);
+  std::vector<unsigned char> nk(static_cast<std::size_t>(heads_ * capacity * dim_) * elem),
+      nv(nk.size());
+  for (std::int64_t h = 0; h < heads_ && tokens_ > 0; ++h) {
+    const std::size_t bytes = static_cast<std::size_t>(tokens_ * dim_) * elem;
+    std::memcpy(nk.data() + h * capacity * dim_ * elem, keys_.data() + h * capacity_ * dim_ * elem,
+                bytes);
+    std::memcpy(nv.data() + h * capacity * dim_ * elem,
+                values_.data() + h * capacity_ * dim_ * elem, bytes);
+  }
+  keys_ = std::move(nk);
+  values_ = std::move(nv);
+  capacity_ = capacity;
 }
 
 ClusterIndexParams ClusterKV::index_params(std::int64_t tokens) const {
@@ -80,7 +92,14 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
   keys_.clear();
   values_.clear();
   last_ = total_ = RecallStats{};
-  slot_of_.assign(static_cast<std::size_t>(heads_), {});
+  slot_of_.assign(static_cast<std::size_t>(params_.fast_tier ? heads_ : 0), {});
+  recalled_at_.assign(static_cast<std::size_t>(params_.fast_tier ? 0 : heads_), {});
+  // Room for the decoded tokens until the next clustering (or a few Quest pages), so
+  // the first decode steps do not copy the slow tier.
+  const std::int64_t headroom = params_.method == RecallMethod::ClusterKV
+                                    ? params_.index.append_interval
+                                    : 4 * params_.page_size;
+  reserve_rows(keys.tokens + headroom);
   append_rows(keys, values);
   if (params_.method == RecallMethod::ClusterKV) {
     cluster_index_ = std::make_unique<ClusterIndex>(keys, index_params(keys.tokens));
@@ -92,7 +111,8 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
   // The fast tier holds what the last R steps recalled (for every query head of a
   // group when heads select on their own), never more than every token once.
   const std::int64_t recall_steps = std::min(params_.recall_steps, tokens_);
-  reset_fast_tier(std::min(recall_steps * std::min(params_.budget, tokens_), tokens_));
+  reset_fast_tier(
+      params_.fast_tier ? std::min(recall_steps * std::min(params_.budget, tokens_), tokens_) : 0);
 }
 
 void ClusterKV::reset_fast_tier(std::int64_t slots) {
@@ -207,7 +227,7 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   const std::int64_t rows_per_head = per_q ? group : 1;
   const std::int64_t recall_steps = std::min(params_.recall_steps, tokens_);
   const std::int64_t need_slots = std::min(recall_steps * count * rows_per_head, tokens_);
-  if (need_slots > slots_) {
+  if (params_.fast_tier && need_slots > slots_) {
     // Room at once for the largest selection to come (the budget and a full unclustered
     // window), so the growing window never empties the fast tier.
     const std::int64_t window = cluster_index_ ? params_.index.append_interval : 0;
@@ -228,13 +248,20 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   }
   last_ = RecallStats{};
   last_.steps = 1;
-  recall(needed, last_);
+  if (params_.fast_tier)
+    recall(needed, last_);
+  else
+    count_recalls(needed, last_);
   total_.steps += 1;
   total_.selected += last_.selected;
   total_.hits += last_.hits;
   total_.loaded += last_.loaded;
   total_.bytes_loaded += last_.bytes_loaded;
 
+  if (!params_.fast_tier) {
+    attend_in_place(q, heads_q, rows, count, out);
+    return;
+  }
   // Attend over the fast tier at the selected tokens' slots.
   std::vector<std::int32_t> slots(selection_.size());
   for (std::int64_t r = 0; r < rows; ++r) {
@@ -250,6 +277,32 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   AttentionOutput output;
   output.out = out;
   decode_attention(q, heads_q, fk, fv, &index, nullptr, AttentionParams{}, output);
+}
+
+void ClusterKV::count_recalls(const std::vector<std::vector<std::int32_t>>& needed,
+                              RecallStats& stats) {
+  const std::int64_t row_bytes = 2 * dim_ * static_cast<std::int64_t>(dtype_size(dtype_));
+  for (std::int64_t h = 0; h < heads_; ++h) {
+    auto& recalled_at = recalled_at_[static_cast<std::size_t>(h)];
+    for (std::int32_t t : needed[static_cast<std::size_t>(h)]) {
+      std::int64_t& at = recalled_at[static_cast<std::size_t>(t)];
+      if (at >= step_ - params_.recall_steps)
+        ++stats.hits;
+      else
+        ++stats.loaded;
+      at = step_;
+    }
+    stats.selected += static_cast<std::int64_t>(needed[static_cast<std::size_t>(h)].size());
+  }
+  stats.bytes_loaded = stats.loaded * row_bytes;
+}
+
+void ClusterKV::attend_in_place(const float* q, std::int64_t heads_q, std::int64_t rows,
+                                std::int64_t count, float* out) const {
+  const IndexView index{selection_.data(), rows, count};
+  AttentionOutput output;
+  output.out = out;
+  decode_attention(q, heads_q, keys(), values(), &index, nullptr, AttentionParams{}, output);
 }
 
 }  // namespace kvpack

@@ -15,25 +15,26 @@ namespace kvpack {
 
 namespace {
 
-using detail::f32x16;
+using detail::floatv;
 using detail::kLanes;
-using detail::load16;
+using detail::load_lanes;
 
 // y += w * x over n elements, x widened from storage.
 template <class T>
 inline void axpy(float w, const T* x, float* y, std::int64_t n) {
   std::int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) detail::store16(y + i, load16(y + i) + w * load16(x + i));
+  for (; i + kLanes <= n; i += kLanes)
+    detail::store_lanes(y + i, load_lanes(y + i) + w * load_lanes(x + i));
   for (; i < n; ++i) y[i] += w * detail::widen(x[i]);
 }
 
 // Squared distance of a and b, n elements each.
 template <class T>
 inline float squared_distance(const T* a, const T* b, std::int64_t n) {
-  f32x16 acc = {};
+  floatv acc = {};
   std::int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const f32x16 d = load16(a + i) - load16(b + i);
+    const floatv d = load_lanes(a + i) - load_lanes(b + i);
     acc += d * d;
   }
   float sum = detail::reduce_add(acc);

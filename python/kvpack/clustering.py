@@ -134,6 +134,7 @@ class ClusterIndex:
         init: Literal["kmeans++", "random"] = "kmeans++",
         append_interval: int = 320,
         append_clusters: int = 8,
+        fast_tier: bool = False,
     ) -> None:
         self._index = _core.ClusterIndex(
             keys, n_clusters or 0, sink, iters, seed, init, append_interval, append_clusters
@@ -233,9 +234,12 @@ class ClusterKV:
     """Decode-time recall of one layer's KV cache (ClusterKV, or Quest with ``method="quest"``).
 
     The full cache stays in a slow tier (host memory). Each :meth:`step` appends the new
-    token, selects ``budget`` tokens, keeps the tokens recalled in the last
-    ``recall_steps`` steps in a fast tier, loads only the misses and attends over the
-    fast tier: score, select, gather, attention in one call.
+    token, selects ``budget`` tokens and attends them: score, select, gather, attention
+    in one call. With ``fast_tier=True`` the tokens recalled in the last ``recall_steps``
+    steps stay in a fast tier and a step loads only the misses; by default the step
+    attends the selected tokens where they are, since on the host both tiers are the
+    same memory and copying would only cost time. Either way :attr:`last_step` and
+    :attr:`total` count what a fast tier hits and loads.
 
     Parameters
     ----------
@@ -253,6 +257,8 @@ class ClusterKV:
         current page).
     recall_steps : int
         R: tokens recalled in the last R steps stay in the fast tier [1].
+    fast_tier : bool
+        Copy recalled tokens into a fast tier kept for R steps [False: attend in place].
     per_query_head : bool
         Each query head selects its own tokens (GQA) instead of one set per KV head.
     page_size : int
@@ -286,6 +292,7 @@ class ClusterKV:
         init: Literal["kmeans++", "random"] = "kmeans++",
         append_interval: int = 320,
         append_clusters: int = 8,
+        fast_tier: bool = False,
     ) -> None:
         self._recall = _core.ClusterKV(
             budget,
@@ -301,6 +308,7 @@ class ClusterKV:
             init,
             append_interval,
             append_clusters,
+            fast_tier,
         )
 
     def prefill(self, keys: np.ndarray, values: np.ndarray) -> None:

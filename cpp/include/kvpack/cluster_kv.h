@@ -1,7 +1,9 @@
 // The decode-time recall object of one layer: the full KV cache stays in a slow tier,
-// each step selects tokens (ClusterKV's semantic clusters or Quest's pages), keeps the
-// tokens recalled in the last R steps in a fast tier, loads only the misses, and
-// attends over the fast tier: score -> select -> gather -> attention.
+// each step selects tokens (ClusterKV's semantic clusters or Quest's pages) and attends
+// them: score -> select -> gather -> attention. With a fast tier, the tokens recalled in
+// the last R steps stay there and a step loads only the misses; without one (the host
+// backend, where both tiers would be the same memory) the step attends the selected
+// tokens where they are and counts what a fast tier would have hit and loaded.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +30,11 @@ struct ClusterKVParams {
       0;  ///< most recent tokens always attended (besides sinks and the unclustered window)
   std::int64_t recall_steps = 1;  ///< R: tokens recalled in the last R steps stay in the fast tier
   bool per_query_head = false;    ///< each query head selects its own tokens (GQA)
-  std::int64_t page_size = 16;    ///< Quest pages
+  /// Copy recalled tokens into a fast tier kept for R steps. Worth it where the fast tier
+  /// is faster memory (a GPU's); on the host both tiers are host memory and the copies
+  /// only cost time, so the step attends in place instead.
+  bool fast_tier = false;
+  std::int64_t page_size = 16;  ///< Quest pages
   /// ClusterKV clustering. With n_clusters 0 the prefill makes clustered tokens / 80
   /// clusters, or more where their mean size would exceed budget / kClustersPerBudget.
   ClusterIndexParams index;
@@ -41,9 +47,9 @@ inline constexpr std::int64_t kClustersPerBudget = 12;
 struct RecallStats {
   std::int64_t steps = 0;         ///< decode steps counted
   std::int64_t selected = 0;      ///< distinct tokens attended
-  std::int64_t hits = 0;          ///< of them already in the fast tier
-  std::int64_t loaded = 0;        ///< of them loaded from the slow tier
-  std::int64_t bytes_loaded = 0;  ///< K and V bytes loaded
+  std::int64_t hits = 0;          ///< of them recalled in the last R steps (fast-tier hits)
+  std::int64_t loaded = 0;        ///< of them not (what a fast tier loads)
+  std::int64_t bytes_loaded = 0;  ///< K and V bytes of the loaded tokens
 };
 
 class ClusterKV {
@@ -79,9 +85,16 @@ class ClusterKV {
 
  private:
   void append_rows(const KVView& k, const KVView& v);
+  // Gives the slow tier room for `capacity` tokens per head (keeping what it holds).
+  void reserve_rows(std::int64_t capacity);
   // Makes every token of `needed` (per KV head) resident; returns their slots in order.
   void recall(const std::vector<std::vector<std::int32_t>>& needed, RecallStats& stats);
   std::int32_t take_slot(std::int64_t head, std::int32_t token);
+  // Counts hits and misses of `needed` as a fast tier with R steps would, moving nothing.
+  void count_recalls(const std::vector<std::vector<std::int32_t>>& needed, RecallStats& stats);
+  // Attends `rows` selections of `count` tokens (ascending ids) in the slow tier.
+  void attend_in_place(const float* q, std::int64_t heads_q, std::int64_t rows, std::int64_t count,
+                       float* out) const;
   // Empties the fast tier and gives it `slots` rows per head.
   void reset_fast_tier(std::int64_t slots);
   // The clustering of a `tokens`-long prompt (the automatic cluster count resolved).
@@ -96,6 +109,7 @@ class ClusterKV {
   std::int64_t slots_ = 0;                              // fast-tier rows per head
   std::vector<unsigned char> fast_keys_, fast_values_;  // heads * slots_ * dim
   std::vector<std::vector<std::int32_t>> slot_of_;      // per head: token -> slot or -1
+  std::vector<std::vector<std::int64_t>> recalled_at_;  // in place, per head: token -> step
   std::vector<std::vector<std::int32_t>> token_in_;     // per head: slot -> token or -1
   std::vector<std::vector<std::int64_t>> last_used_;    // per head: slot -> step
   std::vector<std::vector<std::int32_t>> free_slots_;   // per head
