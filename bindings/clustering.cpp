@@ -341,6 +341,13 @@ void bind_clustering(py::module_& m) {
           },
           py::arg("q"), py::arg("new_key"), py::arg("new_value"))
       .def_property_readonly("tokens", &ClusterKV::tokens)
+      .def_property_readonly("nbytes",
+                             [](const ClusterKV& s) {
+                               py::dict tiers;
+                               tiers["slow"] = s.slow_tier_bytes();
+                               tiers["fast"] = s.fast_tier_bytes();
+                               return tiers;
+                             })
       .def_property_readonly("n_clusters",
                              [](const ClusterKV& s) -> std::int64_t {
                                const ClusterIndex* index = s.cluster_index();

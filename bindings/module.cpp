@@ -21,9 +21,13 @@ PYBIND11_MODULE(_core, m) {
         "True when kvpack was built with its CUDA backend.");
   m.def("cuda_available", &kvpack::cuda_available,
         "True when the CUDA backend is built and a GPU is usable.");
-  m.def("get_num_threads", &kvpack::num_threads, "Threads used by kvpack's parallel loops.");
+  m.def("get_num_threads", &kvpack::num_threads,
+        "Threads used by kvpack's parallel loops: those set by set_num_threads, else the OpenMP "
+        "runtime's count (OMP_NUM_THREADS, or torch.set_num_threads in a process with torch: "
+        "both share one OpenMP runtime and its workers).");
   m.def("set_num_threads", &kvpack::set_num_threads, py::arg("n"),
-        "Sets the threads used by kvpack's parallel loops (>= 1).");
+        "Sets the threads used by kvpack's parallel loops (>= 1), from then on independent of "
+        "the OpenMP runtime's count.");
   m.def(
       "_data_pointer",
       [](const py::array& array) {

@@ -1,5 +1,9 @@
 """kvpack.hf: every method as a transformers Cache on a tiny random-weight Llama."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -207,3 +211,19 @@ def test_checkpoint_kv_matches_a_plain_forward(model, tmp_path):
             np.testing.assert_allclose(got.values, v[0].numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="model"):
         checkpoint_kv(tmp_path / "missing", ids=ids)
+
+
+def test_kvpack_threads_follow_torch_until_set():
+    # One OpenMP runtime serves both in a process: kvpack's regions use torch's count
+    # (and torch's workers) unless kvpack.set_num_threads chose one.
+    script = (
+        "import torch, kvpack\n"
+        "torch.set_num_threads(1); a = kvpack.get_num_threads()\n"
+        "torch.set_num_threads(2); b = kvpack.get_num_threads()\n"
+        "kvpack.set_num_threads(3); torch.set_num_threads(1); c = kvpack.get_num_threads()\n"
+        "print(a, b, c)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "2", "3"]

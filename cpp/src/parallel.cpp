@@ -9,14 +9,18 @@
 namespace kvpack {
 
 namespace {
+// 0: follow the OpenMP runtime. In a process with torch both share one OpenMP runtime
+// (one libgomp, one pool of workers), so kvpack's regions then run on torch's workers
+// with the count torch.set_num_threads chose, and never add threads of their own.
 std::atomic<int>& thread_setting() {
-  static std::atomic<int> threads{omp_get_max_threads()};
+  static std::atomic<int> threads{0};
   return threads;
 }
 }  // namespace
 
 int num_threads() {
-  return thread_setting().load();
+  const int n = thread_setting().load();
+  return n > 0 ? n : omp_get_max_threads();
 }
 
 void set_num_threads(int n) {

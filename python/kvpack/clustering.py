@@ -336,6 +336,12 @@ class ClusterKV:
         return self._recall.tokens
 
     @property
+    def nbytes(self) -> dict[str, int]:
+        """Key and value bytes held per tier: ``{"slow": ..., "fast": ...}`` (the slow
+        tier's spare room for decoded tokens included; ``fast`` is 0 in place)."""
+        return self._recall.nbytes
+
+    @property
     def n_clusters(self) -> int:
         """Clusters per KV head in the index (0 for Quest, or before the prefill)."""
         return self._recall.n_clusters

@@ -148,8 +148,8 @@ def _options_of(method: str) -> tuple[str, ...]:
 class KVPackCache(Cache):
     """A transformers ``Cache`` whose layers compress or recall with one kvpack method.
 
-    Build it with :func:`make_cache`. ``stats()`` reports what the layers hold and, for
-    recall methods, the fast-tier hit rate and bytes loaded.
+    Build it with :func:`make_cache`. ``stats()`` reports what the layers hold (slots
+    and bytes per tier) and, for recall methods, the fast-tier hit rate and bytes loaded.
     """
 
     def __init__(
@@ -168,21 +168,37 @@ class KVPackCache(Cache):
             if method in RECALL_METHODS
             else _KiviLayer
         )
+        # Skipped layers keep everything, in the growing buffers of the full method.
         layers = [
-            DynamicLayer() if i < skip_layers else kind(method, budget, dict(options))
+            _EvictionLayer("full", budget, {})
+            if i < skip_layers
+            else kind(method, budget, dict(options))
             for i in range(num_layers)
         ]
         super().__init__(layers=layers)
         self.method, self.budget, self.skip_layers = method, budget, skip_layers
 
     def stats(self) -> dict:
-        """Tokens seen, slots held per compressed layer, and recall counts summed over
-        layers and sequences (``hits``, ``loaded``, ``bytes_loaded``, ``hit_rate``)."""
-        compressed = [layer for layer in self.layers if isinstance(layer, _KVPackLayer)]
+        """Tokens seen, slots held per compressed layer, the bytes every layer holds per
+        tier, and recall counts summed over layers and sequences (``hits``, ``loaded``,
+        ``bytes_loaded``, ``hit_rate``).
+
+        ``bytes`` maps each tier to the key/value bytes held there: ``"model"`` (tensors
+        on the model's device: kept slots, decoded tokens, skipped layers), ``"slow"`` and
+        ``"fast"`` (the recall methods' host store and fast tier), ``"codes"`` (KIVI's
+        quantized prompt); ``"total"`` sums them.
+        """
+        compressed = self.layers[self.skip_layers :]
+        held: dict[str, int] = {}
+        for layer in self.layers:
+            for tier, n in layer.nbytes().items():
+                held[tier] = held.get(tier, 0) + n
+        held["total"] = sum(held.values())
         result = {
             "method": self.method,
             "tokens": self.get_seq_length(),
             "slots": [layer.slots() for layer in compressed],
+            "bytes": held,
         }
         if self.method in RECALL_METHODS:
             totals = [r.total for layer in compressed for r in getattr(layer, "recall", [])]
@@ -257,19 +273,23 @@ class _KVPackLayer(DynamicLayer):
 
 
 class _EvictionLayer(_KVPackLayer):
-    """Slots per KV head after :func:`kvpack.compress`, with the logical position each
-    stands for, whether it is a real token, and its log(count) bias."""
+    """The slots :func:`kvpack.compress` kept of the prompt (all of it for ``full`` and the
+    skipped layers), then every decoded token, in buffers that grow by a quarter (so an
+    append copies one token, not the cache). A decode step over a batch without padding
+    and without log-count bias is transformers' own SDPA call over those buffers."""
 
     def _compress(self, query, keys, values, valid, scaling):
         log_count_bias = bool(self.options.get("log_count_bias", False))
         rows = []
         for b in range(keys.shape[0]):
+            everything = bool(valid[b].all())
             tokens = torch.nonzero(valid[b]).flatten()
-            k, v = keys[b][:, tokens], values[b][:, tokens]
+            k, v = (
+                (keys[b], values[b]) if everything else (keys[b][:, tokens], values[b][:, tokens])
+            )
             budget = self._budget(tokens.numel())
             if self.method == "full" or budget >= tokens.numel():
-                positions = tokens.expand(k.shape[0], -1)
-                rows.append((k, v, positions, torch.zeros(positions.shape)))
+                rows.append((k, v, tokens.expand(k.shape[0], -1), None))
                 continue
             c = compress(
                 _numpy(k),
@@ -281,40 +301,77 @@ class _EvictionLayer(_KVPackLayer):
                 **self.options,
             )
             positions = tokens[torch.from_numpy(c.positions.astype(np.int64)).to(tokens.device)]
-            bias = np.log(c.counts) if log_count_bias else np.zeros(c.counts.shape)
-            rows.append((_torch(c.keys, k), _torch(c.values, v), positions, torch.from_numpy(bias)))
+            bias = torch.from_numpy(np.log(c.counts)) if log_count_bias else None
+            rows.append((_torch(c.keys, k), _torch(c.values, v), positions, bias))
         slots = max(row[0].shape[1] for row in rows)
+        padded = any(row[0].shape[1] < slots for row in rows)
         pad = lambda x, value: torch.nn.functional.pad(  # noqa: E731
             x,
             (0, 0, 0, slots - x.shape[1]) if x.ndim == 3 else (0, slots - x.shape[1]),
             value=value,
         )
-        self.keys = torch.stack([pad(r[0], 0.0) for r in rows])
-        self.values = torch.stack([pad(r[1], 0.0) for r in rows])
-        self.positions = torch.stack([pad(r[2], -1) for r in rows])
-        self.bias = torch.stack([pad(r[3].float(), -math.inf) for r in rows]).to(keys.device)
+        if len(rows) == 1:  # no copy when nothing was dropped
+            self.keys, self.values = rows[0][0][None], rows[0][1][None]
+        else:
+            self.keys = torch.stack([pad(r[0], 0.0) for r in rows])
+            self.values = torch.stack([pad(r[1], 0.0) for r in rows])
+        self.length = slots
+        # Per slot of the prompt: the position it keeps (-1: padding) and an additive
+        # score bias (-inf for padding, log(count) with log_count_bias); None when zero.
+        self.prompt_positions = torch.stack([pad(r[2], -1) for r in rows])
+        if padded or any(r[3] is not None for r in rows):
+            zeros = lambda r: torch.zeros(r[2].shape)  # noqa: E731
+            bias = [pad((r[3] if r[3] is not None else zeros(r)).float(), -math.inf) for r in rows]
+            self.prompt_bias = torch.stack(bias).to(keys.device, query.dtype)
+        else:
+            self.prompt_bias = None
+        self.first_decoded = int(valid.shape[1])  # logical position of the first decoded token
 
     def _append(self, key_states, value_states):
-        batch, heads, new = key_states.shape[:3]
-        first = self.seen - new
-        positions = torch.arange(first, self.seen, device=key_states.device)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, positions.expand(batch, heads, new)], -1)
-        self.bias = torch.cat([self.bias, self.bias.new_zeros(batch, heads, new)], -1)
-        return self.keys, self.values
+        new = key_states.shape[-2]
+        if self.length + new > self.keys.shape[-2]:
+            capacity = self.length + new + max(64, self.length // 4)
+            self.keys, self.values = (
+                _grown(t, self.length, capacity) for t in (self.keys, self.values)
+            )
+        self.keys[:, :, self.length : self.length + new] = key_states
+        self.values[:, :, self.length : self.length + new] = value_states
+        self.length += new
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[batch, heads_kv, slots]: the logical position each held slot stands for."""
+        decoded = torch.arange(self.first_decoded, self.seen, device=self.prompt_positions.device)
+        shape = (*self.prompt_positions.shape[:2], decoded.numel())
+        return torch.cat([self.prompt_positions, decoded.expand(shape)], dim=-1)
 
     def _decode(self, module, query, key, value, attention_mask, scaling):
         new = query.shape[2]
+        if attention_mask is None and self.prompt_bias is None and new == 1:
+            output, _ = sdpa_attention_forward(module, query, key, value, None, scaling=scaling)
+            return output
+        # The general case: an additive mask over the slots per KV head and query.
+        batch, heads_kv, slots = key.shape[0], key.shape[1], key.shape[2]
+        prompt = self.prompt_positions.shape[-1]
         q_positions = torch.arange(self.seen - new, self.seen, device=query.device)
-        slot_positions = self.positions[:, :, None, :]  # [b, heads_kv, 1, slots]
-        allowed = (slot_positions >= 0) & (slot_positions <= q_positions[:, None])
+        positions = self.positions[:, :, None, :]  # [b, heads_kv, 1, slots]
+        allowed = (positions >= 0) & (positions <= q_positions[:, None])
         if attention_mask is not None:  # [b, 1, q, seen]: the logical layout, one head
-            logical = attention_mask.expand(-1, key.shape[1], -1, -1)
-            gathered = torch.gather(logical, 3, slot_positions.clamp(min=0).expand(-1, -1, new, -1))
+            logical = attention_mask.expand(-1, heads_kv, -1, -1)
+            gathered = torch.gather(logical, 3, positions.clamp(min=0).expand(-1, -1, new, -1))
             allowed &= gathered if gathered.dtype == torch.bool else gathered == 0
-        bias = torch.where(allowed, self.bias[:, :, None, :], -math.inf).to(query.dtype)
-        groups = query.shape[1] // key.shape[1]
+        bias = query.new_zeros(batch, heads_kv, 1, slots)
+        if self.prompt_bias is not None:
+            bias[..., :prompt] = self.prompt_bias[:, :, None, :]
+        bias = torch.where(allowed, bias, -math.inf)
+        groups = query.shape[1] // heads_kv
+        if new == 1:  # the query heads of a group as rows: no copy of K and V per head
+            grouped = query.reshape(batch, heads_kv, groups, query.shape[-1])
+            output = torch.nn.functional.scaled_dot_product_attention(
+                grouped, key, value, attn_mask=bias, scale=scaling
+            )
+            return output.reshape(batch, 1, query.shape[1], query.shape[-1])
         output = torch.nn.functional.scaled_dot_product_attention(
             query,
             key.repeat_interleave(groups, dim=1),
@@ -325,7 +382,11 @@ class _EvictionLayer(_KVPackLayer):
         return output.transpose(1, 2).contiguous()
 
     def slots(self) -> int:
-        return 0 if self.keys is None else int(self.keys.shape[-2])
+        return getattr(self, "length", 0)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of the key and value buffers held (spare capacity included)."""
+        return {"model": _tensor_bytes(self.keys, self.values)}
 
 
 class _RecallLayer(_KVPackLayer):
@@ -359,6 +420,12 @@ class _RecallLayer(_KVPackLayer):
     def slots(self) -> int:
         return min((r.tokens for r in getattr(self, "recall", [])), default=0)
 
+    def nbytes(self) -> dict[str, int]:
+        if not self.prefilled:
+            return {"model": _tensor_bytes(self.keys, self.values)}
+        tiers = [r.nbytes for r in self.recall]
+        return {tier: sum(t[tier] for t in tiers) for tier in ("slow", "fast")}
+
 
 class _KiviLayer(_KVPackLayer):
     """KIVI codes of the prompt per sequence, plus the decoded tokens in full precision."""
@@ -377,8 +444,9 @@ class _KiviLayer(_KVPackLayer):
                     residual=self._budget(tokens.numel()),
                 )
             )
-        self.keys = keys[:, :, :0]
-        self.values = values[:, :, :0]
+        # New tensors: an empty view of the prompt's would keep all of it alive.
+        self.keys = keys.new_empty(*keys.shape[:2], 0, keys.shape[-1])
+        self.values = values.new_empty(*values.shape[:2], 0, values.shape[-1])
 
     def _append(self, key_states, value_states):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -412,6 +480,10 @@ class _KiviLayer(_KVPackLayer):
     def slots(self) -> int:
         return min((q.tokens for q in getattr(self, "quantized", [])), default=0)
 
+    def nbytes(self) -> dict[str, int]:
+        codes = sum(q.nbytes for q in getattr(self, "quantized", []))
+        return {"model": _tensor_bytes(self.keys, self.values), "codes": codes}
+
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The ``"kvpack"`` attention implementation: a kvpack layer's own attention when
@@ -443,6 +515,17 @@ def _valid_tokens(attention_mask, batch: int, tokens: int, device) -> torch.Tens
         return torch.ones(batch, tokens, dtype=torch.bool, device=device)
     last = attention_mask[:, 0, -1, :tokens]
     return last if last.dtype == torch.bool else last == 0
+
+
+def _grown(t: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    """A [batch, heads, capacity, dim] buffer holding t's first ``length`` tokens."""
+    grown = t.new_empty(*t.shape[:2], capacity, t.shape[-1])
+    grown[:, :, :length] = t[:, :, :length]
+    return grown
+
+
+def _tensor_bytes(*tensors) -> int:
+    return sum(t.nelement() * t.element_size() for t in tensors if t is not None)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

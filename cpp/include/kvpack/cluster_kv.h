@@ -82,6 +82,13 @@ class ClusterKV {
   /// The slow tier: every token's keys / values.
   KVView keys() const;
   KVView values() const;
+  /// Key and value bytes each tier holds (the slow tier's spare capacity included).
+  std::int64_t slow_tier_bytes() const {
+    return static_cast<std::int64_t>(keys_.size() + values_.size());
+  }
+  std::int64_t fast_tier_bytes() const {
+    return static_cast<std::int64_t>(fast_keys_.size() + fast_values_.size());
+  }
 
  private:
   void append_rows(const KVView& k, const KVView& v);

@@ -8,10 +8,13 @@
 
 namespace kvpack {
 
-/// Number of threads kvpack's parallel loops use.
+/// Number of threads kvpack's parallel loops use: the count set by set_num_threads, or
+/// else the OpenMP runtime's (omp_get_max_threads: OMP_NUM_THREADS, or what the host
+/// program, e.g. torch.set_num_threads, gave the runtime).
 int num_threads();
 
-/// Sets the number of threads for kvpack's parallel loops (>= 1).
+/// Sets the number of threads for kvpack's parallel loops (>= 1), from then on
+/// independent of the OpenMP runtime's setting.
 void set_num_threads(int n);
 
 /// Runs body(i) for i in [0, n) across threads (dynamic schedule); the first
