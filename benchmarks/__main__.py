@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attention, clusterkv, compress, demo, kmeans, report, store, tiny_lm
+from . import attention, clusterkv, compress, demo, e2e, kmeans, report, store, tiny_lm
 
 SUITES = {
     "attention": ("Decode attention (32k tokens, 8/32 heads, d=128, float16)", attention.run),
@@ -47,6 +47,10 @@ SUITES = {
         tiny_lm.run_key_similarity,
     ),
     "demo": ("kvpack demo on its defaults (the main job)", demo.run),
+    "e2e": (
+        "generate() on SmolLM2-135M (float32): every cache against transformers' SDPA",
+        e2e.run,
+    ),
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",
         kmeans.run,

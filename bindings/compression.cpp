@@ -53,7 +53,7 @@ std::int64_t parse_budget(const py::object& budget, std::int64_t tokens) {
   const auto fraction = budget.cast<double>();
   KVPACK_ARG_CHECK(std::isfinite(fraction) && fraction > 0.0 && fraction <= 1.0,
                    "budget: expected a fraction in (0, 1] or an int token count, got " << fraction);
-  return std::max<std::int64_t>(1, std::llround(fraction * static_cast<double>(tokens)));
+  return budget_tokens(fraction, tokens);
 }
 
 // KVMerger's kernel width: a positive number, or "auto" (0 for the core: data-driven).

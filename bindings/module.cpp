@@ -21,6 +21,15 @@ PYBIND11_MODULE(_core, m) {
         "True when kvpack was built with its CUDA backend.");
   m.def("cuda_available", &kvpack::cuda_available,
         "True when the CUDA backend is built and a GPU is usable.");
+  m.def(
+      "budget_tokens",
+      [](double share, std::int64_t tokens) {
+        KVPACK_ARG_CHECK(std::isfinite(share) && share > 0.0 && share <= 1.0,
+                         "budget: a share of the tokens must lie in (0, 1], got " << share);
+        KVPACK_ARG_CHECK(tokens >= 1, "tokens: expected at least 1, got " << tokens);
+        return kvpack::budget_tokens(share, tokens);
+      },
+      py::arg("share"), py::arg("tokens"), "Tokens a budget share of `tokens` stands for.");
   m.def("get_num_threads", &kvpack::num_threads,
         "Threads used by kvpack's parallel loops: those set by set_num_threads, else the OpenMP "
         "runtime's count (OMP_NUM_THREADS, or torch.set_num_threads in a process with torch: "

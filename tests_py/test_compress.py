@@ -407,3 +407,16 @@ def test_cam_merge_probability_is_relative_to_the_recent_window():
             merged[j] += p / spread * merged[e]
     np.testing.assert_array_equal(result.positions[0], [0, 1, 8, 9, 10, 11])
     np.testing.assert_allclose(result.values[0, :, 0], merged[[0, 1, 8, 9, 10, 11]], rtol=1e-6)
+
+
+def test_a_share_means_one_token_count_everywhere(rng):
+    # Halves round away from zero in the core; kvpack.budget_tokens, compress and the
+    # HF caches all convert through it (Python's round would give 2 here).
+    keys = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    assert kvpack.budget_tokens(0.5, 5) == 3
+    assert kvpack.compress(keys, keys, "streaming_llm", 0.5).slots == 3
+    assert kvpack.budget_tokens(64, 5) == 64  # a count is a count
+    with pytest.raises(ValueError, match="budget"):
+        kvpack.budget_tokens(0.0, 5)
+    with pytest.raises(TypeError, match="budget"):
+        kvpack.budget_tokens("half", 5)

@@ -227,3 +227,11 @@ def test_kvpack_threads_follow_torch_until_set():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "2", "3"]
+
+
+def test_share_budget_rounds_like_the_core(model):
+    ids = torch.arange(1, 6)[None]  # 5 tokens: half of them is 3 slots, as kvpack.compress says
+    cache = hf.make_cache(model, "streaming_llm", budget=0.5, skip_layers=0, sinks=1)
+    with torch.no_grad():
+        model(ids, **{hf.cache_argument(model): cache}, use_cache=True)
+    assert cache.stats()["slots"] == [3] * 4

@@ -118,9 +118,7 @@ void copy_rows(const KVView& view, unsigned char* out) {
 EncodedLayer encode_dropped(const LayerView& layer, const Codec& codec, const Evidence* given) {
   CompressParams params;
   params.method = compress_method(codec.kind);
-  params.budget = std::clamp<std::int64_t>(
-      std::llround(static_cast<double>(codec.rate) * static_cast<double>(layer.keys.tokens)), 1,
-      layer.keys.tokens);
+  params.budget = budget_tokens(codec.rate, layer.keys.tokens);
   std::vector<float> proxy;
   Evidence evidence;
   if (given) {

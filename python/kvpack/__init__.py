@@ -15,7 +15,7 @@ from ._core import (
 )
 from .attention import accumulated_attention, attention
 from .clustering import ClusterIndex, ClusterKV, KMeansResult, QuestIndex, kmeans
-from .compression import METHODS, CompressedKV, EvictionCache, compress
+from .compression import METHODS, CompressedKV, EvictionCache, budget_tokens, compress
 from .merging import (
     MergingSets,
     adjacent_similarity,
@@ -42,6 +42,7 @@ __all__ = [
     "accumulated_attention",
     "adjacent_similarity",
     "attention",
+    "budget_tokens",
     "compress",
     "context_key",
     "cuda_available",

@@ -8,6 +8,7 @@ position it keeps, so methods can be swapped in an experiment without other chan
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,7 +17,7 @@ import numpy as np
 from . import _core
 from .attention import attention as _attention
 
-__all__ = ["METHODS", "CompressedKV", "EvictionCache", "compress"]
+__all__ = ["METHODS", "CompressedKV", "EvictionCache", "budget_tokens", "compress"]
 
 # Method -> the keyword parameters it reads (defaults in kvpack.compress's docstring).
 _METHOD_PARAMS: dict[str, tuple[str, ...]] = {
@@ -28,6 +29,18 @@ _METHOD_PARAMS: dict[str, tuple[str, ...]] = {
     "kvmerger": ("protect_recent", "protect_heavy", "sigma"),
 }
 METHODS: tuple[str, ...] = tuple(_METHOD_PARAMS)
+
+
+def budget_tokens(budget: int | float, tokens: int) -> int:
+    """The slots a ``budget`` stands for over ``tokens``: an int is a token count, given
+    back as is; a float in (0, 1] is a share of ``tokens``, rounded half away from zero,
+    at least 1. The core does the rounding, so every method, codec and facade agrees.
+    """
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+        return int(budget)
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget: expected an int or a float, got {type(budget).__name__}")
+    return _core.budget_tokens(float(budget), int(tokens))
 
 
 @dataclass(frozen=True)

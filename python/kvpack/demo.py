@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ._extras import require
+from .compression import budget_tokens
 
 # Every method kvpack compares, in the order tables list them.
 METHODS = (
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     speed = _speed(args.speed_tokens)
 
-    budget_tokens = round(args.budget * args.context)
+    budget_slots = budget_tokens(args.budget, args.context)
     print(
         f"\nkvpack demo: tiny LM ({trained}-token context), {args.prompts} pass-key prompts, "
         f"{args.windows} perplexity windows of {args.context} bytes"
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         "distant prompt predicts)"
     )
     print(
-        f"{'method':<15}{f'pass-key @{budget_tokens}':>16}"
+        f"{'method':<15}{f'pass-key @{budget_slots}':>16}"
         + "".join(f"{f'ppl @{s:.0%}':>12}" for s in shares)
         + "".join(f"{f'ctx @{s:.0%}':>12}" for s in shares)
     )
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         f"dense {speed['dense'] * 1e3:.2f} ms, ClusterKV (budget 1024) "
         f"{speed['clusterkv'] * 1e3:.2f} ms, {speed['dense'] / speed['clusterkv']:.1f}x faster"
     )
-    figures = _figures(out, passkey, (ppl, long_ppl), shares, runs, budget_tokens)
+    figures = _figures(out, passkey, (ppl, long_ppl), shares, runs, budget_slots)
     print("\nfigures: " + ", ".join(str(f) for f in figures))
     print(f"wall time: {time.perf_counter() - started:.0f} s")
     return 0
@@ -241,7 +242,7 @@ def _speed(tokens: int) -> dict:
     return {"dense": dense, "clusterkv": step}
 
 
-def _figures(out: Path, passkey, perplexities, shares, runs, budget_tokens) -> list[Path]:
+def _figures(out: Path, passkey, perplexities, shares, runs, budget_slots) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,7 +252,7 @@ def _figures(out: Path, passkey, perplexities, shares, runs, budget_tokens) -> l
     figure, axes = plt.subplots(figsize=(7, 3.5))
     axes.bar(list(passkey), [100 * v for v in passkey.values()], color="C0")
     axes.set_ylabel("pass-key accuracy (%)")
-    axes.set_title(f"tiny LM, budget {budget_tokens} tokens")
+    axes.set_title(f"tiny LM, budget {budget_slots} tokens")
     axes.tick_params(axis="x", rotation=45)
     figure.tight_layout()
     paths.append(out / "passkey.png")

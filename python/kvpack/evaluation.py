@@ -478,7 +478,7 @@ def fidelity(layers, method: str, budget: int | float, *, observe: int = 32) -> 
     """
     from .attention import attention
     from .clustering import ClusterKV
-    from .compression import compress
+    from .compression import budget_tokens, compress
     from .quantization import quantize
 
     errors = []
@@ -487,7 +487,7 @@ def fidelity(layers, method: str, budget: int | float, *, observe: int = 32) -> 
         values = np.ascontiguousarray(layer.values[:, :-1])
         q = np.ascontiguousarray(layer.queries[:, -1])
         tokens = keys.shape[1]
-        slots = budget if isinstance(budget, int) else max(1, round(budget * tokens))
+        slots = budget_tokens(budget, tokens)
         if slots > tokens:
             raise ValueError(f"budget: {slots} tokens exceed the context of {tokens}")
         dense = attention(q, keys, values)

@@ -43,7 +43,7 @@ import numpy as np
 
 from ._extras import require
 from .clustering import ClusterKV
-from .compression import _METHOD_PARAMS, compress
+from .compression import _METHOD_PARAMS, budget_tokens, compress
 from .quantization import quantize
 
 require("kvpack.hf", "torch", "transformers")
@@ -250,9 +250,7 @@ class _KVPackLayer(DynamicLayer):
         return output
 
     def _budget(self, prompt_tokens: int) -> int:
-        if isinstance(self.budget, float):
-            return max(1, round(self.budget * prompt_tokens))
-        return self.budget
+        return budget_tokens(self.budget, prompt_tokens)
 
     def reset(self) -> None:
         super().reset()

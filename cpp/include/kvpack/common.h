@@ -3,6 +3,8 @@
 // argument-check macro whose message names the argument, expected and actual value.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <sstream>
@@ -17,6 +19,14 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 /// Bytes per element of `dtype`.
 inline std::size_t dtype_size(DType dtype) {
   return dtype == DType::Float32 ? 4 : 2;
+}
+
+/// The token count a budget given as a `share` of `tokens` stands for: rounded half away
+/// from zero, at least 1, at most `tokens`. Every method, codec and facade converts
+/// shares here, so one share means one count everywhere.
+inline std::int64_t budget_tokens(double share, std::int64_t tokens) {
+  const auto count = static_cast<std::int64_t>(std::llround(share * static_cast<double>(tokens)));
+  return std::clamp<std::int64_t>(count, 1, std::max<std::int64_t>(1, tokens));
 }
 
 /// Lower-case name of `dtype`, as NumPy spells it.

@@ -1,0 +1,194 @@
+"""generate() end to end on a real model: every kvpack cache against transformers' own.
+
+SmolLM2-135M-Instruct (float32, 30 layers, 9 query / 3 KV heads of 64), a prompt of
+seeded random tokens of 4096 and 8192 tokens, then 16 greedy tokens through
+``model.generate``. A logits processor stamps each step, so prefill is the time to the
+first token's logits and a decode step the time between two stamps (median). Every
+ratio is against a peer measured in the same process:
+
+- transformers' DynamicCache with SDPA over the whole prompt (the user's alternative);
+- the model's floor: the same decode with a 32-token cache (the weights alone);
+- for an eviction method at budget b: SDPA over a b-token cache (what its attention
+  could at best cost).
+
+KV memory is the key/value bytes the cache holds after prefill (``stats()["bytes"]``),
+counted over the compressed layers and compared with the DynamicCache's same layers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from .common import machine
+
+LENGTHS = (4096, 8192)
+SHARES = (1 / 16, 1 / 8)
+STEPS = 16
+
+
+def _generate(model, ids, cache, steps: int, skip: int = 2) -> tuple[float, float, int]:
+    """Prefill seconds, median decode ms per token of ``model.generate``, and the KV
+    bytes ``cache`` holds in its layers from ``skip`` on once the prompt is in."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    import kvpack.hf
+
+    stamps: list[float] = []
+    held: list[int] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            if len(stamps) == 1 and cache is not None:
+                held.append(sum(_layer_bytes(layer) for layer in cache.layers[skip:]))
+                stamps[0] = time.perf_counter()  # the first step starts now
+            return scores
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            **{kvpack.hf.cache_argument(model): cache},
+            max_new_tokens=steps + 1,
+            min_new_tokens=steps + 1,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([Stamp()]),
+            pad_token_id=0,
+        )
+    steps_ms = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+    return stamps[0] - start, statistics.median(steps_ms), (held or [0])[0]
+
+
+def _layer_bytes(layer) -> int:
+    """Key/value bytes one cache layer holds (a kvpack layer or a DynamicLayer)."""
+    if hasattr(layer, "nbytes"):
+        return sum(layer.nbytes().values())
+    return sum(t.nelement() * t.element_size() for t in (layer.keys, layer.values))
+
+
+def run(
+    lengths: tuple[int, ...] = LENGTHS, shares: tuple[float, ...] = SHARES, steps: int = STEPS
+) -> list[tuple[str, str, str]]:
+    import torch
+    from transformers import DynamicCache
+
+    import kvpack
+    from kvpack import hf
+    from kvpack.models import load_pretrained
+
+    model, _ = load_pretrained("smollm2-135m")
+    model = model.float().eval()
+    skip = 2
+    generator = torch.Generator().manual_seed(0)
+    rows: list[tuple[str, str, str]] = [
+        ("machine", machine(), ""),
+        ("threads (torch = kvpack: one OpenMP runtime)", f"{torch.get_num_threads()}", ""),
+    ]
+
+    def dynamic(tokens: int):
+        ids = torch.randint(100, 40000, (1, tokens), generator=generator)
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache(config=model.config)
+        return _generate(model, ids, cache, steps)
+
+    _generate(model, torch.randint(100, 40000, (1, 64), generator=generator), None, 2)  # warm-up
+    floor = dynamic(32)[1]
+    rows.append(("model floor: decode with a 32-token cache", f"{floor:.1f} ms/token", ""))
+    for tokens in lengths:
+        ids = torch.randint(100, 40000, (1, tokens), generator=generator)
+        model.set_attn_implementation("sdpa")
+        sdpa_prefill, sdpa, full_bytes = _generate(
+            model, ids, DynamicCache(config=model.config), steps, skip
+        )
+        rows += [
+            (f"{tokens}: SDPA prefill", f"{sdpa_prefill:.2f} s", "reference"),
+            (f"{tokens}: SDPA decode", f"{sdpa:.1f} ms/token", "reference"),
+            (f"{tokens}: SDPA decode / floor", f"{sdpa / floor:.2f}x", ""),
+        ]
+        for method in hf.METHODS:
+            for share in (1.0,) if method == "full" else shares:
+                budget = kvpack.budget_tokens(share, tokens)
+                label = f"{tokens}: {method}" + (
+                    "" if method == "full" else f" @ 1/{round(1 / share)}"
+                )
+                cache = hf.make_cache(model, method, budget, skip_layers=skip)
+                prefill, decode, kept = _generate(model, ids, cache, steps, skip)
+                del cache
+                speedup = sdpa / decode
+                rows += [
+                    (f"{label}: decode", f"{decode:.1f} ms/token", ""),
+                    (
+                        f"{label}: prefill / SDPA prefill",
+                        f"{prefill / sdpa_prefill:.2f}",
+                        _prefill_target(method, tokens, share),
+                    ),
+                    (
+                        f"{label}: SDPA decode / its decode",
+                        f"{speedup:.2f}x",
+                        _speed_target(method, tokens, share),
+                    ),
+                    (
+                        f"{label}: decode / floor",
+                        f"{decode / floor:.2f}",
+                        _floor_target(method, tokens, share),
+                    ),
+                    (
+                        f"{label}: KV bytes after prefill / full cache's",
+                        f"{kept / full_bytes:.4f}",
+                        _memory_target(method, share),
+                    ),
+                ]
+                if method in hf.EVICTION_METHODS and method != "full":
+                    near = dynamic(budget)[1]
+                    rows.append(
+                        (
+                            f"{label}: decode / SDPA over a {budget}-token cache",
+                            f"{decode / near:.2f}",
+                            "<= 1.10",
+                        )
+                    )
+                print(f"e2e: {label} done", flush=True)
+    # kvpack's regions run on torch's OpenMP workers; one thread for kvpack instead:
+    tokens, threads = lengths[-1], kvpack.get_num_threads()
+    budget = kvpack.budget_tokens(shares[0], tokens)
+    kvpack.set_num_threads(1)
+    try:
+        decode = _generate(model, ids, hf.make_cache(model, "clusterkv", budget), steps)[1]
+    finally:
+        kvpack.set_num_threads(threads)
+    rows.append(
+        (
+            f"{tokens}: clusterkv @ {budget} with 1 kvpack thread: decode",
+            f"{decode:.1f} ms/token",
+            "",
+        )
+    )
+    return rows
+
+
+def _prefill_target(method: str, tokens: int, share: float) -> str:
+    return "<= 1.15" if method == "clusterkv" and tokens == 8192 and share == 1 / 16 else ""
+
+
+def _speed_target(method: str, tokens: int, share: float) -> str:
+    if method == "full":
+        return ">= 0.95"
+    if method in ("clusterkv", "quest") and tokens == 8192 and share == 1 / 16:
+        return ">= 2.4"
+    return ""
+
+
+def _floor_target(method: str, tokens: int, share: float) -> str:
+    return "<= 1.25" if method == "clusterkv" and tokens == 8192 and share == 1 / 16 else ""
+
+
+def _memory_target(method: str, share: float) -> str:
+    """Eviction methods hold their budget: within 10% of budget / prompt."""
+    from kvpack import hf
+
+    if method in hf.EVICTION_METHODS and method != "full":
+        return f"<= {1.10 * share:.4f}"
+    return ""
