@@ -82,6 +82,32 @@ KVView kv_view(const py::array& array, const char* name) {
   return view;
 }
 
+KVView strided_kv_view(const py::array& array, const char* name) {
+  KVView view;
+  view.dtype = kv_dtype(array, name);
+  require_native(array, name);
+  KVPACK_ARG_CHECK(array.ndim() == 3, name << ": expected 3 dimensions [heads_kv, tokens, "
+                                              "head_dim], got shape "
+                                           << shape_string(array));
+  view.heads = array.shape(0);
+  view.tokens = array.shape(1);
+  view.dim = array.shape(2);
+  KVPACK_ARG_CHECK(view.heads > 0 && view.dim > 0,
+                   name << ": expected heads and head_dim, got shape " << shape_string(array));
+  const auto item = static_cast<py::ssize_t>(dtype_size(view.dtype));
+  const py::ssize_t head_stride = array.strides(0);
+  const bool rows_contiguous = (view.dim == 1 || array.strides(2) == item) &&
+                               (view.tokens <= 1 || array.strides(1) == view.dim * item);
+  KVPACK_ARG_CHECK(rows_contiguous && head_stride % item == 0 &&
+                       (view.heads == 1 || head_stride >= view.tokens * view.dim * item),
+                   name << ": expected each head's [tokens, head_dim] rows to be contiguous, got "
+                           "strides that are not; pass numpy.ascontiguousarray("
+                        << name << ")");
+  view.head_stride = view.heads == 1 ? 0 : head_stride / item;
+  view.data = array.data();
+  return view;
+}
+
 std::pair<KVView, KVView> kv_pair(const py::array& keys, const py::array& values) {
   const KVView k = kv_view(keys, "keys"), v = kv_view(values, "values");
   KVPACK_ARG_CHECK(v.heads == k.heads && v.tokens == k.tokens && v.dim == k.dim,

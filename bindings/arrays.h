@@ -54,6 +54,10 @@ void require_layout(const py::array& array, const char* name, int ndim, const ch
 /// Zero-copy view of a [heads, tokens, dim] KV array, validated.
 KVView kv_view(const py::array& array, const char* name);
 
+/// Like kv_view, but also accepts heads further apart than tokens * dim (each head's
+/// rows contiguous), as in a slice of a cache buffer with spare room; tokens may be 0.
+KVView strided_kv_view(const py::array& array, const char* name);
+
 /// Zero-copy views of a layer's keys and values, validated: values must match the
 /// shape and dtype of keys.
 std::pair<KVView, KVView> kv_pair(const py::array& keys, const py::array& values);

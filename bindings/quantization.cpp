@@ -62,29 +62,50 @@ void bind_quantization(py::module_& m) {
       .def(
           "attend",
           [](const QuantizedKV& self, const py::object& q_obj, const std::optional<double>& scale,
-             bool return_lse, bool return_weights) {
+             bool return_lse, bool return_weights, const py::object& tail_keys_obj,
+             const py::object& tail_values_obj) {
             const py::array_t<float> q =
                 finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
             check_query(q, self.heads(), self.dim());
             const std::int64_t heads_q = q.shape(0);
             AttentionParams params;
             params.scale = resolve_scale_arg(scale);
+            KVPACK_ARG_CHECK(tail_keys_obj.is_none() == tail_values_obj.is_none(),
+                             "tail: expected (keys, values), got only one of them");
+            // The tail (tokens decoded since the prefill) is read in place, a slice of a
+            // growing buffer included.
+            py::array tail_keys, tail_values;
+            std::optional<KVView> tk, tv;
+            if (!tail_keys_obj.is_none()) {
+              tail_keys = as_array(tail_keys_obj, "tail keys");
+              tail_values = as_array(tail_values_obj, "tail values");
+              tk = strided_kv_view(tail_keys, "tail keys");
+              tv = strided_kv_view(tail_values, "tail values");
+              KVPACK_ARG_CHECK(
+                  tk->heads == self.heads() && tk->dim == self.dim() && tv->heads == tk->heads &&
+                      tv->tokens == tk->tokens && tv->dim == tk->dim,
+                  "tail: expected keys and values of shape ["
+                      << self.heads() << ", n, " << self.dim() << "], got "
+                      << shape_string(tail_keys) << " and " << shape_string(tail_values));
+            }
+            const std::int64_t attended = self.tokens() + (tk ? tk->tokens : 0);
             py::array_t<float> out = owned_float_array({heads_q, self.dim()});
             py::array_t<float> lse = owned_float_array({heads_q});
-            py::array_t<float> weights = return_weights
-                                             ? owned_float_array({heads_q, self.tokens()})
-                                             : owned_float_array({0});
+            py::array_t<float> weights =
+                return_weights ? owned_float_array({heads_q, attended}) : owned_float_array({0});
             {
               py::gil_scoped_release release;
               self.attend(q.data(), heads_q, params,
                           AttentionOutput{out.mutable_data(), lse.mutable_data(),
-                                          return_weights ? weights.mutable_data() : nullptr});
+                                          return_weights ? weights.mutable_data() : nullptr},
+                          tk ? &*tk : nullptr, tv ? &*tv : nullptr);
             }
             return py::make_tuple(out, return_lse ? py::object(lse) : py::object(py::none()),
                                   return_weights ? py::object(weights) : py::object(py::none()));
           },
           py::arg("q"), py::arg("scale") = py::none(), py::arg("return_lse") = false,
-          py::arg("return_weights") = false)
+          py::arg("return_weights") = false, py::arg("tail_keys") = py::none(),
+          py::arg("tail_values") = py::none())
       .def_property_readonly("nbytes", &QuantizedKV::nbytes)
       .def_property_readonly("bits", [](const QuantizedKV& s) { return s.params().bits; })
       .def_property_readonly("group", [](const QuantizedKV& s) { return s.params().group; })

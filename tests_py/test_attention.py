@@ -86,6 +86,22 @@ def test_query_dtypes_are_converted(rng):
     assert_close(kvpack.attention(q.astype(np.float64), k, v), kvpack.attention(q, k, v), atol=0)
 
 
+def test_accumulated_attention_does_not_depend_on_threads(rng):
+    queries = rng.standard_normal((12, 200, 32)).astype(np.float32)
+    keys = rng.standard_normal((4, 300, 32)).astype(np.float16)
+    before = kvpack.get_num_threads()
+    try:
+        kvpack.set_num_threads(1)
+        one = kvpack.accumulated_attention(queries, keys)
+        kvpack.set_num_threads(3)
+        three = kvpack.accumulated_attention(queries, keys)
+    finally:
+        kvpack.set_num_threads(before)
+    np.testing.assert_array_equal(one, three)
+    expected = reference.accumulated_attention(queries, keys.astype(np.float32))
+    np.testing.assert_allclose(one, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_result_does_not_depend_on_threads(rng):
     q, k, v = random_cache(rng, 8, 5000, 128, np.float16, 32)
     before = kvpack.get_num_threads()

@@ -49,6 +49,28 @@ def test_attention_over_codes_equals_attention_over_dequantized(rng, bits):
     np.testing.assert_allclose(weights, ref_w, atol=1e-6)
 
 
+@pytest.mark.parametrize("tail_dtype", [np.float32, np.float16])
+def test_attention_over_codes_and_a_tail_in_one_softmax(rng, tail_dtype):
+    keys, values = outlier_cache(rng, tokens=200, dtype=np.float16)
+    qkv = kvpack.quantize(keys, values, 2, residual=40)
+    # The tail is a slice of a buffer with spare room: heads are 50 rows apart.
+    buffer = rng.standard_normal((2, 2, 50, 48)).astype(tail_dtype)
+    tail_k, tail_v = buffer[0, :, :7], buffer[1, :, :7]
+    q = rng.standard_normal((6, 48)).astype(np.float32)
+    out, lse, weights = qkv.attend(q, return_lse=True, return_weights=True, tail=(tail_k, tail_v))
+    k, v = qkv.dequantize()
+    k = np.concatenate([k, tail_k.astype(np.float32)], axis=1)
+    v = np.concatenate([v, tail_v.astype(np.float32)], axis=1)
+    ref_out, ref_lse, ref_w = reference.decode_attention(q, k, v)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
+    np.testing.assert_allclose(weights, ref_w, atol=1e-6)
+    with pytest.raises(ValueError, match="tail"):
+        qkv.attend(q, tail=(tail_k[:1], tail_v[:1]))
+    with pytest.raises(ValueError, match="tail keys"):
+        qkv.attend(q, tail=(buffer[0, :, :7, ::2], tail_v))
+
+
 def test_codes_are_packed_densely(rng):
     keys, values = outlier_cache(rng, heads=4, tokens=4096, dim=128, dtype=np.float16)
     for bits in (2, 4, 8):

@@ -332,8 +332,12 @@ void accumulated_attention(const float* queries, std::int64_t heads_q, std::int6
   const float scale = resolve_scale(params.scale, dim);
   constexpr std::int64_t kQueryBlock = 64;
 
-  // One KV head per work item: results do not depend on the thread count.
-  parallel_for(keys.heads, [&](std::int64_t head) {
+  // One query head per work item, each summing into its own row (the GQA group's rows
+  // are added in order afterwards): results do not depend on the thread count.
+  const std::int64_t own_rows = params.per_query_head || group_size == 1 ? 0 : heads_q;
+  std::vector<float> per_query(static_cast<std::size_t>(own_rows * tokens));
+  parallel_for(heads_q, [&](std::int64_t hq) {
+    const std::int64_t head = hq / group_size;
     RowMatrix k_float;
     const float* k_data = static_cast<const float*>(keys.row(head, 0));
     if (keys.dtype != DType::Float32) {
@@ -343,46 +347,63 @@ void accumulated_attention(const float* queries, std::int64_t heads_q, std::int6
     }
     Eigen::Map<const RowMatrix> k(k_data, tokens, dim);
     RowMatrix s;
-    for (std::int64_t g = 0; g < group_size; ++g) {
-      const std::int64_t hq = head * group_size + g;
-      float* acc = out + (params.per_query_head ? hq : head) * tokens;
-      if (params.per_query_head || g == 0) std::fill(acc, acc + tokens, 0.0f);
-      for (std::int64_t i0 = 0; i0 < window; i0 += kQueryBlock) {
-        const std::int64_t rows = std::min(kQueryBlock, window - i0);
-        // Keys past the block's last query position are masked for every row: skip them.
-        const std::int64_t visible_block = params.causal ? first_position + i0 + rows : tokens;
-        Eigen::Map<const RowMatrix> qb(queries + (hq * window + i0) * dim, rows, dim);
-        s.resize(rows, visible_block);
-        s.noalias() = qb * k.topRows(visible_block).transpose();
-        for (std::int64_t r = 0; r < rows; ++r) {
-          const std::int64_t visible = params.causal ? first_position + i0 + r + 1 : tokens;
-          float* sr = s.data() + r * visible_block;
-          float row_max = kNegInf;
-          for (std::int64_t j = 0; j < visible; ++j) row_max = std::max(row_max, sr[j] * scale);
-          float row_sum = 0.0f;
-          for (std::int64_t j = 0; j < visible; ++j) {
-            sr[j] = std::exp(sr[j] * scale - row_max);
-            row_sum += sr[j];
-          }
-          const float inv = 1.0f / row_sum;
+    float* acc = own_rows ? per_query.data() + hq * tokens
+                          : out + (params.per_query_head ? hq : head) * tokens;
+    std::fill(acc, acc + tokens, 0.0f);
+    for (std::int64_t i0 = 0; i0 < window; i0 += kQueryBlock) {
+      const std::int64_t rows = std::min(kQueryBlock, window - i0);
+      // Keys past the block's last query position are masked for every row: skip them.
+      const std::int64_t visible_block = params.causal ? first_position + i0 + rows : tokens;
+      Eigen::Map<const RowMatrix> qb(queries + (hq * window + i0) * dim, rows, dim);
+      s.resize(rows, visible_block);
+      s.noalias() = (qb * scale) * k.topRows(visible_block).transpose();
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t visible = params.causal ? first_position + i0 + r + 1 : tokens;
+        float* sr = s.data() + r * visible_block;
+        float row_max = kNegInf;
+#pragma omp simd reduction(max : row_max)
+        for (std::int64_t j = 0; j < visible; ++j) row_max = std::max(row_max, sr[j]);
+        // Exponentials kLanes at a time: they, not the products, dominate this pass.
+        detail::floatv sums = {};
+        std::int64_t j = 0;
+        for (; j + kLanes <= visible; j += kLanes) {
+          const floatv e = detail::exp_lanes(load_lanes(sr + j) - row_max);
+          detail::store_lanes(sr + j, e);
+          sums += e;
+        }
+        float row_sum = detail::reduce_add(sums);
+        for (; j < visible; ++j) {
+          sr[j] = std::exp(sr[j] - row_max);
+          row_sum += sr[j];
+        }
+        const float inv = 1.0f / row_sum;
 #pragma omp simd
-          for (std::int64_t j = 0; j < visible; ++j) acc[j] += sr[j] * inv;
-        }
-      }
-    }
-    if (params.reduction == Reduction::Mean) {
-      const std::int64_t rows_out = params.per_query_head ? group_size : 1;
-      const float group_factor = params.per_query_head ? 1.0f : static_cast<float>(group_size);
-      for (std::int64_t r = 0; r < rows_out; ++r) {
-        float* acc = out + (params.per_query_head ? head * group_size + r : head) * tokens;
-        for (std::int64_t j = 0; j < tokens; ++j) {
-          // Queries at positions >= j see key j.
-          const std::int64_t seen = params.causal ? std::min(window, tokens - j) : window;
-          acc[j] /= group_factor * static_cast<float>(seen);
-        }
+        for (std::int64_t t = 0; t < visible; ++t) acc[t] += sr[t] * inv;
       }
     }
   });
+  if (own_rows)  // the group's sum, in query-head order
+    for (std::int64_t head = 0; head < keys.heads; ++head) {
+      float* acc = out + head * tokens;
+      std::fill(acc, acc + tokens, 0.0f);
+      for (std::int64_t g = 0; g < group_size; ++g) {
+        const float* row = per_query.data() + (head * group_size + g) * tokens;
+#pragma omp simd
+        for (std::int64_t t = 0; t < tokens; ++t) acc[t] += row[t];
+      }
+    }
+  if (params.reduction == Reduction::Mean) {
+    const std::int64_t rows_out = params.per_query_head ? heads_q : keys.heads;
+    const float group_factor = params.per_query_head ? 1.0f : static_cast<float>(group_size);
+    for (std::int64_t r = 0; r < rows_out; ++r) {
+      float* acc = out + r * tokens;
+      for (std::int64_t j = 0; j < tokens; ++j) {
+        // Queries at positions >= j see key j.
+        const std::int64_t seen = params.causal ? std::min(window, tokens - j) : window;
+        acc[j] /= group_factor * static_cast<float>(seen);
+      }
+    }
+  }
 }
 
 std::vector<float> evidence_scores(const KVView& keys, const Evidence& evidence,

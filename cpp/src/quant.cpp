@@ -8,6 +8,7 @@
 
 #include "kvpack/convert.h"
 #include "kvpack/parallel.h"
+#include "vec.h"
 
 namespace kvpack {
 
@@ -62,11 +63,6 @@ void unpack_codes(const std::uint8_t* packed, std::int64_t n, int bits, std::uin
     default:
       return unpack_codes<8>(packed, n, codes);
   }
-}
-
-std::uint8_t get_code(const std::uint8_t* packed, std::int64_t i, int bits) {
-  const std::int64_t bit = i * bits;
-  return static_cast<std::uint8_t>((packed[bit / 8] >> (bit % 8)) & ((1 << bits) - 1));
 }
 
 }  // namespace
@@ -306,67 +302,156 @@ QuantizedKV QuantizedKV::deserialize(const unsigned char* data, std::size_t size
   return kv;
 }
 
+void QuantizedKV::load_block(std::int64_t head, std::int64_t block, const KVView* tail_keys,
+                             const KVView* tail_values, float* keys, float* values,
+                             std::uint8_t* scratch) const {
+  const std::int64_t group = params_.group, token_groups = quantized_ / group;
+  const int bits = params_.bits;
+  if (block < token_groups) {
+    const std::int64_t base = (head * token_groups + block) * dim_;
+    float* lo = values;  // the value rows are written after the keys are expanded
+    float* step = values + dim_;
+    for (std::int64_t c = 0; c < dim_; ++c) {
+      lo[c] = static_cast<float>(key_min_[base + c]);
+      step[c] = static_cast<float>(key_scale_[base + c]);
+    }
+    const auto expand = bits == 2   ? &expand_key_group<2>
+                        : bits == 4 ? &expand_key_group<4>
+                                    : &expand_key_group<8>;
+    expand(key_codes_.data() + base * key_group_bytes(), key_group_bytes(), group, dim_, lo, step,
+           DType::Float32, static_cast<std::size_t>(dim_) * sizeof(float),
+           reinterpret_cast<unsigned char*>(keys), scratch, values + 2 * dim_);
+    for (std::int64_t j = 0; j < group; ++j) {
+      const std::int64_t t = block * group + j;
+      unpack_codes(value_codes_.data() + (head * quantized_ + t) * value_row_bytes(), dim_, bits,
+                   scratch);
+      const std::int64_t at = (head * quantized_ + t) * channel_groups_;
+      float* row = values + j * dim_;
+      for (std::int64_t g = 0; g < channel_groups_; ++g) {
+        const float minimum = static_cast<float>(value_min_[at + g]);
+        const float scale = static_cast<float>(value_scale_[at + g]);
+        const std::int64_t first = g * group, last = std::min(dim_, first + group);
+#pragma omp simd
+        for (std::int64_t c = first; c < last; ++c) row[c] = minimum + scale * scratch[c];
+      }
+    }
+    return;
+  }
+  // Full-precision rows: the residual, then the tail.
+  const std::int64_t rest = tokens_ - quantized_, extra = tail_keys ? tail_keys->tokens : 0;
+  const std::int64_t first = (block - token_groups) * group;
+  const std::int64_t n = std::min(group, rest + extra - first);
+  const std::size_t row_bytes = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
+  for (std::int64_t j = 0; j < n; ++j) {
+    const std::int64_t i = first + j;
+    if (i < rest) {
+      const std::size_t at = static_cast<std::size_t>(head * rest + i) * row_bytes;
+      to_float(residual_keys_.data() + at, dtype_, dim_, keys + j * dim_);
+      to_float(residual_values_.data() + at, dtype_, dim_, values + j * dim_);
+    } else {
+      to_float(tail_keys->row(head, i - rest), tail_keys->dtype, dim_, keys + j * dim_);
+      to_float(tail_values->row(head, i - rest), tail_values->dtype, dim_, values + j * dim_);
+    }
+  }
+}
+
 void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionParams& params,
-                         const AttentionOutput& output) const {
+                         const AttentionOutput& output, const KVView* tail_keys,
+                         const KVView* tail_values) const {
+  KVPACK_CHECK(!tail_keys == !tail_values, "tail: expected both keys and values, or neither");
+  const std::int64_t extra = tail_keys ? tail_keys->tokens : 0;
+  if (tail_keys) {
+    for (const KVView* t : {tail_keys, tail_values})
+      KVPACK_CHECK(t->data && t->heads == heads_ && t->dim == dim_ && t->tokens == extra,
+                   "tail: expected keys and values of shape ["
+                       << heads_ << ", n, " << dim_ << "], got [" << t->heads << ", " << t->tokens
+                       << ", " << t->dim << "]");
+  }
   const std::int64_t group = params_.group, token_groups = quantized_ / group;
   const std::int64_t rest = tokens_ - quantized_, per_kv = heads_q / heads_;
+  const std::int64_t attended = tokens_ + extra;
   const float scale =
       params.scale > 0.0f ? params.scale : 1.0f / std::sqrt(static_cast<float>(dim_));
-  const std::size_t row_bytes = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
-  parallel_for(heads_q, [&](std::int64_t hq) {
-    const std::int64_t h = hq / per_kv;
-    const float* qh = q + hq * dim_;
-    std::vector<float> scores(static_cast<std::size_t>(tokens_)),
-        row(static_cast<std::size_t>(dim_));
-    // Keys: score_j = sum_c q_c min_c + sum_c (q_c scale_c) code_cj over a token group.
-    for (std::int64_t g = 0; g < token_groups; ++g) {
-      float* s = scores.data() + g * group;
-      std::fill(s, s + group, 0.0f);
-      float offset = 0.0f;
-      for (std::int64_t c = 0; c < dim_; ++c) {
-        const std::int64_t at = (h * token_groups + g) * dim_ + c;
-        const float weight = qh[c] * static_cast<float>(key_scale_[at]);
-        offset += qh[c] * static_cast<float>(key_min_[at]);
-        const std::uint8_t* packed = key_codes_.data() + at * key_group_bytes();
-        for (std::int64_t j = 0; j < group; ++j) s[j] += weight * get_code(packed, j, params_.bits);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+  // A flash-decoding pass over blocks of `group` tokens: each block (a token group of
+  // codes, or full-precision rows) is expanded to float32 once and attended by every
+  // query head of its KV head; blocks are split into chunks merged by log-sum-exp.
+  const std::int64_t blocks = token_groups + (rest + extra + group - 1) / group;
+  const std::int64_t chunks = std::clamp<std::int64_t>((4 * num_threads() + heads_ - 1) / heads_, 1,
+                                                       std::max<std::int64_t>(1, blocks));
+  const std::int64_t stride = per_kv * (dim_ + 2);
+  std::vector<float> partials(static_cast<std::size_t>(heads_ * chunks * stride));
+  parallel_for(heads_ * chunks, [&](std::int64_t item) {
+    const std::int64_t h = item / chunks, chunk = item % chunks;
+    const std::int64_t begin = blocks * chunk / chunks, end = blocks * (chunk + 1) / chunks;
+    float* max = partials.data() + item * stride;
+    float* sum = max + per_kv;
+    float* acc = sum + per_kv;
+    std::fill(max, max + per_kv, kNegInf);
+    std::fill(sum, sum + per_kv, 0.0f);
+    std::fill(acc, acc + per_kv * dim_, 0.0f);
+    std::vector<float> keys(static_cast<std::size_t>(group * dim_)),
+        values(static_cast<std::size_t>(std::max(group, std::int64_t{3}) * dim_)),
+        s(static_cast<std::size_t>(group)), qs(static_cast<std::size_t>(per_kv * dim_));
+    std::vector<std::uint8_t> scratch(
+        static_cast<std::size_t>(std::max(key_group_bytes(), std::int64_t{1}) * dim_ + dim_));
+    for (std::int64_t i = 0; i < per_kv * dim_; ++i) qs[i] = q[h * per_kv * dim_ + i] * scale;
+    for (std::int64_t b = begin; b < end; ++b) {
+      load_block(h, b, tail_keys, tail_values, keys.data(), values.data(), scratch.data());
+      const std::int64_t first =
+          b < token_groups ? b * group : quantized_ + (b - token_groups) * group;
+      const std::int64_t n = std::min(group, attended - first);
+      for (std::int64_t g = 0; g < per_kv; ++g) {
+        float block_max = kNegInf;
+        for (std::int64_t j = 0; j < n; ++j) {
+          s[j] = detail::dot(qs.data() + g * dim_, keys.data() + j * dim_, dim_);
+          block_max = std::max(block_max, s[j]);
+        }
+        if (output.weights)
+          std::copy(s.begin(), s.begin() + n, output.weights + (h * per_kv + g) * attended + first);
+        const float new_max = std::max(max[g], block_max);
+        float* out = acc + g * dim_;
+        if (max[g] != kNegInf && max[g] != new_max) {
+          const float correction = std::exp(max[g] - new_max);
+          sum[g] *= correction;
+          for (std::int64_t c = 0; c < dim_; ++c) out[c] *= correction;
+        }
+        max[g] = new_max;
+        for (std::int64_t j = 0; j < n; ++j) {
+          const float p = std::exp(s[j] - new_max);
+          sum[g] += p;
+          const float* v = values.data() + j * dim_;
+#pragma omp simd
+          for (std::int64_t c = 0; c < dim_; ++c) out[c] += p * v[c];
+        }
       }
-      for (std::int64_t j = 0; j < group; ++j) s[j] = (s[j] + offset) * scale;
     }
-    for (std::int64_t t = quantized_; t < tokens_; ++t) {
-      const std::size_t at = static_cast<std::size_t>(h * rest + t - quantized_) * row_bytes;
-      to_float(residual_keys_.data() + at, dtype_, dim_, row.data());
-      float dot = 0.0f;
-      for (std::int64_t c = 0; c < dim_; ++c) dot += qh[c] * row[c];
-      scores[t] = dot * scale;
-    }
-    const float top = *std::max_element(scores.begin(), scores.end());
-    double total = 0.0;
-    for (float& s : scores) {
-      s = std::exp(s - top);
-      total += s;
-    }
-    const float inv = static_cast<float>(1.0 / total);
+  });
+
+  // Merge the chunks of every query head.
+  parallel_for(heads_q, [&](std::int64_t hq) {
+    const std::int64_t h = hq / per_kv, g = hq % per_kv;
+    float top = kNegInf;
+    for (std::int64_t c = 0; c < chunks; ++c)
+      top = std::max(top, partials[(h * chunks + c) * stride + g]);
+    float total = 0.0f;
     float* out = output.out + hq * dim_;
     std::fill(out, out + dim_, 0.0f);
-    // Values: out_c += p_t (min + scale code_tc), per channel group.
-    for (std::int64_t t = 0; t < quantized_; ++t) {
-      const float p = scores[t] * inv;
-      const std::uint8_t* packed = value_codes_.data() + (h * quantized_ + t) * value_row_bytes();
-      for (std::int64_t c = 0; c < dim_; ++c) {
-        const std::int64_t at = (h * quantized_ + t) * channel_groups_ + c / group;
-        out[c] += p * (static_cast<float>(value_min_[at]) +
-                       static_cast<float>(value_scale_[at]) * get_code(packed, c, params_.bits));
-      }
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      const float* p = partials.data() + (h * chunks + c) * stride;
+      if (p[g] == kNegInf) continue;
+      const float w = std::exp(p[g] - top);
+      total += w * p[per_kv + g];
+      const float* partial_out = p + 2 * per_kv + g * dim_;
+      for (std::int64_t i = 0; i < dim_; ++i) out[i] += w * partial_out[i];
     }
-    for (std::int64_t t = quantized_; t < tokens_; ++t) {
-      const float p = scores[t] * inv;
-      const std::size_t at = static_cast<std::size_t>(h * rest + t - quantized_) * row_bytes;
-      to_float(residual_values_.data() + at, dtype_, dim_, row.data());
-      for (std::int64_t c = 0; c < dim_; ++c) out[c] += p * row[c];
-    }
-    if (output.lse) output.lse[hq] = top + static_cast<float>(std::log(total));
+    for (std::int64_t i = 0; i < dim_; ++i) out[i] /= total;
+    const float lse = top + std::log(total);
+    if (output.lse) output.lse[hq] = lse;
     if (output.weights)
-      for (std::int64_t t = 0; t < tokens_; ++t) output.weights[hq * tokens_ + t] = scores[t] * inv;
+      for (std::int64_t t = 0; t < attended; ++t)
+        output.weights[hq * attended + t] = std::exp(output.weights[hq * attended + t] - lse);
   });
 }
 

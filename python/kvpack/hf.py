@@ -270,11 +270,27 @@ class _KVPackLayer(DynamicLayer):
         raise NotImplementedError("kvpack caches do not support selecting batch rows")
 
 
-class _EvictionLayer(_KVPackLayer):
+class _BufferedLayer(_KVPackLayer):
+    """Keys and values in buffers with spare room that grow by a quarter, so appending a
+    decoded token copies that token, not the cache; ``length`` slots are in use."""
+
+    def _append(self, key_states, value_states):
+        new = key_states.shape[-2]
+        if self.length + new > self.keys.shape[-2]:
+            capacity = self.length + new + max(64, self.length // 4)
+            self.keys, self.values = (
+                _grown(t, self.length, capacity) for t in (self.keys, self.values)
+            )
+        self.keys[:, :, self.length : self.length + new] = key_states
+        self.values[:, :, self.length : self.length + new] = value_states
+        self.length += new
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+
+class _EvictionLayer(_BufferedLayer):
     """The slots :func:`kvpack.compress` kept of the prompt (all of it for ``full`` and the
-    skipped layers), then every decoded token, in buffers that grow by a quarter (so an
-    append copies one token, not the cache). A decode step over a batch without padding
-    and without log-count bias is transformers' own SDPA call over those buffers."""
+    skipped layers), then every decoded token. A decode step over a batch without padding
+    and without log-count bias is transformers' own SDPA call over the buffers."""
 
     def _compress(self, query, keys, values, valid, scaling):
         log_count_bias = bool(self.options.get("log_count_bias", False))
@@ -324,18 +340,6 @@ class _EvictionLayer(_KVPackLayer):
         else:
             self.prompt_bias = None
         self.first_decoded = int(valid.shape[1])  # logical position of the first decoded token
-
-    def _append(self, key_states, value_states):
-        new = key_states.shape[-2]
-        if self.length + new > self.keys.shape[-2]:
-            capacity = self.length + new + max(64, self.length // 4)
-            self.keys, self.values = (
-                _grown(t, self.length, capacity) for t in (self.keys, self.values)
-            )
-        self.keys[:, :, self.length : self.length + new] = key_states
-        self.values[:, :, self.length : self.length + new] = value_states
-        self.length += new
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
     @property
     def positions(self) -> torch.Tensor:
@@ -425,8 +429,9 @@ class _RecallLayer(_KVPackLayer):
         return {tier: sum(t[tier] for t in tiers) for tier in ("slow", "fast")}
 
 
-class _KiviLayer(_KVPackLayer):
-    """KIVI codes of the prompt per sequence, plus the decoded tokens in full precision."""
+class _KiviLayer(_BufferedLayer):
+    """KIVI codes of the prompt per sequence, plus the decoded tokens in full precision;
+    each decode step is one core call per sequence that attends both in one softmax."""
 
     def _compress(self, query, keys, values, valid, scaling):
         bits, group = self.options.get("bits", 2), self.options.get("group", 32)
@@ -445,34 +450,17 @@ class _KiviLayer(_KVPackLayer):
         # New tensors: an empty view of the prompt's would keep all of it alive.
         self.keys = keys.new_empty(*keys.shape[:2], 0, keys.shape[-1])
         self.values = values.new_empty(*values.shape[:2], 0, values.shape[-1])
-
-    def _append(self, key_states, value_states):
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        return self.keys, self.values
+        self.length = 0
 
     def _decode(self, module, query, key, value, attention_mask, scaling):
         new, decoded = query.shape[2], key.shape[2]
-        groups = query.shape[1] // key.shape[1]
-        tail_k = key.float().repeat_interleave(groups, dim=1)
-        tail_v = value.float().repeat_interleave(groups, dim=1)
         output = torch.empty(query.shape[0], new, query.shape[1], query.shape[-1])
         for b, quantized in enumerate(self.quantized):
             for i in range(new):
-                q = query[b, :, i].float()
-                out_codes, lse_codes = quantized.attend(_numpy(q), scale=scaling, return_lse=True)
                 seen = decoded - new + i + 1  # decoded tokens this query may attend
-                scores = torch.einsum("hd,hnd->hn", q.cpu(), tail_k[b, :, :seen].cpu()) * scaling
-                lse_tail = torch.logsumexp(scores, dim=-1)
-                out_tail = torch.einsum(
-                    "hn,hnd->hd", torch.softmax(scores, -1), tail_v[b, :, :seen].cpu()
-                )
-                lse_codes = torch.from_numpy(lse_codes)
-                top = torch.maximum(lse_codes, lse_tail)
-                w_codes, w_tail = torch.exp(lse_codes - top), torch.exp(lse_tail - top)
-                output[b, i] = (
-                    w_codes[:, None] * torch.from_numpy(out_codes) + w_tail[:, None] * out_tail
-                ) / (w_codes + w_tail)[:, None]
+                tail = (_host_view(key[b, :, :seen]), _host_view(value[b, :, :seen]))
+                q = _numpy(query[b, :, i].float())
+                output[b, i] = torch.from_numpy(quantized.attend(q, scale=scaling, tail=tail))
         return output.to(query.device, query.dtype)
 
     def slots(self) -> int:
@@ -526,14 +514,20 @@ def _tensor_bytes(*tensors) -> int:
     return sum(t.nelement() * t.element_size() for t in tensors if t is not None)
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A C-contiguous NumPy array of a CPU copy of ``t`` (bfloat16 through ml_dtypes)."""
-    t = t.detach().contiguous().cpu()
+def _host_view(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor with its strides (bfloat16 through ml_dtypes); a
+    device tensor is copied to the host."""
+    t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         import ml_dtypes
 
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A C-contiguous NumPy array of ``t`` (a view when it already is one on the host)."""
+    return _host_view(t.contiguous())
 
 
 def _torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,20 @@ class QuantizedKV:
         scale: float | None = None,
         return_lse: bool = False,
         return_weights: bool = False,
+        tail: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         """Decode attention of ``q`` (heads_q, head_dim) over the codes, as
-        :func:`kvpack.attention` over the dequantized cache would give."""
-        out, lse, weights = self._core.attend(q, scale, return_lse, return_weights)
+        :func:`kvpack.attention` over the dequantized cache would give.
+
+        ``tail`` = (keys, values), each (heads, n, head_dim) in any KV dtype: full-precision
+        tokens that follow the cache (those decoded since it was quantized), attended in
+        the same softmax. Each head's rows must be contiguous; heads may be further apart
+        (a slice of a buffer with spare room is read in place). Weights then cover
+        ``tokens + n`` positions."""
+        tail_keys, tail_values = tail if tail is not None else (None, None)
+        out, lse, weights = self._core.attend(
+            q, scale, return_lse, return_weights, tail_keys, tail_values
+        )
         if not (return_lse or return_weights):
             return out
         extra = tuple(x for x, wanted in ((lse, return_lse), (weights, return_weights)) if wanted)

@@ -54,15 +54,25 @@ class QuantizedKV {
   static QuantizedKV deserialize(const unsigned char* data, std::size_t size);
 
   /// Decode attention of q [heads_q, dim] over the quantized cache, reading codes
-  /// directly (no dequantized copy); out as for decode_attention.
+  /// directly (no dequantized copy); out as for decode_attention. `tail`, when given,
+  /// holds full-precision rows [heads, n, dim] that follow the cache (a decode step's
+  /// tokens since the prefill), attended in the same softmax after it; weights then has
+  /// tokens() + n entries per query head.
   void attend(const float* q, std::int64_t heads_q, const AttentionParams& params,
-              const AttentionOutput& output) const;
+              const AttentionOutput& output, const KVView* tail_keys = nullptr,
+              const KVView* tail_values = nullptr) const;
 
  private:
   QuantizedKV() = default;
   void allocate();
   std::int64_t key_group_bytes() const;  // packed codes of one channel in one token group
   std::int64_t value_row_bytes() const;  // packed codes of one token's channels
+  // Block `block` of a head as float32 rows [n, dim] into keys and values (each room for
+  // max(group, 3) rows): token group `block` of the codes, or after them `group` rows of
+  // the residual and then the tail; scratch holds key_group_bytes() * dim + dim bytes.
+  void load_block(std::int64_t head, std::int64_t block, const KVView* tail_keys,
+                  const KVView* tail_values, float* keys, float* values,
+                  std::uint8_t* scratch) const;
 
   QuantParams params_;
   DType dtype_ = DType::Float32;
