@@ -178,9 +178,10 @@ void attend_range_typed(const float* qs, const KVView& keys, const KVView& value
   }
 }
 
-// Largest tile of query heads (8, 4, 2 or 1) that divides the group size.
+// Largest tile of query heads (8, 4, 3, 2 or 1) that divides the group size (3: the
+// groups of SmolLM2 and other 3:1 GQA models read each K/V row once, not three times).
 int tile_for(std::int64_t group) {
-  for (int tile : {8, 4, 2})
+  for (int tile : {8, 4, 3, 2})
     if (group % tile == 0) return tile;
   return 1;
 }
@@ -195,6 +196,9 @@ void attend_range_tiled(int tile, const float* qs, const KVView& keys, const KVV
                                    scores, state);
     case 4:
       return attend_range_typed<4>(qs, keys, values, head, token_at, begin, end, count, bias_row,
+                                   scores, state);
+    case 3:
+      return attend_range_typed<3>(qs, keys, values, head, token_at, begin, end, count, bias_row,
                                    scores, state);
     case 2:
       return attend_range_typed<2>(qs, keys, values, head, token_at, begin, end, count, bias_row,
@@ -282,7 +286,9 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
   });
 
   // Merge the chunks of every query head by log-sum-exp, then normalise the weights.
-  parallel_for(heads_q, [&](std::int64_t hq) {
+  // Without weights this is a few vector operations per head: a thread team would cost
+  // more than it saves.
+  const auto merge = [&](std::int64_t hq) {
     const std::int64_t row = hq / tile, g = hq % tile;
     float global_max = kNegInf;
     for (std::int64_t c = 0; c < chunks; ++c)
@@ -309,7 +315,11 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
         detail::store_lanes(w + i, detail::exp_lanes(load_lanes(w + i) - lse));
       for (; i < count; ++i) w[i] = std::exp(w[i] - lse);
     }
-  });
+  };
+  if (output.weights)
+    parallel_for(heads_q, merge);
+  else
+    for (std::int64_t hq = 0; hq < heads_q; ++hq) merge(hq);
 }
 
 void accumulated_attention(const float* queries, std::int64_t heads_q, std::int64_t window,

@@ -242,10 +242,11 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
     auto& n = needed[static_cast<std::size_t>(per_q ? r / group : r)];
     n.insert(n.end(), selection_.begin() + r * count, selection_.begin() + (r + 1) * count);
   }
-  for (auto& n : needed) {
-    std::sort(n.begin(), n.end());
-    n.erase(std::unique(n.begin(), n.end()), n.end());
-  }
+  if (per_q)  // a head's rows overlap; a single row is ascending and distinct already
+    for (auto& n : needed) {
+      std::sort(n.begin(), n.end());
+      n.erase(std::unique(n.begin(), n.end()), n.end());
+    }
   last_ = RecallStats{};
   last_.steps = 1;
   if (params_.fast_tier)

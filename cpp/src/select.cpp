@@ -77,25 +77,31 @@ void gather_rows(const KVView& src, std::int64_t head, const std::int32_t* token
 
 void fill_budget(const std::vector<std::int32_t>& always, const RankedGroups& groups,
                  std::int64_t budget, std::int32_t* out, std::vector<std::int32_t>* used_groups) {
-  std::vector<std::int32_t> taken;
-  taken.reserve(static_cast<std::size_t>(budget));
+  // Taken tokens as a bitmap: membership in O(1), and the ascending output is a scan of
+  // tokens / 64 words rather than a sort of the budget.
+  const std::int64_t tokens =
+      std::max<std::int64_t>(groups.tokens, always.empty() ? 0 : always.back() + 1);
+  std::vector<std::uint64_t> taken(static_cast<std::size_t>((tokens + 63) / 64), 0);
+  const auto has = [&](std::int32_t t) { return (taken[t >> 6] >> (t & 63)) & 1u; };
+  const auto take = [&](std::int32_t t) { taken[t >> 6] |= std::uint64_t{1} << (t & 63); };
   const auto n_always = static_cast<std::int64_t>(always.size());
+  std::int64_t remaining = budget;
   if (n_always <= budget) {
-    taken = always;
+    for (std::int32_t t : always) take(t);
+    remaining -= n_always;
   } else {  // keep the earliest half and the latest half of the always-kept tokens
     const std::int64_t head = budget / 2;
-    taken.assign(always.begin(), always.begin() + head);
-    taken.insert(taken.end(), always.end() - (budget - head), always.end());
+    for (std::int64_t i = 0; i < head; ++i) take(always[i]);
+    for (std::int64_t i = n_always - (budget - head); i < n_always; ++i) take(always[i]);
+    remaining = 0;
   }
-  std::int64_t remaining = budget - static_cast<std::int64_t>(taken.size());
-  const std::vector<std::int32_t> fixed = taken;  // sorted: membership by binary search
   for (std::int64_t r = 0; r < groups.count && remaining > 0; ++r) {
     const std::int32_t g = groups.order[r];
     bool used = false;
     for (std::int32_t m = groups.offsets[g]; m < groups.offsets[g + 1] && remaining > 0; ++m) {
       const std::int32_t token = groups.members[m];
-      if (std::binary_search(fixed.begin(), fixed.end(), token)) continue;
-      taken.push_back(token);
+      if (has(token)) continue;
+      take(token);
       --remaining;
       used = true;
     }
@@ -103,8 +109,11 @@ void fill_budget(const std::vector<std::int32_t>& always, const RankedGroups& gr
   }
   KVPACK_CHECK(remaining == 0,
                "budget: only " << budget - remaining << " tokens to fill a budget of " << budget);
-  std::sort(taken.begin(), taken.end());
-  std::copy(taken.begin(), taken.end(), out);
+  std::int64_t n = 0;
+  for (std::size_t w = 0; w < taken.size(); ++w)
+    for (std::uint64_t bits = taken[w]; bits; bits &= bits - 1)
+      out[n++] =
+          static_cast<std::int32_t>(w * 64 + static_cast<std::size_t>(__builtin_ctzll(bits)));
 }
 
 }  // namespace kvpack
