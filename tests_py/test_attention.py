@@ -10,7 +10,9 @@ SHAPES = [  # heads_kv, heads_q, tokens, dim
     (1, 1, 1, 16),
     (2, 8, 7, 64),
     (4, 4, 600, 128),
-    (2, 6, 1500, 40),  # odd group (tile 2) and a head_dim that is no multiple of 16
+    (2, 6, 1500, 40),  # groups of 3 (tile 3) and a head_dim that is no multiple of 16
+    (3, 9, 700, 64),  # SmolLM2's heads (tile 3)
+    (2, 10, 300, 64),  # groups of 5 (tile 1)
     (8, 32, 2100, 128),  # Llama-3-8B heads, several token chunks
     (1, 8, 300, 256),  # tile of 8 query heads
 ]
