@@ -316,8 +316,10 @@ std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams&
         run_kmeans(points.row(h, 0), points.dtype, points.tokens, points.dim, params,
                    init_centroids ? init_centroids + h * init_stride : nullptr, parallel);
   };
-  // Heads across threads when there are enough of them, else blocks of points.
-  if (points.heads >= num_threads()) {
+  // Heads across threads when they share out evenly (or are many), else blocks of
+  // points: 3 heads on 2 threads would leave one thread idle a third of the time.
+  const std::int64_t threads = num_threads();
+  if (points.heads % threads == 0 || points.heads >= 4 * threads) {
     parallel_for(points.heads, [&](std::int64_t h) { one_head(h, false); });
   } else {
     for (std::int64_t h = 0; h < points.heads; ++h) one_head(h, true);

@@ -407,16 +407,18 @@ class _RecallLayer(_KVPackLayer):
         return key_states, value_states  # decode() hands them to ClusterKV.step
 
     def _decode(self, module, query, key, value, attention_mask, scaling):
-        # ClusterKV scales scores by 1/sqrt(head_dim); fold the model's scaling into q.
-        q = query.float() * (scaling * math.sqrt(query.shape[-1]))
-        output = torch.empty(
-            query.shape[0], query.shape[2], *query.shape[1:2], query.shape[-1], dtype=torch.float32
-        )
-        for b, recall in enumerate(self.recall):
-            for i in range(query.shape[2]):
-                output[b, i] = torch.from_numpy(
-                    recall.step(_numpy(q[b, :, i]), _numpy(key[b, :, i]), _numpy(value[b, :, i]))
-                )
+        # ClusterKV scales scores by 1/sqrt(head_dim); fold any other scaling into q.
+        fold = scaling * math.sqrt(query.shape[-1])
+        q = query.float() if math.isclose(fold, 1.0, rel_tol=1e-12) else query.float() * fold
+        rows = [
+            torch.from_numpy(
+                recall.step(_numpy(q[b, :, i]), _numpy(key[b, :, i]), _numpy(value[b, :, i]))
+            )
+            for b, recall in enumerate(self.recall)
+            for i in range(query.shape[2])
+        ]
+        output = rows[0][None] if len(rows) == 1 else torch.stack(rows)
+        output = output.view(query.shape[0], query.shape[2], query.shape[1], query.shape[-1])
         return output.to(query.device, query.dtype)
 
     def slots(self) -> int:
