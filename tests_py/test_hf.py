@@ -235,3 +235,25 @@ def test_share_budget_rounds_like_the_core(model):
     with torch.no_grad():
         model(ids, **{hf.cache_argument(model): cache}, use_cache=True)
     assert cache.stats()["slots"] == [3] * 4
+
+
+def test_stats_report_the_bytes_each_tier_holds(model, prompts):
+    ids = prompts[0][:1]  # one sequence of 120 tokens; 2 KV heads of 16 per layer
+    row = 2 * 2 * HEAD_DIM * 4  # K and V bytes of one token in one layer (float32)
+    held = {}
+    for method in ("h2o", "clusterkv", "kivi"):
+        cache = hf.make_cache(model, method, budget=32)  # layers 0-1 skipped, 2-3 compressed
+        with torch.no_grad():
+            model(ids, **{hf.cache_argument(model): cache}, use_cache=True)
+        held[method] = cache.stats()["bytes"]
+        assert held[method]["total"] == sum(v for k, v in held[method].items() if k != "total")
+    # After prefill an eviction cache holds the budget, and the skipped layers all of it.
+    assert held["h2o"] == {
+        "model": 2 * 120 * row + 2 * 32 * row,
+        "total": 2 * 120 * row + 2 * 32 * row,
+    }
+    # Recall: the whole prompt in the slow tier (with room for the decoded window), no
+    # fast-tier copies on the host.
+    assert held["clusterkv"]["slow"] >= 2 * 120 * row and held["clusterkv"]["fast"] == 0
+    # KIVI: codes for the prompt (2-bit, the latest 32 tokens in full precision).
+    assert 2 * 32 * row < held["kivi"]["codes"] < 2 * 120 * row
