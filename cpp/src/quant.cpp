@@ -203,16 +203,7 @@ void QuantizedKV::dequantize(DType dtype, void* keys, void* values) const {
              row.data());
     }
     for (std::int64_t t = 0; t < quantized_; ++t) {
-      unpack_codes(value_codes_.data() + (h * quantized_ + t) * value_row_bytes(), dim_, bits,
-                   run.data());
-      const std::int64_t at = (h * quantized_ + t) * channel_groups_;
-      for (std::int64_t j = 0; j < channel_groups_; ++j) {
-        const float minimum = static_cast<float>(value_min_[at + j]);
-        const float scale = static_cast<float>(value_scale_[at + j]);
-        const std::int64_t first = j * group, last = std::min(dim_, first + group);
-#pragma omp simd
-        for (std::int64_t c = first; c < last; ++c) row[c] = minimum + scale * run[c];
-      }
+      expand_value_row(h, t, run.data(), row.data());
       from_float(row.data(), dim_, dtype, v + t * out_row);
     }
     for (std::int64_t t = quantized_; t < tokens_; ++t) {
@@ -302,6 +293,21 @@ QuantizedKV QuantizedKV::deserialize(const unsigned char* data, std::size_t size
   return kv;
 }
 
+void QuantizedKV::expand_value_row(std::int64_t head, std::int64_t t, std::uint8_t* codes,
+                                   float* row) const {
+  const std::int64_t group = params_.group;
+  unpack_codes(value_codes_.data() + (head * quantized_ + t) * value_row_bytes(), dim_,
+               params_.bits, codes);
+  const std::int64_t at = (head * quantized_ + t) * channel_groups_;
+  for (std::int64_t j = 0; j < channel_groups_; ++j) {
+    const float minimum = static_cast<float>(value_min_[at + j]);
+    const float scale = static_cast<float>(value_scale_[at + j]);
+    const std::int64_t first = j * group, last = std::min(dim_, first + group);
+#pragma omp simd
+    for (std::int64_t c = first; c < last; ++c) row[c] = minimum + scale * codes[c];
+  }
+}
+
 void QuantizedKV::load_block(std::int64_t head, std::int64_t block, const KVView* tail_keys,
                              const KVView* tail_values, float* keys, float* values,
                              std::uint8_t* scratch) const {
@@ -321,20 +327,8 @@ void QuantizedKV::load_block(std::int64_t head, std::int64_t block, const KVView
     expand(key_codes_.data() + base * key_group_bytes(), key_group_bytes(), group, dim_, lo, step,
            DType::Float32, static_cast<std::size_t>(dim_) * sizeof(float),
            reinterpret_cast<unsigned char*>(keys), scratch, values + 2 * dim_);
-    for (std::int64_t j = 0; j < group; ++j) {
-      const std::int64_t t = block * group + j;
-      unpack_codes(value_codes_.data() + (head * quantized_ + t) * value_row_bytes(), dim_, bits,
-                   scratch);
-      const std::int64_t at = (head * quantized_ + t) * channel_groups_;
-      float* row = values + j * dim_;
-      for (std::int64_t g = 0; g < channel_groups_; ++g) {
-        const float minimum = static_cast<float>(value_min_[at + g]);
-        const float scale = static_cast<float>(value_scale_[at + g]);
-        const std::int64_t first = g * group, last = std::min(dim_, first + group);
-#pragma omp simd
-        for (std::int64_t c = first; c < last; ++c) row[c] = minimum + scale * scratch[c];
-      }
-    }
+    for (std::int64_t j = 0; j < group; ++j)
+      expand_value_row(head, block * group + j, scratch, values + j * dim_);
     return;
   }
   // Full-precision rows: the residual, then the tail.

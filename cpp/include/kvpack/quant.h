@@ -67,6 +67,9 @@ class QuantizedKV {
   void allocate();
   std::int64_t key_group_bytes() const;  // packed codes of one channel in one token group
   std::int64_t value_row_bytes() const;  // packed codes of one token's channels
+  // Token t's (t < quantized()) values of a head as float32 into row (dim floats);
+  // codes holds dim bytes of scratch.
+  void expand_value_row(std::int64_t head, std::int64_t t, std::uint8_t* codes, float* row) const;
   // Block `block` of a head as float32 rows [n, dim] into keys and values (each room for
   // max(group, 3) rows): token group `block` of the codes, or after them `group` rows of
   // the residual and then the tail; scratch holds key_group_bytes() * dim + dim bytes.
