@@ -34,7 +34,8 @@ using detail::load_lanes;
 template <int Tile, class T>
 inline void dot_tile2(const float* q, const T* k0, const T* k1, std::int64_t dim, float* out,
                       std::int64_t ld) {
-  floatv acc0[Tile] = {}, acc1[Tile] = {};
+  floatv acc0[Tile], acc1[Tile];
+  for (int g = 0; g < Tile; ++g) acc0[g] = acc1[g] = floatv{};  // in registers, not memset
   std::int64_t i = 0;
   for (; i + kLanes <= dim; i += kLanes) {
     const floatv a = load_lanes(k0 + i), b = load_lanes(k1 + i);
@@ -57,10 +58,29 @@ inline void dot_tile2(const float* q, const T* k0, const T* k1, std::int64_t dim
 
 // out_g += sum_j p[g * ld + j] * v_j over the n rows v_j, for the `Tile` outputs at out
 // (Tile * dim floats): each slice of the outputs stays in registers across the rows.
+// Chunks consecutive slices at once give Tile * Chunks independent FMA chains, enough
+// to hide the FMA latency (a chain per output slice alone waits on it).
 template <int Tile, class T>
 inline void accumulate_tile(const T* const* v, std::int64_t n, const float* p, std::int64_t ld,
                             std::int64_t dim, float* out) {
+  constexpr int Chunks = Tile >= 8 ? 1 : Tile >= 3 ? 2 : 4;
   std::int64_t i = 0;
+  for (; i + Chunks * kLanes <= dim; i += Chunks * kLanes) {
+    floatv acc[Tile][Chunks];
+    for (int g = 0; g < Tile; ++g)
+      for (int c = 0; c < Chunks; ++c) acc[g][c] = load_lanes(out + g * dim + i + c * kLanes);
+    for (std::int64_t j = 0; j < n; ++j) {
+      floatv vv[Chunks];
+      for (int c = 0; c < Chunks; ++c) vv[c] = load_lanes(v[j] + i + c * kLanes);
+      for (int g = 0; g < Tile; ++g) {
+        const float pg = p[g * ld + j];
+        for (int c = 0; c < Chunks; ++c) acc[g][c] += pg * vv[c];
+      }
+    }
+    for (int g = 0; g < Tile; ++g)
+      for (int c = 0; c < Chunks; ++c)
+        detail::store_lanes(out + g * dim + i + c * kLanes, acc[g][c]);
+  }
   for (; i + kLanes <= dim; i += kLanes) {
     floatv acc[Tile];
     for (int g = 0; g < Tile; ++g) acc[g] = load_lanes(out + g * dim + i);
