@@ -100,6 +100,9 @@ void bind_quantization(py::module_& m) {
                                           return_weights ? weights.mutable_data() : nullptr},
                           tk ? &*tk : nullptr, tv ? &*tv : nullptr);
             }
+            // The codes are finite by construction: a non-finite result comes from the tail.
+            if (tk && !all_finite(out.data(), out.size()))
+              raise_non_finite({{"tail keys", *tk}, {"tail values", *tv}});
             return py::make_tuple(out, return_lse ? py::object(lse) : py::object(py::none()),
                                   return_weights ? py::object(weights) : py::object(py::none()));
           },

@@ -48,6 +48,13 @@ TEST(Select, TopKAndFillBudget) {
               &used);
   EXPECT_EQ(out, (std::vector<std::int32_t>{0, 1, 3, 5, 6, 7}));
   EXPECT_EQ(used, (std::vector<std::int32_t>{1, 0}));
+  // Ids far beyond the always-kept ones, and a member already kept, are handled.
+  const std::vector<std::int32_t> far_offsets = {0, 2, 3}, far_members = {130, 500, 7},
+                                  far_order = {0, 1};
+  std::vector<std::int32_t> far(4);
+  fill_budget({0, 130}, RankedGroups{far_order.data(), 2, far_offsets.data(), far_members.data()},
+              4, far.data(), nullptr);
+  EXPECT_EQ(far, (std::vector<std::int32_t>{0, 7, 130, 500}));
 }
 
 TEST(ClusterIndex, SelectsExactlyTheBudgetAndAppends) {

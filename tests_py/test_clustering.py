@@ -204,6 +204,11 @@ def test_recalled_clusters_stay_in_the_fast_tier(rng, fast_tier):
     assert recall.total["steps"] == 2
 
 
+def test_fast_tier_must_be_a_bool():
+    with pytest.raises(TypeError, match="fast_tier: expected a bool, got str"):
+        kvpack.ClusterKV(fast_tier="yes")
+
+
 @pytest.mark.parametrize("method", ["clusterkv", "quest"])
 @pytest.mark.parametrize("recall_steps", [1, 3])
 def test_attending_in_place_equals_the_fast_tier(rng, method, recall_steps):

@@ -69,6 +69,12 @@ def test_attention_over_codes_and_a_tail_in_one_softmax(rng, tail_dtype):
         qkv.attend(q, tail=(tail_k[:1], tail_v[:1]))
     with pytest.raises(ValueError, match="tail keys"):
         qkv.attend(q, tail=(buffer[0, :, :7, ::2], tail_v))
+    bad = tail_v.copy()
+    bad[1, 3, 5] = np.nan
+    with pytest.raises(
+        ValueError, match=r"tail values: contains NaN or Inf \(first at \[1, 3, 5\]"
+    ):
+        qkv.attend(q, tail=(tail_k, bad))
 
 
 def test_codes_are_packed_densely(rng):

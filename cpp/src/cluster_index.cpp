@@ -190,7 +190,7 @@ void ClusterIndex::select(const float* q, std::int64_t heads_q, std::int64_t bud
     }
     const RankedGroups groups{ranked.data(), static_cast<std::int64_t>(ranked.size()),
                               a.offsets.data() + head * (a.clusters + 1),
-                              a.order.data() + head * a.clustered, tokens_};
+                              a.order.data() + head * a.clustered};
     fill_budget(always, groups, count, out + r * count,
                 used_clusters ? &(*used_clusters)[static_cast<std::size_t>(r)] : nullptr);
   });

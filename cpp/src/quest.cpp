@@ -104,7 +104,7 @@ void QuestIndex::select(const float* q, std::int64_t heads_q, std::int64_t budge
     // Pages hold page_size tokens (the last may hold fewer): this many always fill the budget.
     const std::int64_t want = std::min(n_pages, count / page_size_ + 2);
     const std::vector<std::int32_t> ranked = top_k(scores.data(), n_pages, want);
-    const RankedGroups groups{ranked.data(), want, offsets.data(), members.data(), tokens_};
+    const RankedGroups groups{ranked.data(), want, offsets.data(), members.data()};
     fill_budget(always, groups, count, out + r * count,
                 used_pages ? &(*used_pages)[static_cast<std::size_t>(r)] : nullptr);
   });

@@ -77,13 +77,17 @@ void gather_rows(const KVView& src, std::int64_t head, const std::int32_t* token
 
 void fill_budget(const std::vector<std::int32_t>& always, const RankedGroups& groups,
                  std::int64_t budget, std::int32_t* out, std::vector<std::int32_t>* used_groups) {
-  // Taken tokens as a bitmap: membership in O(1), and the ascending output is a scan of
-  // tokens / 64 words rather than a sort of the budget.
-  const std::int64_t tokens =
-      std::max<std::int64_t>(groups.tokens, always.empty() ? 0 : always.back() + 1);
-  std::vector<std::uint64_t> taken(static_cast<std::size_t>((tokens + 63) / 64), 0);
-  const auto has = [&](std::int32_t t) { return (taken[t >> 6] >> (t & 63)) & 1u; };
-  const auto take = [&](std::int32_t t) { taken[t >> 6] |= std::uint64_t{1} << (t & 63); };
+  // Taken tokens as a bitmap (grown to the largest id seen): membership in O(1), and the
+  // ascending output is a scan of tokens / 64 words rather than a sort of the budget.
+  std::vector<std::uint64_t> taken(always.empty() ? 0 : always.back() / 64 + 1, 0);
+  const auto word = [&](std::int32_t t) -> std::uint64_t& {
+    KVPACK_CHECK(t >= 0, "tokens: expected ids >= 0, got " << t);
+    const auto w = static_cast<std::size_t>(t) / 64;
+    if (w >= taken.size()) taken.resize(w + 1, 0);
+    return taken[w];
+  };
+  const auto has = [&](std::int32_t t) { return (word(t) >> (t & 63)) & 1u; };
+  const auto take = [&](std::int32_t t) { word(t) |= std::uint64_t{1} << (t & 63); };
   const auto n_always = static_cast<std::int64_t>(always.size());
   std::int64_t remaining = budget;
   if (n_always <= budget) {

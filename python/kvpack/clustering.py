@@ -294,6 +294,8 @@ class ClusterKV:
         append_clusters: int = 8,
         fast_tier: bool = False,
     ) -> None:
+        if not isinstance(fast_tier, (bool, np.bool_)):
+            raise TypeError(f"fast_tier: expected a bool, got {type(fast_tier).__name__}")
         self._recall = _core.ClusterKV(
             budget,
             method,

@@ -34,7 +34,6 @@ struct RankedGroups {
   std::int64_t count = 0;                 ///< number of ranked groups
   const std::int32_t* offsets = nullptr;  ///< CSR offsets of members, per group id
   const std::int32_t* members = nullptr;  ///< token ids
-  std::int64_t tokens = 0;                ///< every token id (members, always) is below this
 };
 
 /// Fills `budget` tokens: first the `always` tokens (ascending, deduplicated by the
