@@ -6,6 +6,7 @@
 #include "kvpack/cluster_kv.h"
 #include "kvpack/kmeans.h"
 #include "kvpack/quest.h"
+#include "methods.h"
 #ifdef KVPACK_WITH_CUDA
 #include "kvpack/cuda.h"
 #endif
@@ -288,39 +289,12 @@ void bind_clustering(py::module_& m) {
       });
 
   py::class_<ClusterKV>(m, "ClusterKV")
-      .def(py::init([](std::int64_t budget, const std::string& method, std::int64_t n_clusters,
-                       std::int64_t sink, std::int64_t window, std::int64_t recall_steps,
-                       bool per_query_head, std::int64_t page_size, int iters, std::uint64_t seed,
-                       const std::string& init, std::int64_t append_interval,
-                       std::int64_t append_clusters, bool fast_tier) {
-             KVPACK_ARG_CHECK(method == "clusterkv" || method == "quest",
-                              "method: expected 'clusterkv' or 'quest', got '" << method << "'");
-             ClusterKVParams p;
-             p.method = method == "quest" ? RecallMethod::Quest : RecallMethod::ClusterKV;
+      .def(py::init([](std::int64_t budget, const py::object& method) {
+             ClusterKVParams p = recall_params(method);
              p.budget = budget;
-             p.window = window;
-             p.recall_steps = recall_steps;
-             p.per_query_head = per_query_head;
-             p.fast_tier = fast_tier;
-             p.page_size = page_size;
-             p.index.n_clusters = n_clusters;
-             p.index.sink = sink;
-             p.index.iterations = iters;
-             p.index.seed = seed;
-             p.index.init = parse_init(init);
-             p.index.append_interval = append_interval;
-             p.index.append_clusters = append_clusters;
-             KVPACK_ARG_CHECK(n_clusters >= 0,
-                              "n_clusters: expected >= 0 (0: automatic), got " << n_clusters);
-             KVPACK_ARG_CHECK(sink >= 0, "sink: expected >= 0, got " << sink);
-             KVPACK_ARG_CHECK(iters >= 1, "iters: expected >= 1, got " << iters);
              return std::make_unique<ClusterKV>(p);
            }),
-           py::arg("budget") = 1024, py::arg("method") = "clusterkv", py::arg("n_clusters") = 0,
-           py::arg("sink") = 16, py::arg("window") = 0, py::arg("recall_steps") = 1,
-           py::arg("per_query_head") = false, py::arg("page_size") = 16, py::arg("iters") = 20,
-           py::arg("seed") = 0, py::arg("init") = "kmeans++", py::arg("append_interval") = 320,
-           py::arg("append_clusters") = 8, py::arg("fast_tier") = false)
+           py::arg("budget"), py::arg("method"))
       .def(
           "prefill",
           [](ClusterKV& self, const py::object& keys_obj, const py::object& values_obj) {

@@ -4,7 +4,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <map>
 
 #include "arrays.h"
 #include "kvpack/attention.h"
@@ -12,23 +11,11 @@
 #include "kvpack/convert.h"
 #include "kvpack/evict.h"
 #include "kvpack/merge.h"
+#include "methods.h"
 
 namespace kvpack::bindings {
 
 namespace {
-
-CompressMethod parse_method(const std::string& method) {
-  static const std::map<std::string, CompressMethod> methods = {
-      {"full", CompressMethod::Full}, {"streaming_llm", CompressMethod::StreamingLLM},
-      {"h2o", CompressMethod::H2O},   {"snapkv", CompressMethod::SnapKV},
-      {"cam", CompressMethod::CaM},   {"kvmerger", CompressMethod::KVMerger}};
-  const auto it = methods.find(method);
-  KVPACK_ARG_CHECK(it != methods.end(),
-                   "method: expected one of 'full', 'streaming_llm', "
-                   "'h2o', 'snapkv', 'cam', 'kvmerger', got '"
-                       << method << "'");
-  return it->second;
-}
 
 // A budget is a fraction of the tokens in (0, 1] (float) or a token count (int).
 std::int64_t parse_budget(const py::object& budget, std::int64_t tokens) {
@@ -54,24 +41,6 @@ std::int64_t parse_budget(const py::object& budget, std::int64_t tokens) {
   KVPACK_ARG_CHECK(std::isfinite(fraction) && fraction > 0.0 && fraction <= 1.0,
                    "budget: expected a fraction in (0, 1] or an int token count, got " << fraction);
   return budget_tokens(fraction, tokens);
-}
-
-// KVMerger's kernel width: a positive number, or "auto" (0 for the core: data-driven).
-float parse_sigma(const py::object& sigma) {
-  if (py::isinstance<py::str>(sigma)) {
-    const auto text = sigma.cast<std::string>();
-    KVPACK_ARG_CHECK(text == "auto",
-                     "sigma: expected a positive width or 'auto', got '" << text << "'");
-    return 0.0f;
-  }
-  const py::module_ numbers = py::module_::import("numbers");
-  KVPACK_ARG_CHECK(!py::isinstance<py::bool_>(sigma) && py::isinstance(sigma, numbers.attr("Real")),
-                   "sigma: expected a positive width or 'auto', got "
-                       << py::str(py::type::handle_of(sigma).attr("__name__")).cast<std::string>());
-  const auto width = sigma.cast<double>();
-  KVPACK_ARG_CHECK(std::isfinite(width) && width > 0.0,
-                   "sigma: expected a positive width or 'auto', got " << width);
-  return static_cast<float>(width);
 }
 
 // Accumulated attention [heads_kv, tokens] given by the caller, validated.
@@ -135,38 +104,16 @@ void check_finite_output(const KVView& out_keys, const KVView& out_values, const
 }
 
 py::dict compress_binding(const py::object& keys_obj, const py::object& values_obj,
-                          const std::string& method_name, const py::object& budget_obj,
+                          const py::object& method_obj, const py::object& budget_obj,
                           const py::object& queries_obj, const py::object& attention_obj,
-                          const std::optional<double>& scale, std::int64_t sinks,
-                          double recent_ratio, std::int64_t window, std::int64_t kernel,
-                          std::int64_t merge_window, const std::optional<double>& protect_recent,
-                          const std::optional<double>& protect_heavy, const py::object& sigma) {
-  const CompressMethod method = parse_method(method_name);
+                          const std::optional<double>& scale) {
+  CompressParams params = compress_params(method_obj);
+  const Method method = params.method;
+  const char* method_name = method_info(method).name;
   const py::array keys_arg = as_array(keys_obj, "keys"),
                   values_arg = as_array(values_obj, "values");
   const auto [keys, values] = kv_pair(keys_arg, values_arg);
-  CompressParams params;
-  params.method = method;
   params.budget = parse_budget(budget_obj, keys.tokens);
-  KVPACK_ARG_CHECK(sinks >= 0, "sinks: expected >= 0, got " << sinks);
-  KVPACK_ARG_CHECK(recent_ratio >= 0.0 && recent_ratio <= 1.0,
-                   "recent_ratio: expected a value in [0, 1], got " << recent_ratio);
-  KVPACK_ARG_CHECK(window >= 1, "window: expected >= 1, got " << window);
-  KVPACK_ARG_CHECK(kernel >= 1 && kernel % 2 == 1,
-                   "kernel: expected an odd pooling width >= 1, got " << kernel);
-  KVPACK_ARG_CHECK(merge_window >= 1, "merge_window: expected >= 1, got " << merge_window);
-  for (const auto& [name, share] :
-       {std::pair{"protect_recent", protect_recent}, std::pair{"protect_heavy", protect_heavy}})
-    KVPACK_ARG_CHECK(!share || (*share >= 0.0 && *share <= 1.0),
-                     name << ": expected a share of the tokens in [0, 1], got " << *share);
-  params.sinks = sinks;
-  params.recent_ratio = static_cast<float>(recent_ratio);
-  params.window = window;
-  params.kernel = kernel;
-  params.merge_window = merge_window;
-  params.kvmerger.protect_recent = protect_recent ? static_cast<float>(*protect_recent) : -1.0f;
-  params.kvmerger.protect_heavy = protect_heavy ? static_cast<float>(*protect_heavy) : -1.0f;
-  params.kvmerger.sigma = parse_sigma(sigma);
 
   const auto scores = attention_evidence(attention_obj, keys);
   const auto queries = query_evidence(queries_obj, keys);
@@ -194,7 +141,7 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
   result["values"] = out_values;
   result["counts"] = counts;
   result["positions"] = positions;
-  result["thresholds"] = method == CompressMethod::KVMerger ? py::object(thresholds) : py::none();
+  result["thresholds"] = method == Method::KVMerger ? py::object(thresholds) : py::none();
   return result;
 }
 
@@ -241,29 +188,20 @@ py::array_t<T> copy_slots(const T* data, std::int64_t heads, std::int64_t size,
 void bind_compression(py::module_& m) {
   m.def("compress", &compress_binding, py::arg("keys"), py::arg("values"), py::arg("method"),
         py::arg("budget"), py::arg("queries") = py::none(), py::arg("attention") = py::none(),
-        py::arg("scale") = py::none(), py::arg("sinks") = 4, py::arg("recent_ratio") = 0.5,
-        py::arg("window") = 32, py::arg("kernel") = 5, py::arg("merge_window") = 32,
-        py::arg("protect_recent") = py::none(), py::arg("protect_heavy") = py::none(),
-        py::arg("sigma") = 5.0, "Prefill-time compression; see kvpack.compress.");
+        py::arg("scale") = py::none(), "Prefill-time compression; see kvpack.compress.");
   m.def("adjacent_similarity", &adjacent_similarity_binding, py::arg("keys"),
         "Cosine similarity of each key with the next; see kvpack.adjacent_similarity.");
 
   py::class_<EvictionCache>(m, "EvictionCache")
-      .def(py::init([](const std::string& policy, std::int64_t budget, std::int64_t sinks,
-                       double recent_ratio, const std::optional<double>& scale) {
-             KVPACK_ARG_CHECK(policy == "h2o" || policy == "streaming_llm",
-                              "method: expected 'h2o' or 'streaming_llm', got '" << policy << "'");
+      .def(py::init([](const py::object& method, std::int64_t budget,
+                       const std::optional<double>& scale) {
              KVPACK_ARG_CHECK(budget >= 1, "budget: expected a token count >= 1, got " << budget);
-             EvictionCacheParams p;
-             p.policy = policy == "h2o" ? EvictionPolicy::H2O : EvictionPolicy::StreamingLLM;
+             EvictionCacheParams p = eviction_params(method);
              p.budget = budget;
-             p.sinks = sinks;
-             p.recent_ratio = static_cast<float>(recent_ratio);
              p.scale = resolve_scale_arg(scale);
              return std::make_unique<EvictionCache>(p);
            }),
-           py::arg("method"), py::arg("budget"), py::arg("sinks") = 4,
-           py::arg("recent_ratio") = 0.5, py::arg("scale") = py::none())
+           py::arg("method"), py::arg("budget"), py::arg("scale") = py::none())
       .def(
           "prefill",
           [](EvictionCache& self, const py::object& keys_obj, const py::object& values_obj,
@@ -273,7 +211,7 @@ void bind_compression(py::module_& m) {
             const auto [keys, values] = kv_pair(keys_arg, values_arg);
             require_finite(keys, "keys");
             require_finite(values, "values");
-            const bool h2o = self.params().policy == EvictionPolicy::H2O;
+            const bool h2o = self.params().policy == Method::H2O;
             const auto scores = attention_evidence(attention_obj, keys);
             const auto queries = query_evidence(queries_obj, keys);
             const Evidence evidence =

@@ -7,6 +7,7 @@ namespace kvpack::bindings {
 void bind_attention(py::module_& m);
 void bind_clustering(py::module_& m);
 void bind_compression(py::module_& m);
+void bind_methods(py::module_& m);
 void bind_quantization(py::module_& m);
 void bind_store(py::module_& m);
 }  // namespace kvpack::bindings
@@ -44,6 +45,7 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("array"), "Address the core sees for a KV array (for zero-copy tests).");
 
+  bind_methods(m);
   bind_attention(m);
   bind_clustering(m);
   bind_compression(m);

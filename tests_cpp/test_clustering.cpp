@@ -92,7 +92,7 @@ TEST(QuestIndex, KeepsTheCurrentPage) {
 
 TEST(ClusterKV, StepMatchesDenseAttentionWithFullBudget) {
   testing::Cache c(2, 300, 16, 27);
-  for (RecallMethod method : {RecallMethod::ClusterKV, RecallMethod::Quest}) {
+  for (Method method : {Method::ClusterKV, Method::Quest}) {
     ClusterKVParams p;
     p.method = method;
     p.budget = 1000;

@@ -66,8 +66,8 @@ TEST(Evict, KeepSetsHaveTheBudgetAndTheirWindows) {
 TEST(Compress, EveryMethodMeetsTheBudget) {
   testing::Cache c(2, 120, 8, 31);
   const std::vector<float> scores = testing::random_vector(240, 32);
-  for (CompressMethod m : {CompressMethod::StreamingLLM, CompressMethod::H2O,
-                           CompressMethod::SnapKV, CompressMethod::CaM, CompressMethod::KVMerger}) {
+  for (Method m :
+       {Method::StreamingLLM, Method::H2O, Method::SnapKV, Method::CaM, Method::KVMerger}) {
     CompressParams p;
     p.method = m;
     p.budget = 45;
@@ -78,9 +78,32 @@ TEST(Compress, EveryMethodMeetsTheBudget) {
       EXPECT_EQ(std::adjacent_find(pos, pos + 45), pos + 45);
       const std::int32_t* counts = r.counts.data() + h * 45;
       const int total = std::accumulate(counts, counts + 45, 0);
-      EXPECT_EQ(total, m == CompressMethod::KVMerger ? 120 : 45);
+      EXPECT_EQ(total, m == Method::KVMerger ? 120 : 45);
     }
   }
+}
+
+TEST(Methods, EveryMethodIsFoundByItsNameOnce) {
+  std::vector<std::string> names;
+  for (const MethodInfo& info : methods()) {
+    ASSERT_NE(find_method(info.name), nullptr);
+    EXPECT_EQ(find_method(info.name)->method, info.method);
+    EXPECT_EQ(method_info(info.method).name, std::string(info.name));
+    names.emplace_back(info.name);
+  }
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(std::adjacent_find(names.begin(), names.end()), names.end());
+  EXPECT_EQ(find_method("snap_kv"), nullptr);
+  EXPECT_TRUE(needs_evidence(Method::SnapKV));
+  EXPECT_FALSE(needs_evidence(Method::StreamingLLM));
+}
+
+TEST(Compress, RejectsAMethodOfAnotherKind) {
+  testing::Cache c(1, 40, 8, 34);
+  CompressParams p;
+  p.method = Method::ClusterKV;
+  p.budget = 10;
+  EXPECT_THROW(run(c, p, nullptr), std::invalid_argument);
 }
 
 TEST(Compress, KVMergerOfDuplicatesIsExact) {
@@ -92,7 +115,7 @@ TEST(Compress, KVMergerOfDuplicatesIsExact) {
       c.values[t * 8 + i] = c.values[(t - 1) * 8 + i];
     }
   CompressParams p;
-  p.method = CompressMethod::KVMerger;
+  p.method = Method::KVMerger;
   p.budget = 20;
   p.kvmerger.protect_recent = 0.0f;
   p.kvmerger.protect_heavy = 0.0f;
@@ -112,7 +135,7 @@ TEST(Compress, KVMergerOfDuplicatesIsExact) {
 TEST(Compress, RejectsNonFiniteKeysAndMissingEvidence) {
   testing::Cache c(1, 30, 4, 34);
   CompressParams p;
-  p.method = CompressMethod::KVMerger;
+  p.method = Method::KVMerger;
   p.budget = 10;
   const std::vector<float> scores(30, 1.0f);
   EXPECT_THROW(run(c, p, nullptr), std::invalid_argument);
@@ -123,9 +146,9 @@ TEST(Compress, RejectsNonFiniteKeysAndMissingEvidence) {
 TEST(EvictionCache, StreamingKeepsSinksAndTheLatestTokens) {
   testing::Cache c(2, 10, 8, 35);
   EvictionCacheParams p;
-  p.policy = EvictionPolicy::StreamingLLM;
+  p.policy = Method::StreamingLLM;
   p.budget = 6;
-  p.sinks = 2;
+  p.streaming_llm.sinks = 2;
   EvictionCache cache(p);
   cache.prefill(c.k, c.v, Evidence{});
   std::vector<float> q(4 * 8, 0.1f), out(4 * 8);

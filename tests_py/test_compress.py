@@ -292,7 +292,8 @@ def test_eviction_cache_matches_reference(rng, method, prompt):
     keys = rng.standard_normal((heads, prompt, dim), dtype=np.float32)
     values = rng.standard_normal((heads, prompt, dim), dtype=np.float32)
     scores = rng.random((heads, prompt), dtype=np.float32)
-    cache = kvpack.EvictionCache(method, budget, sinks=3, recent_ratio=0.25)
+    params = {"sinks": 3} if method == "streaming_llm" else {"recent_ratio": 0.25}
+    cache = kvpack.EvictionCache(method, budget, **params)
     ref = reference.EvictionReference(method, budget, sinks=3, recent_ratio=0.25)
     cache.prefill(keys, values, attention=scores)
     ref.prefill(keys, values, scores)
@@ -316,7 +317,7 @@ def test_eviction_cache_matches_reference(rng, method, prompt):
 
 def test_eviction_cache_errors(rng):
     keys = rng.standard_normal((2, 10, 8), dtype=np.float32)
-    with pytest.raises(ValueError, match="method: expected 'h2o' or 'streaming_llm'"):
+    with pytest.raises(ValueError, match="method: expected 'streaming_llm' or 'h2o'"):
         kvpack.EvictionCache("snapkv", 8)
     with pytest.raises(ValueError, match="budget: expected a token count >= 1"):
         kvpack.EvictionCache("h2o", 0)

@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+import kvpack
+
 import reference
 
 torch = pytest.importorskip("torch")
@@ -161,6 +163,22 @@ def test_kivi_layer_attends_codes_and_decoded_tokens(model):
     values = np.concatenate([deq_v, v[:, prompt:]], axis=1)
     expected, _, _ = reference.decode_attention(q[:, prompt], keys, values)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_method_object_configures_the_cache_like_its_name(model, prompts):
+    ids, mask = prompts
+    expected = generate(model, ids, mask, hf.make_cache(model, "snapkv", 32, window=4))
+    cache = hf.make_cache(model, kvpack.methods.SnapKV(window=4), 32)
+    assert torch.equal(generate(model, ids, mask, cache), expected)
+    assert cache.method == kvpack.methods.SnapKV(window=4)
+    assert cache.stats()["method"] == "snapkv"
+    other = generate(model, ids, mask, hf.make_cache(model, "snapkv", 32, window=24))
+    assert not torch.equal(other, expected)  # the window reaches the layers
+    recall = hf.make_cache(model, kvpack.methods.Quest(page_size=8), 32)
+    generate(model, ids, mask, recall, new=2)
+    assert recall.layers[2].recall[0].method == kvpack.methods.Quest(page_size=8)
+    with pytest.raises(TypeError, match="log_count_bias: method 'quest' does not merge"):
+        hf.make_cache(model, "quest", log_count_bias=True)
 
 
 def test_bad_arguments_are_named(model):

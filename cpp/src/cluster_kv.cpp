@@ -12,6 +12,9 @@ constexpr std::int64_t kNever = -(std::int64_t{1} << 62);  // a step no recency 
 }  // namespace
 
 ClusterKV::ClusterKV(const ClusterKVParams& params) : params_(params) {
+  KVPACK_CHECK(
+      params.method == Method::ClusterKV || params.method == Method::Quest,
+      "method: expected 'clusterkv' or 'quest', got '" << method_info(params.method).name << "'");
   KVPACK_CHECK(params.budget >= 1, "budget: expected >= 1, got " << params.budget);
   KVPACK_CHECK(params.window >= 0, "window: expected >= 0, got " << params.window);
   KVPACK_CHECK(params.recall_steps >= 1,
@@ -96,12 +99,11 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
   recalled_at_.assign(static_cast<std::size_t>(params_.fast_tier ? 0 : heads_), {});
   // Room for the decoded tokens until the next clustering (or a few Quest pages), so
   // the first decode steps do not copy the slow tier.
-  const std::int64_t headroom = params_.method == RecallMethod::ClusterKV
-                                    ? params_.index.append_interval
-                                    : 4 * params_.page_size;
+  const std::int64_t headroom =
+      params_.method == Method::ClusterKV ? params_.index.append_interval : 4 * params_.page_size;
   reserve_rows(keys.tokens + headroom);
   append_rows(keys, values);
-  if (params_.method == RecallMethod::ClusterKV) {
+  if (params_.method == Method::ClusterKV) {
     cluster_index_ = std::make_unique<ClusterIndex>(keys, index_params(keys.tokens));
     quest_index_.reset();
   } else {

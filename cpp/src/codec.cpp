@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <sstream>
 #include <stdexcept>
+#include <utility>
 
 #include "kvpack/checksum.h"
 #include "kvpack/compress.h"
@@ -66,37 +67,23 @@ bool drops_tokens(CodecKind kind) {
          kind == CodecKind::KVMerger;
 }
 
-CompressMethod compress_method(CodecKind kind) {
-  switch (kind) {
-    case CodecKind::StreamingLLM:
-      return CompressMethod::StreamingLLM;
-    case CodecKind::SnapKV:
-      return CompressMethod::SnapKV;
-    case CodecKind::H2O:
-      return CompressMethod::H2O;
-    case CodecKind::KVMerger:
-      return CompressMethod::KVMerger;
-    default:
-      return CompressMethod::Full;
-  }
+// The token-dropping codecs and the compression method each one runs.
+constexpr std::pair<CodecKind, Method> kDroppingCodecs[] = {
+    {CodecKind::StreamingLLM, Method::StreamingLLM},
+    {CodecKind::SnapKV, Method::SnapKV},
+    {CodecKind::H2O, Method::H2O},
+    {CodecKind::KVMerger, Method::KVMerger}};
+
+Method compress_method(CodecKind kind) {
+  for (const auto& [codec_kind, method] : kDroppingCodecs)
+    if (codec_kind == kind) return method;
+  return Method::Full;
 }
 
 const char* kind_name(CodecKind kind) {
-  switch (kind) {
-    case CodecKind::None:
-      return "none";
-    case CodecKind::Quant:
-      return "kivi";
-    case CodecKind::StreamingLLM:
-      return "streaming_llm";
-    case CodecKind::SnapKV:
-      return "snapkv";
-    case CodecKind::H2O:
-      return "h2o";
-    case CodecKind::KVMerger:
-      return "kvmerger";
-  }
-  return "unknown";
+  if (kind == CodecKind::None) return "none";
+  if (kind == CodecKind::Quant) return method_info(Method::KIVI).name;
+  return method_info(compress_method(kind)).name;
 }
 
 std::size_t row_bytes(const KVView& view) {
@@ -236,18 +223,13 @@ Codec parse_codec(const std::string& name) {
   char* end = nullptr;
   const double number = std::strtod(rate.c_str(), &end);
   const bool numeric = !rate.empty() && end == rate.c_str() + rate.size();
-  if (kind == "kivi") {
+  if (kind == method_info(Method::KIVI).name) {
     KVPACK_CHECK(numeric && (number == 2 || number == 4 || number == 8),
                  "codec: expected kivi-8, kivi-4 or kivi-2, got '" << name << "'");
     return Codec{CodecKind::Quant, static_cast<int>(number), 1.0f};
   }
-  static const std::pair<const char*, CodecKind> dropping[] = {
-      {"streaming_llm", CodecKind::StreamingLLM},
-      {"snapkv", CodecKind::SnapKV},
-      {"h2o", CodecKind::H2O},
-      {"kvmerger", CodecKind::KVMerger}};
-  for (const auto& [label, codec_kind] : dropping)
-    if (kind == label) {
+  for (const auto& [codec_kind, method] : kDroppingCodecs)
+    if (kind == method_info(method).name) {
       KVPACK_CHECK(numeric && number > 0.0 && number <= 1.0,
                    "codec: expected a kept share R in (0, 1] in '" << name << "'");
       return Codec{codec_kind, 0, static_cast<float>(number)};

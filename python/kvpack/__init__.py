@@ -5,7 +5,7 @@ A C++/CUDA core behind a NumPy API. One layer of one sequence is ``keys`` and
 C-contiguous, never copied); a decode query is ``q`` of shape ``[heads_q, head_dim]``.
 """
 
-from . import data, store
+from . import data, methods, store
 from ._core import (
     __version__,
     cuda_available,
@@ -52,6 +52,7 @@ __all__ = [
     "kmeans",
     "mergeable_fraction",
     "merging_sets",
+    "methods",
     "quantize",
     "set_num_threads",
     "similarity_profile",

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from ._extras import MissingExtra, require
-from .demo import METHODS
 from .demo import add_arguments as add_demo_arguments
 from .demo import run as run_demo
+from .methods import names as _method_names
 
 __all__ = ["main"]
 
@@ -151,10 +151,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from . import evaluation
 
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in (*METHODS, "dynamic")]
+    unknown = [m for m in methods if m not in (*_method_names(), "dynamic")]
     if unknown:
         raise UserError(
-            f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}"
+            f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(_method_names())}"
         )
     budgets = _parse_budgets(args.budgets)
     for flag in ("context", "prompts", "windows"):
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--methods",
         default="full,clusterkv,quest,h2o,streaming_llm",
-        help=f"comma-separated, from {','.join(METHODS)}",
+        help=f"comma-separated, from {','.join(_method_names())}",
     )
     ev.add_argument(
         "--budgets",

@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 
 from . import _core
+from . import methods as _methods
 
 __all__ = ["ClusterIndex", "ClusterKV", "KMeansResult", "QuestIndex", "kmeans"]
 
@@ -247,8 +248,11 @@ class ClusterKV:
         Tokens attended per step [1024]. ClusterKV attends the decoded tokens not yet
         clustered (fewer than ``append_interval``) on top of it, as its reference code
         does, and every step its own token.
-    method : {"clusterkv", "quest"}
-    n_clusters, sink, iters, seed, init, append_interval, append_clusters
+    method : {"clusterkv", "quest"} or their kvpack.methods object
+    **params
+        The method's parameters (:class:`kvpack.methods.ClusterKV`,
+        :class:`kvpack.methods.Quest`), defaults in brackets:
+    n_clusters, tokens_per_cluster, sink, iters, seed, init, append_interval, append_clusters
         ClusterKV clustering (see :class:`ClusterIndex`); unused by Quest. The automatic
         ``n_clusters`` is the paper's ``(tokens - sink) // 80``, raised where needed so
         that the mean cluster holds at most ``budget / 12`` tokens (as with 1024 at 32k).
@@ -279,39 +283,11 @@ class ClusterKV:
     def __init__(
         self,
         budget: int = 1024,
-        method: Literal["clusterkv", "quest"] = "clusterkv",
-        *,
-        n_clusters: int | None = None,
-        sink: int = 16,
-        window: int = 0,
-        recall_steps: int = 1,
-        per_query_head: bool = False,
-        page_size: int = 16,
-        iters: int = 20,
-        seed: int = 0,
-        init: Literal["kmeans++", "random"] = "kmeans++",
-        append_interval: int = 320,
-        append_clusters: int = 8,
-        fast_tier: bool = False,
+        method: Literal["clusterkv", "quest"] | _methods.Method = "clusterkv",
+        **params,
     ) -> None:
-        if not isinstance(fast_tier, (bool, np.bool_)):
-            raise TypeError(f"fast_tier: expected a bool, got {type(fast_tier).__name__}")
-        self._recall = _core.ClusterKV(
-            budget,
-            method,
-            n_clusters or 0,
-            sink,
-            window,
-            recall_steps,
-            per_query_head,
-            page_size,
-            iters,
-            seed,
-            init,
-            append_interval,
-            append_clusters,
-            fast_tier,
-        )
+        self.method = _methods.resolve(method, **params)
+        self._recall = _core.ClusterKV(budget, self.method)
 
     def prefill(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Stores the prompt's cache, shape (heads_kv, tokens, head_dim), and builds the index."""

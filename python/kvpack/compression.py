@@ -1,9 +1,10 @@
 """Prefill-time KV cache compression behind one call, and a bounded decode-time cache.
 
-Methods: ``"full"``, ``"streaming_llm"``, ``"h2o"``, ``"snapkv"``, ``"cam"`` and
-``"kvmerger"``. Every method returns the same :class:`CompressedKV`: exactly ``budget``
-slots per KV head, each with the number of original tokens it stands for and the
-position it keeps, so methods can be swapped in an experiment without other changes.
+Methods: the ``"compress"`` kind of :mod:`kvpack.methods` (``"full"``,
+``"streaming_llm"``, ``"h2o"``, ``"snapkv"``, ``"cam"``, ``"kvmerger"``). Every method
+returns the same :class:`CompressedKV`: exactly ``budget`` slots per KV head, each
+with the number of original tokens it stands for and the position it keeps, so methods
+can be swapped in an experiment without other changes.
 """
 
 from __future__ import annotations
@@ -15,20 +16,13 @@ from typing import Literal
 import numpy as np
 
 from . import _core
+from . import methods as _methods
 from .attention import attention as _attention
 
 __all__ = ["METHODS", "CompressedKV", "EvictionCache", "budget_tokens", "compress"]
 
-# Method -> the keyword parameters it reads (defaults in kvpack.compress's docstring).
-_METHOD_PARAMS: dict[str, tuple[str, ...]] = {
-    "full": (),
-    "streaming_llm": ("sinks",),
-    "h2o": ("recent_ratio",),
-    "snapkv": ("window", "kernel"),
-    "cam": ("sinks", "merge_window"),
-    "kvmerger": ("protect_recent", "protect_heavy", "sigma"),
-}
-METHODS: tuple[str, ...] = tuple(_METHOD_PARAMS)
+#: Names of the compression methods.
+METHODS: tuple[str, ...] = _methods.names("compress")
 
 
 def budget_tokens(budget: int | float, tokens: int) -> int:
@@ -100,7 +94,7 @@ class CompressedKV:
 def compress(
     keys: np.ndarray,
     values: np.ndarray,
-    method: str,
+    method: str | _methods.Method,
     budget: float | int,
     *,
     queries: np.ndarray | None = None,
@@ -115,7 +109,9 @@ def compress(
     ----------
     keys, values : ndarray, shape (heads_kv, tokens, head_dim)
         float32, float16 or bfloat16, C-contiguous, same dtype (read in place).
-    method : {"full", "streaming_llm", "h2o", "snapkv", "cam", "kvmerger"}
+    method : str or kvpack.methods object
+        A compression method: ``"full"``, ``"streaming_llm"``, ``"h2o"``, ``"snapkv"``,
+        ``"cam"``, ``"kvmerger"`` or its object (e.g. ``kvpack.methods.SnapKV(window=16)``).
         ``"full"`` keeps everything (the budget is still checked).
     budget : float or int
         A float in (0, 1] is a fraction of the tokens (rounded, at least 1); an int is a
@@ -133,7 +129,9 @@ def compress(
         Record that attention over the result should add ``log(counts)`` to each slot's
         score (see :meth:`CompressedKV.attend`); an extension beyond KVMerger's paper.
     **params
-        Method parameters, rejected when the method does not read them:
+        The method's parameters (see its class in :mod:`kvpack.methods`; a method name
+        takes them as keywords, a method object gets a changed copy); rejected, named,
+        when the method does not read them:
 
         - ``sinks`` (4): first tokens always kept (``streaming_llm``, ``cam``).
         - ``recent_ratio`` (0.5): share of the budget held by the latest tokens (``h2o``).
@@ -165,20 +163,14 @@ def compress(
     >>> kvpack.compress(k, v, "kvmerger", 0.5, queries=q).keys.shape
     (2, 50, 64)
     """
-    if method in _METHOD_PARAMS:
-        unknown = sorted(set(params) - set(_METHOD_PARAMS[method]))
-        if unknown:
-            takes = ", ".join(_METHOD_PARAMS[method]) or "no parameters"
-            raise TypeError(
-                f"{unknown[0]}: method {method!r} does not take this parameter; it takes {takes}"
-            )
-    result = _core.compress(keys, values, method, budget, queries, attention, scale, **params)
+    spec = _methods.resolve(method, **params)
+    result = _core.compress(keys, values, spec, budget, queries, attention, scale)
     return CompressedKV(
         keys=result["keys"],
         values=result["values"],
         counts=result["counts"],
         positions=result["positions"],
-        method=method,
+        method=spec.name,
         tokens=int(np.shape(keys)[1]),
         thresholds=result["thresholds"],
         log_count_bias=bool(log_count_bias),
@@ -195,15 +187,14 @@ class EvictionCache:
 
     Parameters
     ----------
-    method : {"h2o", "streaming_llm"}
+    method : {"h2o", "streaming_llm"} or their kvpack.methods object
     budget : int
         Tokens per KV head kept between steps.
-    sinks : int
-        StreamingLLM: first tokens never evicted (default 4).
-    recent_ratio : float
-        H2O: share of the budget held by the latest tokens (default 0.5).
     scale : float, optional
         Attention score scale; default ``1/sqrt(head_dim)``.
+    **params
+        The method's parameters: ``sinks`` (StreamingLLM: first tokens never evicted, 4)
+        or ``recent_ratio`` (H2O: share of the budget held by the latest tokens, 0.5).
 
     Examples
     --------
@@ -219,15 +210,15 @@ class EvictionCache:
 
     def __init__(
         self,
-        method: Literal["h2o", "streaming_llm"] = "h2o",
+        method: Literal["h2o", "streaming_llm"] | _methods.Method = "h2o",
         budget: int = 1024,
         *,
-        sinks: int = 4,
-        recent_ratio: float = 0.5,
         scale: float | None = None,
+        **params,
     ) -> None:
-        self.method = method
-        self._cache = _core.EvictionCache(method, budget, sinks, recent_ratio, scale)
+        spec = _methods.resolve(method, **params)
+        self.method = spec.name
+        self._cache = _core.EvictionCache(spec, budget, scale)
 
     def prefill(
         self,

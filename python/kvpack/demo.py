@@ -23,21 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import methods
 from ._extras import require
 from .compression import budget_tokens
 
-# Every method kvpack compares, in the order tables list them.
-METHODS = (
-    "full",
-    "clusterkv",
-    "quest",
-    "kvmerger",
-    "h2o",
-    "streaming_llm",
-    "snapkv",
-    "cam",
-    "kivi",
-)
+# Every method kvpack compares, in the registry's order.
+METHODS = methods.names()
 POLICIES = (
     ("lru", "lru", 0.0),
     ("kivi2-lru", "kivi2-lru", 0.0),

@@ -458,7 +458,7 @@ def long_context_perplexity(
     return _perplexity_over(model, method, budget, text, masks, skip_layers, options, progress)
 
 
-def fidelity(layers, method: str, budget: int | float, *, observe: int = 32) -> float:
+def fidelity(layers, method, budget: int | float, *, observe: int = 32) -> float:
     """Mean attention-output relative error of one decode step per layer.
 
     The last query of each layer attends the cache of the tokens before it, compressed
@@ -468,18 +468,21 @@ def fidelity(layers, method: str, budget: int | float, *, observe: int = 32) -> 
     ----------
     layers : list of kvpack.data.LayerKV (or objects with queries, keys, values)
         Queries (heads_q, tokens, d), keys and values (heads_kv, tokens, d).
-    method : str
-        ``"full"``, a :data:`kvpack.METHODS` compression, ``"clusterkv"``, ``"quest"``
-        or ``"kivi"`` (``budget`` = full-precision tokens, 2-bit codes).
+    method : str or kvpack.methods object
+        Any method of :mod:`kvpack.methods` (for ``kivi``, ``budget`` is the tokens
+        kept in full precision).
     budget : int or float
         Tokens kept or recalled, or a fraction of the context.
     observe : int
         Prompt queries before the step the compression methods rank keys by.
     """
+    from . import methods
     from .attention import attention
     from .clustering import ClusterKV
     from .compression import budget_tokens, compress
     from .quantization import quantize
+
+    method = methods.resolve(method)
 
     errors = []
     for layer in layers:
@@ -491,15 +494,15 @@ def fidelity(layers, method: str, budget: int | float, *, observe: int = 32) -> 
         if slots > tokens:
             raise ValueError(f"budget: {slots} tokens exceed the context of {tokens}")
         dense = attention(q, keys, values)
-        if method in ("clusterkv", "quest"):
+        if method.kind == "recall":
             recall = ClusterKV(slots, method)
             head = (np.ascontiguousarray(x[:, :-1]) for x in (keys, values))
             recall.prefill(*head)
             out = recall.step(
                 q, np.ascontiguousarray(keys[:, -1]), np.ascontiguousarray(values[:, -1])
             )
-        elif method == "kivi":
-            out = quantize(keys, values, 2, residual=slots).attend(q)
+        elif method.kind == "quantize":
+            out = quantize(keys, values, method.bits, group=method.group, residual=slots).attend(q)
         else:
             window = np.ascontiguousarray(layer.queries[:, -1 - observe : -1])
             out = compress(keys, values, method, slots, queries=window).attend(q)

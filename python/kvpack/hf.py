@@ -28,6 +28,7 @@ prefilled in chunks is compressed after its first chunk). Per method:
   directly and the decoded tokens in full precision, merged by log-sum-exp.
 - ``full``: no compression (a reference that runs the same code path).
 
+``method`` is a name or a :mod:`kvpack.methods` object (``kvpack.methods.SnapKV(window=16)``).
 ``budget`` is a token count, or a fraction of each prompt in (0, 1). Batches may be
 left-padded: padding never takes a slot.
 """
@@ -41,9 +42,10 @@ from typing import Any
 
 import numpy as np
 
+from . import methods as _methods
 from ._extras import require
 from .clustering import ClusterKV
-from .compression import _METHOD_PARAMS, budget_tokens, compress
+from .compression import budget_tokens, compress
 from .quantization import quantize
 
 require("kvpack.hf", "torch", "transformers")
@@ -56,9 +58,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa
 
 __all__ = ["METHODS", "KVPackCache", "cache_argument", "make_cache", "returned_cache"]
 
-EVICTION_METHODS = ("full", "h2o", "streaming_llm", "snapkv", "cam", "kvmerger")
-RECALL_METHODS = ("clusterkv", "quest")
-METHODS = (*EVICTION_METHODS, *RECALL_METHODS, "kivi")
+EVICTION_METHODS = _methods.names("compress")
+RECALL_METHODS = _methods.names("recall")
+METHODS = _methods.names()
 ATTENTION = "kvpack"
 
 
@@ -81,11 +83,12 @@ def returned_cache(output) -> Cache:
 
 def make_cache(
     model,
-    method: str = "clusterkv",
+    method: str | _methods.Method = "clusterkv",
     budget: int | float = 1024,
     *,
     skip_layers: int = 2,
-    **options: Any,
+    log_count_bias: bool = False,
+    **params: Any,
 ) -> KVPackCache:
     """A cache that compresses or recalls the KV cache of ``model`` with ``method``.
 
@@ -93,17 +96,21 @@ def make_cache(
     ----------
     model : transformers PreTrainedModel
         A decoder-only model; its attention implementation becomes ``"kvpack"``.
-    method : str
-        One of :data:`METHODS`.
+    method : str or kvpack.methods object
+        One of :data:`METHODS`, or its object with parameters set
+        (``kvpack.methods.ClusterKV(n_clusters=64)``).
     budget : int or float
         Slots (tokens) per KV head kept or recalled; a float in (0, 1) is a fraction of
         each prompt. For ``kivi``, the tokens kept in full precision.
     skip_layers : int
         First layers left uncompressed [2].
-    **options
-        Passed on: to :func:`kvpack.compress` (e.g. ``sinks``, ``window``,
-        ``log_count_bias``, ``sigma``), :class:`kvpack.ClusterKV` (e.g. ``sink``,
-        ``n_clusters``, ``recall_steps``), or for ``kivi`` ``bits`` (2) and ``group`` (32).
+    log_count_bias : bool
+        Compression methods: attention over the kept slots adds ``log(count)`` to each
+        slot's score (see :func:`kvpack.compress`).
+    **params
+        The method's parameters, as for a name in :func:`kvpack.methods.resolve`: e.g.
+        ``window`` (SnapKV), ``sigma`` (KVMerger), ``n_clusters``, ``recall_steps``
+        (ClusterKV), ``bits`` (2) and ``group`` (32) for KIVI.
 
     Returns
     -------
@@ -111,8 +118,11 @@ def make_cache(
     """
     if not hasattr(getattr(model, "config", None), "get_text_config"):
         raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    method = _methods.resolve(method, **params)
+    if not isinstance(log_count_bias, (bool, np.bool_)):
+        raise TypeError(f"log_count_bias: expected a bool, got {type(log_count_bias).__name__}")
+    if log_count_bias and method.kind != "compress":
+        raise TypeError(f"log_count_bias: method {method.name!r} does not merge slots")
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(f"budget: expected an int or a float, got {type(budget).__name__}")
     if isinstance(budget, numbers.Integral):
@@ -126,23 +136,10 @@ def make_cache(
     layers = model.config.get_text_config().num_hidden_layers
     if not isinstance(skip_layers, numbers.Integral) or not 0 <= skip_layers <= layers:
         raise ValueError(f"skip_layers: expected an int from 0 to {layers}, got {skip_layers!r}")
-    unknown = sorted(set(options) - set(_options_of(method)))
-    if unknown:
-        takes = ", ".join(_options_of(method)) or "no options"
-        raise TypeError(
-            f"{unknown[0]}: method {method!r} does not take this option; it takes {takes}"
-        )
     _use_kvpack_attention(model)
-    return KVPackCache(layers, method, budget, skip_layers=int(skip_layers), **options)
-
-
-def _options_of(method: str) -> tuple[str, ...]:
-    if method in EVICTION_METHODS:
-        return (*_METHOD_PARAMS[method], "log_count_bias")
-    if method in RECALL_METHODS:
-        names = inspect.signature(ClusterKV.__init__).parameters
-        return tuple(n for n in names if n not in ("self", "budget", "method"))
-    return ("bits", "group")
+    return KVPackCache(
+        layers, method, budget, skip_layers=int(skip_layers), log_count_bias=bool(log_count_bias)
+    )
 
 
 class KVPackCache(Cache):
@@ -155,24 +152,19 @@ class KVPackCache(Cache):
     def __init__(
         self,
         num_layers: int,
-        method: str,
+        method: str | _methods.Method,
         budget: int | float,
         *,
         skip_layers: int = 2,
-        **options: Any,
+        log_count_bias: bool = False,
     ) -> None:
-        kind = (
-            _EvictionLayer
-            if method in EVICTION_METHODS
-            else _RecallLayer
-            if method in RECALL_METHODS
-            else _KiviLayer
-        )
+        method = _methods.resolve(method)
+        kind = {"compress": _EvictionLayer, "recall": _RecallLayer, "quantize": _KiviLayer}
         # Skipped layers keep everything, in the growing buffers of the full method.
         layers = [
-            _EvictionLayer("full", budget, {})
+            _EvictionLayer(_methods.Full(), budget)
             if i < skip_layers
-            else kind(method, budget, dict(options))
+            else kind[method.kind](method, budget, log_count_bias)
             for i in range(num_layers)
         ]
         super().__init__(layers=layers)
@@ -195,12 +187,12 @@ class KVPackCache(Cache):
                 held[tier] = held.get(tier, 0) + n
         held["total"] = sum(held.values())
         result = {
-            "method": self.method,
+            "method": self.method.name,
             "tokens": self.get_seq_length(),
             "slots": [layer.slots() for layer in compressed],
             "bytes": held,
         }
-        if self.method in RECALL_METHODS:
+        if self.method.kind == "recall":
             totals = [r.total for layer in compressed for r in getattr(layer, "recall", [])]
             for name in ("selected", "hits", "loaded", "bytes_loaded"):
                 result[name] = int(sum(t[name] for t in totals))
@@ -214,9 +206,9 @@ class _KVPackLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, method: str, budget: int | float, options: dict) -> None:
+    def __init__(self, method, budget: int | float, log_count_bias: bool = False) -> None:
         super().__init__()
-        self.method, self.budget, self.options = method, budget, options
+        self.method, self.budget, self.log_count_bias = method, budget, log_count_bias
         self.seen = 0
         self.prefilled = False
 
@@ -293,7 +285,7 @@ class _EvictionLayer(_BufferedLayer):
     and without log-count bias is transformers' own SDPA call over the buffers."""
 
     def _compress(self, query, keys, values, valid, scaling):
-        log_count_bias = bool(self.options.get("log_count_bias", False))
+        log_count_bias = self.log_count_bias
         rows = []
         for b in range(keys.shape[0]):
             everything = bool(valid[b].all())
@@ -302,7 +294,7 @@ class _EvictionLayer(_BufferedLayer):
                 (keys[b], values[b]) if everything else (keys[b][:, tokens], values[b][:, tokens])
             )
             budget = self._budget(tokens.numel())
-            if self.method == "full" or budget >= tokens.numel():
+            if self.method.name == "full" or budget >= tokens.numel():
                 rows.append((k, v, tokens.expand(k.shape[0], -1), None))
                 continue
             c = compress(
@@ -312,7 +304,6 @@ class _EvictionLayer(_BufferedLayer):
                 budget,
                 scale=scaling,
                 queries=_numpy(query[b][:, tokens].float()),
-                **self.options,
             )
             positions = tokens[torch.from_numpy(c.positions.astype(np.int64)).to(tokens.device)]
             bias = torch.from_numpy(np.log(c.counts)) if log_count_bias else None
@@ -398,7 +389,7 @@ class _RecallLayer(_KVPackLayer):
         self.recall = []
         for b in range(keys.shape[0]):
             tokens = torch.nonzero(valid[b]).flatten()
-            recall = ClusterKV(self._budget(tokens.numel()), self.method, **self.options)
+            recall = ClusterKV(self._budget(tokens.numel()), self.method)
             recall.prefill(_numpy(keys[b][:, tokens]), _numpy(values[b][:, tokens]))
             self.recall.append(recall)
         self.keys = self.values = None  # the host copies in ClusterKV are the cache now
@@ -436,7 +427,7 @@ class _KiviLayer(_BufferedLayer):
     each decode step is one core call per sequence that attends both in one softmax."""
 
     def _compress(self, query, keys, values, valid, scaling):
-        bits, group = self.options.get("bits", 2), self.options.get("group", 32)
+        bits, group = self.method.bits, self.method.group
         self.quantized = []
         for b in range(keys.shape[0]):
             tokens = torch.nonzero(valid[b]).flatten()

@@ -13,16 +13,14 @@
 #include "kvpack/attention.h"
 #include "kvpack/cluster_index.h"
 #include "kvpack/common.h"
+#include "kvpack/methods.h"
 #include "kvpack/quest.h"
 
 namespace kvpack {
 
-/// How a recall step selects tokens.
-enum class RecallMethod : int { ClusterKV = 0, Quest = 1 };
-
 /// Parameters of ClusterKV.
 struct ClusterKVParams {
-  RecallMethod method = RecallMethod::ClusterKV;
+  Method method = Method::ClusterKV;  ///< ClusterKV or Quest: how a step selects tokens
   /// Tokens attended per step (per KV head or query head); ClusterKV attends its decoded
   /// tokens not yet clustered (at most index.append_interval) on top of it.
   std::int64_t budget = 1024;

@@ -8,32 +8,23 @@
 
 #include "kvpack/attention.h"
 #include "kvpack/common.h"
+#include "kvpack/evict.h"
 #include "kvpack/merge.h"
 
 namespace kvpack {
 
-/// A prefill-time compression method.
-enum class CompressMethod : int {
-  Full = 0,          ///< every token, unchanged
-  StreamingLLM = 1,  ///< attention sinks + the latest tokens
-  H2O = 2,           ///< heavy hitters by accumulated attention + the latest tokens
-  SnapKV = 3,        ///< pooled observation-window attention + the window
-  CaM = 4,           ///< StreamingLLM's choice, evicted values merged into kept ones
-  KVMerger = 5,      ///< adjacent similar keys merged with Gaussian weights
-};
-
 /// True for the methods that rank tokens by accumulated attention (evidence).
-bool needs_evidence(CompressMethod method);
+bool needs_evidence(Method method);
 
-/// Parameters of compress; each field names the method(s) that read it.
+/// Parameters of compress: the method (a MethodKind::Compress one), the budget, and
+/// each method's own parameters (only the chosen method's are read).
 struct CompressParams {
-  CompressMethod method = CompressMethod::Full;
-  std::int64_t budget = 0;         ///< slots per head, 1 <= budget <= tokens (Full keeps all)
-  std::int64_t sinks = 4;          ///< StreamingLLM, CaM: first tokens always kept
-  float recent_ratio = 0.5f;       ///< H2O: share of the budget held by the latest tokens
-  std::int64_t window = 32;        ///< SnapKV: observation window (queries and kept tokens)
-  std::int64_t kernel = 5;         ///< SnapKV: max-pooling width, odd
-  std::int64_t merge_window = 32;  ///< CaM: successors an evicted value is spread over
+  Method method = Method::Full;
+  std::int64_t budget = 0;  ///< slots per head, 1 <= budget <= tokens (Full keeps all)
+  StreamingLLMParams streaming_llm;
+  H2OParams h2o;
+  SnapKVParams snapkv;
+  CaMParams cam;
   KVMergerParams kvmerger;
 };
 

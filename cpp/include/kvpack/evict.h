@@ -8,8 +8,25 @@
 
 #include "kvpack/attention.h"
 #include "kvpack/common.h"
+#include "kvpack/methods.h"
 
 namespace kvpack {
+
+/// Parameters of StreamingLLM.
+struct StreamingLLMParams {
+  std::int64_t sinks = 4;  ///< first tokens always kept (attention sinks)
+};
+
+/// Parameters of H2O.
+struct H2OParams {
+  float recent_ratio = 0.5f;  ///< share of the budget held by the latest tokens
+};
+
+/// Parameters of SnapKV.
+struct SnapKVParams {
+  std::int64_t window = 32;  ///< observation window: the last queries, and tokens always kept
+  std::int64_t kernel = 5;   ///< max-pooling width over neighbouring tokens, odd
+};
 
 /// StreamingLLM: the first min(sinks, budget) tokens and the latest ones.
 /// @param out  size budget (<= tokens): kept positions, ascending
@@ -30,19 +47,15 @@ void h2o_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std
 void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std::int64_t window,
                  std::int64_t kernel, std::int32_t* out);
 
-/// Which token a full EvictionCache drops at each step.
-enum class EvictionPolicy : int {
-  StreamingLLM = 0,  ///< the oldest token after the sinks
-  H2O = 1,           ///< the lowest accumulated attention outside the recent window
-};
-
 /// Parameters of EvictionCache.
 struct EvictionCacheParams {
-  EvictionPolicy policy = EvictionPolicy::H2O;
+  /// Which token a full cache drops at each step: StreamingLLM the oldest after the
+  /// sinks, H2O the lowest accumulated attention outside the recent window.
+  Method policy = Method::H2O;
   std::int64_t budget = 1024;  ///< slots per KV head kept between steps
-  std::int64_t sinks = 4;      ///< StreamingLLM: first tokens never evicted
-  float recent_ratio = 0.5f;   ///< H2O: share of the budget held by the latest tokens
-  float scale = 0.0f;          ///< attention score scale; 0 means 1/sqrt(head_dim)
+  StreamingLLMParams streaming_llm;
+  H2OParams h2o;
+  float scale = 0.0f;  ///< attention score scale; 0 means 1/sqrt(head_dim)
 };
 
 /// A bounded decode-time cache for one layer: at most `budget` tokens per KV head
