@@ -10,11 +10,141 @@ namespace kvpack::bindings {
 namespace {
 constexpr int kNpyFloat = 11;  // NPY_FLOAT
 constexpr int kNpyHalf = 23;   // NPY_HALF
+
+std::string device_string(std::int32_t type, std::int32_t id) {
+  std::ostringstream os;
+  switch (type) {
+    case dlpack::kCPU:
+      os << "cpu";
+      break;
+    case dlpack::kCUDA:
+      os << "cuda:" << id;
+      break;
+    case dlpack::kCUDAHost:
+      os << "cuda pinned host memory";
+      break;
+    case dlpack::kCUDAManaged:
+      os << "cuda managed memory (device " << id << ")";
+      break;
+    case dlpack::kROCM:
+      os << "rocm:" << id;
+      break;
+    default:
+      os << "DLPack device type " << type << " (id " << id << ")";
+  }
+  return os.str();
+}
+
+// The NumPy dtype of a DLPack element type; TypeError for one NumPy cannot view.
+py::dtype numpy_dtype_of(const dlpack::DataType& type, const char* name) {
+  const unsigned bits = type.bits;
+  if (type.lanes == 1) {
+    switch (type.code) {
+      case dlpack::kFloat:
+        if (bits == 16 || bits == 32 || bits == 64)
+          return py::dtype("float" + std::to_string(bits));
+        break;
+      case dlpack::kBfloat:
+        if (bits == 16) return numpy_dtype(DType::BFloat16);
+        break;
+      case dlpack::kInt:
+      case dlpack::kUInt:
+        if (bits == 8 || bits == 16 || bits == 32 || bits == 64)
+          return py::dtype((type.code == dlpack::kInt ? "int" : "uint") + std::to_string(bits));
+        break;
+      case dlpack::kBool:
+        if (bits == 8) return py::dtype("bool");
+        break;
+      default:
+        break;
+    }
+  }
+  KVPACK_TYPE_CHECK(false, name << ": unsupported DLPack dtype (type code " << unsigned{type.code}
+                                << ", " << bits << " bits, " << type.lanes << " lanes)");
+}
+
+// A NumPy view of a host DLPack tensor; `owner` keeps the producer's memory alive for as
+// long as any view of it lives.
+py::array host_view(const dlpack::Tensor& t, const py::capsule& owner, bool read_only,
+                    const char* name) {
+  const py::dtype dtype = numpy_dtype_of(t.dtype, name);
+  const auto item = static_cast<py::ssize_t>(dtype.itemsize());
+  std::vector<py::ssize_t> shape(static_cast<std::size_t>(t.ndim)), strides(shape.size());
+  py::ssize_t contiguous = item;
+  for (std::int32_t i = t.ndim - 1; i >= 0; --i) {
+    shape[i] = static_cast<py::ssize_t>(t.shape[i]);
+    strides[i] = t.strides ? static_cast<py::ssize_t>(t.strides[i]) * item : contiguous;
+    contiguous *= shape[i];
+  }
+  void* data = static_cast<char*>(t.data) + t.byte_offset;
+  py::array array(dtype, shape, strides, data, owner);
+  if (read_only)
+    py::detail::array_proxy(array.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return array;
+}
+
+// Takes over the managed tensor of a `__dlpack__` capsule: renamed so that the producer's
+// capsule no longer frees it, owned by the returned capsule, which calls its deleter.
+template <class Managed>
+py::capsule adopt_managed(PyObject* capsule, const char* name, const char* used_name) {
+  auto* managed = static_cast<Managed*>(PyCapsule_GetPointer(capsule, name));
+  PyCapsule_SetName(capsule, used_name);
+  return py::capsule(managed, [](void* p) {
+    auto* m = static_cast<Managed*>(p);
+    if (m->deleter) m->deleter(m);
+  });
+}
 }  // namespace
+
+DLPackTensor dlpack_tensor(const py::object& object, const char* name) {
+  py::object capsule;
+  try {
+    capsule = object.attr("__dlpack__")(py::arg("max_version") = py::make_tuple(1, 0));
+  } catch (py::error_already_set& e) {  // a producer that predates DLPack 1.0
+    if (!e.matches(PyExc_TypeError)) throw;
+    capsule = object.attr("__dlpack__")();
+  }
+  PyObject* raw = capsule.ptr();
+  DLPackTensor result;
+  if (PyCapsule_IsValid(raw, "dltensor_versioned")) {
+    const auto* managed = static_cast<const dlpack::ManagedTensorVersioned*>(
+        PyCapsule_GetPointer(raw, "dltensor_versioned"));
+    KVPACK_TYPE_CHECK(managed->version.major == 1, name << ": unsupported DLPack version "
+                                                        << managed->version.major << "."
+                                                        << managed->version.minor);
+    result.tensor = managed->dl_tensor;
+    result.read_only = managed->flags & dlpack::kFlagReadOnly;
+    result.owner = adopt_managed<dlpack::ManagedTensorVersioned>(raw, "dltensor_versioned",
+                                                                 "used_dltensor_versioned");
+    return result;
+  }
+  KVPACK_TYPE_CHECK(PyCapsule_IsValid(raw, "dltensor"),
+                    name << ": __dlpack__ returned no DLPack capsule");
+  result.tensor =
+      static_cast<const dlpack::ManagedTensor*>(PyCapsule_GetPointer(raw, "dltensor"))->dl_tensor;
+  result.owner = adopt_managed<dlpack::ManagedTensor>(raw, "dltensor", "used_dltensor");
+  return result;
+}
+
+std::pair<std::int32_t, std::int32_t> dlpack_device(const py::object& object) {
+  if (py::isinstance<py::array>(object) || !py::hasattr(object, "__dlpack__") ||
+      !py::hasattr(object, "__dlpack_device__"))
+    return {dlpack::kCPU, 0};
+  return object.attr("__dlpack_device__")().cast<std::pair<std::int32_t, std::int32_t>>();
+}
 
 py::array as_array(const py::object& object, const char* name) {
   if (py::isinstance<py::array>(object)) return py::reinterpret_borrow<py::array>(object);
   KVPACK_TYPE_CHECK(!object.is_none(), name << ": expected an array, got None");
+  const auto [device_type, device_id] = dlpack_device(object);
+  KVPACK_ARG_CHECK(device_type == dlpack::kCPU || device_type == dlpack::kCUDAHost,
+                   name << ": expected an array in host memory, got a tensor on "
+                        << device_string(device_type, device_id)
+                        << " (this operation runs on the CPU only; pass " << name << ".cpu())");
+  if (py::hasattr(object, "__dlpack__") && py::hasattr(object, "__dlpack_device__")) {
+    const DLPackTensor t = dlpack_tensor(object, name);
+    return host_view(t.tensor, t.owner, t.read_only, name);
+  }
   try {
     return py::module_::import("numpy").attr("asarray")(object);
   } catch (py::error_already_set&) {

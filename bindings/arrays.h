@@ -11,8 +11,10 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "dlpack.h"
 #include "kvpack/common.h"
 
 namespace kvpack::bindings {
@@ -32,9 +34,27 @@ namespace py = pybind11;
     }                                         \
   } while (0)
 
-/// `object` as a NumPy array (no copy for arrays and buffer/array-interface objects
-/// such as CPU torch tensors); TypeError naming the argument when it cannot be one.
+/// `object` as a NumPy array without a copy for NumPy arrays, DLPack producers in host
+/// memory (torch CPU tensors of any dtype, bfloat16 included, strides kept) and
+/// buffer/array-interface objects. TypeError naming the argument when it cannot be one;
+/// ValueError naming it and its device when it lives on a GPU.
 py::array as_array(const py::object& object, const char* name);
+
+/// A tensor taken over from a `__dlpack__` capsule; `owner` frees it (and so releases
+/// the producer's memory) when the last reference to it goes.
+// Hidden like the pybind11 types it holds.
+struct __attribute__((visibility("hidden"))) DLPackTensor {
+  dlpack::Tensor tensor{};
+  bool read_only = false;
+  py::capsule owner;
+};
+
+/// The tensor of `object.__dlpack__()` (DLPack 1.x, or the older unversioned capsule).
+DLPackTensor dlpack_tensor(const py::object& object, const char* name);
+
+/// `object.__dlpack_device__()` as (DLPack device type, id); (kCPU, 0) for NumPy arrays
+/// and objects that are not DLPack producers.
+std::pair<std::int32_t, std::int32_t> dlpack_device(const py::object& object);
 
 std::string shape_string(const py::array& array);
 std::string dtype_string(const py::array& array);

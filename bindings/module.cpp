@@ -40,10 +40,14 @@ PYBIND11_MODULE(_core, m) {
         "the OpenMP runtime's count.");
   m.def(
       "_data_pointer",
-      [](const py::array& array) {
-        return reinterpret_cast<std::uintptr_t>(kv_view(array, "array").data);
+      [](const py::object& array) {
+        return reinterpret_cast<std::uintptr_t>(
+            strided_kv_view(as_array(array, "array"), "array").data);
       },
       py::arg("array"), "Address the core sees for a KV array (for zero-copy tests).");
+  m.def(
+      "_as_array", [](const py::object& object) { return as_array(object, "array"); },
+      py::arg("array"), "The NumPy view the bindings take of an array argument (for tests).");
 
   bind_methods(m);
   bind_attention(m);
