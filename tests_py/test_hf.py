@@ -275,3 +275,11 @@ def test_stats_report_the_bytes_each_tier_holds(model, prompts):
     assert held["clusterkv"]["slow"] >= 2 * 120 * row and held["clusterkv"]["fast"] == 0
     # KIVI: codes for the prompt (2-bit, the latest 32 tokens in full precision).
     assert 2 * 32 * row < held["kivi"]["codes"] < 2 * 120 * row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_layers_hand_host_tensors_to_the_core_without_a_copy(dtype):
+    cache = torch.randn(1, 2, 40, HEAD_DIM).to(dtype)
+    head = cache[0]  # C-contiguous: reaches the core through DLPack as it is
+    assert kvpack._core._data_pointer(hf._dense(head)) == head.data_ptr()
+    assert hf._host(cache[0, :, :10]).data_ptr() == cache.data_ptr()  # strided: a view

@@ -298,12 +298,12 @@ class _EvictionLayer(_BufferedLayer):
                 rows.append((k, v, tokens.expand(k.shape[0], -1), None))
                 continue
             c = compress(
-                _numpy(k),
-                _numpy(v),
+                _dense(k),
+                _dense(v),
                 self.method,
                 budget,
                 scale=scaling,
-                queries=_numpy(query[b][:, tokens].float()),
+                queries=_dense(query[b][:, tokens].float()),
             )
             positions = tokens[torch.from_numpy(c.positions.astype(np.int64)).to(tokens.device)]
             bias = torch.from_numpy(np.log(c.counts)) if log_count_bias else None
@@ -390,7 +390,7 @@ class _RecallLayer(_KVPackLayer):
         for b in range(keys.shape[0]):
             tokens = torch.nonzero(valid[b]).flatten()
             recall = ClusterKV(self._budget(tokens.numel()), self.method)
-            recall.prefill(_numpy(keys[b][:, tokens]), _numpy(values[b][:, tokens]))
+            recall.prefill(_dense(keys[b][:, tokens]), _dense(values[b][:, tokens]))
             self.recall.append(recall)
         self.keys = self.values = None  # the host copies in ClusterKV are the cache now
 
@@ -403,7 +403,7 @@ class _RecallLayer(_KVPackLayer):
         q = query.float() if math.isclose(fold, 1.0, rel_tol=1e-12) else query.float() * fold
         rows = [
             torch.from_numpy(
-                recall.step(_numpy(q[b, :, i]), _numpy(key[b, :, i]), _numpy(value[b, :, i]))
+                recall.step(_dense(q[b, :, i]), _dense(key[b, :, i]), _dense(value[b, :, i]))
             )
             for b, recall in enumerate(self.recall)
             for i in range(query.shape[2])
@@ -433,8 +433,8 @@ class _KiviLayer(_BufferedLayer):
             tokens = torch.nonzero(valid[b]).flatten()
             self.quantized.append(
                 quantize(
-                    _numpy(keys[b][:, tokens]),
-                    _numpy(values[b][:, tokens]),
+                    _dense(keys[b][:, tokens]),
+                    _dense(values[b][:, tokens]),
                     bits,
                     group=group,
                     residual=self._budget(tokens.numel()),
@@ -451,8 +451,8 @@ class _KiviLayer(_BufferedLayer):
         for b, quantized in enumerate(self.quantized):
             for i in range(new):
                 seen = decoded - new + i + 1  # decoded tokens this query may attend
-                tail = (_host_view(key[b, :, :seen]), _host_view(value[b, :, :seen]))
-                q = _numpy(query[b, :, i].float())
+                tail = (_host(key[b, :, :seen]), _host(value[b, :, :seen]))
+                q = _dense(query[b, :, i].float())
                 output[b, i] = torch.from_numpy(quantized.attend(q, scale=scaling, tail=tail))
         return output.to(query.device, query.dtype)
 
@@ -507,20 +507,16 @@ def _tensor_bytes(*tensors) -> int:
     return sum(t.nelement() * t.element_size() for t in tensors if t is not None)
 
 
-def _host_view(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor with its strides (bfloat16 through ml_dtypes); a
-    device tensor is copied to the host."""
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the core takes it through DLPack: a host tensor as it is (strides kept, no
+    copy); a device tensor is copied to the host, where the core's decode path runs."""
+    t = t.detach()
+    return t if t.device.type == "cpu" else t.cpu()
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A C-contiguous NumPy array of ``t`` (a view when it already is one on the host)."""
-    return _host_view(t.contiguous())
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """:func:`_host` of ``t``, C-contiguous (no copy when it already is)."""
+    return _host(t).contiguous()
 
 
 def _torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
