@@ -283,3 +283,27 @@ def test_layers_hand_host_tensors_to_the_core_without_a_copy(dtype):
     head = cache[0]  # C-contiguous: reaches the core through DLPack as it is
     assert kvpack._core._data_pointer(hf._dense(head)) == head.data_ptr()
     assert hf._host(cache[0, :, :10]).data_ptr() == cache.data_ptr()  # strided: a view
+
+
+@pytest.mark.parametrize("method", hf.METHODS)
+def test_caches_started_from_one_prefill_generate_as_their_own_prefill(model, prompts, method):
+    ids, mask = prompts
+    shared = hf.prefill(model, ids, mask)
+    assert shared.tokens == ids.shape[1]
+    for budget in (32, 4096):
+        expected = generate(model, ids, mask, hf.make_cache(model, method, budget))
+        cache = hf.make_cache(model, method, budget, prefill=shared)
+        out = generate(model, shared.next_ids, shared.next_attention_mask, cache, new=9)
+        assert torch.equal(out, expected)
+    reference = generate(model, ids, mask, DynamicCache(config=model.config))
+    cache = hf.dynamic_cache(model, shared)
+    out = generate(model, shared.next_ids, shared.next_attention_mask, cache, new=9)
+    assert torch.equal(out, reference)
+
+
+def test_a_prefill_is_checked(model, prompts):
+    ids, mask = prompts
+    with pytest.raises(TypeError, match="prefill: expected a kvpack"):
+        hf.make_cache(model, "h2o", 32, prefill=(ids, mask))
+    with pytest.raises(ValueError, match="input_ids: expected a"):
+        hf.prefill(model, ids[0])

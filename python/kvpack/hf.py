@@ -56,7 +56,16 @@ from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
-__all__ = ["METHODS", "KVPackCache", "cache_argument", "make_cache", "returned_cache"]
+__all__ = [
+    "METHODS",
+    "KVPackCache",
+    "Prefill",
+    "cache_argument",
+    "dynamic_cache",
+    "make_cache",
+    "prefill",
+    "returned_cache",
+]
 
 EVICTION_METHODS = _methods.names("compress")
 RECALL_METHODS = _methods.names("recall")
@@ -88,6 +97,7 @@ def make_cache(
     *,
     skip_layers: int = 2,
     log_count_bias: bool = False,
+    prefill: Prefill | None = None,
     **params: Any,
 ) -> KVPackCache:
     """A cache that compresses or recalls the KV cache of ``model`` with ``method``.
@@ -107,6 +117,10 @@ def make_cache(
     log_count_bias : bool
         Compression methods: attention over the kept slots adds ``log(count)`` to each
         slot's score (see :func:`kvpack.compress`).
+    prefill : Prefill, optional
+        Start from this exact prefill (see :func:`prefill`) instead of running one: each
+        layer compresses or indexes its own copy at once, and ``generate`` goes on from
+        :attr:`Prefill.next_ids`.
     **params
         The method's parameters, as for a name in :func:`kvpack.methods.resolve`: e.g.
         ``window`` (SnapKV), ``sigma`` (KVMerger), ``n_clusters``, ``recall_steps``
@@ -136,10 +150,98 @@ def make_cache(
     layers = model.config.get_text_config().num_hidden_layers
     if not isinstance(skip_layers, numbers.Integral) or not 0 <= skip_layers <= layers:
         raise ValueError(f"skip_layers: expected an int from 0 to {layers}, got {skip_layers!r}")
+    if prefill is not None and not isinstance(prefill, Prefill):
+        raise TypeError(f"prefill: expected a kvpack.hf.Prefill, got {type(prefill).__name__}")
+    if prefill is not None and len(prefill.layers) != layers:
+        raise ValueError(f"prefill: has {len(prefill.layers)} layers, the model {layers}")
     _use_kvpack_attention(model)
-    return KVPackCache(
+    cache = KVPackCache(
         layers, method, budget, skip_layers=int(skip_layers), log_count_bias=bool(log_count_bias)
     )
+    if prefill is not None:
+        for layer, captured in zip(cache.layers, prefill.layers):
+            layer.adopt(*captured)
+    return cache
+
+
+class Prefill:
+    """One exact prefill of a batch of prompts, from which caches of any method start.
+
+    Every method's prefill is the same exact attention over the prompt; only what each
+    layer keeps afterwards differs. Comparing methods on one prompt then costs one
+    prefill: ``make_cache(model, method, budget, prefill=p)`` (or :func:`dynamic_cache`)
+    gives each its own copy, compressed as its own prefill would have, and decoding goes
+    on from the prefill's greedy next token, exactly as ``generate`` on the prompt would.
+
+    Attributes
+    ----------
+    input_ids, attention_mask : torch.Tensor, shape (batch, prompt)
+    logits : torch.Tensor, shape (batch, vocab)
+        The model's logits at the prompt's last position.
+    layers : list
+        Per layer: the prompt's queries, keys, values, real-token mask and score scale.
+    """
+
+    def __init__(self, input_ids, attention_mask, logits, layers) -> None:
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.logits, self.layers = logits, layers
+
+    @property
+    def tokens(self) -> int:
+        """Prompt length (padding included)."""
+        return int(self.input_ids.shape[1])
+
+    @property
+    def next_ids(self) -> torch.Tensor:
+        """The prompt followed by the greedy next token: what ``generate`` continues
+        from a cache started from this prefill."""
+        return torch.cat([self.input_ids, self.logits.argmax(-1, keepdim=True)], dim=1)
+
+    @property
+    def next_attention_mask(self) -> torch.Tensor:
+        """The attention mask of :attr:`next_ids`."""
+        return torch.nn.functional.pad(self.attention_mask, (0, 1), value=1)
+
+
+def prefill(model, input_ids, attention_mask=None) -> Prefill:
+    """Runs ``model`` over the prompts ``input_ids`` once, exactly, and keeps what every
+    method's cache starts from (see :class:`Prefill`)."""
+    if not hasattr(getattr(model, "config", None), "get_text_config"):
+        raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 1:
+        raise ValueError("input_ids: expected a (batch, tokens) tensor with at least one token")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    _use_kvpack_attention(model)
+    layers = model.config.get_text_config().num_hidden_layers
+    capture = Cache(layers=[_CaptureLayer(_methods.Full(), 1.0) for _ in range(layers)])
+    # Positions as generate() gives them: counted over the real tokens of each row.
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        output = model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_argument(model): capture},
+        )
+    return Prefill(
+        input_ids,
+        attention_mask,
+        output.logits[:, -1].float(),
+        [layer.captured for layer in capture.layers],
+    )
+
+
+def dynamic_cache(model, prefill: Prefill) -> Cache:
+    """transformers' own ``DynamicCache`` holding a copy of ``prefill``'s keys and values:
+    the full-cache reference, started like :func:`make_cache` with ``prefill=``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for index, (_, keys, values, _, _) in enumerate(prefill.layers):
+        cache.update(keys.clone(), values.clone(), index)
+    return cache
 
 
 class KVPackCache(Cache):
@@ -241,6 +343,14 @@ class _KVPackLayer(DynamicLayer):
         self.prefilled = True
         return output
 
+    def adopt(self, query, keys, values, valid, scaling) -> None:
+        """Starts from a shared prefill (:class:`Prefill`): keeps this method's share of
+        the prompt's keys and values, as its own prefill would have."""
+        self.lazy_initialization(keys, values)
+        self.seen = keys.shape[-2]
+        self._compress(query, keys, values, valid, scaling)
+        self.prefilled = True
+
     def _budget(self, prompt_tokens: int) -> int:
         return budget_tokens(self.budget, prompt_tokens)
 
@@ -260,6 +370,16 @@ class _KVPackLayer(DynamicLayer):
 
     def batch_select_indices(self, indices):
         raise NotImplementedError("kvpack caches do not support selecting batch rows")
+
+
+class _CaptureLayer(_KVPackLayer):
+    """Keeps what the exact prefill attended (for :func:`prefill`); never decodes."""
+
+    def _compress(self, query, keys, values, valid, scaling):
+        self.captured = (query, keys, values, valid, scaling)
+
+    def _decode(self, *args):
+        raise RuntimeError("a kvpack.hf.prefill capture does not decode")
 
 
 class _BufferedLayer(_KVPackLayer):
