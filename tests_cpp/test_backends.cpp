@@ -16,6 +16,7 @@
 #include "kvpack/convert.h"
 #include "kvpack/cpu.h"
 #include "kvpack/kmeans.h"
+#include "kvpack/select.h"
 #include "reference.h"
 
 namespace kvpack {
@@ -212,6 +213,36 @@ TEST(Backends, KMeansMatchesTheCpuReference) {
         }
         ++runs;
       }
+    }
+  }
+  EXPECT_GT(runs, 0);
+}
+
+TEST(Backends, RankRowsMatchesTheCpuReference) {
+  int runs = 0;
+  for (const Backend& backend : backends()) {
+    if (!available(backend)) continue;
+    unsigned seed = 1300;
+    // Past 256 rows and with ties: the public ClusterKV kernel fails both.
+    for (const std::int64_t n : {1, 7, 256, 257, 400, 3000}) {
+      const std::int64_t heads = 3, dim = 64, k = std::min<std::int64_t>(n, 1 + n / 3);
+      auto rows = testing::random_vector(static_cast<std::size_t>(heads * n * dim), seed += 3);
+      if (n > 300)  // duplicated rows score the same
+        std::copy(rows.begin(), rows.begin() + 50 * dim, rows.begin() + 100 * dim);
+      const auto q = testing::random_vector(static_cast<std::size_t>(heads * dim), seed + 1);
+      std::vector<float> want_scores(static_cast<std::size_t>(heads * n)),
+          scores(want_scores.size());
+      std::vector<std::int32_t> want(static_cast<std::size_t>(heads * k)), got(want.size());
+      cpu::rank_rows(rows.data(), heads, n, dim, q.data(), k, want_scores.data(), want.data());
+      rank_rows(rows.data(), heads, n, dim, q.data(), k, scores.data(), got.data(), Device{},
+                backend.exec);
+      const std::string what = backend.name + " n=" + std::to_string(n);
+      expect_close(want_scores, scores, backend.exact, 1e-5, what + " scores");
+      EXPECT_EQ(want, got) << what;             // selections are exact on every backend
+      for (std::int64_t h = 0; h < heads; ++h)  // and the reference is top_k
+        EXPECT_EQ(top_k(want_scores.data() + h * n, n, k),
+                  std::vector<std::int32_t>(want.begin() + h * k, want.begin() + (h + 1) * k));
+      ++runs;
     }
   }
   EXPECT_GT(runs, 0);

@@ -8,6 +8,7 @@
 #include "kvpack/backend.h"
 #include "kvpack/cpu.h"
 #include "kvpack/kmeans.h"
+#include "kvpack/select.h"
 #ifdef KVPACK_WITH_CUDA
 #include "kvpack/cuda.h"
 #endif
@@ -101,6 +102,31 @@ void accumulated_attention(const float* queries, std::int64_t heads_q, std::int6
     cuda::accumulated_attention(queries, heads_q, window, keys, params, out, exec);
   } else {
     cuda::accumulated_attention_staged(queries, heads_q, window, keys, params, out, exec);
+  }
+#else
+  no_cuda();
+#endif
+}
+
+void rank_rows(const float* rows, std::int64_t heads, std::int64_t n, std::int64_t dim,
+               const float* q, std::int64_t k, float* scores, std::int32_t* out,
+               const Device& device, const Execution& exec) {
+  KVPACK_CHECK(rows && q && scores && out, "rows/q/scores/out: null pointer");
+  KVPACK_CHECK(heads >= 1 && n >= 1 && dim >= 1,
+               "rows: expected a non-empty [heads, n, dim] array, got [" << heads << ", " << n
+                                                                         << ", " << dim << "]");
+  KVPACK_CHECK(k >= 1 && k <= n, "k: expected 1 <= k <= n=" << n << ", got " << k);
+  const Device backend = backend_device(device, exec);
+  if (!backend.is_cuda()) {
+    cpu::rank_rows(rows, heads, n, dim, q, k, scores, out);
+    return;
+  }
+  require_device(backend, device.is_cuda() ? "rows" : "device");
+#ifdef KVPACK_WITH_CUDA
+  if (device.is_cuda()) {
+    cuda::rank_rows(rows, heads, n, dim, q, k, scores, out, device.index, exec);
+  } else {
+    cuda::rank_rows_staged(rows, heads, n, dim, q, k, scores, out, exec);
   }
 #else
   no_cuda();

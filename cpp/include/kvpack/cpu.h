@@ -20,6 +20,10 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
 void accumulated_attention(const float* queries, std::int64_t heads_q, std::int64_t window,
                            const KVView& keys, const AccumulateParams& params, float* out);
 
+/// kvpack::rank_rows on the CPU: inner_products and top_k per head.
+void rank_rows(const float* rows, std::int64_t heads, std::int64_t n, std::int64_t dim,
+               const float* q, std::int64_t k, float* scores, std::int32_t* out);
+
 /// kvpack::kmeans_heads on the CPU: the shared loop over cpu_kmeans_backend, heads in
 /// parallel when there are enough of them.
 std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams& params,

@@ -45,6 +45,18 @@ void accumulated_attention_staged(const float* queries, std::int64_t heads_q, st
                                   const KVView& keys, const AccumulateParams& params, float* out,
                                   const Execution& exec);
 
+/// rank_rows with every pointer in the memory of the current device, on exec.stream:
+/// a warp per score, then each score's rank counted against all of its head's scores
+/// (exact, ties to the lower index, no limit on n).
+void rank_rows(const float* rows, std::int64_t heads, std::int64_t n, std::int64_t dim,
+               const float* q, std::int64_t k, float* scores, std::int32_t* out, int device,
+               const Execution& exec);
+
+/// rank_rows on host data, staged through exec.cuda_device.
+void rank_rows_staged(const float* rows, std::int64_t heads, std::int64_t n, std::int64_t dim,
+                      const float* q, std::int64_t k, float* scores, std::int32_t* out,
+                      const Execution& exec);
+
 /// The CUDA k-means backend over n points of storage `dtype` at `points` (size n * dim),
 /// in the memory of `where` (host memory is copied once to `device`); its work runs on
 /// `stream` on `device` and the points stay there.
