@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attention, clusterkv, compress, demo, e2e, kmeans, report, store, tiny_lm
+from . import attention, clusterkv, compress, demo, e2e, gpu, kmeans, report, store, tiny_lm
 
 SUITES = {
     "attention": ("Decode attention (32k tokens, 8/32 heads, d=128, float16)", attention.run),
@@ -54,6 +54,10 @@ SUITES = {
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",
         kmeans.run,
+    ),
+    "gpu": (
+        "GPU: k-means, ClusterKV step vs SDPA, dense attention vs copy bandwidth (one card)",
+        gpu.run,
     ),
 }
 

@@ -96,13 +96,17 @@ py::capsule adopt_managed(PyObject* capsule, const char* name, const char* used_
 }
 }  // namespace
 
-DLPackTensor dlpack_tensor(const py::object& object, const char* name) {
+DLPackTensor dlpack_tensor(const py::object& object, const char* name,
+                           std::optional<std::int64_t> stream) {
+  const py::object stream_arg = stream ? py::object(py::int_(*stream)) : py::object(py::none());
   py::object capsule;
   try {
-    capsule = object.attr("__dlpack__")(py::arg("max_version") = py::make_tuple(1, 0));
+    capsule = object.attr("__dlpack__")(py::arg("stream") = stream_arg,
+                                        py::arg("max_version") = py::make_tuple(1, 0));
   } catch (py::error_already_set& e) {  // a producer that predates DLPack 1.0
     if (!e.matches(PyExc_TypeError)) throw;
-    capsule = object.attr("__dlpack__")();
+    capsule = stream ? object.attr("__dlpack__")(py::arg("stream") = stream_arg)
+                     : object.attr("__dlpack__")();
   }
   PyObject* raw = capsule.ptr();
   DLPackTensor result;
@@ -373,14 +377,117 @@ void raise_non_finite(const std::vector<std::pair<const char*, KVView>>& arrays,
   KVPACK_ARG_CHECK(false, otherwise);
 }
 
-bool use_cuda(const std::string& device) {
-  KVPACK_ARG_CHECK(device == "cpu" || device == "cuda",
+Execution parse_device(const std::string& device) {
+  Execution exec;
+  if (device == "cpu") return exec;
+  const bool cuda = device.rfind("cuda", 0) == 0;
+  int index = 0;
+  std::size_t used = 0;
+  if (cuda && device.size() > 5 && device[4] == ':') {
+    try {
+      index = std::stoi(device.substr(5), &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+  }
+  KVPACK_ARG_CHECK(cuda && (device.size() == 4 || (used > 0 && 5 + used == device.size())),
                    "device: expected 'cpu' or 'cuda', got '" << device << "'");
-  if (device == "cpu") return false;
-  KVPACK_ARG_CHECK(cuda_available(), "device: 'cuda' requested but "
-                                         << (cuda_compiled() ? "no CUDA device is visible"
-                                                             : "kvpack was built without CUDA"));
-  return true;
+  exec.stage_to_cuda = true;
+  exec.cuda_device = index;
+  return exec;
+}
+
+Device device_of(const py::object& object, const char* name) {
+  const auto [type, id] = dlpack_device(object);
+  if (type == dlpack::kCPU || type == dlpack::kCUDAHost) return Device{};
+  KVPACK_ARG_CHECK(type == dlpack::kCUDA, name << ": expected an array in host or CUDA memory, "
+                                                  "got a tensor on "
+                                               << device_string(type, id));
+  return Device{DeviceType::CUDA, id};
+}
+
+CudaCall::CudaCall(const Device& on, const char* name) : device(on) {
+  require_device(device, name);
+  torch = py::module_::import("torch");
+  const py::object stream = torch.attr("cuda").attr("current_stream")(device.index);
+  exec.stream = reinterpret_cast<void*>(stream.attr("cuda_stream").cast<std::uintptr_t>());
+}
+
+DLPackTensor CudaCall::take(const py::object& object, const char* name) const {
+  KVPACK_TYPE_CHECK(!object.is_none(), name << ": expected a tensor, got None");
+  const Device where = device_of(object, name);
+  KVPACK_ARG_CHECK(where == device, name << ": expected a tensor on " << device_name(device)
+                                         << " like keys, got one on " << device_name(where));
+  // DLPack's stream argument: the producer orders its pending work before our stream.
+  const auto stream = reinterpret_cast<std::uintptr_t>(exec.stream);
+  return dlpack_tensor(object, name, stream ? static_cast<std::int64_t>(stream) : 1);
+}
+
+namespace {
+// Checks a device tensor's rank and C-contiguity; returns its shape.
+std::vector<std::int64_t> contiguous_shape(const dlpack::Tensor& t, const char* name, int ndim,
+                                           const char* layout) {
+  std::vector<std::int64_t> shape(t.shape, t.shape + t.ndim);
+  std::ostringstream shown;
+  shown << "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) shown << (i ? ", " : "") << shape[i];
+  shown << ")";
+  KVPACK_ARG_CHECK(t.ndim == ndim, name << ": expected " << ndim << " dimensions " << layout
+                                        << ", got shape " << shown.str());
+  std::int64_t expected = 1;
+  bool contiguous = true;
+  for (int i = ndim - 1; i >= 0; --i) {
+    if (t.strides && shape[i] > 1 && t.strides[i] != expected) contiguous = false;
+    expected *= shape[i];
+  }
+  KVPACK_ARG_CHECK(contiguous, name << ": expected a C-contiguous tensor, got strides that are "
+                                       "not; pass "
+                                    << name << ".contiguous()");
+  for (std::int64_t s : shape)
+    KVPACK_ARG_CHECK(s > 0, name << ": expected a non-empty tensor, got shape " << shown.str());
+  return shape;
+}
+}  // namespace
+
+KVView CudaCall::kv_view(const py::object& object, const char* name, DLPackTensor& keep) const {
+  keep = take(object, name);
+  const dlpack::Tensor& t = keep.tensor;
+  const auto shape = contiguous_shape(t, name, 3, "[heads_kv, tokens, head_dim]");
+  KVView view;
+  const auto code = t.dtype.code;
+  const unsigned bits = t.dtype.bits;
+  KVPACK_TYPE_CHECK(t.dtype.lanes == 1 && ((code == dlpack::kFloat && (bits == 32 || bits == 16)) ||
+                                           (code == dlpack::kBfloat && bits == 16)),
+                    name << ": expected dtype float32, float16 or bfloat16");
+  view.dtype = code == dlpack::kBfloat ? DType::BFloat16
+               : bits == 32            ? DType::Float32
+                                       : DType::Float16;
+  view.heads = shape[0];
+  view.tokens = shape[1];
+  view.dim = shape[2];
+  view.data = static_cast<const char*>(t.data) + t.byte_offset;
+  view.device = device;
+  return view;
+}
+
+const float* CudaCall::float32(const py::object& object, const char* name, int ndim,
+                               std::vector<std::int64_t>& shape, DLPackTensor& keep) const {
+  keep = take(object, name);
+  const dlpack::Tensor& t = keep.tensor;
+  KVPACK_TYPE_CHECK(t.dtype.lanes == 1 && t.dtype.code == dlpack::kFloat && t.dtype.bits == 32,
+                    name << ": expected a float32 tensor on " << device_name(device) << "; pass "
+                         << name << ".float()");
+  shape = contiguous_shape(t, name, ndim, "");
+  return reinterpret_cast<const float*>(static_cast<const char*>(t.data) + t.byte_offset);
+}
+
+py::object CudaCall::empty(const std::vector<std::int64_t>& shape) const {
+  return torch.attr("empty")(py::cast(shape), py::arg("dtype") = torch.attr("float32"),
+                             py::arg("device") = device_name(device));
+}
+
+float* CudaCall::data(const py::object& tensor) {
+  return reinterpret_cast<float*>(tensor.attr("data_ptr")().cast<std::uintptr_t>());
 }
 
 float resolve_scale_arg(const std::optional<double>& scale) {

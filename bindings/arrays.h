@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "dlpack.h"
+#include "kvpack/backend.h"
 #include "kvpack/common.h"
 
 namespace kvpack::bindings {
@@ -49,8 +50,10 @@ struct __attribute__((visibility("hidden"))) DLPackTensor {
   py::capsule owner;
 };
 
-/// The tensor of `object.__dlpack__()` (DLPack 1.x, or the older unversioned capsule).
-DLPackTensor dlpack_tensor(const py::object& object, const char* name);
+/// The tensor of `object.__dlpack__()` (DLPack 1.x, or the older unversioned capsule);
+/// `stream`: the consumer's CUDA stream for a device tensor (1: the legacy default).
+DLPackTensor dlpack_tensor(const py::object& object, const char* name,
+                           std::optional<std::int64_t> stream = std::nullopt);
 
 /// `object.__dlpack_device__()` as (DLPack device type, id); (kCPU, 0) for NumPy arrays
 /// and objects that are not DLPack producers.
@@ -135,8 +138,38 @@ void require_finite(const KVView& view, const char* name);
 /// True when all n floats at data are finite.
 bool all_finite(const float* data, std::int64_t n);
 
-/// Parses "cpu" / "cuda"; ValueError otherwise, or when CUDA is asked for but unusable.
-bool use_cuda(const std::string& device);
+/// Parses the `device` argument, "cpu" or "cuda[:N]", into how the op runs on host
+/// arrays: "cuda" stages them on that device (the core checks it is usable).
+Execution parse_device(const std::string& device);
+
+/// The core device of a DLPack producer: CPU for NumPy arrays, host and pinned memory;
+/// CUDA for a tensor on a CUDA device; ValueError naming the argument for any other.
+Device device_of(const py::object& object, const char* name);
+
+/// What a call on tensors in CUDA memory needs from their framework (torch): the
+/// device's current stream, tensors taken without a copy, and results and scratch
+/// allocated on the device, so that results stay there.
+// Hidden like the pybind11 types it holds.
+struct __attribute__((visibility("hidden"))) CudaCall {
+  /// Checks that `device` is usable, naming `name` (the argument on it) when not.
+  CudaCall(const Device& device, const char* name);
+  /// `object` taken over through DLPack, ordered after the work queued on our stream.
+  DLPackTensor take(const py::object& object, const char* name) const;
+  /// Zero-copy [heads, tokens, dim] view of a C-contiguous KV tensor on this device.
+  KVView kv_view(const py::object& object, const char* name, DLPackTensor& keep) const;
+  /// Pointer to a C-contiguous float32 tensor of `ndim` dims on this device; `shape` gets
+  /// its shape.
+  const float* float32(const py::object& object, const char* name, int ndim,
+                       std::vector<std::int64_t>& shape, DLPackTensor& keep) const;
+  /// A new float32 tensor of `shape` on this device.
+  py::object empty(const std::vector<std::int64_t>& shape) const;
+  /// Pointer to the data of a tensor from empty().
+  static float* data(const py::object& tensor);
+
+  Device device;
+  py::object torch;
+  Execution exec;
+};
 
 /// 0 (the default 1/sqrt(head_dim)) for None, else a positive finite scale.
 float resolve_scale_arg(const std::optional<double>& scale);

@@ -1,21 +1,85 @@
-// Bindings of kvpack/attention.h: validate, convert, release the GIL, call the backend.
+// Bindings of kvpack/attention.h: validate, convert, release the GIL, call the core,
+// which runs the backend of the data's device.
 #include <pybind11/stl.h>
 
 #include "arrays.h"
 #include "kvpack/attention.h"
 #include "kvpack/backend.h"
-#ifdef KVPACK_WITH_CUDA
-#include "kvpack/cuda.h"
-#endif
 
 namespace kvpack::bindings {
 
 namespace {
 
+// Decode attention over tensors in CUDA memory: results are new tensors on that device.
+// Values are not checked for NaN/Inf there (that would wait for the device).
+py::tuple cuda_attention(const Device& device, const py::object& q_obj, const py::object& keys_obj,
+                         const py::object& values_obj, const py::object& indices_obj,
+                         const py::object& bias_obj, const std::optional<double>& scale,
+                         bool return_lse, bool return_weights) {
+  const CudaCall call(device, "keys");
+  DLPackTensor keep_k, keep_v, keep_q, keep_idx, keep_bias;
+  const KVView keys = call.kv_view(keys_obj, "keys", keep_k);
+  const KVView values = call.kv_view(values_obj, "values", keep_v);
+  KVPACK_ARG_CHECK(
+      values.heads == keys.heads && values.tokens == keys.tokens && values.dim == keys.dim,
+      "values: expected the shape of keys");
+  KVPACK_TYPE_CHECK(values.dtype == keys.dtype, "values: expected dtype "
+                                                    << dtype_name(keys.dtype) << " like keys, got "
+                                                    << dtype_name(values.dtype));
+  std::vector<std::int64_t> q_shape, bias_shape;
+  const float* q = call.float32(q_obj, "q", 2, q_shape, keep_q);
+  const std::int64_t heads_q = q_shape[0];
+  KVPACK_ARG_CHECK(q_shape[1] == keys.dim, "q: expected head_dim " << keys.dim << " like keys");
+  KVPACK_ARG_CHECK(heads_q % keys.heads == 0,
+                   "q: expected heads_q to be a multiple of heads_kv=" << keys.heads);
+  IndexView indices;
+  if (!indices_obj.is_none()) {
+    // Bounds and order are checked on a host copy: a bad index would read out of bounds.
+    const py::array host = as_array(indices_obj.attr("cpu")(), "indices");
+    const IndexView checked = index_view(host, "indices", keys.tokens);
+    KVPACK_ARG_CHECK(checked.rows == keys.heads || checked.rows == heads_q,
+                     "indices: expected " << keys.heads << " (heads_kv) or " << heads_q
+                                          << " (heads_q) rows, got shape " << shape_string(host));
+    keep_idx = call.take(indices_obj, "indices");
+    indices = IndexView{static_cast<const std::int32_t*>(keep_idx.tensor.data), checked.rows,
+                        checked.count, device};
+  }
+  const float* bias = nullptr;
+  if (!bias_obj.is_none()) {
+    bias = call.float32(bias_obj, "bias", 2, bias_shape, keep_bias);
+    KVPACK_ARG_CHECK(bias_shape[0] == keys.heads && bias_shape[1] == keys.tokens,
+                     "bias: expected shape (" << keys.heads << ", " << keys.tokens << ")");
+  }
+  AttentionParams params;
+  params.scale = resolve_scale_arg(scale);
+  const std::int64_t count = indices_obj.is_none() ? keys.tokens : indices.count;
+  const py::object out = call.empty({heads_q, keys.dim});
+  const py::object lse = return_lse ? call.empty({heads_q}) : py::object(py::none());
+  const py::object weights = return_weights ? call.empty({heads_q, count}) : py::object(py::none());
+  const std::size_t scratch_bytes =
+      decode_attention_scratch_bytes(device, heads_q, count, keys.dim);
+  const py::object scratch = call.empty({static_cast<std::int64_t>((scratch_bytes + 3) / 4)});
+  Execution exec = call.exec;
+  exec.scratch = CudaCall::data(scratch);
+  exec.scratch_bytes = scratch_bytes;
+  const AttentionOutput output{CudaCall::data(out), return_lse ? CudaCall::data(lse) : nullptr,
+                               return_weights ? CudaCall::data(weights) : nullptr};
+  {
+    py::gil_scoped_release release;
+    decode_attention(q, heads_q, keys, values, indices_obj.is_none() ? nullptr : &indices, bias,
+                     params, output, exec);
+  }
+  return py::make_tuple(out, lse, weights);
+}
+
 py::tuple attention(const py::object& q_obj, const py::object& keys_obj,
                     const py::object& values_obj, const py::object& indices_obj,
                     const py::object& bias_obj, const std::optional<double>& scale, bool return_lse,
                     bool return_weights, const std::string& device) {
+  const Device on = device_of(keys_obj, "keys");
+  if (on.is_cuda())
+    return cuda_attention(on, q_obj, keys_obj, values_obj, indices_obj, bias_obj, scale, return_lse,
+                          return_weights);
   const py::array keys_arg = as_array(keys_obj, "keys"),
                   values_arg = as_array(values_obj, "values");
   const py::array q_arg = as_array(q_obj, "q");
@@ -48,7 +112,7 @@ py::tuple attention(const py::object& q_obj, const py::object& keys_obj,
   }
   AttentionParams params;
   params.scale = resolve_scale_arg(scale);
-  const bool cuda = use_cuda(device);
+  const Execution exec = parse_device(device);
 
   const std::int64_t count = indices_arg ? indices.count : keys.tokens;
   py::array_t<float> out = owned_float_array({heads_q, keys.dim});
@@ -61,15 +125,7 @@ py::tuple attention(const py::object& q_obj, const py::object& keys_obj,
     py::gil_scoped_release release;
     const IndexView* index_ptr = indices_arg ? &indices : nullptr;
     const float* bias_ptr = bias ? bias->data() : nullptr;
-#ifdef KVPACK_WITH_CUDA
-    if (cuda) {
-      cuda::decode_attention(q.data(), heads_q, keys, values, index_ptr, bias_ptr, params, output);
-    } else
-#endif
-    {
-      (void)cuda;
-      decode_attention(q.data(), heads_q, keys, values, index_ptr, bias_ptr, params, output);
-    }
+    decode_attention(q.data(), heads_q, keys, values, index_ptr, bias_ptr, params, output, exec);
   }
   // Non-finite results can only come from non-finite (or overflowing) keys/values.
   if (!all_finite(lse.data(), heads_q) || !all_finite(out.data(), heads_q * keys.dim))
@@ -108,20 +164,11 @@ py::array_t<float> accumulated_attention_binding(const py::object& queries_obj,
   params.causal = causal;
   params.reduction = reduction == "mean" ? Reduction::Mean : Reduction::Sum;
   params.per_query_head = per_query_head;
-  const bool cuda = use_cuda(device);
+  const Execution exec = parse_device(device);
   py::array_t<float> out = owned_float_array({per_query_head ? heads_q : keys.heads, keys.tokens});
   {
     py::gil_scoped_release release;
-#ifdef KVPACK_WITH_CUDA
-    if (cuda) {
-      cuda::accumulated_attention(queries.data(), heads_q, window, keys, params,
-                                  out.mutable_data());
-    } else
-#endif
-    {
-      (void)cuda;
-      accumulated_attention(queries.data(), heads_q, window, keys, params, out.mutable_data());
-    }
+    accumulated_attention(queries.data(), heads_q, window, keys, params, out.mutable_data(), exec);
   }
   if (!all_finite(out.data(), out.size())) raise_non_finite({{"keys", keys}});
   return out;

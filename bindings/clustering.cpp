@@ -7,9 +7,6 @@
 #include "kvpack/kmeans.h"
 #include "kvpack/quest.h"
 #include "methods.h"
-#ifdef KVPACK_WITH_CUDA
-#include "kvpack/cuda.h"
-#endif
 
 namespace kvpack::bindings {
 
@@ -45,10 +42,22 @@ KVView points_view(const py::array& x, bool* batched) {
 py::dict kmeans_binding(const py::object& x_obj, std::int64_t n_clusters, int iters,
                         std::uint64_t seed, bool spherical, const std::string& init,
                         const py::object& init_centroids_obj, const std::string& device) {
-  const py::array x = as_array(x_obj, "x");
+  Execution exec = parse_device(device);
   bool batched = false;
-  const KVView points = points_view(x, &batched);
-  require_finite(points, "x");
+  KVView points;
+  py::array x;
+  DLPackTensor keep;
+  const Device on = device_of(x_obj, "x");
+  if (on.is_cuda()) {  // points in CUDA memory stay there; results come back to the host
+    const CudaCall call(on, "x");
+    exec = call.exec;
+    batched = x_obj.attr("dim")().cast<int>() == 3;
+    points = call.kv_view(batched ? x_obj : x_obj.attr("unsqueeze")(0), "x", keep);
+  } else {
+    x = as_array(x_obj, "x");
+    points = points_view(x, &batched);
+    require_finite(points, "x");
+  }
   KVPACK_ARG_CHECK(
       n_clusters >= 1 && n_clusters <= points.tokens,
       "n_clusters: expected 1 <= n_clusters <= points=" << points.tokens << ", got " << n_clusters);
@@ -74,20 +83,11 @@ py::dict kmeans_binding(const py::object& x_obj, std::int64_t n_clusters, int it
                              << n_clusters << ", " << points.dim << "), got "
                              << shape_string(*init_centroids));
   }
-  const bool cuda = use_cuda(device);
   std::vector<KMeansResult> results;
   {
     py::gil_scoped_release release;
     const float* init_ptr = init_centroids ? init_centroids->data() : nullptr;
-#ifdef KVPACK_WITH_CUDA
-    if (cuda) {
-      results = cuda::kmeans_heads(points, params, init_ptr);
-    } else
-#endif
-    {
-      (void)cuda;
-      results = kmeans_heads(points, params, init_ptr);
-    }
+    results = kmeans_heads(points, params, init_ptr, exec);
   }
   // Gather the per-head results into [heads, ...] arrays.
   const std::int64_t heads = points.heads, k = n_clusters, d = points.dim, n = points.tokens;

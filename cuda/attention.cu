@@ -1,6 +1,6 @@
 // CUDA decode attention and accumulated attention, same contracts as
-// cpp/src/attention.cpp. Decode: one thread block per (query head, token chunk),
-// each warp streams tokens with an online softmax, chunks merged by log-sum-exp.
+// cpp/src/attention.cpp, on device pointers and a stream. Decode: one thread block per (query head,
+// token chunk), each warp streams tokens with an online softmax, chunks merged by log-sum-exp.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -216,22 +216,50 @@ float resolve_scale(float scale, std::int64_t dim) {
 }
 
 std::size_t kv_bytes(const KVView& v) {
-  KVPACK_CHECK(v.stride() == v.tokens * v.dim,
-               "keys/values: the CUDA backend takes C-contiguous [heads, tokens, dim] caches");
   return static_cast<std::size_t>(v.heads * v.tokens * v.dim) * dtype_size(v.dtype);
 }
 
+void require_contiguous(const KVView& v, const char* name) {
+  KVPACK_CHECK(v.stride() == v.tokens * v.dim,
+               name << ": the CUDA backend takes C-contiguous [heads, tokens, dim] caches");
+}
+
+// Token chunks per query head: enough blocks to fill the GPU, none shorter than
+// kMinChunkTokens.
+std::int64_t decode_chunks(std::int64_t heads_q, std::int64_t count) {
+  return std::max<std::int64_t>(
+      1, std::min<std::int64_t>(1024 / heads_q + 1, count / kMinChunkTokens));
+}
+
 template <class T>
-void launch_decode(const float* q, const DeviceBuffer& keys, const DeviceBuffer& values,
+void launch_decode(const float* q, const KVView& keys, const KVView& values,
                    const std::int32_t* indices, std::int64_t index_rows, const float* bias,
-                   int heads_q, const KVView& kv, std::int64_t count, std::int64_t chunks,
-                   std::int64_t chunk_len, float scale, float* scores, float* partials) {
+                   int heads_q, std::int64_t count, std::int64_t chunks, std::int64_t chunk_len,
+                   float scale, float* scores, float* partials, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(heads_q), static_cast<unsigned>(chunks));
-  decode_chunks_kernel<T><<<grid, kWarp * kWarpsPerBlock>>>(
-      q, keys.as<T>(), values.as<T>(), indices, index_rows, bias, heads_q,
-      static_cast<int>(kv.heads), kv.tokens, static_cast<int>(kv.dim), count, chunk_len, scale,
-      scores, partials);
+  decode_chunks_kernel<T><<<grid, kWarp * kWarpsPerBlock, 0, stream>>>(
+      q, static_cast<const T*>(keys.data), static_cast<const T*>(values.data), indices, index_rows,
+      bias, heads_q, static_cast<int>(keys.heads), keys.tokens, static_cast<int>(keys.dim), count,
+      chunk_len, scale, scores, partials);
   KVPACK_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class T>
+void launch_accumulate(const float* queries, const KVView& keys, int heads_q, std::int64_t window,
+                       const AccumulateParams& params, float scale, float* acc,
+                       cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(heads_q), static_cast<unsigned>(window));
+  accumulate_kernel<T><<<grid, 256, 0, stream>>>(
+      queries, static_cast<const T*>(keys.data), heads_q, static_cast<int>(keys.heads), window,
+      keys.tokens, static_cast<int>(keys.dim), scale, params.causal, params.per_query_head, acc);
+  KVPACK_CUDA_CHECK(cudaGetLastError());
+}
+
+// A host view's data copied to the current device; the view then points there.
+DeviceBuffer stage(KVView& view) {
+  DeviceBuffer buffer(view.data, kv_bytes(view));
+  view.data = buffer.data();
+  return buffer;
 }
 
 }  // namespace
@@ -245,115 +273,147 @@ int device_count() {
   return n;
 }
 
+std::size_t decode_attention_scratch_bytes(std::int64_t heads_q, std::int64_t count,
+                                           std::int64_t dim) {
+  // The chunks' partial states, then room for lse when the caller wants none.
+  return static_cast<std::size_t>(heads_q * decode_chunks(heads_q, count) * (dim + 2) + heads_q) *
+         sizeof(float);
+}
+
 void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
                       const KVView& values, const IndexView* indices, const float* bias,
-                      const AttentionParams& params, const AttentionOutput& output) {
+                      const AttentionParams& params, const AttentionOutput& output,
+                      const Execution& exec) {
   KVPACK_CHECK(keys.dim <= kMaxDim,
                "keys: the CUDA backend supports head_dim <= " << kMaxDim << ", got " << keys.dim);
-  KVPACK_CHECK(heads_q > 0 && heads_q % keys.heads == 0,
-               "q: expected heads_q to be a positive multiple of heads_kv=" << keys.heads
-                                                                            << ", got " << heads_q);
-  KVPACK_CHECK(values.dtype == keys.dtype && values.heads == keys.heads &&
-                   values.tokens == keys.tokens && values.dim == keys.dim,
-               "values: expected the shape and dtype of keys");
+  require_contiguous(keys, "keys");
+  require_contiguous(values, "values");
+  const DeviceGuard guard(keys.device.index);
+  const auto stream = static_cast<cudaStream_t>(exec.stream);
   const std::int64_t dim = keys.dim;
   const std::int64_t count = indices ? indices->count : keys.tokens;
-  const std::int64_t chunks = std::max<std::int64_t>(
-      1, std::min<std::int64_t>(1024 / heads_q + 1, count / kMinChunkTokens));
+  const std::int64_t chunks = decode_chunks(heads_q, count);
   const std::int64_t chunk_len = (count + chunks - 1) / chunks;
-
-  DeviceBuffer d_q(q, static_cast<std::size_t>(heads_q * dim) * sizeof(float));
-  DeviceBuffer d_k(keys.data, kv_bytes(keys));
-  DeviceBuffer d_v(values.data, kv_bytes(values));
-  DeviceBuffer d_idx =
-      indices
-          ? DeviceBuffer(indices->data, static_cast<std::size_t>(indices->rows * indices->count) *
-                                            sizeof(std::int32_t))
-          : DeviceBuffer();
-  DeviceBuffer d_bias =
-      bias ? DeviceBuffer(bias, static_cast<std::size_t>(keys.heads * keys.tokens) * sizeof(float))
-           : DeviceBuffer();
-  DeviceBuffer d_scores(output.weights ? static_cast<std::size_t>(heads_q * count) * sizeof(float)
-                                       : 0);
-  DeviceBuffer d_partials(static_cast<std::size_t>(heads_q * chunks * (dim + 2)) * sizeof(float));
-  DeviceBuffer d_out(static_cast<std::size_t>(heads_q * dim) * sizeof(float));
-  DeviceBuffer d_lse(static_cast<std::size_t>(heads_q) * sizeof(float));
-
+  const Scratch scratch(exec.scratch, exec.scratch_bytes,
+                        decode_attention_scratch_bytes(heads_q, count, dim));
+  float* partials = scratch.as<float>();
   const float scale = resolve_scale(params.scale, dim);
-  const std::int32_t* idx = d_idx.as<std::int32_t>();
+  const std::int32_t* idx = indices ? indices->data : nullptr;
   const std::int64_t index_rows = indices ? indices->rows : 0;
-  float* scores = output.weights ? d_scores.as<float>() : nullptr;
+  // The raw scores go straight to the weights, normalised in place once lse is known.
+  float* scores = output.weights;
   const int hq = static_cast<int>(heads_q);
   switch (keys.dtype) {
     case DType::Float32:
-      launch_decode<float>(d_q.as<float>(), d_k, d_v, idx, index_rows, d_bias.as<float>(), hq, keys,
-                           count, chunks, chunk_len, scale, scores, d_partials.as<float>());
+      launch_decode<float>(q, keys, values, idx, index_rows, bias, hq, count, chunks, chunk_len,
+                           scale, scores, partials, stream);
       break;
     case DType::Float16:
-      launch_decode<__half>(d_q.as<float>(), d_k, d_v, idx, index_rows, d_bias.as<float>(), hq,
-                            keys, count, chunks, chunk_len, scale, scores, d_partials.as<float>());
+      launch_decode<__half>(q, keys, values, idx, index_rows, bias, hq, count, chunks, chunk_len,
+                            scale, scores, partials, stream);
       break;
     case DType::BFloat16:
-      launch_decode<__nv_bfloat16>(d_q.as<float>(), d_k, d_v, idx, index_rows, d_bias.as<float>(),
-                                   hq, keys, count, chunks, chunk_len, scale, scores,
-                                   d_partials.as<float>());
+      launch_decode<__nv_bfloat16>(q, keys, values, idx, index_rows, bias, hq, count, chunks,
+                                   chunk_len, scale, scores, partials, stream);
       break;
   }
-  merge_chunks_kernel<<<hq, 128>>>(d_partials.as<float>(), static_cast<int>(chunks),
-                                   static_cast<int>(dim), d_out.as<float>(), d_lse.as<float>());
+  // lse normalises the weights: without an output for it, it goes after the partials.
+  float* lse = output.lse ? output.lse : partials + heads_q * chunks * (dim + 2);
+  merge_chunks_kernel<<<hq, 128, 0, stream>>>(partials, static_cast<int>(chunks),
+                                              static_cast<int>(dim), output.out, lse);
   KVPACK_CUDA_CHECK(cudaGetLastError());
   if (output.weights) {
     const dim3 grid(static_cast<unsigned>(std::min<std::int64_t>((count + 255) / 256, 1024)),
                     static_cast<unsigned>(heads_q));
-    normalise_weights_kernel<<<grid, 256>>>(scores, d_lse.as<float>(), count);
+    normalise_weights_kernel<<<grid, 256, 0, stream>>>(output.weights, lse, count);
     KVPACK_CUDA_CHECK(cudaGetLastError());
-    d_scores.copy_to_host(output.weights);
   }
-  d_out.copy_to_host(output.out);
-  if (output.lse) d_lse.copy_to_host(output.lse);
+  // A buffer of our own is freed on return: cudaFree waits for the work that uses it.
+}
+
+void decode_attention_staged(const float* q, std::int64_t heads_q, const KVView& keys,
+                             const KVView& values, const IndexView* indices, const float* bias,
+                             const AttentionParams& params, const AttentionOutput& output,
+                             const Execution& exec) {
+  const DeviceGuard guard(exec.cuda_device);
+  const auto stream = static_cast<cudaStream_t>(exec.stream);
+  const std::int64_t dim = keys.dim;
+  const std::int64_t count = indices ? indices->count : keys.tokens;
+  KVView k = keys, v = values;
+  require_contiguous(k, "keys");
+  require_contiguous(v, "values");
+  const DeviceBuffer d_k = stage(k), d_v = stage(v);
+  k.device = v.device = Device{DeviceType::CUDA, exec.cuda_device};
+  const DeviceBuffer d_q(q, static_cast<std::size_t>(heads_q * dim) * sizeof(float));
+  IndexView idx;
+  DeviceBuffer d_idx;
+  if (indices) {
+    d_idx = DeviceBuffer(indices->data,
+                         static_cast<std::size_t>(indices->rows * indices->count) * sizeof(int));
+    idx = IndexView{d_idx.as<std::int32_t>(), indices->rows, indices->count, k.device};
+  }
+  const DeviceBuffer d_bias =
+      bias ? DeviceBuffer(bias, static_cast<std::size_t>(keys.heads * keys.tokens) * sizeof(float))
+           : DeviceBuffer();
+  DeviceBuffer d_out(static_cast<std::size_t>(heads_q * dim) * sizeof(float));
+  DeviceBuffer d_lse(static_cast<std::size_t>(heads_q) * sizeof(float));
+  DeviceBuffer d_weights(output.weights ? static_cast<std::size_t>(heads_q * count) * sizeof(float)
+                                        : 0);
+  cuda::decode_attention(d_q.as<float>(), heads_q, k, v, indices ? &idx : nullptr,
+                         d_bias.as<float>(), params,
+                         AttentionOutput{d_out.as<float>(), d_lse.as<float>(),
+                                         output.weights ? d_weights.as<float>() : nullptr},
+                         exec);
+  d_out.copy_to_host(output.out, d_out.size(), stream);
+  if (output.lse) d_lse.copy_to_host(output.lse, d_lse.size(), stream);
+  if (output.weights) d_weights.copy_to_host(output.weights, d_weights.size(), stream);
 }
 
 void accumulated_attention(const float* queries, std::int64_t heads_q, std::int64_t window,
-                           const KVView& keys, const AccumulateParams& params, float* out) {
-  KVPACK_CHECK(heads_q > 0 && heads_q % keys.heads == 0,
-               "queries: expected heads_q to be a positive multiple of heads_kv="
-                   << keys.heads << ", got " << heads_q);
-  KVPACK_CHECK(window > 0 && (!params.causal || window <= keys.tokens),
-               "queries: expected 1 <= window <= tokens=" << keys.tokens << ", got " << window);
+                           const KVView& keys, const AccumulateParams& params, float* out,
+                           const Execution& exec) {
+  require_contiguous(keys, "keys");
+  const DeviceGuard guard(keys.device.index);
+  const auto stream = static_cast<cudaStream_t>(exec.stream);
   const std::int64_t tokens = keys.tokens, dim = keys.dim;
   const std::int64_t group_size = heads_q / keys.heads;
   const std::int64_t rows = params.per_query_head ? heads_q : keys.heads;
-  DeviceBuffer d_q(queries, static_cast<std::size_t>(heads_q * window * dim) * sizeof(float));
-  DeviceBuffer d_k(keys.data, kv_bytes(keys));
-  DeviceBuffer d_acc(static_cast<std::size_t>(rows * tokens) * sizeof(float));
-  KVPACK_CUDA_CHECK(cudaMemset(d_acc.data(), 0, d_acc.size()));
-  const dim3 grid(static_cast<unsigned>(heads_q), static_cast<unsigned>(window));
+  KVPACK_CUDA_CHECK(
+      cudaMemsetAsync(out, 0, static_cast<std::size_t>(rows * tokens) * sizeof(float), stream));
   const float scale = resolve_scale(params.scale, dim);
-  const int hq = static_cast<int>(heads_q), hkv = static_cast<int>(keys.heads);
+  const int hq = static_cast<int>(heads_q);
   switch (keys.dtype) {
     case DType::Float32:
-      accumulate_kernel<float><<<grid, 256>>>(d_q.as<float>(), d_k.as<float>(), hq, hkv, window,
-                                              tokens, static_cast<int>(dim), scale, params.causal,
-                                              params.per_query_head, d_acc.as<float>());
+      launch_accumulate<float>(queries, keys, hq, window, params, scale, out, stream);
       break;
     case DType::Float16:
-      accumulate_kernel<__half><<<grid, 256>>>(d_q.as<float>(), d_k.as<__half>(), hq, hkv, window,
-                                               tokens, static_cast<int>(dim), scale, params.causal,
-                                               params.per_query_head, d_acc.as<float>());
+      launch_accumulate<__half>(queries, keys, hq, window, params, scale, out, stream);
       break;
     case DType::BFloat16:
-      accumulate_kernel<__nv_bfloat16><<<grid, 256>>>(
-          d_q.as<float>(), d_k.as<__nv_bfloat16>(), hq, hkv, window, tokens, static_cast<int>(dim),
-          scale, params.causal, params.per_query_head, d_acc.as<float>());
+      launch_accumulate<__nv_bfloat16>(queries, keys, hq, window, params, scale, out, stream);
       break;
   }
-  KVPACK_CUDA_CHECK(cudaGetLastError());
   if (params.reduction == Reduction::Mean) {
     const float group_factor = params.per_query_head ? 1.0f : static_cast<float>(group_size);
-    mean_kernel<<<256, 256>>>(d_acc.as<float>(), rows, tokens, window, params.causal, group_factor);
+    mean_kernel<<<256, 256, 0, stream>>>(out, rows, tokens, window, params.causal, group_factor);
     KVPACK_CUDA_CHECK(cudaGetLastError());
   }
-  d_acc.copy_to_host(out);
+}
+
+void accumulated_attention_staged(const float* queries, std::int64_t heads_q, std::int64_t window,
+                                  const KVView& keys, const AccumulateParams& params, float* out,
+                                  const Execution& exec) {
+  const DeviceGuard guard(exec.cuda_device);
+  KVView k = keys;
+  require_contiguous(k, "keys");
+  const DeviceBuffer d_k = stage(k);
+  k.device = Device{DeviceType::CUDA, exec.cuda_device};
+  const DeviceBuffer d_q(queries,
+                         static_cast<std::size_t>(heads_q * window * keys.dim) * sizeof(float));
+  const std::int64_t rows = params.per_query_head ? heads_q : keys.heads;
+  DeviceBuffer d_acc(static_cast<std::size_t>(rows * keys.tokens) * sizeof(float));
+  cuda::accumulated_attention(d_q.as<float>(), heads_q, window, k, params, d_acc.as<float>(), exec);
+  d_acc.copy_to_host(out, d_acc.size(), static_cast<cudaStream_t>(exec.stream));
 }
 
 }  // namespace kvpack::cuda

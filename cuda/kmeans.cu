@@ -1,6 +1,7 @@
-// CUDA k-means, same contract as cpp/src/kmeans.cpp: an assignment kernel that tiles
-// the centroids through shared memory (any number of clusters), an update kernel that
-// accumulates member sums with atomics, and a normalisation kernel.
+// The CUDA k-means backend (kvpack::KMeansBackend), driven by the loop of
+// cpp/src/kmeans.cpp: an assignment kernel that tiles the centroids through shared memory
+// (any number of clusters), an update kernel that accumulates member sums with atomics,
+// and a normalisation kernel. The points stay on the device.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -115,137 +116,189 @@ __global__ void finish_kernel(const float* sums, const int* counts, int k, int d
   c_norms[j] = sq;
 }
 
+// rows[r] = x[indices[r]], norms[r] = x_norms[indices[r]].
+__global__ void gather_rows_kernel(const float* x, const float* x_norms,
+                                   const std::int64_t* indices, std::int64_t count, int dim,
+                                   float* rows, float* norms) {
+  const std::int64_t r = blockIdx.x;
+  if (r >= count) return;
+  const std::int64_t i = indices[r];
+  for (int d = threadIdx.x; d < dim; d += blockDim.x) rows[r * dim + d] = x[i * dim + d];
+  if (threadIdx.x == 0) norms[r] = x_norms[i];
+}
+
 unsigned blocks_for(std::int64_t n) {
   return static_cast<unsigned>((n + kThreads - 1) / kThreads);
 }
 
-KMeansResult kmeans_one(const void* points, DType dtype, std::int64_t n, std::int64_t dim,
-                        const KMeansParams& params, const float* init_centroids) {
-  const std::int64_t k = params.n_clusters;
-  const int d = static_cast<int>(dim), kk = static_cast<int>(k);
-  std::vector<float> c = init_centroids
-                             ? std::vector<float>(init_centroids, init_centroids + k * dim)
-                             : kmeans_initial_centroids(points, dtype, n, dim, params);
-  if (init_centroids && params.spherical)
+template <class T>
+void launch_prepare(const void* raw, std::int64_t n, int dim, bool spherical, float* x,
+                    float* norms, cudaStream_t stream) {
+  prepare_kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const T*>(raw), n, dim,
+                                                         spherical, x, norms);
+  KVPACK_CUDA_CHECK(cudaGetLastError());
+}
+
+class CudaKMeans final : public KMeansBackend {
+ public:
+  CudaKMeans(const void* points, DType dtype, std::int64_t n, std::int64_t dim, bool spherical,
+             const Device& where, int device, cudaStream_t stream)
+      : device_(device),
+        stream_(stream),
+        n_(n),
+        dim_(dim),
+        spherical_(spherical),
+        host_costs_(static_cast<std::size_t>(n)) {
+    KVPACK_CHECK(dim <= kMaxDim,
+                 "x: the CUDA k-means supports d <= " << kMaxDim << ", got " << dim);
+    const DeviceGuard guard(device_);
+    x_ = DeviceBuffer(static_cast<std::size_t>(n * dim) * sizeof(float));
+    x_norms_ = DeviceBuffer(static_cast<std::size_t>(n) * sizeof(float));
+    labels_ = DeviceBuffer(static_cast<std::size_t>(n) * sizeof(std::int32_t));
+    costs_ = DeviceBuffer(static_cast<std::size_t>(n) * sizeof(float));
+    changed_ = DeviceBuffer(sizeof(int));
+    const DeviceBuffer staged =
+        where.is_cuda()
+            ? DeviceBuffer()
+            : DeviceBuffer(points, static_cast<std::size_t>(n * dim) * dtype_size(dtype));
+    const void* raw = where.is_cuda() ? points : staged.data();
+    const int d = static_cast<int>(dim);
+    switch (dtype) {
+      case DType::Float32:
+        launch_prepare<float>(raw, n, d, spherical, x_.as<float>(), x_norms_.as<float>(), stream_);
+        break;
+      case DType::Float16:
+        launch_prepare<__half>(raw, n, d, spherical, x_.as<float>(), x_norms_.as<float>(), stream_);
+        break;
+      case DType::BFloat16:
+        launch_prepare<__nv_bfloat16>(raw, n, d, spherical, x_.as<float>(), x_norms_.as<float>(),
+                                      stream_);
+        break;
+    }
+    KVPACK_CUDA_CHECK(cudaStreamSynchronize(stream_));  // before `staged` is freed
+  }
+
+  std::int64_t size() const override { return n_; }
+  std::int64_t dim() const override { return dim_; }
+
+  void gather(const std::int64_t* indices, std::int64_t count, float* rows,
+              float* squared_norms) const override {
+    if (count == 0) return;
+    const DeviceGuard guard(device_);
+    const DeviceBuffer d_idx(indices, static_cast<std::size_t>(count) * sizeof(std::int64_t));
+    DeviceBuffer d_rows(static_cast<std::size_t>(count * dim_) * sizeof(float)),
+        d_norms(static_cast<std::size_t>(count) * sizeof(float));
+    gather_rows_kernel<<<static_cast<unsigned>(count), kThreads, 0, stream_>>>(
+        x_.as<float>(), x_norms_.as<float>(), d_idx.as<std::int64_t>(), count,
+        static_cast<int>(dim_), d_rows.as<float>(), d_norms.as<float>());
+    KVPACK_CUDA_CHECK(cudaGetLastError());
+    d_rows.copy_to_host(rows, d_rows.size(), stream_);
+    d_norms.copy_to_host(squared_norms, d_norms.size(), stream_);
+  }
+
+  void set_centroids(const float* centroids, std::int64_t k) override {
+    const DeviceGuard guard(device_);
+    k_ = k;
+    const auto kd = static_cast<std::size_t>(k * dim_);
+    centroids_ = DeviceBuffer(centroids, kd * sizeof(float));
+    std::vector<float> norms(static_cast<std::size_t>(k));
     for (std::int64_t j = 0; j < k; ++j) {
       double sq = 0.0;
-      for (std::int64_t e = 0; e < dim; ++e) sq += double(c[j * dim + e]) * c[j * dim + e];
-      if (sq > 0.0)
-        for (std::int64_t e = 0; e < dim; ++e)
-          c[j * dim + e] = static_cast<float>(c[j * dim + e] / std::sqrt(sq));
+      for (std::int64_t e = 0; e < dim_; ++e)
+        sq += double(centroids[j * dim_ + e]) * centroids[j * dim_ + e];
+      norms[j] = static_cast<float>(sq);
     }
-
-  DeviceBuffer raw(points, static_cast<std::size_t>(n * dim) * dtype_size(dtype));
-  DeviceBuffer x(static_cast<std::size_t>(n * dim) * sizeof(float)),
-      x_norms(static_cast<std::size_t>(n) * sizeof(float));
-  switch (dtype) {
-    case DType::Float32:
-      prepare_kernel<<<blocks_for(n), kThreads>>>(raw.as<float>(), n, d, params.spherical,
-                                                  x.as<float>(), x_norms.as<float>());
-      break;
-    case DType::Float16:
-      prepare_kernel<<<blocks_for(n), kThreads>>>(raw.as<__half>(), n, d, params.spherical,
-                                                  x.as<float>(), x_norms.as<float>());
-      break;
-    case DType::BFloat16:
-      prepare_kernel<<<blocks_for(n), kThreads>>>(raw.as<__nv_bfloat16>(), n, d, params.spherical,
-                                                  x.as<float>(), x_norms.as<float>());
-      break;
+    c_norms_ = DeviceBuffer(norms.data(), norms.size() * sizeof(float));
+    sums_ = DeviceBuffer(kd * sizeof(float));
+    counts_ = DeviceBuffer(static_cast<std::size_t>(k) * sizeof(int));
+    host_counts_.assign(static_cast<std::size_t>(k), 0);
+    KVPACK_CUDA_CHECK(cudaMemsetAsync(labels_.data(), 0xff, labels_.size(), stream_));  // -1
   }
-  KVPACK_CUDA_CHECK(cudaGetLastError());
-  DeviceBuffer centroids(c.data(), c.size() * sizeof(float)),
-      c_norms(static_cast<std::size_t>(k) * sizeof(float));
-  std::vector<float> norms(static_cast<std::size_t>(k));
-  for (std::int64_t j = 0; j < k; ++j) {
-    double sq = 0.0;
-    for (std::int64_t e = 0; e < dim; ++e) sq += double(c[j * dim + e]) * c[j * dim + e];
-    norms[j] = static_cast<float>(sq);
-  }
-  KVPACK_CUDA_CHECK(cudaMemcpy(c_norms.data(), norms.data(), norms.size() * sizeof(float),
-                               cudaMemcpyHostToDevice));
-  DeviceBuffer labels(static_cast<std::size_t>(n) * sizeof(std::int32_t)),
-      costs(static_cast<std::size_t>(n) * sizeof(float));
-  KVPACK_CUDA_CHECK(cudaMemset(labels.data(), 0xff, labels.size()));  // -1
-  DeviceBuffer sums(static_cast<std::size_t>(k * dim) * sizeof(float)),
-      counts(static_cast<std::size_t>(k) * sizeof(int));
-  DeviceBuffer changed(sizeof(int));
 
-  KMeansResult result;
-  std::vector<float> host_costs(static_cast<std::size_t>(n));
-  std::vector<int> host_counts(static_cast<std::size_t>(k));
-  for (int it = 0; it < params.iterations; ++it) {
-    KVPACK_CUDA_CHECK(cudaMemset(changed.data(), 0, sizeof(int)));
-    assign_kernel<<<blocks_for(n), kThreads>>>(
-        x.as<float>(), x_norms.as<float>(), n, d, centroids.as<float>(), c_norms.as<float>(), kk,
-        params.spherical, labels.as<std::int32_t>(), costs.as<float>(), changed.as<int>());
+  double assign(bool* changed) override {
+    const DeviceGuard guard(device_);
+    KVPACK_CUDA_CHECK(cudaMemsetAsync(changed_.data(), 0, sizeof(int), stream_));
+    assign_kernel<<<blocks_for(n_), kThreads, 0, stream_>>>(
+        x_.as<float>(), x_norms_.as<float>(), n_, static_cast<int>(dim_), centroids_.as<float>(),
+        c_norms_.as<float>(), static_cast<int>(k_), spherical_, labels_.as<std::int32_t>(),
+        costs_.as<float>(), changed_.as<int>());
     KVPACK_CUDA_CHECK(cudaGetLastError());
-    costs.copy_to_host(host_costs.data());
-    double total = 0.0;
-    for (float v : host_costs) total += v;
-    result.history.push_back(total);
-    result.iterations = it + 1;
+    costs_.copy_to_host(host_costs_.data(), costs_.size(), stream_);
     int any_changed = 0;
-    changed.copy_to_host(&any_changed);
-    if (it > 0 && !any_changed) break;
-    KVPACK_CUDA_CHECK(cudaMemset(sums.data(), 0, sums.size()));
-    KVPACK_CUDA_CHECK(cudaMemset(counts.data(), 0, counts.size()));
-    accumulate_kernel<<<blocks_for(n), kThreads>>>(x.as<float>(), n, d, labels.as<std::int32_t>(),
-                                                   sums.as<float>(), counts.as<int>());
-    finish_kernel<<<blocks_for(k), kThreads>>>(sums.as<float>(), counts.as<int>(), kk, d,
-                                               params.spherical, centroids.as<float>(),
-                                               c_norms.as<float>());
+    changed_.copy_to_host(&any_changed, sizeof(int), stream_);
+    *changed = any_changed != 0;
+    double total = 0.0;
+    for (float v : host_costs_) total += v;
+    return total;
+  }
+
+  void update() override {
+    const DeviceGuard guard(device_);
+    const int d = static_cast<int>(dim_), kk = static_cast<int>(k_);
+    KVPACK_CUDA_CHECK(cudaMemsetAsync(sums_.data(), 0, sums_.size(), stream_));
+    KVPACK_CUDA_CHECK(cudaMemsetAsync(counts_.data(), 0, counts_.size(), stream_));
+    accumulate_kernel<<<blocks_for(n_), kThreads, 0, stream_>>>(
+        x_.as<float>(), n_, d, labels_.as<std::int32_t>(), sums_.as<float>(), counts_.as<int>());
+    finish_kernel<<<blocks_for(k_), kThreads, 0, stream_>>>(
+        sums_.as<float>(), counts_.as<int>(), kk, d, spherical_, centroids_.as<float>(),
+        c_norms_.as<float>());
     KVPACK_CUDA_CHECK(cudaGetLastError());
-    counts.copy_to_host(host_counts.data());
+    counts_.copy_to_host(host_counts_.data(), counts_.size(), stream_);
     // Re-seed empty clusters with the costliest points, as the CPU does.
-    for (std::int64_t j = 0; j < k; ++j) {
-      if (host_counts[j] != 0) continue;
-      const auto far = std::max_element(host_costs.begin(), host_costs.end()) - host_costs.begin();
-      host_costs[far] = -std::numeric_limits<float>::infinity();
-      KVPACK_CUDA_CHECK(cudaMemcpy(centroids.as<float>() + j * dim, x.as<float>() + far * dim,
-                                   dim * sizeof(float), cudaMemcpyDeviceToDevice));
-      KVPACK_CUDA_CHECK(cudaMemcpy(c_norms.as<float>() + j, x_norms.as<float>() + far,
-                                   sizeof(float), cudaMemcpyDeviceToDevice));
+    for (std::int64_t j = 0; j < k_; ++j) {
+      if (host_counts_[j] != 0) continue;
+      const auto far =
+          std::max_element(host_costs_.begin(), host_costs_.end()) - host_costs_.begin();
+      host_costs_[far] = -std::numeric_limits<float>::infinity();
+      KVPACK_CUDA_CHECK(cudaMemcpyAsync(centroids_.as<float>() + j * dim_,
+                                        x_.as<float>() + far * dim_, dim_ * sizeof(float),
+                                        cudaMemcpyDeviceToDevice, stream_));
+      KVPACK_CUDA_CHECK(cudaMemcpyAsync(c_norms_.as<float>() + j, x_norms_.as<float>() + far,
+                                        sizeof(float), cudaMemcpyDeviceToDevice, stream_));
     }
   }
-  result.labels.resize(static_cast<std::size_t>(n));
-  labels.copy_to_host(result.labels.data());
-  result.centroids.resize(static_cast<std::size_t>(k * dim));
-  centroids.copy_to_host(result.centroids.data());
-  // Objective of the returned labels under the returned centroids (one more assignment
-  // pass would move labels; compute the cost directly on the host).
-  std::vector<float> xs(static_cast<std::size_t>(n * dim));
-  x.copy_to_host(xs.data());
-  double total = 0.0;
-  for (std::int64_t i = 0; i < n; ++i) {
-    const float* cj = result.centroids.data() + result.labels[i] * dim;
-    double dot = 0.0, xx = 0.0, cc = 0.0;
-    for (std::int64_t e = 0; e < dim; ++e) {
-      dot += double(xs[i * dim + e]) * cj[e];
-      xx += double(xs[i * dim + e]) * xs[i * dim + e];
-      cc += double(cj[e]) * cj[e];
+
+  void finish(KMeansResult& result) override {
+    const DeviceGuard guard(device_);
+    result.labels.resize(static_cast<std::size_t>(n_));
+    labels_.copy_to_host(result.labels.data(), labels_.size(), stream_);
+    result.centroids.resize(static_cast<std::size_t>(k_ * dim_));
+    centroids_.copy_to_host(result.centroids.data(), centroids_.size(), stream_);
+    // Objective of the returned labels under the returned centroids, in double.
+    std::vector<float> xs(static_cast<std::size_t>(n_ * dim_));
+    x_.copy_to_host(xs.data(), x_.size(), stream_);
+    double total = 0.0;
+    for (std::int64_t i = 0; i < n_; ++i) {
+      const float* cj = result.centroids.data() + result.labels[i] * dim_;
+      double dot = 0.0, xx = 0.0, cc = 0.0;
+      for (std::int64_t e = 0; e < dim_; ++e) {
+        dot += double(xs[i * dim_ + e]) * cj[e];
+        xx += double(xs[i * dim_ + e]) * xs[i * dim_ + e];
+        cc += double(cj[e]) * cj[e];
+      }
+      total += spherical_ ? 1.0 - dot : std::max(0.0, xx - 2.0 * dot + cc);
     }
-    total += params.spherical ? 1.0 - dot : std::max(0.0, xx - 2.0 * dot + cc);
+    result.objective = total;
   }
-  result.objective = total;
-  return result;
-}
+
+ private:
+  int device_;
+  cudaStream_t stream_;
+  std::int64_t n_, dim_, k_ = 0;
+  bool spherical_;
+  DeviceBuffer x_, x_norms_, labels_, costs_, changed_;
+  DeviceBuffer centroids_, c_norms_, sums_, counts_;
+  std::vector<float> host_costs_;
+  std::vector<int> host_counts_;
+};
 
 }  // namespace
 
-std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams& params,
-                                       const float* init_centroids) {
-  KVPACK_CHECK(points.dim <= kMaxDim,
-               "x: the CUDA k-means supports d <= " << kMaxDim << ", got " << points.dim);
-  KVPACK_CHECK(params.n_clusters >= 1 && params.n_clusters <= points.tokens,
-               "n_clusters: expected 1 <= n_clusters <= points=" << points.tokens << ", got "
-                                                                 << params.n_clusters);
-  KVPACK_CHECK(params.iterations >= 1, "iters: expected >= 1, got " << params.iterations);
-  std::vector<KMeansResult> results;
-  for (std::int64_t h = 0; h < points.heads; ++h)
-    results.push_back(
-        kmeans_one(points.row(h, 0), points.dtype, points.tokens, points.dim, params,
-                   init_centroids ? init_centroids + h * params.n_clusters * points.dim : nullptr));
-  return results;
+std::unique_ptr<KMeansBackend> kmeans_backend(const void* points, DType dtype, std::int64_t n,
+                                              std::int64_t dim, bool spherical, const Device& where,
+                                              int device, void* stream) {
+  return std::make_unique<CudaKMeans>(points, dtype, n, dim, spherical, where, device,
+                                      static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace kvpack::cuda

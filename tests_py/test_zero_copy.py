@@ -217,3 +217,16 @@ def test_gpu_tensors_are_named_with_their_device(rng, device, where):
         kvpack.quantize(_DeviceTensor(*device), v)
     with pytest.raises(ValueError, match=f"values: .* on {where}"):
         kvpack.quantize(k, _DeviceTensor(*device))
+
+
+@pytest.mark.skipif(kvpack.cuda_available(), reason="a GPU is present")
+def test_gpu_tensors_need_a_usable_device(rng):
+    q, _, _ = random_cache(rng, 2, 64, 32, np.float32)
+    with pytest.raises(ValueError, match=r"keys: 'cuda' requested \(cuda:1\) but"):
+        kvpack.attention(q, _DeviceTensor(2, 1), _DeviceTensor(2, 1))
+    with pytest.raises(ValueError, match=r"x: 'cuda' requested \(cuda:0\) but"):
+        kvpack.kmeans(_DeviceTensor(2, 0), 4)
+    with pytest.raises(
+        ValueError, match="x: expected an array in host or CUDA memory, got a tensor on rocm:0"
+    ):
+        kvpack.kmeans(_DeviceTensor(10, 0), 4)

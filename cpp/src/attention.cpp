@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kvpack/convert.h"
+#include "kvpack/cpu.h"
 #include "kvpack/parallel.h"
 #include "vec.h"
 
@@ -246,6 +247,8 @@ void check_kv(const KVView& keys, const KVView& values) {
 
 }  // namespace
 
+namespace cpu {
+
 void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
                       const KVView& values, const IndexView* indices, const float* bias,
                       const AttentionParams& params, const AttentionOutput& output) {
@@ -435,6 +438,8 @@ void accumulated_attention(const float* queries, std::int64_t heads_q, std::int6
     }
   }
 }
+
+}  // namespace cpu
 
 std::vector<float> evidence_scores(const KVView& keys, const Evidence& evidence,
                                    std::int64_t last_queries) {

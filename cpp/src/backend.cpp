@@ -23,3 +23,20 @@ bool cuda_available() {
 }
 
 }  // namespace kvpack
+
+namespace kvpack {
+
+void require_device(const Device& device, const char* name) {
+  if (!device.is_cuda()) return;
+  KVPACK_CHECK(cuda_compiled(), name << ": 'cuda' requested (" << device_name(device)
+                                     << ") but kvpack was built without CUDA");
+#ifdef KVPACK_WITH_CUDA
+  const int count = cuda::device_count();
+  KVPACK_CHECK(device.index >= 0 && device.index < count,
+               name << ": 'cuda' requested (" << device_name(device) << ") but "
+                    << (count ? "that device is not visible" : "no CUDA device is visible") << " ("
+                    << count << " visible)");
+#endif
+}
+
+}  // namespace kvpack

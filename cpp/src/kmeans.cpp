@@ -10,6 +10,7 @@
 #include <random>
 
 #include "kvpack/convert.h"
+#include "kvpack/cpu.h"
 #include "kvpack/parallel.h"
 
 namespace kvpack {
@@ -172,18 +173,93 @@ void update(const Points& p, const std::int32_t* labels, bool spherical, std::ve
   }
 }
 
-RowMatrix initial_centroids(const Points& p, const KMeansParams& params) {
-  const std::int64_t n = p.x.rows(), k = params.n_clusters;
+// The CPU backend: points prepared once in host memory; assignment by GEMM in fixed
+// blocks with Hamerly bounds, so labels, sums and costs are the same for any thread count.
+class CpuKMeans final : public KMeansBackend {
+ public:
+  CpuKMeans(const void* data, DType dtype, std::int64_t n, std::int64_t dim, bool spherical,
+            bool parallel)
+      : p_(prepare(data, dtype, n, dim, spherical)), spherical_(spherical), parallel_(parallel) {
+    costs_.assign(static_cast<std::size_t>(n), 0.0f);
+  }
+
+  std::int64_t size() const override { return p_.x.rows(); }
+  std::int64_t dim() const override { return p_.x.cols(); }
+
+  void gather(const std::int64_t* indices, std::int64_t count, float* rows,
+              float* squared_norms) const override {
+    const std::int64_t d = dim();
+    for (std::int64_t r = 0; r < count; ++r) {
+      Eigen::Map<Eigen::RowVectorXf>(rows + r * d, d) = p_.x.row(indices[r]);
+      squared_norms[r] = p_.squared_norms[indices[r]];
+    }
+  }
+
+  void set_centroids(const float* centroids, std::int64_t k) override {
+    c_ = Eigen::Map<const RowMatrix>(centroids, k, dim());
+    const auto n = static_cast<std::size_t>(size());
+    a_.labels.assign(n, -1);
+    a_.best.assign(n, 0.0f);
+    a_.second.assign(n, 0.0f);
+    have_bounds_ = false;
+  }
+
+  double assign(bool* changed) override {
+    previous_ = a_.labels;
+    const double total = kvpack::assign(p_, c_, spherical_, parallel_, have_bounds_, a_, costs_);
+    *changed = a_.labels != previous_;
+    return total;
+  }
+
+  void update() override {
+    const RowMatrix moved = c_;
+    kvpack::update(p_, a_.labels.data(), spherical_, costs_, c_);
+    // Loosen the bounds by how far the centroids moved.
+    const Eigen::VectorXf shift = (c_ - moved).rowwise().norm();
+    const float max_shift = shift.maxCoeff();
+    for (std::int64_t i = 0; i < size(); ++i) {
+      a_.best[i] -= shift[a_.labels[i]];
+      a_.second[i] += max_shift;
+    }
+    have_bounds_ = true;
+  }
+
+  void finish(KMeansResult& result) override {
+    const Eigen::VectorXf cc = c_.rowwise().squaredNorm();
+    double total = 0.0;
+    for (std::int64_t i = 0; i < size(); ++i) {
+      const std::int32_t j = a_.labels[i];
+      total += cost(spherical_, p_.x.row(i).dot(c_.row(j)), p_.squared_norms[i], cc[j]);
+    }
+    result.objective = total;
+    result.labels = std::move(a_.labels);
+    result.centroids.assign(c_.data(), c_.data() + c_.size());
+  }
+
+ private:
+  Points p_;
+  bool spherical_, parallel_;
+  RowMatrix c_;
+  Assignment a_;
+  std::vector<std::int32_t> previous_;
+  std::vector<float> costs_;
+  bool have_bounds_ = false;
+};
+
+// The first centroids: a seeded random sample of distinct points, or k-means++.
+RowMatrix initial_centroids(const KMeansBackend& backend, const KMeansParams& params) {
+  const std::int64_t n = backend.size(), k = params.n_clusters, dim = backend.dim();
   std::mt19937_64 rng(params.seed);
-  RowMatrix c(k, p.x.cols());
+  RowMatrix c(k, dim);
+  std::vector<std::int64_t> order(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) order[i] = i;
   if (params.init == KMeansInit::Random) {
-    std::vector<std::int64_t> order(static_cast<std::size_t>(n));
-    for (std::int64_t i = 0; i < n; ++i) order[i] = i;
     for (std::int64_t j = 0; j < k; ++j) {  // partial Fisher-Yates
       const auto pick = j + static_cast<std::int64_t>(uniform(rng) * static_cast<double>(n - j));
       std::swap(order[j], order[pick]);
-      c.row(j) = p.x.row(order[j]);
     }
+    Eigen::VectorXf norms(k);
+    backend.gather(order.data(), k, c.data(), norms.data());
     return c;
   }
   // k-means++ over a seeded sample of at most kPlusPlusPool * k points: each next
@@ -191,20 +267,15 @@ RowMatrix initial_centroids(const Points& p, const KMeansParams& params) {
   // k, so the sample keeps its passes cache-resident; it changes little in the result.
   constexpr std::int64_t kPlusPlusPool = 16;
   const std::int64_t pool_size = std::min(n, kPlusPlusPool * k);
-  RowMatrix pool(pool_size, p.x.cols());
-  Eigen::VectorXf pool_norms(pool_size);
-  {
-    std::vector<std::int64_t> order(static_cast<std::size_t>(n));
-    for (std::int64_t i = 0; i < n; ++i) order[i] = i;
+  if (pool_size < n) {
     for (std::int64_t j = 0; j < pool_size; ++j) {
-      if (pool_size < n) {
-        const auto pick = j + static_cast<std::int64_t>(uniform(rng) * static_cast<double>(n - j));
-        std::swap(order[j], order[pick]);
-      }
-      pool.row(j) = p.x.row(order[j]);
-      pool_norms[j] = p.squared_norms[order[j]];
+      const auto pick = j + static_cast<std::int64_t>(uniform(rng) * static_cast<double>(n - j));
+      std::swap(order[j], order[pick]);
     }
   }
+  RowMatrix pool(pool_size, dim);
+  Eigen::VectorXf pool_norms(pool_size);
+  backend.gather(order.data(), pool_size, pool.data(), pool_norms.data());
   Eigen::VectorXf nearest =
       Eigen::VectorXf::Constant(pool_size, std::numeric_limits<float>::infinity());
   std::int64_t pick = std::min(
@@ -237,74 +308,64 @@ RowMatrix initial_centroids(const Points& p, const KMeansParams& params) {
   return c;
 }
 
-KMeansResult run_kmeans(const void* points, DType dtype, std::int64_t n, std::int64_t dim,
-                        const KMeansParams& params, const float* init_centroids, bool parallel) {
-  KVPACK_CHECK(points, "points: null pointer");
+void check_kmeans_args(std::int64_t n, std::int64_t dim, const KMeansParams& params) {
   KVPACK_CHECK(n >= 1 && dim >= 1,
                "points: expected at least one point of dimension >= 1, got " << n << " x " << dim);
   KVPACK_CHECK(
       params.n_clusters >= 1 && params.n_clusters <= n,
       "n_clusters: expected 1 <= n_clusters <= points=" << n << ", got " << params.n_clusters);
   KVPACK_CHECK(params.iterations >= 1, "iters: expected >= 1, got " << params.iterations);
-  const Points p = prepare(points, dtype, n, dim, params.spherical);
-  RowMatrix c;
-  if (init_centroids) {
-    c = Eigen::Map<const RowMatrix>(init_centroids, params.n_clusters, dim);
-    if (params.spherical) normalise_rows(c);
-  } else {
-    c = initial_centroids(p, params);
-  }
-
-  KMeansResult result;
-  Assignment a;
-  a.labels.assign(static_cast<std::size_t>(n), -1);
-  a.best.assign(static_cast<std::size_t>(n), 0.0f);
-  a.second.assign(static_cast<std::size_t>(n), 0.0f);
-  std::vector<std::int32_t> previous;
-  std::vector<float> costs(static_cast<std::size_t>(n));
-  for (int it = 0; it < params.iterations; ++it) {
-    result.history.push_back(assign(p, c, params.spherical, parallel, it > 0, a, costs));
-    result.iterations = it + 1;
-    if (it > 0 && a.labels == previous) break;  // converged: c already is their mean
-    RowMatrix moved = c;
-    update(p, a.labels.data(), params.spherical, costs, c);
-    previous = a.labels;
-    // Loosen the bounds by how far the centroids moved.
-    const Eigen::VectorXf shift = (c - moved).rowwise().norm();
-    const float max_shift = shift.maxCoeff();
-    for (std::int64_t i = 0; i < n; ++i) {
-      a.best[i] -= shift[a.labels[i]];
-      a.second[i] += max_shift;
-    }
-  }
-  // Objective of the returned labels under the returned centroids.
-  const Eigen::VectorXf cc = c.rowwise().squaredNorm();
-  double total = 0.0;
-  for (std::int64_t i = 0; i < n; ++i) {
-    const std::int32_t j = a.labels[i];
-    total += cost(params.spherical, p.x.row(i).dot(c.row(j)), p.squared_norms[i], cc[j]);
-  }
-  result.objective = total;
-  result.labels = std::move(a.labels);
-  result.centroids.assign(c.data(), c.data() + c.size());
-  return result;
 }
 
 }  // namespace
 
+std::unique_ptr<KMeansBackend> cpu_kmeans_backend(const void* points, DType dtype, std::int64_t n,
+                                                  std::int64_t dim, bool spherical, bool parallel) {
+  KVPACK_CHECK(points, "points: null pointer");
+  KVPACK_CHECK(n >= 1 && dim >= 1,
+               "points: expected at least one point of dimension >= 1, got " << n << " x " << dim);
+  return std::make_unique<CpuKMeans>(points, dtype, n, dim, spherical, parallel);
+}
+
+KMeansResult kmeans(KMeansBackend& backend, const KMeansParams& params,
+                    const float* init_centroids) {
+  check_kmeans_args(backend.size(), backend.dim(), params);
+  RowMatrix c;
+  if (init_centroids) {
+    c = Eigen::Map<const RowMatrix>(init_centroids, params.n_clusters, backend.dim());
+    if (params.spherical) normalise_rows(c);
+  } else {
+    c = initial_centroids(backend, params);
+  }
+  backend.set_centroids(c.data(), params.n_clusters);
+  KMeansResult result;
+  for (int it = 0; it < params.iterations; ++it) {
+    bool changed = false;
+    result.history.push_back(backend.assign(&changed));
+    result.iterations = it + 1;
+    if (it > 0 && !changed) break;  // converged: the centroids already are their means
+    backend.update();
+  }
+  backend.finish(result);
+  return result;
+}
+
 std::vector<float> kmeans_initial_centroids(const void* points, DType dtype, std::int64_t n,
                                             std::int64_t dim, const KMeansParams& params) {
-  KVPACK_CHECK(
-      params.n_clusters >= 1 && params.n_clusters <= n,
-      "n_clusters: expected 1 <= n_clusters <= points=" << n << ", got " << params.n_clusters);
-  const RowMatrix c = initial_centroids(prepare(points, dtype, n, dim, params.spherical), params);
+  check_kmeans_args(n, dim, params);
+  const RowMatrix c =
+      initial_centroids(CpuKMeans(points, dtype, n, dim, params.spherical, true), params);
   return std::vector<float>(c.data(), c.data() + c.size());
 }
 
 KMeansResult kmeans(const void* points, DType dtype, std::int64_t n, std::int64_t dim,
                     const KMeansParams& params, const float* init_centroids) {
-  return run_kmeans(points, dtype, n, dim, params, init_centroids, true);
+  check_kmeans_args(n, dim, params);
+  const auto backend = cpu_kmeans_backend(points, dtype, n, dim, params.spherical);
+  return kmeans(*backend, params, init_centroids);
 }
+
+namespace cpu {
 
 std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams& params,
                                        const float* init_centroids) {
@@ -313,8 +374,9 @@ std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams&
   const std::int64_t init_stride = params.n_clusters * points.dim;
   auto one_head = [&](std::int64_t h, bool parallel) {
     results[static_cast<std::size_t>(h)] =
-        run_kmeans(points.row(h, 0), points.dtype, points.tokens, points.dim, params,
-                   init_centroids ? init_centroids + h * init_stride : nullptr, parallel);
+        kmeans(*cpu_kmeans_backend(points.row(h, 0), points.dtype, points.tokens, points.dim,
+                                   params.spherical, parallel),
+               params, init_centroids ? init_centroids + h * init_stride : nullptr);
   };
   // Heads across threads when they share out evenly (or are many), else blocks of
   // points: 3 heads on 2 threads would leave one thread idle a third of the time.
@@ -326,5 +388,7 @@ std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams&
   }
   return results;
 }
+
+}  // namespace cpu
 
 }  // namespace kvpack

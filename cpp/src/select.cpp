@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "kvpack/common.h"
+#include "kvpack/cpu.h"
 
 namespace kvpack {
 
@@ -119,5 +120,19 @@ void fill_budget(const std::vector<std::int32_t>& always, const RankedGroups& gr
       out[n++] =
           static_cast<std::int32_t>(w * 64 + static_cast<std::size_t>(__builtin_ctzll(bits)));
 }
+
+namespace cpu {
+
+void rank_rows(const float* rows, std::int64_t heads, std::int64_t n, std::int64_t dim,
+               const float* q, std::int64_t k, float* scores, std::int32_t* out) {
+  for (std::int64_t h = 0; h < heads; ++h) {
+    float* head_scores = scores + h * n;
+    inner_products(rows + h * n * dim, n, dim, q + h * dim, head_scores);
+    const std::vector<std::int32_t> best = top_k(head_scores, n, k);
+    std::copy(best.begin(), best.end(), out + h * k);
+  }
+}
+
+}  // namespace cpu
 
 }  // namespace kvpack

@@ -3,9 +3,11 @@
 // Every compression and recall method in kvpack attends and scores through here.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
+#include "kvpack/backend.h"
 #include "kvpack/common.h"
 
 namespace kvpack {
@@ -34,9 +36,19 @@ struct AttentionOutput {
 ///                 group) or heads_q, each row sorted, unique, within [0, tokens)
 /// @param bias     null, or size heads_kv * tokens: added to each scaled score
 ///                 (e.g. a merged slot's log-count)
+/// @param exec     stream and scratch of the CUDA backend
+///
+/// The backend is the one of keys.device: every pointer (q, bias, the outputs, the
+/// indices) lives there too. Host data runs on the CUDA backend with exec.stage_to_cuda.
 void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
                       const KVView& values, const IndexView* indices, const float* bias,
-                      const AttentionParams& params, const AttentionOutput& output);
+                      const AttentionParams& params, const AttentionOutput& output,
+                      const Execution& exec = {});
+
+/// Bytes of scratch decode_attention takes on `device` for heads_q queries over `count`
+/// tokens of dimension `dim` (0 on the CPU): the size of Execution::scratch.
+std::size_t decode_attention_scratch_bytes(const Device& device, std::int64_t heads_q,
+                                           std::int64_t count, std::int64_t dim);
 
 /// How accumulated_attention reduces the attention a key receives.
 enum class Reduction : int {
@@ -58,8 +70,11 @@ struct AccumulateParams {
 /// @param heads_q  a multiple of keys.heads
 /// @param window   queries per head; <= keys.tokens when causal
 /// @param out      size (per_query_head ? heads_q : heads_kv) * keys.tokens
+/// The backend is the one of keys.device (queries and out live there too), or CUDA with
+/// exec.stage_to_cuda.
 void accumulated_attention(const float* queries, std::int64_t heads_q, std::int64_t window,
-                           const KVView& keys, const AccumulateParams& params, float* out);
+                           const KVView& keys, const AccumulateParams& params, float* out,
+                           const Execution& exec = {});
 
 /// What H2O, SnapKV, CaM and KVMerger rank tokens by: accumulated attention given
 /// directly, or prompt queries from which it is computed (causal, each GQA group summed

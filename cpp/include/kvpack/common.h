@@ -42,6 +42,26 @@ inline const char* dtype_name(DType dtype) {
   return "unknown";
 }
 
+/// Where memory lives: host memory, or the memory of one CUDA device.
+enum class DeviceType : int { CPU = 0, CUDA = 1 };
+
+/// A device: host memory (the default) or CUDA device `index`.
+struct Device {
+  DeviceType type = DeviceType::CPU;
+  int index = 0;  ///< the CUDA device ordinal; 0 on the CPU
+
+  bool is_cuda() const { return type == DeviceType::CUDA; }
+  bool operator==(const Device& other) const {
+    return type == other.type && (type == DeviceType::CPU || index == other.index);
+  }
+  bool operator!=(const Device& other) const { return !(*this == other); }
+};
+
+/// "cpu" or "cuda:<index>".
+inline std::string device_name(const Device& device) {
+  return device.is_cuda() ? "cuda:" + std::to_string(device.index) : "cpu";
+}
+
 /// Non-owning view of one layer's keys or values: [heads, tokens, dim] elements of
 /// `dtype` at `data`, rows contiguous; heads are head_stride elements apart
 /// (0: tokens * dim, the C-contiguous layout), so a growing cache can keep spare room.
@@ -52,6 +72,7 @@ struct KVView {
   std::int64_t tokens = 0;
   std::int64_t dim = 0;
   std::int64_t head_stride = 0;
+  Device device{};  ///< where `data` lives
 
   /// Elements from one head to the next.
   std::int64_t stride() const { return head_stride ? head_stride : tokens * dim; }
@@ -70,6 +91,7 @@ struct IndexView {
   const std::int32_t* data = nullptr;  ///< size rows * count
   std::int64_t rows = 0;
   std::int64_t count = 0;
+  Device device{};  ///< where `data` lives
 };
 
 namespace detail {

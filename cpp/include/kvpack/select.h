@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kvpack/backend.h"
 #include "kvpack/common.h"
 
 namespace kvpack {
@@ -21,6 +22,18 @@ std::vector<std::int32_t> top_k(const float* scores, std::int64_t n, std::int64_
 /// The k largest of n scores as ascending indices (the same set top_k ranks: ties
 /// to the lower index), found by selection rather than a sort of the winners.
 std::vector<std::int32_t> top_k_set(const float* scores, std::int64_t n, std::int64_t k);
+
+/// Scoring and ranking batched over heads, as ClusterKV ranks centroids and Quest pages:
+/// scores[h, i] = rows[h, i] . q[h], then the k best of each head's n scores, highest
+/// first, ties to the lower index (top_k per head), for any n.
+/// @param rows    size heads * n * dim float32, on `device`
+/// @param q       size heads * dim float32, on `device`
+/// @param scores  size heads * n, on `device`: the scores
+/// @param out     size heads * k, on `device`: the ranked indices
+/// The backend is the one of `device` (or CUDA with exec.stage_to_cuda for host data).
+void rank_rows(const float* rows, std::int64_t heads, std::int64_t n, std::int64_t dim,
+               const float* q, std::int64_t k, float* scores, std::int32_t* out,
+               const Device& device = {}, const Execution& exec = {});
 
 /// Copies rows tokens[0..n) of `head` of src (unconverted, src's dtype) to dst, one
 /// row after the other: dst holds n * src.dim elements.
