@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from kvpack import evaluation  # noqa: E402
+from kvpack import evaluation, hf  # noqa: E402
 from kvpack.models import TINY_LM_DIR, load_tiny_lm, tasks, training_record  # noqa: E402
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
@@ -81,6 +81,42 @@ def test_perplexity_of_an_uncompressed_cache_is_one_forward(model, method):
     split = round(0.75 * context)
     losses = [_window_losses(model, ids, split) for ids in _byte_windows(3, context, windows)]
     assert dynamic == pytest.approx(np.exp(np.concatenate(losses).mean()), rel=1e-4)
+
+
+def _compressed_perplexity(model, method, budget, windows, split):
+    """Perplexity with the method's own prefill of each window's prompt (no sharing)."""
+    losses = []
+    for ids in windows:
+        cache = {hf.cache_argument(model): hf.make_cache(model, method, budget)}
+        with torch.no_grad():
+            first = model(ids[:, :split], **cache).logits[:, -1:]
+            rest = model(ids[:, split:-1], **cache).logits
+        logits = torch.cat([first, rest], dim=1)[0].double()
+        losses.append(torch.nn.functional.cross_entropy(logits, ids[0, split:], reduction="none"))
+    return float(np.exp(torch.cat(losses).mean().item()))
+
+
+def test_runs_share_a_prefill_and_score_as_their_own(model):
+    context, windows = 512, 2
+    runs = [("dynamic", 1.0), ("h2o", 0.25), ("kvmerger", 0.5), ("clusterkv", 64), ("kivi", 32)]
+    values = evaluation.perplexity(model, context=context, windows=windows, seed=5, runs=runs)
+    split = round(0.75 * context)
+    texts = _byte_windows(5, context, windows)
+    losses = [_window_losses(model, ids, split) for ids in texts]
+    assert values[0] == pytest.approx(np.exp(np.concatenate(losses).mean()), rel=1e-4)
+    for (method, budget), value in zip(runs[1:], values[1:]):
+        expected = _compressed_perplexity(model, method, budget, texts, split)
+        assert value == pytest.approx(expected, rel=1e-4), method
+    assert len(set(values)) == len(values)  # the runs differ
+    single = evaluation.perplexity(model, "h2o", 0.25, context=context, windows=windows, seed=5)
+    assert single == values[1]
+    accuracies = evaluation.passkey_accuracy(
+        model, context=512, prompts=4, batch=2, runs=[("dynamic", 1.0), ("streaming_llm", 32)]
+    )
+    assert accuracies[0] == evaluation.passkey_accuracy(model, context=512, prompts=4, batch=2)
+    assert accuracies[1] == evaluation.passkey_accuracy(
+        model, "streaming_llm", 32, context=512, prompts=4, batch=2
+    )
 
 
 def test_context_dependent_tokens_are_those_the_distant_prompt_predicts(model):

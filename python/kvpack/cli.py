@@ -220,63 +220,59 @@ def run_eval(args: argparse.Namespace) -> int:
         "skip_layers": args.skip_layers,
         "tokenizer": tokenizer,
     }
-    results = []
-    for method in methods:
-        for budget in budgets:
-            bar.set_postfix_str(f"{method} @ {budget}")
-            details = None
-            if args.task == "ruler":
-                details = evaluation.ruler_scores(
-                    model,
-                    tokenizer,
-                    _hf_method(method),
-                    budget,
-                    context=args.context,
-                    samples=args.prompts,
-                    seed=args.seed,
-                    skip_layers=args.skip_layers,
-                    progress=bar.update,
-                )
-                value = details["average"]
-            elif args.task == "passkey":
-                value = evaluation.passkey_accuracy(
-                    model,
-                    _hf_method(method),
-                    budget,
-                    context=args.context,
-                    prompts=args.prompts,
-                    seed=args.seed,
-                    filler=args.filler,
-                    skip_layers=args.skip_layers,
-                    progress=bar.update,
-                )
-            elif args.task == "perplexity":
-                value = evaluation.perplexity(
-                    model, _hf_method(method), budget, progress=bar.update, **text
-                )
-            elif args.task == "long-perplexity":
-                value = evaluation.long_context_perplexity(
-                    model,
-                    _hf_method(method),
-                    budget,
-                    key_tokens=key_tokens,
-                    progress=bar.update,
-                    **text,
-                )
-            else:
-                value = evaluation.fidelity(layers, method, budget)
+    # Every method x budget in one call: each prompt is prefilled once for all of them.
+    runs = [(_hf_method(method), budget) for method in methods for budget in budgets]
+    bar.set_postfix_str(f"{len(runs)} runs")
+    details = [None] * len(runs)
+    if args.task == "ruler":
+        details = evaluation.ruler_scores(
+            model,
+            tokenizer,
+            context=args.context,
+            samples=args.prompts,
+            seed=args.seed,
+            skip_layers=args.skip_layers,
+            progress=bar.update,
+            runs=runs,
+        )
+        values = [d["average"] for d in details]
+    elif args.task == "passkey":
+        values = evaluation.passkey_accuracy(
+            model,
+            context=args.context,
+            prompts=args.prompts,
+            seed=args.seed,
+            filler=args.filler,
+            skip_layers=args.skip_layers,
+            progress=bar.update,
+            runs=runs,
+        )
+    elif args.task == "perplexity":
+        values = evaluation.perplexity(model, progress=bar.update, runs=runs, **text)
+    elif args.task == "long-perplexity":
+        values = evaluation.long_context_perplexity(
+            model, key_tokens=key_tokens, progress=bar.update, runs=runs, **text
+        )
+    else:
+        values = []
+        for method in methods:
+            for budget in budgets:
+                values.append(evaluation.fidelity(layers, method, budget))
                 bar.update(1)
-            results.append(
-                {
-                    "task": args.task,
-                    "model": args.model,
-                    "method": method,
-                    "budget": budget,
-                    "context": args.context,
-                    "value": value,
-                    **({"tasks": details} if details else {}),
-                }
-            )
+    results = [
+        {
+            "task": args.task,
+            "model": args.model,
+            "method": method,
+            "budget": budget,
+            "context": args.context,
+            "value": value,
+            **({"tasks": detail} if detail else {}),
+        }
+        for (method, budget), value, detail in zip(
+            [(m, b) for m in methods for b in budgets], values, details
+        )
+    ]
     bar.close()
     print(_table(results, methods, budgets, args.task))
     if args.task == "ruler":

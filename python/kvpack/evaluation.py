@@ -1,11 +1,17 @@
-"""Quality of a method on a real model: pass-key accuracy, perplexity, the perplexity
-of the tokens that need the distant prompt, and attention fidelity.
+"""Quality of a method on a real model: pass-key accuracy, RULER-style task scores,
+perplexity, the perplexity of the tokens that need the distant prompt, and attention
+fidelity.
 
 The model-level measures run a Hugging Face causal LM through
 :func:`kvpack.hf.make_cache` (``"dynamic"`` is the plain transformers ``DynamicCache``,
 the full-cache reference) on held-out text and prompts of :mod:`kvpack.models.tasks`.
 Pass-key prompts are bytes (the shipped tiny LM, or any model whose tokens are bytes);
 the perplexities also take a subword model with its tokenizer.
+
+Given ``runs``, a sequence of (method, budget), each measure scores all of them at once:
+each prompt is prefilled exactly once (:func:`kvpack.hf.prefill`) and every run
+compresses its own copy of that prefill, so a method x budget table costs one prefill
+per prompt. It then returns one result per run.
 """
 
 from __future__ import annotations
@@ -30,18 +36,54 @@ __all__ = [
 
 Progress = Callable[[int], None]
 
+#: A run: a method (``"dynamic"``, a name or a :mod:`kvpack.methods` object) and a budget.
+Run = tuple
 
-def _cache(model, method: str, budget, skip_layers: int, options: dict | None = None) -> dict:
-    """The keyword argument that hands ``model`` a fresh cache of ``method``."""
+
+def _cache(model, method, budget, skip_layers: int, options=None, prefill=None) -> dict:
+    """The keyword argument that hands ``model`` a fresh cache of ``method``, started
+    from ``prefill`` (a :class:`kvpack.hf.Prefill`) when given."""
     from transformers import DynamicCache
 
     from . import hf
 
-    if method == "dynamic":
-        cache = DynamicCache(config=model.config)
+    if isinstance(method, str) and method == "dynamic":
+        cache = (
+            DynamicCache(config=model.config)
+            if prefill is None
+            else hf.dynamic_cache(model, prefill)
+        )
     else:
-        cache = hf.make_cache(model, method, budget, skip_layers=skip_layers, **(options or {}))
+        cache = hf.make_cache(
+            model, method, budget, skip_layers=skip_layers, prefill=prefill, **(options or {})
+        )
     return {hf.cache_argument(model): cache}
+
+
+def _generate_runs(model, ids, mask, runs, skip_layers, options, max_new_tokens: int, pad: int):
+    """Greedy continuations of the prompts ``ids`` for every run, from one exact prefill:
+    a list (one per run) of (batch, max_new_tokens) token tensors."""
+    import torch
+
+    from . import hf
+
+    shared = hf.prefill(model, ids, mask)
+    outputs = []
+    for method, budget in runs:
+        if max_new_tokens == 1:
+            outputs.append(shared.next_ids[:, -1:])
+            continue
+        with torch.no_grad():
+            out = model.generate(
+                shared.next_ids,
+                attention_mask=shared.next_attention_mask,
+                **_cache(model, method, budget, skip_layers, options, shared),
+                max_new_tokens=max_new_tokens - 1,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        outputs.append(out[:, ids.shape[1] :])
+    return outputs
 
 
 def passkey_accuracy(
@@ -57,13 +99,14 @@ def passkey_accuracy(
     skip_layers: int = 2,
     options: dict | None = None,
     progress: Progress | None = None,
-) -> float:
+    runs=None,
+) -> float | list[float]:
     """Share of pass-key prompts whose five digits greedy decoding gets right.
 
     Parameters
     ----------
     model : transformers causal LM over byte tokens
-    method : str
+    method : str or kvpack.methods object
         ``"dynamic"`` or one of :data:`kvpack.hf.METHODS`.
     budget : int or float
         Tokens (or fraction of the prompt) the method keeps or recalls.
@@ -82,8 +125,20 @@ def passkey_accuracy(
     options : dict, optional
         The method's options (e.g. ``{"n_clusters": 256}`` for ClusterKV).
     progress : callable, optional
-        Called with the number of prompts done after each batch.
+        Called with the number of prompts (times runs) done after each batch.
+    runs : sequence of (method, budget), optional
+        Score these runs instead of ``method`` at ``budget``, each prompt prefilled once
+        for all of them; a list of results is returned, one per run.
     """
+    kwargs = dict(context=context, prompts=prompts, batch=batch, seed=seed, filler=filler)
+    scores = _passkey(model, runs or [(method, budget)], skip_layers, options, progress, **kwargs)
+    return scores if runs is not None else scores[0]
+
+
+def _passkey(
+    model, runs, skip_layers, options, progress, *, context, prompts, batch, seed, filler
+) -> list[float]:
+    """:func:`passkey_accuracy` of every run, one prefill per batch of prompts."""
     import torch
 
     if filler not in ("repeat", "text"):
@@ -96,24 +151,19 @@ def passkey_accuracy(
         tasks.passkey_sample(rng, context, text, depth=i / max(1, prompts - 1))
         for i in range(prompts)
     ]
-    correct = 0
+    correct = np.zeros(len(runs))
     for first in range(0, prompts, batch):
         chunk = samples[first : first + batch]
         ids = torch.tensor([s[0][: s[1]] for s in chunk])
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                **_cache(model, method, budget, skip_layers, options),
-                max_new_tokens=7,
-                do_sample=False,
-                pad_token_id=tasks.PAD,
-            )
-        for row, (_, _, key) in zip(out[:, ids.shape[1] :].tolist(), chunk):
-            correct += tasks.decode(row).strip().startswith(key)
+        outputs = _generate_runs(
+            model, ids, torch.ones_like(ids), runs, skip_layers, options, 7, tasks.PAD
+        )
+        for r, out in enumerate(outputs):
+            for row, (_, _, key) in zip(out.tolist(), chunk):
+                correct[r] += tasks.decode(row).strip().startswith(key)
         if progress:
-            progress(len(chunk))
-    return correct / prompts
+            progress(len(chunk) * len(runs))
+    return [float(c) / prompts for c in correct]
 
 
 def _check_tokenizer(tokenizer) -> None:
@@ -134,7 +184,8 @@ def ruler_scores(
     skip_layers: int = 2,
     options: dict | None = None,
     progress: Progress | None = None,
-) -> dict:
+    runs=None,
+) -> dict | list[dict]:
     """RULER-style task scores of a subword model decoding from ``method``'s cache.
 
     Parameters
@@ -159,7 +210,10 @@ def ruler_scores(
     options : dict, optional
         The method's options.
     progress : callable, optional
-        Called with 1 after each prompt.
+        Called after each prompt with the runs scored on it (1 without ``runs``).
+    runs : sequence of (method, budget), optional
+        Score these runs instead of ``method`` at ``budget``, each prompt prefilled once
+        for all of them; a list of results is returned, one per run.
 
     Returns
     -------
@@ -167,6 +221,17 @@ def ruler_scores(
         Task name -> mean score in [0, 1] (RULER's string match: the share of expected
         answers in the output), and ``"average"`` over the tasks.
     """
+    kwargs = dict(tasks=tasks, context=context, samples=samples, seed=seed)
+    scores = _ruler(
+        model, tokenizer, runs or [(method, budget)], skip_layers, options, progress, **kwargs
+    )
+    return scores if runs is not None else scores[0]
+
+
+def _ruler(
+    model, tokenizer, runs, skip_layers, options, progress, *, tasks, context, samples, seed
+) -> list[dict]:
+    """:func:`ruler_scores` of every run, one prefill per prompt."""
     import torch
 
     from .models import ruler
@@ -181,29 +246,27 @@ def ruler_scores(
         raise ValueError(f"samples: expected at least 1, got {samples}")
     _check_tokenizer(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scores = {}
+    scores = [{} for _ in runs]
     for index, task in enumerate(tasks):
-        total = 0.0
+        totals = np.zeros(len(runs))
         for i in range(samples):
             rng = np.random.default_rng([seed, index, i])
             depth = i / max(1, samples - 1)
             sample = ruler.make_sample(task, tokenizer, context, rng, depth=depth)
             ids = torch.tensor([sample.prompt])
-            with torch.no_grad():
-                out = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    **_cache(model, method, budget, skip_layers, options),
-                    max_new_tokens=sample.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=pad,
-                )
-            answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-            total += ruler.score(answer, sample.answers)
+            outputs = _generate_runs(
+                model, ids, torch.ones_like(ids), runs, skip_layers, options,
+                sample.max_new_tokens, pad,
+            )  # fmt: skip
+            for r, out in enumerate(outputs):
+                answer = tokenizer.decode(out[0], skip_special_tokens=True)
+                totals[r] += ruler.score(answer, sample.answers)
             if progress:
-                progress(1)
-        scores[task] = total / samples
-    scores["average"] = float(np.mean([scores[t] for t in tasks]))
+                progress(len(runs))
+        for r in range(len(runs)):
+            scores[r][task] = float(totals[r]) / samples
+    for run_scores in scores:
+        run_scores["average"] = float(np.mean([run_scores[t] for t in tasks]))
     return scores
 
 
@@ -265,33 +328,40 @@ def _text_windows(context: int, prefix: float, windows: int, seed: int, tokenize
     return _Windows(texts, split, len(bos))
 
 
-def _token_losses(model, ids, split: int, cache: dict) -> np.ndarray:
-    """Negative log-likelihood (nats) of tokens ``split..`` of ``ids``: the prompt
-    ``ids[:, :split]`` is prefilled into the cache (which compresses it; ``cache`` is the
-    keyword argument from :func:`_cache`), the rest is scored in one forward over it."""
+def _token_losses(model, ids, split: int, runs, skip_layers=0, options=None) -> list:
+    """Negative log-likelihood (nats) of tokens ``split..`` of ``ids`` for every run: the
+    prompt ``ids[:, :split]`` is prefilled once, each run's cache compresses its copy, and
+    the rest is scored in one forward over it. One array per run."""
     import torch
 
-    with torch.no_grad():
-        first = model(ids[:, :split], **cache, use_cache=True).logits[:, -1:]
-        rest = model(ids[:, split:-1], **cache, use_cache=True).logits
-    logits = torch.cat([first, rest], dim=1)
-    nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, split:], reduction="none")
-    return nll.numpy().astype(np.float64)
+    from . import hf
+
+    shared = hf.prefill(model, ids[:, :split])
+    losses = []
+    for method, budget in runs:
+        cache = _cache(model, method, budget, skip_layers, options, shared)
+        with torch.no_grad():
+            rest = model(ids[:, split:-1], **cache, use_cache=True).logits
+        logits = torch.cat([shared.logits[:, None].to(rest.dtype), rest], dim=1)
+        nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, split:], reduction="none")
+        losses.append(nll.numpy().astype(np.float64))
+    return losses
 
 
 def _perplexity_over(
-    model, method, budget, windows: _Windows, masks, skip_layers, options, progress
-) -> float:
-    """exp(mean loss) of the scored tokens each mask selects (every one where None)."""
-    losses = []
+    model, runs, windows: _Windows, masks, skip_layers, options, progress
+) -> list[float]:
+    """exp(mean loss) per run of the scored tokens each mask selects (all where None)."""
+    losses = [[] for _ in runs]
     for ids, mask in zip(windows.texts, masks or [None] * len(windows.texts)):
         if mask is None or mask.any():
-            cache = _cache(model, method, budget, skip_layers, options)
-            loss = _token_losses(model, ids, windows.split, cache)
-            losses.append(loss if mask is None else loss[mask])
+            for r, loss in enumerate(
+                _token_losses(model, ids, windows.split, runs, skip_layers, options)
+            ):
+                losses[r].append(loss if mask is None else loss[mask])
         if progress:
-            progress(1)
-    return math.exp(np.concatenate(losses).mean())
+            progress(len(runs))
+    return [math.exp(np.concatenate(run).mean()) for run in losses]
 
 
 def perplexity(
@@ -307,7 +377,8 @@ def perplexity(
     options: dict | None = None,
     tokenizer=None,
     progress: Progress | None = None,
-) -> float:
+    runs=None,
+) -> float | list[float]:
     """Per-token perplexity of held-out text after the method compressed its prefix.
 
     Each window of ``context`` held-out tokens is split: the first ``prefix`` share is
@@ -340,10 +411,16 @@ def perplexity(
         into ``context`` of its tokens (its BOS first when it has one). Default: bytes,
         BOS first (the shipped tiny LM).
     progress : callable, optional
-        Called with 1 after each window.
+        Called after each window with the runs scored on it (1 without ``runs``).
+    runs : sequence of (method, budget), optional
+        Score these runs instead of ``method`` at ``budget``, each prompt prefilled once
+        for all of them; a list of results is returned, one per run.
     """
     text = _text_windows(context, prefix, windows, seed, tokenizer)
-    return _perplexity_over(model, method, budget, text, None, skip_layers, options, progress)
+    values = _perplexity_over(
+        model, runs or [(method, budget)], text, None, skip_layers, options, progress
+    )
+    return values if runs is not None else values[0]
 
 
 def context_dependent_tokens(
@@ -394,9 +471,9 @@ def context_dependent_tokens(
         raise ValueError(f"short: expected 1..{split - head - 1} prompt tokens, got {short}")
     masks = []
     for ids in text.texts:
-        full = _token_losses(model, ids, split, _cache(model, "dynamic", 1.0, 0))
+        (full,) = _token_losses(model, ids, split, [("dynamic", 1.0)])
         cut = np.concatenate((np.arange(head), np.arange(split - short, ids.shape[1])))
-        near = _token_losses(model, ids[:, cut], head + short, _cache(model, "dynamic", 1.0, 0))
+        (near,) = _token_losses(model, ids[:, cut], head + short, [("dynamic", 1.0)])
         masks.append((near - full >= gain) & (full <= max_loss))
         if progress:
             progress(1)
@@ -417,7 +494,8 @@ def long_context_perplexity(
     options: dict | None = None,
     tokenizer=None,
     progress: Progress | None = None,
-) -> float:
+    runs=None,
+) -> float | list[float]:
     """Perplexity of the tokens that depend on the distant prompt, after the method
     compressed the prompt: what compression can lose, without the tokens every method
     predicts from its recent window.
@@ -433,7 +511,10 @@ def long_context_perplexity(
         :func:`context_dependent_tokens` of the same windows (computed with its defaults
         when not given; pass them to score several methods on one selection).
     progress : callable, optional
-        Called with 1 after each window.
+        Called after each window with the runs scored on it (1 without ``runs``).
+    runs : sequence of (method, budget), optional
+        Score these runs instead of ``method`` at ``budget``, each prompt prefilled once
+        for all of them; a list of results is returned, one per run.
 
     Returns
     -------
@@ -455,7 +536,10 @@ def long_context_perplexity(
         )
     if not any(m.any() for m in masks):
         raise ValueError("key_tokens: no token depends on the distant prompt; use more windows")
-    return _perplexity_over(model, method, budget, text, masks, skip_layers, options, progress)
+    values = _perplexity_over(
+        model, runs or [(method, budget)], text, masks, skip_layers, options, progress
+    )
+    return values if runs is not None else values[0]
 
 
 def fidelity(layers, method, budget: int | float, *, observe: int = 32) -> float:
