@@ -14,6 +14,10 @@ ratio is against a peer measured in the same process:
 
 KV memory is the key/value bytes the cache holds after prefill (``stats()["bytes"]``),
 counted over the compressed layers and compared with the DynamicCache's same layers.
+
+Last, what a method x budget table costs ``kvpack eval``: a perplexity table (4 methods
+x 2 budgets, one 1024-token window) scored from one shared prefill against one prefill
+per run, and against one run alone.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ def run(
     from kvpack import hf
     from kvpack.models import load_pretrained
 
-    model, _ = load_pretrained("smollm2-135m")
+    model, tokenizer = load_pretrained("smollm2-135m")
     model = model.float().eval()
     skip = 2
     generator = torch.Generator().manual_seed(0)
@@ -167,7 +171,32 @@ def run(
             "",
         )
     )
-    return rows
+    return rows + _table_cost(model, tokenizer)
+
+
+def _table_cost(model, tokenizer) -> list[tuple[str, str, str]]:
+    """Seconds of a perplexity table from one shared prefill per window, from one
+    prefill per run, and of one run alone (the values must agree)."""
+    from kvpack import evaluation
+
+    runs = [(m, b) for m in ("dynamic", "h2o", "kvmerger", "clusterkv") for b in (0.5, 0.25)]
+    text = dict(context=1024, windows=1, seed=0, tokenizer=tokenizer)
+    start = time.perf_counter()
+    shared = evaluation.perplexity(model, runs=runs, **text)
+    shared_s = time.perf_counter() - start
+    start = time.perf_counter()
+    separate = [evaluation.perplexity(model, m, b, **text) for m, b in runs]
+    separate_s = time.perf_counter() - start
+    if shared != separate:
+        raise AssertionError(f"shared prefill changed the values: {shared} vs {separate}")
+    one = separate_s / len(runs)
+    label = f"eval table ({len(runs)} runs, 1 window of 1024 tokens)"
+    return [
+        (f"{label}: one prefill per run", f"{separate_s:.1f} s", ""),
+        (f"{label}: one shared prefill", f"{shared_s:.1f} s", ""),
+        (f"{label}: per-run prefills / shared", f"{separate_s / shared_s:.2f}x", ""),
+        (f"{label}: shared table / one run", f"{shared_s / one:.2f}", ""),
+    ]
 
 
 def _prefill_target(method: str, tokens: int, share: float) -> str:

@@ -1,10 +1,9 @@
 """RESULTS.md, rendered from the latest run of every suite.
 
 Each suite run leaves one record, ``results/<suite>.json`` (title, command, machine,
-date, rows of metric / value / target); ``python -m benchmarks --report`` (or
-``kvpack report``) renders every record into RESULTS.md, headed by the papers' claims
-and the issues' targets with a verdict each, so the file always says what the commands
-last printed.
+date, rows of metric / value / target); ``python -m benchmarks --report`` renders every
+record into RESULTS.md, headed by the papers' claims and the issues' targets with a
+verdict each, so the file always says what the commands last printed.
 """
 
 from __future__ import annotations
@@ -216,8 +215,8 @@ def render(
     lines = [
         "# kvpack results",
         "",
-        "Rendered by `python -m benchmarks --report` (`kvpack report`) from the latest run of",
-        "each suite in benchmarks/results/; `kvpack bench --only NAME` re-runs one suite and",
+        "Rendered by `python -m benchmarks --report` from the latest run of each suite in",
+        "benchmarks/results/; `python -m benchmarks --only NAME` re-runs one suite and",
         "renders again. Every number below comes from the run named in its section.",
         "",
         "## The papers' claims, checked here",

@@ -360,32 +360,6 @@ def _plot(results, methods, budgets, args) -> Path:
     return path
 
 
-def _benchmarks(*arguments: str) -> int:
-    """Runs ``python -m benchmarks`` of the source checkout this package is installed from."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "__main__.py").is_file():
-        raise UserError(
-            "kvpack bench and report use benchmarks/ of a source checkout (pip install -e .)"
-        )
-    return subprocess.run(
-        [sys.executable, "-m", "benchmarks", *arguments], cwd=root, check=False
-    ).returncode
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """The performance suite of the source tree's benchmarks/ (python -m benchmarks)."""
-    return _benchmarks(
-        *(["--only", *args.only] if args.only else []), *(["--no-record"] if args.no_record else [])
-    )
-
-
-def run_report(args: argparse.Namespace) -> int:
-    """RESULTS.md rendered again from the suites' saved runs."""
-    return _benchmarks("--report")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -443,14 +417,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=run_eval)
 
-    bench = sub.add_parser(
-        "bench", help="the benchmark suites; records each run and renders RESULTS.md"
-    )
-    bench.add_argument("--only", nargs="*", help="suites to run [all]")
-    bench.add_argument("--no-record", action="store_true", help="print only")
-    bench.set_defaults(func=run_bench)
-    report = sub.add_parser("report", help="render RESULTS.md from the suites' last runs")
-    report.set_defaults(func=run_report)
     return parser
 
 

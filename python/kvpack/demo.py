@@ -1,11 +1,15 @@
-"""``kvpack demo``: every method on the shipped tiny LM, the store policies on a trace,
-and the decode speed at 32k tokens, in one run on embedded defaults.
+"""``kvpack demo``: every method on a language model (the shipped tiny LM, or
+SmolLM2-135M with ``--model smollm2-135m``), the store policies on a trace, and the
+decode speed at 32k tokens, in one run on embedded defaults.
 
 Sections (each a table; figures written to ``--out``, a temporary directory by default):
 
-1. Pass-key retrieval at the trained context with a budget of 1/16 of it.
-2. Held-out perplexity with the prompt compressed to 50% and 35%, over every scored byte
-   and over the bytes that need the distant prompt (most bytes do not).
+1. Retrieval with a budget of 1/16 of the context: pass-key prompts on the tiny LM, the
+   RULER-style tasks (:mod:`kvpack.models.ruler`, average score) on SmolLM2.
+2. Held-out perplexity with the prompt compressed to 50% and 35%, over every scored token
+   and over the tokens that need the distant prompt (most do not).
+
+Every method scores each prompt from one shared exact prefill (:func:`kvpack.hf.prefill`).
 3. AdaptCache: the adaptive policy and the LRU baselines on a Zipf trace of the LM's
    prompt caches (DRAM and SSD tiers in the output directory).
 4. Decode speed: a ClusterKV step against dense attention on a Llama-3-8B-shaped
@@ -29,6 +33,7 @@ from .compression import budget_tokens
 
 # Every method kvpack compares, in the registry's order.
 METHODS = methods.names()
+SMOLLM2_CONTEXT = 8192  # SmolLM2-135M's trained context
 POLICIES = (
     ("lru", "lru", 0.0),
     ("kivi2-lru", "kivi2-lru", 0.0),
@@ -41,11 +46,22 @@ POLICIES = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="directory for figures and the store [a new temporary one]")
+    parser.add_argument(
+        "--model",
+        choices=("tiny", "smollm2-135m"),
+        default="tiny",
+        help="model of sections 1 and 2 [tiny]; the store trace always uses the tiny LM",
+    )
     parser.add_argument("--context", type=int, default=2048, help="tokens per prompt [2048]")
     parser.add_argument(
         "--budget", type=float, default=0.0625, help="pass-key budget, share of the context [1/16]"
     )
-    parser.add_argument("--prompts", type=int, default=10, help="pass-key prompts per method [10]")
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=10,
+        help="pass-key prompts, or prompts per RULER task on SmolLM2 [10]",
+    )
     parser.add_argument("--windows", type=int, default=3, help="perplexity windows [3]")
     parser.add_argument(
         "--long-windows",
@@ -70,6 +86,8 @@ def _check(args: argparse.Namespace) -> int:
     from .models import TINY_LM_DIR
 
     trained = json.loads((TINY_LM_DIR / "config.json").read_text())["max_position_embeddings"]
+    if args.model != "tiny":
+        trained = SMOLLM2_CONTEXT
     if args.context > trained:
         raise ValueError(f"--context: {args.context} exceeds the trained context of {trained}")
     if not 0.0 < args.budget < 1.0:
@@ -81,6 +99,8 @@ def _check(args: argparse.Namespace) -> int:
     if args.context < 256:
         raise ValueError(f"--context: expected at least 256 tokens, got {args.context}")
     require("kvpack demo", "torch", "transformers", "safetensors", "matplotlib")
+    if args.model != "tiny":
+        require(f"kvpack demo --model {args.model}", "gguf", "accelerate")
     return trained
 
 
@@ -90,74 +110,89 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from . import evaluation
-    from .models import load_tiny_lm
+    from .models import load_pretrained, load_tiny_lm
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kvpack-demo-"))
     out.mkdir(parents=True, exist_ok=True)
-    model = load_tiny_lm()
+    tiny = load_tiny_lm()
+    model, tokenizer = (tiny, None) if args.model == "tiny" else load_pretrained(args.model)
     shares = (0.5, 0.35)
-    per_method = args.prompts + len(shares) * (args.windows + args.long_windows)
+    retrieval = args.prompts * (1 if tokenizer is None else len(_ruler_tasks()))
+    per_method = retrieval + len(shares) * (args.windows + args.long_windows)
     steps = args.long_windows + len(METHODS) * per_method + args.requests * len(POLICIES)
     bar = tqdm(total=steps, disable=args.quiet, desc="kvpack demo", unit="step")
 
-    bar.set_postfix_str("bytes that need the distant prompt")
+    bar.set_postfix_str("tokens that need the distant prompt")
     key_tokens = evaluation.context_dependent_tokens(
-        model, context=args.context, windows=args.long_windows, progress=bar.update
+        model,
+        context=args.context,
+        windows=args.long_windows,
+        tokenizer=tokenizer,
+        progress=bar.update,
     )
     selected = sum(int(mask.sum()) for mask in key_tokens)
-    passkey, ppl, long_ppl = {}, {}, {}
-    for method in METHODS:
-        name = "dynamic" if method == "full" else method
-        bar.set_postfix_str(f"pass-key, {method}")
-        passkey[method] = evaluation.passkey_accuracy(
+    # Every method (and share) in one call per measure: each prompt is prefilled once.
+    names = ["dynamic" if method == "full" else method for method in METHODS]
+    bar.set_postfix_str("retrieval, every method")
+    if tokenizer is None:
+        found = evaluation.passkey_accuracy(
             model,
-            name,
-            args.budget,
             context=args.context,
             prompts=args.prompts,
             batch=5,
             progress=bar.update,
+            runs=[(name, args.budget) for name in names],
         )
-        for share in shares:
-            bar.set_postfix_str(f"perplexity, {method} @ {share:.0%}")
-            ppl[method, share] = evaluation.perplexity(
-                model,
-                name,
-                share,
-                context=args.context,
-                windows=args.windows,
-                progress=bar.update,
-            )
-            long_ppl[method, share] = math.nan  # printed when no token needs the prompt
-            if selected:
-                long_ppl[method, share] = evaluation.long_context_perplexity(
-                    model,
-                    name,
-                    share,
-                    context=args.context,
-                    windows=args.long_windows,
-                    key_tokens=key_tokens,
-                    progress=bar.update,
-                )
-            else:
-                bar.update(args.long_windows)
+    else:
+        scores = evaluation.ruler_scores(
+            model,
+            tokenizer,
+            context=args.context,
+            samples=args.prompts,
+            progress=bar.update,
+            runs=[(name, args.budget) for name in names],
+        )
+        found = [s["average"] for s in scores]
+    passkey = dict(zip(METHODS, found))
+    runs = [(name, share) for name in names for share in shares]
+    keys = [(method, share) for method in METHODS for share in shares]
+    bar.set_postfix_str("perplexity, every method")
+    text = dict(context=args.context, tokenizer=tokenizer, progress=bar.update, runs=runs)
+    ppl = dict(zip(keys, evaluation.perplexity(model, windows=args.windows, **text)))
+    long_ppl = dict.fromkeys(keys, math.nan)  # printed when no token needs the prompt
+    if selected:
+        long_values = evaluation.long_context_perplexity(
+            model, windows=args.long_windows, key_tokens=key_tokens, **text
+        )
+        long_ppl = dict(zip(keys, long_values))
+    else:
+        bar.update(args.long_windows * len(runs))
 
     bar.set_postfix_str("store trace")
-    runs = _store_trace(model, args, out, bar.update)
+    runs = _store_trace(tiny, args, out, bar.update)
     bar.close()
     speed = _speed(args.speed_tokens)
 
     budget_slots = budget_tokens(args.budget, args.context)
+    unit = "bytes" if tokenizer is None else "tokens"
+    if tokenizer is None:
+        print(
+            f"\nkvpack demo: tiny LM ({trained}-token context), {args.prompts} pass-key "
+            f"prompts, {args.windows} perplexity windows of {args.context} bytes"
+        )
+    else:
+        print(
+            f"\nkvpack demo: {args.model}, {len(_ruler_tasks())} RULER-style tasks x "
+            f"{args.prompts} prompts of {args.context} tokens (average score), "
+            f"{args.windows} perplexity windows of {args.context} tokens"
+        )
     print(
-        f"\nkvpack demo: tiny LM ({trained}-token context), {args.prompts} pass-key prompts, "
-        f"{args.windows} perplexity windows of {args.context} bytes"
-    )
-    print(
-        f"(ctx: perplexity of the {selected} bytes in {args.long_windows} windows that the "
+        f"(ctx: perplexity of the {selected} {unit} in {args.long_windows} windows that the "
         "distant prompt predicts)"
     )
+    column = "pass-key" if tokenizer is None else "RULER"
     print(
-        f"{'method':<15}{f'pass-key @{budget_slots}':>16}"
+        f"{'method':<15}{f'{column} @{budget_slots}':>16}"
         + "".join(f"{f'ppl @{s:.0%}':>12}" for s in shares)
         + "".join(f"{f'ctx @{s:.0%}':>12}" for s in shares)
     )
@@ -180,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         f"dense {speed['dense'] * 1e3:.2f} ms, ClusterKV (budget 1024) "
         f"{speed['clusterkv'] * 1e3:.2f} ms, {speed['dense'] / speed['clusterkv']:.1f}x faster"
     )
-    figures = _figures(out, passkey, (ppl, long_ppl), shares, runs, budget_slots)
+    figures = _figures(out, passkey, (ppl, long_ppl), shares, runs, budget_slots, args.model)
     print("\nfigures: " + ", ".join(str(f) for f in figures))
     print(f"wall time: {time.perf_counter() - started:.0f} s")
     return 0
@@ -233,7 +268,13 @@ def _speed(tokens: int) -> dict:
     return {"dense": dense, "clusterkv": step}
 
 
-def _figures(out: Path, passkey, perplexities, shares, runs, budget_slots) -> list[Path]:
+def _ruler_tasks() -> tuple:
+    from .models import ruler
+
+    return ruler.TASKS
+
+
+def _figures(out: Path, passkey, perplexities, shares, runs, budget_slots, model) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,8 +283,8 @@ def _figures(out: Path, passkey, perplexities, shares, runs, budget_slots) -> li
     paths = []
     figure, axes = plt.subplots(figsize=(7, 3.5))
     axes.bar(list(passkey), [100 * v for v in passkey.values()], color="C0")
-    axes.set_ylabel("pass-key accuracy (%)")
-    axes.set_title(f"tiny LM, budget {budget_slots} tokens")
+    axes.set_ylabel("pass-key accuracy (%)" if model == "tiny" else "RULER average score (%)")
+    axes.set_title(f"{'tiny LM' if model == 'tiny' else model}, budget {budget_slots} tokens")
     axes.tick_params(axis="x", rotation=45)
     figure.tight_layout()
     paths.append(out / "passkey.png")
@@ -251,7 +292,8 @@ def _figures(out: Path, passkey, perplexities, shares, runs, budget_slots) -> li
 
     figure, panels = plt.subplots(1, 2, figsize=(11, 3.5))
     width = 0.8 / len(shares)
-    titles = ("every scored byte", "bytes that need the distant prompt")
+    unit = "byte" if model == "tiny" else "token"
+    titles = (f"every scored {unit}", f"{unit}s that need the distant prompt")
     for axes, ppl, title in zip(panels, perplexities, titles):
         for i, share in enumerate(shares):
             axes.bar(
@@ -261,7 +303,7 @@ def _figures(out: Path, passkey, perplexities, shares, runs, budget_slots) -> li
                 label=f"{share:.0%} kept",
             )
         axes.set_xticks(np.arange(len(passkey)) + width / 2, list(passkey), rotation=45)
-        axes.set_ylabel("held-out perplexity (per byte)")
+        axes.set_ylabel(f"held-out perplexity (per {unit})")
         axes.set_title(title)
     panels[-1].legend(loc="upper left")  # its full-cache bars leave that corner free
     figure.tight_layout()
