@@ -138,6 +138,37 @@ def test_forged_positions_and_counts_are_refused(rng):
     assert decode(blob).positions[0].shape == (heads, tokens)  # the unforged blob is fine
 
 
+def test_forged_quantized_shape_is_refused_before_allocating(rng):
+    # The payload's own header (bits, dtype, group, residual, heads, tokens, dim, quantized)
+    # claims 2^20 heads of 2^32 tokens: refused by size, never allocated (was MemoryError).
+    blob = encode(context(rng, tokens=64), "kivi-2", key="k")
+    payload = _u(blob, _record(blob) + 16, 8)
+    huge = _forged(
+        blob,
+        lambda d: (
+            _put_u(d, payload + 24, 8, (1 << 20) - 1),
+            _put_u(d, payload + 32, 8, 2**32 - 1),
+        ),
+    )
+    with pytest.raises(ValueError, match="quantized payload"):
+        decode(huge)
+    # A group of 2^40 tokens for a cache too short to have any: scratch was sized by it.
+    wide = _forged(blob, lambda d: _put_u(d, payload + 8, 8, 1 << 40))
+    with pytest.raises(ValueError, match="quantized payload"):
+        decode(wide)
+
+
+def test_forged_layers_sharing_a_payload_are_refused(rng):
+    # Layer records pointing at one payload would let a blob expand many times over.
+    blob = encode(context(rng, tokens=64), "kivi-2", key="k")
+    first = _record(blob)
+    shared = _forged(
+        blob, lambda d: d.__setitem__(slice(first + 32, first + 64), d[first : first + 32])
+    )
+    with pytest.raises(ValueError, match="layer table"):
+        decode(shared)
+
+
 def test_forged_blob_in_a_tier_is_a_counted_miss(rng, tmp_path):
     kv = context(rng, tokens=64)
     with TieredStore(0, tmp_path, 64 * MB, policy="lru", bandwidths=[1e10, 1e9]) as store:

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 #include <new>
 
 #include <sys/mman.h>
@@ -183,14 +182,6 @@ EncodedLayer encode_layer(const LayerView& layer, const Codec& codec, const Evid
 // is 16x, plus its scales).
 constexpr std::size_t kMaxExpansion = 32;
 
-// out = the product of factors; false when it does not fit in size_t.
-bool checked_product(std::initializer_list<std::size_t> factors, std::size_t& out) {
-  out = 1;
-  for (const std::size_t f : factors)
-    if (__builtin_mul_overflow(out, f, &out)) return false;
-  return true;
-}
-
 // Positions of a token-dropping layer ascend per head within its original tokens, and
 // every slot stands for at least one token.
 void check_slots(const DecodedLayer& layer) {
@@ -297,6 +288,7 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
               std::to_string(kBlobVersion));
   if (header.codec_kind > static_cast<std::uint32_t>(CodecKind::KVMerger)) malformed("codec");
   if (header.dtype > static_cast<std::uint32_t>(DType::BFloat16)) malformed("dtype");
+  if (header.layers == 0) malformed("no layers");  // encode writes at least one
   const std::size_t table = table_offset(header.key_bytes);
   if (header.key_bytes > (1u << 20) || header.size < table + header.layers * sizeof(LayerRecord))
     malformed("sizes");
@@ -334,6 +326,13 @@ bool verify_blob(const Buffer& blob) {
   BlobVerifier verifier(blob);
   verifier.update(blob.size());
   return verifier.valid();
+}
+
+void reseal_blob(unsigned char* data, std::size_t size) {
+  KVPACK_CHECK(size >= kBlobHeaderBytes,
+               "size: expected at least " << kBlobHeaderBytes << " bytes, got " << size);
+  const std::uint64_t checksum = blob_checksum(data, size);
+  std::memcpy(data + kChecksumField, &checksum, sizeof checksum);
 }
 
 BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, const Codec& codec,
@@ -393,8 +392,7 @@ BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, con
   std::memset(data + table_end, 0, encoded[0].record.offset - table_end);
   header.checksum = 0;
   std::memcpy(data, &header, sizeof header);
-  header.checksum = blob_checksum(data, offset);
-  std::memcpy(data + kChecksumField, &header.checksum, sizeof header.checksum);
+  reseal_blob(data, offset);
   return blob;
 }
 
@@ -416,11 +414,15 @@ DecodedKV decode(const BlobPtr& blob, bool copy) {
   // A blob may come from anyone who can write to a shared tier, checksum and all: every
   // size is checked without overflow against the blob before anything is read or
   // allocated from it.
+  // Payloads follow the table in layer order without overlapping, as encode lays them
+  // out, so together they are no larger than the blob and neither is what they expand to.
+  std::size_t payload_end = table + records.size() * sizeof(LayerRecord);
   for (std::size_t l = 0; l < records.size(); ++l) {
     const LayerRecord& r = records[l];
-    if (r.offset > info.size || r.bytes > info.size - r.offset || r.dim == 0 ||
-        r.offset % kPayloadAlignment != 0)
+    if (r.offset < payload_end || r.offset > info.size || r.bytes > info.size - r.offset ||
+        r.dim == 0 || r.offset % kPayloadAlignment != 0)
       malformed("layer table");
+    payload_end = r.offset + r.bytes;
     std::size_t kv = 0, index = 0;
     if (!checked_product({r.heads, r.tokens, r.dim, elem}, kv) ||
         !checked_product({r.heads, r.tokens, sizeof(std::int32_t)}, index) ||
@@ -435,6 +437,7 @@ DecodedKV decode(const BlobPtr& blob, bool copy) {
     out_size = align_up(out_size, kPayloadAlignment);
     out_offset[l] = out_size;
     out_size += info.codec.kind == CodecKind::Quant ? 2 * kv : r.bytes;
+    if (out_size > info.size * kMaxExpansion) malformed("layer shapes");
   }
 
   const bool in_place = info.codec.kind != CodecKind::Quant && !copy;

@@ -104,6 +104,11 @@ std::size_t blob_prefix_bytes(const unsigned char* header);
 /// True when the blob's checksum matches its bytes.
 bool verify_blob(const Buffer& blob);
 
+/// Rewrites the checksum of `size` bytes (at least kBlobHeaderBytes) changed after encode:
+/// what anyone who can write to a shared tier can do, so tests and the decoder's fuzzer
+/// use it to forge blobs that pass the checksum.
+void reseal_blob(unsigned char* data, std::size_t size);
+
 /// Verifies a blob while it is being read into `blob`, so checking overlaps the I/O:
 /// update(n) each time the first n bytes are in place (n growing), valid() at the end.
 class BlobVerifier {
