@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <system_error>
 
 #include "arrays.h"
 #include "kvpack/checksum.h"
@@ -145,6 +146,15 @@ StorePolicy policy_arg(const std::string& policy) {
 }  // namespace
 
 void bind_store(py::module_& m) {
+  // A tier that cannot write (full or read-only disk) is an OSError with its errno.
+  py::register_exception_translator([](std::exception_ptr failure) {
+    try {
+      if (failure) std::rethrow_exception(failure);
+    } catch (const std::system_error& error) {
+      const py::tuple args = py::make_tuple(error.code().value(), error.what());
+      PyErr_SetObject(PyExc_OSError, args.ptr());
+    }
+  });
   m.def(
       "xxh64",
       [](const py::bytes& data, std::uint64_t seed) {

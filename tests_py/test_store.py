@@ -1,7 +1,9 @@
 """The tiered store: codec blobs against NumPy references, tiers, placement, reliability."""
 
+import errno
 import itertools
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -674,6 +676,75 @@ def test_ssd_prefetch(rng, tmp_path):
         with pytest.raises(KeyError):  # a file removed behind the store's back is a miss
             store.get("b")
         assert "b" not in store and store.stats()["errors"] == 1
+
+
+@pytest.mark.parametrize("policy", ["lru", "adaptive"])
+def test_put_a_disk_cannot_write_raises_and_keeps_the_old_version(rng, tmp_path, policy):
+    # Files limited to 4 KiB: the next blob's write fails (EFBIG) as on a full disk. The
+    # store removed the old file first and returned normally, storing nothing.
+    old, new = context(rng, tokens=64), context(rng, tokens=64)
+    with TieredStore(0, tmp_path, 64 * MB, policy=policy, bandwidths=[1e10, 1e9]) as store:
+        store.put("k", old)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+        try:
+            with pytest.raises(OSError, match="'k' not stored") as replacing:
+                store.put("k", new)
+            with pytest.raises(OSError, match="'fresh' not stored") as adding:
+                store.put("fresh", new)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+            signal.signal(signal.SIGXFSZ, handler)
+        assert replacing.value.errno == adding.value.errno == errno.EFBIG
+        assert_same(store.get("k").kv, old)
+        assert "fresh" not in store and store.stats()["errors"] == 2
+        assert not list(tmp_path.glob("*.tmp"))
+    with TieredStore(0, tmp_path, 64 * MB, policy=policy, bandwidths=[1e10, 1e9]) as store:
+        assert_same(store.get("k").kv, old)
+
+
+def test_overwrites_never_hide_an_entry_nor_serve_an_older_version(tmp_path):
+    # One thread overwrites a key with ever newer versions while others prefetch and get
+    # it: every get finds it (a read racing a rename was a miss) and never returns a
+    # version older than the newest acknowledged when the get began.
+    def version(v):
+        a = np.full((2, 64, 16), float(v), np.float32)
+        return [(a, a)]
+
+    store = TieredStore(0, tmp_path, 64 * MB, policy="lru", bandwidths=[1e10, 1e9])
+    store.put("k", version(0))
+    acknowledged, failures, stop = [0], [], threading.Event()
+
+    def writer():
+        for v in itertools.count(1):
+            if stop.is_set():
+                return
+            store.put("k", version(v))
+            acknowledged[0] = v
+
+    def reader():
+        try:
+            while not stop.is_set():
+                newest = acknowledged[0]
+                store.prefetch("k")
+                got = store.get("k").kv[0][0][0, 0, 0]
+                if got < newest:
+                    failures.append(f"version {got} served after {newest} was acknowledged")
+        except Exception as error:
+            failures.append(repr(error))
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(4.0)  # how long the race runs, not a timing asserted
+    stop.set()
+    for t in threads:
+        t.join()
+    store.close()
+    assert failures == [] and acknowledged[0] > 10
 
 
 def test_concurrent_put_get_delete(tmp_path):

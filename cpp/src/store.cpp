@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <system_error>
 
 #include "kvpack/attention.h"
 #include "kvpack/policy.h"
@@ -218,16 +219,47 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
 
   std::lock_guard<std::mutex> lock(mutex_);
   ++counters_.puts;
-  if (entries_.count(key)) drop(key);
+  // The version this put replaces stays in its tier until the new one is in place: a
+  // crash (or a failed write) meanwhile leaves the old version, never neither.
+  std::optional<Entry> replaced;
+  if (const auto it = entries_.find(key); it != entries_.end()) {
+    replaced = std::move(it->second);
+    entries_.erase(it);
+    order_.erase(std::find(order_.begin(), order_.end(), key));
+  }
   entry.held = -1;  // not stored yet
   entry.tier = -1;
   entry.last_use = ++clock_;
   entries_[key] = std::move(entry);
   order_.push_back(key);
-  if (params_.policy == StorePolicy::Adaptive)
-    place_adaptive(key, fresh);
-  else
-    place_lru(key, fresh.begin()->second);
+  const Replaced old{
+      replaced ? replaced->tier : -1,
+      replaced && replaced->held >= 0 ? replaced->candidates[replaced->held].bytes : 0};
+  const std::optional<std::system_error> error = params_.policy == StorePolicy::Adaptive
+                                                     ? place_adaptive(key, fresh, old)
+                                                     : place_lru(key, fresh.begin()->second, old);
+  const auto it = entries_.find(key);
+  const int tier = it == entries_.end() ? -1 : it->second.tier;
+  if (tier < 0 && error) {
+    // The new version could not be written: the old one, untouched, stays the entry.
+    if (old.tier >= 0 && tiers_[old.tier]->contains(key)) {
+      entries_[key] = std::move(*replaced);
+      order_.push_back(key);
+    }
+    throw std::system_error(error->code(),
+                            "put: '" + key + "' not stored: " + std::string(error->what()));
+  }
+  if (old.tier >= 0 && old.tier != tier) tiers_[old.tier]->remove(key);
+}
+
+bool TieredStore::put_blob(int tier, const std::string& key, const BlobPtr& blob,
+                           std::optional<std::system_error>* failure) {
+  try {
+    return tiers_[tier]->put(key, blob);
+  } catch (const std::system_error& error) {  // counted by the tier
+    if (failure) failure->emplace(error);
+    return false;
+  }
 }
 
 void TieredStore::drop(const std::string& key) {
@@ -238,7 +270,8 @@ void TieredStore::drop(const std::string& key) {
   order_.erase(std::find(order_.begin(), order_.end(), key));
 }
 
-void TieredStore::place_adaptive(const std::string& key, std::unordered_map<int, BlobPtr>& fresh) {
+std::optional<std::system_error> TieredStore::place_adaptive(
+    const std::string& key, std::unordered_map<int, BlobPtr>& fresh, const Replaced& old) {
   std::vector<PlacementItem> items;
   std::vector<std::vector<std::pair<int, int>>> meaning;  // option -> (candidate, tier)
   for (const std::string& name : order_) {
@@ -284,6 +317,11 @@ void TieredStore::place_adaptive(const std::string& key, std::unordered_map<int,
     }
     moves.push_back(std::move(move));
   }
+  // The new entry first: once it is in place the version it replaces can leave its tier,
+  // making the room the plan counted on for the others.
+  std::stable_partition(moves.begin(), moves.end(),
+                        [&key](const Move& move) { return move.key == key; });
+  std::optional<std::system_error> failure;
   for (Move& move : moves) {
     Entry& entry = entries_.at(move.key);
     if (move.candidate >= 0 && move.blob && entry.held >= 0 && move.candidate != entry.held) {
@@ -296,11 +334,14 @@ void TieredStore::place_adaptive(const std::string& key, std::unordered_map<int,
       ++counters_.recompressions;
     }
     const bool placed =
-        move.candidate >= 0 && move.blob && tiers_[move.tier]->put(move.key, move.blob);
+        move.candidate >= 0 && move.blob &&
+        put_blob(move.tier, move.key, move.blob, move.key == key ? &failure : nullptr);
+    if (move.key == key && placed && old.tier >= 0 && old.tier != move.tier)
+      tiers_[old.tier]->remove(key);
     if (!placed) {
       // Out of every tier (or unreadable): counted.
       ++counters_.evictions;
-      if (move.key == key && move.candidate >= 0) ++counters_.errors;
+      if (move.key == key && move.candidate >= 0 && !failure) ++counters_.errors;
       entries_.erase(move.key);
       order_.erase(std::find(order_.begin(), order_.end(), move.key));
       continue;
@@ -309,6 +350,7 @@ void TieredStore::place_adaptive(const std::string& key, std::unordered_map<int,
     entry.held = move.candidate;
     entry.tier = move.tier;
   }
+  return failure;
 }
 
 void TieredStore::make_room(int tier, std::int64_t bytes, const std::string& keep) {
@@ -332,7 +374,7 @@ void TieredStore::make_room(int tier, std::int64_t bytes, const std::string& kee
     if (blob && below < static_cast<int>(tiers_.size()) &&
         stored_bytes(blob->size()) <= tiers_[below]->capacity()) {
       make_room(below, stored_bytes(blob->size()), keep);
-      placed = tiers_[below]->put(name, blob);
+      placed = put_blob(below, name, blob);
     }
     if (placed) {
       entry.tier = below;
@@ -345,21 +387,27 @@ void TieredStore::make_room(int tier, std::int64_t bytes, const std::string& kee
   }
 }
 
-void TieredStore::place_lru(const std::string& key, const BlobPtr& blob) {
+std::optional<std::system_error> TieredStore::place_lru(const std::string& key, const BlobPtr& blob,
+                                                        const Replaced& old) {
   Entry& entry = entries_.at(key);
   entry.held = 0;
   const std::int64_t bytes = stored_bytes(blob->size());
+  std::optional<std::system_error> failure;
   for (int t = 0; t < static_cast<int>(tiers_.size()); ++t) {
     if (bytes > tiers_[t]->capacity()) continue;
-    make_room(t, bytes, key);
-    if (tiers_[t]->put(key, blob)) {
+    // The version replaced in this tier frees its room as the new one takes its place.
+    make_room(t, bytes - (t == old.tier ? old.bytes : 0), key);
+    if (put_blob(t, key, blob, &failure)) {
       entry.tier = t;
-      return;
+      if (old.tier >= 0 && old.tier != t) tiers_[old.tier]->remove(key);
+      return std::nullopt;
     }
+    if (failure) break;  // the tier failed: reported, not silently stored elsewhere
   }
   entries_.erase(key);  // larger than every tier
   order_.erase(std::find(order_.begin(), order_.end(), key));
   ++counters_.evictions;
+  return failure;
 }
 
 std::optional<GetResult> TieredStore::get(const std::string& key) {
@@ -404,13 +452,13 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
       tiers_[tier]->remove(key);
       it->second.tier = -1;
       make_room(0, bytes, key);
-      if (tiers_[0]->put(key, blob)) {
+      if (put_blob(0, key, blob)) {
         it->second.tier = 0;
         ++counters_.moves;
         shared = true;
       } else {
         make_room(tier, bytes, key);
-        if (tiers_[tier]->put(key, blob)) {
+        if (put_blob(tier, key, blob)) {
           it->second.tier = tier;
         } else {
           ++counters_.evictions;

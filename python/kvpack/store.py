@@ -244,6 +244,10 @@ class TieredStore:
         without them each layer's last 32 keys stand in. ``quality`` replaces the
         measurement: one value per codec of :attr:`codecs`, or a function
         ``quality(kv, decoded)`` called for each codec.
+
+        A version it replaces stays stored until the new one is in place. OSError when a
+        tier cannot write the entry (a full or read-only disk): the previous version, if
+        any, is then still the entry.
         """
         name = _key(key)
         if callable(quality):

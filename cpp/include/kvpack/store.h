@@ -14,6 +14,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <system_error>
 #include <unordered_map>
 #include <vector>
 
@@ -89,7 +90,9 @@ class TieredStore {
   explicit TieredStore(const StoreParams& params);
   ~TieredStore();
 
-  /// Stores one context (all layers, one dtype) under `key`, replacing any entry there.
+  /// Stores one context (all layers, one dtype) under `key`, replacing any entry there; the
+  /// replaced version stays until the new one is in place. Throws std::system_error when a
+  /// tier failed to write the entry (full or read-only disk): then the old version stays.
   /// probes[l]: queries [heads_q, n, dim] of layer l scoring quality and guiding token
   /// dropping (empty: each layer's last 32 keys stand in). qualities: the caller's
   /// quality per codec of codecs() (empty: measured).
@@ -127,9 +130,24 @@ class TieredStore {
     std::vector<Evidence> probes;
   };
 
+  // Where the version a put replaces is held, until the new one is in place.
+  struct Replaced {
+    int tier = -1;           ///< -1: nothing replaced (or held nowhere)
+    std::int64_t bytes = 0;  ///< its stored bytes
+  };
+
   double utility(const Entry& entry, int candidate, int tier) const;
-  void place_adaptive(const std::string& key, std::unordered_map<int, BlobPtr>& fresh);
-  void place_lru(const std::string& key, const BlobPtr& blob);
+  // Place the entry `key` just put (and re-plan the others); the tier error that kept it
+  // out of every tier, if one did.
+  std::optional<std::system_error> place_adaptive(const std::string& key,
+                                                  std::unordered_map<int, BlobPtr>& fresh,
+                                                  const Replaced& old);
+  std::optional<std::system_error> place_lru(const std::string& key, const BlobPtr& blob,
+                                             const Replaced& old);
+  // tiers_[tier]->put, an I/O failure (counted by the tier) reported in `failure` when given
+  // and otherwise a blob not placed.
+  bool put_blob(int tier, const std::string& key, const BlobPtr& blob,
+                std::optional<std::system_error>* failure = nullptr);
   void make_room(int tier, std::int64_t bytes, const std::string& keep);
   void drop(const std::string& key);  // forget an entry and its blob
   // A read blob decoded (outside the lock) and counted as a hit of `tier`; nothing when it
