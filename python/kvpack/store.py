@@ -16,7 +16,7 @@ import math
 import numbers
 import operator
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -204,11 +204,11 @@ class TieredStore:
             redis_bytes=(1 << 62) if redis_bytes is None else redis_bytes,
             policy=policy,
             alpha=alpha,
-            codecs=None if codecs is None else list(codecs),
+            codecs=_listed("codecs", codecs),
             o_direct=o_direct,
             io_threads=io_threads,
             streaming_rate=streaming_rate,
-            bandwidths=None if bandwidths is None else [float(b) for b in bandwidths],
+            bandwidths=_listed("bandwidths", bandwidths),
             decode_bandwidths=_per_codec(decode_bandwidths),
             timeout_ms=round(timeout * 1000),
         )
@@ -315,7 +315,17 @@ def _per_codec(decode_bandwidths) -> list[float] | None:
         return None
     if isinstance(decode_bandwidths, numbers.Real):
         return [float(decode_bandwidths)]
-    return [float(b) for b in decode_bandwidths]
+    return _listed("decode_bandwidths", decode_bandwidths)
+
+
+def _listed(name: str, values) -> list | None:
+    """A sequence argument as a list for the core, which names what its items should be; a
+    string is not taken for a sequence of characters."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name}: expected a list, got {type(values).__name__}")
+    return list(values)
 
 
 def _check_room(directory: Path, capacity: int) -> None:
