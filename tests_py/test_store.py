@@ -183,6 +183,46 @@ def test_forged_blob_in_a_tier_is_a_counted_miss(rng, tmp_path):
         assert stats["corrupt"] == 1 and "victim" not in store
 
 
+def test_secret_signs_entries_and_refuses_unsigned_ones(rng, tmp_path):
+    # A shared SSD directory: a writer without the secret (or with another) replaces the
+    # victim's file with a well-formed, checksummed blob of its own for the same key.
+    victim, planted = context(rng, tokens=64), context(rng, tokens=64)
+    args = dict(policy="lru", bandwidths=[1e10, 1e9])
+    with TieredStore(0, tmp_path, 64 * MB, secret="s3cret", **args) as store:
+        store.put("victim", victim)
+        store.put("other", planted)
+        assert_same(store.get("victim").kv, victim)
+    with TieredStore(0, tmp_path, 64 * MB, secret=b"s3cret", **args) as store:  # reopened
+        assert_same(store.get("victim").kv, victim)
+    files = {p.read_bytes()[64:65]: p for p in tmp_path.glob("*.kvb")}
+    signed_other = files[b"o"].read_bytes()
+    for attacker in (None, "guess"):
+        with TieredStore(0, tmp_path / "attacker", 64 * MB, secret=attacker, **args) as other:
+            other.put("victim", planted)
+            (forged,) = (tmp_path / "attacker").glob("*.kvb")
+            files[b"v"].write_bytes(forged.read_bytes())
+        shutil.rmtree(tmp_path / "attacker")
+        with TieredStore(0, tmp_path, 64 * MB, secret="s3cret", **args) as store:
+            with pytest.raises(KeyError):
+                store.get("victim")
+            assert store.stats()["unauthenticated"] == 1 and "victim" not in store
+            assert_same(store.get("other").kv, planted)
+    # A signed blob of another key moved under the victim's name: refused too.
+    files[b"v"].write_bytes(signed_other)
+    with TieredStore(0, tmp_path, 64 * MB, secret="s3cret", **args) as store:
+        assert "victim" not in store  # indexed by the key inside it, which is "other"
+    # Without a secret a store serves any well-formed blob, as before.
+    with TieredStore(0, tmp_path, 64 * MB, **args) as store:
+        assert_same(store.get("other").kv, planted)
+
+
+def test_secret_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="secret: expected at least one byte"):
+        TieredStore(1 * MB, secret="")
+    with pytest.raises(TypeError, match="secret: expected str or bytes, got int"):
+        TieredStore(1 * MB, secret=42)
+
+
 @pytest.mark.parametrize("dtype", KV_DTYPES)
 def test_codec_none_round_trip(rng, dtype):
     kv = context(rng, dtype=dtype)

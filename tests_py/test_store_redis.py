@@ -125,3 +125,18 @@ def test_unreachable_server_at_start():
         store.put("a", context(3))
         assert "a" not in store
         assert store.stats()["errors"] >= 1
+
+
+def test_secret_makes_entries_of_writers_without_it_misses(redis):
+    _, url = redis
+    kv = [(np.ones((2, 16, 8), np.float32),) * 2]
+    args = dict(redis_url=url, policy="lru", bandwidths=[1e10, 1e8])
+    with kvpack.TieredStore(0, **args) as intruder:  # no secret: plants an unsigned blob
+        intruder.put("shared", kv)
+    with kvpack.TieredStore(0, secret="team", **args) as store:
+        with pytest.raises(KeyError):
+            store.get("shared")
+        assert store.stats()["unauthenticated"] == 1
+        store.put("shared", kv)  # signed now: the team's other stores read it
+    with kvpack.TieredStore(0, secret="team", **args) as teammate:
+        np.testing.assert_array_equal(teammate.get("shared").kv[0][0], kv[0][0])

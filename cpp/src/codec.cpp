@@ -10,6 +10,11 @@
 #include <sstream>
 #include <stdexcept>
 
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+
 #include "kvpack/checksum.h"
 #include "kvpack/compress.h"
 #include "kvpack/convert.h"
@@ -35,10 +40,40 @@ struct Header {
   std::uint64_t size;      // bytes of the blob
   std::uint64_t checksum;  // XXH64 of bytes [48, size), seeded with XXH64 of bytes [0, 40)
   std::uint32_t key_bytes;
-  std::uint32_t reserved[3];
+  unsigned char tag[12];  // HMAC-SHA256 of the blob under the store's secret (zeros: none)
 };
 static_assert(sizeof(Header) == kBlobHeaderBytes, "the header is 64 bytes");
-constexpr std::size_t kChecksumField = 40, kAfterChecksum = 48;
+constexpr std::size_t kChecksumField = 40, kAfterChecksum = 48, kTagField = 52;
+constexpr std::size_t kTagBytes = sizeof(Header::tag);
+
+// HMAC-SHA256 (OpenSSL) of a blob under `secret`, its checksum and tag fields read as
+// zeros, truncated to the tag field (96 bits, as HMAC-SHA-256-96 of RFC 4868's family).
+void blob_mac(const unsigned char* data, std::size_t size, const std::string& secret,
+              unsigned char* tag) {
+  static const unsigned char zeros[kTagBytes] = {};
+  EVP_MAC* hmac = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+  EVP_MAC_CTX* context = hmac ? EVP_MAC_CTX_new(hmac) : nullptr;
+  char digest_name[] = "SHA256";
+  const OSSL_PARAM params[] = {
+      OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest_name, 0),
+      OSSL_PARAM_construct_end()};
+  unsigned char full[EVP_MAX_MD_SIZE];
+  std::size_t length = 0;
+  const bool done =
+      context &&
+      EVP_MAC_init(context, reinterpret_cast<const unsigned char*>(secret.data()), secret.size(),
+                   params) == 1 &&
+      EVP_MAC_update(context, data, kChecksumField) == 1 &&
+      EVP_MAC_update(context, zeros, kAfterChecksum - kChecksumField) == 1 &&
+      EVP_MAC_update(context, data + kAfterChecksum, kTagField - kAfterChecksum) == 1 &&
+      EVP_MAC_update(context, zeros, kTagBytes) == 1 &&
+      EVP_MAC_update(context, data + kBlobHeaderBytes, size - kBlobHeaderBytes) == 1 &&
+      EVP_MAC_final(context, full, &length, sizeof full) == 1 && length >= kTagBytes;
+  EVP_MAC_CTX_free(context);
+  EVP_MAC_free(hmac);
+  if (!done) throw std::runtime_error("HMAC-SHA256 unavailable from OpenSSL");
+  std::memcpy(tag, full, kTagBytes);
+}
 
 // One layer's record in the table that follows the key.
 struct LayerRecord {
@@ -335,8 +370,15 @@ void reseal_blob(unsigned char* data, std::size_t size) {
   std::memcpy(data + kChecksumField, &checksum, sizeof checksum);
 }
 
+bool blob_signed_by(const Buffer& blob, const std::string& secret) {
+  if (blob.size() < kBlobHeaderBytes) return false;
+  unsigned char tag[kTagBytes];
+  blob_mac(blob.data(), blob.size(), secret, tag);
+  return CRYPTO_memcmp(tag, blob.data() + kTagField, kTagBytes) == 0;
+}
+
 BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, const Codec& codec,
-               const std::vector<Evidence>& evidence) {
+               const std::vector<Evidence>& evidence, const std::string& secret) {
   KVPACK_CHECK(!layers.empty(), "layers: expected at least one layer, got 0");
   KVPACK_CHECK(
       evidence.empty() || evidence.size() == layers.size(),
@@ -392,6 +434,7 @@ BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, con
   std::memset(data + table_end, 0, encoded[0].record.offset - table_end);
   header.checksum = 0;
   std::memcpy(data, &header, sizeof header);
+  if (!secret.empty()) blob_mac(data, offset, secret, data + kTagField);
   reseal_blob(data, offset);
   return blob;
 }

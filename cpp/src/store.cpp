@@ -187,7 +187,7 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
   for (std::size_t c = 0; c < codecs_.size(); ++c) {
     BlobPtr blob;
     try {
-      blob = encode(key, layers, codecs_[c], entry.probes);
+      blob = encode(key, layers, codecs_[c], entry.probes, params_.secret);
     } catch (const std::invalid_argument&) {
       if (codecs_[c].kind == CodecKind::None) throw;
       continue;
@@ -252,6 +252,15 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
   if (old.tier >= 0 && old.tier != tier) tiers_[old.tier]->remove(key);
 }
 
+bool TieredStore::authentic(const std::string& key, const Buffer& blob) const {
+  try {
+    if (read_blob_info(blob.data(), blob.size()).key != key) return false;
+  } catch (const std::runtime_error&) {
+    return false;
+  }
+  return params_.secret.empty() || blob_signed_by(blob, params_.secret);
+}
+
 bool TieredStore::put_blob(int tier, const std::string& key, const BlobPtr& blob,
                            std::optional<std::system_error>* failure) {
   try {
@@ -314,6 +323,10 @@ std::optional<std::system_error> TieredStore::place_adaptive(
     } else {
       move.blob = tiers_[entry.tier]->get(name);
       tiers_[entry.tier]->remove(name);
+      if (move.blob && !authentic(name, *move.blob)) {  // replaced behind the store's back
+        ++counters_.unauthenticated;
+        move.blob = nullptr;
+      }
     }
     moves.push_back(std::move(move));
   }
@@ -326,12 +339,18 @@ std::optional<std::system_error> TieredStore::place_adaptive(
     Entry& entry = entries_.at(move.key);
     if (move.candidate >= 0 && move.blob && entry.held >= 0 && move.candidate != entry.held) {
       // Recompress from the lossless copy with the codec the plan chose.
-      const DecodedKV original = decode(move.blob, false);
-      std::vector<LayerView> layers;
-      for (std::size_t l = 0; l < original.layers.size(); ++l)
-        layers.push_back(layer_view(original, l));
-      move.blob = encode(move.key, layers, entry.candidates[move.candidate].codec, entry.probes);
-      ++counters_.recompressions;
+      try {
+        const DecodedKV original = decode(move.blob, false);
+        std::vector<LayerView> layers;
+        for (std::size_t l = 0; l < original.layers.size(); ++l)
+          layers.push_back(layer_view(original, l));
+        move.blob = encode(move.key, layers, entry.candidates[move.candidate].codec, entry.probes,
+                           params_.secret);
+        ++counters_.recompressions;
+      } catch (const std::runtime_error&) {  // checksummed but malformed: dropped, counted
+        ++counters_.corrupt;
+        move.blob = nullptr;
+      }
     }
     const bool placed =
         move.candidate >= 0 && move.blob &&
@@ -491,15 +510,21 @@ std::optional<GetResult> TieredStore::served(const std::string& key, const BlobP
   result.io_seconds = io_seconds;
   result.quality = quality;
   const auto start = Clock::now();
+  bool signed_here = authentic(key, *blob), malformed = false;
   try {
-    result.kv = decode(blob, shared);
+    if (signed_here) result.kv = decode(blob, shared);
   } catch (const std::runtime_error&) {
-    // Checksummed but malformed (written by someone else): never served, dropped, counted.
+    malformed = true;
+  }
+  if (!signed_here || malformed) {
+    // Not this store's (no tag of its secret, another key's blob) or checksummed but
+    // malformed: never decoded or served; counted, forgotten and, unless the tier is the
+    // remote one other stores share, removed.
     std::lock_guard<std::mutex> lock(mutex_);
-    ++counters_.corrupt;
+    ++(malformed ? counters_.corrupt : counters_.unauthenticated);
     ++counters_.misses;
     if (entries_.count(key)) drop(key);
-    tiers_[tier]->remove(key);
+    if (!(params_.remote && tier + 1 == static_cast<int>(tiers_.size()))) tiers_[tier]->remove(key);
     return std::nullopt;
   }
   result.decode_seconds = seconds_since(start);

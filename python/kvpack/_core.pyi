@@ -221,6 +221,7 @@ class TieredStore:
         bandwidths: list[float] | None = None,
         decode_bandwidths: list[float] | None = None,
         timeout_ms: int = 2000,
+        secret: str | bytes = "",
     ) -> None: ...
     def put(
         self,

@@ -167,6 +167,12 @@ class TieredStore:
         (``math.inf``: decoding is free); each candidate's decode is timed at ``put`` if
         omitted. With ``bandwidths`` too, the placement depends only on the entries, not on
         how busy the machine is.
+    secret : str or bytes
+        Signs every entry the store writes with HMAC-SHA256 under this secret and serves
+        only entries signed with it: an entry someone without the secret wrote to the SSD
+        directory or the Redis server is a miss (``stats()["unauthenticated"]``), never
+        decoded. Stores sharing a tier share the secret. Without it entries are checksummed,
+        which catches accidents, not forgeries.
     """
 
     def __init__(
@@ -187,7 +193,12 @@ class TieredStore:
         bandwidths: Sequence[float] | None = None,
         decode_bandwidths: float | Sequence[float] | None = None,
         timeout: float = 2.0,
+        secret: str | bytes | None = None,
     ) -> None:
+        if secret is not None and not isinstance(secret, (str, bytes)):
+            raise TypeError(f"secret: expected str or bytes, got {type(secret).__name__}")
+        if secret is not None and len(secret) == 0:
+            raise ValueError("secret: expected at least one byte, got an empty secret")
         host, port, db = _redis_address(redis_url) if redis_url is not None else (None, 6379, 0)
         if ssd_dir is not None and (str(ssd_dir) == "" or "\0" in str(ssd_dir)):
             raise ValueError(f"ssd_dir: expected a directory path, got {str(ssd_dir)!r}")
@@ -211,6 +222,7 @@ class TieredStore:
             bandwidths=_listed("bandwidths", bandwidths),
             decode_bandwidths=_per_codec(decode_bandwidths),
             timeout_ms=round(timeout * 1000),
+            secret=secret.encode() if isinstance(secret, str) else (secret or b""),
         )
 
     @property
@@ -294,8 +306,9 @@ class TieredStore:
 
     def stats(self) -> dict:
         """Hits, entries, bytes, capacity and prefetched blobs per tier; gets, misses,
-        puts, evictions, moves, recompressions, corrupt entries dropped, errors; mean and
-        p95 loading delay (seconds) and mean quality over hits."""
+        puts, evictions, moves, recompressions, corrupt entries dropped, entries refused as
+        unauthenticated (see ``secret``), errors; mean and p95 loading delay (seconds) and
+        mean quality over hits."""
         return self._store.stats()
 
     def close(self) -> None:

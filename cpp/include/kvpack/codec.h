@@ -2,8 +2,8 @@
 // lossless method into a versioned, checksummed byte blob, and decoded back.
 //
 // Blob layout (little-endian): a 64-byte header (magic, version, codec, dtype, layer
-// count, sizes, XXH64 checksum), the entry's key, a table of one record per layer, then
-// each layer's payload at a 64-byte aligned offset. The checksum covers every byte but
+// count, sizes, XXH64 checksum, an optional HMAC tag), the entry's key, a table of one record per
+// layer, then each layer's payload at a 64-byte aligned offset. The checksum covers every byte but
 // its own field, so a flipped byte anywhere is detected.
 #pragma once
 
@@ -125,9 +125,15 @@ class BlobVerifier {
 
 /// Encodes `layers` (all with one dtype) under `key` with `codec`. Dropping and merging
 /// rank tokens by the accumulated attention of each layer's evidence (evidence[l]);
-/// with no evidence (empty vector) the layer's last 32 keys stand in for queries.
+/// with no evidence (empty vector) the layer's last 32 keys stand in for queries. A
+/// non-empty `secret` signs the blob (see blob_signed_by).
 BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, const Codec& codec,
-               const std::vector<Evidence>& evidence = {});
+               const std::vector<Evidence>& evidence = {}, const std::string& secret = {});
+
+/// True when the blob carries the tag of `secret`: HMAC-SHA256 (OpenSSL) of the whole blob
+/// (its checksum and tag fields as zeros), 96 bits of it kept in the header. The checksum
+/// catches accidents; only this catches a blob written by someone without the secret.
+bool blob_signed_by(const Buffer& blob, const std::string& secret);
 
 /// How many of a layer's last keys stand in for its queries when the caller gives none.
 constexpr std::int64_t kProxyQueries = 32;

@@ -48,6 +48,10 @@ struct StoreParams {
   std::vector<Codec> codecs;       ///< adaptive candidates (empty: default_codecs())
   float streaming_rate = 0.5f;     ///< StreamingLRU's kept share
   std::vector<double> bandwidths;  ///< read bytes/s per tier, fastest first; empty: profiled
+  /// Signs every blob the store writes (HMAC-SHA256, see blob_signed_by) and serves only
+  /// blobs signed with it: a blob someone without the secret wrote to a shared tier (the
+  /// SSD directory, the Redis server) is a counted miss, never decoded. Empty: unsigned.
+  std::string secret;
   /// Stored bytes decoded per second, one per codec of codecs() or one for all (infinity:
   /// free); empty: each candidate's decode is timed at put. Given with `bandwidths`, placement
   /// depends on the inputs alone, not on how busy the machine is.
@@ -80,6 +84,7 @@ struct StoreStats {
   std::int64_t moves = 0;           ///< entries moved between tiers
   std::int64_t recompressions = 0;  ///< entries re-encoded with another codec
   std::int64_t corrupt = 0, errors = 0;
+  std::int64_t unauthenticated = 0;          ///< blobs not signed with the secret, or another key's
   double mean_delay = 0.0, p95_delay = 0.0;  ///< seconds (io + decode) over hits
   double mean_quality = 0.0;                 ///< over hits with a known quality
 };
@@ -146,6 +151,8 @@ class TieredStore {
                                              const Replaced& old);
   // tiers_[tier]->put, an I/O failure (counted by the tier) reported in `failure` when given
   // and otherwise a blob not placed.
+  // True when `blob` is the blob of `key` and, with a secret, signed with it.
+  bool authentic(const std::string& key, const Buffer& blob) const;
   bool put_blob(int tier, const std::string& key, const BlobPtr& blob,
                 std::optional<std::system_error>* failure = nullptr);
   void make_room(int tier, std::int64_t bytes, const std::string& keep);
