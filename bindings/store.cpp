@@ -162,7 +162,14 @@ void bind_store(py::module_& m) {
         const std::string_view bytes = data;
         return xxh64(bytes.data(), bytes.size(), seed);
       },
-      py::arg("data"), py::arg("seed") = 0, "XXH64 of bytes (the blob checksum).");
+      py::arg("data"), py::arg("seed") = 0, "XXH64 of bytes (checksum of version 1 blobs).");
+  m.def(
+      "xxh3",
+      [](const py::bytes& data, std::uint64_t seed) {
+        const std::string_view bytes = data;
+        return xxh3(bytes.data(), bytes.size(), seed);
+      },
+      py::arg("data"), py::arg("seed") = 0, "XXH3 (64-bit) of bytes (the blob checksum).");
   m.def(
       "place",
       [](const std::vector<std::vector<std::tuple<int, std::int64_t, double>>>& options,

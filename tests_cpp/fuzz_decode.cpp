@@ -7,7 +7,8 @@
 // it under AddressSanitizer + UBSan, where a read outside a buffer stops it.
 //
 //   kvpack_fuzz_decode CORPUS_DIR INPUTS SEED      fuzz INPUTS inputs (exit 1 on a finding)
-//   kvpack_fuzz_decode --write-corpus CORPUS_DIR   write the seed blobs
+//   kvpack_fuzz_decode --write-corpus CORPUS_DIR   write the seed blobs (of this version;
+//                                                  the corpus keeps version 1 seeds too)
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -63,7 +64,8 @@ void write_corpus(const fs::path& directory) {
     const BlobPtr blob =
         encode("seed-" + std::to_string(n), {{k, v}, {k, v}}, parse_codec(seed.codec));
     char name[64];
-    std::snprintf(name, sizeof name, "%02d-%s-%s.kvb", n++, seed.codec, dtype_name(seed.dtype));
+    std::snprintf(name, sizeof name, "v%u-%02d-%s-%s.kvb", kBlobVersion, n++, seed.codec,
+                  dtype_name(seed.dtype));
     std::ofstream(directory / name, std::ios::binary)
         .write(reinterpret_cast<const char*>(blob->data()),
                static_cast<std::streamsize>(blob->size()));

@@ -66,21 +66,40 @@ def stored(kv_bytes):
 # ---- checksum and codecs -------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [0, 1, 3, 4, 7, 8, 31, 32, 33, 100, 4096, 100003])
-def test_xxh64_matches_reference(size):
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 7, 8, 31, 32, 33, 100, 240, 241, 4096, 100003])
+def test_checksums_match_reference(size):
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     for seed in (0, 1, 2**63 + 5):
         assert _core.xxh64(data, seed) == xxhash.xxh64_intdigest(data, seed=seed)
+        assert _core.xxh3(data, seed) == xxhash.xxh3_64_intdigest(data, seed=seed)
 
 
 def _forged(blob: bytes, edit) -> bytes:
     """``blob`` with ``edit(bytearray)`` applied, its checksum made valid again: what anyone
-    who can write to a shared tier can plant (XXH64 is no MAC)."""
+    who can write to a shared tier can plant (a checksum is no MAC). Version 1 blobs carry
+    XXH64 checksums, later ones XXH3."""
     data = bytearray(blob)
     edit(data)
-    seed = xxhash.xxh64_intdigest(bytes(data[:40]))
-    data[40:48] = xxhash.xxh64_intdigest(bytes(data[48:]), seed=seed).to_bytes(8, "little")
+    digest = xxhash.xxh64_intdigest if _u(data, 8, 4) == 1 else xxhash.xxh3_64_intdigest
+    seed = digest(bytes(data[:40]))
+    data[40:48] = digest(bytes(data[48:]), seed=seed).to_bytes(8, "little")
     return bytes(data)
+
+
+@pytest.mark.parametrize("codec", ["none", "kivi-4", "h2o-0.5"])
+def test_version_1_blobs_with_xxh64_checksums_are_still_read(rng, codec):
+    kv = context(rng, tokens=160)
+    blob = encode(kv, codec, key="old")
+    assert _u(blob, 8, 4) == 2 and _u(blob, 40, 8) == xxhash.xxh3_64_intdigest(
+        blob[48:], seed=xxhash.xxh3_64_intdigest(blob[:40])
+    )
+    old = _forged(blob, lambda d: _put_u(d, 8, 4, 1))  # as version 1 wrote it: XXH64
+    for a, b in zip(decode(old).kv, decode(blob).kv):
+        assert_same([a], [b])
+    flipped = bytearray(old)
+    flipped[len(old) // 2] ^= 1
+    with pytest.raises(ValueError, match="checksum"):
+        decode(bytes(flipped))
 
 
 def _record(data, layer=0):

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -90,9 +91,24 @@ std::size_t table_offset(std::size_t key_bytes) {
   return align_up(sizeof(Header) + key_bytes, 8);
 }
 
+// Version 1 blobs carry XXH64 checksums, later ones XXH3: the hash named by the version
+// field of a blob's first bytes.
+ChecksumKind checksum_kind(const unsigned char* data) {
+  std::uint32_t version;
+  std::memcpy(&version, data + offsetof(Header, version), sizeof version);
+  return version == 1 ? ChecksumKind::Xxh64 : ChecksumKind::Xxh3;
+}
+
+// The hash of bytes [0, 40) seeds the hash of bytes [48, size): every byte but the
+// checksum field's own.
+std::uint64_t checksum_seed(const unsigned char* data) {
+  return checksum_kind(data) == ChecksumKind::Xxh64 ? xxh64(data, kChecksumField)
+                                                    : xxh3(data, kChecksumField);
+}
+
 std::uint64_t blob_checksum(const unsigned char* data, std::size_t size) {
-  const std::uint64_t seed = xxh64(data, kChecksumField);
-  return xxh64(data + kAfterChecksum, size - kAfterChecksum, seed);
+  ChecksumStream stream(checksum_kind(data), data + kAfterChecksum, checksum_seed(data));
+  return stream.digest(data + size);
 }
 
 bool drops_tokens(CodecKind kind) {
@@ -318,8 +334,8 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
   Header header;
   std::memcpy(&header, data, sizeof header);
   if (std::memcmp(header.magic, kMagic, sizeof kMagic) != 0) malformed("bad magic");
-  if (header.version != kBlobVersion)
-    malformed("version " + std::to_string(header.version) + ", expected " +
+  if (header.version != 1 && header.version != kBlobVersion)  // 1: XXH64 checksums
+    malformed("version " + std::to_string(header.version) + ", expected 1 to " +
               std::to_string(kBlobVersion));
   if (header.codec_kind > static_cast<std::uint32_t>(CodecKind::KVMerger)) malformed("codec");
   if (header.dtype > static_cast<std::uint32_t>(DType::BFloat16)) malformed("dtype");
@@ -342,7 +358,8 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
 void BlobVerifier::update(std::size_t available) {
   available = std::min(available, blob_.size());
   if (!stream_ && available >= kAfterChecksum)
-    stream_.emplace(blob_.data() + kAfterChecksum, xxh64(blob_.data(), kChecksumField));
+    stream_.emplace(checksum_kind(blob_.data()), blob_.data() + kAfterChecksum,
+                    checksum_seed(blob_.data()));
   if (stream_) stream_->update(blob_.data() + available);
 }
 

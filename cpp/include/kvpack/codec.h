@@ -2,7 +2,7 @@
 // lossless method into a versioned, checksummed byte blob, and decoded back.
 //
 // Blob layout (little-endian): a 64-byte header (magic, version, codec, dtype, layer
-// count, sizes, XXH64 checksum, an optional HMAC tag), the entry's key, a table of one record per
+// count, sizes, XXH3 checksum, an optional HMAC tag), the entry's key, a table of one record per
 // layer, then each layer's payload at a 64-byte aligned offset. The checksum covers every byte but
 // its own field, so a flipped byte anywhere is detected.
 #pragma once
@@ -47,8 +47,9 @@ struct Codec {
 /// "h2o-R", "kvmerger-R" with R in (0, 1]); std::invalid_argument otherwise.
 Codec parse_codec(const std::string& name);
 
-/// Version written into every blob; decode refuses other versions.
-constexpr std::uint32_t kBlobVersion = 1;
+/// Version written into every blob (2: XXH3 checksums); decode reads it and version 1
+/// (the same layout with XXH64 checksums) and refuses others.
+constexpr std::uint32_t kBlobVersion = 2;
 
 /// An owning byte buffer whose start and padded capacity are multiples of 4096, as
 /// O_DIRECT I/O needs; the padding is zeroed.
@@ -120,7 +121,7 @@ class BlobVerifier {
 
  private:
   const Buffer& blob_;
-  std::optional<Xxh64Stream> stream_;
+  std::optional<ChecksumStream> stream_;
 };
 
 /// Encodes `layers` (all with one dtype) under `key` with `codec`. Dropping and merging
