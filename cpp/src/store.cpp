@@ -448,10 +448,17 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
       quality = entry.candidates[entry.held].quality;
     }
     const auto start = Clock::now();
+    const std::int64_t errors = tiers_[tier]->counters().errors;
     BlobPtr blob = tiers_[tier]->get(key);
     const double io = seconds_since(start);
     std::unique_lock<std::mutex> lock(mutex_);
     const auto it = entries_.find(key);
+    if (!blob && tiers_[tier]->counters().errors > errors) {
+      // The tier failed (a server that does not answer, an I/O error): a miss now, the
+      // entry kept, and no second wait on the tier.
+      ++counters_.misses;
+      return std::nullopt;
+    }
     if (!blob) {
       if (it != entries_.end() && it->second.tier == tier && !tiers_[tier]->contains(key)) {
         // The tier dropped it (corrupt, or its file gone): the entry is gone.
