@@ -453,9 +453,10 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
     const double io = seconds_since(start);
     std::unique_lock<std::mutex> lock(mutex_);
     const auto it = entries_.find(key);
-    if (!blob && tiers_[tier]->counters().errors > errors) {
-      // The tier failed (a server that does not answer, an I/O error): a miss now, the
-      // entry kept, and no second wait on the tier.
+    const bool remote = params_.remote && tier + 1 == static_cast<int>(tiers_.size());
+    if (!blob && remote && tiers_[tier]->counters().errors > errors) {
+      // The server failed (down, or not answering): a miss now, the entry kept, and no
+      // second wait on it to ask whether it still holds the entry.
       ++counters_.misses;
       return std::nullopt;
     }
