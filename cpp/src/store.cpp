@@ -246,8 +246,13 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
       entries_[key] = std::move(*replaced);
       order_.push_back(key);
     }
-    throw std::system_error(error->code(),
-                            "put: '" + key + "' not stored: " + std::string(error->what()));
+    // what() ends with the code's own message, which the new error appends again.
+    std::string cause = error->what();
+    const std::string suffix = ": " + error->code().message();
+    if (cause.size() >= suffix.size() &&
+        cause.compare(cause.size() - suffix.size(), suffix.size(), suffix) == 0)
+      cause.resize(cause.size() - suffix.size());
+    throw std::system_error(error->code(), "put: '" + key + "' not stored: " + cause);
   }
   if (old.tier >= 0 && old.tier != tier) tiers_[old.tier]->remove(key);
 }
