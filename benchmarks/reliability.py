@@ -223,7 +223,8 @@ def concurrent(threads: int = 16, seconds: float = 60.0) -> list[tuple[str, str,
     return [
         (
             f"{threads} threads x {seconds:.0f} s put/get/prefetch/delete: stale or wrong reads",
-            f"{problems['stale'] + problems['wrong']} ({done}; {problems['errors']} exceptions, "
+            f"{problems['stale'] + problems['wrong']} ({problems['stale']} stale, "
+            f"{problems['wrong']} wrong; {done}; {problems['errors']} exceptions, "
             f"{corrupt} corrupt)",
             "<= 0",
         )

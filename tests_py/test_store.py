@@ -806,6 +806,52 @@ def test_overwrites_never_hide_an_entry_nor_serve_an_older_version(tmp_path):
     assert failures == [] and acknowledged[0] > 10
 
 
+def test_lru_promotion_never_brings_back_a_replaced_version(tmp_path):
+    # DRAM holds 4 of 16 entries, so gets promote from SSD while puts demote: a get that
+    # read version v from SSD while a put replaced it (and the new version was demoted back
+    # to SSD) promoted v over it, and v was served from then on.
+    def version(key, v):
+        block = np.full((2, 64, 64), float(v), np.float32)
+        return [(block, block + int(key[1:]))]
+
+    store = TieredStore(4 * 65536, tmp_path, 64 * MB, policy="lru", bandwidths=[1e10, 1e9])
+    keys = [f"k{i}" for i in range(16)]
+    acknowledged = dict.fromkeys(keys, 0)
+    for key in keys:
+        store.put(key, version(key, 0))
+    failures, stop = [], threading.Event()
+
+    def worker(index):
+        r = np.random.default_rng(index)
+        own, v = keys[2 * index : 2 * index + 2], 0
+        try:
+            while not stop.is_set():
+                if r.random() < 0.35:
+                    key = own[int(r.integers(2))]
+                    v += 1
+                    store.put(key, version(key, v))
+                    acknowledged[key] = v
+                else:
+                    key = keys[int(r.integers(16))]
+                    newest = acknowledged[key]
+                    store.prefetch(key)
+                    block, values = store.get(key).kv[0]
+                    if block[0, 0, 0] < newest or np.any(values != block + int(key[1:])):
+                        failures.append(f"{key}: {block[0, 0, 0]} served after {newest}")
+        except Exception as error:
+            failures.append(repr(error))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(8.0)  # how long the race runs, not a timing asserted
+    stop.set()
+    for t in threads:
+        t.join()
+    store.close()
+    assert failures == []
+
+
 def test_concurrent_put_get_delete(tmp_path):
     def kv_of(key):  # content derived from the key: any corruption or mix-up shows
         seed = int(key[1:])

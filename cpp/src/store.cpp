@@ -230,6 +230,7 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
   entry.held = -1;  // not stored yet
   entry.tier = -1;
   entry.last_use = ++clock_;
+  entry.version = ++versions_;
   entries_[key] = std::move(entry);
   order_.push_back(key);
   const Replaced old{
@@ -442,6 +443,7 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
   for (int attempt = 0; attempt < 3; ++attempt) {
     int tier;
     double quality;
+    std::uint64_t version;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       const auto it = entries_.find(key);
@@ -451,6 +453,7 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
       entry.last_use = ++clock_;
       tier = entry.tier;
       quality = entry.candidates[entry.held].quality;
+      version = entry.version;
     }
     const auto start = Clock::now();
     const std::int64_t errors = tiers_[tier]->counters().errors;
@@ -477,8 +480,11 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
     }
     bool shared = tier == 0;  // a blob a tier still holds is copied before it is handed out
     const std::int64_t bytes = stored_bytes(blob->size());
+    // (Only the version still stored: a put during the read may have replaced it, and its
+    // entry moved back to this tier; promoting the blob read would bring the old one back.)
     if (params_.policy != StorePolicy::Adaptive && tier > 0 && it != entries_.end() &&
-        it->second.tier == tier && bytes <= tiers_[0]->capacity()) {
+        it->second.version == version && it->second.tier == tier &&
+        bytes <= tiers_[0]->capacity()) {
       // LRU: a hit moves the entry to DRAM; the entries it displaces go one tier down. An
       // entry larger than DRAM stays where it is (moving it out and back costs a write).
       tiers_[tier]->remove(key);

@@ -131,6 +131,7 @@ class TieredStore {
     int tier = 0;
     double hits = 0.0;
     std::uint64_t last_use = 0;
+    std::uint64_t version = 0;                   ///< which put stored it (0: found on disk)
     std::vector<std::vector<float>> probe_data;  ///< for re-encoding later
     std::vector<Evidence> probes;
   };
@@ -171,6 +172,7 @@ class TieredStore {
   std::unordered_map<std::string, Entry> entries_;
   std::vector<std::string> order_;  ///< keys in insertion order (deterministic placement)
   std::uint64_t clock_ = 0;
+  std::uint64_t versions_ = 0;  ///< puts so far
   StoreStats counters_;
   std::vector<double> delays_, qualities_;
 };
