@@ -9,7 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attention, clusterkv, compress, demo, e2e, gpu, kmeans, report, store, tiny_lm
+from . import (
+    attention,
+    clusterkv,
+    compress,
+    demo,
+    e2e,
+    gpu,
+    kmeans,
+    reliability,
+    report,
+    store,
+    tiny_lm,
+)
 
 SUITES = {
     "attention": ("Decode attention (32k tokens, 8/32 heads, d=128, float16)", attention.run),
@@ -50,6 +62,10 @@ SUITES = {
     "e2e": (
         "generate() on SmolLM2-135M (float32): every cache against transformers' SDPA",
         e2e.run,
+    ),
+    "reliability": (
+        "Reliability: fuzzed decoder, killed writers, 16 threads of store traffic, a hung Redis",
+        reliability.run,
     ),
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",

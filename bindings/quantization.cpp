@@ -17,7 +17,6 @@ void bind_quantization(py::module_& m) {
              require_finite(values, "values");
              KVPACK_ARG_CHECK(bits == 2 || bits == 4 || bits == 8,
                               "bits: expected 2, 4 or 8, got " << bits);
-             KVPACK_ARG_CHECK(group >= 1, "group: expected >= 1, got " << group);
              KVPACK_ARG_CHECK(residual >= 0, "residual: expected >= 0, got " << residual);
              QuantParams p;
              p.bits = bits;

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <system_error>
 
 #include "arrays.h"
 #include "kvpack/checksum.h"
@@ -124,6 +125,7 @@ py::dict stats_dict(const StoreStats& stats) {
   out["moves"] = stats.moves;
   out["recompressions"] = stats.recompressions;
   out["corrupt"] = stats.corrupt;
+  out["unauthenticated"] = stats.unauthenticated;
   out["errors"] = stats.errors;
   out["mean_delay"] = stats.mean_delay;
   out["p95_delay"] = stats.p95_delay;
@@ -145,13 +147,29 @@ StorePolicy policy_arg(const std::string& policy) {
 }  // namespace
 
 void bind_store(py::module_& m) {
+  // A tier that cannot write (full or read-only disk) is an OSError with its errno.
+  py::register_exception_translator([](std::exception_ptr failure) {
+    try {
+      if (failure) std::rethrow_exception(failure);
+    } catch (const std::system_error& error) {
+      const py::tuple args = py::make_tuple(error.code().value(), error.what());
+      PyErr_SetObject(PyExc_OSError, args.ptr());
+    }
+  });
   m.def(
       "xxh64",
       [](const py::bytes& data, std::uint64_t seed) {
         const std::string_view bytes = data;
         return xxh64(bytes.data(), bytes.size(), seed);
       },
-      py::arg("data"), py::arg("seed") = 0, "XXH64 of bytes (the blob checksum).");
+      py::arg("data"), py::arg("seed") = 0, "XXH64 of bytes (checksum of version 1 blobs).");
+  m.def(
+      "xxh3",
+      [](const py::bytes& data, std::uint64_t seed) {
+        const std::string_view bytes = data;
+        return xxh3(bytes.data(), bytes.size(), seed);
+      },
+      py::arg("data"), py::arg("seed") = 0, "XXH3 (64-bit) of bytes (the blob checksum).");
   m.def(
       "place",
       [](const std::vector<std::vector<std::tuple<int, std::int64_t, double>>>& options,
@@ -210,64 +228,65 @@ void bind_store(py::module_& m) {
       py::arg("blob"));
 
   py::class_<TieredStore>(m, "TieredStore")
-      .def(
-          py::init([](std::int64_t dram_bytes, const std::optional<std::string>& ssd_dir,
-                      std::int64_t ssd_bytes, const std::optional<std::string>& redis_host,
-                      int redis_port, int redis_db, const std::string& redis_prefix,
-                      std::int64_t redis_bytes, const std::string& policy, double alpha,
-                      const std::optional<std::vector<std::string>>& codecs, bool o_direct,
-                      int io_threads, double streaming_rate,
-                      const std::optional<std::vector<double>>& bandwidths,
-                      const std::optional<std::vector<double>>& decode_bandwidths, int timeout_ms) {
-            KVPACK_ARG_CHECK(dram_bytes >= 0, "dram_bytes: expected >= 0, got " << dram_bytes);
-            KVPACK_ARG_CHECK(ssd_bytes >= 0, "ssd_bytes: expected >= 0, got " << ssd_bytes);
-            KVPACK_ARG_CHECK(redis_bytes >= 0, "redis_bytes: expected >= 0, got " << redis_bytes);
-            KVPACK_ARG_CHECK(ssd_bytes == 0 || ssd_dir,
-                             "ssd_bytes: given without ssd_dir (where the SSD tier lives)");
-            KVPACK_ARG_CHECK(std::isfinite(alpha) && alpha >= 0.0,
-                             "alpha: expected a finite value >= 0, got " << alpha);
-            KVPACK_ARG_CHECK(io_threads >= 1, "io_threads: expected >= 1, got " << io_threads);
-            StoreParams params;
-            params.dram_bytes = dram_bytes;
-            params.ssd_dir = ssd_dir.value_or("");
-            params.ssd_bytes = ssd_bytes;
-            params.o_direct = o_direct;
-            params.io_threads = io_threads;
-            if (redis_host) {
-              params.remote = true;
-              params.redis.host = *redis_host;
-              params.redis.port = redis_port;
-              params.redis.db = redis_db;
-              params.redis.prefix = redis_prefix;
-              params.redis.capacity = redis_bytes;
-              params.redis.timeout_ms = timeout_ms;
-            }
-            params.policy = policy_arg(policy);
-            params.alpha = alpha;
-            if (codecs) {
-              KVPACK_ARG_CHECK(!codecs->empty(),
-                               "codecs: expected at least 'none', got an empty list");
-              for (const std::string& name : *codecs) params.codecs.push_back(codec_arg(name));
-            }
-            params.streaming_rate = static_cast<float>(streaming_rate);
-            // An empty list would silently mean "measure": only None says that.
-            KVPACK_ARG_CHECK(!bandwidths || !bandwidths->empty(),
-                             "bandwidths: expected one per tier, got an empty list");
-            KVPACK_ARG_CHECK(!decode_bandwidths || !decode_bandwidths->empty(),
-                             "decode_bandwidths: expected one per codec or one for all, got an "
-                             "empty list");
-            if (bandwidths) params.bandwidths = *bandwidths;
-            if (decode_bandwidths) params.decode_bandwidths = *decode_bandwidths;
-            py::gil_scoped_release release;
-            return std::make_unique<TieredStore>(params);
-          }),
-          py::arg("dram_bytes"), py::arg("ssd_dir") = py::none(), py::arg("ssd_bytes") = 0,
-          py::arg("redis_host") = py::none(), py::arg("redis_port") = 6379, py::arg("redis_db") = 0,
-          py::arg("redis_prefix") = "kvpack:", py::arg("redis_bytes") = 0,
-          py::arg("policy") = "adaptive", py::arg("alpha") = 0.1, py::arg("codecs") = py::none(),
-          py::arg("o_direct") = false, py::arg("io_threads") = 2, py::arg("streaming_rate") = 0.5,
-          py::arg("bandwidths") = py::none(), py::arg("decode_bandwidths") = py::none(),
-          py::arg("timeout_ms") = 2000)
+      .def(py::init([](std::int64_t dram_bytes, const std::optional<std::string>& ssd_dir,
+                       std::int64_t ssd_bytes, const std::optional<std::string>& redis_host,
+                       int redis_port, int redis_db, const std::string& redis_prefix,
+                       std::int64_t redis_bytes, const std::string& policy, double alpha,
+                       const std::optional<std::vector<std::string>>& codecs, bool o_direct,
+                       int io_threads, double streaming_rate,
+                       const std::optional<std::vector<double>>& bandwidths,
+                       const std::optional<std::vector<double>>& decode_bandwidths, int timeout_ms,
+                       const std::string& secret) {
+             KVPACK_ARG_CHECK(dram_bytes >= 0, "dram_bytes: expected >= 0, got " << dram_bytes);
+             KVPACK_ARG_CHECK(ssd_bytes >= 0, "ssd_bytes: expected >= 0, got " << ssd_bytes);
+             KVPACK_ARG_CHECK(redis_bytes >= 0, "redis_bytes: expected >= 0, got " << redis_bytes);
+             KVPACK_ARG_CHECK(ssd_bytes == 0 || ssd_dir,
+                              "ssd_bytes: given without ssd_dir (where the SSD tier lives)");
+             KVPACK_ARG_CHECK(std::isfinite(alpha) && alpha >= 0.0,
+                              "alpha: expected a finite value >= 0, got " << alpha);
+             KVPACK_ARG_CHECK(io_threads >= 1, "io_threads: expected >= 1, got " << io_threads);
+             StoreParams params;
+             params.dram_bytes = dram_bytes;
+             params.ssd_dir = ssd_dir.value_or("");
+             params.ssd_bytes = ssd_bytes;
+             params.o_direct = o_direct;
+             params.io_threads = io_threads;
+             if (redis_host) {
+               params.remote = true;
+               params.redis.host = *redis_host;
+               params.redis.port = redis_port;
+               params.redis.db = redis_db;
+               params.redis.prefix = redis_prefix;
+               params.redis.capacity = redis_bytes;
+               params.redis.timeout_ms = timeout_ms;
+             }
+             params.policy = policy_arg(policy);
+             params.alpha = alpha;
+             if (codecs) {
+               KVPACK_ARG_CHECK(!codecs->empty(),
+                                "codecs: expected at least 'none', got an empty list");
+               for (const std::string& name : *codecs) params.codecs.push_back(codec_arg(name));
+             }
+             params.streaming_rate = static_cast<float>(streaming_rate);
+             // An empty list would silently mean "measure": only None says that.
+             KVPACK_ARG_CHECK(!bandwidths || !bandwidths->empty(),
+                              "bandwidths: expected one per tier, got an empty list");
+             KVPACK_ARG_CHECK(!decode_bandwidths || !decode_bandwidths->empty(),
+                              "decode_bandwidths: expected one per codec or one for all, got an "
+                              "empty list");
+             if (bandwidths) params.bandwidths = *bandwidths;
+             if (decode_bandwidths) params.decode_bandwidths = *decode_bandwidths;
+             params.secret = secret;
+             py::gil_scoped_release release;
+             return std::make_unique<TieredStore>(params);
+           }),
+           py::arg("dram_bytes"), py::arg("ssd_dir") = py::none(), py::arg("ssd_bytes") = 0,
+           py::arg("redis_host") = py::none(), py::arg("redis_port") = 6379,
+           py::arg("redis_db") = 0, py::arg("redis_prefix") = "kvpack:", py::arg("redis_bytes") = 0,
+           py::arg("policy") = "adaptive", py::arg("alpha") = 0.1, py::arg("codecs") = py::none(),
+           py::arg("o_direct") = false, py::arg("io_threads") = 2, py::arg("streaming_rate") = 0.5,
+           py::arg("bandwidths") = py::none(), py::arg("decode_bandwidths") = py::none(),
+           py::arg("timeout_ms") = 2000, py::arg("secret") = "")
       .def(
           "put",
           [](TieredStore& self, const std::string& key, const py::object& kv,

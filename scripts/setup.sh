@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(g++ libeigen3-dev libgtest-dev clang-format redis-server)
+debian_packages=(g++ libeigen3-dev libgtest-dev clang-format redis-server libssl-dev
+  pkg-config libxxhash-dev libhiredis-dev)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -20,6 +20,7 @@ namespace {
 
 TEST(Checksum, KnownValues) {
   EXPECT_EQ(xxh64("", 0), 0xEF46DB3751D8E999ull);
+  EXPECT_EQ(xxh3("", 0), 0x2D06800538D394C2ull);
   const std::string text = "kvpack blob checksum over more than thirty-two bytes";
   EXPECT_NE(xxh64(text.data(), text.size()), xxh64(text.data(), text.size(), 1));
 }

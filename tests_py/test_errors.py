@@ -240,3 +240,30 @@ def test_make_cache_of_something_that_is_no_model():
     hf = pytest.importorskip("kvpack.hf")
     with pytest.raises(TypeError, match="model: expected a transformers model, got NoneType"):
         hf.make_cache(None)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: kvpack.set_num_threads("2"), "n: expected an int, got str"),
+        (lambda: kvpack.set_num_threads(2.5), "n: expected an int, got float"),
+        (lambda: kvpack.TieredStore("1MB"), "dram_bytes: expected an int, got str"),
+        (lambda: kvpack.TieredStore(0, alpha="high"), "alpha: expected a number, got str"),
+        (lambda: kvpack.TieredStore(1 << 20, codecs="none"), "codecs: expected a list, got str"),
+        (
+            lambda: kvpack.TieredStore(1 << 20, bandwidths=["fast"]),
+            r"bandwidths: expected a list \(a number each\) or None, got list",
+        ),
+        (lambda: kvpack.attention(Q, K, V, scale="1"), "scale: expected a number or None, got str"),
+        (lambda: kvpack.quantize(K, V, group=2.5), "group: expected an int, got float"),
+        (lambda: kvpack.kmeans(K[0], "4"), "n_clusters: expected an int, got str"),
+        (lambda: kvpack.ClusterKV("1k"), "budget: expected an int, got str"),
+        (lambda: kvpack.store.encode([(K, V)], 2), "codec: expected a str, got int"),
+        (lambda: kvpack.store.decode("blob"), "blob: expected bytes, got str"),
+    ],
+)
+def test_argument_type_errors_name_the_argument(call, message):
+    # pybind11 alone answers "incompatible function arguments" and lists signatures.
+    with pytest.raises(TypeError, match=message) as raised:
+        call()
+    assert "incompatible" not in str(raised.value)

@@ -108,8 +108,10 @@ def test_bad_arguments_raise(rng):
     keys, values = outlier_cache(rng, tokens=64)
     with pytest.raises(ValueError, match="bits: expected 2, 4 or 8, got 3"):
         kvpack.quantize(keys, values, 3)
-    with pytest.raises(ValueError, match="group: expected >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"group: expected 1 to 2\^32 - 1 .*, got 0"):
         kvpack.quantize(keys, values, group=0)
+    with pytest.raises(ValueError, match=r"group: .*, got 1099511627776"):
+        kvpack.quantize(keys, values, group=2**40)
     with pytest.raises(ValueError, match="residual: expected >= 0, got -1"):
         kvpack.quantize(keys, values, residual=-1)
     bad = keys.copy()
@@ -119,6 +121,21 @@ def test_bad_arguments_raise(rng):
     qkv = kvpack.quantize(keys, values)
     with pytest.raises(ValueError, match="q: expected head_dim 48"):
         qkv.attend(np.ones((2, 8), np.float32))
+
+
+def test_group_beyond_the_context_allocates_for_the_context(rng):
+    # 2^31 tokens per group over 64 tokens: nothing quantized, scratch sized by the context
+    # (it was sized by the group: 2^31 x head_dim floats, a MemoryError).
+    keys, values = outlier_cache(rng, tokens=64)
+    q = rng.standard_normal((8, keys.shape[2])).astype(np.float32)
+    huge = kvpack.quantize(keys, values, 2, group=2**31 - 1, residual=0)
+    assert huge.quantized == 0
+    np.testing.assert_allclose(
+        huge.attend(q), kvpack.attention(q, keys, values), rtol=1e-5, atol=1e-6
+    )
+    k, v = huge.dequantize()
+    np.testing.assert_array_equal(k, keys)
+    np.testing.assert_array_equal(v, values)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

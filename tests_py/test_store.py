@@ -1,7 +1,9 @@
 """The tiered store: codec blobs against NumPy references, tiers, placement, reliability."""
 
+import errno
 import itertools
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -64,21 +66,40 @@ def stored(kv_bytes):
 # ---- checksum and codecs -------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [0, 1, 3, 4, 7, 8, 31, 32, 33, 100, 4096, 100003])
-def test_xxh64_matches_reference(size):
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 7, 8, 31, 32, 33, 100, 240, 241, 4096, 100003])
+def test_checksums_match_reference(size):
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     for seed in (0, 1, 2**63 + 5):
         assert _core.xxh64(data, seed) == xxhash.xxh64_intdigest(data, seed=seed)
+        assert _core.xxh3(data, seed) == xxhash.xxh3_64_intdigest(data, seed=seed)
 
 
 def _forged(blob: bytes, edit) -> bytes:
     """``blob`` with ``edit(bytearray)`` applied, its checksum made valid again: what anyone
-    who can write to a shared tier can plant (XXH64 is no MAC)."""
+    who can write to a shared tier can plant (a checksum is no MAC). Version 1 blobs carry
+    XXH64 checksums, later ones XXH3."""
     data = bytearray(blob)
     edit(data)
-    seed = xxhash.xxh64_intdigest(bytes(data[:40]))
-    data[40:48] = xxhash.xxh64_intdigest(bytes(data[48:]), seed=seed).to_bytes(8, "little")
+    digest = xxhash.xxh64_intdigest if _u(data, 8, 4) == 1 else xxhash.xxh3_64_intdigest
+    seed = digest(bytes(data[:40]))
+    data[40:48] = digest(bytes(data[48:]), seed=seed).to_bytes(8, "little")
     return bytes(data)
+
+
+@pytest.mark.parametrize("codec", ["none", "kivi-4", "h2o-0.5"])
+def test_version_1_blobs_with_xxh64_checksums_are_still_read(rng, codec):
+    kv = context(rng, tokens=160)
+    blob = encode(kv, codec, key="old")
+    assert _u(blob, 8, 4) == 2 and _u(blob, 40, 8) == xxhash.xxh3_64_intdigest(
+        blob[48:], seed=xxhash.xxh3_64_intdigest(blob[:40])
+    )
+    old = _forged(blob, lambda d: _put_u(d, 8, 4, 1))  # as version 1 wrote it: XXH64
+    for a, b in zip(decode(old).kv, decode(blob).kv):
+        assert_same([a], [b])
+    flipped = bytearray(old)
+    flipped[len(old) // 2] ^= 1
+    with pytest.raises(ValueError, match="checksum"):
+        decode(bytes(flipped))
 
 
 def _record(data, layer=0):
@@ -138,6 +159,37 @@ def test_forged_positions_and_counts_are_refused(rng):
     assert decode(blob).positions[0].shape == (heads, tokens)  # the unforged blob is fine
 
 
+def test_forged_quantized_shape_is_refused_before_allocating(rng):
+    # The payload's own header (bits, dtype, group, residual, heads, tokens, dim, quantized)
+    # claims 2^20 heads of 2^32 tokens: refused by size, never allocated (was MemoryError).
+    blob = encode(context(rng, tokens=64), "kivi-2", key="k")
+    payload = _u(blob, _record(blob) + 16, 8)
+    huge = _forged(
+        blob,
+        lambda d: (
+            _put_u(d, payload + 24, 8, (1 << 20) - 1),
+            _put_u(d, payload + 32, 8, 2**32 - 1),
+        ),
+    )
+    with pytest.raises(ValueError, match="quantized payload"):
+        decode(huge)
+    # A group of 2^40 tokens for a cache too short to have any: scratch was sized by it.
+    wide = _forged(blob, lambda d: _put_u(d, payload + 8, 8, 1 << 40))
+    with pytest.raises(ValueError, match="quantized payload"):
+        decode(wide)
+
+
+def test_forged_layers_sharing_a_payload_are_refused(rng):
+    # Layer records pointing at one payload would let a blob expand many times over.
+    blob = encode(context(rng, tokens=64), "kivi-2", key="k")
+    first = _record(blob)
+    shared = _forged(
+        blob, lambda d: d.__setitem__(slice(first + 32, first + 64), d[first : first + 32])
+    )
+    with pytest.raises(ValueError, match="layer table"):
+        decode(shared)
+
+
 def test_forged_blob_in_a_tier_is_a_counted_miss(rng, tmp_path):
     kv = context(rng, tokens=64)
     with TieredStore(0, tmp_path, 64 * MB, policy="lru", bandwidths=[1e10, 1e9]) as store:
@@ -148,6 +200,46 @@ def test_forged_blob_in_a_tier_is_a_counted_miss(rng, tmp_path):
             store.get("victim")
         stats = store.stats()
         assert stats["corrupt"] == 1 and "victim" not in store
+
+
+def test_secret_signs_entries_and_refuses_unsigned_ones(rng, tmp_path):
+    # A shared SSD directory: a writer without the secret (or with another) replaces the
+    # victim's file with a well-formed, checksummed blob of its own for the same key.
+    victim, planted = context(rng, tokens=64), context(rng, tokens=64)
+    args = dict(policy="lru", bandwidths=[1e10, 1e9])
+    with TieredStore(0, tmp_path, 64 * MB, secret="s3cret", **args) as store:
+        store.put("victim", victim)
+        store.put("other", planted)
+        assert_same(store.get("victim").kv, victim)
+    with TieredStore(0, tmp_path, 64 * MB, secret=b"s3cret", **args) as store:  # reopened
+        assert_same(store.get("victim").kv, victim)
+    files = {p.read_bytes()[64:65]: p for p in tmp_path.glob("*.kvb")}
+    signed_other = files[b"o"].read_bytes()
+    for attacker in (None, "guess"):
+        with TieredStore(0, tmp_path / "attacker", 64 * MB, secret=attacker, **args) as other:
+            other.put("victim", planted)
+            (forged,) = (tmp_path / "attacker").glob("*.kvb")
+            files[b"v"].write_bytes(forged.read_bytes())
+        shutil.rmtree(tmp_path / "attacker")
+        with TieredStore(0, tmp_path, 64 * MB, secret="s3cret", **args) as store:
+            with pytest.raises(KeyError):
+                store.get("victim")
+            assert store.stats()["unauthenticated"] == 1 and "victim" not in store
+            assert_same(store.get("other").kv, planted)
+    # A signed blob of another key moved under the victim's name: refused too.
+    files[b"v"].write_bytes(signed_other)
+    with TieredStore(0, tmp_path, 64 * MB, secret="s3cret", **args) as store:
+        assert "victim" not in store  # indexed by the key inside it, which is "other"
+    # Without a secret a store serves any well-formed blob, as before.
+    with TieredStore(0, tmp_path, 64 * MB, **args) as store:
+        assert_same(store.get("other").kv, planted)
+
+
+def test_secret_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="secret: expected at least one byte"):
+        TieredStore(1 * MB, secret="")
+    with pytest.raises(TypeError, match="secret: expected str or bytes, got int"):
+        TieredStore(1 * MB, secret=42)
 
 
 @pytest.mark.parametrize("dtype", KV_DTYPES)
@@ -643,6 +735,121 @@ def test_ssd_prefetch(rng, tmp_path):
         with pytest.raises(KeyError):  # a file removed behind the store's back is a miss
             store.get("b")
         assert "b" not in store and store.stats()["errors"] == 1
+
+
+@pytest.mark.parametrize("policy", ["lru", "adaptive"])
+def test_put_a_disk_cannot_write_raises_and_keeps_the_old_version(rng, tmp_path, policy):
+    # Files limited to 4 KiB: the next blob's write fails (EFBIG) as on a full disk. The
+    # store removed the old file first and returned normally, storing nothing.
+    old, new = context(rng, tokens=64), context(rng, tokens=64)
+    with TieredStore(0, tmp_path, 64 * MB, policy=policy, bandwidths=[1e10, 1e9]) as store:
+        store.put("k", old)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+        try:
+            with pytest.raises(OSError, match="'k' not stored") as replacing:
+                store.put("k", new)
+            with pytest.raises(OSError, match="'fresh' not stored") as adding:
+                store.put("fresh", new)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+            signal.signal(signal.SIGXFSZ, handler)
+        assert replacing.value.errno == adding.value.errno == errno.EFBIG
+        assert_same(store.get("k").kv, old)
+        assert "fresh" not in store and store.stats()["errors"] == 2
+        assert not list(tmp_path.glob("*.tmp"))
+    with TieredStore(0, tmp_path, 64 * MB, policy=policy, bandwidths=[1e10, 1e9]) as store:
+        assert_same(store.get("k").kv, old)
+
+
+def test_overwrites_never_hide_an_entry_nor_serve_an_older_version(tmp_path):
+    # One thread overwrites a key with ever newer versions while others prefetch and get
+    # it: every get finds it (a read racing a rename was a miss) and never returns a
+    # version older than the newest acknowledged when the get began.
+    def version(v):
+        a = np.full((2, 64, 16), float(v), np.float32)
+        return [(a, a)]
+
+    store = TieredStore(0, tmp_path, 64 * MB, policy="lru", bandwidths=[1e10, 1e9])
+    store.put("k", version(0))
+    acknowledged, failures, stop = [0], [], threading.Event()
+
+    def writer():
+        for v in itertools.count(1):
+            if stop.is_set():
+                return
+            store.put("k", version(v))
+            acknowledged[0] = v
+
+    def reader():
+        try:
+            while not stop.is_set():
+                newest = acknowledged[0]
+                store.prefetch("k")
+                got = store.get("k").kv[0][0][0, 0, 0]
+                if got < newest:
+                    failures.append(f"version {got} served after {newest} was acknowledged")
+        except Exception as error:
+            failures.append(repr(error))
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(4.0)  # how long the race runs, not a timing asserted
+    stop.set()
+    for t in threads:
+        t.join()
+    store.close()
+    assert failures == [] and acknowledged[0] > 10
+
+
+def test_lru_promotion_never_brings_back_a_replaced_version(tmp_path):
+    # DRAM holds 4 of 16 entries, so gets promote from SSD while puts demote: a get that
+    # read version v from SSD while a put replaced it (and the new version was demoted back
+    # to SSD) promoted v over it, and v was served from then on.
+    def version(key, v):
+        block = np.full((2, 64, 64), float(v), np.float32)
+        return [(block, block + int(key[1:]))]
+
+    store = TieredStore(4 * 65536, tmp_path, 64 * MB, policy="lru", bandwidths=[1e10, 1e9])
+    keys = [f"k{i}" for i in range(16)]
+    acknowledged = dict.fromkeys(keys, 0)
+    for key in keys:
+        store.put(key, version(key, 0))
+    failures, stop = [], threading.Event()
+
+    def worker(index):
+        r = np.random.default_rng(index)
+        own, v = keys[2 * index : 2 * index + 2], 0
+        try:
+            while not stop.is_set():
+                if r.random() < 0.35:
+                    key = own[int(r.integers(2))]
+                    v += 1
+                    store.put(key, version(key, v))
+                    acknowledged[key] = v
+                else:
+                    key = keys[int(r.integers(16))]
+                    newest = acknowledged[key]
+                    store.prefetch(key)
+                    block, values = store.get(key).kv[0]
+                    if block[0, 0, 0] < newest or np.any(values != block + int(key[1:])):
+                        failures.append(f"{key}: {block[0, 0, 0]} served after {newest}")
+        except Exception as error:
+            failures.append(repr(error))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(8.0)  # how long the race runs, not a timing asserted
+    stop.set()
+    for t in threads:
+        t.join()
+    store.close()
+    assert failures == []
 
 
 def test_concurrent_put_get_delete(tmp_path):

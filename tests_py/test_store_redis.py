@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -125,3 +126,106 @@ def test_unreachable_server_at_start():
         store.put("a", context(3))
         assert "a" not in store
         assert store.stats()["errors"] >= 1
+
+
+def test_secret_makes_entries_of_writers_without_it_misses(redis):
+    _, url = redis
+    kv = [(np.ones((2, 16, 8), np.float32),) * 2]
+    args = dict(redis_url=url, policy="lru", bandwidths=[1e10, 1e8])
+    with kvpack.TieredStore(0, **args) as intruder:  # no secret: plants an unsigned blob
+        intruder.put("shared", kv)
+    with kvpack.TieredStore(0, secret="team", **args) as store:
+        with pytest.raises(KeyError):
+            store.get("shared")
+        assert store.stats()["unauthenticated"] == 1
+        store.put("shared", kv)  # signed now: the team's other stores read it
+    with kvpack.TieredStore(0, secret="team", **args) as teammate:
+        np.testing.assert_array_equal(teammate.get("shared").kv[0][0], kv[0][0])
+
+
+class HungServer:
+    """Accepts connections and reads commands, never answering: a Redis server stopped
+    (SIGSTOP) or hung, as a TCP peer sees it. Counts the bytes it was sent."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = 0
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+            threading.Thread(target=self._drain, args=(connection,), daemon=True).start()
+
+    def _drain(self, connection):
+        while True:
+            try:
+                data = connection.recv(1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            self.received += len(data)
+
+    def close(self):
+        self.listener.close()
+        for connection in self.connections:
+            connection.close()
+
+
+def test_hung_server_costs_one_timeout_per_call_then_backs_off():
+    server = HungServer()
+    timeout = 0.4
+    store = kvpack.TieredStore(
+        0, redis_url=f"redis://127.0.0.1:{server.port}/0", bandwidths=[1e10, 1e8], timeout=timeout
+    )
+    try:
+        seconds = []
+        for key in "abc":
+            start = time.monotonic()
+            with pytest.raises(KeyError):
+                store.get(key)
+            seconds.append(time.monotonic() - start)
+        # A hang guard, not a timing: one timeout per call (it was one per connect, send
+        # and receive, and a retry: four).
+        assert max(seconds) < 2 * timeout
+        sent = server.received
+        assert sent > 0
+        for key in "defgh":  # three failures in a row: the server is left alone a while
+            with pytest.raises(KeyError):
+                store.get(key)
+            assert key not in store
+        assert server.received == sent
+        assert store.stats()["errors"] >= 3 + 10
+    finally:
+        store.close()
+        server.close()
+
+
+def test_byte_counts_follow_a_server_restart(redis):
+    proc, url = redis
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    args = dict(redis_url=url, policy="lru", bandwidths=[1e10, 1e8])
+    with kvpack.TieredStore(0, **args) as store:
+        store.put("a", context(5))
+        store.put("b", context(6))
+        assert store.stats()["tiers"]["remote"]["bytes"] > 0
+        proc.kill()
+        proc.wait()
+        restarted = start_redis(port)  # no persistence: it comes back empty
+        try:
+            with pytest.raises(KeyError):
+                store.get("a")
+            # The reconnection checked what the server holds: neither entry counts now.
+            assert store.stats()["tiers"]["remote"]["bytes"] == 0
+            store.put("c", context(7))
+            np.testing.assert_array_equal(store.get("c").kv[0][0], context(7)[0][0])
+        finally:
+            restarted.kill()
+            restarted.wait()

@@ -2,15 +2,20 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 #include <new>
 
 #include <sys/mman.h>
 #include <sstream>
 #include <stdexcept>
 #include <utility>
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
 
 #include "kvpack/checksum.h"
 #include "kvpack/compress.h"
@@ -37,10 +42,40 @@ struct Header {
   std::uint64_t size;      // bytes of the blob
   std::uint64_t checksum;  // XXH64 of bytes [48, size), seeded with XXH64 of bytes [0, 40)
   std::uint32_t key_bytes;
-  std::uint32_t reserved[3];
+  unsigned char tag[12];  // HMAC-SHA256 of the blob under the store's secret (zeros: none)
 };
 static_assert(sizeof(Header) == kBlobHeaderBytes, "the header is 64 bytes");
-constexpr std::size_t kChecksumField = 40, kAfterChecksum = 48;
+constexpr std::size_t kChecksumField = 40, kAfterChecksum = 48, kTagField = 52;
+constexpr std::size_t kTagBytes = sizeof(Header::tag);
+
+// HMAC-SHA256 (OpenSSL) of a blob under `secret`, its checksum and tag fields read as
+// zeros, truncated to the tag field (96 bits, as HMAC-SHA-256-96 of RFC 4868's family).
+void blob_mac(const unsigned char* data, std::size_t size, const std::string& secret,
+              unsigned char* tag) {
+  static const unsigned char zeros[kTagBytes] = {};
+  EVP_MAC* hmac = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+  EVP_MAC_CTX* context = hmac ? EVP_MAC_CTX_new(hmac) : nullptr;
+  char digest_name[] = "SHA256";
+  const OSSL_PARAM params[] = {
+      OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest_name, 0),
+      OSSL_PARAM_construct_end()};
+  unsigned char full[EVP_MAX_MD_SIZE];
+  std::size_t length = 0;
+  const bool done =
+      context &&
+      EVP_MAC_init(context, reinterpret_cast<const unsigned char*>(secret.data()), secret.size(),
+                   params) == 1 &&
+      EVP_MAC_update(context, data, kChecksumField) == 1 &&
+      EVP_MAC_update(context, zeros, kAfterChecksum - kChecksumField) == 1 &&
+      EVP_MAC_update(context, data + kAfterChecksum, kTagField - kAfterChecksum) == 1 &&
+      EVP_MAC_update(context, zeros, kTagBytes) == 1 &&
+      EVP_MAC_update(context, data + kBlobHeaderBytes, size - kBlobHeaderBytes) == 1 &&
+      EVP_MAC_final(context, full, &length, sizeof full) == 1 && length >= kTagBytes;
+  EVP_MAC_CTX_free(context);
+  EVP_MAC_free(hmac);
+  if (!done) throw std::runtime_error("HMAC-SHA256 unavailable from OpenSSL");
+  std::memcpy(tag, full, kTagBytes);
+}
 
 // One layer's record in the table that follows the key.
 struct LayerRecord {
@@ -57,9 +92,24 @@ std::size_t table_offset(std::size_t key_bytes) {
   return align_up(sizeof(Header) + key_bytes, 8);
 }
 
+// Version 1 blobs carry XXH64 checksums, later ones XXH3: the hash named by the version
+// field of a blob's first bytes.
+ChecksumKind checksum_kind(const unsigned char* data) {
+  std::uint32_t version;
+  std::memcpy(&version, data + offsetof(Header, version), sizeof version);
+  return version == 1 ? ChecksumKind::Xxh64 : ChecksumKind::Xxh3;
+}
+
+// The hash of bytes [0, 40) seeds the hash of bytes [48, size): every byte but the
+// checksum field's own.
+std::uint64_t checksum_seed(const unsigned char* data) {
+  return checksum_kind(data) == ChecksumKind::Xxh64 ? xxh64(data, kChecksumField)
+                                                    : xxh3(data, kChecksumField);
+}
+
 std::uint64_t blob_checksum(const unsigned char* data, std::size_t size) {
-  const std::uint64_t seed = xxh64(data, kChecksumField);
-  return xxh64(data + kAfterChecksum, size - kAfterChecksum, seed);
+  ChecksumStream stream(checksum_kind(data), data + kAfterChecksum, checksum_seed(data));
+  return stream.digest(data + size);
 }
 
 bool drops_tokens(CodecKind kind) {
@@ -170,14 +220,6 @@ EncodedLayer encode_layer(const LayerView& layer, const Codec& codec, const Evid
 // is 16x, plus its scales).
 constexpr std::size_t kMaxExpansion = 32;
 
-// out = the product of factors; false when it does not fit in size_t.
-bool checked_product(std::initializer_list<std::size_t> factors, std::size_t& out) {
-  out = 1;
-  for (const std::size_t f : factors)
-    if (__builtin_mul_overflow(out, f, &out)) return false;
-  return true;
-}
-
 // Positions of a token-dropping layer ascend per head within its original tokens, and
 // every slot stands for at least one token.
 void check_slots(const DecodedLayer& layer) {
@@ -274,11 +316,12 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
   Header header;
   std::memcpy(&header, data, sizeof header);
   if (std::memcmp(header.magic, kMagic, sizeof kMagic) != 0) malformed("bad magic");
-  if (header.version != kBlobVersion)
-    malformed("version " + std::to_string(header.version) + ", expected " +
+  if (header.version != 1 && header.version != kBlobVersion)  // 1: XXH64 checksums
+    malformed("version " + std::to_string(header.version) + ", expected 1 to " +
               std::to_string(kBlobVersion));
   if (header.codec_kind > static_cast<std::uint32_t>(CodecKind::KVMerger)) malformed("codec");
   if (header.dtype > static_cast<std::uint32_t>(DType::BFloat16)) malformed("dtype");
+  if (header.layers == 0) malformed("no layers");  // encode writes at least one
   const std::size_t table = table_offset(header.key_bytes);
   if (header.key_bytes > (1u << 20) || header.size < table + header.layers * sizeof(LayerRecord))
     malformed("sizes");
@@ -297,7 +340,8 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
 void BlobVerifier::update(std::size_t available) {
   available = std::min(available, blob_.size());
   if (!stream_ && available >= kAfterChecksum)
-    stream_.emplace(blob_.data() + kAfterChecksum, xxh64(blob_.data(), kChecksumField));
+    stream_.emplace(checksum_kind(blob_.data()), blob_.data() + kAfterChecksum,
+                    checksum_seed(blob_.data()));
   if (stream_) stream_->update(blob_.data() + available);
 }
 
@@ -318,8 +362,22 @@ bool verify_blob(const Buffer& blob) {
   return verifier.valid();
 }
 
+void reseal_blob(unsigned char* data, std::size_t size) {
+  KVPACK_CHECK(size >= kBlobHeaderBytes,
+               "size: expected at least " << kBlobHeaderBytes << " bytes, got " << size);
+  const std::uint64_t checksum = blob_checksum(data, size);
+  std::memcpy(data + kChecksumField, &checksum, sizeof checksum);
+}
+
+bool blob_signed_by(const Buffer& blob, const std::string& secret) {
+  if (blob.size() < kBlobHeaderBytes) return false;
+  unsigned char tag[kTagBytes];
+  blob_mac(blob.data(), blob.size(), secret, tag);
+  return CRYPTO_memcmp(tag, blob.data() + kTagField, kTagBytes) == 0;
+}
+
 BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, const Codec& codec,
-               const std::vector<Evidence>& evidence) {
+               const std::vector<Evidence>& evidence, const std::string& secret) {
   KVPACK_CHECK(!layers.empty(), "layers: expected at least one layer, got 0");
   KVPACK_CHECK(
       evidence.empty() || evidence.size() == layers.size(),
@@ -375,8 +433,8 @@ BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, con
   std::memset(data + table_end, 0, encoded[0].record.offset - table_end);
   header.checksum = 0;
   std::memcpy(data, &header, sizeof header);
-  header.checksum = blob_checksum(data, offset);
-  std::memcpy(data + kChecksumField, &header.checksum, sizeof header.checksum);
+  if (!secret.empty()) blob_mac(data, offset, secret, data + kTagField);
+  reseal_blob(data, offset);
   return blob;
 }
 
@@ -398,11 +456,15 @@ DecodedKV decode(const BlobPtr& blob, bool copy) {
   // A blob may come from anyone who can write to a shared tier, checksum and all: every
   // size is checked without overflow against the blob before anything is read or
   // allocated from it.
+  // Payloads follow the table in layer order without overlapping, as encode lays them
+  // out, so together they are no larger than the blob and neither is what they expand to.
+  std::size_t payload_end = table + records.size() * sizeof(LayerRecord);
   for (std::size_t l = 0; l < records.size(); ++l) {
     const LayerRecord& r = records[l];
-    if (r.offset > info.size || r.bytes > info.size - r.offset || r.dim == 0 ||
-        r.offset % kPayloadAlignment != 0)
+    if (r.offset < payload_end || r.offset > info.size || r.bytes > info.size - r.offset ||
+        r.dim == 0 || r.offset % kPayloadAlignment != 0)
       malformed("layer table");
+    payload_end = r.offset + r.bytes;
     std::size_t kv = 0, index = 0;
     if (!checked_product({r.heads, r.tokens, r.dim, elem}, kv) ||
         !checked_product({r.heads, r.tokens, sizeof(std::int32_t)}, index) ||
@@ -417,6 +479,7 @@ DecodedKV decode(const BlobPtr& blob, bool copy) {
     out_size = align_up(out_size, kPayloadAlignment);
     out_offset[l] = out_size;
     out_size += info.codec.kind == CodecKind::Quant ? 2 * kv : r.bytes;
+    if (out_size > info.size * kMaxExpansion) malformed("layer shapes");
   }
 
   const bool in_place = info.codec.kind != CodecKind::Quant && !copy;

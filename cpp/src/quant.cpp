@@ -1,6 +1,7 @@
 #include "kvpack/quant.h"
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -75,7 +76,8 @@ QuantizedKV::QuantizedKV(const KVView& keys, const KVView& values, const QuantPa
       dim_(keys.dim) {
   KVPACK_CHECK(params.bits == 2 || params.bits == 4 || params.bits == 8,
                "bits: expected 2, 4 or 8, got " << params.bits);
-  KVPACK_CHECK(params.group >= 1, "group: expected >= 1, got " << params.group);
+  KVPACK_CHECK(params.group >= 1 && params.group < (1ll << 32),
+               "group: expected 1 to 2^32 - 1 tokens / channels, got " << params.group);
   KVPACK_CHECK(params.residual >= 0, "residual: expected >= 0, got " << params.residual);
   const std::int64_t group = params.group;
   quantized_ = std::max<std::int64_t>(0, tokens_ - params.residual) / group * group;
@@ -84,7 +86,8 @@ QuantizedKV::QuantizedKV(const KVView& keys, const KVView& values, const QuantPa
   const std::size_t row_bytes = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
 
   parallel_for(heads_, [&](std::int64_t h) {
-    std::vector<float> block(static_cast<std::size_t>(group * dim_));  // [group tokens, dim]
+    // [group tokens, dim]; none when the context is shorter than a group
+    std::vector<float> block(static_cast<std::size_t>(token_groups > 0 ? group * dim_ : 0));
     for (std::int64_t g = 0; g < token_groups; ++g) {
       for (std::int64_t j = 0; j < group; ++j)
         to_float(keys.row(h, g * group + j), dtype_, dim_, block.data() + j * dim_);
@@ -185,11 +188,15 @@ void QuantizedKV::dequantize(DType dtype, void* keys, void* values) const {
   const auto expand = bits == 2   ? &expand_key_group<2>
                       : bits == 4 ? &expand_key_group<4>
                                   : &expand_key_group<8>;
+  // Scratch is sized by what the cache holds (a deserialized header may name any group
+  // for a cache without token groups, and any head_dim for one without tokens).
+  if (tokens_ == 0) return;
   parallel_for(heads_, [&](std::int64_t h) {
     unsigned char* k = static_cast<unsigned char*>(keys) + h * tokens_ * out_row;
     unsigned char* v = static_cast<unsigned char*>(values) + h * tokens_ * out_row;
     std::vector<float> row(static_cast<std::size_t>(dim_)), lo(row.size()), step(row.size());
-    std::vector<std::uint8_t> transposed(static_cast<std::size_t>(key_group_bytes() * dim_)),
+    std::vector<std::uint8_t> transposed(
+        static_cast<std::size_t>(token_groups > 0 ? key_group_bytes() * dim_ : 0)),
         run(static_cast<std::size_t>(dim_));
     for (std::int64_t g = 0; g < token_groups; ++g) {
       const std::int64_t base = (h * token_groups + g) * dim_;
@@ -225,12 +232,14 @@ struct SerialHeader {
 
 template <class T>
 void write_section(unsigned char*& out, const std::vector<T>& section) {
+  if (section.empty()) return;  // memcpy from an empty vector's null data is undefined
   std::memcpy(out, section.data(), section.size() * sizeof(T));
   out += section.size() * sizeof(T);
 }
 
 template <class T>
 void read_section(const unsigned char*& in, std::vector<T>& section) {
+  if (section.empty()) return;
   std::memcpy(section.data(), in, section.size() * sizeof(T));
   in += section.size() * sizeof(T);
 }
@@ -265,13 +274,39 @@ QuantizedKV QuantizedKV::deserialize(const unsigned char* data, std::size_t size
   SerialHeader header{};
   if (size < sizeof header) throw std::runtime_error("quantized payload: truncated header");
   std::memcpy(&header, data, sizeof header);
-  const bool sane = (header.bits == 2 || header.bits == 4 || header.bits == 8) &&
-                    header.dtype >= 0 && header.dtype <= 2 && header.group >= 1 &&
-                    header.heads >= 0 && header.tokens >= 0 && header.dim >= 1 &&
-                    header.quantized >= 0 && header.quantized <= header.tokens &&
-                    header.quantized % header.group == 0 && header.dim < (1 << 20) &&
-                    header.heads < (1 << 20) && header.tokens < (1ll << 32);
+  const bool sane =
+      (header.bits == 2 || header.bits == 4 || header.bits == 8) && header.dtype >= 0 &&
+      header.dtype <= 2 && header.group >= 1 && header.heads >= 0 && header.tokens >= 0 &&
+      header.dim >= 1 && header.quantized >= 0 && header.quantized <= header.tokens &&
+      header.quantized % header.group == 0 && header.dim < (1 << 20) && header.heads < (1 << 20) &&
+      header.tokens < (1ll << 32) && header.group < (1ll << 32) && header.residual >= 0;
   if (!sane) throw std::runtime_error("quantized payload: malformed header");
+  // The serialized size the header implies, without overflow, before anything is
+  // allocated from it: a payload cannot claim more memory than it occupies.
+  const auto heads = static_cast<std::size_t>(header.heads);
+  const auto dim = static_cast<std::size_t>(header.dim);
+  const auto quantized = static_cast<std::size_t>(header.quantized);
+  const auto group = static_cast<std::size_t>(header.group);
+  const std::size_t token_groups = quantized / group;
+  const std::size_t rest = static_cast<std::size_t>(header.tokens) - quantized;
+  const std::size_t channel_groups = (dim + group - 1) / group;
+  const std::size_t bits = static_cast<std::size_t>(header.bits);
+  const std::size_t key_group_bytes = (group * bits + 7) / 8,
+                    value_row_bytes = (dim * bits + 7) / 8;
+  const std::size_t half = sizeof(_Float16);
+  const std::size_t element = dtype_size(static_cast<DType>(header.dtype));
+  std::size_t key_codes, key_ranges, value_codes, value_ranges, residual, expected = sizeof header;
+  const bool fits = checked_product({heads, token_groups, dim, key_group_bytes}, key_codes) &&
+                    checked_product({heads, token_groups, dim, 2 * half}, key_ranges) &&
+                    checked_product({heads, quantized, value_row_bytes}, value_codes) &&
+                    checked_product({heads, quantized, channel_groups, 2 * half}, value_ranges) &&
+                    checked_product({heads, rest, dim, 2 * element}, residual) &&
+                    !__builtin_add_overflow(expected, key_codes, &expected) &&
+                    !__builtin_add_overflow(expected, key_ranges, &expected) &&
+                    !__builtin_add_overflow(expected, value_codes, &expected) &&
+                    !__builtin_add_overflow(expected, value_ranges, &expected) &&
+                    !__builtin_add_overflow(expected, residual, &expected);
+  if (!fits || expected != size) throw std::runtime_error("quantized payload: wrong size");
   QuantizedKV kv;
   kv.params_ = QuantParams{header.bits, header.group, header.residual};
   kv.dtype_ = static_cast<DType>(header.dtype);
@@ -280,7 +315,7 @@ QuantizedKV QuantizedKV::deserialize(const unsigned char* data, std::size_t size
   kv.dim_ = header.dim;
   kv.quantized_ = header.quantized;
   kv.allocate();
-  if (kv.serialized_size() != size) throw std::runtime_error("quantized payload: wrong size");
+  assert(kv.serialized_size() == size);
   const unsigned char* in = data + sizeof header;
   read_section(in, kv.key_codes_);
   read_section(in, kv.key_scale_);
@@ -375,6 +410,7 @@ void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionPa
   const std::int64_t chunks = std::clamp<std::int64_t>((4 * num_threads() + heads_ - 1) / heads_, 1,
                                                        std::max<std::int64_t>(1, blocks));
   const std::int64_t stride = per_kv * (dim_ + 2);
+  const std::int64_t block_tokens = std::min(group, std::max<std::int64_t>(attended, 1));
   std::vector<float> partials(static_cast<std::size_t>(heads_ * chunks * stride));
   parallel_for(heads_ * chunks, [&](std::int64_t item) {
     const std::int64_t h = item / chunks, chunk = item % chunks;
@@ -385,11 +421,12 @@ void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionPa
     std::fill(max, max + per_kv, kNegInf);
     std::fill(sum, sum + per_kv, 0.0f);
     std::fill(acc, acc + per_kv * dim_, 0.0f);
-    std::vector<float> keys(static_cast<std::size_t>(group * dim_)),
-        values(static_cast<std::size_t>(std::max(group, std::int64_t{3}) * dim_)),
-        s(static_cast<std::size_t>(group)), qs(static_cast<std::size_t>(per_kv * dim_));
+    // Blocks hold at most the tokens attended, however large the group.
+    std::vector<float> keys(static_cast<std::size_t>(block_tokens * dim_)),
+        values(static_cast<std::size_t>(std::max(block_tokens, std::int64_t{3}) * dim_)),
+        s(static_cast<std::size_t>(block_tokens)), qs(static_cast<std::size_t>(per_kv * dim_));
     std::vector<std::uint8_t> scratch(
-        static_cast<std::size_t>(std::max(key_group_bytes(), std::int64_t{1}) * dim_ + dim_));
+        static_cast<std::size_t>((token_groups > 0 ? key_group_bytes() : 1) * dim_ + dim_));
     for (std::int64_t i = 0; i < per_kv * dim_; ++i) qs[i] = q[h * per_kv * dim_ + i] * scale;
     for (std::int64_t b = begin; b < end; ++b) {
       load_block(h, b, tail_keys, tail_values, keys.data(), values.data(), scratch.data());

@@ -1,22 +1,14 @@
-// The remote tier: a minimal RESP2 client (SET / GET / EXISTS / DEL / SCAN / SELECT) over
-// one TCP connection with timeouts on connect, send and receive, so a server that is gone
-// or hung turns into fast misses instead of a blocked caller.
-#include <arpa/inet.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
-#include <sys/socket.h>
-#include <sys/uio.h>
-#include <unistd.h>
+// The remote tier on hiredis (Debian's libhiredis): one connection, every call bounded by
+// one timeout in all (connect, send and reply together), and a back-off after repeated
+// failures, so a server that is gone or hung turns into fast misses instead of a blocked
+// caller.
+#include <hiredis/hiredis.h>
 
-#include <cerrno>
+#include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <mutex>
-#include <optional>
-#include <stdexcept>
 #include <string_view>
 #include <unordered_map>
 
@@ -26,201 +18,27 @@ namespace kvpack {
 
 namespace {
 
-struct RedisError : std::runtime_error {
-  using std::runtime_error::runtime_error;
+using Clock = std::chrono::steady_clock;
+
+struct ReplyDeleter {
+  void operator()(redisReply* reply) const { freeReplyObject(reply); }
+};
+using Reply = std::unique_ptr<redisReply, ReplyDeleter>;
+
+struct ContextDeleter {
+  void operator()(redisContext* context) const { redisFree(context); }
 };
 
-// A RESP reply: integers, simple strings, bulk strings (bytes or a Buffer) and arrays.
-struct Reply {
-  char type = 0;  // '+', '-', ':', '$', '*'
-  std::int64_t integer = 0;
-  bool nil = false;
-  std::string text;                // simple string, error, or small bulk string
-  std::shared_ptr<Buffer> buffer;  // bulk string read into an aligned buffer
-  std::vector<Reply> elements;
-};
-
-class Connection {
- public:
-  Connection(const RedisParams& params) : params_(params) {}
-  ~Connection() { close(); }
-
-  bool connected() const { return fd_ >= 0; }
-
-  void close() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-    buffered_.clear();
-    read_at_ = 0;
-  }
-
-  void connect() {
-    close();
-    addrinfo hints{}, *found = nullptr;
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    if (::getaddrinfo(params_.host.c_str(), std::to_string(params_.port).c_str(), &hints, &found) !=
-            0 ||
-        !found)
-      throw RedisError("cannot resolve " + params_.host);
-    const int fd = ::socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-      ::freeaddrinfo(found);
-      throw RedisError("socket failed");
-    }
-    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
-    int rc = ::connect(fd, found->ai_addr, found->ai_addrlen);
-    ::freeaddrinfo(found);
-    if (rc != 0 && errno == EINPROGRESS) {
-      pollfd waiting{fd, POLLOUT, 0};
-      rc = ::poll(&waiting, 1, params_.timeout_ms) == 1 ? 0 : -1;
-      int error = 0;
-      socklen_t length = sizeof error;
-      if (rc == 0 && (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) != 0 || error))
-        rc = -1;
-    }
-    if (rc != 0) {
-      ::close(fd);
-      throw RedisError("cannot connect to " + params_.host + ":" + std::to_string(params_.port));
-    }
-    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-    timeval timeout{params_.timeout_ms / 1000, (params_.timeout_ms % 1000) * 1000};
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
-    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
-    const int one = 1;
-    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    fd_ = fd;
-    if (params_.db != 0) {
-      const Reply reply = command({"SELECT", std::to_string(params_.db)});
-      if (reply.type == '-') throw RedisError("SELECT failed: " + reply.text);
-    }
-  }
-
-  // Sends one command of binary-safe arguments and reads its reply.
-  Reply command(const std::vector<std::string_view>& args) {
-    std::string head = "*" + std::to_string(args.size()) + "\r\n";
-    std::vector<iovec> parts;
-    std::vector<std::string> prefixes;
-    prefixes.reserve(args.size());
-    for (const std::string_view arg : args)
-      prefixes.push_back("$" + std::to_string(arg.size()) + "\r\n");
-    static const char kEnd[] = "\r\n";
-    parts.push_back({head.data(), head.size()});
-    for (std::size_t i = 0; i < args.size(); ++i) {
-      parts.push_back({prefixes[i].data(), prefixes[i].size()});
-      parts.push_back({const_cast<char*>(args[i].data()), args[i].size()});
-      parts.push_back({const_cast<char*>(kEnd), 2});
-    }
-    send_all(parts);
-    return read_reply();
-  }
-
- private:
-  void send_all(std::vector<iovec> parts) {
-    for (iovec& part : parts) {
-      const char* data = static_cast<const char*>(part.iov_base);
-      std::size_t size = part.iov_len;
-      while (size > 0) {
-        const ssize_t n = ::send(fd_, data, size, MSG_NOSIGNAL);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) throw RedisError("send failed or timed out");
-        data += n;
-        size -= static_cast<std::size_t>(n);
-      }
-    }
-  }
-
-  void fill() {
-    if (read_at_ > 0 && read_at_ == buffered_.size()) {
-      buffered_.clear();
-      read_at_ = 0;
-    }
-    char chunk[1 << 16];
-    ssize_t n;
-    do n = ::recv(fd_, chunk, sizeof chunk, 0);
-    while (n < 0 && errno == EINTR);
-    if (n <= 0) throw RedisError(n == 0 ? "server closed the connection" : "receive timed out");
-    buffered_.append(chunk, static_cast<std::size_t>(n));
-  }
-
-  std::string read_line() {
-    for (;;) {
-      const auto end = buffered_.find("\r\n", read_at_);
-      if (end != std::string::npos) {
-        std::string line = buffered_.substr(read_at_, end - read_at_);
-        read_at_ = end + 2;
-        return line;
-      }
-      fill();
-    }
-  }
-
-  // Copies `size` bytes of the stream to out (buffered bytes first, then straight from
-  // the socket into out).
-  void read_exact(unsigned char* out, std::size_t size) {
-    const std::size_t ready = std::min(size, buffered_.size() - read_at_);
-    std::memcpy(out, buffered_.data() + read_at_, ready);
-    read_at_ += ready;
-    out += ready;
-    size -= ready;
-    while (size > 0) {
-      const ssize_t n = ::recv(fd_, out, size, 0);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) throw RedisError("receive failed or timed out");
-      out += n;
-      size -= static_cast<std::size_t>(n);
-    }
-  }
-
-  Reply read_reply() {
-    const std::string line = read_line();
-    if (line.empty()) throw RedisError("empty reply");
-    Reply reply;
-    reply.type = line[0];
-    const std::string rest = line.substr(1);
-    switch (reply.type) {
-      case '+':
-      case '-':
-        reply.text = rest;
-        return reply;
-      case ':':
-        reply.integer = std::stoll(rest);
-        return reply;
-      case '$': {
-        const std::int64_t size = std::stoll(rest);
-        if (size < 0) {
-          reply.nil = true;
-          return reply;
-        }
-        reply.buffer = std::make_shared<Buffer>(static_cast<std::size_t>(size));
-        read_exact(reply.buffer->data(), static_cast<std::size_t>(size));
-        unsigned char end[2];
-        read_exact(end, 2);
-        return reply;
-      }
-      case '*': {
-        const std::int64_t count = std::stoll(rest);
-        if (count < 0) {
-          reply.nil = true;
-          return reply;
-        }
-        for (std::int64_t i = 0; i < count; ++i) reply.elements.push_back(read_reply());
-        return reply;
-      }
-      default:
-        throw RedisError("malformed reply");
-    }
-  }
-
-  const RedisParams params_;
-  int fd_ = -1;
-  std::string buffered_;
-  std::size_t read_at_ = 0;
-};
+timeval as_timeval(Clock::duration left) {
+  const auto us = std::max<std::int64_t>(
+      1000, std::chrono::duration_cast<std::chrono::microseconds>(left).count());
+  return timeval{static_cast<time_t>(us / 1000000), static_cast<suseconds_t>(us % 1000000)};
+}
 
 class RedisTier final : public Tier {
  public:
-  explicit RedisTier(const RedisParams& params) : params_(params), connection_(params) {}
+  explicit RedisTier(const RedisParams& params)
+      : params_(params), timeout_(std::chrono::milliseconds(params.timeout_ms)) {}
 
   std::string name() const override { return "remote"; }
   std::int64_t used() const override {
@@ -230,32 +48,46 @@ class RedisTier final : public Tier {
   std::int64_t capacity() const override { return params_.capacity; }
 
   bool put(const std::string& key, const BlobPtr& blob) override {
+    Call call(*this);  // puts run one at a time: the room checked here is still there after
+    if (!call) return false;
+    const std::int64_t bytes = stored_bytes(blob->size());
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const auto it = sizes_.find(key);
+      const std::int64_t old = it == sizes_.end() ? 0 : it->second.bytes;
+      if (used_ - old + bytes > params_.capacity) return false;
+    }
+    const std::string_view data(reinterpret_cast<const char*>(blob->data()), blob->size());
+    const Reply reply = call.command({"SET", params_.prefix + key, data});
+    if (!reply || reply->type != REDIS_REPLY_STATUS) return false;
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = sizes_.find(key);
-    const std::int64_t old = it == sizes_.end() ? 0 : it->second.bytes;
-    const std::int64_t bytes = stored_bytes(blob->size());
-    if (used_ - old + bytes > params_.capacity) return false;
-    const std::string_view data(reinterpret_cast<const char*>(blob->data()), blob->size());
-    const auto reply = call({"SET", params_.prefix + key, data});
-    if (!reply || reply->type != '+') return false;
-    used_ += bytes - old;
+    used_ += bytes - (it == sizes_.end() ? 0 : it->second.bytes);
     sizes_[key] = StoredBlob{key, bytes, read_blob_info(blob->data(), blob->size()).codec};
     return true;
   }
 
   BlobPtr get(const std::string& key) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto reply = call({"GET", params_.prefix + key});
-    if (!reply || reply->type != '$' || reply->nil) return nullptr;
-    std::shared_ptr<Buffer> blob = reply->buffer;
+    Call call(*this);
+    if (!call) return nullptr;
+    const Reply reply = call.command({"GET", params_.prefix + key});
+    if (!reply || reply->type != REDIS_REPLY_STRING) {
+      if (reply && reply->type == REDIS_REPLY_NIL) forget(key);  // gone (a restart, DEL)
+      return nullptr;
+    }
+    auto blob = std::make_shared<Buffer>(reply->len);
+    std::memcpy(blob->data(), reply->str, reply->len);
     bool valid = false;
     try {
       valid = verify_blob(*blob) && read_blob_info(blob->data(), blob->size()).key == key;
     } catch (const std::runtime_error&) {
     }
     if (!valid) {
-      ++counters_.corrupt;
-      call({"DEL", params_.prefix + key});
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        ++counters_.corrupt;
+      }
+      call.command({"DEL", params_.prefix + key});
       forget(key);
       return nullptr;
     }
@@ -263,15 +95,18 @@ class RedisTier final : public Tier {
   }
 
   bool contains(const std::string& key) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto reply = call({"EXISTS", params_.prefix + key});
-    return reply && reply->type == ':' && reply->integer > 0;
+    Call call(*this);
+    if (!call) return false;
+    const Reply reply = call.command({"EXISTS", params_.prefix + key});
+    const bool found = reply && reply->type == REDIS_REPLY_INTEGER && reply->integer > 0;
+    if (reply && !found) forget(key);
+    return found;
   }
 
   void remove(const std::string& key) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    call({"DEL", params_.prefix + key});
-    forget(key);
+    Call call(*this);
+    if (call) call.command({"DEL", params_.prefix + key});
+    forget(key);  // never counted again, reached or not
   }
 
   std::vector<StoredBlob> list() override {
@@ -287,48 +122,139 @@ class RedisTier final : public Tier {
   }
 
  private:
-  // One command, reconnecting once if the connection dropped; nothing (and an error
-  // counted) when the server cannot be reached. After a failed connect the server is
-  // left alone for a second so a dead server does not cost a timeout on every call.
-  std::optional<Reply> call(const std::vector<std::string_view>& args) {
-    using Clock = std::chrono::steady_clock;
-    for (int attempt = 0; attempt < 2; ++attempt) {
-      try {
-        if (!connection_.connected()) {
-          if (Clock::now() < retry_after_) break;
-          try {
-            connection_.connect();
-          } catch (const RedisError&) {
-            retry_after_ = Clock::now() + std::chrono::seconds(1);
-            throw;
-          }
+  // One call to the server: holds the connection and a deadline of one timeout from its
+  // start, for connecting and every command together. False (an error counted, nothing
+  // sent) while a back-off after repeated failures lasts or when the deadline passes.
+  class Call {
+   public:
+    explicit Call(RedisTier& tier) : tier_(tier), deadline_(Clock::now() + tier.timeout_) {
+      // Waiting for another caller's command counts against this call's timeout too.
+      locked_ = tier_.call_mutex_.try_lock_until(deadline_);
+      if (locked_ && Clock::now() >= tier_.back_off_until_)
+        ready_ = connect();  // a failure is counted there
+      else
+        tier_.count_error();
+    }
+    ~Call() {
+      if (locked_) tier_.call_mutex_.unlock();
+    }
+    explicit operator bool() const { return ready_; }
+
+    // The reply to one command of binary-safe arguments; null (the connection dropped,
+    // a failure counted) when the server did not answer in time.
+    Reply command(const std::vector<std::string_view>& args) {
+      if (!ready_) return nullptr;
+      std::vector<const char*> argv;
+      std::vector<std::size_t> lengths;
+      for (const std::string_view arg : args) {
+        argv.push_back(arg.data());
+        lengths.push_back(arg.size());
+      }
+      for (;;) {
+        Reply reply;
+        redisContext* context = tier_.context_.get();
+        if (Clock::now() < deadline_ &&
+            redisSetTimeout(context, as_timeval(deadline_ - Clock::now())) == REDIS_OK)
+          reply.reset(static_cast<redisReply*>(redisCommandArgv(
+              context, static_cast<int>(argv.size()), argv.data(), lengths.data())));
+        if (reply) {
+          tier_.failures_ = 0;
+          if (reply->type == REDIS_REPLY_ERROR) tier_.count_error();
+          return reply;
         }
-        Reply reply = connection_.command(args);
-        if (reply.type == '-') ++counters_.errors;
-        return reply;
-      } catch (const RedisError&) {
-        connection_.close();
-        if (attempt == 1 || Clock::now() < retry_after_) break;
-      } catch (const std::exception&) {  // malformed numbers in a reply
-        connection_.close();
-        break;
+        // A connection the server closed (it restarted) is made again once, in this call's
+        // time; a server that does not answer is a failure.
+        const bool closed = context->err == REDIS_ERR_EOF;
+        tier_.context_.reset();
+        ready_ = false;
+        if (closed && !reconnected_ && Clock::now() < deadline_) {
+          reconnected_ = true;
+          if (connect()) continue;
+          return nullptr;
+        }
+        tier_.failed();
+        return nullptr;
       }
     }
+
+   private:
+    // A connection (made within the deadline, the database selected); on a new one the
+    // byte counts are checked against what the server still holds.
+    bool connect() {
+      if (tier_.context_) return true;
+      const timeval left = as_timeval(deadline_ - Clock::now());
+      std::unique_ptr<redisContext, ContextDeleter> context(
+          redisConnectWithTimeout(tier_.params_.host.c_str(), tier_.params_.port, left));
+      if (!context || context->err) {
+        tier_.failed();
+        return false;
+      }
+      tier_.context_ = std::move(context);
+      ready_ = true;
+      if (tier_.params_.db != 0) {
+        const Reply reply = command({"SELECT", std::to_string(tier_.params_.db)});
+        if (!reply || reply->type == REDIS_REPLY_ERROR) {
+          tier_.context_.reset();  // never used unselected
+          return ready_ = false;
+        }
+      }
+      return tier_.refresh_sizes(*this);
+    }
+
+    RedisTier& tier_;
+    const Clock::time_point deadline_;
+    bool locked_ = false, ready_ = false, reconnected_ = false;
+  };
+
+  void count_error() {
+    std::lock_guard<std::mutex> lock(mutex_);
     ++counters_.errors;
-    return std::nullopt;
+  }
+
+  // A failed call: the connection is dropped, and from the third failure in a row the
+  // server is left alone for a back-off (1 s, doubling to 30 s) while calls fail at once.
+  void failed() {
+    count_error();
+    context_.reset();
+    if (++failures_ >= kFailuresBeforeBackOff) {
+      const auto back_off =
+          std::min<std::int64_t>(30000, 1000ll << std::min(failures_ - kFailuresBeforeBackOff, 5));
+      back_off_until_ = Clock::now() + std::chrono::milliseconds(back_off);
+    }
+  }
+
+  // After a (re)connection: the entries this process placed that the server lost (a
+  // restart without persistence, an eviction of its own) stop counting as used bytes.
+  bool refresh_sizes(Call& call) {
+    std::vector<std::string> placed;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const auto& [key, stored] : sizes_) placed.push_back(key);
+    }
+    for (const std::string& key : placed) {
+      const Reply reply = call.command({"EXISTS", params_.prefix + key});
+      if (!reply) return false;
+      if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 0) forget(key);
+    }
+    return true;
   }
 
   void forget(const std::string& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
     const auto it = sizes_.find(key);
     if (it == sizes_.end()) return;
     used_ -= it->second.bytes;
     sizes_.erase(it);
   }
 
+  static constexpr int kFailuresBeforeBackOff = 3;
   const RedisParams params_;
-  mutable std::mutex mutex_;
-  Connection connection_;
-  std::chrono::steady_clock::time_point retry_after_{};
+  const Clock::duration timeout_;
+  std::timed_mutex call_mutex_;  // one call on the connection at a time; guards the next three
+  std::unique_ptr<redisContext, ContextDeleter> context_;
+  int failures_ = 0;  // calls failed in a row
+  Clock::time_point back_off_until_{};
+  mutable std::mutex mutex_;  // the fields below, held briefly (never across a network call)
   std::unordered_map<std::string, StoredBlob> sizes_;  // entries this process placed
   std::int64_t used_ = 0;
   TierCounters counters_;

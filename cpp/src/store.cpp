@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <system_error>
 
 #include "kvpack/attention.h"
 #include "kvpack/policy.h"
@@ -186,7 +187,7 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
   for (std::size_t c = 0; c < codecs_.size(); ++c) {
     BlobPtr blob;
     try {
-      blob = encode(key, layers, codecs_[c], entry.probes);
+      blob = encode(key, layers, codecs_[c], entry.probes, params_.secret);
     } catch (const std::invalid_argument&) {
       if (codecs_[c].kind == CodecKind::None) throw;
       continue;
@@ -218,16 +219,62 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
 
   std::lock_guard<std::mutex> lock(mutex_);
   ++counters_.puts;
-  if (entries_.count(key)) drop(key);
+  // The version this put replaces stays in its tier until the new one is in place: a
+  // crash (or a failed write) meanwhile leaves the old version, never neither.
+  std::optional<Entry> replaced;
+  if (const auto it = entries_.find(key); it != entries_.end()) {
+    replaced = std::move(it->second);
+    entries_.erase(it);
+    order_.erase(std::find(order_.begin(), order_.end(), key));
+  }
   entry.held = -1;  // not stored yet
   entry.tier = -1;
   entry.last_use = ++clock_;
+  entry.version = ++versions_;
   entries_[key] = std::move(entry);
   order_.push_back(key);
-  if (params_.policy == StorePolicy::Adaptive)
-    place_adaptive(key, fresh);
-  else
-    place_lru(key, fresh.begin()->second);
+  const Replaced old{
+      replaced ? replaced->tier : -1,
+      replaced && replaced->held >= 0 ? replaced->candidates[replaced->held].bytes : 0};
+  const std::optional<std::system_error> error = params_.policy == StorePolicy::Adaptive
+                                                     ? place_adaptive(key, fresh, old)
+                                                     : place_lru(key, fresh.begin()->second, old);
+  const auto it = entries_.find(key);
+  const int tier = it == entries_.end() ? -1 : it->second.tier;
+  if (tier < 0 && error) {
+    // The new version could not be written: the old one, untouched, stays the entry.
+    if (old.tier >= 0 && tiers_[old.tier]->contains(key)) {
+      entries_[key] = std::move(*replaced);
+      order_.push_back(key);
+    }
+    // what() ends with the code's own message, which the new error appends again.
+    std::string cause = error->what();
+    const std::string suffix = ": " + error->code().message();
+    if (cause.size() >= suffix.size() &&
+        cause.compare(cause.size() - suffix.size(), suffix.size(), suffix) == 0)
+      cause.resize(cause.size() - suffix.size());
+    throw std::system_error(error->code(), "put: '" + key + "' not stored: " + cause);
+  }
+  if (old.tier >= 0 && old.tier != tier) tiers_[old.tier]->remove(key);
+}
+
+bool TieredStore::authentic(const std::string& key, const Buffer& blob) const {
+  try {
+    if (read_blob_info(blob.data(), blob.size()).key != key) return false;
+  } catch (const std::runtime_error&) {
+    return false;
+  }
+  return params_.secret.empty() || blob_signed_by(blob, params_.secret);
+}
+
+bool TieredStore::put_blob(int tier, const std::string& key, const BlobPtr& blob,
+                           std::optional<std::system_error>* failure) {
+  try {
+    return tiers_[tier]->put(key, blob);
+  } catch (const std::system_error& error) {  // counted by the tier
+    if (failure) failure->emplace(error);
+    return false;
+  }
 }
 
 void TieredStore::drop(const std::string& key) {
@@ -238,7 +285,8 @@ void TieredStore::drop(const std::string& key) {
   order_.erase(std::find(order_.begin(), order_.end(), key));
 }
 
-void TieredStore::place_adaptive(const std::string& key, std::unordered_map<int, BlobPtr>& fresh) {
+std::optional<std::system_error> TieredStore::place_adaptive(
+    const std::string& key, std::unordered_map<int, BlobPtr>& fresh, const Replaced& old) {
   std::vector<PlacementItem> items;
   std::vector<std::vector<std::pair<int, int>>> meaning;  // option -> (candidate, tier)
   for (const std::string& name : order_) {
@@ -281,26 +329,44 @@ void TieredStore::place_adaptive(const std::string& key, std::unordered_map<int,
     } else {
       move.blob = tiers_[entry.tier]->get(name);
       tiers_[entry.tier]->remove(name);
+      if (move.blob && !authentic(name, *move.blob)) {  // replaced behind the store's back
+        ++counters_.unauthenticated;
+        move.blob = nullptr;
+      }
     }
     moves.push_back(std::move(move));
   }
+  // The new entry first: once it is in place the version it replaces can leave its tier,
+  // making the room the plan counted on for the others.
+  std::stable_partition(moves.begin(), moves.end(),
+                        [&key](const Move& move) { return move.key == key; });
+  std::optional<std::system_error> failure;
   for (Move& move : moves) {
     Entry& entry = entries_.at(move.key);
     if (move.candidate >= 0 && move.blob && entry.held >= 0 && move.candidate != entry.held) {
       // Recompress from the lossless copy with the codec the plan chose.
-      const DecodedKV original = decode(move.blob, false);
-      std::vector<LayerView> layers;
-      for (std::size_t l = 0; l < original.layers.size(); ++l)
-        layers.push_back(layer_view(original, l));
-      move.blob = encode(move.key, layers, entry.candidates[move.candidate].codec, entry.probes);
-      ++counters_.recompressions;
+      try {
+        const DecodedKV original = decode(move.blob, false);
+        std::vector<LayerView> layers;
+        for (std::size_t l = 0; l < original.layers.size(); ++l)
+          layers.push_back(layer_view(original, l));
+        move.blob = encode(move.key, layers, entry.candidates[move.candidate].codec, entry.probes,
+                           params_.secret);
+        ++counters_.recompressions;
+      } catch (const std::runtime_error&) {  // checksummed but malformed: dropped, counted
+        ++counters_.corrupt;
+        move.blob = nullptr;
+      }
     }
     const bool placed =
-        move.candidate >= 0 && move.blob && tiers_[move.tier]->put(move.key, move.blob);
+        move.candidate >= 0 && move.blob &&
+        put_blob(move.tier, move.key, move.blob, move.key == key ? &failure : nullptr);
+    if (move.key == key && placed && old.tier >= 0 && old.tier != move.tier)
+      tiers_[old.tier]->remove(key);
     if (!placed) {
       // Out of every tier (or unreadable): counted.
       ++counters_.evictions;
-      if (move.key == key && move.candidate >= 0) ++counters_.errors;
+      if (move.key == key && move.candidate >= 0 && !failure) ++counters_.errors;
       entries_.erase(move.key);
       order_.erase(std::find(order_.begin(), order_.end(), move.key));
       continue;
@@ -309,6 +375,7 @@ void TieredStore::place_adaptive(const std::string& key, std::unordered_map<int,
     entry.held = move.candidate;
     entry.tier = move.tier;
   }
+  return failure;
 }
 
 void TieredStore::make_room(int tier, std::int64_t bytes, const std::string& keep) {
@@ -332,7 +399,7 @@ void TieredStore::make_room(int tier, std::int64_t bytes, const std::string& kee
     if (blob && below < static_cast<int>(tiers_.size()) &&
         stored_bytes(blob->size()) <= tiers_[below]->capacity()) {
       make_room(below, stored_bytes(blob->size()), keep);
-      placed = tiers_[below]->put(name, blob);
+      placed = put_blob(below, name, blob);
     }
     if (placed) {
       entry.tier = below;
@@ -345,21 +412,27 @@ void TieredStore::make_room(int tier, std::int64_t bytes, const std::string& kee
   }
 }
 
-void TieredStore::place_lru(const std::string& key, const BlobPtr& blob) {
+std::optional<std::system_error> TieredStore::place_lru(const std::string& key, const BlobPtr& blob,
+                                                        const Replaced& old) {
   Entry& entry = entries_.at(key);
   entry.held = 0;
   const std::int64_t bytes = stored_bytes(blob->size());
+  std::optional<std::system_error> failure;
   for (int t = 0; t < static_cast<int>(tiers_.size()); ++t) {
     if (bytes > tiers_[t]->capacity()) continue;
-    make_room(t, bytes, key);
-    if (tiers_[t]->put(key, blob)) {
+    // The version replaced in this tier frees its room as the new one takes its place.
+    make_room(t, bytes - (t == old.tier ? old.bytes : 0), key);
+    if (put_blob(t, key, blob, &failure)) {
       entry.tier = t;
-      return;
+      if (old.tier >= 0 && old.tier != t) tiers_[old.tier]->remove(key);
+      return std::nullopt;
     }
+    if (failure) break;  // the tier failed: reported, not silently stored elsewhere
   }
   entries_.erase(key);  // larger than every tier
   order_.erase(std::find(order_.begin(), order_.end(), key));
   ++counters_.evictions;
+  return failure;
 }
 
 std::optional<GetResult> TieredStore::get(const std::string& key) {
@@ -370,6 +443,7 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
   for (int attempt = 0; attempt < 3; ++attempt) {
     int tier;
     double quality;
+    std::uint64_t version;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       const auto it = entries_.find(key);
@@ -379,12 +453,21 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
       entry.last_use = ++clock_;
       tier = entry.tier;
       quality = entry.candidates[entry.held].quality;
+      version = entry.version;
     }
     const auto start = Clock::now();
+    const std::int64_t errors = tiers_[tier]->counters().errors;
     BlobPtr blob = tiers_[tier]->get(key);
     const double io = seconds_since(start);
     std::unique_lock<std::mutex> lock(mutex_);
     const auto it = entries_.find(key);
+    const bool remote = params_.remote && tier + 1 == static_cast<int>(tiers_.size());
+    if (!blob && remote && tiers_[tier]->counters().errors > errors) {
+      // The server failed (down, or not answering): a miss now, the entry kept, and no
+      // second wait on it to ask whether it still holds the entry.
+      ++counters_.misses;
+      return std::nullopt;
+    }
     if (!blob) {
       if (it != entries_.end() && it->second.tier == tier && !tiers_[tier]->contains(key)) {
         // The tier dropped it (corrupt, or its file gone): the entry is gone.
@@ -397,20 +480,23 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
     }
     bool shared = tier == 0;  // a blob a tier still holds is copied before it is handed out
     const std::int64_t bytes = stored_bytes(blob->size());
+    // (Only the version still stored: a put during the read may have replaced it, and its
+    // entry moved back to this tier; promoting the blob read would bring the old one back.)
     if (params_.policy != StorePolicy::Adaptive && tier > 0 && it != entries_.end() &&
-        it->second.tier == tier && bytes <= tiers_[0]->capacity()) {
+        it->second.version == version && it->second.tier == tier &&
+        bytes <= tiers_[0]->capacity()) {
       // LRU: a hit moves the entry to DRAM; the entries it displaces go one tier down. An
       // entry larger than DRAM stays where it is (moving it out and back costs a write).
       tiers_[tier]->remove(key);
       it->second.tier = -1;
       make_room(0, bytes, key);
-      if (tiers_[0]->put(key, blob)) {
+      if (put_blob(0, key, blob)) {
         it->second.tier = 0;
         ++counters_.moves;
         shared = true;
       } else {
         make_room(tier, bytes, key);
-        if (tiers_[tier]->put(key, blob)) {
+        if (put_blob(tier, key, blob)) {
           it->second.tier = tier;
         } else {
           ++counters_.evictions;
@@ -443,15 +529,21 @@ std::optional<GetResult> TieredStore::served(const std::string& key, const BlobP
   result.io_seconds = io_seconds;
   result.quality = quality;
   const auto start = Clock::now();
+  bool signed_here = authentic(key, *blob), malformed = false;
   try {
-    result.kv = decode(blob, shared);
+    if (signed_here) result.kv = decode(blob, shared);
   } catch (const std::runtime_error&) {
-    // Checksummed but malformed (written by someone else): never served, dropped, counted.
+    malformed = true;
+  }
+  if (!signed_here || malformed) {
+    // Not this store's (no tag of its secret, another key's blob) or checksummed but
+    // malformed: never decoded or served; counted, forgotten and, unless the tier is the
+    // remote one other stores share, removed.
     std::lock_guard<std::mutex> lock(mutex_);
-    ++counters_.corrupt;
+    ++(malformed ? counters_.corrupt : counters_.unauthenticated);
     ++counters_.misses;
     if (entries_.count(key)) drop(key);
-    tiers_[tier]->remove(key);
+    if (!(params_.remote && tier + 1 == static_cast<int>(tiers_.size()))) tiers_[tier]->remove(key);
     return std::nullopt;
   }
   result.decode_seconds = seconds_since(start);

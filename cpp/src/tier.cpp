@@ -15,6 +15,7 @@
 #include <deque>
 #include <mutex>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -159,24 +160,29 @@ class SsdTier final : public Tier {
       const std::int64_t old = it == index_.end() ? 0 : it->second.bytes;
       if (used_ + reserved_ - old + bytes > params_.capacity) return false;
       reserved_ += bytes;
+      ++writing_[key];
     }
-    const bool written = write_file(key, *blob);
+    const int error = write_file(key, *blob);
     std::lock_guard<std::mutex> lock(mutex_);
     reserved_ -= bytes;
+    if (--writing_[key] == 0) writing_.erase(key);
     drop_prefetched(key);
-    if (!written) {
+    if (error) {
       ++counters_.errors;
-      return false;
+      throw std::system_error(error, std::generic_category(),
+                              "ssd: cannot write '" + path_of(key) + "'");
     }
     const auto it = index_.find(key);
     if (it != index_.end()) used_ -= it->second.bytes;
-    index_[key] = Entry{blob->size(), bytes, read_blob_info(blob->data(), blob->size()).codec};
+    index_[key] =
+        Entry{blob->size(), bytes, read_blob_info(blob->data(), blob->size()).codec, ++versions_};
     used_ += bytes;
     return true;
   }
 
   BlobPtr get(const std::string& key) override {
     std::size_t size;
+    std::uint64_t version;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       const auto done = prefetched_.find(key);
@@ -189,8 +195,9 @@ class SsdTier final : public Tier {
       const auto it = index_.find(key);
       if (it == index_.end()) return nullptr;
       size = it->second.size;
+      version = it->second.version;
     }
-    return read_verified(key, size);
+    return read_verified(key, size, version);
   }
 
   bool contains(const std::string& key) override {
@@ -239,6 +246,7 @@ class SsdTier final : public Tier {
     std::size_t size;    // blob bytes
     std::int64_t bytes;  // stored bytes (file size)
     Codec codec;
+    std::uint64_t version = 0;  // which put wrote the file (0: found on disk)
   };
 
   std::string file_name(const std::string& key) const {
@@ -251,28 +259,32 @@ class SsdTier final : public Tier {
     return params_.directory + "/" + file_name(key);
   }
 
-  bool write_file(const std::string& key, const Buffer& blob) {
+  // Writes the blob beside its final name, syncs it and renames it into place, so a crash
+  // leaves the old file or the new one; 0, or the errno of the step that failed.
+  int write_file(const std::string& key, const Buffer& blob) {
     static std::atomic<std::uint64_t> serial{0};
     const std::string final_path = path_of(key);
     const std::string temp_path = final_path + "." + std::to_string(::getpid()) + "." +
                                   std::to_string(serial.fetch_add(1)) + ".tmp";
+    const auto failed = [&temp_path] {
+      const int error = errno ? errno : EIO;
+      ::unlink(temp_path.c_str());
+      return error;
+    };
     {
       Fd file(::open(temp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-      if (file.fd < 0) return false;
-      if (!write_all(file.fd, blob.data(), blob.capacity()) || ::fsync(file.fd) != 0) {
-        ::unlink(temp_path.c_str());
-        return false;
-      }
+      if (file.fd < 0) return errno;
+      errno = 0;
+      if (!write_all(file.fd, blob.data(), blob.capacity()) || ::fsync(file.fd) != 0)
+        return failed();
       // Written blobs are not kept in the page cache: reads measure (and use) the device.
       ::posix_fadvise(file.fd, 0, 0, POSIX_FADV_DONTNEED);
     }
-    if (::rename(temp_path.c_str(), final_path.c_str()) != 0) {
-      ::unlink(temp_path.c_str());
-      return false;
-    }
+    if (::rename(temp_path.c_str(), final_path.c_str()) != 0) return failed();
     // The rename itself is durable once the directory is synced.
     Fd directory(::open(params_.directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    return directory.fd >= 0 && ::fsync(directory.fd) == 0;
+    if (directory.fd < 0 || ::fsync(directory.fd) != 0) return errno ? errno : EIO;
+    return 0;
   }
 
   // Opens a blob file; -1 (errno set) unless it is a regular file. Non-blocking, so a FIFO
@@ -293,9 +305,11 @@ class SsdTier final : public Tier {
     return fd;
   }
 
-  // Reads and verifies the blob of `key`; drops it (counted) when corrupt. A helper
-  // thread reads ahead in chunks while this one checksums what has arrived.
-  BlobPtr read_verified(const std::string& key, std::size_t size) {
+  // Reads and verifies the blob `version` of `key` wrote (`size` bytes); drops it (counted)
+  // when corrupt. A put that replaced the file meanwhile makes a failed read a plain miss
+  // (the caller looks again), never a corrupt file. A helper thread reads ahead in chunks
+  // while this one checksums what has arrived.
+  BlobPtr read_verified(const std::string& key, std::size_t size, std::uint64_t version) {
     constexpr std::size_t kChunk = 4u << 20;
     auto blob = std::make_shared<Buffer>(size);
     BlobVerifier verifier(*blob);
@@ -350,7 +364,11 @@ class SsdTier final : public Tier {
     }
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = index_.find(key);
-    if (it == index_.end() || it->second.size != size) return nullptr;  // removed or replaced
+    if (it == index_.end()) return nullptr;  // removed meanwhile
+    // A whole blob of this key is a version some put wrote: the read began while it was
+    // current (a rename swaps whole files), so it is served even if replaced since.
+    if (valid) return blob;
+    if (it->second.version != version || writing_.count(key)) return nullptr;  // replaced
     if (!read && !missing) {  // an I/O error says nothing about the file: keep it
       ++counters_.errors;
       return nullptr;
@@ -361,14 +379,11 @@ class SsdTier final : public Tier {
       index_.erase(it);
       return nullptr;
     }
-    if (!valid) {
-      ++counters_.corrupt;
-      ::unlink(path_of(key).c_str());
-      used_ -= it->second.bytes;
-      index_.erase(it);
-      return nullptr;
-    }
-    return blob;
+    ++counters_.corrupt;
+    ::unlink(path_of(key).c_str());
+    used_ -= it->second.bytes;
+    index_.erase(it);
+    return nullptr;
   }
 
   void drop_prefetched(const std::string& key) {
@@ -389,6 +404,7 @@ class SsdTier final : public Tier {
         queue_.pop_front();
       }
       std::size_t size;
+      std::uint64_t version;
       {
         std::lock_guard<std::mutex> lock(mutex_);
         const auto it = index_.find(key);
@@ -396,11 +412,16 @@ class SsdTier final : public Tier {
             prefetched_bytes_ + it->second.bytes > params_.prefetch_bytes)
           continue;
         size = it->second.size;
+        version = it->second.version;
       }
-      BlobPtr blob = read_verified(key, size);
+      BlobPtr blob = read_verified(key, size, version);
       if (!blob) continue;
       std::lock_guard<std::mutex> lock(mutex_);
-      if (index_.count(key) && !prefetched_.count(key)) {
+      // Held for a later get only while it is still the newest version: a put that
+      // replaced the file during the read must not be undone by this copy.
+      const auto it = index_.find(key);
+      if (it != index_.end() && it->second.version == version && !writing_.count(key) &&
+          !prefetched_.count(key)) {
         prefetched_[key] = blob;
         prefetched_bytes_ += stored_bytes(blob->size());
       }
@@ -478,6 +499,8 @@ class SsdTier final : public Tier {
   const SsdParams params_;
   mutable std::mutex mutex_;
   std::unordered_map<std::string, Entry> index_;
+  std::uint64_t versions_ = 0;                    // puts so far: the next file's version
+  std::unordered_map<std::string, int> writing_;  // keys with a put in flight
   std::int64_t used_ = 0, reserved_ = 0;
   TierCounters counters_;
   std::unordered_map<std::string, BlobPtr> prefetched_;

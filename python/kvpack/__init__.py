@@ -5,7 +5,8 @@ A C++/CUDA core behind a NumPy API. One layer of one sequence is ``keys`` and
 C-contiguous, never copied); a decode query is ``q`` of shape ``[heads_q, head_dim]``.
 """
 
-from . import data, methods, store
+# _arguments first: it makes _core's argument type errors name the argument.
+from . import _arguments, data, methods, store  # noqa: F401 (_arguments: for its effect)
 from ._core import (
     __version__,
     cuda_available,

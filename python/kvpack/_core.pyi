@@ -190,6 +190,7 @@ class QuantizedKV:
 KV = list[tuple[np.ndarray, np.ndarray]]
 
 def xxh64(data: bytes, seed: int = 0) -> int: ...
+def xxh3(data: bytes, seed: int = 0) -> int: ...
 def place(
     options: list[list[tuple[int, int, float]]],
     priorities: list[float],
@@ -221,6 +222,7 @@ class TieredStore:
         bandwidths: list[float] | None = None,
         decode_bandwidths: list[float] | None = None,
         timeout_ms: int = 2000,
+        secret: str | bytes = "",
     ) -> None: ...
     def put(
         self,

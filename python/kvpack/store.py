@@ -16,7 +16,7 @@ import math
 import numbers
 import operator
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -167,6 +167,12 @@ class TieredStore:
         (``math.inf``: decoding is free); each candidate's decode is timed at ``put`` if
         omitted. With ``bandwidths`` too, the placement depends only on the entries, not on
         how busy the machine is.
+    secret : str or bytes
+        Signs every entry the store writes with HMAC-SHA256 under this secret and serves
+        only entries signed with it: an entry someone without the secret wrote to the SSD
+        directory or the Redis server is a miss (``stats()["unauthenticated"]``), never
+        decoded. Stores sharing a tier share the secret. Without it entries are checksummed,
+        which catches accidents, not forgeries.
     """
 
     def __init__(
@@ -187,7 +193,12 @@ class TieredStore:
         bandwidths: Sequence[float] | None = None,
         decode_bandwidths: float | Sequence[float] | None = None,
         timeout: float = 2.0,
+        secret: str | bytes | None = None,
     ) -> None:
+        if secret is not None and not isinstance(secret, (str, bytes)):
+            raise TypeError(f"secret: expected str or bytes, got {type(secret).__name__}")
+        if secret is not None and len(secret) == 0:
+            raise ValueError("secret: expected at least one byte, got an empty secret")
         host, port, db = _redis_address(redis_url) if redis_url is not None else (None, 6379, 0)
         if ssd_dir is not None and (str(ssd_dir) == "" or "\0" in str(ssd_dir)):
             raise ValueError(f"ssd_dir: expected a directory path, got {str(ssd_dir)!r}")
@@ -204,13 +215,14 @@ class TieredStore:
             redis_bytes=(1 << 62) if redis_bytes is None else redis_bytes,
             policy=policy,
             alpha=alpha,
-            codecs=None if codecs is None else list(codecs),
+            codecs=_listed("codecs", codecs),
             o_direct=o_direct,
             io_threads=io_threads,
             streaming_rate=streaming_rate,
-            bandwidths=None if bandwidths is None else [float(b) for b in bandwidths],
+            bandwidths=_listed("bandwidths", bandwidths),
             decode_bandwidths=_per_codec(decode_bandwidths),
             timeout_ms=round(timeout * 1000),
+            secret=secret.encode() if isinstance(secret, str) else (secret or b""),
         )
 
     @property
@@ -244,6 +256,10 @@ class TieredStore:
         without them each layer's last 32 keys stand in. ``quality`` replaces the
         measurement: one value per codec of :attr:`codecs`, or a function
         ``quality(kv, decoded)`` called for each codec.
+
+        A version it replaces stays stored until the new one is in place. OSError when a
+        tier cannot write the entry (a full or read-only disk): the previous version, if
+        any, is then still the entry.
         """
         name = _key(key)
         if callable(quality):
@@ -290,8 +306,9 @@ class TieredStore:
 
     def stats(self) -> dict:
         """Hits, entries, bytes, capacity and prefetched blobs per tier; gets, misses,
-        puts, evictions, moves, recompressions, corrupt entries dropped, errors; mean and
-        p95 loading delay (seconds) and mean quality over hits."""
+        puts, evictions, moves, recompressions, corrupt entries dropped, entries refused as
+        unauthenticated (see ``secret``), errors; mean and p95 loading delay (seconds) and
+        mean quality over hits."""
         return self._store.stats()
 
     def close(self) -> None:
@@ -311,7 +328,17 @@ def _per_codec(decode_bandwidths) -> list[float] | None:
         return None
     if isinstance(decode_bandwidths, numbers.Real):
         return [float(decode_bandwidths)]
-    return [float(b) for b in decode_bandwidths]
+    return _listed("decode_bandwidths", decode_bandwidths)
+
+
+def _listed(name: str, values) -> list | None:
+    """A sequence argument as a list for the core, which names what its items should be; a
+    string is not taken for a sequence of characters."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name}: expected a list, got {type(values).__name__}")
+    return list(values)
 
 
 def _check_room(directory: Path, capacity: int) -> None:

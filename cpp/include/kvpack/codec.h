@@ -2,8 +2,8 @@
 // lossless method into a versioned, checksummed byte blob, and decoded back.
 //
 // Blob layout (little-endian): a 64-byte header (magic, version, codec, dtype, layer
-// count, sizes, XXH64 checksum), the entry's key, a table of one record per layer, then
-// each layer's payload at a 64-byte aligned offset. The checksum covers every byte but
+// count, sizes, XXH3 checksum, an optional HMAC tag), the entry's key, a table of one record per
+// layer, then each layer's payload at a 64-byte aligned offset. The checksum covers every byte but
 // its own field, so a flipped byte anywhere is detected.
 #pragma once
 
@@ -47,8 +47,9 @@ struct Codec {
 /// "h2o-R", "kvmerger-R" with R in (0, 1]); std::invalid_argument otherwise.
 Codec parse_codec(const std::string& name);
 
-/// Version written into every blob; decode refuses other versions.
-constexpr std::uint32_t kBlobVersion = 1;
+/// Version written into every blob (2: XXH3 checksums); decode reads it and version 1
+/// (the same layout with XXH64 checksums) and refuses others.
+constexpr std::uint32_t kBlobVersion = 2;
 
 /// An owning byte buffer whose start and padded capacity are multiples of 4096, as
 /// O_DIRECT I/O needs; the padding is zeroed.
@@ -104,6 +105,11 @@ std::size_t blob_prefix_bytes(const unsigned char* header);
 /// True when the blob's checksum matches its bytes.
 bool verify_blob(const Buffer& blob);
 
+/// Rewrites the checksum of `size` bytes (at least kBlobHeaderBytes) changed after encode:
+/// what anyone who can write to a shared tier can do, so tests and the decoder's fuzzer
+/// use it to forge blobs that pass the checksum.
+void reseal_blob(unsigned char* data, std::size_t size);
+
 /// Verifies a blob while it is being read into `blob`, so checking overlaps the I/O:
 /// update(n) each time the first n bytes are in place (n growing), valid() at the end.
 class BlobVerifier {
@@ -115,14 +121,20 @@ class BlobVerifier {
 
  private:
   const Buffer& blob_;
-  std::optional<Xxh64Stream> stream_;
+  std::optional<ChecksumStream> stream_;
 };
 
 /// Encodes `layers` (all with one dtype) under `key` with `codec`. Dropping and merging
 /// rank tokens by the accumulated attention of each layer's evidence (evidence[l]);
-/// with no evidence (empty vector) the layer's last 32 keys stand in for queries.
+/// with no evidence (empty vector) the layer's last 32 keys stand in for queries. A
+/// non-empty `secret` signs the blob (see blob_signed_by).
 BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, const Codec& codec,
-               const std::vector<Evidence>& evidence = {});
+               const std::vector<Evidence>& evidence = {}, const std::string& secret = {});
+
+/// True when the blob carries the tag of `secret`: HMAC-SHA256 (OpenSSL) of the whole blob
+/// (its checksum and tag fields as zeros), 96 bits of it kept in the header. The checksum
+/// catches accidents; only this catches a blob written by someone without the secret.
+bool blob_signed_by(const Buffer& blob, const std::string& secret);
 
 /// How many of a layer's last keys stand in for its queries when the caller gives none.
 constexpr std::int64_t kProxyQueries = 32;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -27,6 +28,15 @@ inline std::size_t dtype_size(DType dtype) {
 inline std::int64_t budget_tokens(double share, std::int64_t tokens) {
   const auto count = static_cast<std::int64_t>(std::llround(share * static_cast<double>(tokens)));
   return std::clamp<std::int64_t>(count, 1, std::max<std::int64_t>(1, tokens));
+}
+
+/// out = the product of `factors`; false when it does not fit in size_t (sizes read from
+/// untrusted bytes are multiplied here before anything is allocated from them).
+inline bool checked_product(std::initializer_list<std::size_t> factors, std::size_t& out) {
+  out = 1;
+  for (const std::size_t f : factors)
+    if (__builtin_mul_overflow(out, f, &out)) return false;
+  return true;
 }
 
 /// Lower-case name of `dtype`, as NumPy spells it.

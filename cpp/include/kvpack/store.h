@@ -14,6 +14,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <system_error>
 #include <unordered_map>
 #include <vector>
 
@@ -47,6 +48,10 @@ struct StoreParams {
   std::vector<Codec> codecs;       ///< adaptive candidates (empty: default_codecs())
   float streaming_rate = 0.5f;     ///< StreamingLRU's kept share
   std::vector<double> bandwidths;  ///< read bytes/s per tier, fastest first; empty: profiled
+  /// Signs every blob the store writes (HMAC-SHA256, see blob_signed_by) and serves only
+  /// blobs signed with it: a blob someone without the secret wrote to a shared tier (the
+  /// SSD directory, the Redis server) is a counted miss, never decoded. Empty: unsigned.
+  std::string secret;
   /// Stored bytes decoded per second, one per codec of codecs() or one for all (infinity:
   /// free); empty: each candidate's decode is timed at put. Given with `bandwidths`, placement
   /// depends on the inputs alone, not on how busy the machine is.
@@ -79,6 +84,7 @@ struct StoreStats {
   std::int64_t moves = 0;           ///< entries moved between tiers
   std::int64_t recompressions = 0;  ///< entries re-encoded with another codec
   std::int64_t corrupt = 0, errors = 0;
+  std::int64_t unauthenticated = 0;          ///< blobs not signed with the secret, or another key's
   double mean_delay = 0.0, p95_delay = 0.0;  ///< seconds (io + decode) over hits
   double mean_quality = 0.0;                 ///< over hits with a known quality
 };
@@ -89,7 +95,9 @@ class TieredStore {
   explicit TieredStore(const StoreParams& params);
   ~TieredStore();
 
-  /// Stores one context (all layers, one dtype) under `key`, replacing any entry there.
+  /// Stores one context (all layers, one dtype) under `key`, replacing any entry there; the
+  /// replaced version stays until the new one is in place. Throws std::system_error when a
+  /// tier failed to write the entry (full or read-only disk): then the old version stays.
   /// probes[l]: queries [heads_q, n, dim] of layer l scoring quality and guiding token
   /// dropping (empty: each layer's last 32 keys stand in). qualities: the caller's
   /// quality per codec of codecs() (empty: measured).
@@ -123,13 +131,31 @@ class TieredStore {
     int tier = 0;
     double hits = 0.0;
     std::uint64_t last_use = 0;
+    std::uint64_t version = 0;                   ///< which put stored it (0: found on disk)
     std::vector<std::vector<float>> probe_data;  ///< for re-encoding later
     std::vector<Evidence> probes;
   };
 
+  // Where the version a put replaces is held, until the new one is in place.
+  struct Replaced {
+    int tier = -1;           ///< -1: nothing replaced (or held nowhere)
+    std::int64_t bytes = 0;  ///< its stored bytes
+  };
+
   double utility(const Entry& entry, int candidate, int tier) const;
-  void place_adaptive(const std::string& key, std::unordered_map<int, BlobPtr>& fresh);
-  void place_lru(const std::string& key, const BlobPtr& blob);
+  // Place the entry `key` just put (and re-plan the others); the tier error that kept it
+  // out of every tier, if one did.
+  std::optional<std::system_error> place_adaptive(const std::string& key,
+                                                  std::unordered_map<int, BlobPtr>& fresh,
+                                                  const Replaced& old);
+  std::optional<std::system_error> place_lru(const std::string& key, const BlobPtr& blob,
+                                             const Replaced& old);
+  // tiers_[tier]->put, an I/O failure (counted by the tier) reported in `failure` when given
+  // and otherwise a blob not placed.
+  // True when `blob` is the blob of `key` and, with a secret, signed with it.
+  bool authentic(const std::string& key, const Buffer& blob) const;
+  bool put_blob(int tier, const std::string& key, const BlobPtr& blob,
+                std::optional<std::system_error>* failure = nullptr);
   void make_room(int tier, std::int64_t bytes, const std::string& keep);
   void drop(const std::string& key);  // forget an entry and its blob
   // A read blob decoded (outside the lock) and counted as a hit of `tier`; nothing when it
@@ -146,6 +172,7 @@ class TieredStore {
   std::unordered_map<std::string, Entry> entries_;
   std::vector<std::string> order_;  ///< keys in insertion order (deterministic placement)
   std::uint64_t clock_ = 0;
+  std::uint64_t versions_ = 0;  ///< puts so far
   StoreStats counters_;
   std::vector<double> delays_, qualities_;
 };

@@ -41,8 +41,9 @@ class Tier {
   /// Bytes of stored blobs (stored_bytes of each); never above the capacity.
   virtual std::int64_t used() const = 0;
   virtual std::int64_t capacity() const = 0;
-  /// Stores `blob` under `key`, replacing any previous blob; false (and nothing
-  /// stored) when it does not fit or the tier failed.
+  /// Stores `blob` under `key`, replacing any previous blob; false (and nothing stored)
+  /// when it does not fit or the tier is unreachable. The SSD tier throws std::system_error
+  /// when it cannot write the file (full or read-only disk), the previous blob kept.
   virtual bool put(const std::string& key, const BlobPtr& blob) = 0;
   /// The verified blob under `key`, or null when absent, corrupt or unreachable.
   virtual BlobPtr get(const std::string& key) = 0;
