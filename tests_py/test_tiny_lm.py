@@ -117,6 +117,9 @@ def test_runs_share_a_prefill_and_score_as_their_own(model):
     assert accuracies[1] == evaluation.passkey_accuracy(
         model, "streaming_llm", 32, context=512, prompts=4, batch=2
     )
+    for bad in ([], [("h2o",)], ["h2o"]):
+        with pytest.raises(ValueError, match="runs: expected a non-empty sequence"):
+            evaluation.perplexity(model, context=context, windows=1, runs=bad)
 
 
 def test_context_dependent_tokens_are_those_the_distant_prompt_predicts(model):

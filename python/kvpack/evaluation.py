@@ -36,8 +36,16 @@ __all__ = [
 
 Progress = Callable[[int], None]
 
-#: A run: a method (``"dynamic"``, a name or a :mod:`kvpack.methods` object) and a budget.
-Run = tuple
+
+def _runs(method, budget, runs) -> list:
+    """The (method, budget) runs a measure scores: ``runs`` when given, checked, else the
+    one run of ``method`` at ``budget``."""
+    if runs is None:
+        return [(method, budget)]
+    runs = list(runs)
+    if not runs or not all(isinstance(r, (tuple, list)) and len(r) == 2 for r in runs):
+        raise ValueError(f"runs: expected a non-empty sequence of (method, budget), got {runs!r}")
+    return runs
 
 
 def _cache(model, method, budget, skip_layers: int, options=None, prefill=None) -> dict:
@@ -131,7 +139,7 @@ def passkey_accuracy(
         for all of them; a list of results is returned, one per run.
     """
     kwargs = dict(context=context, prompts=prompts, batch=batch, seed=seed, filler=filler)
-    scores = _passkey(model, runs or [(method, budget)], skip_layers, options, progress, **kwargs)
+    scores = _passkey(model, _runs(method, budget, runs), skip_layers, options, progress, **kwargs)
     return scores if runs is not None else scores[0]
 
 
@@ -223,7 +231,7 @@ def ruler_scores(
     """
     kwargs = dict(tasks=tasks, context=context, samples=samples, seed=seed)
     scores = _ruler(
-        model, tokenizer, runs or [(method, budget)], skip_layers, options, progress, **kwargs
+        model, tokenizer, _runs(method, budget, runs), skip_layers, options, progress, **kwargs
     )
     return scores if runs is not None else scores[0]
 
@@ -418,7 +426,7 @@ def perplexity(
     """
     text = _text_windows(context, prefix, windows, seed, tokenizer)
     values = _perplexity_over(
-        model, runs or [(method, budget)], text, None, skip_layers, options, progress
+        model, _runs(method, budget, runs), text, None, skip_layers, options, progress
     )
     return values if runs is not None else values[0]
 
@@ -537,7 +545,7 @@ def long_context_perplexity(
     if not any(m.any() for m in masks):
         raise ValueError("key_tokens: no token depends on the distant prompt; use more windows")
     values = _perplexity_over(
-        model, runs or [(method, budget)], text, masks, skip_layers, options, progress
+        model, _runs(method, budget, runs), text, masks, skip_layers, options, progress
     )
     return values if runs is not None else values[0]
 
