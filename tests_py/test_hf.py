@@ -1,5 +1,6 @@
 """kvpack.hf: every method as a transformers Cache on a tiny random-weight Llama."""
 
+import math
 import os
 import subprocess
 import sys
@@ -307,3 +308,60 @@ def test_a_prefill_is_checked(model, prompts):
         hf.make_cache(model, "h2o", 32, prefill=(ids, mask))
     with pytest.raises(ValueError, match="input_ids: expected a"):
         hf.prefill(model, ids[0])
+
+
+def _context_kv(model, ids):
+    """The DynamicCache of a plain forward over ``ids`` (one row), per layer as NumPy."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, use_cache=True, **{hf.cache_argument(model): cache})
+    return [(layer.keys[0].numpy(), layer.values[0].numpy()) for layer in cache.layers]
+
+
+def test_a_stored_context_goes_on_like_the_dynamic_cache(model, prompts):
+    ids = prompts[0][:1]
+    stored = kvpack.store.decode(kvpack.store.encode(_context_kv(model, ids[:, :100]), "none"))
+    expected = generate(model, ids, torch.ones_like(ids), DynamicCache(config=model.config))
+    cache = hf.stored_cache(model, stored)
+    assert cache.get_seq_length() == 100
+    got = generate(model, ids, torch.ones_like(ids), cache)
+    assert torch.equal(got, expected)
+
+
+def test_a_stored_entry_with_dropped_tokens_attends_only_what_it_kept(model, prompts):
+    ids = prompts[0][:1]
+    context, tail = ids[:, :100], ids[:, 100:]
+    stored = kvpack.store.decode(
+        kvpack.store.encode(_context_kv(model, context), "streaming_llm-0.5")
+    )
+    kept = stored.positions[0][0]
+    assert all(np.array_equal(p, np.broadcast_to(kept, p.shape)) for p in stored.positions)
+    assert len(kept) < 100
+    # Reference: plain transformers over the whole context, the dropped tokens masked out
+    # of the tail's attention with a 4D mask.
+    allowed = torch.zeros(1, 1, tail.shape[1], ids.shape[1], dtype=torch.bool)
+    allowed[..., torch.from_numpy(kept.astype(np.int64))] = True
+    allowed[..., 100:] = torch.ones(tail.shape[1], tail.shape[1]).tril().bool()
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(context, use_cache=True, **{hf.cache_argument(model): full})
+        expected = model(
+            tail,
+            attention_mask=torch.where(allowed, 0.0, -math.inf),
+            position_ids=torch.arange(100, ids.shape[1])[None],
+            **{hf.cache_argument(model): full},
+        ).logits
+        got = model(tail, **{hf.cache_argument(model): hf.stored_cache(model, stored, 100)}).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_stored_entry_is_checked(model, prompts):
+    kv = _context_kv(model, prompts[0][:1, :50])
+    with pytest.raises(ValueError, match="stored: expected 4 layers"):
+        hf.stored_cache(model, kv[:3])
+    with pytest.raises(ValueError, match="tokens: expected an int of at least 50"):
+        hf.stored_cache(model, kv, 49)
+    with pytest.raises(ValueError, match="log_count_bias: the stored entry has no merge counts"):
+        hf.stored_cache(model, kv, log_count_bias=True)
+    with pytest.raises(ValueError, match="stored: layer 1"):
+        hf.stored_cache(model, [kv[0], (kv[1][0], kv[1][1][:, :10]), *kv[2:]])

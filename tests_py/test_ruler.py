@@ -28,6 +28,13 @@ def test_samples_have_the_length_and_hold_their_answers(tokenizer, task, length)
     text = tokenizer.decode(sample.prompt)
     for answer in sample.answers:
         assert answer in text
+    # The question is the prompt's tail: the context before it holds every answer, and
+    # the question mentions none of what a needle task hides.
+    question = tokenizer.decode(sample.prompt[-sample.question :])
+    assert 8 <= sample.question < length // 8
+    assert question.lstrip("\n").startswith(("What", "Question"))
+    context = tokenizer.decode(sample.prompt[: -sample.question])
+    assert all(answer in context for answer in sample.answers)
     if task == "multikey":  # the value asked for is the asked key's, among distractors
         key = re.search(r"magic number for (\w+) mentioned", text).group(1)
         assert f"numbers for {key} is: {sample.answers[0]}." in text

@@ -65,6 +65,7 @@ __all__ = [
     "make_cache",
     "prefill",
     "returned_cache",
+    "stored_cache",
 ]
 
 EVICTION_METHODS = _methods.names("compress")
@@ -241,6 +242,72 @@ def dynamic_cache(model, prefill: Prefill) -> Cache:
     cache = DynamicCache(config=model.config)
     for index, (_, keys, values, _, _) in enumerate(prefill.layers):
         cache.update(keys.clone(), values.clone(), index)
+    return cache
+
+
+def stored_cache(model, stored, tokens: int | None = None, *, log_count_bias: bool = False):
+    """A cache holding a context loaded from a store, to go on from where it ends.
+
+    ``stored`` is a :class:`kvpack.StoredKV` (what :meth:`kvpack.TieredStore.get` returns)
+    or a list of ``(keys, values)`` per layer, ``[heads_kv, slots, head_dim]`` each. Slots
+    kept by token dropping or merging keep the positions the entry records; ``tokens`` is
+    the length of the context it stands for (default: the slots, or the last kept
+    position + 1). Feed the tokens after the context (``input_ids`` of the whole sequence,
+    as ``generate`` takes them) and each attends every held slot and the tokens before it.
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel
+    stored : kvpack.StoredKV or list of (ndarray, ndarray)
+    tokens : int, optional
+        Context length in tokens.
+    log_count_bias : bool
+        Merged slots add ``log(count)`` to their scores (see :func:`kvpack.compress`).
+
+    Returns
+    -------
+    KVPackCache
+    """
+    if not hasattr(getattr(model, "config", None), "get_text_config"):
+        raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
+    kv = getattr(stored, "kv", stored)
+    positions = getattr(stored, "positions", None)
+    counts = getattr(stored, "counts", None)
+    layers = model.config.get_text_config().num_hidden_layers
+    if not isinstance(kv, (list, tuple)) or len(kv) != layers:
+        raise ValueError(
+            f"stored: expected {layers} layers of (keys, values), got "
+            f"{len(kv) if isinstance(kv, (list, tuple)) else type(kv).__name__}"
+        )
+    if positions is None:
+        inferred = int(np.asarray(kv[0][0]).shape[1])
+    else:
+        inferred = max(int(p.max()) + 1 for p in positions)
+    if tokens is None:
+        tokens = inferred
+    if not isinstance(tokens, numbers.Integral) or isinstance(tokens, bool) or tokens < inferred:
+        raise ValueError(f"tokens: expected an int of at least {inferred}, got {tokens!r}")
+    if log_count_bias and counts is None:
+        raise ValueError("log_count_bias: the stored entry has no merge counts")
+    _use_kvpack_attention(model)
+    like = next(model.parameters())
+    cache = KVPackCache(layers, _methods.Full(), 1.0, skip_layers=0)
+    for index, (layer, (keys, values)) in enumerate(zip(cache.layers, kv)):
+        keys, values = np.asarray(keys), np.asarray(values)
+        if keys.ndim != 3 or keys.shape != values.shape:
+            raise ValueError(
+                f"stored: layer {index}: expected keys and values of one shape "
+                f"[heads_kv, slots, head_dim], got {keys.shape} and {values.shape}"
+            )
+        k, v = _torch(keys, like)[None], _torch(values, like)[None]
+        if positions is None:
+            held = torch.arange(k.shape[2], device=k.device).expand(1, k.shape[1], -1)
+        else:
+            held = torch.from_numpy(positions[index].astype(np.int64)).to(k.device)[None]
+        bias = None
+        if log_count_bias:
+            bias = torch.from_numpy(np.log(counts[index])).to(k.device, k.dtype)[None]
+        layer.hold(k, v, held, bias, tokens)
     return cache
 
 
@@ -436,21 +503,30 @@ class _EvictionLayer(_BufferedLayer):
             value=value,
         )
         if len(rows) == 1:  # no copy when nothing was dropped
-            self.keys, self.values = rows[0][0][None], rows[0][1][None]
+            held_keys, held_values = rows[0][0][None], rows[0][1][None]
         else:
-            self.keys = torch.stack([pad(r[0], 0.0) for r in rows])
-            self.values = torch.stack([pad(r[1], 0.0) for r in rows])
-        self.length = slots
-        # Per slot of the prompt: the position it keeps (-1: padding) and an additive
-        # score bias (-inf for padding, log(count) with log_count_bias); None when zero.
-        self.prompt_positions = torch.stack([pad(r[2], -1) for r in rows])
+            held_keys = torch.stack([pad(r[0], 0.0) for r in rows])
+            held_values = torch.stack([pad(r[1], 0.0) for r in rows])
+        bias = None
         if padded or any(r[3] is not None for r in rows):
             zeros = lambda r: torch.zeros(r[2].shape)  # noqa: E731
             bias = [pad((r[3] if r[3] is not None else zeros(r)).float(), -math.inf) for r in rows]
-            self.prompt_bias = torch.stack(bias).to(keys.device, query.dtype)
-        else:
-            self.prompt_bias = None
-        self.first_decoded = int(valid.shape[1])  # logical position of the first decoded token
+            bias = torch.stack(bias).to(keys.device, query.dtype)
+        positions = torch.stack([pad(r[2], -1) for r in rows])
+        self.hold(held_keys, held_values, positions, bias, int(valid.shape[1]))
+
+    def hold(self, keys, values, positions, bias, tokens: int) -> None:
+        """Holds ``keys`` and ``values`` [batch, heads_kv, slots, dim] for a prompt of
+        ``tokens`` tokens: per slot the position it keeps (``positions``, -1 for padding)
+        and an additive score bias (-inf for padding, log(count) for merged slots; None
+        when zero everywhere)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self.length = int(keys.shape[2])
+        self.prompt_positions, self.prompt_bias = positions, bias
+        self.first_decoded = tokens  # logical position of the first decoded token
+        self.seen, self.prefilled = tokens, True
 
     @property
     def positions(self) -> torch.Tensor:

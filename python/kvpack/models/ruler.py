@@ -49,6 +49,7 @@ class RulerSample:
     max_new_tokens: int
     depth: float | None = None  # where the needle sits (0 start, 1 end), for needle tasks
     text: str = field(default="", repr=False)  # the prompt as text
+    question: int = 0  # the prompt's last tokens that ask the question (after the context)
 
 
 @lru_cache(maxsize=1)
@@ -191,7 +192,7 @@ def make_sample(task: str, tokenizer, length: int, rng, depth: float | None = No
         )
         tail = "\nWhat is the pass key? The pass key is"
         prompt = _with_needles(rng, builder, length, head, [needle], tail, [depth])
-        return _sample(task, builder, prompt, [key], 12, depth)
+        return _sample(task, builder, prompt, [key], 12, depth, tail)
     if task in ("single_needle", "multikey", "multivalue"):
         keys = _key_words(rng, 4)
         values = [_number(rng) for _ in range(4)]
@@ -221,7 +222,7 @@ def make_sample(task: str, tokenizer, length: int, rng, depth: float | None = No
                 f"text? The special magic number for {keys[0]} mentioned in the provided text is"
             )
         prompt = _with_needles(rng, builder, length, _INTRO, needles, tail, depths)
-        return _sample(task, builder, prompt, answers, 12 * len(answers), depth)
+        return _sample(task, builder, prompt, answers, 12 * len(answers), depth, tail)
     if task == "variable_tracking":
         names = ["".join(rng.choice(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), size=5)) for _ in range(5)]
         value = str(int(rng.integers(10000, 100000)))
@@ -238,7 +239,7 @@ def make_sample(task: str, tokenizer, length: int, rng, depth: float | None = No
             f"above, 5 variables are assigned the value {value}, they are:"
         )
         prompt = _with_needles(rng, builder, length, head, needles, tail, depths)
-        return _sample(task, builder, prompt, names, 30, None)
+        return _sample(task, builder, prompt, names, 30, None, tail)
     words = _words()
     if task == "common_words":  # ten words appear 30 times each, the rest once
         chosen = [
@@ -259,7 +260,7 @@ def make_sample(task: str, tokenizer, length: int, rng, depth: float | None = No
             "top 10 words that appear most often in the list are:"
         )
         prompt = _listing(rng, builder, length, words_for, head, tail)
-        return _sample(task, builder, prompt, common, 120, None)
+        return _sample(task, builder, prompt, common, 120, None, tail)
     # frequent_words: coded words with Zipf frequencies; the three most frequent asked for
     coded = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=5)) for _ in range(400)]
 
@@ -278,12 +279,13 @@ def make_sample(task: str, tokenizer, length: int, rng, depth: float | None = No
         "above, the three most frequently appeared words are:"
     )
     prompt = _listing(rng, builder, length, words_for, head, tail)
-    return _sample(task, builder, prompt, coded[:3], 40, None)
+    return _sample(task, builder, prompt, coded[:3], 40, None, tail)
 
 
-def _sample(task, builder, prompt, answers, new_tokens, depth) -> RulerSample:
+def _sample(task, builder, prompt, answers, new_tokens, depth, tail) -> RulerSample:
     text = builder.tokenizer.decode(prompt)
-    return RulerSample(task, prompt, list(answers), new_tokens, depth, text)
+    question = len(builder.ids(tail))  # the prompt ends with the tail's own tokens
+    return RulerSample(task, prompt, list(answers), new_tokens, depth, text, question)
 
 
 def score(output: str, answers: list[str]) -> float:
