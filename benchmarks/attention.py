@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 import kvpack
-from kvpack.data import synthetic_llama_cache
+from kvpack.eval.data import synthetic_llama_cache
 
 from .common import best_seconds, memcpy_bandwidth
 

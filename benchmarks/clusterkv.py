@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 import kvpack
-from kvpack.data import synthetic_llama_cache
+from kvpack.eval.data import synthetic_llama_cache
 
 from .common import best_seconds
 

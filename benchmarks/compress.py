@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 import kvpack
-from kvpack.data import minilm_kv, synthetic_llama_cache
+from kvpack.eval.data import minilm_kv, synthetic_llama_cache
 
 from .common import best_seconds
 

@@ -177,15 +177,15 @@ def run(
 def _table_cost(model, tokenizer) -> list[tuple[str, str, str]]:
     """Seconds of a perplexity table from one shared prefill per window, from one
     prefill per run, and of one run alone (the values must agree)."""
-    from kvpack import evaluation
+    from kvpack.eval import scoring
 
     runs = [(m, b) for m in ("dynamic", "h2o", "kvmerger", "clusterkv") for b in (0.5, 0.25)]
     text = dict(context=1024, windows=1, seed=0, tokenizer=tokenizer)
     start = time.perf_counter()
-    shared = evaluation.perplexity(model, runs=runs, **text)
+    shared = scoring.perplexity(model, runs=runs, **text)
     shared_s = time.perf_counter() - start
     start = time.perf_counter()
-    separate = [evaluation.perplexity(model, m, b, **text) for m, b in runs]
+    separate = [scoring.perplexity(model, m, b, **text) for m, b in runs]
     separate_s = time.perf_counter() - start
     if shared != separate:
         raise AssertionError(f"shared prefill changed the values: {shared} vs {separate}")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import kvpack
-from kvpack.data import synthetic_llama_cache
+from kvpack.eval.data import synthetic_llama_cache
 
 
 def _require_gpu():

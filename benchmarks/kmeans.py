@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 import kvpack
-from kvpack.data import synthetic_llama_cache
+from kvpack.eval.data import synthetic_llama_cache
 
 
 def _objective(unit_points: np.ndarray, centroids: np.ndarray) -> float:

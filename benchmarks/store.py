@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 import kvpack
-from kvpack.data import synthetic_llama_cache
+from kvpack.eval.data import synthetic_llama_cache
+from kvpack.eval.trace import replay, zipf_trace
 
 from .common import best_seconds
 
@@ -124,7 +125,7 @@ def run_speed() -> list[tuple[str, str, str]]:
 
 def _contexts(count: int, tokens: int = 384, stride: int = 128):
     """Real MiniLM caches of `count` windows: (kv in float16, probe queries, recompute s)."""
-    from kvpack.data import minilm_kv
+    from kvpack.eval.data import minilm_kv
 
     out = []
     for i in range(count):
@@ -141,7 +142,7 @@ def _replay(contexts, requests, policy, alpha, dram, ssd, directory, bandwidths)
     with kvpack.TieredStore(
         dram, directory, ssd, policy=policy, alpha=alpha, o_direct=True, bandwidths=bandwidths
     ) as store:
-        run = kvpack.store.replay(store, contexts, requests)
+        run = replay(store, contexts, requests)
     for path in Path(directory).glob("*.kvb"):
         path.unlink()
     return run
@@ -249,7 +250,7 @@ def run_trace(
     working_set = sum(
         (k.nbytes + v.nbytes + 4095) // 4096 * 4096 for kv, _, _ in contexts for k, v in kv
     )
-    requests, arrivals = kvpack.store.zipf_trace(contexts_count, requests_count)
+    requests, arrivals = zipf_trace(contexts_count, requests_count)
     dram, ssd = int(0.10 * working_set), int(0.30 * working_set)
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("KVPACK_BENCH_DIR")) as directory:

@@ -18,7 +18,7 @@ from functools import partial
 
 import numpy as np
 
-from kvpack import evaluation
+from kvpack.eval import scoring
 from kvpack.models import load_tiny_lm
 
 PASSKEY_METHODS = ("dynamic", "clusterkv", "quest", "h2o", "streaming_llm")
@@ -45,7 +45,7 @@ def run(prompts: int = 20) -> list[tuple[str, str, str]]:
     rows = []
     for skip_layers in (2, 0):
         accuracy = {
-            method: evaluation.passkey_accuracy(
+            method: scoring.passkey_accuracy(
                 model, method, budget, context=context, prompts=prompts, skip_layers=skip_layers
             )
             for method in PASSKEY_METHODS
@@ -59,7 +59,7 @@ def run(prompts: int = 20) -> list[tuple[str, str, str]]:
             "clusterkv, 16-token recent window": {"window": 16},
         }
         for name, options in variants.items():
-            accuracy[name] = evaluation.passkey_accuracy(
+            accuracy[name] = scoring.passkey_accuracy(
                 model,
                 "clusterkv",
                 budget,
@@ -95,19 +95,19 @@ def run_merging(
     per byte (the prompt is the first 3/4 of 2048 held-out bytes) over all scored bytes
     (``windows`` windows) and over the bytes whose loss the distant prompt lowers by 2
     nats or more and that it predicts with loss <= 2 (``long_windows`` windows;
-    :func:`kvpack.evaluation.context_dependent_tokens`), then pass-key retrieval (the
+    :func:`kvpack.eval.scoring.context_dependent_tokens`), then pass-key retrieval (the
     paper's needle test)."""
     model = load_tiny_lm()
     context = model.config.max_position_embeddings
-    key_tokens = evaluation.context_dependent_tokens(model, context=context, windows=long_windows)
+    key_tokens = scoring.context_dependent_tokens(model, context=context, windows=long_windows)
     selected = sum(int(mask.sum()) for mask in key_tokens)
     scored = sum(mask.size for mask in key_tokens)
     metrics = {
         "held-out perplexity per byte": partial(
-            evaluation.perplexity, model, context=context, windows=windows
+            scoring.perplexity, model, context=context, windows=windows
         ),
         "context-dependent perplexity": partial(
-            evaluation.long_context_perplexity,
+            scoring.long_context_perplexity,
             model,
             context=context,
             windows=long_windows,
@@ -141,7 +141,7 @@ def run_merging(
                     )
     for share in (0.5, 0.35):
         accuracy = {
-            name: evaluation.passkey_accuracy(
+            name: scoring.passkey_accuracy(
                 model, method, share, context=context, prompts=prompts, options=options
             )
             for name, (method, options) in MERGING_METHODS.items()
@@ -173,7 +173,9 @@ def run_hit_rate(prompt: int = 1792, steps: int = 256) -> list[tuple[str, str, s
     import torch
 
     from kvpack import hf
-    from kvpack.models import encode, tasks
+    from kvpack.eval import tasks
+    from kvpack.models import encode
+    from kvpack.models.byte_tokenizer import PAD
 
     model = load_tiny_lm()
     ids = torch.tensor([encode(tasks.corpus().held_out[: prompt - 1].tobytes())])
@@ -188,7 +190,7 @@ def run_hit_rate(prompt: int = 1792, steps: int = 256) -> list[tuple[str, str, s
                 max_new_tokens=steps,
                 min_new_tokens=steps,
                 do_sample=False,
-                pad_token_id=tasks.PAD,
+                pad_token_id=PAD,
             )
         stats = cache.stats()
         rows.append(
@@ -208,8 +210,9 @@ def run_key_similarity(tokens: int = 2048, threshold: float = 0.75) -> list[tupl
     those pairs' values are (merging averages them), per layer of the tiny LM (held-out
     bytes) and of MiniLM (real text)."""
     import kvpack
-    from kvpack.data import checkpoint_kv, minilm_kv
-    from kvpack.models import encode, tasks
+    from kvpack.eval import tasks
+    from kvpack.eval.data import checkpoint_kv, minilm_kv
+    from kvpack.models import encode
 
     model = load_tiny_lm()
     ids = encode(tasks.corpus().held_out[: tokens - 1].tobytes())

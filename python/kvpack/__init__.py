@@ -3,10 +3,13 @@
 A C++/CUDA core behind a NumPy API. One layer of one sequence is ``keys`` and
 ``values`` of shape ``[heads_kv, tokens, head_dim]`` (float32, float16 or bfloat16,
 C-contiguous, never copied); a decode query is ``q`` of shape ``[heads_q, head_dim]``.
+
+What kvpack is measured with (tasks, scoring, KV data, the demo, the store's trace
+replay) is :mod:`kvpack.eval`, imported on its own: the library never imports it.
 """
 
 # _arguments first: it makes _core's argument type errors name the argument.
-from . import _arguments, data, methods, store  # noqa: F401 (_arguments: for its effect)
+from . import _arguments, methods, store  # noqa: F401 (_arguments: for its effect)
 from ._core import (
     __version__,
     cuda_available,
@@ -48,7 +51,6 @@ __all__ = [
     "context_key",
     "cuda_available",
     "cuda_compiled",
-    "data",
     "get_num_threads",
     "kmeans",
     "mergeable_fraction",

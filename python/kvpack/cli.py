@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ._extras import MissingExtra, require
-from .demo import add_arguments as add_demo_arguments
-from .demo import run as run_demo
+from .eval.demo import add_arguments as add_demo_arguments
+from .eval.demo import run as run_demo
 from .methods import names as _method_names
 
 __all__ = ["main"]
@@ -55,7 +55,8 @@ def _load_model(name: str, task: str):
         if task != "fidelity":
             raise UserError("--model minilm is an encoder: use it with --task fidelity")
         return None
-    from .models import PRETRAINED, load_pretrained, load_tiny_lm, tasks
+    from .models import PRETRAINED, load_pretrained, load_tiny_lm
+    from .models.byte_tokenizer import VOCAB_SIZE
 
     if name == "tiny":
         if task == "ruler":  # the same refusal as for any byte-level checkpoint below
@@ -82,9 +83,9 @@ def _load_model(name: str, task: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"--model: cannot load {name}: {error}") from None
-    if task == "ruler" and model.config.vocab_size == tasks.VOCAB_SIZE:
+    if task == "ruler" and model.config.vocab_size == VOCAB_SIZE:
         _refuse_bytes_for_ruler(name)
-    if task == "passkey" and model.config.vocab_size != tasks.VOCAB_SIZE:
+    if task == "passkey" and model.config.vocab_size != VOCAB_SIZE:
         raise UserError(
             f"--task passkey feeds bytes: {name} is not a byte-level model "
             "(use --task perplexity, long-perplexity or fidelity)"
@@ -101,10 +102,10 @@ def _refuse_bytes_for_ruler(name: str) -> None:
 
 def _tokenizer(name: str, model, task: str):
     """The checkpoint's tokenizer for perplexity on a model that does not read bytes."""
-    from .models import tasks
+    from .models.byte_tokenizer import VOCAB_SIZE
 
     reads_text = ("perplexity", "long-perplexity", "ruler")
-    if task not in reads_text or model.config.vocab_size == tasks.VOCAB_SIZE:
+    if task not in reads_text or model.config.vocab_size == VOCAB_SIZE:
         return None
     from transformers import AutoTokenizer
 
@@ -119,7 +120,7 @@ def _tokenizer(name: str, model, task: str):
 
 
 def _fidelity_layers(args, model):
-    from . import data
+    from .eval import data
 
     if args.model == "synthetic":
         layers = []
@@ -136,7 +137,8 @@ def _fidelity_layers(args, model):
         args.context = min(args.context, 512)
         return data.minilm_kv(tokens=args.context)
     if args.model == "tiny":  # bytes of held-out text
-        from .models import encode, tasks
+        from .eval import tasks
+        from .models import encode
 
         return data.checkpoint_kv(model, ids=encode(tasks.corpus().held_out[: args.context - 1]))
     from .models import PRETRAINED, pretrained
@@ -148,7 +150,7 @@ def _fidelity_layers(args, model):
 
 def run_eval(args: argparse.Namespace) -> int:
     """Every method x budget on one task; a table, and optionally JSON and a figure."""
-    from . import evaluation
+    from .eval import scoring
 
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in (*_method_names(), "dynamic")]
@@ -165,11 +167,11 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(
             f"--budgets: {too_large[0]} tokens is not below the context of {args.context}"
         )
-    prompt = round(evaluation.PROMPT_SHARE * args.context)  # BOS included
-    if args.task == "long-perplexity" and prompt - 1 <= evaluation.SHORT_PROMPT:
+    prompt = round(scoring.PROMPT_SHARE * args.context)  # BOS included
+    if args.task == "long-perplexity" and prompt - 1 <= scoring.SHORT_PROMPT:
         raise UserError(
             f"--context: {args.context} leaves a prompt of {prompt} tokens; long-perplexity "
-            f"compares it with its last {evaluation.SHORT_PROMPT}, so it needs more"
+            f"compares it with its last {scoring.SHORT_PROMPT}, so it needs more"
         )
     _require_for_eval(args)
     model = _load_model(args.model, args.task)
@@ -182,7 +184,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     layers = _fidelity_layers(args, model) if args.task == "fidelity" else None
     tokenizer = _tokenizer(args.model, model, args.task)
-    from .models import ruler
+    from .eval import ruler
 
     per_run = {
         "passkey": args.prompts,
@@ -199,7 +201,7 @@ def run_eval(args: argparse.Namespace) -> int:
     key_tokens = None
     if selection:  # one selection of tokens scores every method
         bar.set_postfix_str("tokens that need the distant prompt")
-        key_tokens = evaluation.context_dependent_tokens(
+        key_tokens = scoring.context_dependent_tokens(
             model,
             context=args.context,
             windows=args.windows,
@@ -225,7 +227,7 @@ def run_eval(args: argparse.Namespace) -> int:
     bar.set_postfix_str(f"{len(runs)} runs")
     details = [None] * len(runs)
     if args.task == "ruler":
-        details = evaluation.ruler_scores(
+        details = scoring.ruler_scores(
             model,
             tokenizer,
             context=args.context,
@@ -237,7 +239,7 @@ def run_eval(args: argparse.Namespace) -> int:
         )
         values = [d["average"] for d in details]
     elif args.task == "passkey":
-        values = evaluation.passkey_accuracy(
+        values = scoring.passkey_accuracy(
             model,
             context=args.context,
             prompts=args.prompts,
@@ -248,16 +250,16 @@ def run_eval(args: argparse.Namespace) -> int:
             runs=runs,
         )
     elif args.task == "perplexity":
-        values = evaluation.perplexity(model, progress=bar.update, runs=runs, **text)
+        values = scoring.perplexity(model, progress=bar.update, runs=runs, **text)
     elif args.task == "long-perplexity":
-        values = evaluation.long_context_perplexity(
+        values = scoring.long_context_perplexity(
             model, key_tokens=key_tokens, progress=bar.update, runs=runs, **text
         )
     else:
         values = []
         for method in methods:
             for budget in budgets:
-                values.append(evaluation.fidelity(layers, method, budget))
+                values.append(scoring.fidelity(layers, method, budget))
                 bar.update(1)
     results = [
         {
@@ -318,7 +320,7 @@ def _table(results, methods, budgets, task) -> str:
 
 
 def _ruler_table(results) -> str:
-    from .models import ruler
+    from .eval import ruler
 
     lines = ["per task", f"{'method @ budget':<24}" + "".join(f"{t[:10]:>11}" for t in ruler.TASKS)]
     for r in results:

@@ -1,11 +1,11 @@
 """The models kvpack evaluates on.
 
 ``load_tiny_lm`` loads the small causal LM the project trains and ships: Llama
-architecture, byte-level vocabulary, trained by ``python -m kvpack.models.train_tiny_lm``
-on the Python standard library's sources and /usr/share/doc mixed with pass-key and
-key-value lookup tasks. Its weights (float16) and the record of how they were
-trained lie in ``kvpack/models/tiny_lm``. Needs ``torch`` and ``transformers``
-(``pip install kvpack[models]``).
+architecture, byte-level vocabulary (:mod:`kvpack.models.byte_tokenizer`), trained by
+``python -m kvpack.eval.train_tiny_lm`` on the Python standard library's sources and
+/usr/share/doc mixed with pass-key and key-value lookup tasks. Its weights (float16) and
+the record of how they were trained lie in ``kvpack/models/tiny_lm``. Needs ``torch`` and
+``transformers`` (``pip install kvpack[models]``).
 """
 
 from __future__ import annotations
@@ -14,20 +14,20 @@ import json
 from pathlib import Path
 
 from .._extras import require
-from . import tasks
+from . import byte_tokenizer
+from .byte_tokenizer import decode, encode
 from .pretrained import PRETRAINED, load_pretrained
-from .tasks import decode, encode
 
 TINY_LM_DIR = Path(__file__).with_name("tiny_lm")
 
 __all__ = [
     "PRETRAINED",
     "TINY_LM_DIR",
+    "byte_tokenizer",
     "decode",
     "encode",
     "load_pretrained",
     "load_tiny_lm",
-    "tasks",
     "tiny_lm_config",
 ]
 
@@ -38,7 +38,7 @@ def tiny_lm_config(context: int = 2048):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=tasks.VOCAB_SIZE,
+        vocab_size=byte_tokenizer.VOCAB_SIZE,
         hidden_size=256,
         intermediate_size=672,
         num_hidden_layers=4,
@@ -48,9 +48,9 @@ def tiny_lm_config(context: int = 2048):
         max_position_embeddings=context,
         rope_theta=10000.0,
         tie_word_embeddings=True,
-        bos_token_id=tasks.BOS,
-        eos_token_id=tasks.EOS,
-        pad_token_id=tasks.PAD,
+        bos_token_id=byte_tokenizer.BOS,
+        eos_token_id=byte_tokenizer.EOS,
+        pad_token_id=byte_tokenizer.PAD,
     )
 
 

@@ -1,4 +1,5 @@
-"""Text and synthetic long-context tasks for the tiny LM, at the byte level.
+"""Text and synthetic long-context tasks for the tiny LM, at the byte level (its tokenizer
+is :mod:`kvpack.models.byte_tokenizer`).
 
 The corpus is text every machine with Python and Debian has: the Python standard
 library's sources and the plain-text documentation under /usr/share/doc (gzip files
@@ -23,10 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-BOS = 256
-EOS = 257
-PAD = 258
-VOCAB_SIZE = 260
+from ..models.byte_tokenizer import BOS, encode
 
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -36,17 +34,6 @@ PASSKEY_INTRO = (
     "Find it and memorize it.\n"
 )
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
-
-
-def encode(text: str | bytes, bos: bool = True) -> list[int]:
-    """Byte-level token ids of ``text`` (UTF-8), with the begin-of-sequence id first."""
-    data = text.encode() if isinstance(text, str) else bytes(text)
-    return ([BOS] if bos else []) + list(data)
-
-
-def decode(ids) -> str:
-    """Text of byte-level token ids; special ids are dropped, bad UTF-8 replaced."""
-    return bytes(int(i) for i in ids if int(i) < 256).decode(errors="replace")
 
 
 def _held_out(path: str) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._extras import MissingExtra, require
+from .._extras import MissingExtra, require
 
 __all__ = [
     "LayerKV",

@@ -5,7 +5,7 @@ decode speed at 32k tokens, in one run on embedded defaults.
 Sections (each a table; figures written to ``--out``, a temporary directory by default):
 
 1. Retrieval with a budget of 1/16 of the context: pass-key prompts on the tiny LM, the
-   RULER-style tasks (:mod:`kvpack.models.ruler`, average score) on SmolLM2.
+   RULER-style tasks (:mod:`kvpack.eval.ruler`, average score) on SmolLM2.
 2. Held-out perplexity with the prompt compressed to 50% and 35%, over every scored token
    and over the tokens that need the distant prompt (most do not).
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import methods
-from ._extras import require
-from .compression import budget_tokens
+from .. import methods
+from .._extras import require
+from ..compression import budget_tokens
 
 # Every method kvpack compares, in the registry's order.
 METHODS = methods.names()
@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> int:
     """Refuses bad arguments before anything is loaded or written; returns the tiny LM's
     trained context."""
-    from .models import TINY_LM_DIR
+    from ..models import TINY_LM_DIR
 
     trained = json.loads((TINY_LM_DIR / "config.json").read_text())["max_position_embeddings"]
     if args.model != "tiny":
@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
     trained = _check(args)
     from tqdm.auto import tqdm
 
-    from . import evaluation
-    from .models import load_pretrained, load_tiny_lm
+    from ..models import load_pretrained, load_tiny_lm
+    from . import scoring
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kvpack-demo-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=steps, disable=args.quiet, desc="kvpack demo", unit="step")
 
     bar.set_postfix_str("tokens that need the distant prompt")
-    key_tokens = evaluation.context_dependent_tokens(
+    key_tokens = scoring.context_dependent_tokens(
         model,
         context=args.context,
         windows=args.long_windows,
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     names = ["dynamic" if method == "full" else method for method in METHODS]
     bar.set_postfix_str("retrieval, every method")
     if tokenizer is None:
-        found = evaluation.passkey_accuracy(
+        found = scoring.passkey_accuracy(
             model,
             context=args.context,
             prompts=args.prompts,
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
             runs=[(name, args.budget) for name in names],
         )
     else:
-        scores = evaluation.ruler_scores(
+        scores = scoring.ruler_scores(
             model,
             tokenizer,
             context=args.context,
@@ -158,10 +158,10 @@ def run(args: argparse.Namespace) -> int:
     keys = [(method, share) for method in METHODS for share in shares]
     bar.set_postfix_str("perplexity, every method")
     text = dict(context=args.context, tokenizer=tokenizer, progress=bar.update, runs=runs)
-    ppl = dict(zip(keys, evaluation.perplexity(model, windows=args.windows, **text)))
+    ppl = dict(zip(keys, scoring.perplexity(model, windows=args.windows, **text)))
     long_ppl = dict.fromkeys(keys, math.nan)  # printed when no token needs the prompt
     if selected:
-        long_values = evaluation.long_context_perplexity(
+        long_values = scoring.long_context_perplexity(
             model, windows=args.long_windows, key_tokens=key_tokens, **text
         )
         long_ppl = dict(zip(keys, long_values))
@@ -222,17 +222,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _store_trace(model, args, out: Path, progress) -> dict:
-    from . import evaluation, store
+    from ..store import TieredStore
+    from .scoring import lm_contexts
+    from .trace import replay, zipf_trace
 
-    contexts = evaluation.lm_contexts(model, args.contexts)
-    requests, _ = store.zipf_trace(args.contexts, args.requests)
+    contexts = lm_contexts(model, args.contexts)
+    requests, _ = zipf_trace(args.contexts, args.requests)
     entry = sum(k.nbytes + v.nbytes for k, v in contexts[0][0])
     dram, ssd = int(0.15 * entry * args.contexts), int(0.4 * entry * args.contexts)
     runs = {}
     for name, policy, alpha in POLICIES:
         directory = Path(tempfile.mkdtemp(prefix=f"store-{policy}-", dir=out))
-        with store.TieredStore(dram, str(directory), ssd, policy=policy, alpha=alpha) as s:
-            runs[name] = store.replay(s, contexts, requests, progress=progress)
+        with TieredStore(dram, str(directory), ssd, policy=policy, alpha=alpha) as s:
+            runs[name] = replay(s, contexts, requests, progress=progress)
         for path in directory.glob("*"):
             path.unlink()
         directory.rmdir()
@@ -240,8 +242,8 @@ def _store_trace(model, args, out: Path, progress) -> dict:
 
 
 def _speed(tokens: int) -> dict:
-    from .attention import attention
-    from .clustering import ClusterKV
+    from ..attention import attention
+    from ..clustering import ClusterKV
     from .data import synthetic_llama_cache
 
     cache = synthetic_llama_cache(tokens, dtype="float16", seed=0)
@@ -269,7 +271,7 @@ def _speed(tokens: int) -> dict:
 
 
 def _ruler_tasks() -> tuple:
-    from .models import ruler
+    from . import ruler
 
     return ruler.TASKS
 

@@ -1,9 +1,9 @@
 """Train the tiny byte-level Llama LM that kvpack ships.
 
-    python -m kvpack.models.train_tiny_lm --out python/kvpack/models/tiny_lm
+    python -m kvpack.eval.train_tiny_lm --out python/kvpack/models/tiny_lm
 
 Deterministic for a seed and thread count on one machine (the data are the local
-standard library and /usr/share/doc; see :mod:`kvpack.models.tasks`). Training runs in
+standard library and /usr/share/doc; see :mod:`kvpack.eval.tasks`). Training runs in
 phases of growing context (length:batch:steps), each batch a mix of natural text,
 pass-key prompts, key-value lookups and repeated random strings (which teach
 looking back early), with bfloat16 autocast on the CPU. Every
@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import TINY_LM_DIR, tasks, tiny_lm_config
+from ..models import TINY_LM_DIR, tiny_lm_config
+from ..models.byte_tokenizer import BOS
+from . import tasks
 
 
 def _batch(rng, corpus, length, batch, mix, repeat_period=None, repeat_alphabet="letters"):
@@ -33,7 +35,7 @@ def _batch(rng, corpus, length, batch, mix, repeat_period=None, repeat_alphabet=
         kind = rng.choice(4, p=mix)
         if kind == 0:
             start = int(rng.integers(0, corpus.train.size - length))
-            rows.append([tasks.BOS, *corpus.train[start : start + length - 1].tolist()])
+            rows.append([BOS, *corpus.train[start : start + length - 1].tolist()])
         elif kind == 1:
             text = corpus.train if rng.random() < 0.5 else None
             rows.append(tasks.passkey_sample(rng, length, text)[0])
@@ -52,7 +54,7 @@ def evaluate(model, corpus, length, rng, prompts=16, windows=8):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         starts = rng.integers(0, corpus.held_out.size - length, size=windows)
         ids = torch.tensor(
-            np.stack([[tasks.BOS, *corpus.held_out[s : s + length - 1]] for s in starts]),
+            np.stack([[BOS, *corpus.held_out[s : s + length - 1]] for s in starts]),
             dtype=torch.long,
         )
         loss = float(model(input_ids=ids, labels=ids).loss)

@@ -4,7 +4,7 @@ fidelity.
 
 The model-level measures run a Hugging Face causal LM through
 :func:`kvpack.hf.make_cache` (``"dynamic"`` is the plain transformers ``DynamicCache``,
-the full-cache reference) on held-out text and prompts of :mod:`kvpack.models.tasks`.
+the full-cache reference) on held-out text and prompts of :mod:`kvpack.eval.tasks`.
 Pass-key prompts are bytes (the shipped tiny LM, or any model whose tokens are bytes);
 the perplexities also take a subword model with its tokenizer.
 
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .models import tasks
+from ..models.byte_tokenizer import BOS, PAD, decode, encode
+from . import tasks
 
 __all__ = [
     "context_dependent_tokens",
@@ -53,7 +54,7 @@ def _cache(model, method, budget, skip_layers: int, options=None, prefill=None) 
     from ``prefill`` (a :class:`kvpack.hf.Prefill`) when given."""
     from transformers import DynamicCache
 
-    from . import hf
+    from .. import hf
 
     if isinstance(method, str) and method == "dynamic":
         cache = (
@@ -73,7 +74,7 @@ def _generate_runs(model, ids, mask, runs, skip_layers, options, max_new_tokens:
     a list (one per run) of (batch, max_new_tokens) token tensors."""
     import torch
 
-    from . import hf
+    from .. import hf
 
     shared = hf.prefill(model, ids, mask)
     outputs = []
@@ -164,11 +165,11 @@ def _passkey(
         chunk = samples[first : first + batch]
         ids = torch.tensor([s[0][: s[1]] for s in chunk])
         outputs = _generate_runs(
-            model, ids, torch.ones_like(ids), runs, skip_layers, options, 7, tasks.PAD
+            model, ids, torch.ones_like(ids), runs, skip_layers, options, 7, PAD
         )
         for r, out in enumerate(outputs):
             for row, (_, _, key) in zip(out.tolist(), chunk):
-                correct[r] += tasks.decode(row).strip().startswith(key)
+                correct[r] += decode(row).strip().startswith(key)
         if progress:
             progress(len(chunk) * len(runs))
     return [float(c) / prompts for c in correct]
@@ -200,13 +201,13 @@ def ruler_scores(
     ----------
     model : transformers causal LM
     tokenizer : transformers tokenizer
-        ``model``'s own: prompts are built from its tokens (:mod:`kvpack.models.ruler`).
+        ``model``'s own: prompts are built from its tokens (:mod:`kvpack.eval.ruler`).
     method : str
         ``"dynamic"`` or one of :data:`kvpack.hf.METHODS`.
     budget : int or float
         Tokens (or fraction of the prompt) the method keeps or recalls.
     tasks : sequence of str, optional
-        Of :data:`kvpack.models.ruler.TASKS` (default all).
+        Of :data:`kvpack.eval.ruler.TASKS` (default all).
     context : int
         Prompt tokens.
     samples : int
@@ -242,7 +243,7 @@ def _ruler(
     """:func:`ruler_scores` of every run, one prefill per prompt."""
     import torch
 
-    from .models import ruler
+    from . import ruler
 
     tasks = tuple(ruler.TASKS if tasks is None else tasks)
     unknown = [t for t in tasks if t not in ruler.TASKS]
@@ -316,7 +317,7 @@ def _text_windows(context: int, prefix: float, windows: int, seed: int, tokenize
             f"context: {context} tokens need {span} held-out bytes; the text has {held_out.size}"
         )
     if tokenizer is None:
-        bos = [tasks.BOS]
+        bos = [BOS]
     else:
         bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     rng = np.random.default_rng(seed)
@@ -342,7 +343,7 @@ def _token_losses(model, ids, split: int, runs, skip_layers=0, options=None) -> 
     the rest is scored in one forward over it. One array per run."""
     import torch
 
-    from . import hf
+    from .. import hf
 
     shared = hf.prefill(model, ids[:, :split])
     losses = []
@@ -558,7 +559,7 @@ def fidelity(layers, method, budget: int | float, *, observe: int = 32) -> float
 
     Parameters
     ----------
-    layers : list of kvpack.data.LayerKV (or objects with queries, keys, values)
+    layers : list of kvpack.eval.data.LayerKV (or objects with queries, keys, values)
         Queries (heads_q, tokens, d), keys and values (heads_kv, tokens, d).
     method : str or kvpack.methods object
         Any method of :mod:`kvpack.methods` (for ``kivi``, ``budget`` is the tokens
@@ -568,11 +569,11 @@ def fidelity(layers, method, budget: int | float, *, observe: int = 32) -> float
     observe : int
         Prompt queries before the step the compression methods rank keys by.
     """
-    from . import methods
-    from .attention import attention
-    from .clustering import ClusterKV
-    from .compression import budget_tokens, compress
-    from .quantization import quantize
+    from .. import methods
+    from ..attention import attention
+    from ..clustering import ClusterKV
+    from ..compression import budget_tokens, compress
+    from ..quantization import quantize
 
     method = methods.resolve(method)
 
@@ -604,7 +605,7 @@ def fidelity(layers, method, budget: int | float, *, observe: int = 32) -> float
 
 def lm_contexts(model, count: int, tokens: int = 1024):
     """Prompt caches of ``model`` on consecutive held-out text windows, for
-    :func:`kvpack.store.replay`: (kv as float16 per layer, None, prefill seconds).
+    :func:`kvpack.eval.trace.replay`: (kv as float16 per layer, None, prefill seconds).
 
     No probe queries are recorded, so the store scores each codec on each layer's last
     keys (its own stand-in).
@@ -613,14 +614,14 @@ def lm_contexts(model, count: int, tokens: int = 1024):
 
     import torch
 
-    from .hf import returned_cache
+    from ..hf import returned_cache
 
     text = tasks.corpus().held_out
     if count * tokens > text.size:
         raise ValueError(f"count: {count} windows of {tokens} exceed the held-out text")
     contexts = []
     for i in range(count):
-        ids = torch.tensor([tasks.encode(text[i * tokens : (i + 1) * tokens - 1].tobytes())])
+        ids = torch.tensor([encode(text[i * tokens : (i + 1) * tokens - 1].tobytes())])
         start = time.perf_counter()
         with torch.no_grad():
             cache = returned_cache(model(ids, use_cache=True))
