@@ -17,6 +17,7 @@ from . import (
     e2e,
     gpu,
     kmeans,
+    real_lm,
     reliability,
     report,
     store,
@@ -62,6 +63,11 @@ SUITES = {
     "e2e": (
         "generate() on SmolLM2-135M (float32): every cache against transformers' SDPA",
         e2e.run,
+    ),
+    "real_lm": (
+        "Every method on SmolLM2-135M-Instruct (float32): RULER-style tasks, merging "
+        "perplexity, AdaptCache on real caches",
+        real_lm.run,
     ),
     "reliability": (
         "Reliability: fuzzed decoder, killed writers, 16 threads of store traffic, a hung Redis",

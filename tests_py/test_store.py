@@ -645,6 +645,26 @@ def test_replay_counts_hits_misses_and_repeat_requests(rng):
     assert run["p95_delay"] == pytest.approx(np.quantile([0, 0, 10, 20, 20, 30], 0.95), abs=0.01)
 
 
+def test_replay_hands_the_store_given_qualities_and_shows_each_hit(rng):
+    kvs = [context(rng) for _ in range(2)]
+    scores = [{"none": 0.9, "kivi-2": 0.25}, {"none": 0.5, "kivi-2": 0.0}]
+    contexts = [(kv, probes(rng, kv), 1.0, q) for kv, q in zip(kvs, scores)]
+    hits = []
+    with TieredStore(1 << 24, policy="kivi2-lru", bandwidths=[1e10]) as store:
+        run = replay(store, contexts, [0, 1, 0, 0, 1], on_hit=lambda i, got: hits.append((i, got)))
+    assert [(i, got.codec, got.quality) for i, got in hits] == [
+        (0, "kivi-2", 0.25),
+        (0, "kivi-2", 0.25),
+        (1, "kivi-2", 0.0),
+    ]
+    # A recomputed context scores as the exact cache ("none"); a hit as its codec.
+    assert run["quality"] == pytest.approx((0.9 + 0.5 + 0.25 + 0.25 + 0.0) / 5)
+    assert run["repeat_quality"] == pytest.approx((0.25 + 0.25 + 0.0) / 3)
+    with TieredStore(1 << 24, policy="adaptive", bandwidths=[1e10]) as store:
+        with pytest.raises(ValueError, match=r"context 0's quality names no .*kivi-4"):
+            replay(store, contexts, [0])
+
+
 # ---- SSD tier ------------------------------------------------------------------
 
 

@@ -42,43 +42,59 @@ def zipf_trace(
     return chosen, arrivals
 
 
-def replay(store: TieredStore, contexts, requests, progress=None) -> dict:
+def replay(store: TieredStore, contexts, requests, progress=None, on_hit=None) -> dict:
     """Serve a trace from ``store``: a miss recomputes the context and puts it.
 
     Parameters
     ----------
     store : kvpack.TieredStore
-    contexts : sequence of (kv, probe_queries, recompute_seconds)
+    contexts : sequence of (kv, probe_queries, recompute_seconds[, quality])
         Each context's cache (a list of (keys, values) per layer), the queries its
-        quality is measured on, and what recomputing it costs when it is not stored.
+        quality is measured on, what recomputing it costs when it is not stored and,
+        optionally, its quality per codec name (e.g. the task score of an answer decoded
+        from the entry that codec encodes), handed to the store instead of its own
+        measure; it must name every codec of ``store.codecs`` and ``"none"`` (what a
+        recomputed context scores).
     requests : sequence of int
         Context index per request (see :func:`zipf_trace`).
     progress : callable, optional
         Called with 1 after each request.
+    on_hit : callable, optional
+        Called as ``on_hit(index, stored)`` with each entry the store returns.
 
     Returns
     -------
     dict
         ``mean_delay``, ``p95_delay`` (seconds; a miss costs its recomputation, a hit
-        its measured read and decode), ``quality`` (mean; 1 for recomputed contexts),
-        ``repeat_delay`` and ``repeat_quality`` (the same over requests for a context
-        seen before: the loads a store can serve, without the first requests' prefill
-        that every policy pays alike), ``served`` (requests per tier and ``miss``),
-        ``evictions``, ``recompressions``.
+        its measured read and decode), ``quality`` (mean; a recomputed context scores 1,
+        or its ``"none"`` quality), ``repeat_delay`` and ``repeat_quality`` (the same over
+        requests for a context seen before: the loads a store can serve, without the first
+        requests' prefill that every policy pays alike), ``served`` (requests per tier and
+        ``miss``), ``evictions``, ``recompressions``.
     """
     delays, qualities, repeat = [], [], []
     served = {"dram": 0, "ssd": 0, "redis": 0, "miss": 0}
     seen = set()
     for index in requests:
-        kv, probes, recompute = contexts[index]
+        kv, probes, recompute, *given = contexts[index]
+        by_codec = given[0] if given else None
+        if by_codec is not None:
+            missing = [c for c in {*store.codecs, "none"} if c not in by_codec]
+            if missing:
+                raise ValueError(
+                    f"contexts: context {index}'s quality names no {', '.join(sorted(missing))}"
+                )
         key = f"context-{index}"
         try:
             got = store.get(key)
             delay, quality = got.seconds, got.quality
             served[got.tier] += 1
+            if on_hit:
+                on_hit(index, got)
         except KeyError:
-            store.put(key, kv, probe_queries=probes)
-            delay, quality = recompute, 1.0
+            quality = None if by_codec is None else [by_codec[c] for c in store.codecs]
+            store.put(key, kv, probe_queries=probes, quality=quality)
+            delay, quality = recompute, 1.0 if by_codec is None else by_codec["none"]
             served["miss"] += 1
         delays.append(delay)
         qualities.append(quality)
