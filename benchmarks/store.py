@@ -282,20 +282,28 @@ def run_trace(
             "",
         ),
     ]
+    rows += replay_rows(runs)
+    rows += compare(runs)
+    if plot:
+        rows.append(("figure", str(_plot(runs, alphas).relative_to(FIGURES.parents[1])), ""))
+    return rows
+
+
+def replay_rows(runs: dict, quality: str = "quality") -> list[tuple[str, str, str]]:
+    """One row per replay: loading delay and ``quality`` of repeat requests, then the
+    mean / p95 delay of all requests and where they were served."""
+    rows = []
     for name, run in runs.items():
         served = run["served"]
         rows.append(
             (
-                f"{name}: loading delay, quality; mean / p95 delay of all requests",
+                f"{name}: loading delay, {quality}; mean / p95 delay of all requests",
                 f"{run['repeat_delay'] * 1e3:.2f} ms, {run['repeat_quality']:.4f}; "
                 f"{run['mean_delay'] * 1e3:.2f} / {run['p95_delay'] * 1e3:.2f} ms "
                 f"(DRAM {served['dram']}, SSD {served['ssd']}, miss {served['miss']})",
                 "",
             )
         )
-    rows += compare(runs)
-    if plot:
-        rows.append(("figure", str(_plot(runs, alphas).relative_to(FIGURES.parents[1])), ""))
     return rows
 
 

@@ -17,22 +17,7 @@ store, hf, models) never import this package; the CLI is its front end. Importin
 loads NumPy only: torch and transformers are imported by the functions that need them.
 """
 
-from .scoring import (
-    context_dependent_tokens,
-    fidelity,
-    lm_contexts,
-    long_context_perplexity,
-    passkey_accuracy,
-    perplexity,
-    ruler_scores,
-)
+from . import scoring
+from .scoring import *  # noqa: F403 (the scoring functions, re-exported)
 
-__all__ = [
-    "context_dependent_tokens",
-    "fidelity",
-    "lm_contexts",
-    "long_context_perplexity",
-    "passkey_accuracy",
-    "perplexity",
-    "ruler_scores",
-]
+__all__ = scoring.__all__
