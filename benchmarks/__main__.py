@@ -69,6 +69,10 @@ SUITES = {
         "perplexity, AdaptCache on real caches",
         real_lm.run,
     ),
+    "real_lm_4k": (
+        "ClusterKV against Quest at 1/16 and 1/8 of 4096 tokens on SmolLM2-135M-Instruct",
+        real_lm.run_long,
+    ),
     "reliability": (
         "Reliability: fuzzed decoder, killed writers, 16 threads of store traffic, a hung Redis",
         reliability.run,

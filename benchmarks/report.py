@@ -28,6 +28,19 @@ CLAIMS = [
     (
         "ClusterKV",
         "within 5 points of the full cache and above Quest at 1/16 of the prompt; here "
+        "SmolLM2-135M on the RULER-style tasks at 4k",
+        "real_lm_4k",
+        "ClusterKV @ 1/16: points below full",
+    ),
+    (
+        "ClusterKV",
+        "the same at 1/8 of the prompt (SmolLM2-135M, RULER-style tasks at 4k)",
+        "real_lm_4k",
+        "ClusterKV @ 1/8: points below full",
+    ),
+    (
+        "ClusterKV",
+        "within 5 points of the full cache and above Quest at 1/16 of the prompt; here "
         "SmolLM2-135M on the RULER-style tasks at 2k",
         "real_lm",
         "ClusterKV @ 1/16: points below full",
