@@ -363,5 +363,7 @@ def test_a_stored_entry_is_checked(model, prompts):
         hf.stored_cache(model, kv, 49)
     with pytest.raises(ValueError, match="log_count_bias: the stored entry has no merge counts"):
         hf.stored_cache(model, kv, log_count_bias=True)
-    with pytest.raises(ValueError, match="stored: layer 1"):
+    with pytest.raises(ValueError, match="stored: layer 1: expected keys and values of one"):
         hf.stored_cache(model, [kv[0], (kv[1][0], kv[1][1][:, :10]), *kv[2:]])
+    with pytest.raises(ValueError, match="stored: layer 2 holds 10 tokens, layer 0 50"):
+        hf.stored_cache(model, [*kv[:2], (kv[2][0][:, :10], kv[2][1][:, :10]), kv[3]])

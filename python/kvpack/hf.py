@@ -299,6 +299,11 @@ def stored_cache(model, stored, tokens: int | None = None, *, log_count_bias: bo
                 f"stored: layer {index}: expected keys and values of one shape "
                 f"[heads_kv, slots, head_dim], got {keys.shape} and {values.shape}"
             )
+        if positions is None and keys.shape[1] != inferred:
+            raise ValueError(
+                f"stored: layer {index} holds {keys.shape[1]} tokens, layer 0 {inferred} "
+                "(an entry without positions holds every token of the context)"
+            )
         k, v = _torch(keys, like)[None], _torch(values, like)[None]
         if positions is None:
             held = torch.arange(k.shape[2], device=k.device).expand(1, k.shape[1], -1)
