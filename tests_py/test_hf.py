@@ -365,5 +365,9 @@ def test_a_stored_entry_is_checked(model, prompts):
         hf.stored_cache(model, kv, log_count_bias=True)
     with pytest.raises(ValueError, match="stored: layer 1: expected keys and values of one"):
         hf.stored_cache(model, [kv[0], (kv[1][0], kv[1][1][:, :10]), *kv[2:]])
+    with pytest.raises(ValueError, match="stored: layer 0: expected a \\(keys, values\\) pair"):
+        hf.stored_cache(model, [kv[0][0], *kv[1:]])
+    with pytest.raises(ValueError, match="stored: layer 0: expected keys and values of one"):
+        hf.stored_cache(model, [(kv[0][0][0], kv[0][1][0]), *kv[1:]])  # 2-D
     with pytest.raises(ValueError, match="stored: layer 2 holds 10 tokens, layer 0 50"):
         hf.stored_cache(model, [*kv[:2], (kv[2][0][:, :10], kv[2][1][:, :10]), kv[3]])

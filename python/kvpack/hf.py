@@ -279,8 +279,30 @@ def stored_cache(model, stored, tokens: int | None = None, *, log_count_bias: bo
             f"stored: expected {layers} layers of (keys, values), got "
             f"{len(kv) if isinstance(kv, (list, tuple)) else type(kv).__name__}"
         )
+    arrays = []
+    for index, layer_kv in enumerate(kv):
+        if not isinstance(layer_kv, (list, tuple)) or len(layer_kv) != 2:
+            raise ValueError(f"stored: layer {index}: expected a (keys, values) pair")
+        keys, values = (np.asarray(a) for a in layer_kv)
+        if keys.ndim != 3 or keys.shape != values.shape:
+            raise ValueError(
+                f"stored: layer {index}: expected keys and values of one shape "
+                f"[heads_kv, slots, head_dim], got {keys.shape} and {values.shape}"
+            )
+        if positions is not None and np.shape(positions[index]) != keys.shape[:2]:
+            raise ValueError(
+                f"stored: layer {index}: positions of shape {np.shape(positions[index])} "
+                f"for keys of {keys.shape[:2]} [heads_kv, slots]"
+            )
+        arrays.append((keys, values))
     if positions is None:
-        inferred = int(np.asarray(kv[0][0]).shape[1])
+        inferred = arrays[0][0].shape[1]
+        for index, (keys, _) in enumerate(arrays):
+            if keys.shape[1] != inferred:
+                raise ValueError(
+                    f"stored: layer {index} holds {keys.shape[1]} tokens, layer 0 {inferred} "
+                    "(an entry without positions holds every token of the context)"
+                )
     else:
         inferred = max(int(p.max()) + 1 for p in positions)
     if tokens is None:
@@ -292,18 +314,7 @@ def stored_cache(model, stored, tokens: int | None = None, *, log_count_bias: bo
     _use_kvpack_attention(model)
     like = next(model.parameters())
     cache = KVPackCache(layers, _methods.Full(), 1.0, skip_layers=0)
-    for index, (layer, (keys, values)) in enumerate(zip(cache.layers, kv)):
-        keys, values = np.asarray(keys), np.asarray(values)
-        if keys.ndim != 3 or keys.shape != values.shape:
-            raise ValueError(
-                f"stored: layer {index}: expected keys and values of one shape "
-                f"[heads_kv, slots, head_dim], got {keys.shape} and {values.shape}"
-            )
-        if positions is None and keys.shape[1] != inferred:
-            raise ValueError(
-                f"stored: layer {index} holds {keys.shape[1]} tokens, layer 0 {inferred} "
-                "(an entry without positions holds every token of the context)"
-            )
+    for index, (layer, (keys, values)) in enumerate(zip(cache.layers, arrays)):
         k, v = _torch(keys, like)[None], _torch(values, like)[None]
         if positions is None:
             held = torch.arange(k.shape[2], device=k.device).expand(1, k.shape[1], -1)

@@ -92,8 +92,8 @@ def replay(store: TieredStore, contexts, requests, progress=None, on_hit=None) -
             if on_hit:
                 on_hit(index, got)
         except KeyError:
-            quality = None if by_codec is None else [by_codec[c] for c in store.codecs]
-            store.put(key, kv, probe_queries=probes, quality=quality)
+            given = None if by_codec is None else [by_codec[c] for c in store.codecs]
+            store.put(key, kv, probe_queries=probes, quality=given)
             delay, quality = recompute, 1.0 if by_codec is None else by_codec["none"]
             served["miss"] += 1
         delays.append(delay)
