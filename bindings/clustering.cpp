@@ -12,12 +12,6 @@ namespace kvpack::bindings {
 
 namespace {
 
-KMeansInit parse_init(const std::string& init) {
-  KVPACK_ARG_CHECK(init == "kmeans++" || init == "random",
-                   "init: expected 'kmeans++' or 'random', got '" << init << "'");
-  return init == "random" ? KMeansInit::Random : KMeansInit::PlusPlus;
-}
-
 // Points [n, d] or [heads, n, d] as a [heads, n, d] view; batched tells which.
 KVView points_view(const py::array& x, bool* batched) {
   const DType dtype = kv_dtype(x, "x");
@@ -40,7 +34,7 @@ KVView points_view(const py::array& x, bool* batched) {
 }
 
 py::dict kmeans_binding(const py::object& x_obj, std::int64_t n_clusters, int iters,
-                        std::uint64_t seed, bool spherical, const std::string& init,
+                        std::uint64_t seed, bool spherical, const py::object& init,
                         const py::object& init_centroids_obj, const std::string& device) {
   Execution exec = parse_device(device);
   bool batched = false;
@@ -67,7 +61,7 @@ py::dict kmeans_binding(const py::object& x_obj, std::int64_t n_clusters, int it
   params.iterations = iters;
   params.seed = seed;
   params.spherical = spherical;
-  params.init = parse_init(init);
+  params.init = parse_init(init, "init");
   std::optional<py::array_t<float>> init_centroids;
   if (!init_centroids_obj.is_none()) {
     init_centroids =
@@ -178,9 +172,10 @@ py::dict stats_dict(const RecallStats& s) {
 }  // namespace
 
 void bind_clustering(py::module_& m) {
+  const ClusterIndexParams index_defaults;
   py::class_<ClusterIndex>(m, "ClusterIndex")
       .def(py::init([](const py::object& keys_obj, std::int64_t n_clusters, std::int64_t sink,
-                       int iters, std::uint64_t seed, const std::string& init,
+                       int iters, std::uint64_t seed, const py::object& init,
                        std::int64_t append_interval, std::int64_t append_clusters,
                        std::int64_t tokens_per_cluster) {
              const py::array keys = as_array(keys_obj, "keys");
@@ -191,16 +186,19 @@ void bind_clustering(py::module_& m) {
              p.sink = sink;
              p.iterations = iters;
              p.seed = seed;
-             p.init = parse_init(init);
+             p.init = parse_init(init, "init");
              p.append_interval = append_interval;
              p.append_clusters = append_clusters;
              p.tokens_per_cluster = tokens_per_cluster;
              py::gil_scoped_release release;
              return std::make_unique<ClusterIndex>(view, p);
            }),
-           py::arg("keys"), py::arg("n_clusters") = 0, py::arg("sink") = 16, py::arg("iters") = 20,
-           py::arg("seed") = 0, py::arg("init") = "kmeans++", py::arg("append_interval") = 320,
-           py::arg("append_clusters") = 8, py::arg("tokens_per_cluster") = 80)
+           py::arg("keys"), py::arg("n_clusters") = index_defaults.n_clusters,
+           py::arg("sink") = index_defaults.sink, py::arg("iters") = index_defaults.iterations,
+           py::arg("seed") = index_defaults.seed, py::arg("init") = init_name(index_defaults.init),
+           py::arg("append_interval") = index_defaults.append_interval,
+           py::arg("append_clusters") = index_defaults.append_clusters,
+           py::arg("tokens_per_cluster") = index_defaults.tokens_per_cluster)
       .def("append", &append_keys<ClusterIndex>, py::arg("new_keys"))
       .def(
           "select",
@@ -257,7 +255,7 @@ void bind_clustering(py::module_& m) {
              py::gil_scoped_release release;
              return std::make_unique<QuestIndex>(view, page_size);
            }),
-           py::arg("keys"), py::arg("page_size") = 16)
+           py::arg("keys"), py::arg("page_size") = QuestParams{}.page_size)
       .def("append", &append_keys<QuestIndex>, py::arg("new_keys"))
       .def(
           "select",
@@ -290,9 +288,9 @@ void bind_clustering(py::module_& m) {
 
   py::class_<ClusterKV>(m, "ClusterKV")
       .def(py::init([](std::int64_t budget, const py::object& method) {
-             ClusterKVParams p = recall_params(method);
-             p.budget = budget;
-             return std::make_unique<ClusterKV>(p);
+             RecallMethod recall = recall_method(method);
+             std::visit([budget](RecallParams& p) { p.budget = budget; }, recall);
+             return std::make_unique<ClusterKV>(recall);
            }),
            py::arg("budget"), py::arg("method"))
       .def(
@@ -335,10 +333,12 @@ void bind_clustering(py::module_& m) {
         return selection_array(std::move(copy), s.last_rows());
       });
 
-  m.def("kmeans", &kmeans_binding, py::arg("x"), py::arg("n_clusters"), py::arg("iters") = 20,
-        py::arg("seed") = 0, py::arg("spherical") = true, py::arg("init") = "kmeans++",
-        py::arg("init_centroids") = py::none(), py::arg("device") = "cpu",
-        "k-means; see kvpack.kmeans.");
+  const KMeansParams kmeans_defaults;
+  m.def("kmeans", &kmeans_binding, py::arg("x"), py::arg("n_clusters"),
+        py::arg("iters") = kmeans_defaults.iterations, py::arg("seed") = kmeans_defaults.seed,
+        py::arg("spherical") = kmeans_defaults.spherical,
+        py::arg("init") = init_name(kmeans_defaults.init), py::arg("init_centroids") = py::none(),
+        py::arg("device") = "cpu", "k-means; see kvpack.kmeans.");
 }
 
 }  // namespace kvpack::bindings

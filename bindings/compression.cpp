@@ -107,9 +107,8 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
                           const py::object& method_obj, const py::object& budget_obj,
                           const py::object& queries_obj, const py::object& attention_obj,
                           const std::optional<double>& scale) {
-  CompressParams params = compress_params(method_obj);
-  const Method method = params.method;
-  const char* method_name = method_info(method).name;
+  CompressParams params;
+  params.method = method_params(method_obj, MethodKind::Compress);
   const py::array keys_arg = as_array(keys_obj, "keys"),
                   values_arg = as_array(values_obj, "values");
   const auto [keys, values] = kv_pair(keys_arg, values_arg);
@@ -117,8 +116,8 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
 
   const auto scores = attention_evidence(attention_obj, keys);
   const auto queries = query_evidence(queries_obj, keys);
-  const Evidence evidence = parse_evidence(scores, queries, needs_evidence(method), method_name,
-                                           resolve_scale_arg(scale));
+  const Evidence evidence = parse_evidence(scores, queries, needs_evidence(params.method),
+                                           method_name(params.method), resolve_scale_arg(scale));
   const std::int64_t slots = compressed_length(params, keys.tokens);
   const std::vector<py::ssize_t> shape{keys.heads, slots, keys.dim};
   py::array out_keys(keys_arg.dtype(), shape), out_values(keys_arg.dtype(), shape);
@@ -141,7 +140,8 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
   result["values"] = out_values;
   result["counts"] = counts;
   result["positions"] = positions;
-  result["thresholds"] = method == Method::KVMerger ? py::object(thresholds) : py::none();
+  result["thresholds"] =
+      std::holds_alternative<KVMergerParams>(params.method) ? py::object(thresholds) : py::none();
   return result;
 }
 
@@ -196,7 +196,8 @@ void bind_compression(py::module_& m) {
       .def(py::init([](const py::object& method, std::int64_t budget,
                        const std::optional<double>& scale) {
              KVPACK_ARG_CHECK(budget >= 1, "budget: expected a token count >= 1, got " << budget);
-             EvictionCacheParams p = eviction_params(method);
+             EvictionCacheParams p;
+             p.policy = eviction_policy(method);
              p.budget = budget;
              p.scale = resolve_scale_arg(scale);
              return std::make_unique<EvictionCache>(p);
@@ -211,7 +212,7 @@ void bind_compression(py::module_& m) {
             const auto [keys, values] = kv_pair(keys_arg, values_arg);
             require_finite(keys, "keys");
             require_finite(values, "values");
-            const bool h2o = self.params().policy == Method::H2O;
+            const bool h2o = std::holds_alternative<H2OParams>(self.params().policy);
             const auto scores = attention_evidence(attention_obj, keys);
             const auto queries = query_evidence(queries_obj, keys);
             const Evidence evidence =

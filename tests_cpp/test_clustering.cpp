@@ -92,11 +92,9 @@ TEST(QuestIndex, KeepsTheCurrentPage) {
 
 TEST(ClusterKV, StepMatchesDenseAttentionWithFullBudget) {
   testing::Cache c(2, 300, 16, 27);
-  for (Method method : {Method::ClusterKV, Method::Quest}) {
-    ClusterKVParams p;
-    p.method = method;
-    p.budget = 1000;
-    ClusterKV recall(p);
+  for (RecallMethod method : {RecallMethod{ClusterKVParams{}}, RecallMethod{QuestParams{}}}) {
+    std::visit([](RecallParams& p) { p.budget = 1000; }, method);
+    ClusterKV recall(method);
     const KVView k{c.keys.data(), DType::Float32, 2, 299, 16, 300 * 16};
     const KVView v{c.values.data(), DType::Float32, 2, 299, 16, 300 * 16};
     recall.prefill(k, v);

@@ -66,8 +66,8 @@ TEST(Evict, KeepSetsHaveTheBudgetAndTheirWindows) {
 TEST(Compress, EveryMethodMeetsTheBudget) {
   testing::Cache c(2, 120, 8, 31);
   const std::vector<float> scores = testing::random_vector(240, 32);
-  for (Method m :
-       {Method::StreamingLLM, Method::H2O, Method::SnapKV, Method::CaM, Method::KVMerger}) {
+  for (const MethodParams& m : std::vector<MethodParams>{
+           StreamingLLMParams{}, H2OParams{}, SnapKVParams{}, CaMParams{}, KVMergerParams{}}) {
     CompressParams p;
     p.method = m;
     p.budget = 45;
@@ -78,30 +78,36 @@ TEST(Compress, EveryMethodMeetsTheBudget) {
       EXPECT_EQ(std::adjacent_find(pos, pos + 45), pos + 45);
       const std::int32_t* counts = r.counts.data() + h * 45;
       const int total = std::accumulate(counts, counts + 45, 0);
-      EXPECT_EQ(total, m == Method::KVMerger ? 120 : 45);
+      EXPECT_EQ(total, std::holds_alternative<KVMergerParams>(m) ? 120 : 45);
     }
   }
 }
 
 TEST(Methods, EveryMethodIsFoundByItsNameOnce) {
   std::vector<std::string> names;
-  for (const MethodInfo& info : methods()) {
-    ASSERT_NE(find_method(info.name), nullptr);
-    EXPECT_EQ(find_method(info.name)->method, info.method);
-    EXPECT_EQ(method_info(info.method).name, std::string(info.name));
-    names.emplace_back(info.name);
-  }
+  std::vector<int> codes;
+  for_each_method([&](const auto& defaults) {
+    using Params = std::decay_t<decltype(defaults)>;
+    const std::optional<MethodParams> found = find_method(Params::name);
+    ASSERT_TRUE(found);
+    EXPECT_TRUE(std::holds_alternative<Params>(*found));
+    EXPECT_EQ(method_name(*found), std::string(Params::name));
+    names.emplace_back(Params::name);
+    if (Params::blob_code >= 0) codes.push_back(Params::blob_code);
+  });
   std::sort(names.begin(), names.end());
   EXPECT_EQ(std::adjacent_find(names.begin(), names.end()), names.end());
-  EXPECT_EQ(find_method("snap_kv"), nullptr);
-  EXPECT_TRUE(needs_evidence(Method::SnapKV));
-  EXPECT_FALSE(needs_evidence(Method::StreamingLLM));
+  std::sort(codes.begin(), codes.end());  // a stored blob names its codec by this code
+  EXPECT_EQ(std::adjacent_find(codes.begin(), codes.end()), codes.end());
+  EXPECT_FALSE(find_method("snap_kv"));
+  EXPECT_TRUE(needs_evidence(SnapKVParams{}));
+  EXPECT_FALSE(needs_evidence(StreamingLLMParams{}));
 }
 
 TEST(Compress, RejectsAMethodOfAnotherKind) {
   testing::Cache c(1, 40, 8, 34);
   CompressParams p;
-  p.method = Method::ClusterKV;
+  p.method = ClusterKVParams{};
   p.budget = 10;
   EXPECT_THROW(run(c, p, nullptr), std::invalid_argument);
 }
@@ -114,11 +120,12 @@ TEST(Compress, KVMergerOfDuplicatesIsExact) {
       c.keys[t * 8 + i] = c.keys[(t - 1) * 8 + i];
       c.values[t * 8 + i] = c.values[(t - 1) * 8 + i];
     }
+  KVMergerParams kvmerger;
+  kvmerger.protect_recent = 0.0f;
+  kvmerger.protect_heavy = 0.0f;
   CompressParams p;
-  p.method = Method::KVMerger;
+  p.method = kvmerger;
   p.budget = 20;
-  p.kvmerger.protect_recent = 0.0f;
-  p.kvmerger.protect_heavy = 0.0f;
   const std::vector<float> scores(40, 1.0f);
   const Compressed r = run(c, p, scores.data());
   for (std::int64_t s = 0; s < 20; ++s) {
@@ -135,7 +142,7 @@ TEST(Compress, KVMergerOfDuplicatesIsExact) {
 TEST(Compress, RejectsNonFiniteKeysAndMissingEvidence) {
   testing::Cache c(1, 30, 4, 34);
   CompressParams p;
-  p.method = Method::KVMerger;
+  p.method = KVMergerParams{};
   p.budget = 10;
   const std::vector<float> scores(30, 1.0f);
   EXPECT_THROW(run(c, p, nullptr), std::invalid_argument);
@@ -146,9 +153,10 @@ TEST(Compress, RejectsNonFiniteKeysAndMissingEvidence) {
 TEST(EvictionCache, StreamingKeepsSinksAndTheLatestTokens) {
   testing::Cache c(2, 10, 8, 35);
   EvictionCacheParams p;
-  p.policy = Method::StreamingLLM;
+  StreamingLLMParams streaming;
+  streaming.sinks = 2;
+  p.policy = streaming;
   p.budget = 6;
-  p.streaming_llm.sinks = 2;
   EvictionCache cache(p);
   cache.prefill(c.k, c.v, Evidence{});
   std::vector<float> q(4 * 8, 0.1f), out(4 * 8);

@@ -272,7 +272,7 @@ def test_bad_arguments_raise(rng):
         args = {"method": "kvmerger", **kwargs}
         with pytest.raises(error, match=match):
             kvpack.compress(keys, keys, budget=0.5, **args)
-    with pytest.raises(ValueError, match="kernel: expected an odd pooling width"):
+    with pytest.raises(ValueError, match="kernel: expected an odd int >= 1"):
         kvpack.compress(keys, keys, "snapkv", 0.5, attention=scores, kernel=4)
     with pytest.raises(ValueError, match="values: expected shape"):
         kvpack.compress(keys, keys[:1], "full", 1.0)

@@ -80,7 +80,7 @@ def test_replace_and_resolve():
 @pytest.mark.parametrize(
     "make, error, match",
     [
-        (lambda: methods.SnapKV(kernel=4), ValueError, "kernel: expected an odd pooling width"),
+        (lambda: methods.SnapKV(kernel=4), ValueError, "kernel: expected an odd int >= 1"),
         (lambda: methods.SnapKV(window=2.5), TypeError, "window: expected an int, got float"),
         (lambda: methods.SnapKV(window=True), TypeError, "window: expected an int, got bool"),
         (lambda: methods.SnapKV(sinks=4), TypeError, "sinks: method 'snapkv' does not take"),

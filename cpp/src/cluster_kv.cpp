@@ -11,15 +11,15 @@ namespace {
 constexpr std::int64_t kNever = -(std::int64_t{1} << 62);  // a step no recency window reaches
 }  // namespace
 
-ClusterKV::ClusterKV(const ClusterKVParams& params) : params_(params) {
-  KVPACK_CHECK(
-      params.method == Method::ClusterKV || params.method == Method::Quest,
-      "method: expected 'clusterkv' or 'quest', got '" << method_info(params.method).name << "'");
-  KVPACK_CHECK(params.budget >= 1, "budget: expected >= 1, got " << params.budget);
-  KVPACK_CHECK(params.window >= 0, "window: expected >= 0, got " << params.window);
-  KVPACK_CHECK(params.recall_steps >= 1,
-               "recall_steps: expected >= 1, got " << params.recall_steps);
-  KVPACK_CHECK(params.page_size >= 1, "page_size: expected >= 1, got " << params.page_size);
+ClusterKV::ClusterKV(const RecallMethod& method)
+    : method_(method), params_(std::visit([](const RecallParams& p) { return p; }, method)) {
+  KVPACK_CHECK(params_.budget >= 1, "budget: expected >= 1, got " << params_.budget);
+  KVPACK_CHECK(params_.recall_steps >= 1,
+               "recall_steps: expected >= 1, got " << params_.recall_steps);
+  if (const auto* clusterkv = std::get_if<ClusterKVParams>(&method_))
+    KVPACK_CHECK(clusterkv->window >= 0, "window: expected >= 0, got " << clusterkv->window);
+  if (const auto* quest = std::get_if<QuestParams>(&method_))
+    KVPACK_CHECK(quest->page_size >= 1, "page_size: expected >= 1, got " << quest->page_size);
 }
 
 KVView ClusterKV::keys() const {
@@ -68,7 +68,7 @@ void ClusterKV::reserve_rows(std::int64_t capacity) {
 }
 
 ClusterIndexParams ClusterKV::index_params(std::int64_t tokens) const {
-  ClusterIndexParams index = params_.index;
+  ClusterIndexParams index = std::get<ClusterKVParams>(method_).index;
   const std::int64_t clustered = tokens - std::min(index.sink, tokens);
   if (index.n_clusters == 0 && clustered > 0) {
     // The paper's 80-token clusters are ~1/13 of a 1k budget at 32k tokens. A smaller
@@ -99,15 +99,15 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
   recalled_at_.assign(static_cast<std::size_t>(params_.fast_tier ? 0 : heads_), {});
   // Room for the decoded tokens until the next clustering (or a few Quest pages), so
   // the first decode steps do not copy the slow tier.
-  const std::int64_t headroom =
-      params_.method == Method::ClusterKV ? params_.index.append_interval : 4 * params_.page_size;
-  reserve_rows(keys.tokens + headroom);
+  const auto* clusterkv = std::get_if<ClusterKVParams>(&method_);
+  const auto* quest = std::get_if<QuestParams>(&method_);
+  reserve_rows(keys.tokens + (clusterkv ? clusterkv->index.append_interval : 4 * quest->page_size));
   append_rows(keys, values);
-  if (params_.method == Method::ClusterKV) {
+  if (clusterkv) {
     cluster_index_ = std::make_unique<ClusterIndex>(keys, index_params(keys.tokens));
     quest_index_.reset();
   } else {
-    quest_index_ = std::make_unique<QuestIndex>(keys, params_.page_size);
+    quest_index_ = std::make_unique<QuestIndex>(keys, quest->page_size);
     cluster_index_.reset();
   }
   // The fast tier holds what the last R steps recalled (for every query head of a
@@ -217,7 +217,8 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   selection_.assign(static_cast<std::size_t>(rows * count), 0);
   selection_rows_ = rows;
   if (cluster_index_) {
-    cluster_index_->select(q, heads_q, params_.budget, params_.window, per_q, selection_.data());
+    cluster_index_->select(q, heads_q, params_.budget, std::get<ClusterKVParams>(method_).window,
+                           per_q, selection_.data());
   } else {
     quest_index_->append(new_key);
     quest_index_->select(q, heads_q, params_.budget, per_q, selection_.data());
@@ -232,7 +233,8 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   if (params_.fast_tier && need_slots > slots_) {
     // Room at once for the largest selection to come (the budget and a full unclustered
     // window), so the growing window never empties the fast tier.
-    const std::int64_t window = cluster_index_ ? params_.index.append_interval : 0;
+    const std::int64_t window =
+        cluster_index_ ? std::get<ClusterKVParams>(method_).index.append_interval : 0;
     const std::int64_t most = cluster_index_ ? std::min(params_.budget, tokens_) + window : 0;
     reset_fast_tier(
         std::min(std::max(need_slots, recall_steps * most * rows_per_head), tokens_ + window));

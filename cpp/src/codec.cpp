@@ -112,28 +112,15 @@ std::uint64_t blob_checksum(const unsigned char* data, std::size_t size) {
   return stream.digest(data + size);
 }
 
-bool drops_tokens(CodecKind kind) {
-  return kind == CodecKind::StreamingLLM || kind == CodecKind::SnapKV || kind == CodecKind::H2O ||
-         kind == CodecKind::KVMerger;
-}
-
-// The token-dropping codecs and the compression method each one runs.
-constexpr std::pair<CodecKind, Method> kDroppingCodecs[] = {
-    {CodecKind::StreamingLLM, Method::StreamingLLM},
-    {CodecKind::SnapKV, Method::SnapKV},
-    {CodecKind::H2O, Method::H2O},
-    {CodecKind::KVMerger, Method::KVMerger}};
-
-Method compress_method(CodecKind kind) {
-  for (const auto& [codec_kind, method] : kDroppingCodecs)
-    if (codec_kind == kind) return method;
-  return Method::Full;
-}
-
-const char* kind_name(CodecKind kind) {
-  if (kind == CodecKind::None) return "none";
-  if (kind == CodecKind::Quant) return method_info(Method::KIVI).name;
-  return method_info(compress_method(kind)).name;
+// "'none', 'kivi-8|4|2' or '<streaming_llm|...>-R'": what parse_codec reads, for errors.
+std::string codec_forms() {
+  std::string dropping;
+  for_each_method([&](const auto& p) {
+    using Params = std::decay_t<decltype(p)>;
+    if (Codec{Params{}}.drops_tokens() && Params::blob_code >= 0)
+      dropping += (dropping.empty() ? "" : "|") + std::string(Params::name);
+  });
+  return "'none', 'kivi-8|4|2' or '<" + dropping + ">-R' with R in (0, 1]";
 }
 
 std::size_t row_bytes(const KVView& view) {
@@ -154,7 +141,7 @@ void copy_rows(const KVView& view, unsigned char* out) {
 
 EncodedLayer encode_dropped(const LayerView& layer, const Codec& codec, const Evidence* given) {
   CompressParams params;
-  params.method = compress_method(codec.kind);
+  params.method = codec.method;
   params.budget = budget_tokens(codec.rate, layer.keys.tokens);
   std::vector<float> proxy;
   Evidence evidence;
@@ -198,11 +185,11 @@ EncodedLayer encode_layer(const LayerView& layer, const Codec& codec, const Evid
                     static_cast<std::uint32_t>(keys.dim),
                     0,
                     0};
-  if (codec.kind == CodecKind::None) {
+  if (codec.lossless()) {
     encoded.record.bytes =
         2 * static_cast<std::uint64_t>(keys.heads * keys.tokens) * row_bytes(keys);
-  } else if (codec.kind == CodecKind::Quant) {
-    const QuantizedKV quantized(layer.keys, layer.values, QuantParams{codec.bits, 32, 128});
+  } else if (codec.quantizes()) {
+    const QuantizedKV quantized(layer.keys, layer.values, std::get<QuantParams>(codec.method));
     encoded.payload.resize(quantized.serialized_size());
     quantized.serialize(encoded.payload.data());
     encoded.record.bytes = encoded.payload.size();
@@ -246,11 +233,32 @@ std::vector<float> proxy_queries(const KVView& keys, std::int64_t n) {
   return queries;
 }
 
+Codec Codec::kivi(int bits) {
+  QuantParams params;
+  params.bits = bits;
+  return Codec{params, 1.0f};
+}
+
+Codec Codec::dropping(const MethodParams& method, float rate) {
+  return Codec{method, rate};
+}
+
+int Codec::bits() const {
+  return quantizes() ? std::get<QuantParams>(method).bits : 0;
+}
+
+int Codec::code() const {
+  return std::visit([](const auto& p) { return p.blob_code; }, method);
+}
+
 std::string Codec::name() const {
+  if (lossless()) return "none";
   std::ostringstream os;
-  os << kind_name(kind);
-  if (kind == CodecKind::Quant) os << "-" << bits;
-  if (drops_tokens(kind)) os << "-" << rate;
+  os << method_name(method) << "-";
+  if (quantizes())
+    os << bits();
+  else
+    os << rate;
   return os.str();
 }
 
@@ -258,28 +266,37 @@ Codec parse_codec(const std::string& name) {
   if (name == "none") return Codec{};
   const auto dash = name.rfind('-');
   KVPACK_CHECK(dash != std::string::npos,
-               "codec: expected 'none', 'kivi-8|4|2' or '<streaming_llm|snapkv|h2o|kvmerger>-R' "
-               "with R in (0, 1], got '"
-                   << name << "'");
+               "codec: expected " << codec_forms() << ", got '" << name << "'");
   const std::string kind = name.substr(0, dash), rate = name.substr(dash + 1);
   char* end = nullptr;
   const double number = std::strtod(rate.c_str(), &end);
   const bool numeric = !rate.empty() && end == rate.c_str() + rate.size();
-  if (kind == method_info(Method::KIVI).name) {
+  const std::optional<MethodParams> method = find_method(kind);
+  const Codec codec{method ? *method : MethodParams{}};
+  KVPACK_CHECK(method && !codec.lossless() && codec.code() >= 0,
+               "codec: expected " << codec_forms() << ", got '" << name << "'");
+  if (codec.quantizes()) {
     KVPACK_CHECK(numeric && (number == 2 || number == 4 || number == 8),
                  "codec: expected kivi-8, kivi-4 or kivi-2, got '" << name << "'");
-    return Codec{CodecKind::Quant, static_cast<int>(number), 1.0f};
+    return Codec::kivi(static_cast<int>(number));
   }
-  for (const auto& [codec_kind, method] : kDroppingCodecs)
-    if (kind == method_info(method).name) {
-      KVPACK_CHECK(numeric && number > 0.0 && number <= 1.0,
-                   "codec: expected a kept share R in (0, 1] in '" << name << "'");
-      return Codec{codec_kind, 0, static_cast<float>(number)};
-    }
-  KVPACK_CHECK(false,
-               "codec: expected 'none', 'kivi-8|4|2' or "
-               "'<streaming_llm|snapkv|h2o|kvmerger>-R', got '"
-                   << name << "'");
+  KVPACK_CHECK(numeric && number > 0.0 && number <= 1.0,
+               "codec: expected a kept share R in (0, 1] in '" << name << "'");
+  return Codec::dropping(*method, static_cast<float>(number));
+}
+
+// The codec a blob's header records, or nothing for an unknown code or bits.
+std::optional<Codec> codec_of(std::uint32_t code, std::uint32_t bits, float rate) {
+  std::optional<Codec> found;
+  for_each_method([&](const auto& p) {
+    if (std::decay_t<decltype(p)>::blob_code == static_cast<std::int64_t>(code))
+      found = Codec{p, rate};
+  });
+  if (found && found->quantizes()) {
+    if (bits != 2 && bits != 4 && bits != 8) return std::nullopt;
+    found = Codec::kivi(static_cast<int>(bits));
+  }
+  return found;
 }
 
 Buffer::Buffer(std::size_t size)
@@ -319,7 +336,8 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
   if (header.version != 1 && header.version != kBlobVersion)  // 1: XXH64 checksums
     malformed("version " + std::to_string(header.version) + ", expected 1 to " +
               std::to_string(kBlobVersion));
-  if (header.codec_kind > static_cast<std::uint32_t>(CodecKind::KVMerger)) malformed("codec");
+  const std::optional<Codec> codec = codec_of(header.codec_kind, header.bits, header.rate);
+  if (!codec) malformed("codec");
   if (header.dtype > static_cast<std::uint32_t>(DType::BFloat16)) malformed("dtype");
   if (header.layers == 0) malformed("no layers");  // encode writes at least one
   const std::size_t table = table_offset(header.key_bytes);
@@ -328,8 +346,7 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
   if (available < sizeof(Header) + header.key_bytes) malformed("key truncated");
   BlobInfo info;
   info.key.assign(reinterpret_cast<const char*>(data + sizeof(Header)), header.key_bytes);
-  info.codec =
-      Codec{static_cast<CodecKind>(header.codec_kind), static_cast<int>(header.bits), header.rate};
+  info.codec = *codec;
   info.dtype = static_cast<DType>(header.dtype);
   info.layers = header.layers;
   info.size = header.size;
@@ -404,8 +421,8 @@ BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, con
   Header header{};
   std::memcpy(header.magic, kMagic, sizeof kMagic);
   header.version = kBlobVersion;
-  header.codec_kind = static_cast<std::uint32_t>(codec.kind);
-  header.bits = static_cast<std::uint32_t>(codec.bits);
+  header.codec_kind = static_cast<std::uint32_t>(codec.code());
+  header.bits = static_cast<std::uint32_t>(codec.bits());
   header.rate = codec.rate;
   header.dtype = static_cast<std::uint32_t>(dtype);
   header.layers = static_cast<std::uint32_t>(layers.size());
@@ -416,7 +433,7 @@ BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, con
     const EncodedLayer& layer = encoded[l];
     std::memcpy(data + table + l * sizeof(LayerRecord), &layer.record, sizeof(LayerRecord));
     unsigned char* payload = data + layer.record.offset;
-    if (codec.kind == CodecKind::None) {
+    if (codec.lossless()) {
       copy_rows(layers[l].keys, payload);
       copy_rows(layers[l].values, payload + layer.record.bytes / 2);
     } else {
@@ -470,19 +487,19 @@ DecodedKV decode(const BlobPtr& blob, bool copy) {
         !checked_product({r.heads, r.tokens, sizeof(std::int32_t)}, index) ||
         kv > info.size * kMaxExpansion)
       malformed("layer shape");
-    const std::size_t expected = info.codec.kind == CodecKind::None ? 2 * kv
-                                 : drops_tokens(info.codec.kind)    ? 2 * kv + 2 * index
-                                                                    : r.bytes;
+    const std::size_t expected = info.codec.lossless()       ? 2 * kv
+                                 : info.codec.drops_tokens() ? 2 * kv + 2 * index
+                                                             : r.bytes;
     if (r.bytes != expected) malformed("layer payload size");
-    if (drops_tokens(info.codec.kind) && r.original_tokens < r.tokens)
+    if (info.codec.drops_tokens() && r.original_tokens < r.tokens)
       malformed("layer keeps more tokens than it had");
     out_size = align_up(out_size, kPayloadAlignment);
     out_offset[l] = out_size;
-    out_size += info.codec.kind == CodecKind::Quant ? 2 * kv : r.bytes;
+    out_size += info.codec.quantizes() ? 2 * kv : r.bytes;
     if (out_size > info.size * kMaxExpansion) malformed("layer shapes");
   }
 
-  const bool in_place = info.codec.kind != CodecKind::Quant && !copy;
+  const bool in_place = !info.codec.quantizes() && !copy;
   std::shared_ptr<Buffer> output;
   unsigned char* base;
   if (in_place) {
@@ -506,7 +523,7 @@ DecodedKV decode(const BlobPtr& blob, bool copy) {
     layer.original_tokens = r.original_tokens;
     layer.keys = out;
     layer.values = out + kv;
-    if (info.codec.kind == CodecKind::Quant) {
+    if (info.codec.quantizes()) {
       const QuantizedKV quantized = QuantizedKV::deserialize(payload, r.bytes);
       if (quantized.heads() != r.heads || quantized.tokens() != r.tokens ||
           quantized.dim() != r.dim || quantized.dtype() != info.dtype)
@@ -515,7 +532,7 @@ DecodedKV decode(const BlobPtr& blob, bool copy) {
       return;
     }
     if (!in_place) std::memcpy(out, payload, r.bytes);
-    if (drops_tokens(info.codec.kind)) {
+    if (info.codec.drops_tokens()) {
       const std::size_t index = static_cast<std::size_t>(r.heads) * r.tokens;
       layer.positions = reinterpret_cast<const std::int32_t*>(out + 2 * kv);
       layer.counts = layer.positions + index;

@@ -42,15 +42,38 @@ void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget, 
   std::iota(out + chosen.size(), out + budget, static_cast<std::int32_t>(older));
 }
 
+namespace {
+
+// The latest tokens H2O keeps out of `budget`.
+std::int64_t h2o_recent(const H2OParams& params, std::int64_t budget) {
+  return static_cast<std::int64_t>(
+      std::lround(static_cast<double>(params.recent_ratio) * static_cast<double>(budget)));
+}
+
+}  // namespace
+
+void compress_head(const StreamingLLMParams& params, const HeadInput& in, const HeadSlots& out) {
+  streaming_keep(in.keys.tokens, in.slots, params.sinks, out.positions);
+  keep_rows(in, out);
+}
+
+void compress_head(const H2OParams& params, const HeadInput& in, const HeadSlots& out) {
+  h2o_keep(in.scores, in.keys.tokens, in.slots, h2o_recent(params, in.slots), out.positions);
+  keep_rows(in, out);
+}
+
+void compress_head(const SnapKVParams& params, const HeadInput& in, const HeadSlots& out) {
+  snapkv_keep(in.scores, in.keys.tokens, in.slots, params.window, params.kernel, out.positions);
+  keep_rows(in, out);
+}
+
 EvictionCache::EvictionCache(const EvictionCacheParams& params) : params_(params) {
-  KVPACK_CHECK(
-      params.policy == Method::StreamingLLM || params.policy == Method::H2O,
-      "method: expected 'streaming_llm' or 'h2o', got '" << method_info(params.policy).name << "'");
   KVPACK_CHECK(params.budget >= 1, "budget: expected >= 1, got " << params.budget);
-  KVPACK_CHECK(params.streaming_llm.sinks >= 0,
-               "sinks: expected >= 0, got " << params.streaming_llm.sinks);
-  KVPACK_CHECK(params.h2o.recent_ratio >= 0.0f && params.h2o.recent_ratio <= 1.0f,
-               "recent_ratio: expected a value in [0, 1], got " << params.h2o.recent_ratio);
+  if (const auto* streaming = std::get_if<StreamingLLMParams>(&params.policy))
+    KVPACK_CHECK(streaming->sinks >= 0, "sinks: expected >= 0, got " << streaming->sinks);
+  if (const auto* h2o = std::get_if<H2OParams>(&params.policy))
+    KVPACK_CHECK(h2o->recent_ratio >= 0.0f && h2o->recent_ratio <= 1.0f,
+                 "recent_ratio: expected a value in [0, 1], got " << h2o->recent_ratio);
   capacity_ = params.budget + 1;  // room for the new token before one is evicted
 }
 
@@ -81,7 +104,7 @@ void EvictionCache::write_slot(std::int64_t head, std::int64_t slot, const void*
 }
 
 void EvictionCache::prefill(const KVView& keys, const KVView& values, const Evidence& evidence) {
-  const bool h2o = params_.policy == Method::H2O;
+  const H2OParams* h2o = std::get_if<H2OParams>(&params_.policy);
   KVPACK_CHECK(keys.tokens >= 1, "keys: expected at least one token, got " << keys.tokens);
   const std::vector<float> evidence_copy =
       h2o ? evidence_scores(keys, evidence) : std::vector<float>();
@@ -96,15 +119,13 @@ void EvictionCache::prefill(const KVView& keys, const KVView& values, const Evid
   scores_.assign(slots, 0.0f);
   size_ = std::min(keys.tokens, params_.budget);
   seen_ = keys.tokens;
-  const auto recent = static_cast<std::int64_t>(std::lround(
-      static_cast<double>(params_.h2o.recent_ratio) * static_cast<double>(params_.budget)));
+  const std::int64_t recent = h2o ? h2o_recent(*h2o, params_.budget) : 0;
   parallel_for(heads_, [&](std::int64_t h) {
     std::int32_t* kept = positions_.data() + h * capacity_;
-    if (h2o) {
+    if (h2o)
       h2o_keep(scores + h * keys.tokens, keys.tokens, size_, recent, kept);
-    } else {
-      streaming_keep(keys.tokens, size_, params_.streaming_llm.sinks, kept);
-    }
+    else
+      streaming_keep(keys.tokens, size_, std::get<StreamingLLMParams>(params_.policy).sinks, kept);
     for (std::int64_t s = 0; s < size_; ++s) {
       write_slot(h, s, keys.row(h, kept[s]), values.row(h, kept[s]));
       if (h2o) scores_[h * capacity_ + s] = scores[h * keys.tokens + kept[s]];
@@ -115,14 +136,13 @@ void EvictionCache::prefill(const KVView& keys, const KVView& values, const Evid
 std::int64_t EvictionCache::victim(std::int64_t head) const {
   const std::int32_t* pos = positions_.data() + head * capacity_;
   std::int64_t best = -1;
-  if (params_.policy == Method::StreamingLLM) {
-    const std::int64_t sinks = std::min(params_.streaming_llm.sinks, params_.budget);
+  if (const auto* streaming = std::get_if<StreamingLLMParams>(&params_.policy)) {
+    const std::int64_t sinks = std::min(streaming->sinks, params_.budget);
     for (std::int64_t s = 0; s < size_; ++s)
       if (pos[s] >= sinks && (best < 0 || pos[s] < pos[best])) best = s;
     return best;
   }
-  const auto recent = static_cast<std::int64_t>(std::lround(
-      static_cast<double>(params_.h2o.recent_ratio) * static_cast<double>(params_.budget)));
+  const std::int64_t recent = h2o_recent(std::get<H2OParams>(params_.policy), params_.budget);
   const float* score = scores_.data() + head * capacity_;
   for (std::int64_t s = 0; s < size_; ++s) {
     if (pos[s] >= seen_ - recent) continue;  // inside the recent window
@@ -150,7 +170,7 @@ void EvictionCache::step(const float* q, std::int64_t heads_q, const KVView& new
   attention.scale = params_.scale;
   decode_attention(q, heads_q, keys(), values(), nullptr, nullptr, attention,
                    AttentionOutput{out, nullptr, weights_.data()});
-  if (params_.policy == Method::H2O) {
+  if (std::holds_alternative<H2OParams>(params_.policy)) {
     const std::int64_t group = heads_q / heads_;
     for (std::int64_t g = 0; g < heads_q; ++g) {
       float* score = scores_.data() + (g / group) * capacity_;

@@ -258,4 +258,14 @@ void cam_head(const KVView& keys, const KVView& values, std::int64_t head, const
   }
 }
 
+void compress_head(const KVMergerParams& params, const HeadInput& in, const HeadSlots& out) {
+  const float threshold =
+      kvmerger_head(in.keys, in.values, in.head, in.scores, in.slots, params, out);
+  if (out.threshold) *out.threshold = threshold;
+}
+
+void compress_head(const CaMParams& params, const HeadInput& in, const HeadSlots& out) {
+  cam_head(in.keys, in.values, in.head, in.scores, in.slots, params, out);
+}
+
 }  // namespace kvpack

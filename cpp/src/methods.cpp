@@ -1,42 +1,52 @@
 #include "kvpack/methods.h"
 
-#include "kvpack/common.h"
+#include <numeric>
 
 namespace kvpack {
 
-const std::vector<MethodInfo>& methods() {
-  static const std::vector<MethodInfo> table = {
-      {Method::Full, "full", MethodKind::Compress, false},
-      {Method::StreamingLLM, "streaming_llm", MethodKind::Compress, false},
-      {Method::H2O, "h2o", MethodKind::Compress, true},
-      {Method::SnapKV, "snapkv", MethodKind::Compress, true},
-      {Method::CaM, "cam", MethodKind::Compress, true},
-      {Method::KVMerger, "kvmerger", MethodKind::Compress, true},
-      {Method::ClusterKV, "clusterkv", MethodKind::Recall, false},
-      {Method::Quest, "quest", MethodKind::Recall, false},
-      {Method::KIVI, "kivi", MethodKind::Quantize, false},
-  };
-  return table;
-}
-
-const MethodInfo& method_info(Method method) {
-  for (const MethodInfo& info : methods())
-    if (info.method == method) return info;
-  KVPACK_CHECK(false, "method: unknown method id " << static_cast<int>(method));
-}
-
-const MethodInfo* find_method(const std::string& name) {
-  for (const MethodInfo& info : methods())
-    if (name == info.name) return &info;
-  return nullptr;
-}
-
-std::string method_names(const MethodKind* kind) {
-  std::string names;
-  for (const MethodInfo& info : methods()) {
-    if (kind && info.kind != *kind) continue;
-    names += (names.empty() ? "'" : ", '") + std::string(info.name) + "'";
+const char* kind_name(MethodKind kind) {
+  switch (kind) {
+    case MethodKind::Compress:
+      return "compress";
+    case MethodKind::Recall:
+      return "recall";
+    case MethodKind::Quantize:
+      return "quantize";
   }
+  return "unknown";
+}
+
+void compress_head(const FullParams&, const HeadInput& in, const HeadSlots& out) {
+  std::iota(out.positions, out.positions + in.slots, 0);
+  keep_rows(in, out);
+}
+
+const char* method_name(const MethodParams& method) {
+  return std::visit([](const auto& p) { return p.name; }, method);
+}
+
+MethodKind method_kind(const MethodParams& method) {
+  return std::visit([](const auto& p) { return p.kind; }, method);
+}
+
+bool needs_evidence(const MethodParams& method) {
+  return std::visit([](const auto& p) { return p.ranks_by_attention; }, method);
+}
+
+std::optional<MethodParams> find_method(const std::string& name) {
+  std::optional<MethodParams> found;
+  for_each_method([&](const auto& defaults) {
+    if (name == defaults.name) found = defaults;
+  });
+  return found;
+}
+
+std::string method_names(std::optional<MethodKind> kind) {
+  std::string names;
+  for_each_method([&](const auto& p) {
+    if (kind && p.kind != *kind) return;
+    names += (names.empty() ? "'" : ", '") + std::string(p.name) + "'";
+  });
   return names;
 }
 

@@ -53,12 +53,12 @@ TieredStore::TieredStore(const StoreParams& params) : params_(params) {
       codecs_ = {Codec{}};
       break;
     case StorePolicy::Kivi2LRU:
-      codecs_ = {Codec{CodecKind::Quant, 2, 1.0f}};
+      codecs_ = {Codec::kivi(2)};
       break;
     case StorePolicy::StreamingLRU:
       KVPACK_CHECK(params.streaming_rate > 0.0f && params.streaming_rate <= 1.0f,
                    "streaming_rate: expected a share in (0, 1], got " << params.streaming_rate);
-      codecs_ = {Codec{CodecKind::StreamingLLM, 0, params.streaming_rate}};
+      codecs_ = {Codec::dropping(StreamingLLMParams{}, params.streaming_rate)};
       break;
   }
   tiers_.push_back(make_dram_tier(params.dram_bytes));
@@ -92,7 +92,7 @@ TieredStore::TieredStore(const StoreParams& params) : params_(params) {
     for (const StoredBlob& stored : tiers_[t]->list()) {
       Entry entry;
       const double quality =
-          stored.codec.kind == CodecKind::None ? 1.0 : std::numeric_limits<double>::quiet_NaN();
+          stored.codec.lossless() ? 1.0 : std::numeric_limits<double>::quiet_NaN();
       entry.candidates.push_back(Candidate{stored.codec, stored.bytes, quality, 0.0});
       entry.tier = static_cast<int>(t);
       entries_[stored.key] = std::move(entry);
@@ -189,7 +189,7 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
     try {
       blob = encode(key, layers, codecs_[c], entry.probes, params_.secret);
     } catch (const std::invalid_argument&) {
-      if (codecs_[c].kind == CodecKind::None) throw;
+      if (codecs_[c].lossless()) throw;
       continue;
     }
     // Decode time as a get from SSD pays it (no copy for 'none'); the copy out of DRAM is
@@ -203,7 +203,7 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
           params_.decode_bandwidths[params_.decode_bandwidths.size() == 1 ? 0 : c];
     if (!qualities.empty()) {
       candidate.quality = qualities[c];
-    } else if (codecs_[c].kind != CodecKind::None) {
+    } else if (!codecs_[c].lossless()) {
       double error = 0.0;
       for (std::size_t l = 0; l < layers.size(); ++l) {
         const LayerView out = layer_view(decoded, l);

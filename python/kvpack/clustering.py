@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -100,13 +100,13 @@ class ClusterIndex:
     keys : ndarray, shape (heads_kv, tokens, head_dim)
         float32, float16 or bfloat16, C-contiguous (post-RoPE, as models cache them).
     n_clusters : int, optional
-        Clusters per head at prefill; default ``(tokens - sink) // 80`` (400 at 32k).
-    sink : int
-        Leading tokens kept out of clustering and always attended [16].
-    iters, seed, init
-        k-means rounds [20], seed [0] and initialisation ["kmeans++"].
-    append_interval, append_clusters : int
-        Decoded tokens clustered together [320] into this many clusters [8].
+        Clusters per head at prefill; default ``(tokens - sink) // tokens_per_cluster``
+        (400 at 32k).
+    **params
+        ``sink`` (leading tokens kept out of clustering and always attended), ``iters``,
+        ``seed``, ``init`` (k-means), ``append_interval`` and ``append_clusters`` (decoded
+        tokens clustered together, into this many clusters), ``tokens_per_cluster``: as
+        :class:`kvpack.methods.ClusterKV`, whose defaults they take.
 
     Attributes
     ----------
@@ -124,22 +124,8 @@ class ClusterIndex:
     before an ``append`` that adds clusters keeps showing the earlier snapshot.
     """
 
-    def __init__(
-        self,
-        keys: np.ndarray,
-        n_clusters: int | None = None,
-        *,
-        sink: int = 16,
-        iters: int = 20,
-        seed: int = 0,
-        init: Literal["kmeans++", "random"] = "kmeans++",
-        append_interval: int = 320,
-        append_clusters: int = 8,
-        fast_tier: bool = False,
-    ) -> None:
-        self._index = _core.ClusterIndex(
-            keys, n_clusters or 0, sink, iters, seed, init, append_interval, append_clusters
-        )
+    def __init__(self, keys: np.ndarray, n_clusters: int | None = None, **params: Any) -> None:
+        self._index = _core.ClusterIndex(keys, n_clusters or 0, **params)
 
     def append(self, new_keys: np.ndarray) -> None:
         """Adds decoded tokens' keys, shape (heads_kv, head_dim) or (heads_kv, n, head_dim)."""

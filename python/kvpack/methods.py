@@ -22,34 +22,15 @@ from typing import Any
 
 from ._core import methods as _core_methods
 
-__all__ = [
-    "H2O",
-    "KIVI",
-    "REGISTRY",
-    "CaM",
-    "ClusterKV",
-    "Full",
-    "KVMerger",
-    "Method",
-    "Quest",
-    "SnapKV",
-    "StreamingLLM",
-    "names",
-    "resolve",
-]
-
-Full = _core_methods.Full
-StreamingLLM = _core_methods.StreamingLLM
-H2O = _core_methods.H2O
-SnapKV = _core_methods.SnapKV
-CaM = _core_methods.CaM
-KVMerger = _core_methods.KVMerger
-ClusterKV = _core_methods.ClusterKV
-Quest = _core_methods.Quest
-KIVI = _core_methods.KIVI
-
-#: Method name -> class, in the order methods are listed to users.
+#: Method name -> class, in the order methods are listed to users (the core's registry).
 REGISTRY: dict[str, type] = dict(_core_methods.registry)
+
+# One class per method, under its own name: kvpack.methods.SnapKV, ...
+globals().update({cls.__name__: cls for cls in REGISTRY.values()})
+
+__all__ = sorted(
+    ["REGISTRY", "Method", "names", "resolve", *(c.__name__ for c in REGISTRY.values())]
+)
 
 #: Any method object.
 Method = Any

@@ -35,9 +35,9 @@ __all__ = [
     "encode",
 ]
 
-#: Codec names: ``none``, ``kivi-8|4|2`` and ``<method>-R`` for the token-dropping
-#: (``streaming_llm``, ``snapkv``, ``h2o``) and merging (``kvmerger``) methods keeping a
-#: share R in (0, 1] of the tokens. The adaptive policy's default candidates:
+#: Codec names: ``none``, ``kivi-8|4|2`` and ``<method>-R`` for every compression method
+#: of :mod:`kvpack.methods` (token dropping or merging) keeping a share R in (0, 1] of the
+#: tokens. The adaptive policy's default candidates:
 CODECS = (
     "none",
     "kivi-8",

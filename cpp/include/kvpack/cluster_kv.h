@@ -8,35 +8,61 @@
 
 #include <cstdint>
 #include <memory>
+#include <variant>
 #include <vector>
 
 #include "kvpack/attention.h"
 #include "kvpack/cluster_index.h"
 #include "kvpack/common.h"
-#include "kvpack/methods.h"
+#include "kvpack/method.h"
 #include "kvpack/quest.h"
 
 namespace kvpack {
 
-/// Parameters of ClusterKV.
-struct ClusterKVParams {
-  Method method = Method::ClusterKV;  ///< ClusterKV or Quest: how a step selects tokens
-  /// Tokens attended per step (per KV head or query head); ClusterKV attends its decoded
-  /// tokens not yet clustered (at most index.append_interval) on top of it.
-  std::int64_t budget = 1024;
-  std::int64_t window =
-      0;  ///< most recent tokens always attended (besides sinks and the unclustered window)
-  std::int64_t recall_steps = 1;  ///< R: tokens recalled in the last R steps stay in the fast tier
-  bool per_query_head = false;    ///< each query head selects its own tokens (GQA)
-  /// Copy recalled tokens into a fast tier kept for R steps. Worth it where the fast tier
-  /// is faster memory (a GPU's); on the host both tiers are host memory and the copies
-  /// only cost time, so the step attends in place instead.
-  bool fast_tier = false;
-  std::int64_t page_size = 16;  ///< Quest pages
-  /// ClusterKV clustering. With n_clusters 0 the prefill makes clustered tokens / 80
-  /// clusters, or more where their mean size would exceed budget / kClustersPerBudget.
+/// ClusterKV: keys clustered by cosine k-means; each decode step recalls whole clusters
+/// until the budget is filled.
+struct ClusterKVParams : RecallParams {
+  static constexpr const char* name = "clusterkv";
+  static constexpr const char* class_name = "ClusterKV";
+  static constexpr const char* summary =
+      "ClusterKV: keys clustered by cosine k-means; each decode step recalls whole clusters "
+      "until the budget is filled.";
+  static constexpr MethodKind kind = MethodKind::Recall;
+  static constexpr bool ranks_by_attention = false;
+  static constexpr int blob_code = -1;  // not a store codec
+
+  std::int64_t window = 0;  ///< most recent tokens always attended (besides the sinks)
+  /// With n_clusters 0 the prefill makes clustered tokens / tokens_per_cluster clusters,
+  /// or more where their mean size would exceed budget / kClustersPerBudget.
   ClusterIndexParams index;
+
+  template <class Self, class F>
+  static void each_param(Self& p, F&& f) {
+    f(ParamSpec{"n_clusters", ParamRule::OptionalCount,
+                "Prefill clusters per KV head (None: clustered tokens / tokens_per_cluster, "
+                "raised so the mean cluster holds at most budget / 12 tokens).",
+                0},
+      p.index.n_clusters);
+    f(ParamSpec{"tokens_per_cluster", ParamRule::Count,
+                "Mean cluster size the automatic n_clusters aims at.", 1},
+      p.index.tokens_per_cluster);
+    f(ParamSpec{"sink", ParamRule::Count, "First tokens never clustered, always attended.", 0},
+      p.index.sink);
+    f(ParamSpec{"window", ParamRule::Count, "Most recent tokens always attended.", 0}, p.window);
+    f(ParamSpec{"iters", ParamRule::Count, "k-means rounds.", 1}, p.index.iterations);
+    f(ParamSpec{"seed", ParamRule::Count, "k-means seed.", 0}, p.index.seed);
+    f(ParamSpec{"init", ParamRule::KMeansInit, "k-means initialisation: 'kmeans++' or 'random'."},
+      p.index.init);
+    f(ParamSpec{"append_interval", ParamRule::Count, "Decoded tokens clustered together (m).", 1},
+      p.index.append_interval);
+    f(ParamSpec{"append_clusters", ParamRule::Count, "Clusters made of them (C+).", 1},
+      p.index.append_clusters);
+    each_recall_param(p, f);
+  }
 };
+
+/// A recall method: how a ClusterKV engine selects its tokens.
+using RecallMethod = std::variant<ClusterKVParams, QuestParams>;
 
 /// The automatic cluster count keeps the mean cluster at most budget / this many tokens.
 inline constexpr std::int64_t kClustersPerBudget = 12;
@@ -52,7 +78,7 @@ struct RecallStats {
 
 class ClusterKV {
  public:
-  explicit ClusterKV(const ClusterKVParams& params);
+  explicit ClusterKV(const RecallMethod& method);
 
   /// Takes the prompt's keys and values [heads_kv, tokens, dim] (copied into the slow
   /// tier) and builds the index.
@@ -74,7 +100,8 @@ class ClusterKV {
   std::int64_t heads() const { return heads_; }
   std::int64_t dim() const { return dim_; }
   DType dtype() const { return dtype_; }
-  const ClusterKVParams& params() const { return params_; }
+  const RecallMethod& method() const { return method_; }
+  const RecallParams& params() const { return params_; }
   const ClusterIndex* cluster_index() const { return cluster_index_.get(); }
   const QuestIndex* quest_index() const { return quest_index_.get(); }
   /// The slow tier: every token's keys / values.
@@ -105,7 +132,8 @@ class ClusterKV {
   // The clustering of a `tokens`-long prompt (the automatic cluster count resolved).
   ClusterIndexParams index_params(std::int64_t tokens) const;
 
-  ClusterKVParams params_;
+  RecallMethod method_;
+  RecallParams params_;  // what both methods share, read from method_
   std::unique_ptr<ClusterIndex> cluster_index_;
   std::unique_ptr<QuestIndex> quest_index_;
   DType dtype_ = DType::Float32;

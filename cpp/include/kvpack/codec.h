@@ -17,34 +17,35 @@
 #include "kvpack/attention.h"
 #include "kvpack/checksum.h"
 #include "kvpack/common.h"
+#include "kvpack/methods.h"
 
 namespace kvpack {
 
-/// The methods a blob can be encoded with.
-enum class CodecKind : int {
-  None = 0,          ///< the cache as is
-  Quant = 1,         ///< KIVI quantization (quant.h) at `bits`
-  StreamingLLM = 2,  ///< sinks + latest tokens, `rate` of the tokens kept
-  SnapKV = 3,        ///< pooled observation-window attention, `rate` kept
-  H2O = 4,           ///< heavy hitters + latest tokens, `rate` kept
-  KVMerger = 5,      ///< adjacent similar keys merged down to `rate` of the tokens
-};
-
-/// One codec and its rate.
+/// One codec and its rate: a method of the registry (methods.h) that has a blob_code.
+/// FullParams stores the cache as is, QuantParams as KIVI codes at its bits, and every
+/// other compression method stores the slots it keeps of `rate` of the tokens.
 struct Codec {
-  CodecKind kind = CodecKind::None;
-  int bits = 0;       ///< Quant: 2, 4 or 8
+  MethodParams method = FullParams{};
   float rate = 1.0f;  ///< dropping / merging: share of the tokens kept, in (0, 1]
+
+  static Codec kivi(int bits);
+  static Codec dropping(const MethodParams& method, float rate);
+
+  bool lossless() const { return std::holds_alternative<FullParams>(method); }
+  bool quantizes() const { return std::holds_alternative<QuantParams>(method); }
+  bool drops_tokens() const { return !lossless() && method_kind(method) == MethodKind::Compress; }
+  int bits() const;  ///< KIVI's bits, else 0
+  int code() const;  ///< the method's blob_code, written into the blob's header
 
   /// "none", "kivi-2", "h2o-0.5", ...: the name parse_codec reads back.
   std::string name() const;
   bool operator==(const Codec& other) const {
-    return kind == other.kind && bits == other.bits && rate == other.rate;
+    return code() == other.code() && bits() == other.bits() && rate == other.rate;
   }
 };
 
-/// The codec named by `name` ("none", "kivi-8|4|2", "streaming_llm-R", "snapkv-R",
-/// "h2o-R", "kvmerger-R" with R in (0, 1]); std::invalid_argument otherwise.
+/// The codec named by `name` ("none", "kivi-8|4|2", or "<method>-R" with R in (0, 1] for
+/// each compression method that has a blob_code); std::invalid_argument otherwise.
 Codec parse_codec(const std::string& name);
 
 /// Version written into every blob (2: XXH3 checksums); decode reads it and version 1

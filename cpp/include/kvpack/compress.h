@@ -8,24 +8,14 @@
 
 #include "kvpack/attention.h"
 #include "kvpack/common.h"
-#include "kvpack/evict.h"
-#include "kvpack/merge.h"
+#include "kvpack/methods.h"
 
 namespace kvpack {
 
-/// True for the methods that rank tokens by accumulated attention (evidence).
-bool needs_evidence(Method method);
-
-/// Parameters of compress: the method (a MethodKind::Compress one), the budget, and
-/// each method's own parameters (only the chosen method's are read).
+/// Parameters of compress: a MethodKind::Compress method with its parameters, and the budget.
 struct CompressParams {
-  Method method = Method::Full;
+  MethodParams method = FullParams{};
   std::int64_t budget = 0;  ///< slots per head, 1 <= budget <= tokens (Full keeps all)
-  StreamingLLMParams streaming_llm;
-  H2OParams h2o;
-  SnapKVParams snapkv;
-  CaMParams cam;
-  KVMergerParams kvmerger;
 };
 
 /// Where compress writes, [heads, slots(), ...] each, C-contiguous.

@@ -4,29 +4,84 @@
 #pragma once
 
 #include <cstdint>
+#include <variant>
 #include <vector>
 
 #include "kvpack/attention.h"
 #include "kvpack/common.h"
-#include "kvpack/methods.h"
+#include "kvpack/method.h"
 
 namespace kvpack {
 
-/// Parameters of StreamingLLM.
+/// StreamingLLM: the attention sinks and the latest tokens.
 struct StreamingLLMParams {
-  std::int64_t sinks = 4;  ///< first tokens always kept (attention sinks)
+  static constexpr const char* name = "streaming_llm";
+  static constexpr const char* class_name = "StreamingLLM";
+  static constexpr const char* summary = "StreamingLLM: the attention sinks and the latest tokens.";
+  static constexpr MethodKind kind = MethodKind::Compress;
+  static constexpr bool ranks_by_attention = false;
+  static constexpr int blob_code = 2;
+
+  std::int64_t sinks = 4;
+
+  template <class Self, class F>
+  static void each_param(Self& p, F&& f) {
+    f(ParamSpec{"sinks", ParamRule::Count, "First tokens always kept (attention sinks).", 0},
+      p.sinks);
+  }
 };
 
-/// Parameters of H2O.
+/// H2O: the heavy hitters by accumulated attention and the latest tokens.
 struct H2OParams {
-  float recent_ratio = 0.5f;  ///< share of the budget held by the latest tokens
+  static constexpr const char* name = "h2o";
+  static constexpr const char* class_name = "H2O";
+  static constexpr const char* summary =
+      "H2O: the heavy hitters by accumulated attention and the latest tokens.";
+  static constexpr MethodKind kind = MethodKind::Compress;
+  static constexpr bool ranks_by_attention = true;
+  static constexpr int blob_code = 4;
+
+  float recent_ratio = 0.5f;
+
+  template <class Self, class F>
+  static void each_param(Self& p, F&& f) {
+    f(ParamSpec{"recent_ratio", ParamRule::Share, "Share of the budget held by the latest tokens."},
+      p.recent_ratio);
+  }
 };
 
-/// Parameters of SnapKV.
+/// SnapKV: the tokens the observation window attends most (max-pooled), and the window.
 struct SnapKVParams {
-  std::int64_t window = 32;  ///< observation window: the last queries, and tokens always kept
-  std::int64_t kernel = 5;   ///< max-pooling width over neighbouring tokens, odd
+  static constexpr const char* name = "snapkv";
+  static constexpr const char* class_name = "SnapKV";
+  static constexpr const char* summary =
+      "SnapKV: the tokens the observation window attends most (max-pooled), and the window.";
+  static constexpr MethodKind kind = MethodKind::Compress;
+  static constexpr bool ranks_by_attention = true;
+  static constexpr int blob_code = 3;
+
+  std::int64_t window = 32;
+  std::int64_t kernel = 5;
+
+  template <class Self, class F>
+  static void each_param(Self& p, F&& f) {
+    f(ParamSpec{"window", ParamRule::Count,
+                "Observation window: the prompt's last queries, and tokens always kept.", 1},
+      p.window);
+    f(ParamSpec{"kernel", ParamRule::OddCount, "Max-pooling width over neighbouring tokens (odd).",
+                1},
+      p.kernel);
+  }
 };
+
+inline std::int64_t observation_window(const SnapKVParams& p) {
+  return p.window;
+}
+
+/// Each method's compression of one head (see compress.h).
+void compress_head(const StreamingLLMParams& params, const HeadInput& in, const HeadSlots& out);
+void compress_head(const H2OParams& params, const HeadInput& in, const HeadSlots& out);
+void compress_head(const SnapKVParams& params, const HeadInput& in, const HeadSlots& out);
 
 /// StreamingLLM: the first min(sinks, budget) tokens and the latest ones.
 /// @param out  size budget (<= tokens): kept positions, ascending
@@ -51,11 +106,9 @@ void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget, 
 struct EvictionCacheParams {
   /// Which token a full cache drops at each step: StreamingLLM the oldest after the
   /// sinks, H2O the lowest accumulated attention outside the recent window.
-  Method policy = Method::H2O;
+  std::variant<StreamingLLMParams, H2OParams> policy = H2OParams{};
   std::int64_t budget = 1024;  ///< slots per KV head kept between steps
-  StreamingLLMParams streaming_llm;
-  H2OParams h2o;
-  float scale = 0.0f;  ///< attention score scale; 0 means 1/sqrt(head_dim)
+  float scale = 0.0f;          ///< attention score scale; 0 means 1/sqrt(head_dim)
 };
 
 /// A bounded decode-time cache for one layer: at most `budget` tokens per KV head

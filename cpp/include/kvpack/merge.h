@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "kvpack/common.h"
+#include "kvpack/method.h"
 
 namespace kvpack {
 
@@ -16,26 +17,40 @@ namespace kvpack {
 /// @param out  size heads * (tokens - 1)
 void adjacent_similarity(const KVView& keys, float* out);
 
-/// Parameters of KVMerger. Protected tokens are never merged.
+/// KVMerger: runs of adjacent similar keys merged with Gaussian weights. Protected
+/// tokens are never merged.
 struct KVMergerParams {
-  float protect_recent = -1.0f;  ///< share of tokens in the protected recent window; < 0: default
-  float protect_heavy = -1.0f;   ///< share of tokens protected as heavy hitters; < 0: default
-  float sigma = 5.0f;            ///< Gaussian kernel width; <= 0: per set, the RMS member-pivot
-                                 ///< distance (data-driven)
+  static constexpr const char* name = "kvmerger";
+  static constexpr const char* class_name = "KVMerger";
+  static constexpr const char* summary =
+      "KVMerger: runs of adjacent similar keys merged with Gaussian weights.";
+  static constexpr MethodKind kind = MethodKind::Compress;
+  static constexpr bool ranks_by_attention = true;
+  static constexpr int blob_code = 5;
+
+  float protect_recent = -1.0f;
+  float protect_heavy = -1.0f;
+  float sigma = 5.0f;
+
+  template <class Self, class F>
+  static void each_param(Self& p, F&& f) {
+    f(ParamSpec{"protect_recent", ParamRule::OptionalShare,
+                "Share of the tokens in the never-merged recent window (None: the paper's "
+                "schedule, 17% at a 50% budget to 8% at 35%)."},
+      p.protect_recent);
+    f(ParamSpec{"protect_heavy", ParamRule::OptionalShare,
+                "Share of the tokens protected as heavy hitters (None: 12% at 50% to 2% at 35%)."},
+      p.protect_heavy);
+    f(ParamSpec{"sigma", ParamRule::Width,
+                "Gaussian kernel width, or 'auto': per run, the RMS member-pivot distance."},
+      p.sigma);
+  }
 };
 
 /// The paper's protected shares for a budget of `fraction` of the tokens: 17% recent +
 /// 12% heavy at 50% and above, 8% + 2% at 35%, linear between, and scaled down with
 /// the budget below 35% so protection never crowds out merging.
 void kvmerger_default_protection(double fraction, float* recent, float* heavy);
-
-/// Where one head's compressed slots go: `budget` rows each.
-struct HeadSlots {
-  void* keys = nullptr;               ///< budget * dim elements in the input dtype
-  void* values = nullptr;             ///< budget * dim elements in the input dtype
-  std::int32_t* counts = nullptr;     ///< budget: original tokens each slot stands for
-  std::int32_t* positions = nullptr;  ///< budget: the position each slot keeps, ascending
-};
 
 /// KVMerger on head `head`: protects the recent window and the heavy hitters, merges
 /// the tokens - budget most similar adjacent unprotected pairs (the similarity threshold
@@ -48,10 +63,26 @@ float kvmerger_head(const KVView& keys, const KVView& values, std::int64_t head,
                     const float* scores, std::int64_t budget, const KVMergerParams& params,
                     const HeadSlots& out);
 
-/// Parameters of CaM.
+/// CaM: StreamingLLM's choice, each evicted value merged into the kept ones.
 struct CaMParams {
-  std::int64_t sinks = 4;          ///< first tokens always kept
-  std::int64_t merge_window = 32;  ///< an evicted value is spread over this many successors
+  static constexpr const char* name = "cam";
+  static constexpr const char* class_name = "CaM";
+  static constexpr const char* summary =
+      "CaM: StreamingLLM's choice, each evicted value merged into the kept ones with the "
+      "probability its attention gives.";
+  static constexpr MethodKind kind = MethodKind::Compress;
+  static constexpr bool ranks_by_attention = true;
+  static constexpr int blob_code = 6;
+
+  std::int64_t sinks = 4;
+  std::int64_t merge_window = 32;
+
+  template <class Self, class F>
+  static void each_param(Self& p, F&& f) {
+    f(ParamSpec{"sinks", ParamRule::Count, "First tokens always kept.", 0}, p.sinks);
+    f(ParamSpec{"merge_window", ParamRule::Count, "Successors an evicted value is spread over.", 1},
+      p.merge_window);
+  }
 };
 
 /// CaM on head `head`: keeps the sinks and the latest budget - sinks tokens. Walking
@@ -65,5 +96,9 @@ struct CaMParams {
 /// evicted tokens are dropped; counts are 1.
 void cam_head(const KVView& keys, const KVView& values, std::int64_t head, const float* scores,
               std::int64_t budget, const CaMParams& params, const HeadSlots& out);
+
+/// Each method's compression of one head (see compress.h).
+void compress_head(const KVMergerParams& params, const HeadInput& in, const HeadSlots& out);
+void compress_head(const CaMParams& params, const HeadInput& in, const HeadSlots& out);
 
 }  // namespace kvpack

@@ -1,50 +1,67 @@
-// The registry of KV-cache methods: every method kvpack implements, its name and its
-// kind. Each method reads one parameter struct, declared beside the code that uses it
-// (evict.h, merge.h, cluster_kv.h, quant.h) with its defaults; this file is the one
-// place a method's name is written.
+// The registry of KV-cache methods: the one list of every method kvpack implements.
+// A method is its parameter struct (method.h says what one holds), declared beside the
+// code that runs it; adding a method is adding its struct to MethodParams below. The
+// names, kinds, the Python classes (bindings/methods.cpp) and the store's codecs are
+// all read from this list.
 #pragma once
 
+#include <cstddef>
+#include <optional>
 #include <string>
-#include <vector>
+#include <utility>
+#include <variant>
+
+#include "kvpack/cluster_kv.h"
+#include "kvpack/evict.h"
+#include "kvpack/merge.h"
+#include "kvpack/method.h"
+#include "kvpack/quant.h"
+#include "kvpack/quest.h"
 
 namespace kvpack {
 
-/// A KV-cache method.
-enum class Method : int {
-  Full = 0,          ///< every token, unchanged (the reference)
-  StreamingLLM = 1,  ///< attention sinks + the latest tokens
-  H2O = 2,           ///< heavy hitters by accumulated attention + the latest tokens
-  SnapKV = 3,        ///< pooled observation-window attention + the window
-  CaM = 4,           ///< StreamingLLM's choice, evicted values merged into kept ones
-  KVMerger = 5,      ///< adjacent similar keys merged with Gaussian weights
-  ClusterKV = 6,     ///< semantic clusters of keys recalled per decode step
-  Quest = 7,         ///< pages of keys recalled per decode step by their key bounds
-  KIVI = 8,          ///< 2/4/8-bit codes, the latest tokens in full precision
+/// No compression: every token kept (the reference).
+struct FullParams {
+  static constexpr const char* name = "full";
+  static constexpr const char* class_name = "Full";
+  static constexpr const char* summary = "No compression: every token kept (the reference).";
+  static constexpr MethodKind kind = MethodKind::Compress;
+  static constexpr bool ranks_by_attention = false;
+  static constexpr int blob_code = 0;
+
+  template <class Self, class F>
+  static void each_param(Self&, F&&) {}
 };
 
-/// How a method meets its budget.
-enum class MethodKind : int {
-  Compress = 0,  ///< at prefill: `budget` slots per KV head kept, merged or dropped
-  Recall = 1,    ///< at each decode step: `budget` tokens recalled from the whole cache
-  Quantize = 2,  ///< everything kept as low-bit codes, the latest `budget` tokens exact
-};
-
-struct MethodInfo {
-  Method method;
-  const char* name;  ///< the method's name in every API ("snapkv", "clusterkv", ...)
-  MethodKind kind;
-  bool ranks_by_attention;  ///< needs the prompt's accumulated attention (evidence)
-};
+void compress_head(const FullParams& params, const HeadInput& in, const HeadSlots& out);
 
 /// Every method, in the order they are listed to users.
-const std::vector<MethodInfo>& methods();
+using MethodParams =
+    std::variant<FullParams, StreamingLLMParams, H2OParams, SnapKVParams, CaMParams, KVMergerParams,
+                 ClusterKVParams, QuestParams, QuantParams>;
 
-const MethodInfo& method_info(Method method);
+namespace detail {
+template <class F, std::size_t... I>
+void for_each_method(F& f, std::index_sequence<I...>) {
+  (f(std::variant_alternative_t<I, MethodParams>{}), ...);
+}
+}  // namespace detail
 
-/// The method called `name`, or nullptr.
-const MethodInfo* find_method(const std::string& name);
+/// Calls f(Params{}) for each method's parameter struct, in registry order.
+template <class F>
+void for_each_method(F&& f) {
+  detail::for_each_method(f, std::make_index_sequence<std::variant_size_v<MethodParams>>{});
+}
+
+/// The method's name ("snapkv", ...), kind and whether it ranks tokens by attention.
+const char* method_name(const MethodParams& method);
+MethodKind method_kind(const MethodParams& method);
+bool needs_evidence(const MethodParams& method);
+
+/// The defaults of the method called `name`, or nothing.
+std::optional<MethodParams> find_method(const std::string& name);
 
 /// "'a', 'b', ..." of the methods of one kind (or all), for error messages.
-std::string method_names(const MethodKind* kind = nullptr);
+std::string method_names(std::optional<MethodKind> kind = std::nullopt);
 
 }  // namespace kvpack

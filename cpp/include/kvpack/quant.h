@@ -9,14 +9,31 @@
 
 #include "kvpack/attention.h"
 #include "kvpack/common.h"
+#include "kvpack/method.h"
 
 namespace kvpack {
 
-/// Parameters of QuantizedKV.
+/// Parameters of QuantizedKV, and the KIVI method (whose budget is the residual).
 struct QuantParams {
-  int bits = 2;                 ///< 2, 4 or 8
-  std::int64_t group = 32;      ///< keys: tokens per group; values: channels per group
-  std::int64_t residual = 128;  ///< latest tokens kept in full precision (at least)
+  static constexpr const char* name = "kivi";
+  static constexpr const char* class_name = "KIVI";
+  static constexpr const char* summary =
+      "KIVI: keys quantized per channel and values per token to 2, 4 or 8 bits; the latest "
+      "budget tokens kept in full precision.";
+  static constexpr MethodKind kind = MethodKind::Quantize;
+  static constexpr bool ranks_by_attention = false;
+  static constexpr int blob_code = 1;
+
+  int bits = 2;
+  std::int64_t group = 32;
+  std::int64_t residual = 128;  ///< latest tokens kept in full precision (at least): the budget
+
+  template <class Self, class F>
+  static void each_param(Self& p, F&& f) {
+    f(ParamSpec{"bits", ParamRule::Bits, "Bits per code: 2, 4 or 8."}, p.bits);
+    f(ParamSpec{"group", ParamRule::Count, "Tokens per key group and channels per value group.", 1},
+      p.group);
+  }
 };
 
 /// One layer's cache [heads, tokens, dim] in KIVI form. The first quantized() tokens of

@@ -7,13 +7,33 @@
 #include <vector>
 
 #include "kvpack/common.h"
+#include "kvpack/method.h"
 
 namespace kvpack {
+
+/// Quest: pages of keys recalled per decode step by their per-channel bounds.
+struct QuestParams : RecallParams {
+  static constexpr const char* name = "quest";
+  static constexpr const char* class_name = "Quest";
+  static constexpr const char* summary =
+      "Quest: pages of keys recalled per decode step by their per-channel bounds.";
+  static constexpr MethodKind kind = MethodKind::Recall;
+  static constexpr bool ranks_by_attention = false;
+  static constexpr int blob_code = -1;  // not a store codec
+
+  std::int64_t page_size = 16;
+
+  template <class Self, class F>
+  static void each_param(Self& p, F&& f) {
+    f(ParamSpec{"page_size", ParamRule::Count, "Tokens per page.", 1}, p.page_size);
+    each_recall_param(p, f);
+  }
+};
 
 class QuestIndex {
  public:
   /// Summarises keys [heads, tokens, dim] in pages of page_size tokens.
-  QuestIndex(const KVView& keys, std::int64_t page_size = 16);
+  QuestIndex(const KVView& keys, std::int64_t page_size = QuestParams{}.page_size);
 
   /// Adds new tokens' keys [heads, n, dim] (the last page fills up first).
   void append(const KVView& new_keys);

@@ -1,0 +1,100 @@
+// What a KV-cache method is made of. A method is one parameter struct: its name, its
+// kind, the doc line users see, and its parameters (each field with its default, and a
+// ParamSpec saying what values it takes). methods.h lists the structs; the enum-free
+// registry, the Python classes, the store's codecs and the stubs are all derived from
+// that list. A compression method also provides compress_head() for one KV head.
+#pragma once
+
+#include <cstdint>
+
+#include "kvpack/common.h"
+
+namespace kvpack {
+
+/// How a method meets its budget.
+enum class MethodKind : int {
+  Compress = 0,  ///< at prefill: `budget` slots per KV head kept, merged or dropped
+  Recall = 1,    ///< at each decode step: `budget` tokens recalled from the whole cache
+  Quantize = 2,  ///< everything kept as low-bit codes, the latest `budget` tokens exact
+};
+
+/// "compress", "recall" or "quantize".
+const char* kind_name(MethodKind kind);
+
+/// What values a parameter takes, and how its Python value maps to the field.
+enum class ParamRule : int {
+  Count,          ///< an int >= lowest
+  OddCount,       ///< an odd int >= lowest
+  OptionalCount,  ///< an int >= lowest, or None (0 in the field: chosen automatically)
+  Share,          ///< a number in [0, 1]
+  OptionalShare,  ///< a share, or None (< 0 in the field: the method's own schedule)
+  Width,          ///< a positive number, or 'auto' (0 in the field: chosen from the data)
+  Flag,           ///< a bool
+  Bits,           ///< 2, 4 or 8
+  KMeansInit,     ///< 'kmeans++' or 'random'
+};
+
+/// One parameter of a method: its name in every API, its rule and its doc line.
+struct ParamSpec {
+  const char* name;
+  ParamRule rule;
+  const char* doc;
+  std::int64_t lowest = 0;  ///< Count, OddCount, OptionalCount: the smallest value
+};
+
+/// Where compress_head writes one KV head's compressed slots: `slots` rows each.
+struct HeadSlots {
+  void* keys = nullptr;               ///< slots * dim elements in the input dtype
+  void* values = nullptr;             ///< slots * dim elements in the input dtype
+  std::int32_t* counts = nullptr;     ///< slots: original tokens each slot stands for
+  std::int32_t* positions = nullptr;  ///< slots: the position each slot keeps, ascending
+  float* threshold = nullptr;         ///< may be null: a merging method's lowest similarity merged
+};
+
+/// One KV head of a compress call: what a compression method reads.
+struct HeadInput {
+  KVView keys;    ///< the layer's keys [heads, tokens, dim]
+  KVView values;  ///< the layer's values, shaped like keys
+  std::int64_t head = 0;
+  /// tokens: attention each token received (methods that rank by attention), else null
+  const float* scores = nullptr;
+  std::int64_t slots = 0;  ///< slots to fill, 1 <= slots <= tokens
+};
+
+/// The rows of in.head at out.positions (filled by the caller) copied to out, counts 1:
+/// the last step of every method that keeps tokens rather than merging them.
+void keep_rows(const HeadInput& in, const HeadSlots& out);
+
+/// What the recall methods (ClusterKV, Quest) share: how a step attends what they select.
+struct RecallParams {
+  /// Tokens attended per step (per KV head or query head); ClusterKV attends its decoded
+  /// tokens not yet clustered (at most index.append_interval) on top of it.
+  std::int64_t budget = 1024;
+  std::int64_t recall_steps = 1;
+  bool per_query_head = false;
+  /// Worth it where the fast tier is faster memory (a GPU's); on the host both tiers are
+  /// host memory and the copies only cost time, so the step attends in place instead.
+  bool fast_tier = false;
+
+  template <class Self, class F>
+  static void each_recall_param(Self& p, F&& f) {
+    f(ParamSpec{"recall_steps", ParamRule::Count,
+                "R: tokens recalled in the last R steps stay in the fast tier.", 1},
+      p.recall_steps);
+    f(ParamSpec{"per_query_head", ParamRule::Flag,
+                "Each query head selects its own tokens (GQA) instead of one set per KV head."},
+      p.per_query_head);
+    f(ParamSpec{"fast_tier", ParamRule::Flag,
+                "Copy recalled tokens into a fast tier kept for R steps (False: attend in "
+                "place)."},
+      p.fast_tier);
+  }
+};
+
+/// Prompt queries a compression method observes (0: all it is given); SnapKV overloads it.
+template <class Params>
+std::int64_t observation_window(const Params&) {
+  return 0;
+}
+
+}  // namespace kvpack
