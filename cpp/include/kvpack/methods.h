@@ -35,10 +35,19 @@ struct FullParams {
 
 void compress_head(const FullParams& params, const HeadInput& in, const HeadSlots& out);
 
-/// Every method, in the order they are listed to users.
-using MethodParams =
-    std::variant<FullParams, StreamingLLMParams, H2OParams, SnapKVParams, CaMParams, KVMergerParams,
-                 ClusterKVParams, QuestParams, QuantParams>;
+/// Every method, in the order they are listed to users: one line a method.
+// clang-format off
+using MethodParams = std::variant<
+    FullParams,
+    StreamingLLMParams,
+    H2OParams,
+    SnapKVParams,
+    CaMParams,
+    KVMergerParams,
+    ClusterKVParams,
+    QuestParams,
+    QuantParams>;
+// clang-format on
 
 namespace detail {
 template <class F, std::size_t... I>
