@@ -19,12 +19,12 @@ import pytest
 def press(module: str, name: str):
     """The press class ``name`` of ``kvpress.presses.<module>``."""
     pytest.importorskip("torch")
-    spec = importlib.util.find_spec("kvpress")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("kvpress is not installed (scripts/setup.sh installs it)")
-    root = spec.submodule_search_locations[0]
-    for package, path in (("kvpress", root), ("kvpress.presses", f"{root}/presses")):
-        if package not in sys.modules:
+    if "kvpress.presses" not in sys.modules:
+        spec = importlib.util.find_spec("kvpress")
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip("kvpress is not installed (scripts/setup.sh installs it)")
+        root = spec.submodule_search_locations[0]
+        for package, path in (("kvpress", root), ("kvpress.presses", f"{root}/presses")):
             stub = types.ModuleType(package)
             stub.__path__ = [path]
             sys.modules[package] = stub
