@@ -127,6 +127,20 @@ def keep_snapkv(scores, slots, window=32, kernel=5):
     return np.concatenate([top_set(pooled, slots - window), np.arange(older, tokens)])
 
 
+def keydiff_scores(keys):
+    """KeyDiff's score of each key of one head: minus its cosine to the mean unit key."""
+    k = as64(keys)
+    norms = np.linalg.norm(k, axis=-1)
+    anchor = (k / np.maximum(norms, 1e-12)[:, None]).mean(axis=0)
+    denominator = norms * np.linalg.norm(anchor)
+    dots = k @ anchor
+    return np.where(denominator > 0, -dots / np.where(denominator > 0, denominator, 1), 0.0)
+
+
+def keep_keydiff(keys, slots):
+    return top_set(keydiff_scores(keys), slots)
+
+
 def cam_head(keys, values, scores, slots, sinks=4, merge_window=32):
     """CaM in expectation for one head: (keys, values, positions)."""
     k, v, a = as64(keys), as64(values).copy(), as64(scores)
@@ -212,6 +226,8 @@ def compress(keys, values, method, slots, scores=None, **params):
             positions = keep_h2o(scores[h], slots, **params)
         elif method == "snapkv":
             positions = keep_snapkv(scores[h], slots, **params)
+        elif method == "keydiff":
+            positions = keep_keydiff(keys[h], slots)
         elif method == "cam":
             hk, hv, positions = cam_head(keys[h], values[h], scores[h], slots, **params)
         elif method == "kvmerger":

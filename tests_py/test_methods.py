@@ -18,6 +18,7 @@ def test_registry_lists_every_method_once_by_kind():
         "streaming_llm",
         "h2o",
         "snapkv",
+        "keydiff",
         "cam",
         "kvmerger",
     )

@@ -13,6 +13,7 @@
 
 #include "kvpack/cluster_kv.h"
 #include "kvpack/evict.h"
+#include "kvpack/keydiff.h"
 #include "kvpack/merge.h"
 #include "kvpack/method.h"
 #include "kvpack/quant.h"
@@ -42,6 +43,7 @@ using MethodParams = std::variant<
     StreamingLLMParams,
     H2OParams,
     SnapKVParams,
+    KeyDiffParams,
     CaMParams,
     KVMergerParams,
     ClusterKVParams,
