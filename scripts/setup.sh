@@ -36,7 +36,7 @@ fi
 
 # The build backend and tools first: kvpack builds against them without isolation, so
 # the versions are the pinned ones too.
-"${pip[@]}" scikit-build-core pybind11 cmake ninja
+"${pip[@]}" scikit-build-core pybind11 cmake ninja pybind11-stubgen
 # torch's CPU build (the DLPack, Hugging Face and evaluation tests need it).
 "${pip[@]}" torch
 # Models shipped inside wheels, installed without their requirements (unused here):

@@ -26,5 +26,8 @@ cmake -S . -B build/sanitize -G Ninja -DKVPACK_SANITIZE=ON -DKVPACK_CUDA=OFF \
 cmake --build build/sanitize -j "$jobs"
 ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build/sanitize --output-on-failure
 
+echo "== type stubs match the built module"
+python3 scripts/stubs.py --check
+
 echo "== Python tests"
 python3 -m pytest

@@ -1,243 +1,255 @@
-from typing import Any, overload
-
-import numpy as np
-
-__version__: str
-
-def cuda_compiled() -> bool: ...
-def cuda_available() -> bool: ...
-def get_num_threads() -> int: ...
-def set_num_threads(n: int) -> None: ...
-def _data_pointer(array: np.ndarray) -> int: ...
-def attention(
-    q: np.ndarray,
-    keys: np.ndarray,
-    values: np.ndarray,
-    indices: np.ndarray | None = None,
-    bias: np.ndarray | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
-    return_weights: bool = False,
-    device: str = "cpu",
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]: ...
-def accumulated_attention(
-    queries: np.ndarray,
-    keys: np.ndarray,
-    causal: bool = True,
-    reduction: str = "sum",
-    per_query_head: bool = False,
-    scale: float | None = None,
-    device: str = "cpu",
-) -> np.ndarray: ...
-def kmeans(
-    x: np.ndarray,
-    n_clusters: int,
-    iters: int = 20,
-    seed: int = 0,
-    spherical: bool = True,
-    init: str = "kmeans++",
-    init_centroids: np.ndarray | None = None,
-    device: str = "cpu",
-) -> dict: ...
-
+"""
+kvpack C++/CUDA core (private; use the kvpack package)
+"""
+from __future__ import annotations
+import collections.abc
+import numpy
+import numpy.typing
+import typing
+from . import methods
+__all__: list[str] = ['ClusterIndex', 'ClusterKV', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'compress', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'kmeans', 'methods', 'parse_codec', 'place', 'set_num_threads', 'xxh3', 'xxh64']
 class ClusterIndex:
-    def __init__(
-        self,
-        keys: np.ndarray,
-        n_clusters: int = 0,
-        sink: int = 16,
-        iters: int = 20,
-        seed: int = 0,
-        init: str = "kmeans++",
-        append_interval: int = 320,
-        append_clusters: int = 8,
-        tokens_per_cluster: int = 80,
-    ) -> None: ...
-    def append(self, new_keys: np.ndarray) -> None: ...
-    def select(
-        self, q: np.ndarray, budget: int, window: int = 0, per_query_head: bool = False
-    ) -> np.ndarray: ...
-    heads: int
-    head_dim: int
-    tokens: int
-    sink: int
-    n_clusters: int
-    clustered_until: int
-    centroids: np.ndarray
-    sizes: np.ndarray
-    offsets: np.ndarray
-    order: np.ndarray
-    labels: np.ndarray
-
+    def __init__(self, keys: typing.Any, n_clusters: typing.SupportsInt | typing.SupportsIndex = 0, sink: typing.SupportsInt | typing.SupportsIndex = 16, iters: typing.SupportsInt | typing.SupportsIndex = 20, seed: typing.SupportsInt | typing.SupportsIndex = 0, init: typing.Any = 'kmeans++', append_interval: typing.SupportsInt | typing.SupportsIndex = 320, append_clusters: typing.SupportsInt | typing.SupportsIndex = 8, tokens_per_cluster: typing.SupportsInt | typing.SupportsIndex = 80) -> None:
+        ...
+    def append(self, new_keys: typing.Any) -> None:
+        ...
+    def select(self, q: typing.Any, budget: typing.SupportsInt | typing.SupportsIndex, window: typing.SupportsInt | typing.SupportsIndex = 0, per_query_head: bool = False) -> numpy.typing.NDArray[numpy.int32]:
+        ...
+    @property
+    def centroids(self) -> numpy.typing.NDArray[numpy.float32]:
+        ...
+    @property
+    def clustered_until(self) -> int:
+        ...
+    @property
+    def head_dim(self) -> int:
+        ...
+    @property
+    def heads(self) -> int:
+        ...
+    @property
+    def labels(self) -> numpy.typing.NDArray[numpy.int32]:
+        ...
+    @property
+    def n_clusters(self) -> int:
+        ...
+    @property
+    def offsets(self) -> numpy.typing.NDArray[numpy.int32]:
+        ...
+    @property
+    def order(self) -> numpy.typing.NDArray[numpy.int32]:
+        ...
+    @property
+    def sink(self) -> int:
+        ...
+    @property
+    def sizes(self) -> numpy.typing.NDArray[numpy.int32]:
+        ...
+    @property
+    def tokens(self) -> int:
+        ...
 class QuestIndex:
-    def __init__(self, keys: np.ndarray, page_size: int = 16) -> None: ...
-    def append(self, new_keys: np.ndarray) -> None: ...
-    def select(self, q: np.ndarray, budget: int, per_query_head: bool = False) -> np.ndarray: ...
-    heads: int
-    head_dim: int
-    tokens: int
-    page_size: int
-    pages: int
-    page_bounds: tuple[np.ndarray, np.ndarray]
-
+    def __init__(self, keys: typing.Any, page_size: typing.SupportsInt | typing.SupportsIndex = 16) -> None:
+        ...
+    def append(self, new_keys: typing.Any) -> None:
+        ...
+    def select(self, q: typing.Any, budget: typing.SupportsInt | typing.SupportsIndex, per_query_head: bool = False) -> numpy.typing.NDArray[numpy.int32]:
+        ...
+    @property
+    def head_dim(self) -> int:
+        ...
+    @property
+    def heads(self) -> int:
+        ...
+    @property
+    def page_bounds(self) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
+        ...
+    @property
+    def page_size(self) -> int:
+        ...
+    @property
+    def pages(self) -> int:
+        ...
+    @property
+    def tokens(self) -> int:
+        ...
 class ClusterKV:
-    def __init__(
-        self,
-        budget: int = 1024,
-        method: str = "clusterkv",
-        n_clusters: int = 0,
-        sink: int = 16,
-        window: int = 0,
-        recall_steps: int = 1,
-        per_query_head: bool = False,
-        page_size: int = 16,
-        iters: int = 20,
-        seed: int = 0,
-        init: str = "kmeans++",
-        append_interval: int = 320,
-        append_clusters: int = 8,
-    ) -> None: ...
-    def prefill(self, keys: np.ndarray, values: np.ndarray) -> None: ...
-    def step(self, q: np.ndarray, new_key: np.ndarray, new_value: np.ndarray) -> np.ndarray: ...
-    tokens: int
-    n_clusters: int
-    last_step: dict
-    total: dict
-    last_selection: np.ndarray
-
-def compress(
-    keys: np.ndarray,
-    values: np.ndarray,
-    method: str,
-    budget: float | int,
-    queries: np.ndarray | None = None,
-    attention: np.ndarray | None = None,
-    scale: float | None = None,
-    sinks: int = 4,
-    recent_ratio: float = 0.5,
-    window: int = 32,
-    kernel: int = 5,
-    merge_window: int = 32,
-    protect_recent: float | None = None,
-    protect_heavy: float | None = None,
-    sigma: float | str = 5.0,
-) -> dict[str, np.ndarray | None]: ...
-def adjacent_similarity(keys: np.ndarray) -> np.ndarray: ...
-
+    def __init__(self, budget: typing.SupportsInt | typing.SupportsIndex, method: typing.Any) -> None:
+        ...
+    def prefill(self, keys: typing.Any, values: typing.Any) -> None:
+        ...
+    def step(self, q: typing.Any, new_key: typing.Any, new_value: typing.Any) -> numpy.typing.NDArray[numpy.float32]:
+        ...
+    @property
+    def last_selection(self) -> numpy.typing.NDArray[numpy.int32]:
+        ...
+    @property
+    def last_step(self) -> dict:
+        ...
+    @property
+    def n_clusters(self) -> int:
+        ...
+    @property
+    def nbytes(self) -> dict:
+        ...
+    @property
+    def tokens(self) -> int:
+        ...
+    @property
+    def total(self) -> dict:
+        ...
 class EvictionCache:
-    def __init__(
-        self,
-        method: str,
-        budget: int,
-        sinks: int = 4,
-        recent_ratio: float = 0.5,
-        scale: float | None = None,
-    ) -> None: ...
-    def prefill(
-        self,
-        keys: np.ndarray,
-        values: np.ndarray,
-        queries: np.ndarray | None = None,
-        attention: np.ndarray | None = None,
-    ) -> None: ...
-    def step(self, q: np.ndarray, new_key: np.ndarray, new_value: np.ndarray) -> np.ndarray: ...
+    def __init__(self, method: typing.Any, budget: typing.SupportsInt | typing.SupportsIndex, scale: typing.SupportsFloat | typing.SupportsIndex | None = None) -> None:
+        ...
+    def prefill(self, keys: typing.Any, values: typing.Any, queries: typing.Any = None, attention: typing.Any = None) -> None:
+        ...
+    def step(self, q: typing.Any, new_key: typing.Any, new_value: typing.Any) -> numpy.typing.NDArray[numpy.float32]:
+        ...
     @property
-    def size(self) -> int: ...
+    def budget(self) -> int:
+        ...
     @property
-    def seen(self) -> int: ...
+    def keys(self) -> numpy.ndarray:
+        ...
     @property
-    def budget(self) -> int: ...
+    def positions(self) -> numpy.typing.NDArray[numpy.int32]:
+        ...
     @property
-    def keys(self) -> np.ndarray: ...
+    def scores(self) -> numpy.typing.NDArray[numpy.float32]:
+        ...
     @property
-    def values(self) -> np.ndarray: ...
+    def seen(self) -> int:
+        ...
     @property
-    def positions(self) -> np.ndarray: ...
+    def size(self) -> int:
+        ...
     @property
-    def scores(self) -> np.ndarray: ...
-
+    def values(self) -> numpy.ndarray:
+        ...
 class QuantizedKV:
-    def __init__(
-        self,
-        keys: np.ndarray,
-        values: np.ndarray,
-        bits: int = 2,
-        group: int = 32,
-        residual: int = 128,
-    ) -> None: ...
-    @overload
-    def dequantize(self) -> tuple[np.ndarray, np.ndarray]: ...
-    @overload
-    def dequantize(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-    def attend(
-        self,
-        q: np.ndarray,
-        scale: float | None = None,
-        return_lse: bool = False,
-        return_weights: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]: ...
-    nbytes: int
-    bits: int
-    group: int
-    residual: int
-    quantized: int
-    heads: int
-    tokens: int
-    head_dim: int
-    dtype: np.dtype
-
-# Tiered store (AdaptCache): blobs, placement, tiers.
-KV = list[tuple[np.ndarray, np.ndarray]]
-
-def xxh64(data: bytes, seed: int = 0) -> int: ...
-def xxh3(data: bytes, seed: int = 0) -> int: ...
-def place(
-    options: list[list[tuple[int, int, float]]],
-    priorities: list[float],
-    capacities: list[int],
-) -> list[tuple[int, int] | None]: ...
-def parse_codec(name: str) -> str: ...
-def encode_blob(
-    key: str, kv: KV, codec: str, probe_queries: list[np.ndarray] | None = None
-) -> bytes: ...
-def decode_blob(blob: bytes) -> dict[str, Any]: ...
-
+    def __init__(self, keys: typing.Any, values: typing.Any, bits: typing.SupportsInt | typing.SupportsIndex = 2, group: typing.SupportsInt | typing.SupportsIndex = 32, residual: typing.SupportsInt | typing.SupportsIndex = 128) -> None:
+        ...
+    def attend(self, q: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex | None = None, return_lse: bool = False, return_weights: bool = False, tail_keys: typing.Any = None, tail_values: typing.Any = None) -> tuple[numpy.typing.NDArray[numpy.float32], typing.Any, typing.Any]:
+        ...
+    def dequantize(self, keys_out: typing.Any = None, values_out: typing.Any = None) -> tuple:
+        ...
+    @property
+    def bits(self) -> int:
+        ...
+    @property
+    def dtype(self) -> numpy.dtype[typing.Any]:
+        ...
+    @property
+    def group(self) -> int:
+        ...
+    @property
+    def head_dim(self) -> int:
+        ...
+    @property
+    def heads(self) -> int:
+        ...
+    @property
+    def nbytes(self) -> int:
+        ...
+    @property
+    def quantized(self) -> int:
+        ...
+    @property
+    def residual(self) -> int:
+        ...
+    @property
+    def tokens(self) -> int:
+        ...
 class TieredStore:
-    def __init__(
-        self,
-        dram_bytes: int,
-        ssd_dir: str | None = None,
-        ssd_bytes: int = 0,
-        redis_host: str | None = None,
-        redis_port: int = 6379,
-        redis_db: int = 0,
-        redis_prefix: str = "kvpack:",
-        redis_bytes: int = 0,
-        policy: str = "adaptive",
-        alpha: float = 0.1,
-        codecs: list[str] | None = None,
-        o_direct: bool = False,
-        io_threads: int = 2,
-        streaming_rate: float = 0.5,
-        bandwidths: list[float] | None = None,
-        decode_bandwidths: list[float] | None = None,
-        timeout_ms: int = 2000,
-        secret: str | bytes = "",
-    ) -> None: ...
-    def put(
-        self,
-        key: str,
-        kv: KV,
-        probe_queries: list[np.ndarray] | None = None,
-        quality: list[float] | None = None,
-    ) -> None: ...
-    def get(self, key: str) -> dict[str, Any] | None: ...
-    def contains(self, key: str) -> bool: ...
-    def remove(self, key: str) -> bool: ...
-    def prefetch(self, key: str) -> None: ...
-    def stats(self) -> dict[str, Any]: ...
-    def where(self, key: str) -> tuple[str, str] | None: ...
+    def __init__(self, dram_bytes: typing.SupportsInt | typing.SupportsIndex, ssd_dir: str | None = None, ssd_bytes: typing.SupportsInt | typing.SupportsIndex = 0, redis_host: str | None = None, redis_port: typing.SupportsInt | typing.SupportsIndex = 6379, redis_db: typing.SupportsInt | typing.SupportsIndex = 0, redis_prefix: str = 'kvpack:', redis_bytes: typing.SupportsInt | typing.SupportsIndex = 0, policy: str = 'adaptive', alpha: typing.SupportsFloat | typing.SupportsIndex = 0.1, codecs: collections.abc.Sequence[str] | None = None, o_direct: bool = False, io_threads: typing.SupportsInt | typing.SupportsIndex = 2, streaming_rate: typing.SupportsFloat | typing.SupportsIndex = 0.5, bandwidths: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex] | None = None, decode_bandwidths: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex] | None = None, timeout_ms: typing.SupportsInt | typing.SupportsIndex = 2000, secret: str = '') -> None:
+        ...
+    def contains(self, key: str) -> bool:
+        ...
+    def get(self, key: str) -> typing.Any:
+        ...
+    def prefetch(self, key: str) -> None:
+        ...
+    def put(self, key: str, kv: typing.Any, probe_queries: typing.Any = None, quality: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex] | None = None) -> None:
+        ...
+    def remove(self, key: str) -> bool:
+        ...
+    def stats(self) -> dict:
+        ...
+    def where(self, key: str) -> typing.Any:
+        ...
     @property
-    def codecs(self) -> list[str]: ...
+    def bandwidths(self) -> list[float]:
+        ...
     @property
-    def bandwidths(self) -> list[float]: ...
+    def codecs(self) -> list[str]:
+        ...
+def _as_array(array: typing.Any) -> numpy.ndarray:
+    """
+    The NumPy view the bindings take of an array argument (for tests).
+    """
+def _data_pointer(array: typing.Any) -> int:
+    """
+    Address the core sees for a KV array (for zero-copy tests).
+    """
+def accumulated_attention(queries: typing.Any, keys: typing.Any, causal: bool = True, reduction: str = 'sum', per_query_head: bool = False, scale: typing.SupportsFloat | typing.SupportsIndex | None = None, device: str = 'cpu') -> numpy.typing.NDArray[numpy.float32]:
+    """
+    Attention each key receives from a window of queries. See kvpack.accumulated_attention.
+    """
+def adjacent_similarity(keys: typing.Any) -> numpy.typing.NDArray[numpy.float32]:
+    """
+    Cosine similarity of each key with the next; see kvpack.adjacent_similarity.
+    """
+def attention(q: typing.Any, keys: typing.Any, values: typing.Any, indices: typing.Any = None, bias: typing.Any = None, scale: typing.SupportsFloat | typing.SupportsIndex | None = None, return_lse: bool = False, return_weights: bool = False, device: str = 'cpu') -> tuple:
+    """
+    Decode attention; returns (out, lse or None, weights or None). See kvpack.attention.
+    """
+def budget_tokens(share: typing.SupportsFloat | typing.SupportsIndex, tokens: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    Tokens a budget share of `tokens` stands for.
+    """
+def compress(keys: typing.Any, values: typing.Any, method: typing.Any, budget: typing.Any, queries: typing.Any = None, attention: typing.Any = None, scale: typing.SupportsFloat | typing.SupportsIndex | None = None) -> dict:
+    """
+    Prefill-time compression; see kvpack.compress.
+    """
+def cuda_available() -> bool:
+    """
+    True when the CUDA backend is built and a GPU is usable.
+    """
+def cuda_compiled() -> bool:
+    """
+    True when kvpack was built with its CUDA backend.
+    """
+def decode_blob(blob: bytes) -> dict:
+    ...
+def encode_blob(key: str, kv: typing.Any, codec: str, probe_queries: typing.Any = None) -> bytes:
+    ...
+def get_num_threads() -> int:
+    """
+    Threads used by kvpack's parallel loops: those set by set_num_threads, else the OpenMP runtime's count (OMP_NUM_THREADS, or torch.set_num_threads in a process with torch: both share one OpenMP runtime and its workers).
+    """
+def kmeans(x: typing.Any, n_clusters: typing.SupportsInt | typing.SupportsIndex, iters: typing.SupportsInt | typing.SupportsIndex = 20, seed: typing.SupportsInt | typing.SupportsIndex = 0, spherical: bool = True, init: typing.Any = 'kmeans++', init_centroids: typing.Any = None, device: str = 'cpu') -> dict:
+    """
+    k-means; see kvpack.kmeans.
+    """
+def parse_codec(name: str) -> str:
+    """
+    The canonical name of a codec; ValueError for an unknown one.
+    """
+def place(options: collections.abc.Sequence[collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex]]], priorities: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], capacities: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> list[int]:
+    """
+    The placement of items given as lists of (tier, bytes, utility) options: an option index per item, -1 for evicted.
+    """
+def set_num_threads(n: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    Sets the threads used by kvpack's parallel loops (>= 1), from then on independent of the OpenMP runtime's count.
+    """
+def xxh3(data: bytes, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> int:
+    """
+    XXH3 (64-bit) of bytes (the blob checksum).
+    """
+def xxh64(data: bytes, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> int:
+    """
+    XXH64 of bytes (checksum of version 1 blobs).
+    """
+__version__: str = '0.1.0'
+_arguments_named: bool = True
