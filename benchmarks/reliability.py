@@ -6,7 +6,8 @@
 - 100 writers killed with SIGKILL while they overwrite keys on an SSD tier: acknowledged
   versions lost and wrong data served after reopening.
 - 16 threads for 60 s of put / get / prefetch / delete with overwrites: stale or wrong reads.
-- A hung Redis server (SIGSTOP): each call against its timeout, then the back-off's calls.
+- A hung Redis server (SIGSTOP): each call against its timeout, then the back-off's calls;
+  an overwriting put against its timeout, and whether it raised and kept the old entry.
 """
 
 from __future__ import annotations
@@ -259,10 +260,29 @@ def hung_redis(timeout: float = 0.5, calls: int = 10) -> list[tuple[str, str, st
             bandwidths=[1e10, 1e8],
             timeout=timeout,
         )
+        writer = kvpack.TieredStore(
+            0,
+            redis_url=f"redis://127.0.0.1:{port}/0",
+            policy="lru",
+            bandwidths=[1e10, 1e8],
+            timeout=timeout,
+        )
         block = np.ones((2, 64, 32), np.float32)
         for i in range(calls):
             store.put(f"k{i}", [(block, block)])
+        writer.put("w", [(block, block)])
         os.kill(proc.pid, signal.SIGSTOP)
+        # An overwrite while the server is stopped: one bound for the whole put, an error
+        # raised, the entry it would replace kept.
+        start = time.perf_counter()
+        try:
+            writer.put("w", [(block + 1, block + 1)])
+            put_raised = False
+        except OSError:
+            put_raised = True
+        put_seconds = time.perf_counter() - start
+        put_kept = writer.where("w") is not None
+        writer.close()
         seconds = []
         for i in range(calls):
             start = time.perf_counter()
@@ -278,6 +298,13 @@ def hung_redis(timeout: float = 0.5, calls: int = 10) -> list[tuple[str, str, st
         proc.wait()
     waited, fast = seconds[:3], seconds[3:]
     return [
+        (
+            f"hung Redis: an overwriting put / timeout ({timeout} s)",
+            f"{put_seconds / timeout:.3f} ({put_seconds:.3f} s; "
+            f"{'raised OSError' if put_raised else 'returned normally'}, "
+            f"old entry {'kept' if put_kept else 'dropped'})",
+            "<= 1.10, raised, kept",
+        ),
         (
             f"hung Redis: the first 3 gets / timeout ({timeout} s)",
             f"{max(waited) / timeout:.3f} (each {', '.join(f'{s:.3f}' for s in waited)} s)",

@@ -126,6 +126,7 @@ py::dict stats_dict(const StoreStats& stats) {
   out["recompressions"] = stats.recompressions;
   out["corrupt"] = stats.corrupt;
   out["unauthenticated"] = stats.unauthenticated;
+  out["stale"] = stats.stale;
   out["errors"] = stats.errors;
   out["mean_delay"] = stats.mean_delay;
   out["p95_delay"] = stats.p95_delay;

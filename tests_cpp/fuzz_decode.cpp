@@ -110,6 +110,8 @@ std::vector<std::size_t> hot_offsets(const Bytes& blob) {
     // A dropping codec's positions and counts close the payload.
     for (std::size_t at = 4; at <= 64 && at <= bytes; at += 4) hot.push_back(offset + bytes - at);
   }
+  // The entry version closing a blob of format 3 (and what precedes it).
+  for (std::size_t at = 4; at <= 16 && at <= blob.size(); at += 4) hot.push_back(blob.size() - at);
   return hot;
 }
 

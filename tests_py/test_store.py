@@ -87,20 +87,53 @@ def _forged(blob: bytes, edit) -> bytes:
     return bytes(data)
 
 
+def _as_format(blob: bytes, version: int) -> bytes:
+    """A blob of format 3 as format 2 (no entry version after the payloads) or 1 (that, with
+    an XXH64 checksum) wrote it."""
+    data = bytearray(blob)
+    last = _record(data, _u(data, 28, 4) - 1)
+    end = _u(data, last + 16, 8) + _u(data, last + 24, 8)
+    del data[end:]
+    _put_u(data, 32, 8, end)
+    return _forged(bytes(data), lambda d: _put_u(d, 8, 4, version))
+
+
 @pytest.mark.parametrize("codec", ["none", "kivi-4", "h2o-0.5"])
-def test_version_1_blobs_with_xxh64_checksums_are_still_read(rng, codec):
+def test_blobs_of_formats_1_and_2_are_still_read(rng, codec):
     kv = context(rng, tokens=160)
     blob = encode(kv, codec, key="old")
-    assert _u(blob, 8, 4) == 2 and _u(blob, 40, 8) == xxhash.xxh3_64_intdigest(
+    assert _u(blob, 8, 4) == 3 and _u(blob, 40, 8) == xxhash.xxh3_64_intdigest(
         blob[48:], seed=xxhash.xxh3_64_intdigest(blob[:40])
     )
-    old = _forged(blob, lambda d: _put_u(d, 8, 4, 1))  # as version 1 wrote it: XXH64
+    for a, b in zip(decode(_as_format(blob, 2)).kv, decode(blob).kv):
+        assert_same([a], [b])
+    old = _as_format(blob, 1)  # as version 1 wrote it: XXH64
     for a, b in zip(decode(old).kv, decode(blob).kv):
         assert_same([a], [b])
     flipped = bytearray(old)
     flipped[len(old) // 2] ^= 1
     with pytest.raises(ValueError, match="checksum"):
         decode(bytes(flipped))
+
+
+def test_blobs_of_format_2_are_read_and_older_than_any_put(tmp_path):
+    def entry(value):
+        return [(np.full((2, 64, 32), value, np.float32),) * 2]
+
+    args = dict(policy="lru", bandwidths=[1e10, 1e9])
+    old = _as_format(encode(entry(7.0), "none", key="k"), 2)
+    padded = old + bytes(-len(old) % 4096)  # as a store of format 2 left it on disk
+    with TieredStore(0, tmp_path, 64 * MB, **args) as store:
+        store.put("k", entry(1.0))
+        (path,) = tmp_path.glob("*.kvb")
+        path.write_bytes(padded)
+    with TieredStore(0, tmp_path, 64 * MB, **args) as store:  # found on disk: served
+        assert store.get("k").kv[0][0][0, 0, 0] == 7.0
+        store.put("k", entry(8.0))
+        path.write_bytes(padded)  # put back over a newer version: refused, left in place
+        with pytest.raises(KeyError):
+            store.get("k")
+        assert store.stats()["stale"] == 1 and path.read_bytes() == padded
 
 
 def _record(data, layer=0):

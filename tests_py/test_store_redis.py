@@ -1,6 +1,8 @@
 """The remote tier on a real Redis server, started here (redis-server from Debian)."""
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -111,7 +113,8 @@ def test_server_going_away_gives_misses_not_hangs(redis):
         start = time.time()
         with pytest.raises(KeyError):
             store.get("a")
-        store.put("b", kv)  # cannot be placed: reported, not raised
+        with pytest.raises(ConnectionRefusedError, match="put: 'b' not stored: remote"):
+            store.put("b", kv)
         assert "b" not in store
         with pytest.raises(KeyError):
             store.get("c")
@@ -123,7 +126,8 @@ def test_server_going_away_gives_misses_not_hangs(redis):
 def test_unreachable_server_at_start():
     url = f"redis://127.0.0.1:{free_port()}/0"
     with kvpack.TieredStore(0, redis_url=url, bandwidths=[1e10, 1e8], timeout=0.2) as store:
-        store.put("a", context(3))
+        with pytest.raises(OSError, match=r"remote: 127\.0\.0\.1"):
+            store.put("a", context(3))
         assert "a" not in store
         assert store.stats()["errors"] >= 1
 
@@ -225,3 +229,91 @@ def test_byte_counts_follow_a_server_restart(redis):
         finally:
             restarted.kill()
             restarted.wait()
+
+
+def command(url, *args):
+    """One command to the server over a plain socket, binary-safe: the reply's bulk string
+    (None for nil) or status line. A test's own hands on the values the store keeps."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    parts = [a if isinstance(a, bytes) else a.encode() for a in args]
+    request = f"*{len(parts)}\r\n".encode() + b"".join(
+        f"${len(a)}\r\n".encode() + a + b"\r\n" for a in parts
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        reply = b""
+        while b"\r\n" not in reply:
+            reply += s.recv(1 << 16)
+        line, _, rest = reply.partition(b"\r\n")
+        if not line.startswith(b"$"):
+            return line
+        length = int(line[1:])
+        if length < 0:
+            return None
+        while len(rest) < length + 2:
+            rest += s.recv(1 << 16)
+        return rest[:length]
+
+
+def versioned(v):
+    block = np.full((2, 32, 16), float(v), np.float32)
+    return [(block, block)]
+
+
+def test_an_older_signed_value_put_back_is_not_served(redis):
+    _, url = redis
+    with kvpack.TieredStore(0, redis_url=url, secret="s", **ARGS) as store:
+        store.put("k", versioned(1))
+        old = command(url, "GET", "kvpack:k")
+        store.put("k", versioned(2))
+        command(url, "SET", "kvpack:k", old)  # a replay: signed, this key's, older
+        with pytest.raises(KeyError):
+            store.get("k")
+        assert store.stats()["stale"] == 1
+        assert command(url, "GET", "kvpack:k") == old  # left in place: not this store's to drop
+
+
+def test_a_deleted_entry_put_back_in_redis_does_not_return(redis):
+    _, url = redis
+    with kvpack.TieredStore(0, redis_url=url, secret="s", **ARGS) as store:
+        store.put("k", versioned(1))
+        old = command(url, "GET", "kvpack:k")
+        assert store.delete("k")
+        command(url, "SET", "kvpack:k", old)
+        with pytest.raises(KeyError):
+            store.get("k")
+        assert store.stats()["stale"] == 1
+
+
+def test_put_to_a_stopped_server_raises_and_keeps_the_old_entry(redis):
+    proc, url = redis
+    with kvpack.TieredStore(0, redis_url=url, timeout=0.3, **ARGS) as store:
+        store.put("k", versioned(1))
+        errors = store.stats()["errors"]
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(OSError, match="remote"):
+                store.put("k", versioned(2))
+            # One call tried, within one timeout; the entry it would replace is still held.
+            assert store.stats()["errors"] == errors + 1
+            assert store.where("k") == ("remote", "none")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        # Served again once the server answers: the old version, or the new one if the
+        # server applied the write it had received.
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            try:
+                assert served(store, "k") in (1.0, 2.0)
+                break
+            except KeyError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("the entry was not served again")
+
+
+def served(store, key):
+    return float(store.get(key).kv[0][0][0, 0, 0])
+
+
+ARGS = dict(policy="lru", bandwidths=[1e10, 1e8])

@@ -316,6 +316,12 @@ Buffer::~Buffer() {
   std::free(data_);
 }
 
+bool blob_has_version(const unsigned char* header) {
+  std::uint32_t version;
+  std::memcpy(&version, header + offsetof(Header, version), sizeof version);
+  return version >= 3;
+}
+
 bool has_blob_magic(const unsigned char* header) {
   return std::memcmp(header, kMagic, sizeof kMagic) == 0;
 }
@@ -333,7 +339,7 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
   Header header;
   std::memcpy(&header, data, sizeof header);
   if (std::memcmp(header.magic, kMagic, sizeof kMagic) != 0) malformed("bad magic");
-  if (header.version != 1 && header.version != kBlobVersion)  // 1: XXH64 checksums
+  if (header.version < 1 || header.version > kBlobVersion)  // 1: XXH64, 2: no entry version
     malformed("version " + std::to_string(header.version) + ", expected 1 to " +
               std::to_string(kBlobVersion));
   const std::optional<Codec> codec = codec_of(header.codec_kind, header.bits, header.rate);
@@ -343,6 +349,8 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
   const std::size_t table = table_offset(header.key_bytes);
   if (header.key_bytes > (1u << 20) || header.size < table + header.layers * sizeof(LayerRecord))
     malformed("sizes");
+  const std::size_t trailer = header.version >= 3 ? sizeof(std::uint64_t) : 0;
+  if (header.size < table + header.layers * sizeof(LayerRecord) + trailer) malformed("sizes");
   if (available < sizeof(Header) + header.key_bytes) malformed("key truncated");
   BlobInfo info;
   info.key.assign(reinterpret_cast<const char*>(data + sizeof(Header)), header.key_bytes);
@@ -351,6 +359,8 @@ BlobInfo read_blob_info(const unsigned char* data, std::size_t available) {
   info.layers = header.layers;
   info.size = header.size;
   info.checksum = header.checksum;
+  if (trailer && available >= header.size)
+    std::memcpy(&info.version, data + header.size - trailer, sizeof info.version);
   return info;
 }
 
@@ -394,7 +404,8 @@ bool blob_signed_by(const Buffer& blob, const std::string& secret) {
 }
 
 BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, const Codec& codec,
-               const std::vector<Evidence>& evidence, const std::string& secret) {
+               const std::vector<Evidence>& evidence, const std::string& secret,
+               std::uint64_t version) {
   KVPACK_CHECK(!layers.empty(), "layers: expected at least one layer, got 0");
   KVPACK_CHECK(
       evidence.empty() || evidence.size() == layers.size(),
@@ -415,6 +426,8 @@ BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, con
     layer.record.offset = offset;
     offset += layer.record.bytes;
   }
+  const std::size_t payload_end = offset;
+  offset = align_up(offset, sizeof version) + sizeof version;  // the entry version last
   auto blob = std::make_shared<Buffer>(offset);
   unsigned char* data = blob->data();
   std::memset(data, 0, table + layers.size() * sizeof(LayerRecord));
@@ -441,13 +454,16 @@ BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, con
     }
     // Zero the alignment gap after the payload so the checksummed bytes are defined.
     const std::size_t end = layer.record.offset + layer.record.bytes;
-    const std::size_t next =
-        l + 1 < static_cast<std::int64_t>(layers.size()) ? encoded[l + 1].record.offset : offset;
+    const std::size_t next = l + 1 < static_cast<std::int64_t>(layers.size())
+                                 ? encoded[l + 1].record.offset
+                                 : payload_end;
     std::memset(data + end, 0, next - end);
   });
   // The gap between the table and the first payload.
   const std::size_t table_end = table + layers.size() * sizeof(LayerRecord);
   std::memset(data + table_end, 0, encoded[0].record.offset - table_end);
+  std::memset(data + payload_end, 0, offset - sizeof version - payload_end);
+  std::memcpy(data + offset - sizeof version, &version, sizeof version);
   header.checksum = 0;
   std::memcpy(data, &header, sizeof header);
   if (!secret.empty()) blob_mac(data, offset, secret, data + kTagField);
@@ -475,11 +491,14 @@ DecodedKV decode(const BlobPtr& blob, bool copy) {
   // allocated from it.
   // Payloads follow the table in layer order without overlapping, as encode lays them
   // out, so together they are no larger than the blob and neither is what they expand to.
+  // (Format 3 keeps its last 8 bytes for the entry version: no payload reaches them.)
+  const std::size_t limit =
+      info.size - (blob_has_version(blob->data()) ? sizeof(std::uint64_t) : 0);
   std::size_t payload_end = table + records.size() * sizeof(LayerRecord);
   for (std::size_t l = 0; l < records.size(); ++l) {
     const LayerRecord& r = records[l];
-    if (r.offset < payload_end || r.offset > info.size || r.bytes > info.size - r.offset ||
-        r.dim == 0 || r.offset % kPayloadAlignment != 0)
+    if (r.offset < payload_end || r.offset > limit || r.bytes > limit - r.offset || r.dim == 0 ||
+        r.offset % kPayloadAlignment != 0)
       malformed("layer table");
     payload_end = r.offset + r.bytes;
     std::size_t kv = 0, index = 0;

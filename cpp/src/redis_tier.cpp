@@ -1,15 +1,18 @@
 // The remote tier on hiredis (Debian's libhiredis): one connection, every call bounded by
 // one timeout in all (connect, send and reply together), and a back-off after repeated
-// failures, so a server that is gone or hung turns into fast misses instead of a blocked
-// caller.
+// failures, so a server that is gone or hung turns into fast misses (and puts that throw)
+// instead of a blocked caller.
 #include <hiredis/hiredis.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string_view>
+#include <system_error>
 #include <unordered_map>
 
 #include "kvpack/tier.h"
@@ -28,6 +31,15 @@ using Reply = std::unique_ptr<redisReply, ReplyDeleter>;
 struct ContextDeleter {
   void operator()(redisContext* context) const { redisFree(context); }
 };
+
+// The calls of one RemoteOperation on this thread: when the first began, and whether one
+// has failed.
+struct Operation {
+  int depth = 0;
+  bool started = false, failed = false;
+  Clock::time_point start{};
+};
+thread_local Operation operation;
 
 timeval as_timeval(Clock::duration left) {
   const auto us = std::max<std::int64_t>(
@@ -49,7 +61,7 @@ class RedisTier final : public Tier {
 
   bool put(const std::string& key, const BlobPtr& blob) override {
     Call call(*this);  // puts run one at a time: the room checked here is still there after
-    if (!call) return false;
+    if (!call) call.raise();
     const std::int64_t bytes = stored_bytes(blob->size());
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -59,11 +71,16 @@ class RedisTier final : public Tier {
     }
     const std::string_view data(reinterpret_cast<const char*>(blob->data()), blob->size());
     const Reply reply = call.command({"SET", params_.prefix + key, data});
-    if (!reply || reply->type != REDIS_REPLY_STATUS) return false;
+    if (!reply) call.raise();
+    if (reply->type != REDIS_REPLY_STATUS)  // the server refused it (out of memory, ...)
+      throw std::system_error(EIO, std::generic_category(),
+                              "remote: " + address() + " refused the write: " +
+                                  std::string(reply->str ? reply->str : "", reply->len));
+    const BlobInfo info = read_blob_info(blob->data(), blob->size());
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = sizes_.find(key);
     used_ += bytes - (it == sizes_.end() ? 0 : it->second.bytes);
-    sizes_[key] = StoredBlob{key, bytes, read_blob_info(blob->data(), blob->size()).codec};
+    sizes_[key] = StoredBlob{key, bytes, info.codec, info.version};
     return true;
   }
 
@@ -83,11 +100,12 @@ class RedisTier final : public Tier {
     } catch (const std::runtime_error&) {
     }
     if (!valid) {
+      // Left in place: another process may have replaced it since, and a blob this store
+      // cannot read is not its to delete.
       {
         std::lock_guard<std::mutex> lock(mutex_);
         ++counters_.corrupt;
       }
-      call.command({"DEL", params_.prefix + key});
       forget(key);
       return nullptr;
     }
@@ -128,17 +146,40 @@ class RedisTier final : public Tier {
   class Call {
    public:
     explicit Call(RedisTier& tier) : tier_(tier), deadline_(Clock::now() + tier.timeout_) {
+      if (operation.depth > 0) {  // one deadline for every call of the operation
+        if (!operation.started) operation = Operation{operation.depth, true, false, Clock::now()};
+        deadline_ = std::min(deadline_, operation.start + tier.timeout_);
+        if (operation.failed) {
+          why_ = "an earlier call of this operation failed";
+          tier_.count_error();
+          return;
+        }
+      }
       // Waiting for another caller's command counts against this call's timeout too.
       locked_ = tier_.call_mutex_.try_lock_until(deadline_);
-      if (locked_ && Clock::now() >= tier_.back_off_until_)
+      if (locked_ && Clock::now() >= tier_.back_off_until_) {
         ready_ = connect();  // a failure is counted there
-      else
+      } else {
+        why_ = locked_ ? "left alone after repeated failures (back-off)"
+                       : "busy with other calls past the timeout";
         tier_.count_error();
+        if (operation.depth > 0) operation.failed = true;
+      }
     }
     ~Call() {
       if (locked_) tier_.call_mutex_.unlock();
     }
     explicit operator bool() const { return ready_; }
+
+    // Throws what made this call fail, as a put reports it.
+    [[noreturn]] void raise() const {
+      std::ostringstream message;
+      message << "remote: " << tier_.address();
+      if (why_ != std::generic_category().message(error_))  // what() ends with that already
+        message << ": " << (why_.empty() ? "no answer within the timeout" : why_);
+      message << " (timeout " << tier_.params_.timeout_ms << " ms)";
+      throw std::system_error(error_, std::generic_category(), message.str());
+    }
 
     // The reply to one command of binary-safe arguments; null (the connection dropped,
     // a failure counted) when the server did not answer in time.
@@ -165,6 +206,9 @@ class RedisTier final : public Tier {
         // A connection the server closed (it restarted) is made again once, in this call's
         // time; a server that does not answer is a failure.
         const bool closed = context->err == REDIS_ERR_EOF;
+        if (context->err &&
+            !(context->err == REDIS_ERR_IO && (errno == EAGAIN || errno == EWOULDBLOCK)))
+          why_ = context->errstr;  // (a timeout keeps the plain message)
         tier_.context_.reset();
         ready_ = false;
         if (closed && !reconnected_ && Clock::now() < deadline_) {
@@ -186,6 +230,9 @@ class RedisTier final : public Tier {
       std::unique_ptr<redisContext, ContextDeleter> context(
           redisConnectWithTimeout(tier_.params_.host.c_str(), tier_.params_.port, left));
       if (!context || context->err) {
+        const int code = errno;
+        why_ = context ? context->errstr : "cannot allocate a connection";
+        if (code == ECONNREFUSED || code == EHOSTUNREACH || code == ENETUNREACH) error_ = code;
         tier_.failed();
         return false;
       }
@@ -202,9 +249,13 @@ class RedisTier final : public Tier {
     }
 
     RedisTier& tier_;
-    const Clock::time_point deadline_;
+    Clock::time_point deadline_;
     bool locked_ = false, ready_ = false, reconnected_ = false;
+    std::string why_;        // what made the call fail
+    int error_ = ETIMEDOUT;  // its errno as a put reports it
   };
+
+  std::string address() const { return params_.host + ":" + std::to_string(params_.port); }
 
   void count_error() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -215,6 +266,7 @@ class RedisTier final : public Tier {
   // server is left alone for a back-off (1 s, doubling to 30 s) while calls fail at once.
   void failed() {
     count_error();
+    if (operation.depth > 0) operation.failed = true;
     context_.reset();
     if (++failures_ >= kFailuresBeforeBackOff) {
       const auto back_off =
@@ -239,7 +291,7 @@ class RedisTier final : public Tier {
     return true;
   }
 
-  void forget(const std::string& key) {
+  void forget(const std::string& key) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = sizes_.find(key);
     if (it == sizes_.end()) return;
@@ -261,6 +313,14 @@ class RedisTier final : public Tier {
 };
 
 }  // namespace
+
+RemoteOperation::RemoteOperation() {
+  if (operation.depth++ == 0) operation = Operation{1, false, false, {}};
+}
+
+RemoteOperation::~RemoteOperation() {
+  --operation.depth;
+}
 
 std::unique_ptr<Tier> make_redis_tier(const RedisParams& params) {
   KVPACK_CHECK(params.port > 0 && params.port < 65536,

@@ -17,6 +17,15 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The entry version of a blob whose header was checked (0 when it has none).
+std::uint64_t blob_version(const Buffer& blob) {
+  try {
+    return read_blob_info(blob.data(), blob.size()).version;
+  } catch (const std::runtime_error&) {
+    return 0;
+  }
+}
+
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
@@ -95,6 +104,8 @@ TieredStore::TieredStore(const StoreParams& params) : params_(params) {
           stored.codec.lossless() ? 1.0 : std::numeric_limits<double>::quiet_NaN();
       entry.candidates.push_back(Candidate{stored.codec, stored.bytes, quality, 0.0});
       entry.tier = static_cast<int>(t);
+      entry.version = stored.version;
+      current(stored.key, stored.version);
       entries_[stored.key] = std::move(entry);
       order_.push_back(stored.key);
     }
@@ -116,7 +127,12 @@ void TieredStore::profile_bandwidths() {
       const KVView view{data.data(), DType::Float32, 1, tokens, dim, 0};
       const std::string key = std::string("\x01kvpack-profile", 15);
       const BlobPtr blob = encode(key, {LayerView{view, view}}, Codec{});
-      if (tier->put(key, blob)) {
+      bool stored = false;
+      try {
+        stored = tier->put(key, blob);
+      } catch (const std::system_error&) {  // counted by the tier; the default bandwidth
+      }
+      if (stored) {
         // A get as the store does it: the read, plus the copy out of a DRAM-held blob.
         double best = std::numeric_limits<double>::infinity();
         for (int repeat = 0; repeat < 3; ++repeat) {
@@ -181,13 +197,18 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
       reference[l] = probe_outputs(entry.probes[l].queries, entry.probes[l].heads_q,
                                    entry.probes[l].window, layers[l].keys, layers[l].values);
 
+  std::uint64_t version;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    version = next_version();
+  }
   // Every candidate encoded, decoded (timed) and scored; one that cannot encode this
   // context (too few tokens to drop) is left out.
   std::unordered_map<int, BlobPtr> fresh;
   for (std::size_t c = 0; c < codecs_.size(); ++c) {
     BlobPtr blob;
     try {
-      blob = encode(key, layers, codecs_[c], entry.probes, params_.secret);
+      blob = encode(key, layers, codecs_[c], entry.probes, params_.secret, version);
     } catch (const std::invalid_argument&) {
       if (codecs_[c].lossless()) throw;
       continue;
@@ -218,7 +239,15 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
   }
 
   std::lock_guard<std::mutex> lock(mutex_);
+  RemoteOperation operation;  // every remote call of this put within one timeout
   ++counters_.puts;
+  const auto seen = seen_.find(key);
+  if (seen != seen_.end() &&
+      (seen->second.newest > version || (seen->second.deleted && seen->second.newest >= version)))
+    return;  // overtaken by a newer version (or a delete) while it was encoded
+  const std::optional<Seen> seen_before =
+      seen == seen_.end() ? std::nullopt : std::optional<Seen>(seen->second);
+  seen_[key] = Seen{version, false};
   // The version this put replaces stays in its tier until the new one is in place: a
   // crash (or a failed write) meanwhile leaves the old version, never neither.
   std::optional<Entry> replaced;
@@ -230,7 +259,7 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
   entry.held = -1;  // not stored yet
   entry.tier = -1;
   entry.last_use = ++clock_;
-  entry.version = ++versions_;
+  entry.version = version;
   entries_[key] = std::move(entry);
   order_.push_back(key);
   const Replaced old{
@@ -242,8 +271,14 @@ void TieredStore::put(const std::string& key, const std::vector<LayerView>& laye
   const auto it = entries_.find(key);
   const int tier = it == entries_.end() ? -1 : it->second.tier;
   if (tier < 0 && error) {
-    // The new version could not be written: the old one, untouched, stays the entry.
-    if (old.tier >= 0 && tiers_[old.tier]->contains(key)) {
+    // The new version could not be written: the old one, untouched, stays the entry. (A
+    // remote tier that just failed is not asked again: the put is over its time.)
+    const bool remote_old = params_.remote && old.tier + 1 == static_cast<int>(tiers_.size());
+    if (seen_before)
+      seen_[key] = *seen_before;
+    else
+      seen_.erase(key);
+    if (old.tier >= 0 && (remote_old || tiers_[old.tier]->contains(key))) {
       entries_[key] = std::move(*replaced);
       order_.push_back(key);
     }
@@ -265,6 +300,35 @@ bool TieredStore::authentic(const std::string& key, const Buffer& blob) const {
     return false;
   }
   return params_.secret.empty() || blob_signed_by(blob, params_.secret);
+}
+
+std::uint64_t TieredStore::next_version() {
+  const auto now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                       std::chrono::system_clock::now().time_since_epoch())
+                       .count();
+  versions_ = std::max(versions_ + 1, static_cast<std::uint64_t>(std::max<std::int64_t>(now, 0)));
+  return versions_;
+}
+
+bool TieredStore::current(const std::string& key, std::uint64_t version) {
+  const auto it = seen_.find(key);
+  if (it != seen_.end() &&
+      (version < it->second.newest || (it->second.deleted && version == it->second.newest))) {
+    ++counters_.stale;
+    return false;
+  }
+  if (it == seen_.end() || version > it->second.newest) seen_[key] = Seen{version, false};
+  versions_ = std::max(versions_, version);  // the next put is newer than what was seen
+  return true;
+}
+
+void TieredStore::disown(const std::string& key, int tier) {
+  const auto it = entries_.find(key);
+  if (it != entries_.end() && it->second.tier == tier) {
+    entries_.erase(it);
+    order_.erase(std::find(order_.begin(), order_.end(), key));
+  }
+  tiers_[tier]->forget(key);
 }
 
 bool TieredStore::put_blob(int tier, const std::string& key, const BlobPtr& blob,
@@ -328,10 +392,13 @@ std::optional<std::system_error> TieredStore::place_adaptive(
       if (candidate >= 0) move.blob = fresh.at(candidate);
     } else {
       move.blob = tiers_[entry.tier]->get(name);
-      tiers_[entry.tier]->remove(name);
-      if (move.blob && !authentic(name, *move.blob)) {  // replaced behind the store's back
-        ++counters_.unauthenticated;
+      if (move.blob && (!authentic(name, *move.blob) ? (++counters_.unauthenticated, true)
+                                                     : !current(name, blob_version(*move.blob)))) {
+        // Replaced behind the store's back: someone else's, left where it is.
+        tiers_[entry.tier]->forget(name);
         move.blob = nullptr;
+      } else {
+        tiers_[entry.tier]->remove(name);
       }
     }
     moves.push_back(std::move(move));
@@ -351,7 +418,7 @@ std::optional<std::system_error> TieredStore::place_adaptive(
         for (std::size_t l = 0; l < original.layers.size(); ++l)
           layers.push_back(layer_view(original, l));
         move.blob = encode(move.key, layers, entry.candidates[move.candidate].codec, entry.probes,
-                           params_.secret);
+                           params_.secret, entry.version);
         ++counters_.recompressions;
       } catch (const std::runtime_error&) {  // checksummed but malformed: dropped, counted
         ++counters_.corrupt;
@@ -392,7 +459,12 @@ void TieredStore::make_room(int tier, std::int64_t bytes, const std::string& kee
     if (!victim) return;
     const std::string name = *victim;
     Entry& entry = entries_.at(name);
-    const BlobPtr blob = target.get(name);
+    BlobPtr blob = target.get(name);
+    if (blob && (!authentic(name, *blob) ? (++counters_.unauthenticated, true)
+                                         : !current(name, blob_version(*blob)))) {
+      disown(name, tier);  // someone else's: left in place, not moved
+      continue;
+    }
     target.remove(name);
     const int below = tier + 1;
     bool placed = false;
@@ -436,6 +508,7 @@ std::optional<std::system_error> TieredStore::place_lru(const std::string& key, 
 }
 
 std::optional<GetResult> TieredStore::get(const std::string& key) {
+  RemoteOperation operation;  // every remote call of this get within one timeout
   {
     std::lock_guard<std::mutex> lock(mutex_);
     ++counters_.gets;
@@ -459,6 +532,7 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
     const std::int64_t errors = tiers_[tier]->counters().errors;
     BlobPtr blob = tiers_[tier]->get(key);
     const double io = seconds_since(start);
+    const bool signed_here = blob && authentic(key, *blob);
     std::unique_lock<std::mutex> lock(mutex_);
     const auto it = entries_.find(key);
     const bool remote = params_.remote && tier + 1 == static_cast<int>(tiers_.size());
@@ -477,6 +551,29 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
         return std::nullopt;
       }
       continue;  // moved meanwhile (look again), or a failed read (try again)
+    }
+    // Checked before the blob is promoted (which would delete it from its tier): a blob
+    // this store cannot verify, or older than a version it has seen, is someone else's.
+    // (The version on record when the read began is served even if a put of this store
+    // replaced it since: the read began while it was current.)
+    const std::uint64_t blob_v = signed_here ? blob_version(*blob) : 0;
+    if (!signed_here || blob_v != version) {
+      if (it == entries_.end() || it->second.tier != tier || it->second.version != version)
+        continue;  // replaced or moved by this store meanwhile: look again
+      if (!signed_here || !current(key, blob_v)) {
+        if (!signed_here) ++counters_.unauthenticated;
+        ++counters_.misses;
+        disown(key, tier);
+        return std::nullopt;
+      }
+      // Another store's version replaced this one's in a shared tier: the entry is that
+      // version now (its codec and size; its quality unknown).
+      const BlobInfo info = read_blob_info(blob->data(), blob->size());
+      const double known = info.codec == Codec{} ? 1.0 : std::numeric_limits<double>::quiet_NaN();
+      it->second.candidates = {Candidate{info.codec, stored_bytes(blob->size()), known, 0.0}};
+      it->second.held = 0;
+      it->second.version = version = blob_v;
+      quality = known;
     }
     bool shared = tier == 0;  // a blob a tier still holds is copied before it is handed out
     const std::int64_t bytes = stored_bytes(blob->size());
@@ -508,13 +605,40 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
     lock.unlock();
     return served(key, blob, tier, io, quality, shared);
   }
-  // Not held here (or unreadable): a shared remote tier may have it from another process.
-  if (params_.remote) {
+  // Not held here (or unreadable): another store may have put it in a tier they share,
+  // the SSD directory (then it is this store's entry too) or the remote server.
+  for (int tier = 1; tier < static_cast<int>(tiers_.size()); ++tier) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (entries_.count(key)) break;  // put here meanwhile
+    }
     const auto start = Clock::now();
-    BlobPtr blob = tiers_.back()->get(key);
-    if (blob)
-      return served(key, blob, static_cast<int>(tiers_.size()) - 1, seconds_since(start),
-                    std::numeric_limits<double>::quiet_NaN(), false);
+    BlobPtr blob = tiers_[tier]->get(key);
+    const double io = seconds_since(start);
+    if (!blob) continue;
+    const bool signed_here = authentic(key, *blob);
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!signed_here || !current(key, blob_version(*blob))) {
+      if (!signed_here) ++counters_.unauthenticated;
+      tiers_[tier]->forget(key);
+      continue;
+    }
+    double quality = std::numeric_limits<double>::quiet_NaN();
+    const bool remote = params_.remote && tier + 1 == static_cast<int>(tiers_.size());
+    if (!remote && !entries_.count(key)) {
+      const BlobInfo info = read_blob_info(blob->data(), blob->size());
+      if (info.codec == Codec{}) quality = 1.0;
+      Entry entry;
+      entry.candidates.push_back(Candidate{info.codec, stored_bytes(blob->size()), quality, 0.0});
+      entry.tier = tier;
+      entry.hits = 1.0;
+      entry.last_use = ++clock_;
+      entry.version = info.version;
+      entries_[key] = std::move(entry);
+      order_.push_back(key);
+    }
+    lock.unlock();
+    return served(key, blob, tier, io, quality, false);
   }
   std::lock_guard<std::mutex> lock(mutex_);
   ++counters_.misses;
@@ -529,21 +653,17 @@ std::optional<GetResult> TieredStore::served(const std::string& key, const BlobP
   result.io_seconds = io_seconds;
   result.quality = quality;
   const auto start = Clock::now();
-  bool signed_here = authentic(key, *blob), malformed = false;
   try {
-    if (signed_here) result.kv = decode(blob, shared);
+    result.kv = decode(blob, shared);
   } catch (const std::runtime_error&) {
-    malformed = true;
-  }
-  if (!signed_here || malformed) {
-    // Not this store's (no tag of its secret, another key's blob) or checksummed but
-    // malformed: never decoded or served; counted, forgotten and, unless the tier is the
-    // remote one other stores share, removed.
+    // Checksummed (and signed, with a secret) but malformed: never served; counted and
+    // forgotten, the blob left to whoever wrote it.
     std::lock_guard<std::mutex> lock(mutex_);
-    ++(malformed ? counters_.corrupt : counters_.unauthenticated);
+    ++counters_.corrupt;
     ++counters_.misses;
-    if (entries_.count(key)) drop(key);
-    if (!(params_.remote && tier + 1 == static_cast<int>(tiers_.size()))) tiers_[tier]->remove(key);
+    if (const auto it = entries_.find(key); it != entries_.end() && it->second.tier != tier)
+      drop(key);
+    disown(key, tier);
     return std::nullopt;
   }
   result.decode_seconds = seconds_since(start);
@@ -564,7 +684,10 @@ bool TieredStore::contains(const std::string& key) {
 
 bool TieredStore::remove(const std::string& key) {
   std::lock_guard<std::mutex> lock(mutex_);
+  RemoteOperation operation;
   const bool held = entries_.count(key) > 0;
+  // Every version written before the delete is gone for this store, wherever one turns up.
+  seen_[key] = Seen{next_version(), true};
   drop(key);
   if (params_.remote && !held && tiers_.back()->contains(key)) {
     tiers_.back()->remove(key);

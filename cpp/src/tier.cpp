@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -65,12 +66,15 @@ class DramTier final : public Tier {
     blobs_.erase(it);
   }
 
+  void forget(const std::string& key) override { remove(key); }  // only this process sees it
+
   std::vector<StoredBlob> list() override {
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<StoredBlob> out;
-    for (const auto& [key, blob] : blobs_)
-      out.push_back(
-          {key, stored_bytes(blob->size()), read_blob_info(blob->data(), blob->size()).codec});
+    for (const auto& [key, blob] : blobs_) {
+      const BlobInfo info = read_blob_info(blob->data(), blob->size());
+      out.push_back({key, stored_bytes(blob->size()), info.codec, info.version});
+    }
     return out;
   }
 
@@ -174,8 +178,8 @@ class SsdTier final : public Tier {
     }
     const auto it = index_.find(key);
     if (it != index_.end()) used_ -= it->second.bytes;
-    index_[key] =
-        Entry{blob->size(), bytes, read_blob_info(blob->data(), blob->size()).codec, ++versions_};
+    const BlobInfo info = read_blob_info(blob->data(), blob->size());
+    index_[key] = Entry{blob->size(), bytes, info.codec, ++versions_, info.version};
     used_ += bytes;
     return true;
   }
@@ -193,9 +197,9 @@ class SsdTier final : public Tier {
         return blob;
       }
       const auto it = index_.find(key);
-      if (it == index_.end()) return nullptr;
-      size = it->second.size;
-      version = it->second.version;
+      // Not indexed: another process may have stored it since this tier opened.
+      size = it == index_.end() ? 0 : it->second.size;
+      version = it == index_.end() ? 0 : it->second.version;
     }
     return read_verified(key, size, version);
   }
@@ -215,10 +219,20 @@ class SsdTier final : public Tier {
     index_.erase(it);
   }
 
+  void forget(const std::string& key) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    drop_prefetched(key);
+    const auto it = index_.find(key);
+    if (it == index_.end()) return;
+    used_ -= it->second.bytes;
+    index_.erase(it);
+  }
+
   std::vector<StoredBlob> list() override {
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<StoredBlob> out;
-    for (const auto& [key, entry] : index_) out.push_back({key, entry.bytes, entry.codec});
+    for (const auto& [key, entry] : index_)
+      out.push_back({key, entry.bytes, entry.codec, entry.entry_version});
     return out;
   }
 
@@ -246,7 +260,8 @@ class SsdTier final : public Tier {
     std::size_t size;    // blob bytes
     std::int64_t bytes;  // stored bytes (file size)
     Codec codec;
-    std::uint64_t version = 0;  // which put wrote the file (0: found on disk)
+    std::uint64_t version = 0;        // when this tier indexed the file (from 1; 0: never)
+    std::uint64_t entry_version = 0;  // the version the blob carries
   };
 
   std::string file_name(const std::string& key) const {
@@ -305,84 +320,141 @@ class SsdTier final : public Tier {
     return fd;
   }
 
-  // Reads and verifies the blob `version` of `key` wrote (`size` bytes); drops it (counted)
-  // when corrupt. A put that replaced the file meanwhile makes a failed read a plain miss
-  // (the caller looks again), never a corrupt file. A helper thread reads ahead in chunks
-  // while this one checksums what has arrived.
-  BlobPtr read_verified(const std::string& key, std::size_t size, std::uint64_t version) {
+  // Reads `blob` (its capacity) from `fd` and feeds `verifier` as bytes arrive; false on an
+  // I/O error. A helper thread reads ahead in chunks while this one checksums what has
+  // arrived.
+  static bool read_into(int fd, Buffer& blob, BlobVerifier& verifier) {
     constexpr std::size_t kChunk = 4u << 20;
-    auto blob = std::make_shared<Buffer>(size);
-    BlobVerifier verifier(*blob);
+    if (blob.capacity() <= 2 * kChunk) {
+      if (!read_all(fd, blob.data(), blob.capacity(), 0)) return false;
+      verifier.update(blob.size());
+      return true;
+    }
+    std::mutex progress_mutex;
+    std::condition_variable progress;
+    std::size_t arrived = 0;
+    bool failed = false;
+    std::thread reader([&] {
+      for (std::size_t at = 0; at < blob.capacity(); at += kChunk) {
+        const std::size_t n = std::min(kChunk, blob.capacity() - at);
+        const bool ok = read_all(fd, blob.data() + at, n, static_cast<off_t>(at));
+        std::lock_guard<std::mutex> lock(progress_mutex);
+        if (!ok) failed = true;
+        arrived = ok ? at + n : arrived;
+        progress.notify_one();
+        if (!ok) return;
+      }
+    });
+    std::size_t populated = kChunk;  // the reader faults in its first chunk itself
+    for (std::size_t seen = 0;;) {
+      // While the device works, fault in the pages of the chunks ahead (zeroing fresh
+      // memory is CPU work that would otherwise stall each read). MADV_POPULATE_WRITE
+      // never changes a page already present, so it cannot race with the reader.
+      for (; populated < std::min(blob.capacity(), seen + 3 * kChunk); populated += kChunk)
+        ::madvise(blob.data() + populated, std::min(kChunk, blob.capacity() - populated),
+                  MADV_POPULATE_WRITE);
+      std::unique_lock<std::mutex> lock(progress_mutex);
+      progress.wait(lock, [&] { return failed || arrived > seen; });
+      seen = arrived;
+      const bool done = failed || seen >= blob.capacity();
+      lock.unlock();
+      verifier.update(seen);
+      if (done) break;
+    }
+    reader.join();
+    return !failed;
+  }
+
+  // Removes the file of `key` if it is still the one described by `seen` (another process
+  // may have renamed a new one into place since it was read).
+  void unlink_if_same(const std::string& key, const struct stat& seen) const {
+    struct stat now {};
+    if (::stat(path_of(key).c_str(), &now) == 0 && now.st_dev == seen.st_dev &&
+        now.st_ino == seen.st_ino)
+      ::unlink(path_of(key).c_str());
+  }
+
+  // Reads the file of `key` whole and verifies it. `size` is the blob size on record and
+  // `version` when this tier indexed it (both 0: not indexed). The file is read at its own
+  // size: another process may have replaced it with a blob of another size or codec, which
+  // is then indexed as the key's blob; a file that fails verification is corrupt (files are
+  // only ever replaced whole, by rename) and dropped, counted, unless a put of this tier
+  // replaced it meanwhile (then a plain miss: the caller looks again).
+  BlobPtr read_verified(const std::string& key, std::size_t size, std::uint64_t version) {
+    BlobPtr blob;
     bool read = false, valid = false, missing = false;
+    struct stat file_info {};
     {
       Fd file(open_for_read(path_of(key)));
       missing = file.fd < 0 && errno == ENOENT;
-      if (file.fd >= 0 && blob->capacity() <= 2 * kChunk) {
-        read = read_all(file.fd, blob->data(), blob->capacity(), 0);
-      } else if (file.fd >= 0) {
-        std::mutex progress_mutex;
-        std::condition_variable progress;
-        std::size_t arrived = 0;
-        bool failed = false;
-        std::thread reader([&] {
-          for (std::size_t at = 0; at < blob->capacity(); at += kChunk) {
-            const std::size_t n = std::min(kChunk, blob->capacity() - at);
-            const bool ok = read_all(file.fd, blob->data() + at, n, static_cast<off_t>(at));
-            std::lock_guard<std::mutex> lock(progress_mutex);
-            if (!ok) failed = true;
-            arrived = ok ? at + n : arrived;
-            progress.notify_one();
-            if (!ok) return;
+      if (file.fd >= 0 && ::fstat(file.fd, &file_info) == 0 && file_info.st_size > 0) {
+        const auto file_bytes = static_cast<std::int64_t>(file_info.st_size);
+        if (stored_bytes(size) != file_bytes) size = static_cast<std::size_t>(file_bytes);
+        auto buffer = std::make_shared<Buffer>(size);
+        BlobVerifier verifier(*buffer);
+        read = buffer->capacity() == static_cast<std::size_t>(file_bytes) &&
+               read_into(file.fd, *buffer, verifier);
+        if (read) {
+          try {
+            const BlobInfo info = read_blob_info(buffer->data(), buffer->size());
+            valid = info.key == key && verifier.valid();
+            if (!valid && info.key == key && info.size != buffer->size() &&
+                stored_bytes(info.size) == file_bytes) {
+              // The record was of another version: the header gives this one's size.
+              auto exact = std::make_shared<Buffer>(info.size);
+              std::memcpy(exact->data(), buffer->data(), info.size);
+              buffer = exact;
+              valid = verify_blob(*buffer);
+            }
+          } catch (const std::runtime_error&) {
+            valid = false;
           }
-        });
-        std::size_t populated = kChunk;  // the reader faults in its first chunk itself
-        for (std::size_t seen = 0;;) {
-          // While the device works, fault in the pages of the chunks ahead (zeroing fresh
-          // memory is CPU work that would otherwise stall each read). MADV_POPULATE_WRITE
-          // never changes a page already present, so it cannot race with the reader.
-          for (; populated < std::min(blob->capacity(), seen + 3 * kChunk); populated += kChunk)
-            ::madvise(blob->data() + populated, std::min(kChunk, blob->capacity() - populated),
-                      MADV_POPULATE_WRITE);
-          std::unique_lock<std::mutex> lock(progress_mutex);
-          progress.wait(lock, [&] { return failed || arrived > seen; });
-          seen = arrived;
-          const bool done = failed || seen >= blob->capacity();
-          lock.unlock();
-          verifier.update(seen);
-          if (done) break;
         }
-        reader.join();
-        read = !failed;
-      }
-      if (read) {
-        try {
-          valid = verifier.valid() && read_blob_info(blob->data(), blob->size()).key == key;
-        } catch (const std::runtime_error&) {
-          valid = false;
-        }
+        blob = std::move(buffer);
       }
     }
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = index_.find(key);
-    if (it == index_.end()) return nullptr;  // removed meanwhile
-    // A whole blob of this key is a version some put wrote: the read began while it was
-    // current (a rename swaps whole files), so it is served even if replaced since.
-    if (valid) return blob;
-    if (it->second.version != version || writing_.count(key)) return nullptr;  // replaced
-    if (!read && !missing) {  // an I/O error says nothing about the file: keep it
-      ++counters_.errors;
+    if (version != 0 &&
+        (it == index_.end() || it->second.version != version || writing_.count(key)))
+      // Removed or replaced by this tier meanwhile: a whole blob of this key is a version
+      // some put wrote, current when the read began (a rename swaps whole files), so it is
+      // served; anything else is a plain miss.
+      return valid ? blob : nullptr;
+    if (valid) {
+      // The index follows the file: the version another process wrote, or one found now.
+      const BlobInfo info = read_blob_info(blob->data(), blob->size());
+      if (it != index_.end()) {
+        used_ += stored_bytes(blob->size()) - it->second.bytes;
+        it->second.size = blob->size();
+        it->second.bytes = stored_bytes(blob->size());
+        it->second.codec = info.codec;
+        it->second.entry_version = info.version;
+      } else if (!writing_.count(key)) {
+        index_[key] =
+            Entry{blob->size(), stored_bytes(blob->size()), info.codec, ++versions_, info.version};
+        used_ += stored_bytes(blob->size());
+      }
+      return blob;
+    }
+    if (missing) {
+      if (it != index_.end()) {  // removed behind the store's back (or by another process)
+        ++counters_.errors;
+        used_ -= it->second.bytes;
+        index_.erase(it);
+      }
       return nullptr;
     }
-    if (missing) {  // removed behind the store's back
-      ++counters_.errors;
-      used_ -= it->second.bytes;
-      index_.erase(it);
+    if (!read) {  // an I/O error (or not a file) says nothing about the file: keep it
+      if (it != index_.end() || blob) ++counters_.errors;
       return nullptr;
     }
     ++counters_.corrupt;
-    ::unlink(path_of(key).c_str());
-    used_ -= it->second.bytes;
-    index_.erase(it);
+    unlink_if_same(key, file_info);
+    if (it != index_.end()) {
+      used_ -= it->second.bytes;
+      index_.erase(it);
+    }
     return nullptr;
   }
 
@@ -440,7 +512,8 @@ class SsdTier final : public Tier {
     for (const std::string& name : names) {
       const std::string path = params_.directory + "/" + name;
       if (is_temp_name(name)) {
-        ::unlink(path.c_str());
+        // Another process's put may be writing it: only a writer that is gone left it.
+        if (writer_gone(name)) ::unlink(path.c_str());
         continue;
       }
       if (!is_blob_name(name)) continue;
@@ -459,9 +532,15 @@ class SsdTier final : public Tier {
         if (static_cast<std::size_t>(info.st_size) >= with_key.size() &&
             read_all(file.fd, with_key.data(), with_key.size(), 0)) {
           const BlobInfo blob = read_blob_info(with_key.data(), with_key.size());
+          std::uint64_t entry_version = 0;
           if (file_name(blob.key) == name &&
-              static_cast<std::int64_t>(info.st_size) == stored_bytes(blob.size)) {
-            index_[blob.key] = Entry{blob.size, stored_bytes(blob.size), blob.codec};
+              static_cast<std::int64_t>(info.st_size) == stored_bytes(blob.size) &&
+              (!blob_has_version(header) ||
+               read_all(file.fd, reinterpret_cast<unsigned char*>(&entry_version),
+                        sizeof entry_version,
+                        static_cast<off_t>(blob.size - sizeof entry_version)))) {
+            index_[blob.key] =
+                Entry{blob.size, stored_bytes(blob.size), blob.codec, ++versions_, entry_version};
             used_ += stored_bytes(blob.size);
             indexed = true;
           }
@@ -480,6 +559,13 @@ class SsdTier final : public Tier {
     if (name.size() != 20 || !ends_with(name, ".kvb")) return false;
     return std::all_of(name.begin(), name.begin() + 16,
                        [](char c) { return std::isxdigit(static_cast<unsigned char>(c)); });
+  }
+  // True when the process named in a temporary file's name (<blob name>.<pid>.<serial>.tmp)
+  // no longer exists: the file is the leftover of an interrupted write. Pids are those of
+  // this machine's pid namespace, where the processes sharing a directory run.
+  static bool writer_gone(const std::string& name) {
+    const long pid = std::strtol(name.c_str() + 21, nullptr, 10);
+    return pid <= 0 || (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH);
   }
   // <blob name>.<pid>.<serial>.tmp: write_file()'s temporary files.
   static bool is_temp_name(const std::string& name) {

@@ -170,7 +170,16 @@ class TieredStore:
         only entries signed with it: an entry someone without the secret wrote to the SSD
         directory or the Redis server is a miss (``stats()["unauthenticated"]``), never
         decoded. Stores sharing a tier share the secret. Without it entries are checksummed,
-        which catches accidents, not forgeries.
+        which catches accidents, not forgeries. A blob the store cannot verify is someone
+        else's: a counted miss, left where it is.
+
+    Several processes may share the SSD directory and the Redis server: every put carries a
+    version (a hybrid logical clock), the newest version found is served whoever wrote it,
+    and a version older than one this store has written, served or deleted never is (a miss
+    counted in ``stats()["stale"]``). ``put`` raises OSError when a tier cannot take the
+    entry: a full disk, or a Redis server that refuses the connection or does not answer
+    within ``timeout`` (one bound for all the put's calls to it); the version it would
+    replace stays the entry.
     """
 
     def __init__(
@@ -305,8 +314,8 @@ class TieredStore:
     def stats(self) -> dict:
         """Hits, entries, bytes, capacity and prefetched blobs per tier; gets, misses,
         puts, evictions, moves, recompressions, corrupt entries dropped, entries refused as
-        unauthenticated (see ``secret``), errors; mean and p95 loading delay (seconds) and
-        mean quality over hits."""
+        unauthenticated (see ``secret``) or as stale (older than a version seen), errors;
+        mean and p95 loading delay (seconds) and mean quality over hits."""
         return self._store.stats()
 
     def close(self) -> None:

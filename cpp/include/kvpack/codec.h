@@ -3,8 +3,9 @@
 //
 // Blob layout (little-endian): a 64-byte header (magic, version, codec, dtype, layer
 // count, sizes, XXH3 checksum, an optional HMAC tag), the entry's key, a table of one record per
-// layer, then each layer's payload at a 64-byte aligned offset. The checksum covers every byte but
-// its own field, so a flipped byte anywhere is detected.
+// layer, each layer's payload at a 64-byte aligned offset, then (from format 3) the entry's
+// version in the blob's last 8 bytes. The checksum covers every byte but its own field, so a
+// flipped byte anywhere is detected; the tag binds the key and the version with the data.
 #pragma once
 
 #include <cstddef>
@@ -48,9 +49,9 @@ struct Codec {
 /// each compression method that has a blob_code); std::invalid_argument otherwise.
 Codec parse_codec(const std::string& name);
 
-/// Version written into every blob (2: XXH3 checksums); decode reads it and version 1
-/// (the same layout with XXH64 checksums) and refuses others.
-constexpr std::uint32_t kBlobVersion = 2;
+/// Format version written into every blob (3: the entry version after the payloads); decode
+/// reads it, version 2 (no entry version) and version 1 (XXH64 checksums), and refuses others.
+constexpr std::uint32_t kBlobVersion = 3;
 
 /// An owning byte buffer whose start and padded capacity are multiples of 4096, as
 /// O_DIRECT I/O needs; the padding is zeroed.
@@ -88,6 +89,9 @@ struct BlobInfo {
   std::int64_t layers = 0;
   std::size_t size = 0;  ///< bytes of the blob (unpadded)
   std::uint64_t checksum = 0;
+  /// Which put wrote the entry (ordered across stores, see TieredStore); 0 for blobs of
+  /// format 1 and 2, and when read_blob_info was not given the whole blob.
+  std::uint64_t version = 0;
 };
 
 /// Smallest prefix of a blob that holds its header and key.
@@ -128,9 +132,15 @@ class BlobVerifier {
 /// Encodes `layers` (all with one dtype) under `key` with `codec`. Dropping and merging
 /// rank tokens by the accumulated attention of each layer's evidence (evidence[l]);
 /// with no evidence (empty vector) the layer's last 32 keys stand in for queries. A
-/// non-empty `secret` signs the blob (see blob_signed_by).
+/// non-empty `secret` signs the blob (see blob_signed_by); `version` is the entry version
+/// it carries.
 BlobPtr encode(const std::string& key, const std::vector<LayerView>& layers, const Codec& codec,
-               const std::vector<Evidence>& evidence = {}, const std::string& secret = {});
+               const std::vector<Evidence>& evidence = {}, const std::string& secret = {},
+               std::uint64_t version = 0);
+
+/// True when the blob whose first kBlobHeaderBytes are `header` ends with an entry version
+/// (format 3 on): its last 8 bytes, which read_blob_info reads when given the whole blob.
+bool blob_has_version(const unsigned char* header);
 
 /// True when the blob carries the tag of `secret`: HMAC-SHA256 (OpenSSL) of the whole blob
 /// (its checksum and tag fields as zeros), 96 bits of it kept in the header. The checksum

@@ -84,12 +84,23 @@ struct StoreStats {
   std::int64_t moves = 0;           ///< entries moved between tiers
   std::int64_t recompressions = 0;  ///< entries re-encoded with another codec
   std::int64_t corrupt = 0, errors = 0;
-  std::int64_t unauthenticated = 0;          ///< blobs not signed with the secret, or another key's
+  std::int64_t unauthenticated = 0;  ///< blobs not signed with the secret, or another key's
+  std::int64_t stale = 0;  ///< blobs older than a version this store has written, seen or deleted
   double mean_delay = 0.0, p95_delay = 0.0;  ///< seconds (io + decode) over hits
   double mean_quality = 0.0;                 ///< over hits with a known quality
 };
 
 /// The tiered store. Thread-safe.
+///
+/// Several stores (processes) may share the SSD directory and the remote tier. Every put
+/// gives the entry a version from a hybrid logical clock (nanoseconds of the wall clock,
+/// and above every version this store has written or seen), carried in the blob and bound
+/// to it by the checksum and, with a secret, the signature. A store never serves a version
+/// older than the newest of a key it has written or served, nor one from before it deleted
+/// the key (both a counted miss: StoreStats::stale); a newer version another store wrote is
+/// served. A blob it cannot verify (another secret, older, malformed) is someone else's: a
+/// counted miss, left in place. These floors live in memory: a store that opens knows the
+/// versions it finds on its SSD tier, not the deletes of the stores before it.
 class TieredStore {
  public:
   explicit TieredStore(const StoreParams& params);
@@ -97,7 +108,10 @@ class TieredStore {
 
   /// Stores one context (all layers, one dtype) under `key`, replacing any entry there; the
   /// replaced version stays until the new one is in place. Throws std::system_error when a
-  /// tier failed to write the entry (full or read-only disk): then the old version stays.
+  /// tier failed to write the entry (full or read-only disk, a remote server unreachable or
+  /// not answering; all remote calls of one put share one timeout): then the old version
+  /// stays. A put overtaken by a newer version of the key (a concurrent put or delete, or a
+  /// newer version seen meanwhile) is ordered before it and stores nothing.
   /// probes[l]: queries [heads_q, n, dim] of layer l scoring quality and guiding token
   /// dropping (empty: each layer's last 32 keys stand in). qualities: the caller's
   /// quality per codec of codecs() (empty: measured).
@@ -131,7 +145,7 @@ class TieredStore {
     int tier = 0;
     double hits = 0.0;
     std::uint64_t last_use = 0;
-    std::uint64_t version = 0;                   ///< which put stored it (0: found on disk)
+    std::uint64_t version = 0;                   ///< the entry version of the blob held
     std::vector<std::vector<float>> probe_data;  ///< for re-encoding later
     std::vector<Evidence> probes;
   };
@@ -154,6 +168,14 @@ class TieredStore {
   // and otherwise a blob not placed.
   // True when `blob` is the blob of `key` and, with a secret, signed with it.
   bool authentic(const std::string& key, const Buffer& blob) const;
+  // The next entry version: above every version written or seen, at least the wall clock.
+  std::uint64_t next_version();
+  // True when `version` of `key` may be served (recorded as seen); false, counted as
+  // stale, when it is older than one written, served or deleted.
+  bool current(const std::string& key, std::uint64_t version);
+  // Forget the entry without deleting its blob, which is someone else's.
+  void disown(const std::string& key, int tier);
+  bool shared(int tier) const { return tiers_[tier]->name() != "dram"; }
   bool put_blob(int tier, const std::string& key, const BlobPtr& blob,
                 std::optional<std::system_error>* failure = nullptr);
   void make_room(int tier, std::int64_t bytes, const std::string& keep);
@@ -172,7 +194,12 @@ class TieredStore {
   std::unordered_map<std::string, Entry> entries_;
   std::vector<std::string> order_;  ///< keys in insertion order (deterministic placement)
   std::uint64_t clock_ = 0;
-  std::uint64_t versions_ = 0;  ///< puts so far
+  std::uint64_t versions_ = 0;  ///< the newest version written or seen
+  struct Seen {
+    std::uint64_t newest = 0;  ///< the newest version written or served
+    bool deleted = false;      ///< deleted since: only newer versions are served
+  };
+  std::unordered_map<std::string, Seen> seen_;
   StoreStats counters_;
   std::vector<double> delays_, qualities_;
 };

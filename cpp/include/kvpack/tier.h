@@ -25,6 +25,7 @@ struct StoredBlob {
   std::string key;
   std::int64_t bytes = 0;  ///< stored bytes
   Codec codec;
+  std::uint64_t version = 0;  ///< the entry version the blob carries (BlobInfo::version)
 };
 
 /// Bytes a blob occupies in any tier: its size rounded up to 4096 (the I/O block).
@@ -42,13 +43,19 @@ class Tier {
   virtual std::int64_t used() const = 0;
   virtual std::int64_t capacity() const = 0;
   /// Stores `blob` under `key`, replacing any previous blob; false (and nothing stored)
-  /// when it does not fit or the tier is unreachable. The SSD tier throws std::system_error
-  /// when it cannot write the file (full or read-only disk), the previous blob kept.
+  /// when it does not fit. Throws std::system_error when the write failed, the previous
+  /// blob kept: the SSD tier's disk full or read-only, the remote tier's server
+  /// unreachable or not answering within its timeout (ETIMEDOUT, ECONNREFUSED, ...).
   virtual bool put(const std::string& key, const BlobPtr& blob) = 0;
-  /// The verified blob under `key`, or null when absent, corrupt or unreachable.
+  /// The verified blob under `key`, or null when absent, corrupt or unreachable. Tiers other
+  /// processes write (SSD, remote) also return blobs they did not place themselves.
   virtual BlobPtr get(const std::string& key) = 0;
   virtual bool contains(const std::string& key) = 0;
   virtual void remove(const std::string& key) = 0;
+  /// Stops holding `key` (no longer listed or counted in used()) but leaves its blob where
+  /// other processes find it: a blob this store cannot verify, or older than a version it
+  /// has seen, is someone else's, not this store's to delete.
+  virtual void forget(const std::string& key) = 0;
   /// The keys this tier holds with their stored bytes (for the SSD tier, rebuilt from the
   /// directory when it opened).
   virtual std::vector<StoredBlob> list() = 0;
@@ -69,10 +76,13 @@ struct SsdParams {
   std::int64_t prefetch_bytes = 256ll << 20;  ///< most bytes held by prefetched reads
 };
 
-/// Blobs as files in a directory: written to a temporary file, fsynced and renamed into
-/// place (a crash leaves the old file or the new one, never a torn one); the index is
-/// rebuilt from the files when the directory is reopened, leftovers of interrupted
-/// writes removed.
+/// Blobs as files in a directory: written to a temporary file (named after the blob, the
+/// writer's pid and a serial), fsynced and renamed into place (a crash leaves the old file
+/// or the new one, never a torn one); the index is rebuilt from the files when the
+/// directory is reopened. Several processes of one machine (one pid namespace) may share
+/// the directory: opening it removes only temporary files whose writer is gone, and a file
+/// another process replaced (another size, another codec) is read whole and verified, never
+/// taken for a corrupt one; a key another process stored is found at its first get.
 std::unique_ptr<Tier> make_ssd_tier(const SsdParams& params);
 
 /// Parameters of the remote tier.
@@ -86,7 +96,21 @@ struct RedisParams {
 };
 
 /// Blobs on a Redis server, shared by every process that uses the same prefix. A server
-/// that is down or stops answering makes calls fail fast as misses (counted as errors).
+/// that is down or stops answering makes calls fail fast (counted as errors): a get is a
+/// miss, a put throws std::system_error. After three failures in a row the server is left
+/// alone for a back-off (1 s, doubling to 30 s) during which calls fail at once.
 std::unique_ptr<Tier> make_redis_tier(const RedisParams& params);
+
+/// While one lives on a thread, the remote tier's calls made on that thread share one
+/// deadline (one timeout from the first call) and, once one has failed, the others fail at
+/// once: a store operation that makes several calls (a put, the moves it causes) is bounded
+/// like a single call. Scopes nest; the outermost one counts.
+class RemoteOperation {
+ public:
+  RemoteOperation();
+  ~RemoteOperation();
+  RemoteOperation(const RemoteOperation&) = delete;
+  RemoteOperation& operator=(const RemoteOperation&) = delete;
+};
 
 }  // namespace kvpack
