@@ -28,3 +28,7 @@ ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build/sanitize --output-on-failure
 
 echo "== Python tests"
 python3 -m pytest
+
+echo "== the wheel: build, repair, then a fresh environment outside the source tree"
+bash scripts/wheel.sh
+bash scripts/wheel_test.sh
