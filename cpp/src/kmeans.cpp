@@ -1,5 +1,6 @@
 // Lloyd's k-means with a GEMM assignment (Eigen) in fixed blocks of points, so the
-// labels, sums and objective are the same for any thread count.
+// labels, sums and objective are the same for any thread count. Compiled once for every
+// CPU target (cpu_kernels.h).
 
 #include "kvpack/kmeans.h"
 
@@ -9,11 +10,12 @@
 #include <limits>
 #include <random>
 
+#include "cpu_kernels.h"
 #include "kvpack/convert.h"
 #include "kvpack/cpu.h"
 #include "kvpack/parallel.h"
 
-namespace kvpack {
+namespace kvpack::KVPACK_TARGET_NS {
 
 namespace {
 
@@ -121,8 +123,8 @@ void assign_points(const Points& p, const RowMatrix& c, bool spherical, bool par
 
 // One assignment round: recomputes only the points whose bounds cannot prove their
 // label, then the exact cost of every point under its label. Returns the summed cost.
-double assign(const Points& p, const RowMatrix& c, bool spherical, bool parallel, bool have_bounds,
-              Assignment& a, std::vector<float>& costs) {
+double assign_round(const Points& p, const RowMatrix& c, bool spherical, bool parallel,
+                    bool have_bounds, Assignment& a, std::vector<float>& costs) {
   const std::int64_t n = p.x.rows();
   std::vector<std::int64_t> active;
   if (have_bounds) {
@@ -147,8 +149,8 @@ double assign(const Points& p, const RowMatrix& c, bool spherical, bool parallel
 
 // Centroids from labels: member means (renormalised when spherical); an empty cluster
 // is re-seeded with the costliest point not yet used for that.
-void update(const Points& p, const std::int32_t* labels, bool spherical, std::vector<float>& costs,
-            RowMatrix& c) {
+void update_centroids(const Points& p, const std::int32_t* labels, bool spherical,
+                      std::vector<float>& costs, RowMatrix& c) {
   const std::int64_t n = p.x.rows(), k = c.rows(), dim = c.cols();
   Eigen::MatrixXd sums = Eigen::MatrixXd::Zero(k, dim);
   std::vector<std::int64_t> counts(static_cast<std::size_t>(k), 0);
@@ -206,14 +208,14 @@ class CpuKMeans final : public KMeansBackend {
 
   double assign(bool* changed) override {
     previous_ = a_.labels;
-    const double total = kvpack::assign(p_, c_, spherical_, parallel_, have_bounds_, a_, costs_);
+    const double total = assign_round(p_, c_, spherical_, parallel_, have_bounds_, a_, costs_);
     *changed = a_.labels != previous_;
     return total;
   }
 
   void update() override {
     const RowMatrix moved = c_;
-    kvpack::update(p_, a_.labels.data(), spherical_, costs_, c_);
+    update_centroids(p_, a_.labels.data(), spherical_, costs_, c_);
     // Loosen the bounds by how far the centroids moved.
     const Eigen::VectorXf shift = (c_ - moved).rowwise().norm();
     const float max_shift = shift.maxCoeff();
@@ -361,8 +363,10 @@ std::vector<float> kmeans_initial_centroids(const void* points, DType dtype, std
 KMeansResult kmeans(const void* points, DType dtype, std::int64_t n, std::int64_t dim,
                     const KMeansParams& params, const float* init_centroids) {
   check_kmeans_args(n, dim, params);
-  const auto backend = cpu_kmeans_backend(points, dtype, n, dim, params.spherical);
-  return kmeans(*backend, params, init_centroids);
+  // Qualified: argument-dependent lookup would also find the public kvpack:: functions.
+  const auto backend =
+      KVPACK_TARGET_NS::cpu_kmeans_backend(points, dtype, n, dim, params.spherical, true);
+  return KVPACK_TARGET_NS::kmeans(*backend, params, init_centroids);
 }
 
 namespace cpu {
@@ -373,10 +377,10 @@ std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams&
   std::vector<KMeansResult> results(static_cast<std::size_t>(points.heads));
   const std::int64_t init_stride = params.n_clusters * points.dim;
   auto one_head = [&](std::int64_t h, bool parallel) {
-    results[static_cast<std::size_t>(h)] =
-        kmeans(*cpu_kmeans_backend(points.row(h, 0), points.dtype, points.tokens, points.dim,
-                                   params.spherical, parallel),
-               params, init_centroids ? init_centroids + h * init_stride : nullptr);
+    results[static_cast<std::size_t>(h)] = KVPACK_TARGET_NS::kmeans(
+        *KVPACK_TARGET_NS::cpu_kmeans_backend(points.row(h, 0), points.dtype, points.tokens,
+                                              points.dim, params.spherical, parallel),
+        params, init_centroids ? init_centroids + h * init_stride : nullptr);
   };
   // Heads across threads when they share out evenly (or are many), else blocks of
   // points: 3 heads on 2 threads would leave one thread idle a third of the time.
@@ -391,4 +395,4 @@ std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams&
 
 }  // namespace cpu
 
-}  // namespace kvpack
+}  // namespace kvpack::KVPACK_TARGET_NS

@@ -1,6 +1,5 @@
 #include "kvpack/select.h"
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -8,17 +7,8 @@
 #include <numeric>
 
 #include "kvpack/common.h"
-#include "kvpack/cpu.h"
 
 namespace kvpack {
-
-void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const float* q,
-                    float* out) {
-  using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  Eigen::Map<const RowMatrix> m(rows, n, dim);
-  Eigen::Map<const Eigen::VectorXf> v(q, dim);
-  Eigen::Map<Eigen::VectorXf>(out, n).noalias() = m * v;
-}
 
 namespace {
 
@@ -120,19 +110,5 @@ void fill_budget(const std::vector<std::int32_t>& always, const RankedGroups& gr
       out[n++] =
           static_cast<std::int32_t>(w * 64 + static_cast<std::size_t>(__builtin_ctzll(bits)));
 }
-
-namespace cpu {
-
-void rank_rows(const float* rows, std::int64_t heads, std::int64_t n, std::int64_t dim,
-               const float* q, std::int64_t k, float* scores, std::int32_t* out) {
-  for (std::int64_t h = 0; h < heads; ++h) {
-    float* head_scores = scores + h * n;
-    inner_products(rows + h * n * dim, n, dim, q + h * dim, head_scores);
-    const std::vector<std::int32_t> best = top_k(head_scores, n, k);
-    std::copy(best.begin(), best.end(), out + h * k);
-  }
-}
-
-}  // namespace cpu
 
 }  // namespace kvpack

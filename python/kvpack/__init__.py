@@ -12,6 +12,8 @@ replay) is :mod:`kvpack.eval`, imported on its own: the library never imports it
 from . import _arguments, methods, store  # noqa: F401 (_arguments: for its effect)
 from ._core import (
     __version__,
+    cpu_target,
+    cpu_targets,
     cuda_available,
     cuda_compiled,
     get_num_threads,
@@ -49,6 +51,8 @@ __all__ = [
     "budget_tokens",
     "compress",
     "context_key",
+    "cpu_target",
+    "cpu_targets",
     "cuda_available",
     "cuda_compiled",
     "get_num_threads",

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cstddef>
+#include <string>
+#include <vector>
 
 #include "kvpack/common.h"
 
@@ -15,6 +17,15 @@ bool cuda_compiled();
 
 /// True when the CUDA backend is compiled and at least one GPU is usable.
 bool cuda_available();
+
+/// The instruction set of the CPU kernels in use: the best of their builds
+/// (KVPACK_CPU_TARGETS at configure time) that this processor runs, or the one the
+/// environment variable KVPACK_CPU_TARGET names ("native": one build, -march=native;
+/// "default": one build for the compiler's default target).
+const char* cpu_target();
+
+/// The builds of the CPU kernels this processor runs, best first.
+std::vector<std::string> cpu_targets();
 
 /// Throws std::invalid_argument naming `name` unless `device` can run here: always for
 /// the CPU; for CUDA, when kvpack was built with it and the ordinal is visible.

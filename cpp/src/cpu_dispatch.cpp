@@ -1,0 +1,132 @@
+// The public CPU kernels, each a call into the table of the build of them that runs here:
+// the best instruction set of KVPACK_CPU_TARGETS this processor supports (chosen once), or
+// the one the environment variable KVPACK_CPU_TARGET names.
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "kvpack/backend.h"
+#include "kvpack_cpu_targets.h"  // KVPACK_FOR_EACH_CPU_TARGET, written by CMake
+
+#define KVPACK_DECLARE_TABLE(ns)   \
+  namespace kvpack::ns {           \
+  extern const CpuKernels kernels; \
+  }
+KVPACK_FOR_EACH_CPU_TARGET(KVPACK_DECLARE_TABLE)
+#undef KVPACK_DECLARE_TABLE
+
+namespace kvpack {
+
+namespace {
+
+// Every build, best first (the order of KVPACK_CPU_TARGETS).
+std::vector<const CpuKernels*> builds() {
+  return {
+#define KVPACK_TABLE_ADDRESS(ns) &ns::kernels,
+      KVPACK_FOR_EACH_CPU_TARGET(KVPACK_TABLE_ADDRESS)
+#undef KVPACK_TABLE_ADDRESS
+  };
+}
+
+// True when this processor (and its OS) runs code compiled for `target`: the x86-64
+// levels are asked of the CPU; a build for the compiler's own target ("native",
+// "default") runs wherever kvpack was built to run.
+bool runs_here(const char* target) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (std::strcmp(target, "x86-64-v4") == 0) return __builtin_cpu_supports("x86-64-v4");
+  if (std::strcmp(target, "x86-64-v3") == 0) return __builtin_cpu_supports("x86-64-v3");
+  if (std::strcmp(target, "x86-64-v2") == 0) return __builtin_cpu_supports("x86-64-v2");
+#endif
+  return true;
+}
+
+const CpuKernels& choose() {
+  const std::vector<const CpuKernels*> all = builds();
+  const char* wanted = std::getenv("KVPACK_CPU_TARGET");
+  if (wanted && *wanted) {
+    std::string names;
+    for (const CpuKernels* build : all) {
+      if (std::strcmp(build->target, wanted) == 0 && runs_here(build->target)) return *build;
+      if (runs_here(build->target)) names += std::string(names.empty() ? "" : ", ") + build->target;
+    }
+    KVPACK_CHECK(false, "KVPACK_CPU_TARGET: expected one of the builds this processor runs ("
+                            << names << "), got '" << wanted << "'");
+  }
+  for (const CpuKernels* build : all)
+    if (runs_here(build->target)) return *build;
+  KVPACK_CHECK(false, "kvpack's CPU kernels: this processor runs none of their builds");
+}
+
+const CpuKernels& kernels() {
+  static const CpuKernels& chosen = choose();
+  return chosen;
+}
+
+}  // namespace
+
+const char* cpu_target() {
+  return kernels().target;
+}
+
+std::vector<std::string> cpu_targets() {
+  std::vector<std::string> names;
+  for (const CpuKernels* build : builds())
+    if (runs_here(build->target)) names.emplace_back(build->target);
+  return names;
+}
+
+namespace cpu {
+
+void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
+                      const KVView& values, const IndexView* indices, const float* bias,
+                      const AttentionParams& params, const AttentionOutput& output) {
+  kernels().decode_attention(q, heads_q, keys, values, indices, bias, params, output);
+}
+
+void accumulated_attention(const float* queries, std::int64_t heads_q, std::int64_t window,
+                           const KVView& keys, const AccumulateParams& params, float* out) {
+  kernels().accumulated_attention(queries, heads_q, window, keys, params, out);
+}
+
+void rank_rows(const float* rows, std::int64_t heads, std::int64_t n, std::int64_t dim,
+               const float* q, std::int64_t k, float* scores, std::int32_t* out) {
+  kernels().rank_rows(rows, heads, n, dim, q, k, scores, out);
+}
+
+std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams& params,
+                                       const float* init_centroids) {
+  return kernels().kmeans_heads(points, params, init_centroids);
+}
+
+}  // namespace cpu
+
+void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const float* q,
+                    float* out) {
+  kernels().inner_products(rows, n, dim, q, out);
+}
+
+std::unique_ptr<KMeansBackend> cpu_kmeans_backend(const void* points, DType dtype, std::int64_t n,
+                                                  std::int64_t dim, bool spherical, bool parallel) {
+  return kernels().cpu_kmeans_backend(points, dtype, n, dim, spherical, parallel);
+}
+
+KMeansResult kmeans(KMeansBackend& backend, const KMeansParams& params,
+                    const float* init_centroids) {
+  return kernels().kmeans_loop(backend, params, init_centroids);
+}
+
+KMeansResult kmeans(const void* points, DType dtype, std::int64_t n, std::int64_t dim,
+                    const KMeansParams& params, const float* init_centroids) {
+  return kernels().kmeans_points(points, dtype, n, dim, params, init_centroids);
+}
+
+std::vector<float> kmeans_initial_centroids(const void* points, DType dtype, std::int64_t n,
+                                            std::int64_t dim, const KMeansParams& params) {
+  return kernels().kmeans_initial_centroids(points, dtype, n, dim, params);
+}
+
+}  // namespace kvpack
