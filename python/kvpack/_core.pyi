@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 from . import methods
-__all__: list[str] = ['ClusterIndex', 'ClusterKV', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'compress', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'kmeans', 'methods', 'parse_codec', 'place', 'set_num_threads', 'xxh3', 'xxh64']
+__all__: list[str] = ['ClusterIndex', 'ClusterKV', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'compress', 'cpu_target', 'cpu_targets', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'kmeans', 'methods', 'parse_codec', 'place', 'set_num_threads', 'xxh3', 'xxh64']
 class ClusterIndex:
     def __init__(self, keys: typing.Any, n_clusters: typing.SupportsInt | typing.SupportsIndex = 0, sink: typing.SupportsInt | typing.SupportsIndex = 16, iters: typing.SupportsInt | typing.SupportsIndex = 20, seed: typing.SupportsInt | typing.SupportsIndex = 0, init: typing.Any = 'kmeans++', append_interval: typing.SupportsInt | typing.SupportsIndex = 320, append_clusters: typing.SupportsInt | typing.SupportsIndex = 8, tokens_per_cluster: typing.SupportsInt | typing.SupportsIndex = 80) -> None:
         ...
@@ -210,6 +210,14 @@ def budget_tokens(share: typing.SupportsFloat | typing.SupportsIndex, tokens: ty
 def compress(keys: typing.Any, values: typing.Any, method: typing.Any, budget: typing.Any, queries: typing.Any = None, attention: typing.Any = None, scale: typing.SupportsFloat | typing.SupportsIndex | None = None) -> dict:
     """
     Prefill-time compression; see kvpack.compress.
+    """
+def cpu_target() -> str:
+    """
+    Instruction set of the CPU kernels in use: the best build this processor runs, or the one the environment variable KVPACK_CPU_TARGET names ('native' and 'default' for a build of one target).
+    """
+def cpu_targets() -> list[str]:
+    """
+    Every build of the CPU kernels this processor runs, best first.
     """
 def cuda_available() -> bool:
     """
