@@ -190,6 +190,15 @@ void bind_store(py::module_& m) {
       "The placement of items given as lists of (tier, bytes, utility) options: an option "
       "index per item, -1 for evicted.");
   m.def(
+      "cluster_slot",
+      [](const py::bytes& key) {
+        const std::string_view bytes = key;
+        return cluster_slot(bytes);
+      },
+      py::arg("key"),
+      "The Redis Cluster hash slot of a Redis key (CRC16 of its hash tag mod 16384), as "
+      "CLUSTER KEYSLOT gives it.");
+  m.def(
       "parse_codec", [](const std::string& name) { return codec_arg(name).name(); },
       py::arg("name"), "The canonical name of a codec; ValueError for an unknown one.");
   m.def(
@@ -237,7 +246,8 @@ void bind_store(py::module_& m) {
                        int io_threads, double streaming_rate,
                        const std::optional<std::vector<double>>& bandwidths,
                        const std::optional<std::vector<double>>& decode_bandwidths, int timeout_ms,
-                       const std::string& secret) {
+                       const std::string& secret,
+                       const std::optional<std::vector<std::pair<std::string, int>>>& redis_cluster) {
              KVPACK_ARG_CHECK(dram_bytes >= 0, "dram_bytes: expected >= 0, got " << dram_bytes);
              KVPACK_ARG_CHECK(ssd_bytes >= 0, "ssd_bytes: expected >= 0, got " << ssd_bytes);
              KVPACK_ARG_CHECK(redis_bytes >= 0, "redis_bytes: expected >= 0, got " << redis_bytes);
@@ -252,6 +262,24 @@ void bind_store(py::module_& m) {
              params.ssd_bytes = ssd_bytes;
              params.o_direct = o_direct;
              params.io_threads = io_threads;
+             KVPACK_ARG_CHECK(!(redis_host && redis_cluster),
+                              "redis_cluster: given with redis_host (one remote tier: a server or "
+                              "a cluster)");
+             if (redis_cluster) {
+               KVPACK_ARG_CHECK(!redis_cluster->empty(),
+                                "redis_cluster: expected at least one seed node, got none");
+               for (const auto& [host, port] : *redis_cluster)
+                 KVPACK_ARG_CHECK(!host.empty() && port > 0 && port < 65536,
+                                  "redis_cluster: expected host:port with a port in [1, 65535], "
+                                  "got '" << host << ":" << port << "'");
+               KVPACK_ARG_CHECK(redis_db == 0, "redis_db: a Redis Cluster has database 0 only, got "
+                                                   << redis_db);
+               params.remote = true;
+               params.redis.cluster = *redis_cluster;
+               params.redis.prefix = redis_prefix;
+               params.redis.capacity = redis_bytes;
+               params.redis.timeout_ms = timeout_ms;
+             }
              if (redis_host) {
                params.remote = true;
                params.redis.host = *redis_host;
@@ -287,7 +315,8 @@ void bind_store(py::module_& m) {
            py::arg("policy") = "adaptive", py::arg("alpha") = 0.1, py::arg("codecs") = py::none(),
            py::arg("o_direct") = false, py::arg("io_threads") = 2, py::arg("streaming_rate") = 0.5,
            py::arg("bandwidths") = py::none(), py::arg("decode_bandwidths") = py::none(),
-           py::arg("timeout_ms") = 2000, py::arg("secret") = "")
+           py::arg("timeout_ms") = 2000, py::arg("secret") = "",
+           py::arg("redis_cluster") = py::none())
       .def(
           "put",
           [](TieredStore& self, const std::string& key, const py::object& kv,

@@ -13,10 +13,24 @@
 #include "kvpack/codec.h"
 #include "kvpack/policy.h"
 #include "kvpack/store.h"
+#include "kvpack/tier.h"
 #include "reference.h"
 
 namespace kvpack {
 namespace {
+
+TEST(ClusterSlot, FollowsTheRedisClusterSpecification) {
+  // The specification's CRC16 check value (0x31C3 for "123456789"), and CLUSTER KEYSLOT's.
+  EXPECT_EQ(cluster_slot("123456789"), 0x31C3);
+  EXPECT_EQ(cluster_slot("foo"), 12182);
+  EXPECT_EQ(cluster_slot(""), 0);
+  // Hash tags: the first '{' up to the next '}', when not empty.
+  EXPECT_EQ(cluster_slot("{user1000}.following"), cluster_slot("user1000"));
+  EXPECT_NE(cluster_slot("foo{}{bar}"), cluster_slot("bar"));
+  EXPECT_EQ(cluster_slot("foo{{bar}}zap"), cluster_slot("{bar"));
+  EXPECT_EQ(cluster_slot("foo{bar}{zap}"), cluster_slot("bar"));
+  EXPECT_NE(cluster_slot("{unclosed"), cluster_slot("unclosed"));  // the whole key
+}
 
 TEST(Checksum, KnownValues) {
   EXPECT_EQ(xxh64("", 0), 0xEF46DB3751D8E999ull);

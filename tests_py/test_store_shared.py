@@ -2,6 +2,7 @@
 versions decide what is current, a blob a store cannot verify is someone else's (a miss,
 left in place), and a version older than one the store has seen is never served."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -200,6 +201,7 @@ def test_overwrites_by_several_processes_are_never_served_stale(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", script, str(tmp_path), str(i), "3", "2.0"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},  # processes, not threads, in parallel
             stdout=subprocess.PIPE,
             text=True,
         )

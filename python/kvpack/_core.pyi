@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 from . import methods
-__all__: list[str] = ['ClusterIndex', 'ClusterKV', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'compress', 'cpu_target', 'cpu_targets', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'kmeans', 'methods', 'parse_codec', 'place', 'set_num_threads', 'xxh3', 'xxh64']
+__all__: list[str] = ['ClusterIndex', 'ClusterKV', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'cluster_slot', 'compress', 'cpu_target', 'cpu_targets', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'kmeans', 'methods', 'parse_codec', 'place', 'set_num_threads', 'xxh3', 'xxh64']
 class ClusterIndex:
     def __init__(self, keys: typing.Any, n_clusters: typing.SupportsInt | typing.SupportsIndex = 0, sink: typing.SupportsInt | typing.SupportsIndex = 16, iters: typing.SupportsInt | typing.SupportsIndex = 20, seed: typing.SupportsInt | typing.SupportsIndex = 0, init: typing.Any = 'kmeans++', append_interval: typing.SupportsInt | typing.SupportsIndex = 320, append_clusters: typing.SupportsInt | typing.SupportsIndex = 8, tokens_per_cluster: typing.SupportsInt | typing.SupportsIndex = 80) -> None:
         ...
@@ -161,7 +161,7 @@ class QuantizedKV:
     def tokens(self) -> int:
         ...
 class TieredStore:
-    def __init__(self, dram_bytes: typing.SupportsInt | typing.SupportsIndex, ssd_dir: str | None = None, ssd_bytes: typing.SupportsInt | typing.SupportsIndex = 0, redis_host: str | None = None, redis_port: typing.SupportsInt | typing.SupportsIndex = 6379, redis_db: typing.SupportsInt | typing.SupportsIndex = 0, redis_prefix: str = 'kvpack:', redis_bytes: typing.SupportsInt | typing.SupportsIndex = 0, policy: str = 'adaptive', alpha: typing.SupportsFloat | typing.SupportsIndex = 0.1, codecs: collections.abc.Sequence[str] | None = None, o_direct: bool = False, io_threads: typing.SupportsInt | typing.SupportsIndex = 2, streaming_rate: typing.SupportsFloat | typing.SupportsIndex = 0.5, bandwidths: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex] | None = None, decode_bandwidths: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex] | None = None, timeout_ms: typing.SupportsInt | typing.SupportsIndex = 2000, secret: str = '') -> None:
+    def __init__(self, dram_bytes: typing.SupportsInt | typing.SupportsIndex, ssd_dir: str | None = None, ssd_bytes: typing.SupportsInt | typing.SupportsIndex = 0, redis_host: str | None = None, redis_port: typing.SupportsInt | typing.SupportsIndex = 6379, redis_db: typing.SupportsInt | typing.SupportsIndex = 0, redis_prefix: str = 'kvpack:', redis_bytes: typing.SupportsInt | typing.SupportsIndex = 0, policy: str = 'adaptive', alpha: typing.SupportsFloat | typing.SupportsIndex = 0.1, codecs: collections.abc.Sequence[str] | None = None, o_direct: bool = False, io_threads: typing.SupportsInt | typing.SupportsIndex = 2, streaming_rate: typing.SupportsFloat | typing.SupportsIndex = 0.5, bandwidths: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex] | None = None, decode_bandwidths: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex] | None = None, timeout_ms: typing.SupportsInt | typing.SupportsIndex = 2000, secret: str = '', redis_cluster: collections.abc.Sequence[tuple[str, typing.SupportsInt | typing.SupportsIndex]] | None = None) -> None:
         ...
     def contains(self, key: str) -> bool:
         ...
@@ -206,6 +206,10 @@ def attention(q: typing.Any, keys: typing.Any, values: typing.Any, indices: typi
 def budget_tokens(share: typing.SupportsFloat | typing.SupportsIndex, tokens: typing.SupportsInt | typing.SupportsIndex) -> int:
     """
     Tokens a budget share of `tokens` stands for.
+    """
+def cluster_slot(key: bytes) -> int:
+    """
+    The Redis Cluster hash slot of a Redis key (CRC16 of its hash tag mod 16384), as CLUSTER KEYSLOT gives it.
     """
 def compress(keys: typing.Any, values: typing.Any, method: typing.Any, budget: typing.Any, queries: typing.Any = None, attention: typing.Any = None, scale: typing.SupportsFloat | typing.SupportsIndex | None = None) -> dict:
     """

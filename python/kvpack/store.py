@@ -121,10 +121,27 @@ def decode(blob: bytes) -> StoredKV:
     )
 
 
+def _cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """The seed nodes of ``redis-cluster://host1:port1,host2:port2,...``."""
+    nodes = []
+    for address in url[len("redis-cluster://") :].rstrip("/").split(","):
+        host, _, port = address.strip().rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(
+                "redis_url: expected 'redis-cluster://host1:port1,host2:port2,...' with ports "
+                f"from 1 to 65535, got {url!r}"
+            )
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes
+
+
 def _redis_address(url: str) -> tuple[str, int, int]:
     parsed = urlparse(url)
     if parsed.scheme != "redis" or not parsed.hostname:
-        raise ValueError(f"redis_url: expected 'redis://host[:port][/db]', got {url!r}")
+        raise ValueError(
+            "redis_url: expected 'redis://host[:port][/db]' or "
+            f"'redis-cluster://host1:port1,host2:port2,...', got {url!r}"
+        )
     db = parsed.path.strip("/")
     if db and not db.isdigit():
         raise ValueError(f"redis_url: expected a database number after '/', got {url!r}")
@@ -148,8 +165,10 @@ class TieredStore:
         Directory and capacity of the SSD tier (none without ``ssd_dir``). Entries found
         there when the store opens are served again.
     redis_url, redis_bytes : str, int
-        ``redis://host:port/db`` of a shared remote tier and the bytes this store may
-        place there (default: unlimited). Entries another process put are found there.
+        ``redis://host:port/db`` of a shared remote tier, or
+        ``redis-cluster://host1:port1,host2:port2,...`` (seed nodes of a Redis Cluster; any
+        live one is enough), and the bytes this store may place there (default: unlimited).
+        Entries another process put are found there.
     policy : str
         ``"adaptive"`` (default), ``"lru"``, ``"kivi2-lru"`` or ``"streaming-lru"``.
     alpha : float
@@ -206,7 +225,11 @@ class TieredStore:
             raise TypeError(f"secret: expected str or bytes, got {type(secret).__name__}")
         if secret is not None and len(secret) == 0:
             raise ValueError("secret: expected at least one byte, got an empty secret")
-        host, port, db = _redis_address(redis_url) if redis_url is not None else (None, 6379, 0)
+        cluster = None
+        if isinstance(redis_url, str) and redis_url.startswith("redis-cluster://"):
+            cluster, host, port, db = _cluster_nodes(redis_url), None, 6379, 0
+        else:
+            host, port, db = _redis_address(redis_url) if redis_url is not None else (None, 6379, 0)
         if ssd_dir is not None and (str(ssd_dir) == "" or "\0" in str(ssd_dir)):
             raise ValueError(f"ssd_dir: expected a directory path, got {str(ssd_dir)!r}")
         if ssd_dir is not None:
@@ -230,6 +253,7 @@ class TieredStore:
             decode_bandwidths=_per_codec(decode_bandwidths),
             timeout_ms=round(timeout * 1000),
             secret=secret.encode() if isinstance(secret, str) else (secret or b""),
+            redis_cluster=cluster,
         )
 
     @property

@@ -1,5 +1,5 @@
 // The storage tiers of the tiered store behind one interface: DRAM, SSD (a directory of
-// blob files) and a remote Redis server. Tiers hold encoded blobs; every read is
+// blob files) and a remote Redis server or Redis Cluster. Tiers hold encoded blobs; every read is
 // verified against the blob's checksum, and a corrupt blob is dropped and counted,
 // never returned.
 #pragma once
@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "kvpack/codec.h"
@@ -92,13 +94,30 @@ struct RedisParams {
   int db = 0;
   std::string prefix = "kvpack:";  ///< namespace of the store's keys on the server
   std::int64_t capacity = 0;       ///< bytes this process may place there
-  int timeout_ms = 2000;           ///< connect / send / receive timeout
+  int timeout_ms = 2000;           ///< one bound on a call: connect, send, redirections, reply
+  /// Seed nodes (host, port) of a Redis Cluster (any live one is enough: the slot map is
+  /// read from it); empty: the one server at host:port.
+  std::vector<std::pair<std::string, int>> cluster;
 };
 
-/// Blobs on a Redis server, shared by every process that uses the same prefix. A server
-/// that is down or stops answering makes calls fail fast (counted as errors): a get is a
-/// miss, a put throws std::system_error. After three failures in a row the server is left
-/// alone for a back-off (1 s, doubling to 30 s) during which calls fail at once.
+/// Hash slots of a Redis Cluster.
+constexpr int kClusterSlots = 16384;
+
+/// The Redis Cluster hash slot of a Redis key: CRC16 (XMODEM) of its hash tag (what lies
+/// between its first '{' and the next '}', when not empty) or else of the whole key, mod
+/// 16384, as CLUSTER KEYSLOT gives it. An entry is one Redis key (its metadata is in the
+/// blob's header), so it lives in one slot.
+int cluster_slot(std::string_view key);
+
+/// Blobs on a Redis server or a Redis Cluster, shared by every process that uses the same
+/// prefix. A server (a cluster node) that is down or stops answering makes the calls that
+/// reach it fail fast (counted as errors): a get is a miss, a put throws
+/// std::system_error. After three failures in a row the node is left alone for a back-off
+/// (1 s, doubling to 30 s) during which its calls fail at once. In a cluster each key goes
+/// to the master of its slot (cluster_slot), one connection per node; MOVED updates the slot
+/// map (read again with CLUSTER SLOTS, at most every 100 ms while it is stale), ASK is
+/// followed with ASKING, and a failed node makes the map be read again, so the slots of a
+/// master that failed over are served by its promoted replica without a restart.
 std::unique_ptr<Tier> make_redis_tier(const RedisParams& params);
 
 /// While one lives on a thread, the remote tier's calls made on that thread share one
