@@ -77,6 +77,15 @@ SUITES = {
         "Reliability: fuzzed decoder, killed writers, 16 threads of store traffic, a hung Redis",
         reliability.run,
     ),
+    "reliability_cluster": (
+        "Reliability of the remote tier on a Redis Cluster: a killed master, reshards, "
+        "processes sharing one SSD directory and the cluster",
+        reliability.run_cluster,
+    ),
+    "store_cluster": (
+        "The remote tier's gets: a Redis Cluster (3 masters + 3 replicas) against one server",
+        store.run_cluster,
+    ),
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",
         kmeans.run,

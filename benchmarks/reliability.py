@@ -319,4 +319,291 @@ def hung_redis(timeout: float = 0.5, calls: int = 10) -> list[tuple[str, str, st
 
 
 def run() -> list[tuple[str, str, str]]:
-    return fuzz() + killed_writers() + concurrent() + hung_redis()
+    return fuzz() + killed_writers() + concurrent() + hung_redis() + run_cluster()
+
+
+# ---- the remote tier on a Redis Cluster ------------------------------------------------
+
+CLUSTER_WORKER = textwrap.dedent(
+    """
+    import json, os, sys, time, numpy as np, kvpack
+    url, directory, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+    me, n, seconds = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+    K = 8  # keys per process
+    size = 2 * 64 * 32 * 4 * 2 + 4096
+    if directory:  # one entry in (private) DRAM, four on the shared SSD, the rest remote
+        store = kvpack.TieredStore(size, directory, 4 * size, redis_url=url, policy="lru",
+                                   bandwidths=[1e10, 1e9, 1e8], timeout=0.5)
+    else:
+        store = kvpack.TieredStore(0, redis_url=url, policy="lru", bandwidths=[1e10, 1e8],
+                                   timeout=0.5)
+    counts = dict(calls=0, puts=0, put_failures=0, gets=0, misses=0, missed_acknowledged=0,
+                  others=0, wrong=0, stale=0)
+    seen, value = {}, 0
+    r = np.random.default_rng(me)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (stop and os.path.exists(stop)):
+        value += 1
+        index = value % K
+        own = f"p{me}-{index}"
+        keys = np.full((2, 64, 32), float(value), np.float32)
+        counts["calls"] += 2
+        try:
+            store.put(own, [(keys, keys + 1000 * (me * K + index))])
+            counts["puts"] += 1
+            seen[own] = value
+        except OSError:
+            counts["put_failures"] += 1
+        owner, index = int(r.integers(0, n)), int(r.integers(0, K))
+        key = f"p{owner}-{index}"
+        counts["gets"] += 1
+        try:
+            got_keys, got_values = store.get(key).kv[0]
+        except KeyError:
+            counts["misses"] += 1
+            counts["missed_acknowledged"] += key in seen
+            continue
+        v = float(got_keys[0, 0, 0])
+        counts["others"] += owner != me
+        if not (got_keys == v).all() or not (got_values == v + 1000 * (owner * K + index)).all():
+            counts["wrong"] += 1
+        elif v < seen.get(key, 0):
+            counts["stale"] += 1
+        seen[key] = max(seen.get(key, 0), v)
+    counts["store_stale"] = store.stats()["stale"]
+    print(json.dumps(counts), flush=True)
+    """
+)
+
+
+def _redis_servers():
+    """tests_py/redis_servers.py: the cluster the tests start, started the same way here."""
+    sys.path.insert(0, str(ROOT / "tests_py"))
+    import redis_servers
+
+    return redis_servers
+
+
+def _workers(url: str, directory: str, processes: int, seconds: float, stop: str = ""):
+    """Starts the trace's processes (on the cluster at `url`, sharing the SSD `directory`
+    when given), waits until each has its store open, and starts them together; they end
+    after `seconds` or once the file `stop` exists."""
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CLUSTER_WORKER,
+                url,
+                directory,
+                stop,
+                str(i),
+                str(processes),
+                str(seconds),
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    return procs
+
+
+def _counts(procs) -> dict:
+    import json
+
+    total: dict = {}
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        for name, count in json.loads(out.strip().splitlines()[-1]).items():
+            total[name] = total.get(name, 0) + count
+    return total
+
+
+def _trace_rows(name: str, counts: dict, seconds: float) -> list[tuple[str, str, str]]:
+    return [
+        (
+            f"{name}: calls (puts + gets) in {seconds:.0f} s",
+            f"{counts['calls']} ({counts['puts']} puts, {counts['put_failures']} failed; "
+            f"{counts['gets']} gets, {counts['misses']} misses, "
+            f"{counts['missed_acknowledged']} of entries seen)",
+            "",
+        ),
+        (
+            f"{name}: wrong + stale reads",
+            f"{counts['wrong'] + counts['stale']} ({counts['wrong']} + {counts['stale']}; "
+            f"{counts['others']} reads of other processes' entries, {counts['store_stale']} "
+            "older versions refused by the stores)",
+            "<= 0",
+        ),
+    ]
+
+
+def cluster_kill_master(
+    processes: int = 3, seconds: float = 20.0, node_timeout: int = 2000, timeout: float = 0.5
+) -> list[tuple[str, str, str]]:
+    """Processes put and get on a six-node cluster while one master is killed (kill -9):
+    wrong or stale reads, and the time until its slots are served again (a put and get of a
+    key in them, by a store opened before the kill) against 2x the node timeout plus one
+    call timeout; the cluster's own failover time beside it."""
+    servers = _redis_servers()
+    if servers.REDIS is None:
+        return [("cluster: kill a master", "redis-server not installed", "")]
+    with tempfile.TemporaryDirectory() as directory:
+        cluster = servers.Cluster(Path(directory), node_timeout=node_timeout)
+        try:
+            killed, _, ranges = cluster.masters()[0]
+            probe_key = next(
+                f"probe{i}"
+                for i in range(100_000)
+                if any(
+                    a <= kvpack._core.cluster_slot(f"kvpack:probe{i}".encode()) <= b
+                    for a, b in ranges
+                )
+            )
+            probe = kvpack.TieredStore(
+                0, redis_url=cluster.url, policy="lru", bandwidths=[1e10, 1e8], timeout=timeout
+            )
+            block = np.ones((2, 16, 16), np.float32)
+            procs = _workers(cluster.url, "", processes, seconds)
+            time.sleep(seconds / 4)
+            os.kill(cluster.procs[killed].pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            recovered = failed_over = None
+            while time.monotonic() - killed_at < 60 and (recovered is None or failed_over is None):
+                if failed_over is None:
+                    try:
+                        if all(port != killed for port, _, _ in cluster.masters()) and any(
+                            r == ranges for _, _, r in cluster.masters()
+                        ):
+                            failed_over = time.monotonic() - killed_at
+                    except (OSError, ConnectionError):
+                        pass
+                if recovered is None:
+                    try:
+                        probe.put(probe_key, [(block, block)])
+                        probe.get(probe_key)
+                        recovered = time.monotonic() - killed_at
+                    except (OSError, KeyError):
+                        pass
+                time.sleep(0.02)
+            counts = _counts(procs)
+            probe.close()
+        finally:
+            cluster.stop()
+    bound = 2 * node_timeout / 1000 + timeout
+    return [
+        *_trace_rows(f"cluster, master killed ({processes} processes)", counts, seconds),
+        (
+            "cluster, master killed: its slots served again after",
+            f"{recovered:.2f} s (cluster failover {failed_over:.2f} s; node timeout "
+            f"{node_timeout / 1000:.1f} s, call timeout {timeout} s)"
+            if recovered is not None and failed_over is not None
+            else f"not within 60 s ({recovered}, {failed_over})",
+            f"<= {bound:.1f} s",
+        ),
+    ]
+
+
+def _settled(servers, port: int, seconds: float = 60.0) -> None:
+    """Waits until redis-cli --cluster check finds every node agreeing, no slot open."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        check = subprocess.run(
+            [servers.REDIS_CLI, "--cluster", "check", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check.returncode == 0 and "[ERR]" not in check.stdout:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("the cluster did not settle")
+
+
+def cluster_reshard(
+    processes: int = 3, slots: int = 4096, rounds: int = 2
+) -> list[tuple[str, str, str]]:
+    """Processes put and get while `slots` hash slots move between two masters and back
+    (redis-cli --cluster reshard, `rounds` times): failed calls, entries lost, wrong or
+    stale reads."""
+    servers = _redis_servers()
+    if servers.REDIS is None:
+        return [("cluster: reshard", "redis-server not installed", "")]
+    with tempfile.TemporaryDirectory() as directory:
+        cluster = servers.Cluster(Path(directory), node_timeout=5000)
+        try:
+            (a, a_id, _), (_, b_id, _) = cluster.masters()[:2]
+            stop = Path(directory) / "stop"
+            procs = _workers(cluster.url, "", processes, 600.0, str(stop))
+            start = time.monotonic()
+            for step in range(2 * rounds):
+                source, target = (a_id, b_id) if step % 2 == 0 else (b_id, a_id)
+                # Every node agrees on the last move before the next one starts.
+                cluster.wait_ok()
+                _settled(servers, a)
+                done = subprocess.run(
+                    [
+                        servers.REDIS_CLI,
+                        "--cluster",
+                        "reshard",
+                        f"127.0.0.1:{a}",
+                        "--cluster-from",
+                        source,
+                        "--cluster-to",
+                        target,
+                        "--cluster-slots",
+                        str(slots),
+                        "--cluster-yes",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
+                if done.returncode != 0:
+                    raise RuntimeError(f"reshard failed: {done.stdout[-2000:]}")
+            took = time.monotonic() - start
+            stop.touch()  # the reshards are done: so is the trace
+            counts = _counts(procs)
+        finally:
+            cluster.stop()
+    return [
+        *_trace_rows(
+            f"cluster, {2 * rounds} reshards of {slots} slots ({processes} processes)", counts, took
+        ),
+        (
+            "cluster, reshards: failed calls + acknowledged entries missed",
+            f"{counts['put_failures'] + counts['missed_acknowledged']}",
+            "<= 0",
+        ),
+    ]
+
+
+def cluster_processes(processes: int = 4, seconds: float = 20.0) -> list[tuple[str, str, str]]:
+    """Processes sharing one SSD directory and one cluster (each with its own DRAM tier)
+    put and get each other's entries: reads of others' puts, wrong or stale reads."""
+    servers = _redis_servers()
+    if servers.REDIS is None:
+        return [("cluster: processes", "redis-server not installed", "")]
+    with tempfile.TemporaryDirectory() as directory:
+        cluster = servers.Cluster(Path(directory) / "cluster", node_timeout=5000)
+        try:
+            (Path(directory) / "ssd").mkdir()
+            procs = _workers(cluster.url, str(Path(directory) / "ssd"), processes, seconds)
+            counts = _counts(procs)
+        finally:
+            cluster.stop()
+    return _trace_rows(f"{processes} processes, one SSD directory + cluster", counts, seconds)
+
+
+def run_cluster() -> list[tuple[str, str, str]]:
+    return cluster_kill_master() + cluster_reshard() + cluster_processes()

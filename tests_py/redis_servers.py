@@ -138,6 +138,7 @@ class Cluster:
         if REDIS_CLI is None:
             raise RuntimeError("redis-cli not found (scripts/setup.sh installs redis-server)")
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.node_timeout = node_timeout
         self.procs: dict[int, subprocess.Popen] = {}
         try:

@@ -342,15 +342,18 @@ class RedisTier final : public Tier {
       if (node_ == node && node->context) return true;
       release();
       // Waiting for another caller's command counts against this call's timeout too.
+      // (Either failure marks the slot map stale: a replica may be taking over.)
       if (!node->call_mutex.try_lock_until(deadline_)) {
         why_ = "busy with other calls past the timeout";
         tier_.count_error();
+        tier_.mark_stale();
         return false;
       }
       node_ = node;
       if (tier_.backing_off(*node)) {
         why_ = "left alone after repeated failures (back-off)";
         tier_.count_error();
+        tier_.mark_stale();
         return false;
       }
       return connect();

@@ -381,12 +381,17 @@ std::optional<std::system_error> TieredStore::place_adaptive(
     int candidate = -1, tier = -1;
   };
   std::vector<Move> moves;
+  std::vector<std::string> foreign;  // another store's entries the plan would move
   for (std::size_t i = 0; i < order_.size(); ++i) {
     const std::string& name = order_[i];
     Entry& entry = entries_.at(name);
     const int candidate = choice[i] < 0 ? -1 : meaning[i][choice[i]].first;
     const int tier = choice[i] < 0 ? -1 : meaning[i][choice[i]].second;
     if (name != key && candidate == entry.held && tier == entry.tier) continue;
+    if (name != key && entry.foreign) {
+      foreign.push_back(name);
+      continue;
+    }
     Move move{name, nullptr, candidate, tier};
     if (name == key) {
       if (candidate >= 0) move.blob = fresh.at(candidate);
@@ -403,6 +408,8 @@ std::optional<std::system_error> TieredStore::place_adaptive(
     }
     moves.push_back(std::move(move));
   }
+  // Not this store's to move: no longer its entries, their blobs left where they are.
+  for (const std::string& name : foreign) disown(name, entries_.at(name).tier);
   // The new entry first: once it is in place the version it replaces can leave its tier,
   // making the room the plan counted on for the others.
   std::stable_partition(moves.begin(), moves.end(),
@@ -459,6 +466,10 @@ void TieredStore::make_room(int tier, std::int64_t bytes, const std::string& kee
     if (!victim) return;
     const std::string name = *victim;
     Entry& entry = entries_.at(name);
+    if (entry.foreign) {  // another store's: no longer this one's entry, left where it is
+      disown(name, tier);
+      continue;
+    }
     BlobPtr blob = target.get(name);
     if (blob && (!authentic(name, *blob) ? (++counters_.unauthenticated, true)
                                          : !current(name, blob_version(*blob)))) {
@@ -573,6 +584,7 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
       it->second.candidates = {Candidate{info.codec, stored_bytes(blob->size()), known, 0.0}};
       it->second.held = 0;
       it->second.version = version = blob_v;
+      it->second.foreign = true;
       quality = known;
     }
     bool shared = tier == 0;  // a blob a tier still holds is copied before it is handed out
@@ -580,7 +592,7 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
     // (Only the version still stored: a put during the read may have replaced it, and its
     // entry moved back to this tier; promoting the blob read would bring the old one back.)
     if (params_.policy != StorePolicy::Adaptive && tier > 0 && it != entries_.end() &&
-        it->second.version == version && it->second.tier == tier &&
+        !it->second.foreign && it->second.version == version && it->second.tier == tier &&
         bytes <= tiers_[0]->capacity()) {
       // LRU: a hit moves the entry to DRAM; the entries it displaces go one tier down. An
       // entry larger than DRAM stays where it is (moving it out and back costs a write).
@@ -634,6 +646,7 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
       entry.hits = 1.0;
       entry.last_use = ++clock_;
       entry.version = info.version;
+      entry.foreign = true;
       entries_[key] = std::move(entry);
       order_.push_back(key);
     }

@@ -100,7 +100,9 @@ struct StoreStats {
 /// the key (both a counted miss: StoreStats::stale); a newer version another store wrote is
 /// served. A blob it cannot verify (another secret, older, malformed) is someone else's: a
 /// counted miss, left in place. These floors live in memory: a store that opens knows the
-/// versions it finds on its SSD tier, not the deletes of the stores before it.
+/// versions it finds on its SSD tier, not the deletes of the stores before it. A store
+/// moves, promotes and evicts only the blobs it wrote (and those it found on opening):
+/// another store's entry it found is served in place, and leaves its placement untouched.
 class TieredStore {
  public:
   explicit TieredStore(const StoreParams& params);
@@ -145,7 +147,10 @@ class TieredStore {
     int tier = 0;
     double hits = 0.0;
     std::uint64_t last_use = 0;
-    std::uint64_t version = 0;                   ///< the entry version of the blob held
+    std::uint64_t version = 0;  ///< the entry version of the blob held
+    /// Its blob is another store's (found in a shared tier, or replaced there by another
+    /// store): served, but never moved, promoted or deleted by this store's placement.
+    bool foreign = false;
     std::vector<std::vector<float>> probe_data;  ///< for re-encoding later
     std::vector<Evidence> probes;
   };
