@@ -2,6 +2,7 @@
 // which runs the backend of the data's device.
 #include <pybind11/stl.h>
 
+#include "args.h"
 #include "arrays.h"
 #include "kvpack/attention.h"
 #include "kvpack/backend.h"
@@ -74,8 +75,13 @@ py::tuple cuda_attention(const Device& device, const py::object& q_obj, const py
 
 py::tuple attention(const py::object& q_obj, const py::object& keys_obj,
                     const py::object& values_obj, const py::object& indices_obj,
-                    const py::object& bias_obj, const std::optional<double>& scale, bool return_lse,
-                    bool return_weights, const std::string& device) {
+                    const py::object& bias_obj, const Arg<std::optional<double>>& scale_arg,
+                    const Arg<bool>& return_lse_arg, const Arg<bool>& return_weights_arg,
+                    const Arg<std::string>& device_arg) {
+  const auto scale = scale_arg.as("scale");
+  const bool return_lse = return_lse_arg.as("return_lse"),
+             return_weights = return_weights_arg.as("return_weights");
+  const std::string device = device_arg.as("device");
   const Device on = device_of(keys_obj, "keys");
   if (on.is_cuda())
     return cuda_attention(on, q_obj, keys_obj, values_obj, indices_obj, bias_obj, scale, return_lse,
@@ -134,11 +140,14 @@ py::tuple attention(const py::object& q_obj, const py::object& keys_obj,
                         return_weights ? py::object(weights) : py::object(py::none()));
 }
 
-py::array_t<float> accumulated_attention_binding(const py::object& queries_obj,
-                                                 const py::object& keys_obj, bool causal,
-                                                 const std::string& reduction, bool per_query_head,
-                                                 const std::optional<double>& scale,
-                                                 const std::string& device) {
+py::array_t<float> accumulated_attention_binding(
+    const py::object& queries_obj, const py::object& keys_obj, const Arg<bool>& causal_arg,
+    const Arg<std::string>& reduction_arg, const Arg<bool>& per_query_head_arg,
+    const Arg<std::optional<double>>& scale_arg, const Arg<std::string>& device_arg) {
+  const bool causal = causal_arg.as("causal"),
+             per_query_head = per_query_head_arg.as("per_query_head");
+  const std::string reduction = reduction_arg.as("reduction"), device = device_arg.as("device");
+  const auto scale = scale_arg.as("scale");
   const py::array keys_arg = as_array(keys_obj, "keys"),
                   queries_arg = as_array(queries_obj, "queries");
   const KVView keys = kv_view(keys_arg, "keys");

@@ -1,6 +1,7 @@
 // Bindings of kvpack/kmeans.h: validate, convert, release the GIL, call the core.
 #include <pybind11/stl.h>
 
+#include "args.h"
 #include "arrays.h"
 #include "kvpack/cluster_index.h"
 #include "kvpack/cluster_kv.h"
@@ -33,10 +34,15 @@ KVView points_view(const py::array& x, bool* batched) {
   return view;
 }
 
-py::dict kmeans_binding(const py::object& x_obj, std::int64_t n_clusters, int iters,
-                        std::uint64_t seed, bool spherical, const py::object& init,
-                        const py::object& init_centroids_obj, const std::string& device) {
-  Execution exec = parse_device(device);
+py::dict kmeans_binding(const py::object& x_obj, const Arg<std::int64_t>& n_clusters_arg,
+                        const Arg<int>& iters_arg, const Arg<std::uint64_t>& seed_arg,
+                        const Arg<bool>& spherical_arg, const py::object& init,
+                        const py::object& init_centroids_obj, const Arg<std::string>& device) {
+  const std::int64_t n_clusters = n_clusters_arg.as("n_clusters");
+  const int iters = iters_arg.as("iters");
+  const std::uint64_t seed = seed_arg.as("seed");
+  const bool spherical = spherical_arg.as("spherical");
+  Execution exec = parse_device(device.as("device"));
   bool batched = false;
   KVView points;
   py::array x;
@@ -174,22 +180,24 @@ py::dict stats_dict(const RecallStats& s) {
 void bind_clustering(py::module_& m) {
   const ClusterIndexParams index_defaults;
   py::class_<ClusterIndex>(m, "ClusterIndex")
-      .def(py::init([](const py::object& keys_obj, std::int64_t n_clusters, std::int64_t sink,
-                       int iters, std::uint64_t seed, const py::object& init,
-                       std::int64_t append_interval, std::int64_t append_clusters,
-                       std::int64_t tokens_per_cluster) {
+      .def(py::init([](const py::object& keys_obj, const Arg<std::int64_t>& n_clusters,
+                       const Arg<std::int64_t>& sink, const Arg<int>& iters,
+                       const Arg<std::uint64_t>& seed, const py::object& init,
+                       const Arg<std::int64_t>& append_interval,
+                       const Arg<std::int64_t>& append_clusters,
+                       const Arg<std::int64_t>& tokens_per_cluster) {
              const py::array keys = as_array(keys_obj, "keys");
              const KVView view = kv_view(keys, "keys");
              require_finite(view, "keys");
              ClusterIndexParams p;
-             p.n_clusters = n_clusters;
-             p.sink = sink;
-             p.iterations = iters;
-             p.seed = seed;
+             p.n_clusters = n_clusters.as("n_clusters");
+             p.sink = sink.as("sink");
+             p.iterations = iters.as("iters");
+             p.seed = seed.as("seed");
              p.init = parse_init(init, "init");
-             p.append_interval = append_interval;
-             p.append_clusters = append_clusters;
-             p.tokens_per_cluster = tokens_per_cluster;
+             p.append_interval = append_interval.as("append_interval");
+             p.append_clusters = append_clusters.as("append_clusters");
+             p.tokens_per_cluster = tokens_per_cluster.as("tokens_per_cluster");
              py::gil_scoped_release release;
              return std::make_unique<ClusterIndex>(view, p);
            }),
@@ -202,8 +210,10 @@ void bind_clustering(py::module_& m) {
       .def("append", &append_keys<ClusterIndex>, py::arg("new_keys"))
       .def(
           "select",
-          [](const ClusterIndex& self, const py::object& q, std::int64_t budget,
-             std::int64_t window, bool per_query_head) {
+          [](const ClusterIndex& self, const py::object& q, const Arg<std::int64_t>& budget_arg,
+             const Arg<std::int64_t>& window_arg, const Arg<bool>& per_query_head_arg) {
+            const std::int64_t budget = budget_arg.as("budget"), window = window_arg.as("window");
+            const bool per_query_head = per_query_head_arg.as("per_query_head");
             KVPACK_ARG_CHECK(window >= 0, "window: expected >= 0, got " << window);
             return select_tokens(self, q, budget, per_query_head,
                                  [&](const py::array_t<float>& qa, std::int32_t* out) {
@@ -247,7 +257,8 @@ void bind_clustering(py::module_& m) {
       });
 
   py::class_<QuestIndex>(m, "QuestIndex")
-      .def(py::init([](const py::object& keys_obj, std::int64_t page_size) {
+      .def(py::init([](const py::object& keys_obj, const Arg<std::int64_t>& page_size_arg) {
+             const std::int64_t page_size = page_size_arg.as("page_size");
              const py::array keys = as_array(keys_obj, "keys");
              const KVView view = kv_view(keys, "keys");
              require_finite(view, "keys");
@@ -259,8 +270,10 @@ void bind_clustering(py::module_& m) {
       .def("append", &append_keys<QuestIndex>, py::arg("new_keys"))
       .def(
           "select",
-          [](const QuestIndex& self, const py::object& q, std::int64_t budget,
-             bool per_query_head) {
+          [](const QuestIndex& self, const py::object& q, const Arg<std::int64_t>& budget_arg,
+             const Arg<bool>& per_query_head_arg) {
+            const std::int64_t budget = budget_arg.as("budget");
+            const bool per_query_head = per_query_head_arg.as("per_query_head");
             return select_tokens(self, q, budget, per_query_head,
                                  [&](const py::array_t<float>& qa, std::int32_t* out) {
                                    self.select(qa.data(), qa.shape(0), budget, per_query_head, out);
@@ -287,7 +300,8 @@ void bind_clustering(py::module_& m) {
       });
 
   py::class_<ClusterKV>(m, "ClusterKV")
-      .def(py::init([](std::int64_t budget, const py::object& method) {
+      .def(py::init([](const Arg<std::int64_t>& budget_arg, const py::object& method) {
+             const std::int64_t budget = budget_arg.as("budget");
              RecallMethod recall = recall_method(method);
              std::visit([budget](RecallParams& p) { p.budget = budget; }, recall);
              return std::make_unique<ClusterKV>(recall);

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "args.h"
 #include "arrays.h"
 #include "kvpack/attention.h"
 #include "kvpack/compress.h"
@@ -15,33 +16,36 @@
 
 namespace kvpack::bindings {
 
-namespace {
-
-// A budget is a fraction of the tokens in (0, 1] (float) or a token count (int).
-std::int64_t parse_budget(const py::object& budget, std::int64_t tokens) {
+std::int64_t parse_budget(const py::handle& budget, std::int64_t tokens, bool within_context) {
   KVPACK_TYPE_CHECK(!py::isinstance<py::bool_>(budget),
                     "budget: expected a fraction in (0, 1] or a token count, got a bool");
   const py::module_ numbers = py::module_::import("numbers");
   if (py::isinstance(budget, numbers.attr("Integral"))) {
-    const py::int_ big(budget);
-    KVPACK_ARG_CHECK(big.attr("__le__")(py::int_(tokens)).cast<bool>(),
-                     "budget: expected a token count in [1, " << tokens << "] (the context), got "
-                                                              << py::str(big).cast<std::string>());
-    const auto count = big.cast<std::int64_t>();
-    KVPACK_ARG_CHECK(count >= 1 && count <= tokens, "budget: expected a token count in [1, "
-                                                        << tokens << "] (the context), got "
-                                                        << count);
-    return count;
+    const py::int_ count = py::reinterpret_borrow<py::object>(budget);
+    const std::string given = py::str(count).cast<std::string>();
+    if (within_context)
+      KVPACK_ARG_CHECK(
+          count.attr("__ge__")(py::int_(1)).cast<bool>() &&
+              count.attr("__le__")(py::int_(tokens)).cast<bool>(),
+          "budget: expected a token count in [1, " << tokens << "] (the context), got " << given);
+    else
+      KVPACK_ARG_CHECK(
+          count.attr("__ge__")(py::int_(1)).cast<bool>() &&
+              count.attr("__le__")(py::int_(std::numeric_limits<std::int64_t>::max())).cast<bool>(),
+          "budget: expected a token count >= 1, got " << given);
+    return count.cast<std::int64_t>();
   }
   KVPACK_TYPE_CHECK(
       py::isinstance(budget, numbers.attr("Real")),
-      "budget: expected a fraction in (0, 1] or a token count, got "
-          << py::str(py::type::handle_of(budget).attr("__name__")).cast<std::string>());
+      "budget: expected a fraction in (0, 1] or a token count, got " << python_type(budget));
   const auto fraction = budget.cast<double>();
   KVPACK_ARG_CHECK(std::isfinite(fraction) && fraction > 0.0 && fraction <= 1.0,
                    "budget: expected a fraction in (0, 1] or an int token count, got " << fraction);
+  KVPACK_ARG_CHECK(tokens >= 1, "tokens: expected at least 1, got " << tokens);
   return budget_tokens(fraction, tokens);
 }
+
+namespace {
 
 // Accumulated attention [heads_kv, tokens] given by the caller, validated.
 std::optional<py::array_t<float>> attention_evidence(const py::object& attention,
@@ -106,13 +110,14 @@ void check_finite_output(const KVView& out_keys, const KVView& out_values, const
 py::dict compress_binding(const py::object& keys_obj, const py::object& values_obj,
                           const py::object& method_obj, const py::object& budget_obj,
                           const py::object& queries_obj, const py::object& attention_obj,
-                          const std::optional<double>& scale) {
+                          const Arg<std::optional<double>>& scale_arg) {
+  const auto scale = scale_arg.as("scale");
   CompressParams params;
   params.method = method_params(method_obj, MethodKind::Compress);
   const py::array keys_arg = as_array(keys_obj, "keys"),
                   values_arg = as_array(values_obj, "values");
   const auto [keys, values] = kv_pair(keys_arg, values_arg);
-  params.budget = parse_budget(budget_obj, keys.tokens);
+  params.budget = parse_budget(budget_obj, keys.tokens, /*within_context=*/true);
 
   const auto scores = attention_evidence(attention_obj, keys);
   const auto queries = query_evidence(queries_obj, keys);
@@ -189,12 +194,22 @@ void bind_compression(py::module_& m) {
   m.def("compress", &compress_binding, py::arg("keys"), py::arg("values"), py::arg("method"),
         py::arg("budget"), py::arg("queries") = py::none(), py::arg("attention") = py::none(),
         py::arg("scale") = py::none(), "Prefill-time compression; see kvpack.compress.");
+  m.def(
+      "budget_tokens",
+      [](const py::object& budget, const Arg<std::int64_t>& tokens) {
+        return parse_budget(budget, tokens.as("tokens"), /*within_context=*/false);
+      },
+      py::arg("budget"), py::arg("tokens"),
+      "Slots a budget stands for over `tokens`: an int token count as given, a float share "
+      "of the tokens rounded half up.");
   m.def("adjacent_similarity", &adjacent_similarity_binding, py::arg("keys"),
         "Cosine similarity of each key with the next; see kvpack.adjacent_similarity.");
 
   py::class_<EvictionCache>(m, "EvictionCache")
-      .def(py::init([](const py::object& method, std::int64_t budget,
-                       const std::optional<double>& scale) {
+      .def(py::init([](const py::object& method, const Arg<std::int64_t>& budget_arg,
+                       const Arg<std::optional<double>>& scale_arg) {
+             const std::int64_t budget = budget_arg.as("budget");
+             const auto scale = scale_arg.as("scale");
              KVPACK_ARG_CHECK(budget >= 1, "budget: expected a token count >= 1, got " << budget);
              EvictionCacheParams p;
              p.policy = eviction_policy(method);

@@ -1,6 +1,7 @@
 // The private extension module kvpack._core; the public API is python/kvpack.
 #include <pybind11/stl.h>
 
+#include "args.h"
 #include "arrays.h"
 #include "kvpack/backend.h"
 #include "kvpack/parallel.h"
@@ -30,22 +31,15 @@ PYBIND11_MODULE(_core, m) {
         "build of one target).");
   m.def("cpu_targets", &kvpack::cpu_targets,
         "Every build of the CPU kernels this processor runs, best first.");
-  m.def(
-      "budget_tokens",
-      [](double share, std::int64_t tokens) {
-        KVPACK_ARG_CHECK(std::isfinite(share) && share > 0.0 && share <= 1.0,
-                         "budget: a share of the tokens must lie in (0, 1], got " << share);
-        KVPACK_ARG_CHECK(tokens >= 1, "tokens: expected at least 1, got " << tokens);
-        return kvpack::budget_tokens(share, tokens);
-      },
-      py::arg("share"), py::arg("tokens"), "Tokens a budget share of `tokens` stands for.");
   m.def("get_num_threads", &kvpack::num_threads,
         "Threads used by kvpack's parallel loops: those set by set_num_threads, else the OpenMP "
         "runtime's count (OMP_NUM_THREADS, or torch.set_num_threads in a process with torch: "
         "both share one OpenMP runtime and its workers).");
-  m.def("set_num_threads", &kvpack::set_num_threads, py::arg("n"),
-        "Sets the threads used by kvpack's parallel loops (>= 1), from then on independent of "
-        "the OpenMP runtime's count.");
+  m.def(
+      "set_num_threads", [](const Arg<int>& n) { kvpack::set_num_threads(n.as("n")); },
+      py::arg("n"),
+      "Sets the threads used by kvpack's parallel loops (>= 1), from then on independent of "
+      "the OpenMP runtime's count.");
   m.def(
       "_data_pointer",
       [](const py::object& array) {

@@ -1,6 +1,7 @@
 // Bindings of kvpack/quant.h: validate, convert, release the GIL, call the core.
 #include <pybind11/stl.h>
 
+#include "args.h"
 #include "arrays.h"
 #include "kvpack/quant.h"
 
@@ -8,8 +9,12 @@ namespace kvpack::bindings {
 
 void bind_quantization(py::module_& m) {
   py::class_<QuantizedKV>(m, "QuantizedKV")
-      .def(py::init([](const py::object& keys_obj, const py::object& values_obj, int bits,
-                       std::int64_t group, std::int64_t residual) {
+      .def(py::init([](const py::object& keys_obj, const py::object& values_obj,
+                       const Arg<int>& bits_arg, const Arg<std::int64_t>& group_arg,
+                       const Arg<std::int64_t>& residual_arg) {
+             const int bits = bits_arg.as("bits");
+             const std::int64_t group = group_arg.as("group"),
+                                residual = residual_arg.as("residual");
              const py::array keys_arg = as_array(keys_obj, "keys"),
                              values_arg = as_array(values_obj, "values");
              const auto [keys, values] = kv_pair(keys_arg, values_arg);
@@ -60,9 +65,13 @@ void bind_quantization(py::module_& m) {
           py::arg("keys_out") = py::none(), py::arg("values_out") = py::none())
       .def(
           "attend",
-          [](const QuantizedKV& self, const py::object& q_obj, const std::optional<double>& scale,
-             bool return_lse, bool return_weights, const py::object& tail_keys_obj,
+          [](const QuantizedKV& self, const py::object& q_obj,
+             const Arg<std::optional<double>>& scale_arg, const Arg<bool>& return_lse_arg,
+             const Arg<bool>& return_weights_arg, const py::object& tail_keys_obj,
              const py::object& tail_values_obj) {
+            const auto scale = scale_arg.as("scale");
+            const bool return_lse = return_lse_arg.as("return_lse"),
+                       return_weights = return_weights_arg.as("return_weights");
             const py::array_t<float> q =
                 finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
             check_query(q, self.heads(), self.dim());

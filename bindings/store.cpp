@@ -5,6 +5,7 @@
 #include <cmath>
 #include <system_error>
 
+#include "args.h"
 #include "arrays.h"
 #include "kvpack/checksum.h"
 #include "kvpack/codec.h"
@@ -159,16 +160,18 @@ void bind_store(py::module_& m) {
   });
   m.def(
       "xxh64",
-      [](const py::bytes& data, std::uint64_t seed) {
-        const std::string_view bytes = data;
-        return xxh64(bytes.data(), bytes.size(), seed);
+      [](const Arg<py::bytes>& data, const Arg<std::uint64_t>& seed) {
+        const py::bytes given = data.as("data");
+        const std::string_view bytes = given;
+        return xxh64(bytes.data(), bytes.size(), seed.as("seed"));
       },
       py::arg("data"), py::arg("seed") = 0, "XXH64 of bytes (checksum of version 1 blobs).");
   m.def(
       "xxh3",
-      [](const py::bytes& data, std::uint64_t seed) {
-        const std::string_view bytes = data;
-        return xxh3(bytes.data(), bytes.size(), seed);
+      [](const Arg<py::bytes>& data, const Arg<std::uint64_t>& seed) {
+        const py::bytes given = data.as("data");
+        const std::string_view bytes = given;
+        return xxh3(bytes.data(), bytes.size(), seed.as("seed"));
       },
       py::arg("data"), py::arg("seed") = 0, "XXH3 (64-bit) of bytes (the blob checksum).");
   m.def(
@@ -191,21 +194,23 @@ void bind_store(py::module_& m) {
       "index per item, -1 for evicted.");
   m.def(
       "cluster_slot",
-      [](const py::bytes& key) {
-        const std::string_view bytes = key;
+      [](const Arg<py::bytes>& key) {
+        const py::bytes given = key.as("key");
+        const std::string_view bytes = given;
         return cluster_slot(bytes);
       },
       py::arg("key"),
       "The Redis Cluster hash slot of a Redis key (CRC16 of its hash tag mod 16384), as "
       "CLUSTER KEYSLOT gives it.");
   m.def(
-      "parse_codec", [](const std::string& name) { return codec_arg(name).name(); },
+      "parse_codec", [](const Arg<std::string>& name) { return codec_arg(name.as("name")).name(); },
       py::arg("name"), "The canonical name of a codec; ValueError for an unknown one.");
   m.def(
       "encode_blob",
-      [](const std::string& key, const py::object& kv, const std::string& codec_name,
+      [](const Arg<std::string>& key_arg, const py::object& kv, const Arg<std::string>& codec_name,
          const py::object& probe_queries) {
-        const Codec codec = codec_arg(codec_name);
+        const std::string key = key_arg.as("key");
+        const Codec codec = codec_arg(codec_name.as("codec"));
         const Context context = context_arg(kv, probe_queries);
         BlobPtr blob;
         {
@@ -217,8 +222,9 @@ void bind_store(py::module_& m) {
       py::arg("key"), py::arg("kv"), py::arg("codec"), py::arg("probe_queries") = py::none());
   m.def(
       "decode_blob",
-      [](const py::bytes& data) {
-        const std::string_view bytes = data;
+      [](const Arg<py::bytes>& data) {
+        const py::bytes given = data.as("blob");
+        const std::string_view bytes = given;
         auto blob = std::make_shared<Buffer>(bytes.size());
         std::memcpy(blob->data(), bytes.data(), bytes.size());
         KVPACK_ARG_CHECK(verify_blob(*blob),
@@ -238,16 +244,39 @@ void bind_store(py::module_& m) {
       py::arg("blob"));
 
   py::class_<TieredStore>(m, "TieredStore")
-      .def(py::init([](std::int64_t dram_bytes, const std::optional<std::string>& ssd_dir,
-                       std::int64_t ssd_bytes, const std::optional<std::string>& redis_host,
-                       int redis_port, int redis_db, const std::string& redis_prefix,
-                       std::int64_t redis_bytes, const std::string& policy, double alpha,
-                       const std::optional<std::vector<std::string>>& codecs, bool o_direct,
-                       int io_threads, double streaming_rate,
-                       const std::optional<std::vector<double>>& bandwidths,
-                       const std::optional<std::vector<double>>& decode_bandwidths, int timeout_ms,
-                       const std::string& secret,
+      .def(py::init([](const Arg<std::int64_t>& dram_bytes_arg,
+                       const Arg<std::optional<std::string>>& ssd_dir_arg,
+                       const Arg<std::int64_t>& ssd_bytes_arg,
+                       const Arg<std::optional<std::string>>& redis_host_arg,
+                       const Arg<int>& redis_port_arg, const Arg<int>& redis_db_arg,
+                       const Arg<std::string>& redis_prefix_arg,
+                       const Arg<std::int64_t>& redis_bytes_arg, const Arg<std::string>& policy_arg_,
+                       const Arg<double>& alpha_arg,
+                       const Arg<std::optional<std::vector<std::string>>>& codecs_arg,
+                       const Arg<bool>& o_direct_arg, const Arg<int>& io_threads_arg,
+                       const Arg<double>& streaming_rate_arg,
+                       const Arg<std::optional<std::vector<double>>>& bandwidths_arg,
+                       const Arg<std::optional<std::vector<double>>>& decode_bandwidths_arg,
+                       const Arg<int>& timeout_ms_arg, const Arg<py::bytes>& secret_arg,
                        const std::optional<std::vector<std::pair<std::string, int>>>& redis_cluster) {
+             const std::int64_t dram_bytes = dram_bytes_arg.as("dram_bytes"),
+                                ssd_bytes = ssd_bytes_arg.as("ssd_bytes"),
+                                redis_bytes = redis_bytes_arg.as("redis_bytes");
+             const auto ssd_dir = ssd_dir_arg.as("ssd_dir");
+             const auto redis_host = redis_host_arg.as("redis_host");
+             const int redis_port = redis_port_arg.as("redis_port"),
+                       redis_db = redis_db_arg.as("redis_db"),
+                       io_threads = io_threads_arg.as("io_threads"),
+                       timeout_ms = timeout_ms_arg.as("timeout_ms");
+             const std::string redis_prefix = redis_prefix_arg.as("redis_prefix"),
+                               policy = policy_arg_.as("policy"),
+                               secret = std::string(secret_arg.as("secret"));
+             const double alpha = alpha_arg.as("alpha"),
+                          streaming_rate = streaming_rate_arg.as("streaming_rate");
+             const auto codecs = codecs_arg.as("codecs");
+             const bool o_direct = o_direct_arg.as("o_direct");
+             const auto bandwidths = bandwidths_arg.as("bandwidths");
+             const auto decode_bandwidths = decode_bandwidths_arg.as("decode_bandwidths");
              KVPACK_ARG_CHECK(dram_bytes >= 0, "dram_bytes: expected >= 0, got " << dram_bytes);
              KVPACK_ARG_CHECK(ssd_bytes >= 0, "ssd_bytes: expected >= 0, got " << ssd_bytes);
              KVPACK_ARG_CHECK(redis_bytes >= 0, "redis_bytes: expected >= 0, got " << redis_bytes);
@@ -315,12 +344,15 @@ void bind_store(py::module_& m) {
            py::arg("policy") = "adaptive", py::arg("alpha") = 0.1, py::arg("codecs") = py::none(),
            py::arg("o_direct") = false, py::arg("io_threads") = 2, py::arg("streaming_rate") = 0.5,
            py::arg("bandwidths") = py::none(), py::arg("decode_bandwidths") = py::none(),
-           py::arg("timeout_ms") = 2000, py::arg("secret") = "",
+           py::arg("timeout_ms") = 2000, py::arg("secret") = py::bytes(),
            py::arg("redis_cluster") = py::none())
       .def(
           "put",
-          [](TieredStore& self, const std::string& key, const py::object& kv,
-             const py::object& probe_queries, const std::optional<std::vector<double>>& quality) {
+          [](TieredStore& self, const Arg<std::string>& key_arg, const py::object& kv,
+             const py::object& probe_queries,
+             const Arg<std::optional<std::vector<double>>>& quality_arg) {
+            const std::string key = key_arg.as("key");
+            const auto quality = quality_arg.as("quality");
             const Context context = context_arg(kv, probe_queries);
             if (quality) {
               KVPACK_ARG_CHECK(quality->size() == self.codecs().size(),
@@ -336,11 +368,12 @@ void bind_store(py::module_& m) {
           py::arg("quality") = py::none())
       .def(
           "get",
-          [](TieredStore& self, const std::string& key) -> py::object {
+          [](TieredStore& self, const Arg<std::string>& key) -> py::object {
             std::optional<GetResult> result;
+            const std::string name = key.as("key");
             {
               py::gil_scoped_release release;
-              result = self.get(key);
+              result = self.get(name);
             }
             if (!result) return py::none();
             py::dict out = decoded_dict(std::move(result->kv));
@@ -354,21 +387,24 @@ void bind_store(py::module_& m) {
           py::arg("key"))
       .def(
           "contains",
-          [](TieredStore& self, const std::string& key) {
+          [](TieredStore& self, const Arg<std::string>& key_arg) {
+            const std::string key = key_arg.as("key");
             py::gil_scoped_release release;
             return self.contains(key);
           },
           py::arg("key"))
       .def(
           "remove",
-          [](TieredStore& self, const std::string& key) {
+          [](TieredStore& self, const Arg<std::string>& key_arg) {
+            const std::string key = key_arg.as("key");
             py::gil_scoped_release release;
             return self.remove(key);
           },
           py::arg("key"))
       .def(
           "prefetch",
-          [](TieredStore& self, const std::string& key) {
+          [](TieredStore& self, const Arg<std::string>& key_arg) {
+            const std::string key = key_arg.as("key");
             py::gil_scoped_release release;
             self.prefetch(key);
           },
@@ -376,8 +412,8 @@ void bind_store(py::module_& m) {
       .def("stats", [](const TieredStore& self) { return stats_dict(self.stats()); })
       .def(
           "where",
-          [](const TieredStore& self, const std::string& key) -> py::object {
-            const auto location = self.where(key);
+          [](const TieredStore& self, const Arg<std::string>& key) -> py::object {
+            const auto location = self.where(key.as("key"));
             if (!location) return py::none();
             return py::make_tuple(location->first, location->second.name());
           },

@@ -1,5 +1,7 @@
 """Bad input raises ValueError / TypeError naming the argument; nothing crashes."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -252,7 +254,7 @@ def test_make_cache_of_something_that_is_no_model():
         (lambda: kvpack.TieredStore(1 << 20, codecs="none"), "codecs: expected a list, got str"),
         (
             lambda: kvpack.TieredStore(1 << 20, bandwidths=["fast"]),
-            r"bandwidths: expected a list \(a number each\) or None, got list",
+            r"bandwidths: expected a list of numbers or None, got list",
         ),
         (lambda: kvpack.attention(Q, K, V, scale="1"), "scale: expected a number or None, got str"),
         (lambda: kvpack.quantize(K, V, group=2.5), "group: expected an int, got float"),
@@ -267,3 +269,39 @@ def test_argument_type_errors_name_the_argument(call, message):
     with pytest.raises(TypeError, match=message) as raised:
         call()
     assert "incompatible" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda: kvpack.TieredStore(2**63), "dram_bytes"),
+        (lambda: kvpack.TieredStore(0, io_threads=2**40), "io_threads"),
+        (lambda: kvpack.TieredStore(0, timeout=2.0**40), "timeout_ms"),
+        (lambda: kvpack.ClusterKV(2**63), "budget"),
+        (lambda: kvpack.set_num_threads(2**40), "n"),
+        (lambda: kvpack.EvictionCache("h2o", budget=2**64), "budget"),
+    ],
+)
+def test_out_of_range_integers_name_their_argument(call, name):
+    with pytest.raises(ValueError, match=f"^{name}: expected an int from"):
+        call()
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("budget", [2**22, 2**40])
+def test_eviction_cache_holds_what_it_keeps_not_its_budget(rng, budget):
+    keys = rng.standard_normal((2, 64, 16)).astype(np.float32)
+    before = _resident_bytes()
+    cache = kvpack.EvictionCache("h2o", budget=budget)
+    cache.prefill(keys, keys, attention=rng.random((2, 64), dtype=np.float32))
+    for _ in range(100):
+        token = rng.standard_normal((2, 16)).astype(np.float32)
+        cache.step(rng.standard_normal((4, 16)).astype(np.float32), token, token)
+    assert cache.size == 164
+    # 164 tokens of 2 x 16 float32 keys and values are 42 KB; buffers sized by a budget of
+    # 2**22 were 1 GB (and 2**40 a MemoryError).
+    assert _resident_bytes() - before < 64 << 20

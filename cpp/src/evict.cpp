@@ -44,6 +44,9 @@ void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget, 
 
 namespace {
 
+// Decoded tokens a cache below its budget has room for before it grows.
+constexpr std::int64_t kDecodeRoom = 64;
+
 // The latest tokens H2O keeps out of `budget`.
 std::int64_t h2o_recent(const H2OParams& params, std::int64_t budget) {
   return static_cast<std::int64_t>(
@@ -74,7 +77,27 @@ EvictionCache::EvictionCache(const EvictionCacheParams& params) : params_(params
   if (const auto* h2o = std::get_if<H2OParams>(&params.policy))
     KVPACK_CHECK(h2o->recent_ratio >= 0.0f && h2o->recent_ratio <= 1.0f,
                  "recent_ratio: expected a value in [0, 1], got " << h2o->recent_ratio);
-  capacity_ = params.budget + 1;  // room for the new token before one is evicted
+}
+
+void EvictionCache::reserve(std::int64_t capacity) {
+  if (capacity <= capacity_) return;
+  const std::size_t row = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
+  const std::size_t slots = static_cast<std::size_t>(heads_ * capacity);
+  std::vector<unsigned char> keys(slots * row), values(slots * row);
+  std::vector<std::int32_t> positions(slots, 0);
+  std::vector<float> scores(slots, 0.0f);
+  for (std::int64_t h = 0; h < heads_ && size_ > 0; ++h) {
+    const std::size_t from = static_cast<std::size_t>(h * capacity_), to = h * capacity;
+    std::memcpy(keys.data() + to * row, keys_.data() + from * row, size_ * row);
+    std::memcpy(values.data() + to * row, values_.data() + from * row, size_ * row);
+    std::copy_n(positions_.data() + from, size_, positions.data() + to);
+    std::copy_n(scores_.data() + from, size_, scores.data() + to);
+  }
+  keys_ = std::move(keys);
+  values_ = std::move(values);
+  positions_ = std::move(positions);
+  scores_ = std::move(scores);
+  capacity_ = capacity;
 }
 
 KVView EvictionCache::view(const std::vector<unsigned char>& data) const {
@@ -112,11 +135,14 @@ void EvictionCache::prefill(const KVView& keys, const KVView& values, const Evid
   heads_ = keys.heads;
   dim_ = keys.dim;
   dtype_ = keys.dtype;
-  const std::size_t slots = static_cast<std::size_t>(heads_ * capacity_);
-  keys_.assign(slots * dim_ * dtype_size(dtype_), 0);
-  values_.assign(keys_.size(), 0);
-  positions_.assign(slots, 0);
-  scores_.assign(slots, 0.0f);
+  // Memory follows what is held, not the budget: a short prompt with a huge budget holds
+  // the prompt plus room for some decoded tokens, and grows by a quarter when it is full.
+  size_ = capacity_ = 0;
+  keys_.clear();
+  values_.clear();
+  positions_.clear();
+  scores_.clear();
+  reserve(std::min(params_.budget, keys.tokens + kDecodeRoom) + 1);
   size_ = std::min(keys.tokens, params_.budget);
   seen_ = keys.tokens;
   const std::int64_t recent = h2o ? h2o_recent(*h2o, params_.budget) : 0;
@@ -158,6 +184,8 @@ void EvictionCache::step(const float* q, std::int64_t heads_q, const KVView& new
   KVPACK_CHECK(heads_q > 0 && heads_q % heads_ == 0,  // checked before any state changes
                "q: expected heads_q to be a positive multiple of heads_kv=" << heads_ << ", got "
                                                                             << heads_q);
+  if (size_ == capacity_)  // below the budget: room for the new token and the next ones
+    reserve(std::min(params_.budget + 1, capacity_ + std::max(kDecodeRoom, capacity_ / 4)));
   for (std::int64_t h = 0; h < heads_; ++h) {
     write_slot(h, size_, new_key.row(h, 0), new_value.row(h, 0));
     positions_[h * capacity_ + size_] = static_cast<std::int32_t>(seen_);

@@ -8,8 +8,7 @@ What kvpack is measured with (tasks, scoring, KV data, the demo, the store's tra
 replay) is :mod:`kvpack.eval`, imported on its own: the library never imports it.
 """
 
-# _arguments first: it makes _core's argument type errors name the argument.
-from . import _arguments, methods, store  # noqa: F401 (_arguments: for its effect)
+from . import methods, store
 from ._core import (
     __version__,
     cpu_target,

@@ -161,7 +161,7 @@ class QuantizedKV:
     def tokens(self) -> int:
         ...
 class TieredStore:
-    def __init__(self, dram_bytes: typing.SupportsInt | typing.SupportsIndex, ssd_dir: str | None = None, ssd_bytes: typing.SupportsInt | typing.SupportsIndex = 0, redis_host: str | None = None, redis_port: typing.SupportsInt | typing.SupportsIndex = 6379, redis_db: typing.SupportsInt | typing.SupportsIndex = 0, redis_prefix: str = 'kvpack:', redis_bytes: typing.SupportsInt | typing.SupportsIndex = 0, policy: str = 'adaptive', alpha: typing.SupportsFloat | typing.SupportsIndex = 0.1, codecs: collections.abc.Sequence[str] | None = None, o_direct: bool = False, io_threads: typing.SupportsInt | typing.SupportsIndex = 2, streaming_rate: typing.SupportsFloat | typing.SupportsIndex = 0.5, bandwidths: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex] | None = None, decode_bandwidths: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex] | None = None, timeout_ms: typing.SupportsInt | typing.SupportsIndex = 2000, secret: str = '', redis_cluster: collections.abc.Sequence[tuple[str, typing.SupportsInt | typing.SupportsIndex]] | None = None) -> None:
+    def __init__(self, dram_bytes: typing.SupportsInt | typing.SupportsIndex, ssd_dir: str | None = None, ssd_bytes: typing.SupportsInt | typing.SupportsIndex = 0, redis_host: str | None = None, redis_port: typing.SupportsInt | typing.SupportsIndex = 6379, redis_db: typing.SupportsInt | typing.SupportsIndex = 0, redis_prefix: str = 'kvpack:', redis_bytes: typing.SupportsInt | typing.SupportsIndex = 0, policy: str = 'adaptive', alpha: typing.SupportsFloat | typing.SupportsIndex = 0.1, codecs: collections.abc.Sequence[str] | None = None, o_direct: bool = False, io_threads: typing.SupportsInt | typing.SupportsIndex = 2, streaming_rate: typing.SupportsFloat | typing.SupportsIndex = 0.5, bandwidths: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex] | None = None, decode_bandwidths: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex] | None = None, timeout_ms: typing.SupportsInt | typing.SupportsIndex = 2000, secret: bytes = b'', redis_cluster: collections.abc.Sequence[tuple[str, typing.SupportsInt | typing.SupportsIndex]] | None = None) -> None:
         ...
     def contains(self, key: str) -> bool:
         ...
@@ -203,9 +203,9 @@ def attention(q: typing.Any, keys: typing.Any, values: typing.Any, indices: typi
     """
     Decode attention; returns (out, lse or None, weights or None). See kvpack.attention.
     """
-def budget_tokens(share: typing.SupportsFloat | typing.SupportsIndex, tokens: typing.SupportsInt | typing.SupportsIndex) -> int:
+def budget_tokens(budget: typing.Any, tokens: typing.SupportsInt | typing.SupportsIndex) -> int:
     """
-    Tokens a budget share of `tokens` stands for.
+    Slots a budget stands for over `tokens`: an int token count as given, a float share of the tokens rounded half up.
     """
 def cluster_slot(key: bytes) -> int:
     """
@@ -264,4 +264,3 @@ def xxh64(data: bytes, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> i
     XXH64 of bytes (checksum of version 1 blobs).
     """
 __version__: str = '0.1.0'
-_arguments_named: bool = True

@@ -9,7 +9,6 @@ can be swapped in an experiment without other changes.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,11 +29,7 @@ def budget_tokens(budget: int | float, tokens: int) -> int:
     back as is; a float in (0, 1] is a share of ``tokens``, rounded half away from zero,
     at least 1. The core does the rounding, so every method, codec and facade agrees.
     """
-    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
-        return int(budget)
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget: expected an int or a float, got {type(budget).__name__}")
-    return _core.budget_tokens(float(budget), int(tokens))
+    return _core.budget_tokens(budget, tokens)
 
 
 @dataclass(frozen=True)

@@ -138,16 +138,8 @@ def make_cache(
         raise TypeError(f"log_count_bias: expected a bool, got {type(log_count_bias).__name__}")
     if log_count_bias and method.kind != "compress":
         raise TypeError(f"log_count_bias: method {method.name!r} does not merge slots")
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget: expected an int or a float, got {type(budget).__name__}")
-    if isinstance(budget, numbers.Integral):
-        budget = int(budget)
-        if budget < 1:
-            raise ValueError(f"budget: expected at least 1 token, got {budget}")
-    elif not 0.0 < float(budget) <= 1.0:
-        raise ValueError(f"budget: a share of the prompt must lie in (0, 1], got {budget}")
-    else:
-        budget = float(budget)
+    budget_tokens(budget, 1)  # an int count >= 1 or a share in (0, 1], or a named error
+    budget = int(budget) if isinstance(budget, numbers.Integral) else float(budget)
     layers = model.config.get_text_config().num_hidden_layers
     if not isinstance(skip_layers, numbers.Integral) or not 0 <= skip_layers <= layers:
         raise ValueError(f"skip_layers: expected an int from 0 to {layers}, got {skip_layers!r}")

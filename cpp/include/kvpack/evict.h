@@ -133,9 +133,11 @@ class EvictionCache {
   std::int64_t heads() const { return heads_; }
   std::int64_t dim() const { return dim_; }
   DType dtype() const { return dtype_; }
-  std::int64_t size() const { return size_; }          ///< tokens held per head
-  std::int64_t capacity() const { return capacity_; }  ///< slots per head (budget + 1)
-  std::int64_t seen() const { return seen_; }          ///< tokens the sequence holds so far
+  std::int64_t size() const { return size_; }  ///< tokens held per head
+  /// Slots per head allocated: at most budget + 1 (room for the new token before one is
+  /// evicted), fewer while the cache holds fewer tokens.
+  std::int64_t capacity() const { return capacity_; }
+  std::int64_t seen() const { return seen_; }  ///< tokens the sequence holds so far
   const EvictionCacheParams& params() const { return params_; }
 
   /// [heads, size(), dim] views of the held keys and values (head stride capacity * dim).
@@ -148,6 +150,8 @@ class EvictionCache {
 
  private:
   KVView view(const std::vector<unsigned char>& data) const;
+  // Gives every head room for `capacity` slots, keeping what it holds.
+  void reserve(std::int64_t capacity);
   void write_slot(std::int64_t head, std::int64_t slot, const void* key, const void* value);
   std::int64_t victim(std::int64_t head) const;
 
