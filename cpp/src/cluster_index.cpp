@@ -172,21 +172,22 @@ void ClusterIndex::select(const float* q, std::int64_t heads_q, std::int64_t bud
     const std::int64_t first_q = per_query_head ? r : r * group, n_q = per_query_head ? 1 : group;
     for (std::int64_t g = 0; g < n_q; ++g)
       for (std::int64_t c = 0; c < dim_; ++c) query[c] += q[(first_q + g) * dim_ + c];
-    std::vector<float> scores(static_cast<std::size_t>(a.clusters));
-    if (a.clusters > 0)
-      inner_products(a.centroids.data() + head * a.clusters * dim_, a.clusters, dim_, query.data(),
-                     scores.data());
     // Rank only as many clusters as can fill the budget (whole-cluster sizes >= count
     // guarantees it), doubling until they do: a full sort of every cluster is wasted work.
+    // The first ranking scores every centroid (rank_rows); a doubling re-ranks the scores.
     const std::int32_t* sizes = a.sizes.data() + head * a.clusters;
     std::int64_t want = std::min<std::int64_t>(a.clusters, 16);
-    std::vector<std::int32_t> ranked;
+    std::vector<float> scores(static_cast<std::size_t>(a.clusters));
+    std::vector<std::int32_t> ranked(static_cast<std::size_t>(want));
+    if (a.clusters > 0)
+      rank_rows(a.centroids.data() + head * a.clusters * dim_, 1, a.clusters, dim_, query.data(),
+                want, scores.data(), ranked.data());
     for (;;) {
-      ranked = top_k(scores.data(), a.clusters, want);
       std::int64_t covered = 0;
       for (std::int32_t c : ranked) covered += sizes[c];
       if (covered >= count || want == a.clusters) break;
       want = std::min(a.clusters, 2 * want);
+      ranked = top_k(scores.data(), a.clusters, want);
     }
     const RankedGroups groups{ranked.data(), static_cast<std::int64_t>(ranked.size()),
                               a.offsets.data() + head * (a.clusters + 1),

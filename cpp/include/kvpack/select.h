@@ -23,7 +23,8 @@ std::vector<std::int32_t> top_k(const float* scores, std::int64_t n, std::int64_
 /// to the lower index), found by selection rather than a sort of the winners.
 std::vector<std::int32_t> top_k_set(const float* scores, std::int64_t n, std::int64_t k);
 
-/// Scoring and ranking batched over heads, as ClusterKV ranks centroids and Quest pages:
+/// Scoring and ranking batched over heads, as ClusterIndex ranks its centroids (Quest's
+/// page scores are bounds, not inner products, and rank with top_k):
 /// scores[h, i] = rows[h, i] . q[h], then the k best of each head's n scores, highest
 /// first, ties to the lower index (top_k per head), for any n.
 /// @param rows    size heads * n * dim float32, on `device`
