@@ -372,3 +372,67 @@ def test_a_stored_entry_is_checked(model, prompts):
         hf.stored_cache(model, [(kv[0][0][0], kv[0][1][0]), *kv[1:]])  # 2-D
     with pytest.raises(ValueError, match="stored: layer 2 holds 10 tokens, layer 0 50"):
         hf.stored_cache(model, [*kv[:2], (kv[2][0][:, :10], kv[2][1][:, :10]), kv[3]])
+
+
+def test_decode_budget_evicts_as_it_goes_and_attends_what_it_holds(model):
+    # StreamingLLM keeps sinks + the latest tokens in every layer, so what each decode step
+    # attended is known: plain transformers with those positions masked in must agree.
+    ids = torch.randint(1, 128, (1, 100), generator=torch.Generator().manual_seed(3))
+    prompt, held_max = 40, 0
+    cache = hf.make_cache(
+        model, "streaming_llm", budget=24, skip_layers=0, decode_budget=30, decode_interval=4
+    )
+    allowed = torch.ones(100, 100).tril().bool()
+    logits = []
+    with torch.no_grad():
+        model(ids[:, :prompt], **{hf.cache_argument(model): cache})
+        for t in range(prompt, 100):
+            held = cache.layers[0].positions[0, 0]
+            allowed[t] = False
+            allowed[t, held] = True
+            allowed[t, t] = True
+            step = model(
+                ids[:, t : t + 1],
+                position_ids=torch.tensor([[t]]),
+                **{hf.cache_argument(model): cache},
+            )
+            logits.append(step.logits[0, -1])
+            held_max = max(held_max, max(layer.length for layer in cache.layers))
+        expected = model(ids, attention_mask=torch.where(allowed, 0.0, -math.inf)[None, None])
+    expected = expected.logits[0, prompt:]
+    torch.testing.assert_close(torch.stack(logits), expected, rtol=1e-4, atol=1e-4)
+    assert held_max <= 30 + 4
+    last = cache.layers[0].positions[0, 0]
+    assert last[:4].tolist() == [0, 1, 2, 3]  # the sinks stay
+    assert last[-1].item() == 99 and cache.stats()["tokens"] == 100
+
+
+@pytest.mark.parametrize("method", ["h2o", "snapkv", "keydiff", "cam", "kvmerger"])
+def test_decode_budget_bounds_every_eviction_method(model, prompts, method):
+    ids, mask = prompts
+    cache = hf.make_cache(
+        model, method, budget=24, decode_budget=32, decode_interval=8, log_count_bias=True
+    )
+    out = generate(model, ids, mask, cache, new=40)
+    assert out.shape[1] == 160
+    for layer in cache.layers[2:]:
+        assert layer.length <= 32 + 8
+        positions = layer.positions
+        for row, real in enumerate((120, 80)):
+            held = positions[row]
+            assert (held[held >= 0] >= 120 - real).all()  # never a padding position
+            # Every token held is counted once: merged slots carry the tokens they fold.
+            if method == "kvmerger":
+                counts = layer.prompt_bias[row].exp().sum(-1) + (layer.seen - layer.first_decoded)
+                assert torch.allclose(counts, torch.tensor(float(real + 39)), rtol=1e-3)
+
+
+def test_decode_budget_is_checked(model):
+    for kwargs, message in [
+        ({"method": "clusterkv", "decode_budget": 16}, "decode_budget: method 'clusterkv'"),
+        ({"method": "full", "decode_budget": 16}, "decode_budget: method 'full'"),
+        ({"method": "h2o", "decode_budget": 0}, "decode_budget: expected an int >= 1"),
+        ({"method": "h2o", "decode_interval": 4}, "decode_interval: given without"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            hf.make_cache(model, budget=16, **kwargs)

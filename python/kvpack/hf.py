@@ -99,6 +99,8 @@ def make_cache(
     skip_layers: int = 2,
     log_count_bias: bool = False,
     prefill: Prefill | None = None,
+    decode_budget: int | None = None,
+    decode_interval: int | None = None,
     **params: Any,
 ) -> KVPackCache:
     """A cache that compresses or recalls the KV cache of ``model`` with ``method``.
@@ -122,6 +124,16 @@ def make_cache(
         Start from this exact prefill (see :func:`prefill`) instead of running one: each
         layer compresses or indexes its own copy at once, and ``generate`` goes on from
         :attr:`Prefill.next_ids`.
+    decode_budget : int, optional
+        Compression methods: slots per KV head a layer keeps while decoding, so memory stays
+        bounded over long generations (as kvpress's DecodingPress). Whenever
+        ``decode_interval`` tokens were decoded since the last time and more than
+        ``decode_budget`` slots are held, the method compresses what the layer holds back
+        to ``decode_budget``, ranking by the last 32 decoded queries. None: every decoded
+        token is kept.
+    decode_interval : int, optional
+        Decoded tokens between two such compressions [``decode_budget // 16``, at least 1]:
+        a layer holds at most ``decode_budget + decode_interval`` slots.
     **params
         The method's parameters, as for a name in :func:`kvpack.methods.resolve`: e.g.
         ``window`` (SnapKV), ``sigma`` (KVMerger), ``n_clusters``, ``recall_steps``
@@ -143,6 +155,16 @@ def make_cache(
     layers = model.config.get_text_config().num_hidden_layers
     if not isinstance(skip_layers, numbers.Integral) or not 0 <= skip_layers <= layers:
         raise ValueError(f"skip_layers: expected an int from 0 to {layers}, got {skip_layers!r}")
+    for name, value in (("decode_budget", decode_budget), ("decode_interval", decode_interval)):
+        if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{name}: expected an int >= 1 or None, got {value!r}")
+    if decode_interval is not None and decode_budget is None:
+        raise ValueError("decode_interval: given without decode_budget")
+    if decode_budget is not None and (method.kind != "compress" or method.name == "full"):
+        raise ValueError(
+            f"decode_budget: method {method.name!r} does not compress (only "
+            f"{', '.join(m for m in EVICTION_METHODS if m != 'full')} do)"
+        )
     if prefill is not None and not isinstance(prefill, Prefill):
         raise TypeError(f"prefill: expected a kvpack.hf.Prefill, got {type(prefill).__name__}")
     if prefill is not None and len(prefill.layers) != layers:
@@ -151,6 +173,10 @@ def make_cache(
     cache = KVPackCache(
         layers, method, budget, skip_layers=int(skip_layers), log_count_bias=bool(log_count_bias)
     )
+    if decode_budget is not None:
+        interval = max(1, decode_budget // 16) if decode_interval is None else decode_interval
+        for layer in cache.layers[int(skip_layers) :]:
+            layer.decode_budget, layer.decode_interval = int(decode_budget), int(interval)
     if prefill is not None:
         for layer, captured in zip(cache.layers, prefill.layers):
             layer.adopt(*captured)
@@ -432,6 +458,7 @@ class _KVPackLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.seen, self.prefilled = 0, False
+        self.__dict__.pop("_recent_queries", None)
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove:
@@ -476,8 +503,13 @@ class _BufferedLayer(_KVPackLayer):
 
 class _EvictionLayer(_BufferedLayer):
     """The slots :func:`kvpack.compress` kept of the prompt (all of it for ``full`` and the
-    skipped layers), then every decoded token. A decode step over a batch without padding
-    and without log-count bias is transformers' own SDPA call over the buffers."""
+    skipped layers), then every decoded token (or, with ``decode_budget``, what the method
+    keeps of them as it goes). A decode step over a batch without padding and without
+    log-count bias is transformers' own SDPA call over the buffers."""
+
+    decode_budget: int | None = None  # set by make_cache
+    decode_interval = 1
+    observed = 32  # decoded queries a decode-time compression ranks by
 
     def _compress(self, query, keys, values, valid, scaling):
         log_count_bias = self.log_count_bias
@@ -503,6 +535,11 @@ class _EvictionLayer(_BufferedLayer):
             positions = tokens[torch.from_numpy(c.positions.astype(np.int64)).to(tokens.device)]
             bias = torch.from_numpy(np.log(c.counts)) if log_count_bias else None
             rows.append((_torch(c.keys, k), _torch(c.values, v), positions, bias))
+        self._hold_rows(rows, int(valid.shape[1]), query.dtype)
+
+    def _hold_rows(self, rows, tokens: int, dtype) -> None:
+        """Holds one (keys, values, positions, log-count bias or None) per batch row, of
+        ``tokens`` tokens seen, padding shorter rows with slots no query attends."""
         slots = max(row[0].shape[1] for row in rows)
         padded = any(row[0].shape[1] < slots for row in rows)
         pad = lambda x, value: torch.nn.functional.pad(  # noqa: E731
@@ -519,9 +556,9 @@ class _EvictionLayer(_BufferedLayer):
         if padded or any(r[3] is not None for r in rows):
             zeros = lambda r: torch.zeros(r[2].shape)  # noqa: E731
             bias = [pad((r[3] if r[3] is not None else zeros(r)).float(), -math.inf) for r in rows]
-            bias = torch.stack(bias).to(keys.device, query.dtype)
+            bias = torch.stack(bias).to(held_keys.device, dtype)
         positions = torch.stack([pad(r[2], -1) for r in rows])
-        self.hold(held_keys, held_values, positions, bias, int(valid.shape[1]))
+        self.hold(held_keys, held_values, positions, bias, tokens)
 
     def hold(self, keys, values, positions, bias, tokens: int) -> None:
         """Holds ``keys`` and ``values`` [batch, heads_kv, slots, dim] for a prompt of
@@ -544,6 +581,48 @@ class _EvictionLayer(_BufferedLayer):
         return torch.cat([self.prompt_positions, decoded.expand(shape)], dim=-1)
 
     def _decode(self, module, query, key, value, attention_mask, scaling):
+        output = self._attend_held(module, query, key, value, attention_mask, scaling)
+        if self.decode_budget is not None:
+            self._recent_queries = torch.cat(
+                [getattr(self, "_recent_queries", query[:, :, :0]), query], dim=2
+            )[:, :, -self.observed :]
+            due = self.seen - self.first_decoded >= self.decode_interval
+            if due and self.length > self.decode_budget:
+                self._compress_held(scaling)
+        return output
+
+    def _compress_held(self, scaling) -> None:
+        """Compresses what each row holds back to ``decode_budget`` slots (rows holding no
+        more keep everything), as kvpress's DecodingPress does during generation."""
+        positions, slots = self.positions, self.length
+        held_bias = self.prompt_bias
+        rows = []
+        for b in range(positions.shape[0]):
+            real = torch.nonzero(positions[b, 0] >= 0).flatten()
+            k, v = self.keys[b][:, real], self.values[b][:, real]
+            bias = None
+            if held_bias is not None:  # the prompt's slots carry it, decoded tokens add 0
+                bias = torch.nn.functional.pad(held_bias[b], (0, slots - held_bias.shape[-1]))
+                bias = bias[:, real].float()
+            if real.numel() <= self.decode_budget:
+                rows.append((k, v, positions[b][:, real], bias))
+                continue
+            c = compress(
+                _dense(k),
+                _dense(v),
+                self.method,
+                self.decode_budget,
+                scale=scaling,
+                queries=_dense(self._recent_queries[b].float()),
+            )
+            kept = torch.from_numpy(c.positions.astype(np.int64)).to(k.device)
+            counts = torch.from_numpy(c.counts.astype(np.int64)).to(k.device)
+            new_bias = None if bias is None else _folded_log_counts(bias, kept, counts)
+            held = positions[b][:, real].gather(1, kept)
+            rows.append((_torch(c.keys, k), _torch(c.values, v), held, new_bias))
+        self._hold_rows(rows, self.seen, self.keys.dtype)
+
+    def _attend_held(self, module, query, key, value, attention_mask, scaling):
         new = query.shape[2]
         if attention_mask is None and self.prompt_bias is None and new == 1:
             output, _ = sdpa_attention_forward(module, query, key, value, None, scaling=scaling)
@@ -698,6 +777,19 @@ def _valid_tokens(attention_mask, batch: int, tokens: int, device) -> torch.Tens
         return torch.ones(batch, tokens, dtype=torch.bool, device=device)
     last = attention_mask[:, 0, -1, :tokens]
     return last if last.dtype == torch.bool else last == 0
+
+
+def _folded_log_counts(bias, kept, counts) -> torch.Tensor:
+    """The log-count bias [heads, budget] of slots kept from slots with log counts
+    ``bias`` [heads, n]: a kept slot keeps its count; where the counts of a head add up
+    to n, its slots merged consecutive runs (KVMerger), whose counts add up."""
+    old = bias.exp()
+    merged = counts.sum(-1) == bias.shape[-1]
+    ends = counts.cumsum(-1)
+    folded = old.cumsum(-1).gather(1, (ends - 1).clamp(min=0))
+    folded = folded - torch.nn.functional.pad(folded[:, :-1], (1, 0))
+    kept_counts = torch.where(merged[:, None], folded, old.gather(1, kept))
+    return kept_counts.log()
 
 
 def _grown(t: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
