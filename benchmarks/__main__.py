@@ -64,6 +64,11 @@ SUITES = {
         "generate() on SmolLM2-135M (float32): every cache against transformers' SDPA",
         e2e.run,
     ),
+    "decode_memory": (
+        "Eviction caches over 4096 decoded tokens on SmolLM2-135M: KV memory with and "
+        "without decode_budget",
+        e2e.run_decode_memory,
+    ),
     "real_lm": (
         "Every method on SmolLM2-135M-Instruct (float32): RULER-style tasks, merging "
         "perplexity, AdaptCache on real caches",

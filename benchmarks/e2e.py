@@ -174,6 +174,57 @@ def run(
     return rows + _table_cost(model, tokenizer)
 
 
+DECODE_PROMPT, DECODE_BUDGET, DECODED = 1024, 64, 4096
+
+
+def run_decode_memory(
+    prompt: int = DECODE_PROMPT, budget: int = DECODE_BUDGET, decoded: int = DECODED
+) -> list[tuple[str, str, str]]:
+    """KV memory of eviction caches over a long generation: ``decoded`` greedy tokens after
+    a ``prompt``-token prompt at ``budget`` slots, with ``decode_budget=budget`` (evicting as
+    they go) and without (every decoded token kept), against the bytes ``budget`` slots
+    take in the compressed layers; decode ms/token of each beside SDPA's."""
+    import torch
+    from transformers import DynamicCache
+
+    from kvpack import hf
+    from kvpack.models import load_pretrained
+
+    model, _ = load_pretrained("smollm2-135m")
+    model = model.float().eval()
+    skip, config = 2, model.config
+    per_slot = (
+        (config.num_hidden_layers - skip)
+        * config.num_key_value_heads
+        * 2
+        * 4
+        * (config.hidden_size // config.num_attention_heads)
+    )
+    ids = torch.randint(100, 40000, (1, prompt), generator=torch.Generator().manual_seed(0))
+    rows: list[tuple[str, str, str]] = [("machine", machine(), "")]
+    model.set_attn_implementation("sdpa")
+    sdpa = _generate(model, ids, DynamicCache(config=config), decoded)[1]
+    rows.append((f"SDPA decode ({prompt} + {decoded} tokens)", f"{sdpa:.1f} ms/token", "reference"))
+    for method, decode_budget in (("streaming_llm", budget), ("h2o", budget), ("h2o", None)):
+        cache = hf.make_cache(model, method, budget, skip_layers=skip, decode_budget=decode_budget)
+        decode = _generate(model, ids, cache, decoded, skip)[1]
+        held = sum(_layer_bytes(layer) for layer in cache.layers[skip:])
+        label = f"{method} @ {budget}" + (
+            f", decode_budget {decode_budget}" if decode_budget else ", every decoded token kept"
+        )
+        rows += [
+            (
+                f"{label}: KV bytes after {decoded} decoded tokens / {budget} slots' bytes",
+                f"{held / (budget * per_slot):.3f}",
+                "<= 1.10" if decode_budget else "",
+            ),
+            (f"{label}: decode", f"{decode:.1f} ms/token", ""),
+            (f"{label}: SDPA decode / its decode", f"{sdpa / decode:.2f}x", ""),
+        ]
+        print(f"decode_memory: {label} done", flush=True)
+    return rows
+
+
 def _table_cost(model, tokenizer) -> list[tuple[str, str, str]]:
     """Seconds of a perplexity table from one shared prefill per window, from one
     prefill per run, and of one run alone (the values must agree)."""

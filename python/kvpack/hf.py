@@ -492,6 +492,9 @@ class _BufferedLayer(_KVPackLayer):
         new = key_states.shape[-2]
         if self.length + new > self.keys.shape[-2]:
             capacity = self.length + new + max(64, self.length // 4)
+            most = getattr(self, "decode_budget", None)
+            if most is not None:  # never more than it holds before it compresses
+                capacity = min(capacity, max(self.length + new, most + self.decode_interval))
             self.keys, self.values = (
                 _grown(t, self.length, capacity) for t in (self.keys, self.values)
             )
