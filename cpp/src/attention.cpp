@@ -16,6 +16,7 @@
 #include "kvpack/convert.h"
 #include "kvpack/cpu.h"
 #include "kvpack/parallel.h"
+#include "merge_states.h"
 #include "vec.h"
 
 namespace kvpack::KVPACK_TARGET_NS {
@@ -315,23 +316,8 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
   // more than it saves.
   const auto merge = [&](std::int64_t hq) {
     const std::int64_t row = hq / tile, g = hq % tile;
-    float global_max = kNegInf;
-    for (std::int64_t c = 0; c < chunks; ++c)
-      global_max = std::max(global_max, partials[(row * chunks + c) * stride + g]);
-    float total = 0.0f;
-    float* out = output.out + hq * dim;
-    std::fill(out, out + dim, 0.0f);
-    for (std::int64_t c = 0; c < chunks; ++c) {
-      const float* p = partials.data() + (row * chunks + c) * stride;
-      if (p[g] == kNegInf) continue;
-      const float w = std::exp(p[g] - global_max);
-      total += p[tile + g] * w;
-      const float* partial_out = p + 2 * tile + g * dim;
-      for (std::int64_t i = 0; i < dim; ++i) out[i] += w * partial_out[i];
-    }
-    const float inv = 1.0f / total;
-    for (std::int64_t i = 0; i < dim; ++i) out[i] *= inv;
-    const float lse = global_max + std::log(total);
+    const float lse = detail::merge_states(partials.data() + row * chunks * stride, chunks, stride,
+                                           tile, g, dim, output.out + hq * dim);
     if (output.lse) output.lse[hq] = lse;
     if (output.weights) {
       float* w = output.weights + hq * count;

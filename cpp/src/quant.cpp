@@ -9,6 +9,7 @@
 
 #include "kvpack/convert.h"
 #include "kvpack/parallel.h"
+#include "merge_states.h"
 #include "vec.h"
 
 namespace kvpack {
@@ -463,22 +464,8 @@ void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionPa
   // Merge the chunks of every query head.
   parallel_for(heads_q, [&](std::int64_t hq) {
     const std::int64_t h = hq / per_kv, g = hq % per_kv;
-    float top = kNegInf;
-    for (std::int64_t c = 0; c < chunks; ++c)
-      top = std::max(top, partials[(h * chunks + c) * stride + g]);
-    float total = 0.0f;
-    float* out = output.out + hq * dim_;
-    std::fill(out, out + dim_, 0.0f);
-    for (std::int64_t c = 0; c < chunks; ++c) {
-      const float* p = partials.data() + (h * chunks + c) * stride;
-      if (p[g] == kNegInf) continue;
-      const float w = std::exp(p[g] - top);
-      total += w * p[per_kv + g];
-      const float* partial_out = p + 2 * per_kv + g * dim_;
-      for (std::int64_t i = 0; i < dim_; ++i) out[i] += w * partial_out[i];
-    }
-    for (std::int64_t i = 0; i < dim_; ++i) out[i] /= total;
-    const float lse = top + std::log(total);
+    const float lse = detail::merge_states(partials.data() + h * chunks * stride, chunks, stride,
+                                           per_kv, g, dim_, output.out + hq * dim_);
     if (output.lse) output.lse[hq] = lse;
     if (output.weights)
       for (std::int64_t t = 0; t < attended; ++t)
