@@ -481,6 +481,8 @@ SHARER = textwrap.dedent(
                                bandwidths=[1e10, 1e9, 1e8])
     seen, stale, reads, others, value = {}, 0, 0, 0, 0
     r = np.random.default_rng(me)
+    print("ready", flush=True)
+    sys.stdin.readline()  # all start together
     deadline = time.monotonic() + 60  # a bound, in case the machine crawls
     while value < rounds and time.monotonic() < deadline:
         value += 1
@@ -510,13 +512,19 @@ def test_processes_sharing_an_ssd_directory_and_the_cluster(cluster, tmp_path):
     cluster.flush()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", SHARER, cluster.url, str(tmp_path), str(i), "3", "40"],
+            [sys.executable, "-c", SHARER, cluster.url, str(tmp_path), str(i), "3", "60"],
             env={**os.environ, "OMP_NUM_THREADS": "1"},  # processes, not threads, in parallel
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for i in range(3)
     ]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     results = [p.communicate(timeout=120)[0].split() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     for reads, others, stale, corrupt in results:
