@@ -361,6 +361,8 @@ def test_cluster_follows_ask_during_a_migration_and_moved_after_it(cluster):
         assert served(store, "{tag}a") == 3.0 and served(store, "{tag}b") == 2.0
         assert command(target[0], "EXISTS", "kvpack:{tag}a", "kvpack:{tag}b") == 2
         assert store.stats()["errors"] == 0 and store.stats()["misses"] == 0
+        size = (len(kvpack.store.encode(versioned(0), key="{tag}a")) + 4095) // 4096 * 4096
+        assert store.stats()["tiers"]["remote"]["bytes"] == 2 * size  # each entry once
 
 
 def test_cluster_reshard_while_serving_loses_nothing(cluster):
@@ -396,6 +398,8 @@ def test_cluster_reshard_while_serving_loses_nothing(cluster):
         assert failures == []
         for key in kvs:
             assert served(store, key) == float(key[1:])
+        size = (len(kvpack.store.encode(kvs["k0"], key="k0")) + 4095) // 4096 * 4096
+        assert store.stats()["tiers"]["remote"]["bytes"] == len(kvs) * size  # each once
 
 
 def test_cluster_node_paused_misses_only_its_slots(cluster):
