@@ -361,6 +361,8 @@ def test_cluster_follows_ask_during_a_migration_and_moved_after_it(cluster):
         assert served(store, "{tag}a") == 3.0 and served(store, "{tag}b") == 2.0
         assert command(target[0], "EXISTS", "kvpack:{tag}a", "kvpack:{tag}b") == 2
         assert store.stats()["errors"] == 0 and store.stats()["misses"] == 0
+        size = (len(kvpack.store.encode(versioned(0), key="{tag}a")) + 4095) // 4096 * 4096
+        assert store.stats()["tiers"]["remote"]["bytes"] == 2 * size  # each entry once
 
 
 def test_cluster_reshard_while_serving_loses_nothing(cluster):
@@ -396,6 +398,8 @@ def test_cluster_reshard_while_serving_loses_nothing(cluster):
         assert failures == []
         for key in kvs:
             assert served(store, key) == float(key[1:])
+        size = (len(kvpack.store.encode(kvs["k0"], key="k0")) + 4095) // 4096 * 4096
+        assert store.stats()["tiers"]["remote"]["bytes"] == len(kvs) * size  # each once
 
 
 def test_cluster_node_paused_misses_only_its_slots(cluster):
@@ -481,6 +485,8 @@ SHARER = textwrap.dedent(
                                bandwidths=[1e10, 1e9, 1e8])
     seen, stale, reads, others, value = {}, 0, 0, 0, 0
     r = np.random.default_rng(me)
+    print("ready", flush=True)
+    sys.stdin.readline()  # all start together
     deadline = time.monotonic() + 60  # a bound, in case the machine crawls
     while value < rounds and time.monotonic() < deadline:
         value += 1
@@ -510,13 +516,19 @@ def test_processes_sharing_an_ssd_directory_and_the_cluster(cluster, tmp_path):
     cluster.flush()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", SHARER, cluster.url, str(tmp_path), str(i), "3", "40"],
+            [sys.executable, "-c", SHARER, cluster.url, str(tmp_path), str(i), "3", "60"],
             env={**os.environ, "OMP_NUM_THREADS": "1"},  # processes, not threads, in parallel
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for i in range(3)
     ]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     results = [p.communicate(timeout=120)[0].split() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     for reads, others, stale, corrupt in results:

@@ -580,7 +580,7 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
       // Another store's version replaced this one's in a shared tier: the entry is that
       // version now (its codec and size; its quality unknown).
       const BlobInfo info = read_blob_info(blob->data(), blob->size());
-      const double known = info.codec == Codec{} ? 1.0 : std::numeric_limits<double>::quiet_NaN();
+      const double known = info.codec.lossless() ? 1.0 : std::numeric_limits<double>::quiet_NaN();
       it->second.candidates = {Candidate{info.codec, stored_bytes(blob->size()), known, 0.0}};
       it->second.held = 0;
       it->second.version = version = blob_v;
@@ -618,7 +618,7 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
     return served(key, blob, tier, io, quality, shared);
   }
   // Not held here (or unreadable): another store may have put it in a tier they share,
-  // the SSD directory (then it is this store's entry too) or the remote server.
+  // the SSD directory (then an entry of this store, served in place) or the remote server.
   for (int tier = 1; tier < static_cast<int>(tiers_.size()); ++tier) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -639,7 +639,7 @@ std::optional<GetResult> TieredStore::get(const std::string& key) {
     const bool remote = params_.remote && tier + 1 == static_cast<int>(tiers_.size());
     if (!remote && !entries_.count(key)) {
       const BlobInfo info = read_blob_info(blob->data(), blob->size());
-      if (info.codec == Codec{}) quality = 1.0;
+      if (info.codec.lossless()) quality = 1.0;
       Entry entry;
       entry.candidates.push_back(Candidate{info.codec, stored_bytes(blob->size()), quality, 0.0});
       entry.tier = tier;
