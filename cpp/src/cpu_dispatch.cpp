@@ -129,4 +129,16 @@ std::vector<float> kmeans_initial_centroids(const void* points, DType dtype, std
   return kernels().kmeans_initial_centroids(points, dtype, n, dim, params);
 }
 
+namespace detail {
+
+void half_to_float(const void* src, std::int64_t n, float* dst) {
+  kernels().half_to_float(src, n, dst);
+}
+
+void float_to_half(const float* src, std::int64_t n, void* dst) {
+  kernels().float_to_half(src, n, dst);
+}
+
+}  // namespace detail
+
 }  // namespace kvpack

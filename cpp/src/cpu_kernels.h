@@ -1,5 +1,5 @@
-// The hot CPU kernels (attention, k-means, centroid scoring), compiled once per instruction
-// set: every build of kernel sources puts its definitions in namespace
+// The hot CPU kernels (attention, k-means, centroid scoring, float16 conversion), compiled once per
+// instruction set: every build of kernel sources puts its definitions in namespace
 // kvpack::KVPACK_TARGET_NS and a table of them (CpuKernels); cpu_dispatch.cpp implements the
 // public functions by calling the table of the best build the processor can run. One
 // source, several builds (CMake's KVPACK_CPU_TARGETS): no kernel is written twice.
@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "kvpack/convert.h"
 #include "kvpack/cpu.h"
 #include "kvpack/kmeans.h"
 #include "kvpack/select.h"
@@ -33,6 +34,8 @@ struct CpuKernels {
   KMeansLoop* kmeans_loop;
   KMeansPoints* kmeans_points;
   decltype(&kvpack::kmeans_initial_centroids) kmeans_initial_centroids;
+  decltype(&detail::half_to_float) half_to_float;
+  decltype(&detail::float_to_half) float_to_half;
 };
 
 }  // namespace kvpack

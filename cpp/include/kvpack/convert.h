@@ -26,6 +26,15 @@ inline std::uint16_t float_to_bf16(float value) {
   return static_cast<std::uint16_t>(bits >> 16);
 }
 
+namespace detail {
+/// float16 -> float32 (and back) by the best build of the CPU kernels (F16C where the
+/// processor has it; cpu_kernels.h). Code compiled without F16C for a portable build
+/// (KVPACK_HALF_VIA_KERNELS) converts through these: on its own the compiler would
+/// convert one element at a time in software.
+void half_to_float(const void* src, std::int64_t n, float* dst);
+void float_to_half(const float* src, std::int64_t n, void* dst);
+}  // namespace detail
+
 /// Converts n elements of `dtype` at src to float32 at dst.
 inline void to_float(const void* src, DType dtype, std::int64_t n, float* dst) {
   switch (dtype) {
@@ -33,9 +42,13 @@ inline void to_float(const void* src, DType dtype, std::int64_t n, float* dst) {
       std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float));
       return;
     case DType::Float16: {
+#if defined(KVPACK_HALF_VIA_KERNELS) && !defined(__F16C__)
+      detail::half_to_float(src, n, dst);
+#else
       const _Float16* s = static_cast<const _Float16*>(src);
 #pragma omp simd
       for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+#endif
       return;
     }
     case DType::BFloat16: {
@@ -57,9 +70,13 @@ inline void from_float(const float* src, std::int64_t n, DType dtype, void* dst)
       std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float));
       return;
     case DType::Float16: {
+#if defined(KVPACK_HALF_VIA_KERNELS) && !defined(__F16C__)
+      detail::float_to_half(src, n, dst);
+#else
       _Float16* d = static_cast<_Float16*>(dst);
 #pragma omp simd
       for (std::int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(src[i]);
+#endif
       return;
     }
     case DType::BFloat16: {
