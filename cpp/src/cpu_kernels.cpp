@@ -26,6 +26,7 @@ const CpuKernels kernels = {
     &cpu::rank_rows,
     &cpu::kmeans_heads,
     &inner_products,
+    &page_bound_scores,
     &cpu_kmeans_backend,
     &kmeans,
     &kmeans,
