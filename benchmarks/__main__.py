@@ -22,6 +22,7 @@ from . import (
     report,
     store,
     tiny_lm,
+    wheel,
 )
 
 SUITES = {
@@ -94,6 +95,10 @@ SUITES = {
     "kmeans": (
         "Cosine k-means (8 heads x 32768 keys x d=128, 400 clusters, 20 iterations)",
         kmeans.run,
+    ),
+    "wheel": (
+        "The wheel against the source build: attention and ClusterKV speed (same machine)",
+        wheel.run,
     ),
     "gpu": (
         "GPU: k-means, ClusterKV step vs SDPA, dense attention vs copy bandwidth (one card)",

@@ -4,6 +4,11 @@ NumPy float64 reference and the CPU backend. "cpu" always runs; "cuda" (host arr
 staged on the GPU) and "cuda-tensor" (torch tensors in GPU memory, results left there)
 skip without a device."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -151,3 +156,40 @@ def test_kmeans_on_every_backend(rng, backend, dtype, spherical):
     else:
         assert (got.labels == cpu.labels).mean() > 0.999
         np.testing.assert_allclose(got.objective, cpu.objective, rtol=1e-4)
+
+
+def _attention_with_cpu_target(target):
+    """Dense attention of a fixed cache in a fresh process whose kernels are `target`'s."""
+    code = (
+        "import json, numpy as np, kvpack\n"
+        "rng = np.random.default_rng(0)\n"
+        "k = rng.standard_normal((2, 600, 64), dtype=np.float32).astype(np.float16)\n"
+        "q = rng.standard_normal((4, 64), dtype=np.float32)\n"
+        "print(json.dumps([kvpack.cpu_target(), kvpack.attention(q, k, k).tolist()]))\n"
+    )
+    env = dict(os.environ, KVPACK_CPU_TARGET=target)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+
+
+def test_cpu_kernels_run_the_best_build_and_every_build_agrees():
+    builds = kvpack.cpu_targets()
+    assert builds, "no build of the CPU kernels runs here"
+    if not os.environ.get("KVPACK_CPU_TARGET"):
+        assert kvpack.cpu_target() == builds[0]
+    outputs = {}
+    for target in builds:
+        run = _attention_with_cpu_target(target)
+        assert run.returncode == 0, run.stderr
+        chosen, out = json.loads(run.stdout)
+        assert chosen == target
+        outputs[target] = np.array(out)
+    for target, out in outputs.items():
+        np.testing.assert_allclose(out, outputs[builds[0]], rtol=1e-5, atol=1e-6, err_msg=target)
+
+
+def test_unknown_cpu_target_is_a_named_error():
+    run = _attention_with_cpu_target("z80")
+    assert run.returncode != 0
+    assert "KVPACK_CPU_TARGET" in run.stderr and "'z80'" in run.stderr

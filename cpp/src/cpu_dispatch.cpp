@@ -109,6 +109,11 @@ void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const f
   kernels().inner_products(rows, n, dim, q, out);
 }
 
+void page_bound_scores(const float* q, std::int64_t n_q, const float* lo, const float* hi,
+                       std::int64_t n_pages, std::int64_t dim, float* scores) {
+  kernels().page_bound_scores(q, n_q, lo, hi, n_pages, dim, scores);
+}
+
 std::unique_ptr<KMeansBackend> cpu_kmeans_backend(const void* points, DType dtype, std::int64_t n,
                                                   std::int64_t dim, bool spherical, bool parallel) {
   return kernels().cpu_kmeans_backend(points, dtype, n, dim, spherical, parallel);
@@ -128,5 +133,17 @@ std::vector<float> kmeans_initial_centroids(const void* points, DType dtype, std
                                             std::int64_t dim, const KMeansParams& params) {
   return kernels().kmeans_initial_centroids(points, dtype, n, dim, params);
 }
+
+namespace detail {
+
+void half_to_float(const void* src, std::int64_t n, float* dst) {
+  kernels().half_to_float(src, n, dst);
+}
+
+void float_to_half(const float* src, std::int64_t n, void* dst) {
+  kernels().float_to_half(src, n, dst);
+}
+
+}  // namespace detail
 
 }  // namespace kvpack

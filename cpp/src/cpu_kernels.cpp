@@ -3,7 +3,21 @@
 
 #include "cpu_kernels.h"
 
+#include "kvpack/convert.h"
+
 namespace kvpack::KVPACK_TARGET_NS {
+
+namespace {
+
+void half_to_float(const void* src, std::int64_t n, float* dst) {
+  to_float(src, DType::Float16, n, dst);
+}
+
+void float_to_half(const float* src, std::int64_t n, void* dst) {
+  from_float(src, n, DType::Float16, dst);
+}
+
+}  // namespace
 
 const CpuKernels kernels = {
     KVPACK_TARGET_NAME,
@@ -12,10 +26,13 @@ const CpuKernels kernels = {
     &cpu::rank_rows,
     &cpu::kmeans_heads,
     &inner_products,
+    &page_bound_scores,
     &cpu_kmeans_backend,
     &kmeans,
     &kmeans,
     &kmeans_initial_centroids,
+    &half_to_float,
+    &float_to_half,
 };
 
 }  // namespace kvpack::KVPACK_TARGET_NS

@@ -1,15 +1,17 @@
-// The hot CPU kernels (attention, k-means, centroid scoring), compiled once per instruction
-// set: every build of kernel sources puts its definitions in namespace
-// kvpack::KVPACK_TARGET_NS and a table of them (CpuKernels); cpu_dispatch.cpp implements the
-// public functions by calling the table of the best build the processor can run. One
-// source, several builds (CMake's KVPACK_CPU_TARGETS): no kernel is written twice.
+// The hot CPU kernels (attention, k-means, centroid and page scoring, float16 conversion),
+// compiled once per instruction set: every build of kernel sources puts its definitions in
+// namespace kvpack::KVPACK_TARGET_NS and a table of them (CpuKernels); cpu_dispatch.cpp
+// implements the public functions by calling the table of the best build the processor can
+// run. One source, several builds (CMake's KVPACK_CPU_TARGETS): no kernel is written twice.
 #pragma once
 
 #include <memory>
 #include <vector>
 
+#include "kvpack/convert.h"
 #include "kvpack/cpu.h"
 #include "kvpack/kmeans.h"
+#include "kvpack/quest.h"
 #include "kvpack/select.h"
 
 namespace kvpack {
@@ -29,10 +31,13 @@ struct CpuKernels {
   decltype(&kvpack::cpu::rank_rows) rank_rows;
   decltype(&kvpack::cpu::kmeans_heads) kmeans_heads;
   decltype(&kvpack::inner_products) inner_products;
+  decltype(&kvpack::page_bound_scores) page_bound_scores;
   decltype(&kvpack::cpu_kmeans_backend) cpu_kmeans_backend;
   KMeansLoop* kmeans_loop;
   KMeansPoints* kmeans_points;
   decltype(&kvpack::kmeans_initial_centroids) kmeans_initial_centroids;
+  decltype(&detail::half_to_float) half_to_float;
+  decltype(&detail::float_to_half) float_to_half;
 };
 
 }  // namespace kvpack
@@ -48,6 +53,7 @@ decltype(kvpack::cpu::rank_rows) rank_rows;
 decltype(kvpack::cpu::kmeans_heads) kmeans_heads;
 }  // namespace cpu
 decltype(kvpack::inner_products) inner_products;
+decltype(kvpack::page_bound_scores) page_bound_scores;
 decltype(kvpack::cpu_kmeans_backend) cpu_kmeans_backend;
 KMeansLoop kmeans;
 KMeansPoints kmeans;

@@ -90,17 +90,8 @@ void QuestIndex::select(const float* q, std::int64_t heads_q, std::int64_t budge
     const std::int64_t head = per_query_head ? r / group : r;
     const std::int64_t first_q = per_query_head ? r : r * group, n_q = per_query_head ? 1 : group;
     std::vector<float> scores(static_cast<std::size_t>(n_pages), 0.0f);
-    for (std::int64_t p = 0; p < n_pages; ++p) {
-      const float* lo = min_.data() + (head * capacity_ + p) * dim_;
-      const float* hi = max_.data() + (head * capacity_ + p) * dim_;
-      float s = 0.0f;
-      for (std::int64_t g = 0; g < n_q; ++g) {
-        const float* qv = q + (first_q + g) * dim_;
-#pragma omp simd reduction(+ : s)
-        for (std::int64_t c = 0; c < dim_; ++c) s += std::max(qv[c] * lo[c], qv[c] * hi[c]);
-      }
-      scores[p] = s;
-    }
+    page_bound_scores(q + first_q * dim_, n_q, min_.data() + head * capacity_ * dim_,
+                      max_.data() + head * capacity_ * dim_, n_pages, dim_, scores.data());
     // Pages hold page_size tokens (the last may hold fewer): this many always fill the budget.
     const std::int64_t want = std::min(n_pages, count / page_size_ + 2);
     const std::vector<std::int32_t> ranked = top_k(scores.data(), n_pages, want);

@@ -60,9 +60,26 @@ inline floatv load_lanes(const _Float16* p) {
   return reinterpret_cast<floatv>(
       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
-  halfv h;
+  // Without F16C the compiler converts each element in software (a library call): widen the
+  // bits instead, exactly (F. Giesen's half_to_float_fast2): shift exponent and mantissa
+  // into place, rebias, then fix up infinities / NaN and renormalise subnormals.
+  u16v h;
   std::memcpy(&h, p, sizeof h);
-  return __builtin_convertvector(h, floatv);
+  const u32v bits = __builtin_convertvector(h, u32v);
+  const u32v shifted_exponent = u32v{} + (0x7c00u << 13);
+  u32v magnitude = ((bits & 0x7fffu) << 13) + ((127u - 15u) << 23);
+  const u32v exponent = (bits << 13) & shifted_exponent;
+  magnitude += (exponent == shifted_exponent) ? u32v{} + ((128u - 16u) << 23) : u32v{};
+  floatv subnormal;
+  const u32v raised = magnitude + (1u << 23);
+  std::memcpy(&subnormal, &raised, sizeof subnormal);
+  subnormal -= 6.103515625e-05f;  // 2^-14, the float whose bits are 113 << 23
+  u32v renormalised;
+  std::memcpy(&renormalised, &subnormal, sizeof renormalised);
+  const u32v out = ((exponent == 0) ? renormalised : magnitude) | ((bits & 0x8000u) << 16);
+  floatv v;
+  std::memcpy(&v, &out, sizeof v);
+  return v;
 #endif
 }
 inline floatv load_lanes(const bf16* p) {

@@ -26,6 +26,36 @@ inline std::uint16_t float_to_bf16(float value) {
   return static_cast<std::uint16_t>(bits >> 16);
 }
 
+/// float16 bits to float32, exactly, by integer arithmetic (F. Giesen's half_to_float_fast2):
+/// what x86-64 code without F16C converts with, where the compiler would call a library
+/// routine for each element; it vectorises inside simd loops.
+inline float half_bits_to_float(std::uint16_t half) {
+  constexpr std::uint32_t kShiftedExponent = 0x7c00u << 13;
+  const std::uint32_t bits = half;
+  std::uint32_t magnitude = ((bits & 0x7fffu) << 13) + ((127u - 15u) << 23);
+  const std::uint32_t exponent = (bits << 13) & kShiftedExponent;
+  if (exponent == kShiftedExponent) magnitude += (128u - 16u) << 23;  // Inf / NaN
+  float out;
+  if (exponent == 0) {  // zero / subnormal: renormalise through a float subtraction
+    magnitude += 1u << 23;
+    std::memcpy(&out, &magnitude, sizeof out);
+    out -= 6.103515625e-05f;  // 2^-14
+    std::memcpy(&magnitude, &out, sizeof out);
+  }
+  magnitude |= (bits & 0x8000u) << 16;
+  std::memcpy(&out, &magnitude, sizeof out);
+  return out;
+}
+
+namespace detail {
+/// float16 -> float32 (and back) by the best build of the CPU kernels (F16C where the
+/// processor has it; cpu_kernels.h). Code compiled without F16C for a portable build
+/// (KVPACK_HALF_VIA_KERNELS) converts through these: on its own the compiler would
+/// convert one element at a time in software.
+void half_to_float(const void* src, std::int64_t n, float* dst);
+void float_to_half(const float* src, std::int64_t n, void* dst);
+}  // namespace detail
+
 /// Converts n elements of `dtype` at src to float32 at dst.
 inline void to_float(const void* src, DType dtype, std::int64_t n, float* dst) {
   switch (dtype) {
@@ -33,9 +63,17 @@ inline void to_float(const void* src, DType dtype, std::int64_t n, float* dst) {
       std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float));
       return;
     case DType::Float16: {
+#if defined(KVPACK_HALF_VIA_KERNELS) && !defined(__F16C__)
+      detail::half_to_float(src, n, dst);
+#elif defined(__x86_64__) && !defined(__F16C__)
+      const std::uint16_t* s = static_cast<const std::uint16_t*>(src);
+#pragma omp simd
+      for (std::int64_t i = 0; i < n; ++i) dst[i] = half_bits_to_float(s[i]);
+#else
       const _Float16* s = static_cast<const _Float16*>(src);
 #pragma omp simd
       for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+#endif
       return;
     }
     case DType::BFloat16: {
@@ -57,9 +95,13 @@ inline void from_float(const float* src, std::int64_t n, DType dtype, void* dst)
       std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float));
       return;
     case DType::Float16: {
+#if defined(KVPACK_HALF_VIA_KERNELS) && !defined(__F16C__)
+      detail::float_to_half(src, n, dst);
+#else
       _Float16* d = static_cast<_Float16*>(dst);
 #pragma omp simd
       for (std::int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(src[i]);
+#endif
       return;
     }
     case DType::BFloat16: {

@@ -66,4 +66,11 @@ class QuestIndex {
   std::vector<float> min_, max_;  // heads * capacity_ * dim
 };
 
+/// Quest's page scores for the n_q query rows at q (size n_q * dim): scores[p] = the sum over
+/// the queries and channels c of max(q[c] * lo[p, c], q[c] * hi[p, c]), an upper bound of
+/// the summed q . k of page p's keys. lo, hi: size n_pages * dim, the pages' channel-wise
+/// minima and maxima; scores: size n_pages.
+void page_bound_scores(const float* q, std::int64_t n_q, const float* lo, const float* hi,
+                       std::int64_t n_pages, std::int64_t dim, float* scores);
+
 }  // namespace kvpack
