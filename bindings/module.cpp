@@ -34,7 +34,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &kvpack::num_threads,
         "Threads used by kvpack's parallel loops: those set by set_num_threads, else the OpenMP "
         "runtime's count (OMP_NUM_THREADS, or torch.set_num_threads in a process with torch: "
-        "both share one OpenMP runtime and its workers).");
+        "both share one OpenMP runtime and its workers in a source build; the wheel carries its "
+        "own libgomp, so there the two counts are set apart).");
   m.def(
       "set_num_threads", [](const Arg<int>& n) { kvpack::set_num_threads(n.as("n")); },
       py::arg("n"),

@@ -237,7 +237,7 @@ def encode_blob(key: str, kv: typing.Any, codec: str, probe_queries: typing.Any 
     ...
 def get_num_threads() -> int:
     """
-    Threads used by kvpack's parallel loops: those set by set_num_threads, else the OpenMP runtime's count (OMP_NUM_THREADS, or torch.set_num_threads in a process with torch: both share one OpenMP runtime and its workers).
+    Threads used by kvpack's parallel loops: those set by set_num_threads, else the OpenMP runtime's count (OMP_NUM_THREADS, or torch.set_num_threads in a process with torch: both share one OpenMP runtime and its workers in a source build; the wheel carries its own libgomp, so there the two counts are set apart).
     """
 def kmeans(x: typing.Any, n_clusters: typing.SupportsInt | typing.SupportsIndex, iters: typing.SupportsInt | typing.SupportsIndex = 20, seed: typing.SupportsInt | typing.SupportsIndex = 0, spherical: bool = True, init: typing.Any = 'kmeans++', init_centroids: typing.Any = None, device: str = 'cpu') -> dict:
     """
