@@ -205,6 +205,24 @@ class Cluster:
         info = command(port, "INFO", "replication", timeout=1.0)
         return b"role:master" in info or b"master_link_status:up" in info
 
+    def wait_replicated(self, port: int, seconds: float = 30.0) -> None:
+        """Waits until every replica of the master at ``port`` has all its writes: Redis
+        replicates asynchronously, so a write acknowledged just before a master dies can
+        be lost (a miss, by design) unless its replica had it."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            info = command(port, "INFO", "replication", timeout=1.0).decode()
+            head = int(info.split("master_repl_offset:")[1].split()[0])
+            offsets = [
+                int(line.rsplit("offset=", 1)[1].split(",")[0])
+                for line in info.splitlines()
+                if line.startswith("slave")
+            ]
+            if offsets and min(offsets) >= head:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"the replicas of {port} did not catch up in {seconds} s")
+
     def _masters_live(self) -> bool:
         live = set(self.live_ports())
         return all(port in live for port, _, _ in self.masters())

@@ -451,6 +451,7 @@ def test_cluster_master_killed_fails_over_without_a_restart(tmp_path):
                 for k in kvs
                 if any(a <= _core.cluster_slot(b"kvpack:" + k.encode()) <= b for a, b in ranges)
             }
+            running.wait_replicated(killed)  # what was acknowledged is on the replica
             running.procs[killed].kill()  # kill -9
             running.procs[killed].wait()
             served_again = set()
