@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import best_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("attention", "clusterkv")
 _TIME = re.compile(r"\s*(\d+(?:\.\d+)?) (s|ms|us)\b")
@@ -106,17 +108,6 @@ def run(rounds: int = 5) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _cpu_seconds(fn, repeats: int) -> float:
-    """Least CPU time of `repeats` calls after one untimed call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
-
-
 def _kernels() -> dict[str, float]:
     """CPU seconds, one thread, of the attention and clusterkv suites' hot operations."""
     import kvpack
@@ -133,11 +124,11 @@ def _kernels() -> dict[str, float]:
         np.stack([rng.choice(tokens, budget, replace=False) for _ in range(keys.shape[0])]), axis=1
     ).astype(np.int32)
     seconds = {
-        f"dense attention over {tokens} tokens": _cpu_seconds(
-            lambda: kvpack.attention(q, keys, values), 9
+        f"dense attention over {tokens} tokens": best_seconds(
+            lambda: kvpack.attention(q, keys, values), 9, clock=time.process_time
         ),
-        f"sparse attention over {budget} tokens": _cpu_seconds(
-            lambda: kvpack.attention(q, keys, values, indices), 45
+        f"sparse attention over {budget} tokens": best_seconds(
+            lambda: kvpack.attention(q, keys, values, indices), 45, clock=time.process_time
         ),
     }
     prompt = tokens // 2

@@ -67,10 +67,18 @@ T convert(const py::handle& given, const char* name) {
       throw wrong_type();  // "a number or None", not "a number"
     }
   } else if constexpr (std::is_same_v<T, bool>) {
-    const bool numpy_bool = py::isinstance(given, py::module_::import("numpy").attr("bool_"));
-    if (!py::isinstance<py::bool_>(given) && !numpy_bool) throw wrong_type();
+    if (PyBool_Check(given.ptr())) return given.ptr() == Py_True;  // the common case, no lookup
+    if (!py::isinstance(given, py::module_::import("numpy").attr("bool_"))) throw wrong_type();
     return given.cast<bool>();
   } else if constexpr (std::is_integral_v<T>) {
+    if (PyLong_CheckExact(given.ptr())) {  // a plain int in range: no lookup, no Python call
+      int overflow = 0;
+      const long long value = PyLong_AsLongLongAndOverflow(given.ptr(), &overflow);
+      if (!overflow && value >= static_cast<long long>(std::numeric_limits<T>::min()) &&
+          (value < 0 || static_cast<unsigned long long>(value) <=
+                            static_cast<unsigned long long>(std::numeric_limits<T>::max())))
+        return static_cast<T>(value);
+    }
     if (py::isinstance<py::bool_>(given) ||
         !py::isinstance(given, py::module_::import("numbers").attr("Integral")))
       throw wrong_type();
@@ -84,6 +92,7 @@ T convert(const py::handle& given, const char* name) {
     }
     return value.cast<T>();
   } else if constexpr (std::is_floating_point_v<T>) {
+    if (PyFloat_CheckExact(given.ptr())) return static_cast<T>(PyFloat_AS_DOUBLE(given.ptr()));
     if (py::isinstance<py::bool_>(given) ||
         !py::isinstance(given, py::module_::import("numbers").attr("Real")))
       throw wrong_type();

@@ -11,17 +11,8 @@ cd "$(dirname "$0")/.."
 
 debian_packages=(g++ libeigen3-dev libgtest-dev clang-format redis-server libssl-dev
   pkg-config libxxhash-dev libhiredis-dev)
-missing=()
-for package in "${debian_packages[@]}"; do
-  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-done
-if ((${#missing[@]})); then
-  sudo=""
-  [[ "$(id -u)" != 0 ]] && sudo=sudo
-  echo "setup: installing Debian packages: ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/debian.sh
+install_debian_packages setup "${debian_packages[@]}"
 
 pip=(python3 -m pip install -q --disable-pip-version-check)
 if [[ "${KVPACK_LATEST:-0}" == 1 ]]; then

@@ -13,17 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debian_packages=(g++ libeigen3-dev libssl-dev pkg-config libxxhash-dev libhiredis-dev)
-missing=()
-for package in "${debian_packages[@]}"; do
-  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-done
-if ((${#missing[@]})); then
-  sudo=""
-  [[ "$(id -u)" != 0 ]] && sudo=sudo
-  echo "wheel: installing Debian packages: ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/debian.sh
+install_debian_packages wheel "${debian_packages[@]}"
 
 tools=build/wheel-tools
 [[ -x "$tools/bin/python" ]] || python3 -m venv "$tools"
