@@ -2,6 +2,8 @@
 // which runs the backend of the data's device.
 #include <pybind11/stl.h>
 
+#include <algorithm>
+
 #include "args.h"
 #include "arrays.h"
 #include "kvpack/attention.h"
@@ -183,6 +185,86 @@ py::array_t<float> accumulated_attention_binding(
   return out;
 }
 
+// One layer's decode step for a batch (kvpack::held_attention): the Hugging Face cache's
+// single core call per layer and step.
+py::array_t<float> held_attention_binding(const py::object& queries_obj, const py::object& keys_obj,
+                                          const py::object& values_obj,
+                                          const py::object& positions_obj,
+                                          const Arg<std::int64_t>& first_decoded_arg,
+                                          const Arg<std::int64_t>& first_query_arg,
+                                          const py::object& bias_obj,
+                                          const Arg<std::optional<double>>& scale_arg) {
+  const std::int64_t first_decoded = first_decoded_arg.as("first_decoded"),
+                     first_query = first_query_arg.as("first_query");
+  const auto scale = scale_arg.as("scale");
+  const py::array queries_arg = as_array(queries_obj, "queries");
+  const py::array keys_arg = as_array(keys_obj, "keys"), values_arg = as_array(values_obj, "values");
+  const py::array positions_arg = as_array(positions_obj, "positions");
+  const py::array_t<float> queries =
+      finite_float32(queries_arg, "queries", 4, "[batch, new, heads_q, head_dim]");
+  KVPACK_ARG_CHECK(keys_arg.ndim() == 4,
+                   "keys: expected 4 dimensions [batch, heads_kv, slots, head_dim], got shape "
+                       << shape_string(keys_arg));
+  KVPACK_ARG_CHECK(values_arg.ndim() == 4 && values_arg.shape(0) == keys_arg.shape(0) &&
+                       values_arg.shape(1) == keys_arg.shape(1) &&
+                       values_arg.shape(2) == keys_arg.shape(2) &&
+                       values_arg.shape(3) == keys_arg.shape(3),
+                   "values: expected shape " << shape_string(keys_arg) << " like keys, got "
+                                             << shape_string(values_arg));
+  const std::int64_t batch = keys_arg.shape(0), heads_kv = keys_arg.shape(1);
+  const std::int64_t new_queries = queries.shape(1), heads_q = queries.shape(2);
+  KVPACK_ARG_CHECK(queries.shape(0) == batch && queries.shape(3) == keys_arg.shape(3) &&
+                       heads_q > 0 && heads_kv > 0 && heads_q % heads_kv == 0,
+                   "queries: expected shape (" << batch << ", new, k * " << heads_kv << ", "
+                                               << keys_arg.shape(3) << ") for keys of shape "
+                                               << shape_string(keys_arg) << ", got "
+                                               << shape_string(queries));
+  std::vector<KVView> keys, values;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    keys.push_back(strided_kv_view(keys_arg[py::int_(b)].cast<py::array>(), "keys"));
+    values.push_back(strided_kv_view(values_arg[py::int_(b)].cast<py::array>(), "values"));
+    KVPACK_TYPE_CHECK(values.back().dtype == keys.back().dtype,
+                      "values: expected dtype " << dtype_string(keys_arg) << " like keys, got "
+                                                << dtype_string(values_arg));
+  }
+  KVPACK_TYPE_CHECK(positions_arg.dtype().kind() == 'i' && positions_arg.itemsize() == 8,
+                    "positions: expected dtype int64, got " << dtype_string(positions_arg));
+  require_native(positions_arg, "positions");
+  require_layout(positions_arg, "positions", 3, "[batch, heads_kv, held]");
+  const std::int64_t held = positions_arg.shape(2);
+  KVPACK_ARG_CHECK(positions_arg.shape(0) == batch && positions_arg.shape(1) == heads_kv &&
+                       held <= keys_arg.shape(2),
+                   "positions: expected shape (" << batch << ", " << heads_kv << ", held <= "
+                                                 << keys_arg.shape(2) << "), got "
+                                                 << shape_string(positions_arg));
+  const auto* positions = static_cast<const std::int64_t*>(positions_arg.data());
+  KVPACK_ARG_CHECK(
+      std::all_of(positions, positions + positions_arg.size(),
+                  [&](std::int64_t p) { return p >= -1 && p < first_decoded; }),
+      "positions: expected each held position in [-1, first_decoded=" << first_decoded << ")");
+  KVPACK_ARG_CHECK(first_query >= first_decoded,
+                   "first_query: expected at least first_decoded=" << first_decoded << ", got "
+                                                                   << first_query);
+  std::optional<py::array_t<float>> bias;
+  if (!bias_obj.is_none()) {
+    bias = finite_float32(as_array(bias_obj, "bias"), "bias", 3, "[batch, heads_kv, held]");
+    KVPACK_ARG_CHECK(bias->shape(0) == batch && bias->shape(1) == heads_kv && bias->shape(2) == held,
+                     "bias: expected shape (" << batch << ", " << heads_kv << ", " << held
+                                              << ") like positions, got " << shape_string(*bias));
+  }
+  const HeldSlots slots{positions, held, first_decoded, bias ? bias->data() : nullptr};
+  AttentionParams params;
+  params.scale = resolve_scale_arg(scale);
+  py::array_t<float> out = owned_float_array({batch, new_queries, heads_q, keys_arg.shape(3)});
+  {
+    py::gil_scoped_release release;
+    held_attention(queries.data(), batch, new_queries, heads_q, first_query, keys.data(),
+                   values.data(), slots, params, out.mutable_data());
+  }
+  if (!all_finite(out.data(), out.size())) raise_non_finite({{"keys", keys[0]}, {"values", values[0]}});
+  return out;
+}
+
 }  // namespace
 
 void bind_attention(py::module_& m) {
@@ -191,6 +273,11 @@ void bind_attention(py::module_& m) {
         py::arg("scale") = py::none(), py::arg("return_lse") = false,
         py::arg("return_weights") = false, py::arg("device") = "cpu",
         "Decode attention; returns (out, lse or None, weights or None). See kvpack.attention.");
+  m.def("held_attention", &held_attention_binding, py::arg("queries"), py::arg("keys"),
+        py::arg("values"), py::arg("positions"), py::arg("first_decoded"), py::arg("first_query"),
+        py::arg("bias") = py::none(), py::arg("scale") = py::none(),
+        "One decode step of a batch over one layer's cache: held slots (at positions, -1 empty) "
+        "then decoded tokens from first_decoded; returns [batch, new, heads_q, head_dim].");
   m.def("accumulated_attention", &accumulated_attention_binding, py::arg("queries"),
         py::arg("keys"), py::arg("causal") = true, py::arg("reduction") = "sum",
         py::arg("per_query_head") = false, py::arg("scale") = py::none(), py::arg("device") = "cpu",

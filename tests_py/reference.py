@@ -35,6 +35,34 @@ def decode_attention(q, keys, values, indices=None, bias=None, scale=None):
     return np.stack(outs), np.array(lses), np.stack(weights)
 
 
+def held_attention(queries, keys, values, positions, first_decoded, first_query, bias=None,
+                   scale=None):
+    """float64 decode step of a batch over held slots then decoded tokens (see
+    kvpack._core.held_attention): query i of row b, at first_query + i, attends the held slots
+    at positions >= 0 and the decoded slots at positions up to its own."""
+    batch, new, heads_q, dim = queries.shape
+    heads_kv, slots = keys.shape[1], keys.shape[2]
+    held = positions.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    group = heads_q // heads_kv
+    out = np.zeros((batch, new, heads_q, dim))
+    for b in range(batch):
+        for i in range(new):
+            for hq in range(heads_q):
+                h = hq // group
+                slot_positions = np.concatenate(
+                    [positions[b, h], first_decoded + np.arange(slots - held)]
+                )
+                seen = (slot_positions >= 0) & (slot_positions <= first_query + i)
+                seen[:held] &= positions[b, h] >= 0
+                s = scale * (as64(keys[b, h]) @ as64(queries[b, i, hq]))
+                if bias is not None:
+                    s[:held] += bias[b, h]
+                w = np.exp(s[seen] - s[seen].max())
+                out[b, i, hq] = (w / w.sum()) @ as64(values[b, h][seen])
+    return out
+
+
 def accumulated_attention(queries, keys, causal=True, reduction="sum", per_query_head=False):
     """Attention each key receives from the window of queries, float64."""
     qs, k = as64(queries), as64(keys)

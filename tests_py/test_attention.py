@@ -158,3 +158,68 @@ def test_accumulated_attention_whole_prompt(rng):
     queries = rng.standard_normal((2, 130, 32), dtype=np.float32)
     got = kvpack.accumulated_attention(queries, k, per_query_head=True)
     assert_close(got, reference.accumulated_attention(queries, k, per_query_head=True), atol=1e-5)
+
+
+def held_case(rng, dtype, batch=2, new=3, heads_kv=3, heads_q=9, held=40, decoded=5, dim=64):
+    """A batch's cache: held slots with some rows padded (-1) and a permuted head, then
+    decoded tokens; keys in a buffer with spare room (strided heads)."""
+    slots = held + decoded
+    buffer = rng.standard_normal((2, batch, heads_kv, slots + 7, dim), dtype=np.float32)
+    keys, values = (x[:, :, :slots] for x in buffer.astype(dtype))
+    first_decoded = 2 * held + 20
+    positions = np.stack(
+        [np.stack([np.sort(rng.choice(first_decoded, held, replace=False))] * heads_kv)]
+        * batch
+    ).astype(np.int64)
+    positions[-1, :, held - 9 :] = -1  # the last row is shorter
+    positions[0, 1] = rng.permutation(positions[0, 1])  # held slots in any order
+    queries = rng.standard_normal((batch, new, heads_q, dim), dtype=np.float32)
+    first_query = first_decoded + decoded - new
+    return queries, keys, values, positions, first_decoded, first_query
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_held_attention_matches_reference(rng, dtype, with_bias):
+    case = held_case(rng, dtype)
+    bias = None
+    if with_bias:
+        bias = np.log(rng.integers(1, 5, size=case[3].shape)).astype(np.float32)
+    out = kvpack._core.held_attention(*case, bias=bias, scale=0.2)
+    assert_close(out, reference.held_attention(*case, bias=bias, scale=0.2), atol=1e-4, rtol=1e-4)
+
+
+def test_held_attention_long_cache_and_one_query(rng):
+    # Several token chunks per stream; one query sees every slot.
+    case = held_case(rng, np.float32, batch=1, new=1, held=1500, decoded=700, dim=64)
+    case = (*case[:3], np.arange(1500, dtype=np.int64)[None, None].repeat(3, 1), 1500, 2199)
+    assert case[1].shape[2] == 2200
+    assert_close(kvpack._core.held_attention(*case), reference.held_attention(*case))
+
+
+def test_held_attention_equals_decode_attention(rng):
+    # One row, one query, every slot held: kvpack.attention over the same cache.
+    q, k, v = random_cache(rng, 2, 300, 32, np.float16, 8)
+    positions = np.arange(300, dtype=np.int64)[None, None].repeat(2, 1)
+    out = kvpack._core.held_attention(q[None, None], k[None], v[None], positions, 300, 300)
+    np.testing.assert_allclose(out[0, 0], kvpack.attention(q, k, v), atol=1e-6)
+
+
+def test_held_attention_errors(rng):
+    queries, keys, values, positions, first_decoded, first_query = held_case(rng, np.float32)
+    call = kvpack._core.held_attention
+    with pytest.raises(ValueError, match="positions: expected each held position"):
+        call(queries, keys, values, positions + first_decoded, first_decoded, first_query)
+    with pytest.raises(ValueError, match="queries: expected shape"):
+        call(queries[:, :, :4], keys, values, positions, first_decoded, first_query)
+    with pytest.raises(ValueError, match="values: expected shape"):
+        call(queries, keys, values[:, :, :3], positions, first_decoded, first_query)
+    with pytest.raises(TypeError, match="positions: expected dtype int64"):
+        call(queries, keys, values, positions.astype(np.int32), first_decoded, first_query)
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        call(queries, keys, values, positions, first_decoded, first_query, bias=queries[0])
+    with pytest.raises(ValueError, match="first_query: expected at least"):
+        call(queries, keys, values, positions, first_decoded, first_decoded - 1)
+    with pytest.raises(ValueError, match="sees no slot"):
+        empty = np.full_like(positions, -1)
+        call(queries, keys[:, :, :40], values[:, :, :40], empty, first_decoded, first_query)

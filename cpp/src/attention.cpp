@@ -429,4 +429,114 @@ void accumulated_attention(const float* queries, std::int64_t heads_q, std::int6
 
 }  // namespace cpu
 
+void held_attention(const float* queries, std::int64_t batch, std::int64_t new_queries,
+                    std::int64_t heads_q, std::int64_t first_query, const KVView* keys,
+                    const KVView* values, const HeldSlots& slots, const AttentionParams& params,
+                    float* out) {
+  KVPACK_CHECK(queries && out && keys && values, "queries/keys/values/out: null pointer");
+  KVPACK_CHECK(batch > 0 && new_queries > 0,
+               "queries: expected at least one row and one query, got " << batch << " and "
+                                                                        << new_queries);
+  const KVView& first = keys[0];
+  for (std::int64_t b = 0; b < batch; ++b) {
+    check_kv(keys[b], values[b]);
+    KVPACK_CHECK(keys[b].heads == first.heads && keys[b].tokens == first.tokens &&
+                     keys[b].dim == first.dim && keys[b].dtype == first.dtype &&
+                     values[b].dtype == first.dtype,
+                 "keys/values: row " << b << " differs from row 0 in shape or dtype");
+  }
+  const std::int64_t heads_kv = first.heads, tokens = first.tokens, dim = first.dim;
+  const std::int64_t held = slots.held;
+  KVPACK_CHECK(heads_q > 0 && heads_q % heads_kv == 0,
+               "queries: expected heads_q to be a positive multiple of heads_kv=" << heads_kv
+                                                                                  << ", got "
+                                                                                  << heads_q);
+  KVPACK_CHECK(held >= 0 && held <= tokens && (held == 0 || slots.positions),
+               "slots: expected held in [0, " << tokens << "] with positions, got " << held);
+
+  // The non-empty held slots of each (row, KV head), listed only where some are empty.
+  const std::int64_t lists = batch * heads_kv;
+  std::vector<std::int64_t> visible_held(static_cast<std::size_t>(lists), held);
+  std::vector<std::int32_t> held_index;
+  for (std::int64_t l = 0; l < lists; ++l) {
+    const std::int64_t* p = slots.positions + l * held;
+    if (std::all_of(p, p + held, [](std::int64_t x) { return x >= 0; })) continue;
+    if (held_index.empty()) held_index.resize(static_cast<std::size_t>(lists * held));
+    std::int32_t* index = held_index.data() + l * held;
+    std::int64_t n = 0;
+    for (std::int64_t s = 0; s < held; ++s)
+      if (p[s] >= 0) index[n++] = static_cast<std::int32_t>(s);
+    visible_held[static_cast<std::size_t>(l)] = n;
+  }
+  // Decoded slots query i sees: those up to its own position.
+  const std::int64_t decoded = tokens - held;
+  const auto decoded_seen = [&](std::int64_t i) {
+    return std::clamp<std::int64_t>(first_query + i - slots.first_decoded + 1, 0, decoded);
+  };
+  // The bias indexed by slot, as the kernel reads it: the held slots' own, 0 after them.
+  std::vector<float> bias;
+  if (slots.bias) {
+    bias.assign(static_cast<std::size_t>(lists * tokens), 0.0f);
+    for (std::int64_t l = 0; l < lists; ++l)
+      std::copy(slots.bias + l * held, slots.bias + (l + 1) * held, bias.data() + l * tokens);
+  }
+
+  // Work items as in decode_attention, over every (row, query, tile of heads, chunk).
+  const std::int64_t group_size = heads_q / heads_kv;
+  const std::int64_t tile = tile_for(group_size);
+  const std::int64_t rows = heads_q / tile;
+  const std::int64_t most = held + decoded_seen(new_queries - 1);
+  const std::int64_t streams = batch * new_queries * rows;
+  const std::int64_t wanted = std::max<std::int64_t>(1, (4 * num_threads() + streams - 1) / streams);
+  const std::int64_t chunks = std::max<std::int64_t>(1, std::min(wanted, most / kMinChunkTokens));
+  const std::int64_t chunk_len = (most + chunks - 1) / chunks;
+  const std::int64_t stride = tile * (dim + 2);
+  std::vector<float> partials(static_cast<std::size_t>(streams * chunks * stride));
+  const float scale = resolve_scale(params.scale, dim);
+
+  parallel_for(streams * chunks, [&](std::int64_t item) {
+    const std::int64_t stream = item / chunks, chunk = item % chunks;
+    const std::int64_t row = stream % rows, query = stream / rows;  // query = b * new + i
+    const std::int64_t b = query / new_queries, i = query % new_queries;
+    const std::int64_t first_q = row * tile, head = first_q / group_size;
+    const std::int64_t list = b * heads_kv + head;
+    const std::int64_t seen_held = visible_held[static_cast<std::size_t>(list)];
+    const std::int64_t count = seen_held + decoded_seen(i);
+    KVPACK_CHECK(count > 0, "queries: query " << i << " of row " << b << " sees no slot");
+    const std::int64_t begin = chunk * chunk_len, end = std::min(count, begin + chunk_len);
+    float* p = partials.data() + item * stride;
+    Partial state{p, p + tile, p + 2 * tile};
+    if (begin >= end) {
+      std::fill(state.max, state.max + tile, kNegInf);
+      return;
+    }
+    std::vector<float> qs(static_cast<std::size_t>(tile * dim));
+    const float* q = queries + (query * heads_q + first_q) * dim;
+    for (std::int64_t d = 0; d < tile * dim; ++d) qs[static_cast<std::size_t>(d)] = q[d] * scale;
+    const float* bias_row = slots.bias ? bias.data() + list * tokens : nullptr;
+    const int t = static_cast<int>(tile);
+    if (seen_held == held) {  // every held slot: the slots are a prefix of the rows
+      auto token_at = [](std::int64_t pos) { return pos; };
+      attend_range_tiled(t, qs.data(), keys[b], values[b], head, token_at, begin, end, count,
+                         bias_row, nullptr, state);
+    } else {
+      const std::int32_t* index = held_index.data() + list * held;
+      auto token_at = [index, seen_held, held](std::int64_t pos) {
+        return pos < seen_held ? static_cast<std::int64_t>(index[pos]) : held + pos - seen_held;
+      };
+      attend_range_tiled(t, qs.data(), keys[b], values[b], head, token_at, begin, end, count,
+                         bias_row, nullptr, state);
+    }
+  });
+
+  for (std::int64_t stream = 0; stream < streams; ++stream) {
+    const std::int64_t row = stream % rows, query = stream / rows;
+    for (std::int64_t g = 0; g < tile; ++g) {
+      const std::int64_t hq = row * tile + g;
+      detail::merge_states(partials.data() + stream * chunks * stride, chunks, stride, tile, g, dim,
+                           out + (query * heads_q + hq) * dim);
+    }
+  }
+}
+
 }  // namespace kvpack::KVPACK_TARGET_NS

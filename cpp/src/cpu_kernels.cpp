@@ -23,6 +23,7 @@ const CpuKernels kernels = {
     KVPACK_TARGET_NAME,
     &cpu::decode_attention,
     &cpu::accumulated_attention,
+    &held_attention,
     &cpu::rank_rows,
     &cpu::kmeans_heads,
     &inner_products,

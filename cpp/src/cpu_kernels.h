@@ -28,6 +28,7 @@ struct CpuKernels {
   const char* target;  ///< the instruction set it was compiled for, e.g. "x86-64-v3"
   decltype(&kvpack::cpu::decode_attention) decode_attention;
   decltype(&kvpack::cpu::accumulated_attention) accumulated_attention;
+  decltype(&kvpack::held_attention) held_attention;
   decltype(&kvpack::cpu::rank_rows) rank_rows;
   decltype(&kvpack::cpu::kmeans_heads) kmeans_heads;
   decltype(&kvpack::inner_products) inner_products;
@@ -52,6 +53,7 @@ decltype(kvpack::cpu::accumulated_attention) accumulated_attention;
 decltype(kvpack::cpu::rank_rows) rank_rows;
 decltype(kvpack::cpu::kmeans_heads) kmeans_heads;
 }  // namespace cpu
+decltype(kvpack::held_attention) held_attention;
 decltype(kvpack::inner_products) inner_products;
 decltype(kvpack::page_bound_scores) page_bound_scores;
 decltype(kvpack::cpu_kmeans_backend) cpu_kmeans_backend;

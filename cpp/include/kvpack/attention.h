@@ -45,6 +45,32 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
                       const AttentionParams& params, const AttentionOutput& output,
                       const Execution& exec = {});
 
+/// Where the slots of one layer's decode cache stand: the first `held` slots hold what
+/// was kept of the past (a compressed prompt, or what a decode-time compression kept),
+/// in any order, each at its logical position (-1: an empty slot, as a padded row's);
+/// the slots after them hold the decoded tokens in order, slot held + j the token at
+/// position first_decoded + j. Every held position precedes first_decoded.
+struct HeldSlots {
+  const std::int64_t* positions = nullptr;  ///< [batch, heads_kv, held]
+  std::int64_t held = 0;
+  std::int64_t first_decoded = 0;
+  const float* bias = nullptr;  ///< [batch, heads_kv, held] added to the held slots' scores, or null
+};
+
+/// One decode step of a batch over one layer's cache (HeldSlots): query i of row b, at
+/// position first_query + i, attends the row's non-empty held slots and the decoded slots
+/// up to its own position, in one softmax; grouped-query heads as in decode_attention.
+/// All rows, positions and heads run in one parallel pass. Host memory only.
+/// @param queries      [batch, new_queries, heads_q, dim] float32 (the token-major layout of
+///                     a model's attention output)
+/// @param keys,values  one [heads_kv, slots, dim] view per row (batch of them), one shape
+///                     and dtype, slots >= held
+/// @param out          [batch, new_queries, heads_q, dim] float32
+void held_attention(const float* queries, std::int64_t batch, std::int64_t new_queries,
+                    std::int64_t heads_q, std::int64_t first_query, const KVView* keys,
+                    const KVView* values, const HeldSlots& slots, const AttentionParams& params,
+                    float* out);
+
 /// Bytes of scratch decode_attention takes on `device` for heads_q queries over `count`
 /// tokens of dimension `dim` (0 on the CPU): the size of Execution::scratch.
 std::size_t decode_attention_scratch_bytes(const Device& device, std::int64_t heads_q,
