@@ -211,7 +211,7 @@ def test_held_attention_errors(rng):
     with pytest.raises(ValueError, match="positions: expected each held position"):
         call(queries, keys, values, positions + first_decoded, first_decoded, first_query)
     with pytest.raises(ValueError, match="queries: expected shape"):
-        call(queries[:, :, :4], keys, values, positions, first_decoded, first_query)
+        call(np.ascontiguousarray(queries[:, :, :4]), keys, values, positions, first_decoded, first_query)
     with pytest.raises(ValueError, match="values: expected shape"):
         call(queries, keys, values[:, :, :3], positions, first_decoded, first_query)
     with pytest.raises(TypeError, match="positions: expected dtype int64"):
