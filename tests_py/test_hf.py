@@ -112,7 +112,8 @@ def test_forward_loop_equals_generate(model, prompts):
 
 def _layer_step(model, method, budget, prompt=96, **options):
     """Prefill and one decode step of layer 2 through the public Cache API and the
-    registered "kvpack" attention; returns the inputs and the decode output."""
+    registered "kvpack" attention, handing both one keyword dict as a model's attention
+    does; returns the inputs and the decode output."""
     cache = hf.make_cache(model, method, budget=budget, **options)
     module = model.model.layers[2].self_attn
     attend = ALL_ATTENTION_FUNCTIONS["kvpack"]
@@ -120,10 +121,12 @@ def _layer_step(model, method, budget, prompt=96, **options):
     k, v = (torch.randn(1, 2, prompt + 1, HEAD_DIM, generator=g) for _ in range(2))
     q = torch.randn(1, 4, prompt + 1, HEAD_DIM, generator=g)
     scaling = HEAD_DIM**-0.5
-    keys, values = cache.update(k[:, :, :prompt], v[:, :, :prompt], 2)
-    prefill, _ = attend(module, q[:, :, :prompt], keys, values, None, scaling=scaling)
-    keys, values = cache.update(k[:, :, prompt:], v[:, :, prompt:], 2)
-    out, _ = attend(module, q[:, :, prompt:], keys, values, None, scaling=scaling)
+    kwargs = {}
+    keys, values = cache.update(k[:, :, :prompt], v[:, :, :prompt], 2, kwargs=kwargs)
+    prefill, _ = attend(module, q[:, :, :prompt], keys, values, None, scaling=scaling, **kwargs)
+    kwargs = {}
+    keys, values = cache.update(k[:, :, prompt:], v[:, :, prompt:], 2, kwargs=kwargs)
+    out, _ = attend(module, q[:, :, prompt:], keys, values, None, scaling=scaling, **kwargs)
     return cache, q[0].numpy(), k[0].numpy(), v[0].numpy(), prefill[0], out[0, 0].numpy()
 
 
@@ -283,8 +286,8 @@ def test_stats_report_the_bytes_each_tier_holds(model, prompts):
 def test_layers_hand_host_tensors_to_the_core_without_a_copy(dtype):
     cache = torch.randn(1, 2, 40, HEAD_DIM).to(dtype)
     head = cache[0]  # C-contiguous: reaches the core through DLPack as it is
-    assert kvpack._core._data_pointer(hf._dense(head)) == head.data_ptr()
-    assert hf._host(cache[0, :, :10]).data_ptr() == cache.data_ptr()  # strided: a view
+    assert kvpack._core._data_pointer(hf.cache._dense(head)) == head.data_ptr()
+    assert hf.cache._host(cache[0, :, :10]).data_ptr() == cache.data_ptr()  # strided: a view
 
 
 @pytest.mark.parametrize("method", hf.METHODS)
@@ -423,7 +426,7 @@ def test_decode_budget_bounds_every_eviction_method(model, prompts, method):
             assert (held[held >= 0] >= 120 - real).all()  # never a padding position
             # Every token held is counted once: merged slots carry the tokens they fold.
             if method == "kvmerger":
-                counts = layer.prompt_bias[row].exp().sum(-1) + (layer.seen - layer.first_decoded)
+                counts = (layer.held_bias[row].exp() * (layer.held_positions[row] >= 0)).sum(-1) + (layer.seen - layer.first_decoded)
                 assert torch.allclose(counts, torch.tensor(float(real + 39)), rtol=1e-3)
 
 

@@ -1,94 +1,40 @@
-"""Hugging Face transformers integration: one ``Cache`` per kvpack method.
+"""The kvpack ``Cache`` and its layers, one per kind of method, and the attention
+function that hands each decode step to the layer's core call.
 
-    cache = kvpack.hf.make_cache(model, method="clusterkv", budget=256)
-    model.generate(input_ids, cache=cache, max_new_tokens=32)
-
-transformers takes the cache as ``cache=`` since it renamed ``past_key_values``; older 5.x
-releases take ``past_key_values=``. :func:`cache_argument` names the one the installed
-release takes (``model.generate(ids, **{kvpack.hf.cache_argument(model): cache})``).
-
-Works with Llama/Mistral/Qwen-style decoders (any model whose attention layers call the
-cache's ``update`` and then the configured attention function). ``make_cache``
-switches the model's attention implementation to ``"kvpack"``: SDPA for every other
-cache, and for a kvpack cache the method's own attention. The first ``skip_layers``
-layers keep their whole cache.
-
-The first forward is the prefill: attention is exact over the whole prompt, then each
-layer compresses; later forwards decode, one token or a chunk at a time (so a prompt
-prefilled in chunks is compressed after its first chunk). Per method:
-
-- ``h2o``, ``streaming_llm``, ``snapkv``, ``cam``, ``kvmerger``: the prompt's cache is
-  compressed to ``budget`` slots per KV head by :func:`kvpack.compress`, ranked by the
-  attention the prompt's queries paid each key. Decoded tokens are appended.
-- ``clusterkv``, ``quest``: the whole cache stays in host memory in a
-  :class:`kvpack.ClusterKV` per sequence; each decoded token attends ``budget`` recalled
-  tokens (clusters, or Quest pages).
-- ``kivi``: the prompt's cache becomes KIVI codes (:func:`kvpack.quantize`, ``bits``,
-  group 32) with the latest ``budget`` tokens in full precision; decode attends the codes
-  directly and the decoded tokens in full precision, merged by log-sum-exp.
-- ``full``: no compression (a reference that runs the same code path).
-
-``method`` is a name or a :mod:`kvpack.methods` object (``kvpack.methods.SnapKV(window=16)``).
-``budget`` is a token count, or a fraction of each prompt in (0, 1). Batches may be
-left-padded: padding never takes a slot.
+A layer's ``update`` puts the layer's attention into the keyword arguments the model's
+attention hands on to :func:`attention` (transformers passes the same ``kwargs`` to
+``Cache.update`` and to the attention function), so a decode step goes
+``update -> attention -> layer.decode -> _core -> kernel``.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import methods as _methods
-from ._extras import require
-from .clustering import ClusterKV
-from .compression import budget_tokens, compress
-from .quantization import quantize
+from .. import _core
+from .. import methods as _methods
+from ..clustering import ClusterKV
+from ..compression import budget_tokens, compress
+from ..quantization import quantize
+from .compat import check_model
 
-require("kvpack.hf", "torch", "transformers")
-
-import torch  # noqa: E402
-from transformers import AttentionInterface  # noqa: E402
-from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
-from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
-
-__all__ = [
-    "METHODS",
-    "KVPackCache",
-    "Prefill",
-    "cache_argument",
-    "dynamic_cache",
-    "make_cache",
-    "prefill",
-    "returned_cache",
-    "stored_cache",
-]
+if TYPE_CHECKING:
+    from .prefill import Prefill
 
 EVICTION_METHODS = _methods.names("compress")
 RECALL_METHODS = _methods.names("recall")
 METHODS = _methods.names()
-ATTENTION = "kvpack"
-
-
-def cache_argument(model) -> str:
-    """The keyword under which ``model``'s forward (and so ``generate``) takes a cache:
-    ``"cache"`` in current transformers, ``"past_key_values"`` in releases before the
-    rename. Passing the other name warns (current) or is ignored (older)."""
-    forward = getattr(model, "forward", None)
-    if forward is None:
-        raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
-    parameters = inspect.signature(forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-def returned_cache(output) -> Cache:
-    """The cache a forward returned (``output.cache``, or ``past_key_values`` before the
-    rename), read without the deprecation warning of the old name."""
-    return output["cache"] if "cache" in output else output["past_key_values"]
+ATTENTION = "kvpack"  # the attention implementation make_cache sets
+ATTEND = "kvpack_attend"  # the keyword under which a layer hands attention() its own
 
 
 def make_cache(
@@ -143,8 +89,7 @@ def make_cache(
     -------
     KVPackCache
     """
-    if not hasattr(getattr(model, "config", None), "get_text_config"):
-        raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
+    layers = check_model(model)
     method = _methods.resolve(method, **params)
     if not isinstance(log_count_bias, (bool, np.bool_)):
         raise TypeError(f"log_count_bias: expected a bool, got {type(log_count_bias).__name__}")
@@ -152,7 +97,6 @@ def make_cache(
         raise TypeError(f"log_count_bias: method {method.name!r} does not merge slots")
     budget_tokens(budget, 1)  # an int count >= 1 or a share in (0, 1], or a named error
     budget = int(budget) if isinstance(budget, numbers.Integral) else float(budget)
-    layers = model.config.get_text_config().num_hidden_layers
     if not isinstance(skip_layers, numbers.Integral) or not 0 <= skip_layers <= layers:
         raise ValueError(f"skip_layers: expected an int from 0 to {layers}, got {skip_layers!r}")
     for name, value in (("decode_budget", decode_budget), ("decode_interval", decode_interval)):
@@ -165,11 +109,13 @@ def make_cache(
             f"decode_budget: method {method.name!r} does not compress (only "
             f"{', '.join(m for m in EVICTION_METHODS if m != 'full')} do)"
         )
+    from .prefill import Prefill  # it builds on this module's layers
+
     if prefill is not None and not isinstance(prefill, Prefill):
         raise TypeError(f"prefill: expected a kvpack.hf.Prefill, got {type(prefill).__name__}")
     if prefill is not None and len(prefill.layers) != layers:
         raise ValueError(f"prefill: has {len(prefill.layers)} layers, the model {layers}")
-    _use_kvpack_attention(model)
+    use_kvpack_attention(model)
     cache = KVPackCache(
         layers, method, budget, skip_layers=int(skip_layers), log_count_bias=bool(log_count_bias)
     )
@@ -180,168 +126,6 @@ def make_cache(
     if prefill is not None:
         for layer, captured in zip(cache.layers, prefill.layers):
             layer.adopt(*captured)
-    return cache
-
-
-class Prefill:
-    """One exact prefill of a batch of prompts, from which caches of any method start.
-
-    Every method's prefill is the same exact attention over the prompt; only what each
-    layer keeps afterwards differs. Comparing methods on one prompt then costs one
-    prefill: ``make_cache(model, method, budget, prefill=p)`` (or :func:`dynamic_cache`)
-    gives each its own copy, compressed as its own prefill would have, and decoding goes
-    on from the prefill's greedy next token, exactly as ``generate`` on the prompt would.
-
-    Attributes
-    ----------
-    input_ids, attention_mask : torch.Tensor, shape (batch, prompt)
-    logits : torch.Tensor, shape (batch, vocab)
-        The model's logits at the prompt's last position.
-    layers : list
-        Per layer: the prompt's queries, keys, values, real-token mask and score scale.
-    """
-
-    def __init__(self, input_ids, attention_mask, logits, layers) -> None:
-        self.input_ids, self.attention_mask = input_ids, attention_mask
-        self.logits, self.layers = logits, layers
-
-    @property
-    def tokens(self) -> int:
-        """Prompt length (padding included)."""
-        return int(self.input_ids.shape[1])
-
-    @property
-    def next_ids(self) -> torch.Tensor:
-        """The prompt followed by the greedy next token: what ``generate`` continues
-        from a cache started from this prefill."""
-        return torch.cat([self.input_ids, self.logits.argmax(-1, keepdim=True)], dim=1)
-
-    @property
-    def next_attention_mask(self) -> torch.Tensor:
-        """The attention mask of :attr:`next_ids`."""
-        return torch.nn.functional.pad(self.attention_mask, (0, 1), value=1)
-
-
-def prefill(model, input_ids, attention_mask=None) -> Prefill:
-    """Runs ``model`` over the prompts ``input_ids`` once, exactly, and keeps what every
-    method's cache starts from (see :class:`Prefill`)."""
-    if not hasattr(getattr(model, "config", None), "get_text_config"):
-        raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 1:
-        raise ValueError("input_ids: expected a (batch, tokens) tensor with at least one token")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    _use_kvpack_attention(model)
-    layers = model.config.get_text_config().num_hidden_layers
-    capture = Cache(layers=[_CaptureLayer(_methods.Full(), 1.0) for _ in range(layers)])
-    # Positions as generate() gives them: counted over the real tokens of each row.
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        output = model(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            **{cache_argument(model): capture},
-        )
-    return Prefill(
-        input_ids,
-        attention_mask,
-        output.logits[:, -1].float(),
-        [layer.captured for layer in capture.layers],
-    )
-
-
-def dynamic_cache(model, prefill: Prefill) -> Cache:
-    """transformers' own ``DynamicCache`` holding a copy of ``prefill``'s keys and values:
-    the full-cache reference, started like :func:`make_cache` with ``prefill=``."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    for index, (_, keys, values, _, _) in enumerate(prefill.layers):
-        cache.update(keys.clone(), values.clone(), index)
-    return cache
-
-
-def stored_cache(model, stored, tokens: int | None = None, *, log_count_bias: bool = False):
-    """A cache holding a context loaded from a store, to go on from where it ends.
-
-    ``stored`` is a :class:`kvpack.StoredKV` (what :meth:`kvpack.TieredStore.get` returns)
-    or a list of ``(keys, values)`` per layer, ``[heads_kv, slots, head_dim]`` each. Slots
-    kept by token dropping or merging keep the positions the entry records; ``tokens`` is
-    the length of the context it stands for (default: the slots, or the last kept
-    position + 1). Feed the tokens after the context (``input_ids`` of the whole sequence,
-    as ``generate`` takes them) and each attends every held slot and the tokens before it.
-
-    Parameters
-    ----------
-    model : transformers PreTrainedModel
-    stored : kvpack.StoredKV or list of (ndarray, ndarray)
-    tokens : int, optional
-        Context length in tokens.
-    log_count_bias : bool
-        Merged slots add ``log(count)`` to their scores (see :func:`kvpack.compress`).
-
-    Returns
-    -------
-    KVPackCache
-    """
-    if not hasattr(getattr(model, "config", None), "get_text_config"):
-        raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
-    kv = getattr(stored, "kv", stored)
-    positions = getattr(stored, "positions", None)
-    counts = getattr(stored, "counts", None)
-    layers = model.config.get_text_config().num_hidden_layers
-    if not isinstance(kv, (list, tuple)) or len(kv) != layers:
-        raise ValueError(
-            f"stored: expected {layers} layers of (keys, values), got "
-            f"{len(kv) if isinstance(kv, (list, tuple)) else type(kv).__name__}"
-        )
-    arrays = []
-    for index, layer_kv in enumerate(kv):
-        if not isinstance(layer_kv, (list, tuple)) or len(layer_kv) != 2:
-            raise ValueError(f"stored: layer {index}: expected a (keys, values) pair")
-        keys, values = (np.asarray(a) for a in layer_kv)
-        if keys.ndim != 3 or keys.shape != values.shape:
-            raise ValueError(
-                f"stored: layer {index}: expected keys and values of one shape "
-                f"[heads_kv, slots, head_dim], got {keys.shape} and {values.shape}"
-            )
-        if positions is not None and np.shape(positions[index]) != keys.shape[:2]:
-            raise ValueError(
-                f"stored: layer {index}: positions of shape {np.shape(positions[index])} "
-                f"for keys of {keys.shape[:2]} [heads_kv, slots]"
-            )
-        arrays.append((keys, values))
-    if positions is None:
-        inferred = arrays[0][0].shape[1]
-        for index, (keys, _) in enumerate(arrays):
-            if keys.shape[1] != inferred:
-                raise ValueError(
-                    f"stored: layer {index} holds {keys.shape[1]} tokens, layer 0 {inferred} "
-                    "(an entry without positions holds every token of the context)"
-                )
-    else:
-        inferred = max(int(p.max()) + 1 for p in positions)
-    if tokens is None:
-        tokens = inferred
-    if not isinstance(tokens, numbers.Integral) or isinstance(tokens, bool) or tokens < inferred:
-        raise ValueError(f"tokens: expected an int of at least {inferred}, got {tokens!r}")
-    if log_count_bias and counts is None:
-        raise ValueError("log_count_bias: the stored entry has no merge counts")
-    _use_kvpack_attention(model)
-    like = next(model.parameters())
-    cache = KVPackCache(layers, _methods.Full(), 1.0, skip_layers=0)
-    for index, (layer, (keys, values)) in enumerate(zip(cache.layers, arrays)):
-        k, v = _torch(keys, like)[None], _torch(values, like)[None]
-        if positions is None:
-            held = torch.arange(k.shape[2], device=k.device).expand(1, k.shape[1], -1)
-        else:
-            held = torch.from_numpy(positions[index].astype(np.int64)).to(k.device)[None]
-        bias = None
-        if log_count_bias:
-            bias = torch.from_numpy(np.log(counts[index])).to(k.device, k.dtype)[None]
-        layer.hold(k, v, held, bias, tokens)
     return cache
 
 
@@ -405,7 +189,7 @@ class KVPackCache(Cache):
 
 class _KVPackLayer(DynamicLayer):
     """Shared by every method: the first forward is the prefill (exact attention over
-    the prompt, then ``_compress``), later forwards decode (``_decode``)."""
+    the prompt, then ``_compress``), later forwards decode (``decode``)."""
 
     is_croppable = False
 
@@ -419,23 +203,26 @@ class _KVPackLayer(DynamicLayer):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Masks keep the logical layout (every token seen); attend() maps them to slots.
+        # Masks keep the logical layout (every token seen); the prefill reads them.
         return self.seen + query_length, 0
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states, value_states, *args, kwargs=None, **ignored):
+        if kwargs is None:
+            raise NotImplementedError(
+                "kvpack caches need a model whose attention hands its keyword arguments to "
+                "Cache.update (kwargs=...), as transformers 5's decoders do"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.seen += key_states.shape[-2]
         if not self.prefilled:
-            keys, values = super().update(key_states, value_states)
-        else:
-            keys, values = self._append(key_states, value_states)
-        keys._kvpack_layer = self  # read by _attention: this layer attends
-        return keys, values
+            kwargs[ATTEND] = self.prefill_attention
+            return super().update(key_states, value_states)
+        kwargs[ATTEND] = self.decode
+        return self._append(key_states, value_states)
 
-    def attend(self, module, query, key, value, attention_mask, scaling):
-        if self.prefilled:
-            return self._decode(module, query, key, value, attention_mask, scaling)
+    def prefill_attention(self, module, query, key, value, attention_mask, scaling):
+        """Exact attention over the prompt; then the layer keeps its method's share."""
         output, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling
         )
@@ -445,8 +232,8 @@ class _KVPackLayer(DynamicLayer):
         return output
 
     def adopt(self, query, keys, values, valid, scaling) -> None:
-        """Starts from a shared prefill (:class:`Prefill`): keeps this method's share of
-        the prompt's keys and values, as its own prefill would have."""
+        """Starts from a shared prefill (:class:`kvpack.hf.Prefill`): keeps this method's
+        share of the prompt's keys and values, as its own prefill would have."""
         self.lazy_initialization(keys, values)
         self.seen = keys.shape[-2]
         self._compress(query, keys, values, valid, scaling)
@@ -474,16 +261,6 @@ class _KVPackLayer(DynamicLayer):
         raise NotImplementedError("kvpack caches do not support selecting batch rows")
 
 
-class _CaptureLayer(_KVPackLayer):
-    """Keeps what the exact prefill attended (for :func:`prefill`); never decodes."""
-
-    def _compress(self, query, keys, values, valid, scaling):
-        self.captured = (query, keys, values, valid, scaling)
-
-    def _decode(self, *args):
-        raise RuntimeError("a kvpack.hf.prefill capture does not decode")
-
-
 class _BufferedLayer(_KVPackLayer):
     """Keys and values in buffers with spare room that grow by a quarter, so appending a
     decoded token copies that token, not the cache; ``length`` slots are in use."""
@@ -507,22 +284,21 @@ class _BufferedLayer(_KVPackLayer):
 class _EvictionLayer(_BufferedLayer):
     """The slots :func:`kvpack.compress` kept of the prompt (all of it for ``full`` and the
     skipped layers), then every decoded token (or, with ``decode_budget``, what the method
-    keeps of them as it goes). A decode step over a batch without padding and without
-    log-count bias is transformers' own SDPA call over the buffers."""
+    keeps of them as it goes). Each decode step is one core call
+    (``_core.held_attention``) over every row, query and head.
+
+    The first ``held`` slots are the kept ones, at ``held_positions`` [batch, heads_kv,
+    held] (-1: a padded row's empty slot) with ``held_bias`` (log merge counts, or None);
+    the slots after them are the decoded tokens from position ``first_decoded`` on."""
 
     decode_budget: int | None = None  # set by make_cache
     decode_interval = 1
     observed = 32  # decoded queries a decode-time compression ranks by
 
     def _compress(self, query, keys, values, valid, scaling):
-        log_count_bias = self.log_count_bias
         rows = []
         for b in range(keys.shape[0]):
-            everything = bool(valid[b].all())
-            tokens = torch.nonzero(valid[b]).flatten()
-            k, v = (
-                (keys[b], values[b]) if everything else (keys[b][:, tokens], values[b][:, tokens])
-            )
+            tokens, k, v = _real_tokens(valid[b], keys[b], values[b])
             budget = self._budget(tokens.numel())
             if self.method.name == "full" or budget >= tokens.numel():
                 rows.append((k, v, tokens.expand(k.shape[0], -1), None))
@@ -536,15 +312,14 @@ class _EvictionLayer(_BufferedLayer):
                 queries=_dense(query[b][:, tokens].float()),
             )
             positions = tokens[torch.from_numpy(c.positions.astype(np.int64)).to(tokens.device)]
-            bias = torch.from_numpy(np.log(c.counts)) if log_count_bias else None
+            bias = torch.from_numpy(np.log(c.counts)) if self.log_count_bias else None
             rows.append((_torch(c.keys, k), _torch(c.values, v), positions, bias))
-        self._hold_rows(rows, int(valid.shape[1]), query.dtype)
+        self._hold_rows(rows, int(valid.shape[1]))
 
-    def _hold_rows(self, rows, tokens: int, dtype) -> None:
+    def _hold_rows(self, rows, tokens: int) -> None:
         """Holds one (keys, values, positions, log-count bias or None) per batch row, of
-        ``tokens`` tokens seen, padding shorter rows with slots no query attends."""
+        ``tokens`` tokens seen, padding shorter rows with empty slots."""
         slots = max(row[0].shape[1] for row in rows)
-        padded = any(row[0].shape[1] < slots for row in rows)
         pad = lambda x, value: torch.nn.functional.pad(  # noqa: E731
             x,
             (0, 0, 0, slots - x.shape[1]) if x.ndim == 3 else (0, slots - x.shape[1]),
@@ -556,35 +331,50 @@ class _EvictionLayer(_BufferedLayer):
             held_keys = torch.stack([pad(r[0], 0.0) for r in rows])
             held_values = torch.stack([pad(r[1], 0.0) for r in rows])
         bias = None
-        if padded or any(r[3] is not None for r in rows):
+        if any(r[3] is not None for r in rows):
             zeros = lambda r: torch.zeros(r[2].shape)  # noqa: E731
-            bias = [pad((r[3] if r[3] is not None else zeros(r)).float(), -math.inf) for r in rows]
-            bias = torch.stack(bias).to(held_keys.device, dtype)
+            bias = torch.stack(
+                [pad((r[3] if r[3] is not None else zeros(r)).float(), 0.0) for r in rows]
+            )
         positions = torch.stack([pad(r[2], -1) for r in rows])
         self.hold(held_keys, held_values, positions, bias, tokens)
 
     def hold(self, keys, values, positions, bias, tokens: int) -> None:
-        """Holds ``keys`` and ``values`` [batch, heads_kv, slots, dim] for a prompt of
-        ``tokens`` tokens: per slot the position it keeps (``positions``, -1 for padding)
-        and an additive score bias (-inf for padding, log(count) for merged slots; None
-        when zero everywhere)."""
+        """Holds ``keys`` and ``values`` [batch, heads_kv, slots, dim] standing for the first
+        ``tokens`` tokens: per slot the position it keeps (``positions``, -1 for none) and a
+        score bias (log merge counts; None when zero everywhere)."""
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
         self.keys, self.values = keys, values
         self.length = int(keys.shape[2])
-        self.prompt_positions, self.prompt_bias = positions, bias
-        self.first_decoded = tokens  # logical position of the first decoded token
+        # What the core reads every step: int64 and float32 in host memory, contiguous.
+        self.held_positions = _dense(positions.to(torch.int64))
+        self.held_bias = None if bias is None else _dense(bias.float())
+        self.first_decoded = tokens  # position of the first decoded token
         self.seen, self.prefilled = tokens, True
 
     @property
     def positions(self) -> torch.Tensor:
-        """[batch, heads_kv, slots]: the logical position each held slot stands for."""
-        decoded = torch.arange(self.first_decoded, self.seen, device=self.prompt_positions.device)
-        shape = (*self.prompt_positions.shape[:2], decoded.numel())
-        return torch.cat([self.prompt_positions, decoded.expand(shape)], dim=-1)
+        """[batch, heads_kv, slots]: the position each slot stands for (-1: none)."""
+        held = self.held_positions
+        decoded = torch.arange(self.first_decoded, self.seen).expand(*held.shape[:2], -1)
+        return torch.cat([held, decoded], dim=-1)
 
-    def _decode(self, module, query, key, value, attention_mask, scaling):
-        output = self._attend_held(module, query, key, value, attention_mask, scaling)
+    def decode(self, module, query, key, value, attention_mask, scaling):
+        """One decode step of every row: attention over the held slots and the decoded
+        tokens, in the core; then, with ``decode_budget``, a compression when one is due.
+        Padding is read from the held positions; ``attention_mask`` adds nothing to them."""
+        queries = query.transpose(1, 2)  # [batch, new, heads_q, dim]: the output's layout
+        output = _core.held_attention(
+            _dense(queries.float()),
+            _host(key),
+            _host(value),
+            self.held_positions,
+            self.first_decoded,
+            self.seen - queries.shape[1],
+            self.held_bias,
+            scaling,
+        )
         if self.decode_budget is not None:
             self._recent_queries = torch.cat(
                 [getattr(self, "_recent_queries", query[:, :, :0]), query], dim=2
@@ -592,21 +382,21 @@ class _EvictionLayer(_BufferedLayer):
             due = self.seen - self.first_decoded >= self.decode_interval
             if due and self.length > self.decode_budget:
                 self._compress_held(scaling)
-        return output
+        return _torch(output, query)
 
     def _compress_held(self, scaling) -> None:
         """Compresses what each row holds back to ``decode_budget`` slots (rows holding no
         more keep everything), as kvpress's DecodingPress does during generation."""
-        positions, slots = self.positions, self.length
-        held_bias = self.prompt_bias
+        positions = self.positions
+        held = self.held_positions.shape[-1]
         rows = []
         for b in range(positions.shape[0]):
             real = torch.nonzero(positions[b, 0] >= 0).flatten()
             k, v = self.keys[b][:, real], self.values[b][:, real]
             bias = None
-            if held_bias is not None:  # the prompt's slots carry it, decoded tokens add 0
-                bias = torch.nn.functional.pad(held_bias[b], (0, slots - held_bias.shape[-1]))
-                bias = bias[:, real].float()
+            if self.held_bias is not None:  # the held slots carry it, decoded tokens add 0
+                bias = torch.nn.functional.pad(self.held_bias[b], (0, self.length - held))
+                bias = bias[:, real]
             if real.numel() <= self.decode_budget:
                 rows.append((k, v, positions[b][:, real], bias))
                 continue
@@ -621,44 +411,15 @@ class _EvictionLayer(_BufferedLayer):
             kept = torch.from_numpy(c.positions.astype(np.int64)).to(k.device)
             counts = torch.from_numpy(c.counts.astype(np.int64)).to(k.device)
             new_bias = None if bias is None else _folded_log_counts(bias, kept, counts)
-            held = positions[b][:, real].gather(1, kept)
-            rows.append((_torch(c.keys, k), _torch(c.values, v), held, new_bias))
-        self._hold_rows(rows, self.seen, self.keys.dtype)
-
-    def _attend_held(self, module, query, key, value, attention_mask, scaling):
-        new = query.shape[2]
-        if attention_mask is None and self.prompt_bias is None and new == 1:
-            output, _ = sdpa_attention_forward(module, query, key, value, None, scaling=scaling)
-            return output
-        # The general case: an additive mask over the slots per KV head and query.
-        batch, heads_kv, slots = key.shape[0], key.shape[1], key.shape[2]
-        prompt = self.prompt_positions.shape[-1]
-        q_positions = torch.arange(self.seen - new, self.seen, device=query.device)
-        positions = self.positions[:, :, None, :]  # [b, heads_kv, 1, slots]
-        allowed = (positions >= 0) & (positions <= q_positions[:, None])
-        if attention_mask is not None:  # [b, 1, q, seen]: the logical layout, one head
-            logical = attention_mask.expand(-1, heads_kv, -1, -1)
-            gathered = torch.gather(logical, 3, positions.clamp(min=0).expand(-1, -1, new, -1))
-            allowed &= gathered if gathered.dtype == torch.bool else gathered == 0
-        bias = query.new_zeros(batch, heads_kv, 1, slots)
-        if self.prompt_bias is not None:
-            bias[..., :prompt] = self.prompt_bias[:, :, None, :]
-        bias = torch.where(allowed, bias, -math.inf)
-        groups = query.shape[1] // heads_kv
-        if new == 1:  # the query heads of a group as rows: no copy of K and V per head
-            grouped = query.reshape(batch, heads_kv, groups, query.shape[-1])
-            output = torch.nn.functional.scaled_dot_product_attention(
-                grouped, key, value, attn_mask=bias, scale=scaling
+            rows.append(
+                (
+                    _torch(c.keys, k),
+                    _torch(c.values, v),
+                    positions[b][:, real].gather(1, kept),
+                    new_bias,
+                )
             )
-            return output.reshape(batch, 1, query.shape[1], query.shape[-1])
-        output = torch.nn.functional.scaled_dot_product_attention(
-            query,
-            key.repeat_interleave(groups, dim=1),
-            value.repeat_interleave(groups, dim=1),
-            attn_mask=bias.repeat_interleave(groups, dim=1),
-            scale=scaling,
-        )
-        return output.transpose(1, 2).contiguous()
+        self._hold_rows(rows, self.seen)
 
     def slots(self) -> int:
         return getattr(self, "length", 0)
@@ -674,16 +435,16 @@ class _RecallLayer(_KVPackLayer):
     def _compress(self, query, keys, values, valid, scaling):
         self.recall = []
         for b in range(keys.shape[0]):
-            tokens = torch.nonzero(valid[b]).flatten()
+            tokens, k, v = _real_tokens(valid[b], keys[b], values[b])
             recall = ClusterKV(self._budget(tokens.numel()), self.method)
-            recall.prefill(_dense(keys[b][:, tokens]), _dense(values[b][:, tokens]))
+            recall.prefill(_dense(k), _dense(v))
             self.recall.append(recall)
         self.keys = self.values = None  # the host copies in ClusterKV are the cache now
 
     def _append(self, key_states, value_states):
-        return key_states, value_states  # decode() hands them to ClusterKV.step
+        return key_states, value_states  # decode() hands them to the core
 
-    def _decode(self, module, query, key, value, attention_mask, scaling):
+    def decode(self, module, query, key, value, attention_mask, scaling):
         # ClusterKV scales scores by 1/sqrt(head_dim); fold any other scaling into q.
         fold = scaling * math.sqrt(query.shape[-1])
         q = query.float() if math.isclose(fold, 1.0, rel_tol=1e-12) else query.float() * fold
@@ -710,20 +471,16 @@ class _RecallLayer(_KVPackLayer):
 
 class _KiviLayer(_BufferedLayer):
     """KIVI codes of the prompt per sequence, plus the decoded tokens in full precision;
-    each decode step is one core call per sequence that attends both in one softmax."""
+    a decode step attends both in one softmax."""
 
     def _compress(self, query, keys, values, valid, scaling):
         bits, group = self.method.bits, self.method.group
         self.quantized = []
         for b in range(keys.shape[0]):
-            tokens = torch.nonzero(valid[b]).flatten()
+            tokens, k, v = _real_tokens(valid[b], keys[b], values[b])
             self.quantized.append(
                 quantize(
-                    _dense(keys[b][:, tokens]),
-                    _dense(values[b][:, tokens]),
-                    bits,
-                    group=group,
-                    residual=self._budget(tokens.numel()),
+                    _dense(k), _dense(v), bits, group=group, residual=self._budget(tokens.numel())
                 )
             )
         # New tensors: an empty view of the prompt's would keep all of it alive.
@@ -731,7 +488,7 @@ class _KiviLayer(_BufferedLayer):
         self.values = values.new_empty(*values.shape[:2], 0, values.shape[-1])
         self.length = 0
 
-    def _decode(self, module, query, key, value, attention_mask, scaling):
+    def decode(self, module, query, key, value, attention_mask, scaling):
         new, decoded = query.shape[2], key.shape[2]
         output = torch.empty(query.shape[0], new, query.shape[1], query.shape[-1])
         for b, quantized in enumerate(self.quantized):
@@ -750,11 +507,11 @@ class _KiviLayer(_BufferedLayer):
         return {"model": _tensor_bytes(self.keys, self.values), "codes": codes}
 
 
-def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The ``"kvpack"`` attention implementation: a kvpack layer's own attention when
-    the cache returned one, SDPA otherwise."""
-    layer = getattr(key, "_kvpack_layer", None)
-    if layer is None:
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The ``"kvpack"`` attention implementation: the attention a kvpack layer handed on
+    from its ``update``, SDPA for every other cache."""
+    attend = kwargs.pop(ATTEND, None)
+    if attend is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -764,11 +521,12 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             f"kvpack caches do not support {(unsupported or ['attention dropout'])[0]}"
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return layer.attend(module, query, key, value, attention_mask, scaling), None
+    return attend(module, query, key, value, attention_mask, scaling), None
 
 
-def _use_kvpack_attention(model) -> None:
-    AttentionInterface.register(ATTENTION, _attention)
+def use_kvpack_attention(model) -> None:
+    """Registers :func:`attention` as ``"kvpack"`` and switches ``model`` to it."""
+    AttentionInterface.register(ATTENTION, attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     if model.config._attn_implementation != ATTENTION:
         model.set_attn_implementation(ATTENTION)
@@ -780,6 +538,16 @@ def _valid_tokens(attention_mask, batch: int, tokens: int, device) -> torch.Tens
         return torch.ones(batch, tokens, dtype=torch.bool, device=device)
     last = attention_mask[:, 0, -1, :tokens]
     return last if last.dtype == torch.bool else last == 0
+
+
+def _real_tokens(valid, keys, values):
+    """The positions of one row's real tokens and its keys and values there, [heads,
+    real, dim]: views when the real tokens are one run (no padding, or left padding)."""
+    tokens = torch.nonzero(valid).flatten()
+    first, n = (int(tokens[0]), tokens.numel()) if tokens.numel() else (0, 0)
+    if n and int(tokens[-1]) - first + 1 == n:
+        return tokens, keys[:, first : first + n], values[:, first : first + n]
+    return tokens, keys[:, tokens], values[:, tokens]
 
 
 def _folded_log_counts(bias, kept, counts) -> torch.Tensor:
@@ -819,6 +587,8 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``a`` as a tensor of ``like``'s device and dtype (no copy when they are the host's
+    and ``a``'s)."""
     if a.dtype.name == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to(like.device)
     return torch.from_numpy(np.ascontiguousarray(a)).to(like.device, like.dtype)
