@@ -168,8 +168,7 @@ def held_case(rng, dtype, batch=2, new=3, heads_kv=3, heads_q=9, held=40, decode
     keys, values = (x[:, :, :slots] for x in buffer.astype(dtype))
     first_decoded = 2 * held + 20
     positions = np.stack(
-        [np.stack([np.sort(rng.choice(first_decoded, held, replace=False))] * heads_kv)]
-        * batch
+        [np.stack([np.sort(rng.choice(first_decoded, held, replace=False))] * heads_kv)] * batch
     ).astype(np.int64)
     positions[-1, :, held - 9 :] = -1  # the last row is shorter
     positions[0, 1] = rng.permutation(positions[0, 1])  # held slots in any order
@@ -211,7 +210,14 @@ def test_held_attention_errors(rng):
     with pytest.raises(ValueError, match="positions: expected each held position"):
         call(queries, keys, values, positions + first_decoded, first_decoded, first_query)
     with pytest.raises(ValueError, match="queries: expected shape"):
-        call(np.ascontiguousarray(queries[:, :, :4]), keys, values, positions, first_decoded, first_query)
+        call(
+            np.ascontiguousarray(queries[:, :, :4]),
+            keys,
+            values,
+            positions,
+            first_decoded,
+            first_query,
+        )
     with pytest.raises(ValueError, match="values: expected shape"):
         call(queries, keys, values[:, :, :3], positions, first_decoded, first_query)
     with pytest.raises(TypeError, match="positions: expected dtype int64"):

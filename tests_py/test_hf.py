@@ -426,7 +426,9 @@ def test_decode_budget_bounds_every_eviction_method(model, prompts, method):
             assert (held[held >= 0] >= 120 - real).all()  # never a padding position
             # Every token held is counted once: merged slots carry the tokens they fold.
             if method == "kvmerger":
-                counts = (layer.held_bias[row].exp() * (layer.held_positions[row] >= 0)).sum(-1) + (layer.seen - layer.first_decoded)
+                counts = (layer.held_bias[row].exp() * (layer.held_positions[row] >= 0)).sum(-1) + (
+                    layer.seen - layer.first_decoded
+                )
                 assert torch.allclose(counts, torch.tensor(float(real + 39)), rtol=1e-3)
 
 
