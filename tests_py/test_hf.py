@@ -441,3 +441,33 @@ def test_decode_budget_is_checked(model):
     ]:
         with pytest.raises(ValueError, match=message):
             hf.make_cache(model, budget=16, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_decoder_families_generate_like_their_dynamic_cache(family):
+    # Other families' attention hands the cache its kwargs too: every method path decodes
+    # exactly with a budget over the context, and decode_budget bounds what layers hold.
+    config_class, model_class = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    config = config_class(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=None,
+    )
+    model = model_class(config).eval()
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(5))
+    expected = generate(model, ids, None, DynamicCache(config=config), new=8)
+    for method in ("full", "h2o", "clusterkv", "kivi"):
+        cache = hf.make_cache(model, method, budget=4096, skip_layers=1)
+        assert torch.equal(generate(model, ids, None, cache, new=8), expected), method
+    cache = hf.make_cache(model, "h2o", 16, skip_layers=1, decode_budget=20, decode_interval=4)
+    generate(model, ids, None, cache, new=30)
+    assert all(layer.length <= 24 for layer in cache.layers[1:])

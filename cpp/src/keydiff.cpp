@@ -11,13 +11,15 @@ namespace kvpack {
 
 void keydiff_scores(const KVView& keys, std::int64_t head, float* out) {
   const std::int64_t tokens = keys.tokens, dim = keys.dim;
-  std::vector<float> row(static_cast<std::size_t>(dim));
+  // The head's keys widened once (its rows are contiguous), read by both passes.
+  std::vector<float> widened(static_cast<std::size_t>(tokens * dim));
+  to_float(keys.row(head, 0), keys.dtype, tokens * dim, widened.data());
   std::vector<double> anchor(static_cast<std::size_t>(dim), 0.0);
   std::vector<double> norms(static_cast<std::size_t>(tokens));
   for (std::int64_t t = 0; t < tokens; ++t) {
-    to_float(keys.row(head, t), keys.dtype, dim, row.data());
+    const float* row = widened.data() + t * dim;
     double squares = 0.0;
-    for (const float x : row) squares += static_cast<double>(x) * x;
+    for (std::int64_t i = 0; i < dim; ++i) squares += static_cast<double>(row[i]) * row[i];
     norms[t] = std::sqrt(squares);
     const double scale = 1.0 / std::max(norms[t], 1e-12);  // a zero key adds nothing
     for (std::int64_t i = 0; i < dim; ++i) anchor[i] += scale * row[i];
@@ -29,7 +31,7 @@ void keydiff_scores(const KVView& keys, std::int64_t head, float* out) {
   }
   anchor_norm = std::sqrt(anchor_norm);
   for (std::int64_t t = 0; t < tokens; ++t) {
-    to_float(keys.row(head, t), keys.dtype, dim, row.data());
+    const float* row = widened.data() + t * dim;
     double dot = 0.0;
     for (std::int64_t i = 0; i < dim; ++i) dot += anchor[i] * row[i];
     const double denominator = norms[t] * anchor_norm;
