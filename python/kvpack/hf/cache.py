@@ -406,7 +406,8 @@ class _EvictionLayer(_BufferedLayer):
                 self.method,
                 self.decode_budget,
                 scale=scaling,
-                queries=_dense(self._recent_queries[b].float()),
+                # At most one query per key: a small decode_budget holds fewer keys.
+                queries=_dense(self._recent_queries[b, :, -real.numel() :].float()),
             )
             kept = torch.from_numpy(c.positions.astype(np.int64)).to(k.device)
             counts = torch.from_numpy(c.counts.astype(np.int64)).to(k.device)
