@@ -202,7 +202,7 @@ def _ruler(model, tokenizer, samples: int, tasks=None) -> list:
 
 
 def _merging(model, tokenizer, windows: int, long_windows: int) -> list:
-    from kvpack.eval import context_dependent_tokens, long_context_perplexity, perplexity
+    from kvpack.eval import context_dependent_tokens, perplexity
 
     context = PERPLEXITY_CONTEXT
     runs = [("dynamic", 1.0)]
@@ -228,12 +228,12 @@ def _merging(model, tokenizer, windows: int, long_windows: int) -> list:
             tokenizer=tokenizer,
             progress=_progress("perplexity", windows * len(runs)),
         ),
-        "context-dependent perplexity": long_context_perplexity(
+        "context-dependent perplexity": perplexity(
             model,
             runs=runs,
             context=context,
             windows=long_windows,
-            key_tokens=key_tokens,
+            scored=key_tokens,
             tokenizer=tokenizer,
             progress=_progress("context-dependent perplexity", long_windows * len(runs)),
         ),

@@ -107,11 +107,11 @@ def run_merging(
             scoring.perplexity, model, context=context, windows=windows
         ),
         "context-dependent perplexity": partial(
-            scoring.long_context_perplexity,
+            scoring.perplexity,
             model,
             context=context,
             windows=long_windows,
-            key_tokens=key_tokens,
+            scored=key_tokens,
         ),
     }
     rows = [

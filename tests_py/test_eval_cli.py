@@ -91,7 +91,9 @@ def test_eval_long_perplexity_scores_one_selection_for_every_method(tmp_path):
     argv += ["--budgets", "0.25", "--context", "1024", "--windows", "4", "--quiet"]
     assert cli.main([*argv, "--json", str(out)]) == 0
     full, window = (r["value"] for r in json.loads(out.read_text()))
-    expected = scoring.long_context_perplexity(load_tiny_lm(), context=1024, windows=4)
+    model = load_tiny_lm()
+    selection = scoring.context_dependent_tokens(model, context=1024, windows=4)
+    expected = scoring.perplexity(model, context=1024, windows=4, scored=selection)
     assert full == pytest.approx(expected, rel=1e-6)
     assert window > full
 

@@ -143,12 +143,10 @@ def test_context_dependent_tokens_are_those_the_distant_prompt_predicts(model):
     assert sum(int(m.sum()) for m in masks) > 0
 
 
-def test_long_context_perplexity_scores_the_selected_tokens(model):
+def test_perplexity_of_context_dependent_tokens_scores_the_selected_tokens(model):
     context, windows = 1024, 4
     masks = scoring.context_dependent_tokens(model, context=context, windows=windows, seed=2)
-    full = scoring.long_context_perplexity(
-        model, context=context, windows=windows, seed=2, key_tokens=masks
-    )
+    full = scoring.perplexity(model, context=context, windows=windows, seed=2, scored=masks)
     split = round(0.75 * context)
     losses = [
         _window_losses(model, ids, split)[mask]
@@ -161,23 +159,23 @@ def test_long_context_perplexity_scores_the_selected_tokens(model):
     window_all = scoring.perplexity(
         model, "streaming_llm", kept, context=context, windows=windows, seed=2
     )
-    window_long = scoring.long_context_perplexity(
-        model, "streaming_llm", kept, context=context, windows=windows, seed=2, key_tokens=masks
+    window_long = scoring.perplexity(
+        model, "streaming_llm", kept, context=context, windows=windows, seed=2, scored=masks
     )
     every = scoring.perplexity(model, context=context, windows=windows, seed=2)
     assert window_long / full > 1.5 * (window_all / every)
 
 
-def test_long_context_perplexity_rejects_bad_selections(model):
+def test_perplexity_rejects_bad_selections_of_scored_tokens(model):
     masks = scoring.context_dependent_tokens(model, context=512, windows=1, seed=0)
-    with pytest.raises(ValueError, match="key_tokens: expected 2 boolean masks of 128 tokens"):
-        scoring.long_context_perplexity(model, context=512, windows=2, key_tokens=masks)
+    with pytest.raises(ValueError, match="scored: expected 2 boolean masks of 128 tokens"):
+        scoring.perplexity(model, context=512, windows=2, scored=masks)
     as_integers = [masks[0].astype(np.int64)]  # would index tokens 0 and 1, not select
-    with pytest.raises(ValueError, match="key_tokens: expected 1 boolean masks"):
-        scoring.long_context_perplexity(model, context=512, windows=1, key_tokens=as_integers)
+    with pytest.raises(ValueError, match="scored: expected 1 boolean masks"):
+        scoring.perplexity(model, context=512, windows=1, scored=as_integers)
     none = [np.zeros_like(masks[0])]
-    with pytest.raises(ValueError, match="key_tokens: no token depends"):
-        scoring.long_context_perplexity(model, context=512, windows=1, key_tokens=none)
+    with pytest.raises(ValueError, match="scored: selects no token"):
+        scoring.perplexity(model, context=512, windows=1, scored=none)
     with pytest.raises(ValueError, match=r"short: expected 1\.\.382 prompt tokens, got 400"):
         scoring.context_dependent_tokens(model, context=512, windows=1, short=400)
     with pytest.raises(ValueError, match="gain: expected a number of nats, got NaN"):

@@ -252,8 +252,8 @@ def run_eval(args: argparse.Namespace) -> int:
     elif args.task == "perplexity":
         values = scoring.perplexity(model, progress=bar.update, runs=runs, **text)
     elif args.task == "long-perplexity":
-        values = scoring.long_context_perplexity(
-            model, key_tokens=key_tokens, progress=bar.update, runs=runs, **text
+        values = scoring.perplexity(
+            model, scored=key_tokens, progress=bar.update, runs=runs, **text
         )
     else:
         values = []

@@ -161,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
     ppl = dict(zip(keys, scoring.perplexity(model, windows=args.windows, **text)))
     long_ppl = dict.fromkeys(keys, math.nan)  # printed when no token needs the prompt
     if selected:
-        long_values = scoring.long_context_perplexity(
-            model, windows=args.long_windows, key_tokens=key_tokens, **text
+        long_values = scoring.perplexity(
+            model, windows=args.long_windows, scored=key_tokens, **text
         )
         long_ppl = dict(zip(keys, long_values))
     else:

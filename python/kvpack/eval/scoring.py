@@ -29,7 +29,6 @@ __all__ = [
     "context_dependent_tokens",
     "fidelity",
     "lm_contexts",
-    "long_context_perplexity",
     "passkey_accuracy",
     "perplexity",
     "ruler_scores",
@@ -383,6 +382,7 @@ def perplexity(
     windows: int = 8,
     seed: int = 0,
     skip_layers: int = 2,
+    scored: list[np.ndarray] | None = None,
     options: dict | None = None,
     tokenizer=None,
     progress: Progress | None = None,
@@ -393,8 +393,10 @@ def perplexity(
     Each window of ``context`` held-out tokens is split: the first ``prefix`` share is
     the prompt (prefilled, then compressed), the rest is scored token by token in one
     forward over the compressed cache. Most of those tokens are predicted from the last
-    few hundred, which every method keeps: :func:`long_context_perplexity` scores the
-    ones that need the distant prompt.
+    few hundred, which every method keeps: ``scored=`` :func:`context_dependent_tokens`
+    scores only the ones that need the distant prompt, what compression can lose (the
+    full cache's value on them is low by construction: compare methods with each other
+    on one selection).
 
     Parameters
     ----------
@@ -413,6 +415,11 @@ def perplexity(
         Seed of the offsets; equal seeds give equal windows for every method.
     skip_layers : int
         First layers the method leaves uncompressed.
+    scored : list of ndarray of bool, optional
+        The tokens scored: one mask per window, shape ``(context - split,)`` with
+        ``split = round(prefix * context)``, ``True`` where the token at ``split + i``
+        counts (e.g. :func:`context_dependent_tokens` of the same windows, computed once
+        for every method). Default: every token after the prompt.
     options : dict, optional
         The method's options (e.g. ``{"log_count_bias": True}`` for KVMerger).
     tokenizer : transformers tokenizer, optional
@@ -424,12 +431,31 @@ def perplexity(
     runs : sequence of (method, budget), optional
         Score these runs instead of ``method`` at ``budget``, each prompt prefilled once
         for all of them; a list of results is returned, one per run.
+
+    Returns
+    -------
+    float
+        exp of the mean loss over the scored tokens of every window.
     """
     text = _text_windows(context, prefix, windows, seed, tokenizer)
+    masks = None if scored is None else _check_scored(scored, windows, context - text.split)
     values = _perplexity_over(
-        model, _runs(method, budget, runs), text, None, skip_layers, options, progress
+        model, _runs(method, budget, runs), text, masks, skip_layers, options, progress
     )
     return values if runs is not None else values[0]
+
+
+def _check_scored(scored, windows: int, tokens: int) -> list[np.ndarray]:
+    """``scored`` as a list of boolean masks, one of ``tokens`` per window, or a named error."""
+    masks = [np.asarray(m) for m in scored]
+    if len(masks) != windows or any(m.dtype != bool or m.shape != (tokens,) for m in masks):
+        raise ValueError(
+            f"scored: expected {windows} boolean masks of {tokens} tokens, one per window "
+            "(context_dependent_tokens with the same context, prefix and windows)"
+        )
+    if not any(m.any() for m in masks):
+        raise ValueError("scored: selects no token; use more windows")
+    return masks
 
 
 def context_dependent_tokens(
@@ -445,7 +471,8 @@ def context_dependent_tokens(
     tokenizer=None,
     progress: Progress | None = None,
 ) -> list[np.ndarray]:
-    """The scored tokens of :func:`perplexity`'s windows that depend on the distant prompt.
+    """The scored tokens of :func:`perplexity`'s windows that depend on the distant prompt
+    (its ``scored=``).
 
     Each window is scored twice with the full cache: after the whole prompt, and after
     the prompt cut to its last ``short`` tokens (BOS kept; the scored tokens before each
@@ -487,68 +514,6 @@ def context_dependent_tokens(
         if progress:
             progress(1)
     return masks
-
-
-def long_context_perplexity(
-    model,
-    method: str = "dynamic",
-    budget: int | float = 1.0,
-    *,
-    context: int = 2048,
-    prefix: float = PROMPT_SHARE,
-    windows: int = 16,
-    seed: int = 0,
-    skip_layers: int = 2,
-    key_tokens: list[np.ndarray] | None = None,
-    options: dict | None = None,
-    tokenizer=None,
-    progress: Progress | None = None,
-    runs=None,
-) -> float | list[float]:
-    """Perplexity of the tokens that depend on the distant prompt, after the method
-    compressed the prompt: what compression can lose, without the tokens every method
-    predicts from its recent window.
-
-    The full cache's value is low by construction (its loss on these tokens is at most
-    ``max_loss``); compare methods with each other on one selection.
-
-    Parameters
-    ----------
-    model, method, budget, context, prefix, windows, seed, skip_layers, options, tokenizer
-        As in :func:`perplexity`.
-    key_tokens : list of ndarray of bool, optional
-        :func:`context_dependent_tokens` of the same windows (computed with its defaults
-        when not given; pass them to score several methods on one selection).
-    progress : callable, optional
-        Called after each window with the runs scored on it (1 without ``runs``).
-    runs : sequence of (method, budget), optional
-        Score these runs instead of ``method`` at ``budget``, each prompt prefilled once
-        for all of them; a list of results is returned, one per run.
-
-    Returns
-    -------
-    float
-        exp of the mean loss over the selected tokens of every window.
-    """
-    if key_tokens is None:
-        key_tokens = context_dependent_tokens(
-            model, context=context, prefix=prefix, windows=windows, seed=seed, tokenizer=tokenizer
-        )
-    text = _text_windows(context, prefix, windows, seed, tokenizer)
-    masks = [np.asarray(m) for m in key_tokens]
-    if len(masks) != windows or any(
-        m.dtype != bool or m.shape != (context - text.split,) for m in masks
-    ):
-        raise ValueError(
-            f"key_tokens: expected {windows} boolean masks of {context - text.split} tokens "
-            "(context_dependent_tokens with the same context, prefix and windows)"
-        )
-    if not any(m.any() for m in masks):
-        raise ValueError("key_tokens: no token depends on the distant prompt; use more windows")
-    values = _perplexity_over(
-        model, _runs(method, budget, runs), text, masks, skip_layers, options, progress
-    )
-    return values if runs is not None else values[0]
 
 
 def fidelity(layers, method, budget: int | float, *, observe: int = 32) -> float:
