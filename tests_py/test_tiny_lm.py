@@ -73,15 +73,18 @@ def _window_losses(model, ids, split):
 
 @pytest.mark.parametrize("method", ["full", "clusterkv", "kivi"])
 def test_perplexity_of_an_uncompressed_cache_is_one_forward(model, method):
-    """Prefill then a 511-token decode chunk through kvpack's layers equals one forward."""
+    """Prefill then a 511-token decode chunk through kvpack's layers equals one forward
+    (and the reference of "full", transformers' DynamicCache)."""
     context, windows = 1024, 2
-    dynamic = scoring.perplexity(model, context=context, windows=windows, seed=3)
+    reference = scoring.perplexity(model, context=context, windows=windows, seed=3)
     budget = 1.0 if method == "full" else 4096
-    ours = scoring.perplexity(model, method, budget, context=context, windows=windows, seed=3)
-    assert ours == pytest.approx(dynamic, rel=1e-4)
+    ours = scoring.perplexity(
+        model, method, budget, context=context, windows=windows, seed=3, reference="kvpack"
+    )
+    assert ours == pytest.approx(reference, rel=1e-4)
     split = round(0.75 * context)
     losses = [_window_losses(model, ids, split) for ids in _byte_windows(3, context, windows)]
-    assert dynamic == pytest.approx(np.exp(np.concatenate(losses).mean()), rel=1e-4)
+    assert reference == pytest.approx(np.exp(np.concatenate(losses).mean()), rel=1e-4)
 
 
 def _compressed_perplexity(model, method, budget, windows, split):
@@ -99,7 +102,7 @@ def _compressed_perplexity(model, method, budget, windows, split):
 
 def test_runs_share_a_prefill_and_score_as_their_own(model):
     context, windows = 512, 2
-    runs = [("dynamic", 1.0), ("h2o", 0.25), ("kvmerger", 0.5), ("clusterkv", 64), ("kivi", 32)]
+    runs = [("full", 1.0), ("h2o", 0.25), ("kvmerger", 0.5), ("clusterkv", 64), ("kivi", 32)]
     values = scoring.perplexity(model, context=context, windows=windows, seed=5, runs=runs)
     split = round(0.75 * context)
     texts = _byte_windows(5, context, windows)
@@ -112,7 +115,7 @@ def test_runs_share_a_prefill_and_score_as_their_own(model):
     single = scoring.perplexity(model, "h2o", 0.25, context=context, windows=windows, seed=5)
     assert single == values[1]
     accuracies = scoring.passkey_accuracy(
-        model, context=512, prompts=4, batch=2, runs=[("dynamic", 1.0), ("streaming_llm", 32)]
+        model, context=512, prompts=4, batch=2, runs=[("full", 1.0), ("streaming_llm", 32)]
     )
     assert accuracies[0] == scoring.passkey_accuracy(model, context=512, prompts=4, batch=2)
     assert accuracies[1] == scoring.passkey_accuracy(
@@ -182,6 +185,8 @@ def test_perplexity_rejects_bad_selections_of_scored_tokens(model):
         scoring.context_dependent_tokens(model, context=512, windows=1, gain=float("nan"))
     with pytest.raises(TypeError, match="tokenizer: expected a transformers tokenizer"):
         scoring.perplexity(model, context=512, windows=1, tokenizer="gpt2")
+    with pytest.raises(ValueError, match="reference: expected 'transformers' or 'kvpack'"):
+        scoring.perplexity(model, context=512, windows=1, reference="dynamic")
 
 
 def test_training_record_describes_the_weights():

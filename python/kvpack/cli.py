@@ -153,7 +153,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .eval import scoring
 
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in (*_method_names(), "dynamic")]
+    unknown = [m for m in methods if m not in _method_names()]
     if unknown:
         raise UserError(
             f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(_method_names())}"
@@ -223,7 +223,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "tokenizer": tokenizer,
     }
     # Every method x budget in one call: each prompt is prefilled once for all of them.
-    runs = [(_hf_method(method), budget) for method in methods for budget in budgets]
+    runs = [(method, budget) for method in methods for budget in budgets]
     bar.set_postfix_str(f"{len(runs)} runs")
     details = [None] * len(runs)
     if args.task == "ruler":
@@ -295,10 +295,6 @@ def _require_for_eval(args: argparse.Namespace) -> None:
     if args.plot:
         modules.append("matplotlib")
     require(f"kvpack eval --model {args.model}" + (" --plot" if args.plot else ""), *modules)
-
-
-def _hf_method(method: str) -> str:
-    return "dynamic" if method == "full" else method
 
 
 VALUE_NAMES = {
@@ -389,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--methods",
         default="full,clusterkv,quest,h2o,streaming_llm",
-        help=f"comma-separated, from {','.join(_method_names())}",
+        help=f"comma-separated, from {','.join(_method_names())} (full: the uncompressed "
+        "cache, held by transformers' DynamicCache as the reference)",
     )
     ev.add_argument(
         "--budgets",

@@ -132,7 +132,6 @@ def run(args: argparse.Namespace) -> int:
     )
     selected = sum(int(mask.sum()) for mask in key_tokens)
     # Every method (and share) in one call per measure: each prompt is prefilled once.
-    names = ["dynamic" if method == "full" else method for method in METHODS]
     bar.set_postfix_str("retrieval, every method")
     if tokenizer is None:
         found = scoring.passkey_accuracy(
@@ -141,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             prompts=args.prompts,
             batch=5,
             progress=bar.update,
-            runs=[(name, args.budget) for name in names],
+            runs=[(method, args.budget) for method in METHODS],
         )
     else:
         scores = scoring.ruler_scores(
@@ -150,11 +149,11 @@ def run(args: argparse.Namespace) -> int:
             context=args.context,
             samples=args.prompts,
             progress=bar.update,
-            runs=[(name, args.budget) for name in names],
+            runs=[(method, args.budget) for method in METHODS],
         )
         found = [s["average"] for s in scores]
     passkey = dict(zip(METHODS, found))
-    runs = [(name, share) for name in names for share in shares]
+    runs = [(method, share) for method in METHODS for share in shares]
     keys = [(method, share) for method in METHODS for share in shares]
     bar.set_postfix_str("perplexity, every method")
     text = dict(context=args.context, tokenizer=tokenizer, progress=bar.update, runs=runs)

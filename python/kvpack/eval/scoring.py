@@ -3,8 +3,11 @@ perplexity, the perplexity of the tokens that need the distant prompt, and atten
 fidelity.
 
 The model-level measures run a Hugging Face causal LM through
-:func:`kvpack.hf.make_cache` (``"dynamic"`` is the plain transformers ``DynamicCache``,
-the full-cache reference) on held-out text and prompts of :mod:`kvpack.eval.tasks`.
+:func:`kvpack.hf.make_cache` on held-out text and prompts of :mod:`kvpack.eval.tasks`.
+The method ``"full"`` is the uncompressed reference: by default (``reference=
+"transformers"``) transformers' own ``DynamicCache``, independent of kvpack; with
+``reference="kvpack"`` kvpack's cache layers keeping every token, the path every other
+method takes (the two agree to float rounding).
 Pass-key prompts are bytes (the shipped tiny LM, or any model whose tokens are bytes);
 the perplexities also take a subword model with its tokenizer.
 
@@ -48,27 +51,43 @@ def _runs(method, budget, runs) -> list:
     return runs
 
 
-def _cache(model, method, budget, skip_layers: int, options=None, prefill=None) -> dict:
-    """The keyword argument that hands ``model`` a fresh cache of ``method``, started
-    from ``prefill`` (a :class:`kvpack.hf.Prefill`) when given."""
-    from transformers import DynamicCache
-
-    from .. import hf
-
-    if isinstance(method, str) and method == "dynamic":
-        cache = (
-            DynamicCache(config=model.config)
-            if prefill is None
-            else hf.dynamic_cache(model, prefill)
-        )
-    else:
-        cache = hf.make_cache(
-            model, method, budget, skip_layers=skip_layers, prefill=prefill, **(options or {})
-        )
-    return {hf.cache_argument(model): cache}
+REFERENCES = ("transformers", "kvpack")
 
 
-def _generate_runs(model, ids, mask, runs, skip_layers, options, max_new_tokens: int, pad: int):
+@dataclass(frozen=True)
+class _Caches:
+    """How every run's cache is made, besides its method and budget."""
+
+    skip_layers: int = 0  # first layers left uncompressed
+    options: dict | None = None  # the method's options, for make_cache
+    reference: str = "transformers"  # what holds the "full" runs' cache: REFERENCES
+
+    def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ValueError(
+                f"reference: expected 'transformers' or 'kvpack', got {self.reference!r}"
+            )
+
+    def argument(self, model, method, budget, prefill) -> dict:
+        """The keyword argument that hands ``model`` a fresh cache of ``method``, started
+        from ``prefill`` (a :class:`kvpack.hf.Prefill`)."""
+        from .. import hf
+
+        if isinstance(method, str) and method == "full" and self.reference == "transformers":
+            cache = hf.dynamic_cache(model, prefill)
+        else:
+            cache = hf.make_cache(
+                model,
+                method,
+                budget,
+                skip_layers=self.skip_layers,
+                prefill=prefill,
+                **(self.options or {}),
+            )
+        return {hf.cache_argument(model): cache}
+
+
+def _generate_runs(model, ids, mask, runs, caches: _Caches, max_new_tokens: int, pad: int):
     """Greedy continuations of the prompts ``ids`` for every run, from one exact prefill:
     a list (one per run) of (batch, max_new_tokens) token tensors."""
     import torch
@@ -85,7 +104,7 @@ def _generate_runs(model, ids, mask, runs, skip_layers, options, max_new_tokens:
             out = model.generate(
                 shared.next_ids,
                 attention_mask=shared.next_attention_mask,
-                **_cache(model, method, budget, skip_layers, options, shared),
+                **caches.argument(model, method, budget, shared),
                 max_new_tokens=max_new_tokens - 1,
                 do_sample=False,
                 pad_token_id=pad,
@@ -96,7 +115,7 @@ def _generate_runs(model, ids, mask, runs, skip_layers, options, max_new_tokens:
 
 def passkey_accuracy(
     model,
-    method: str = "dynamic",
+    method: str = "full",
     budget: int | float = 1.0,
     *,
     context: int = 2048,
@@ -106,6 +125,7 @@ def passkey_accuracy(
     filler: str = "repeat",
     skip_layers: int = 2,
     options: dict | None = None,
+    reference: str = "transformers",
     progress: Progress | None = None,
     runs=None,
 ) -> float | list[float]:
@@ -115,7 +135,7 @@ def passkey_accuracy(
     ----------
     model : transformers causal LM over byte tokens
     method : str or kvpack.methods object
-        ``"dynamic"`` or one of :data:`kvpack.hf.METHODS`.
+        One of :data:`kvpack.hf.METHODS`; ``"full"`` is the uncompressed reference.
     budget : int or float
         Tokens (or fraction of the prompt) the method keeps or recalls.
     context : int
@@ -132,6 +152,9 @@ def passkey_accuracy(
         First layers the method leaves uncompressed (see :func:`kvpack.hf.make_cache`).
     options : dict, optional
         The method's options (e.g. ``{"n_clusters": 256}`` for ClusterKV).
+    reference : {"transformers", "kvpack"}
+        What holds the cache of ``"full"`` runs: transformers' ``DynamicCache`` (the
+        reference independent of kvpack), or kvpack's cache layers keeping every token.
     progress : callable, optional
         Called with the number of prompts (times runs) done after each batch.
     runs : sequence of (method, budget), optional
@@ -139,12 +162,13 @@ def passkey_accuracy(
         for all of them; a list of results is returned, one per run.
     """
     kwargs = dict(context=context, prompts=prompts, batch=batch, seed=seed, filler=filler)
-    scores = _passkey(model, _runs(method, budget, runs), skip_layers, options, progress, **kwargs)
+    caches = _Caches(skip_layers, options, reference)
+    scores = _passkey(model, _runs(method, budget, runs), caches, progress, **kwargs)
     return scores if runs is not None else scores[0]
 
 
 def _passkey(
-    model, runs, skip_layers, options, progress, *, context, prompts, batch, seed, filler
+    model, runs, caches, progress, *, context, prompts, batch, seed, filler
 ) -> list[float]:
     """:func:`passkey_accuracy` of every run, one prefill per batch of prompts."""
     import torch
@@ -163,9 +187,7 @@ def _passkey(
     for first in range(0, prompts, batch):
         chunk = samples[first : first + batch]
         ids = torch.tensor([s[0][: s[1]] for s in chunk])
-        outputs = _generate_runs(
-            model, ids, torch.ones_like(ids), runs, skip_layers, options, 7, PAD
-        )
+        outputs = _generate_runs(model, ids, torch.ones_like(ids), runs, caches, 7, PAD)
         for r, out in enumerate(outputs):
             for row, (_, _, key) in zip(out.tolist(), chunk):
                 correct[r] += decode(row).strip().startswith(key)
@@ -182,7 +204,7 @@ def _check_tokenizer(tokenizer) -> None:
 def ruler_scores(
     model,
     tokenizer,
-    method: str = "dynamic",
+    method: str = "full",
     budget: int | float = 1.0,
     *,
     tasks=None,
@@ -191,6 +213,7 @@ def ruler_scores(
     seed: int = 0,
     skip_layers: int = 2,
     options: dict | None = None,
+    reference: str = "transformers",
     progress: Progress | None = None,
     runs=None,
 ) -> dict | list[dict]:
@@ -202,7 +225,7 @@ def ruler_scores(
     tokenizer : transformers tokenizer
         ``model``'s own: prompts are built from its tokens (:mod:`kvpack.eval.ruler`).
     method : str
-        ``"dynamic"`` or one of :data:`kvpack.hf.METHODS`.
+        One of :data:`kvpack.hf.METHODS`; ``"full"`` is the uncompressed reference.
     budget : int or float
         Tokens (or fraction of the prompt) the method keeps or recalls.
     tasks : sequence of str, optional
@@ -217,6 +240,9 @@ def ruler_scores(
         First layers the method leaves uncompressed.
     options : dict, optional
         The method's options.
+    reference : {"transformers", "kvpack"}
+        What holds the cache of ``"full"`` runs: transformers' ``DynamicCache`` (the
+        reference independent of kvpack), or kvpack's cache layers keeping every token.
     progress : callable, optional
         Called after each prompt with the runs scored on it (1 without ``runs``).
     runs : sequence of (method, budget), optional
@@ -230,14 +256,13 @@ def ruler_scores(
         answers in the output), and ``"average"`` over the tasks.
     """
     kwargs = dict(tasks=tasks, context=context, samples=samples, seed=seed)
-    scores = _ruler(
-        model, tokenizer, _runs(method, budget, runs), skip_layers, options, progress, **kwargs
-    )
+    caches = _Caches(skip_layers, options, reference)
+    scores = _ruler(model, tokenizer, _runs(method, budget, runs), caches, progress, **kwargs)
     return scores if runs is not None else scores[0]
 
 
 def _ruler(
-    model, tokenizer, runs, skip_layers, options, progress, *, tasks, context, samples, seed
+    model, tokenizer, runs, caches, progress, *, tasks, context, samples, seed
 ) -> list[dict]:
     """:func:`ruler_scores` of every run, one prefill per prompt."""
     import torch
@@ -263,8 +288,7 @@ def _ruler(
             sample = ruler.make_sample(task, tokenizer, context, rng, depth=depth)
             ids = torch.tensor([sample.prompt])
             outputs = _generate_runs(
-                model, ids, torch.ones_like(ids), runs, skip_layers, options,
-                sample.max_new_tokens, pad,
+                model, ids, torch.ones_like(ids), runs, caches, sample.max_new_tokens, pad,
             )  # fmt: skip
             for r, out in enumerate(outputs):
                 answer = tokenizer.decode(out[0], skip_special_tokens=True)
@@ -336,7 +360,7 @@ def _text_windows(context: int, prefix: float, windows: int, seed: int, tokenize
     return _Windows(texts, split, len(bos))
 
 
-def _token_losses(model, ids, split: int, runs, skip_layers=0, options=None) -> list:
+def _token_losses(model, ids, split: int, runs, caches: _Caches) -> list:
     """Negative log-likelihood (nats) of tokens ``split..`` of ``ids`` for every run: the
     prompt ``ids[:, :split]`` is prefilled once, each run's cache compresses its copy, and
     the rest is scored in one forward over it. One array per run."""
@@ -347,7 +371,7 @@ def _token_losses(model, ids, split: int, runs, skip_layers=0, options=None) -> 
     shared = hf.prefill(model, ids[:, :split])
     losses = []
     for method, budget in runs:
-        cache = _cache(model, method, budget, skip_layers, options, shared)
+        cache = caches.argument(model, method, budget, shared)
         with torch.no_grad():
             rest = model(ids[:, split:-1], **cache, use_cache=True).logits
         logits = torch.cat([shared.logits[:, None].to(rest.dtype), rest], dim=1)
@@ -356,16 +380,12 @@ def _token_losses(model, ids, split: int, runs, skip_layers=0, options=None) -> 
     return losses
 
 
-def _perplexity_over(
-    model, runs, windows: _Windows, masks, skip_layers, options, progress
-) -> list[float]:
+def _perplexity_over(model, runs, windows: _Windows, masks, caches, progress) -> list[float]:
     """exp(mean loss) per run of the scored tokens each mask selects (all where None)."""
     losses = [[] for _ in runs]
     for ids, mask in zip(windows.texts, masks or [None] * len(windows.texts)):
         if mask is None or mask.any():
-            for r, loss in enumerate(
-                _token_losses(model, ids, windows.split, runs, skip_layers, options)
-            ):
+            for r, loss in enumerate(_token_losses(model, ids, windows.split, runs, caches)):
                 losses[r].append(loss if mask is None else loss[mask])
         if progress:
             progress(len(runs))
@@ -374,7 +394,7 @@ def _perplexity_over(
 
 def perplexity(
     model,
-    method: str = "dynamic",
+    method: str = "full",
     budget: int | float = 1.0,
     *,
     context: int = 2048,
@@ -384,6 +404,7 @@ def perplexity(
     skip_layers: int = 2,
     scored: list[np.ndarray] | None = None,
     options: dict | None = None,
+    reference: str = "transformers",
     tokenizer=None,
     progress: Progress | None = None,
     runs=None,
@@ -402,7 +423,7 @@ def perplexity(
     ----------
     model : transformers causal LM
     method : str
-        ``"dynamic"`` or one of :data:`kvpack.hf.METHODS`.
+        One of :data:`kvpack.hf.METHODS`; ``"full"`` is the uncompressed reference.
     budget : int or float
         Tokens (or fraction of the prompt) the method keeps or recalls.
     context : int
@@ -422,6 +443,9 @@ def perplexity(
         for every method). Default: every token after the prompt.
     options : dict, optional
         The method's options (e.g. ``{"log_count_bias": True}`` for KVMerger).
+    reference : {"transformers", "kvpack"}
+        What holds the cache of ``"full"`` runs: transformers' ``DynamicCache`` (the
+        reference independent of kvpack), or kvpack's cache layers keeping every token.
     tokenizer : transformers tokenizer, optional
         ``model``'s own, for a model whose tokens are not bytes: the held-out text is cut
         into ``context`` of its tokens (its BOS first when it has one). Default: bytes,
@@ -439,9 +463,8 @@ def perplexity(
     """
     text = _text_windows(context, prefix, windows, seed, tokenizer)
     masks = None if scored is None else _check_scored(scored, windows, context - text.split)
-    values = _perplexity_over(
-        model, _runs(method, budget, runs), text, masks, skip_layers, options, progress
-    )
+    caches = _Caches(skip_layers, options, reference)
+    values = _perplexity_over(model, _runs(method, budget, runs), text, masks, caches, progress)
     return values if runs is not None else values[0]
 
 
@@ -505,11 +528,12 @@ def context_dependent_tokens(
     split, head = text.split, text.head
     if not 1 <= short < split - head:  # at least one prompt token must be distant
         raise ValueError(f"short: expected 1..{split - head - 1} prompt tokens, got {short}")
+    reference = _Caches()  # transformers' DynamicCache holds the whole prompt
     masks = []
     for ids in text.texts:
-        (full,) = _token_losses(model, ids, split, [("dynamic", 1.0)])
+        (full,) = _token_losses(model, ids, split, [("full", 1.0)], reference)
         cut = np.concatenate((np.arange(head), np.arange(split - short, ids.shape[1])))
-        (near,) = _token_losses(model, ids[:, cut], head + short, [("dynamic", 1.0)])
+        (near,) = _token_losses(model, ids[:, cut], head + short, [("full", 1.0)], reference)
         masks.append((near - full >= gain) & (full <= max_loss))
         if progress:
             progress(1)
