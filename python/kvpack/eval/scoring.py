@@ -29,12 +29,16 @@ from ..models.byte_tokenizer import BOS, PAD, decode, encode
 from . import tasks
 
 __all__ = [
+    "TASKS",
+    "Task",
     "context_dependent_tokens",
     "fidelity",
+    "headline",
     "lm_contexts",
     "passkey_accuracy",
     "perplexity",
     "ruler_scores",
+    "score_task",
 ]
 
 Progress = Callable[[int], None]
@@ -621,3 +625,141 @@ def lm_contexts(model, count: int, tokens: int = 1024):
         ]
         contexts.append((kv, None, seconds))
     return contexts
+
+
+# ---- the tasks of `kvpack eval` and `kvpack demo`: one table both read -----------------
+
+
+def _score_passkey(model, runs, *, count, context, seed, skip_layers, tokenizer, progress, **extra):
+    return passkey_accuracy(
+        model, context=context, prompts=count, seed=seed, skip_layers=skip_layers,
+        progress=progress, runs=runs, **extra,
+    )  # fmt: skip
+
+
+def _score_ruler(model, runs, *, count, context, seed, skip_layers, tokenizer, progress, **extra):
+    return ruler_scores(
+        model, tokenizer, context=context, samples=count, seed=seed, skip_layers=skip_layers,
+        progress=progress, runs=runs, **extra,
+    )  # fmt: skip
+
+
+def _score_perplexity(
+    model, runs, *, count, context, seed, skip_layers, tokenizer, progress, **extra
+):
+    return perplexity(
+        model, context=context, windows=count, seed=seed, skip_layers=skip_layers,
+        tokenizer=tokenizer, progress=progress, runs=runs, **extra,
+    )  # fmt: skip
+
+
+def _score_fidelity(layers, runs, *, progress, **_) -> list[float]:
+    values = []
+    for method, budget in runs:
+        values.append(fidelity(layers, method, budget))
+        if progress:
+            progress(1)
+    return values
+
+
+def _ruler_prompts(count: int) -> int:
+    from . import ruler
+
+    return count * len(ruler.TASKS)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task of ``kvpack eval --task`` and ``kvpack demo``: what it measures, what model
+    it reads, and the call that scores a list of (method, budget) runs on it."""
+
+    value: str  # what the number is: a table's header, a figure's axis
+    # What the model must read: "bytes" (pass-key prompts: a byte-level model), "subword"
+    # (prompts built with the model's own tokenizer), "text" (held-out text: bytes, or the
+    # model's tokenizer's tokens) or "kv" (per-layer queries, keys and values, no model).
+    reads: str
+    count: str  # what the count of score_task is: "prompts" or "windows" ("" for none)
+    steps: Callable[[int], int]  # progress steps per run, given the count
+    score: Callable  # (model, runs, *, count, context, seed, ...) -> one result per run
+    selects: bool = False  # scores only the tokens context_dependent_tokens selects
+
+
+TASKS = {
+    "passkey": Task("pass-key accuracy", "bytes", "prompts", int, _score_passkey),
+    "ruler": Task(
+        "RULER-style task average (string match)",
+        "subword",
+        "prompts",
+        _ruler_prompts,
+        _score_ruler,
+    ),
+    "perplexity": Task("perplexity", "text", "windows", int, _score_perplexity),
+    "long-perplexity": Task(
+        "perplexity of context-dependent tokens",
+        "text",
+        "windows",
+        int,
+        _score_perplexity,
+        selects=True,
+    ),
+    "fidelity": Task("attention-output relative error", "kv", "", lambda _: 1, _score_fidelity),
+}
+
+
+def score_task(
+    task: str,
+    model,
+    runs,
+    *,
+    count: int = 1,
+    context: int = 2048,
+    seed: int = 0,
+    skip_layers: int = 2,
+    tokenizer=None,
+    progress: Progress | None = None,
+    **extra,
+) -> list:
+    """Every (method, budget) of ``runs`` scored on one of :data:`TASKS`.
+
+    Parameters
+    ----------
+    task : str
+        A key of :data:`TASKS`.
+    model : transformers causal LM, or list of LayerKV for ``"fidelity"``
+    runs : sequence of (method, budget)
+    count : int
+        Prompts (per RULER task) or text windows, as the task's ``count`` says.
+    context, seed, skip_layers, tokenizer, progress
+        As in the task's scorer (:func:`passkey_accuracy`, :func:`ruler_scores`,
+        :func:`perplexity`, :func:`fidelity`).
+    **extra
+        The scorer's other keywords: ``scored=`` (required for ``"long-perplexity"``),
+        ``filler=`` and ``batch=`` for ``"passkey"``, ``reference=``.
+
+    Returns
+    -------
+    list, one result per run
+        A float, or for ``"ruler"`` a dict of task scores with their ``"average"``
+        (:func:`headline` gives the number either way).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    spec = TASKS[task]
+    if spec.selects and extra.get("scored") is None:
+        raise ValueError(f"scored: task {task!r} needs context_dependent_tokens' selection")
+    return spec.score(
+        model,
+        _runs(None, None, runs),
+        count=count,
+        context=context,
+        seed=seed,
+        skip_layers=skip_layers,
+        tokenizer=tokenizer,
+        progress=progress,
+        **extra,
+    )
+
+
+def headline(result) -> float:
+    """The number of one result of :func:`score_task`: RULER's average, else the value."""
+    return result["average"] if isinstance(result, dict) else result
