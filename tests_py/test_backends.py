@@ -82,14 +82,19 @@ def _same_clustering(got, cpu, exact):
         np.testing.assert_allclose(got.objective, cpu.objective, rtol=1e-4)
 
 
+def _clustered(rng, clusters, points, dim, noise, dtype):
+    """Two heads of `points` rows around `clusters` random centres, stored in `dtype`."""
+    centres = rng.standard_normal((2, clusters, dim))
+    labels = rng.integers(0, clusters, size=(2, points))
+    x = np.take_along_axis(centres, labels[..., None], axis=1)
+    return (x + noise * rng.standard_normal(x.shape)).astype(dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", KV_DTYPES)
 @pytest.mark.parametrize("spherical", [True, False])
 def test_kmeans_on_every_backend(rng, backend, dtype, spherical):
-    centres = rng.standard_normal((2, 12, 32))
-    labels = rng.integers(0, 12, size=(2, 900))
-    x = np.take_along_axis(centres, labels[..., None], axis=1)
-    x = (x + 0.2 * rng.standard_normal(x.shape)).astype(dtype)
+    x = _clustered(rng, 12, 900, 32, 0.2, dtype)
     init = rng.standard_normal((2, 12, 32)).astype(np.float32)
     kwargs = dict(iters=10, spherical=spherical, init_centroids=init)
     cpu = check_against_cpu(backend, kvpack.kmeans, x, 12, compare=_same_clustering, **kwargs)
@@ -104,10 +109,7 @@ def test_kmeans_on_every_backend(rng, backend, dtype, spherical):
 @pytest.mark.parametrize("spherical", [True, False])
 def test_seeded_kmeans_on_every_backend(rng, backend, dtype, spherical):
     """Each backend's own seeded initialisation, on well-separated clusters."""
-    centres = rng.standard_normal((2, 30, 64))
-    labels = rng.integers(0, 30, size=(2, 4000))
-    x = np.take_along_axis(centres, labels[..., None], axis=1)
-    x = (x + 0.3 * rng.standard_normal(x.shape)).astype(dtype)
+    x = _clustered(rng, 30, 4000, 64, 0.3, dtype)
     kwargs = dict(seed=5, spherical=spherical)
     check_against_cpu(backend, kvpack.kmeans, x, 30, compare=_same_clustering, **kwargs)
 
