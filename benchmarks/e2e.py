@@ -227,7 +227,7 @@ def _table_cost(model, tokenizer) -> list[tuple[str, str, str]]:
     prefill per run, and of one run alone (the values must agree)."""
     from kvpack.eval import scoring
 
-    runs = [(m, b) for m in ("dynamic", "h2o", "kvmerger", "clusterkv") for b in (0.5, 0.25)]
+    runs = [(m, b) for m in ("full", "h2o", "kvmerger", "clusterkv") for b in (0.5, 0.25)]
     text = dict(context=1024, windows=1, seed=0, tokenizer=tokenizer)
     start = time.perf_counter()
     shared = scoring.perplexity(model, runs=runs, **text)

@@ -129,7 +129,7 @@ def _table(model, tokenizer, runs, context: int, samples: int, tasks=None):
     rows, average = [], {}
     for (method, share), result in zip(runs, scores):
         average[(method, share)] = 100 * result["average"]
-        name = "full cache" if method == "dynamic" else f"{method} @ {_label(share)}"
+        name = "full cache" if method == "full" else f"{method} @ {_label(share)}"
         scored = ", ".join(f"{t} {100 * result[t]:.0f}" for t in tasks)
         rows.append(
             (
@@ -146,7 +146,7 @@ def _clusterkv_rows(average: dict) -> list:
     rows = []
     for share in RECALL_SHARES:
         cluster, quest = average[("clusterkv", share)], average[("quest", share)]
-        gap = average[("dynamic", 1.0)] - cluster
+        gap = average[("full", 1.0)] - cluster
         holds = gap <= 5 and cluster > quest
         rows.append(
             (
@@ -168,7 +168,7 @@ def run_long(samples: int = 3) -> list:
     start = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     model, tokenizer = load_pretrained("smollm2-135m")
-    runs = [("dynamic", 1.0)]
+    runs = [("full", 1.0)]
     runs += [(m, s) for s in RECALL_SHARES for m in ("clusterkv", "quest")]
     runs += [(m, RECALL_SHARES[0]) for m in ("snapkv", "h2o", "streaming_llm")]
     rows, average = _table(model, tokenizer, runs, LONG_CONTEXT, samples)
@@ -179,7 +179,7 @@ def run_long(samples: int = 3) -> list:
 
 
 def _ruler(model, tokenizer, samples: int, tasks=None) -> list:
-    runs = [("dynamic", 1.0)]
+    runs = [("full", 1.0)]
     runs += [(m, s) for s in RECALL_SHARES for m in RECALL_METHODS]
     runs += [(m, s) for s in MERGING_SHARES for m in MERGING_RUN_METHODS]
     rows, average = _table(model, tokenizer, runs, RULER_CONTEXT, samples, tasks)
@@ -202,10 +202,10 @@ def _ruler(model, tokenizer, samples: int, tasks=None) -> list:
 
 
 def _merging(model, tokenizer, windows: int, long_windows: int) -> list:
-    from kvpack.eval import context_dependent_tokens, long_context_perplexity, perplexity
+    from kvpack.eval import context_dependent_tokens, perplexity
 
     context = PERPLEXITY_CONTEXT
-    runs = [("dynamic", 1.0)]
+    runs = [("full", 1.0)]
     runs += [(method, s) for s in MERGING_SHARES for method in MERGING_METHODS.values()]
     names = ["full cache"] + [
         f"{name} @ {_label(s)}" for s in MERGING_SHARES for name in MERGING_METHODS
@@ -228,12 +228,12 @@ def _merging(model, tokenizer, windows: int, long_windows: int) -> list:
             tokenizer=tokenizer,
             progress=_progress("perplexity", windows * len(runs)),
         ),
-        "context-dependent perplexity": long_context_perplexity(
+        "context-dependent perplexity": perplexity(
             model,
             runs=runs,
             context=context,
             windows=long_windows,
-            key_tokens=key_tokens,
+            scored=key_tokens,
             tokenizer=tokenizer,
             progress=_progress("context-dependent perplexity", long_windows * len(runs)),
         ),

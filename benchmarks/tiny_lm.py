@@ -21,7 +21,7 @@ import numpy as np
 from kvpack.eval import scoring
 from kvpack.models import load_tiny_lm
 
-PASSKEY_METHODS = ("dynamic", "clusterkv", "quest", "h2o", "streaming_llm")
+PASSKEY_METHODS = ("full", "clusterkv", "quest", "h2o", "streaming_llm")
 # name: (method, options). The log-count bias (each merged slot keeps the softmax mass
 # of the tokens it stands for) is kvpack's option beyond the paper.
 # StreamingLLM is the recency reference: the share of loss that the recent window explains.
@@ -71,13 +71,13 @@ def run(prompts: int = 20) -> list[tuple[str, str, str]]:
         for method, value in accuracy.items():
             target = ""
             if method == "clusterkv":
-                gap = round(100 * (accuracy["dynamic"] - value))  # whole prompts: no float dust
+                gap = round(100 * (accuracy["full"] - value))  # whole prompts: no float dust
                 holds = gap <= 5 and value >= accuracy["quest"]
                 target = (
                     f"within 5 points of full and >= quest: {'holds' if holds else 'does not hold'}"
                     f" ({gap:+.0f} points)"
                 )
-            name = "full cache" if method == "dynamic" else f"{method} @ {budget}"
+            name = "full cache" if method == "full" else f"{method} @ {budget}"
             rows.append(
                 (
                     f"pass-key at {context}, {name}, first {skip_layers} layers uncompressed",
@@ -107,11 +107,11 @@ def run_merging(
             scoring.perplexity, model, context=context, windows=windows
         ),
         "context-dependent perplexity": partial(
-            scoring.long_context_perplexity,
+            scoring.perplexity,
             model,
             context=context,
             windows=long_windows,
-            key_tokens=key_tokens,
+            scored=key_tokens,
         ),
     }
     rows = [
@@ -122,7 +122,7 @@ def run_merging(
         )
     ]
     for metric, measure in metrics.items():
-        full = measure("dynamic", 1.0)
+        full = measure("full", 1.0)
         rows.append((f"{metric}, full cache", f"{full:.4f}", ""))
         for skip_layers in (2, 0):
             for share in (0.5, 0.35):

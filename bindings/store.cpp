@@ -11,6 +11,7 @@
 #include "kvpack/codec.h"
 #include "kvpack/policy.h"
 #include "kvpack/store.h"
+#include "stats.h"
 
 namespace kvpack::bindings {
 
@@ -105,33 +106,24 @@ py::dict decoded_dict(DecodedKV&& decoded) {
   return out;
 }
 
-py::dict stats_dict(const StoreStats& stats) {
+py::dict store_stats_dict(const StoreStats& stats) {
   py::dict tiers;
   for (const TierStats& tier : stats.tiers) {
-    py::dict t;
-    t["hits"] = tier.hits;
-    t["entries"] = tier.entries;
-    t["bytes"] = tier.used;
-    t["capacity"] = tier.capacity;
-    t["bandwidth"] = tier.bandwidth;
-    t["prefetched"] = tier.prefetched;
-    tiers[py::str(tier.name)] = t;
+    tiers[py::str(tier.name)] = stats_dict(
+        tier, field("hits", &TierStats::hits), field("entries", &TierStats::entries),
+        field("bytes", &TierStats::used), field("capacity", &TierStats::capacity),
+        field("bandwidth", &TierStats::bandwidth), field("prefetched", &TierStats::prefetched));
   }
   py::dict out;
   out["tiers"] = tiers;
-  out["gets"] = stats.gets;
-  out["misses"] = stats.misses;
-  out["puts"] = stats.puts;
-  out["evictions"] = stats.evictions;
-  out["moves"] = stats.moves;
-  out["recompressions"] = stats.recompressions;
-  out["corrupt"] = stats.corrupt;
-  out["unauthenticated"] = stats.unauthenticated;
-  out["stale"] = stats.stale;
-  out["errors"] = stats.errors;
-  out["mean_delay"] = stats.mean_delay;
-  out["p95_delay"] = stats.p95_delay;
-  out["mean_quality"] = stats.mean_quality;
+  add_stats(
+      out, stats, field("gets", &StoreStats::gets), field("misses", &StoreStats::misses),
+      field("puts", &StoreStats::puts), field("evictions", &StoreStats::evictions),
+      field("moves", &StoreStats::moves), field("recompressions", &StoreStats::recompressions),
+      field("corrupt", &StoreStats::corrupt),
+      field("unauthenticated", &StoreStats::unauthenticated), field("stale", &StoreStats::stale),
+      field("errors", &StoreStats::errors), field("mean_delay", &StoreStats::mean_delay),
+      field("p95_delay", &StoreStats::p95_delay), field("mean_quality", &StoreStats::mean_quality));
   return out;
 }
 
@@ -409,7 +401,7 @@ void bind_store(py::module_& m) {
             self.prefetch(key);
           },
           py::arg("key"))
-      .def("stats", [](const TieredStore& self) { return stats_dict(self.stats()); })
+      .def("stats", [](const TieredStore& self) { return store_stats_dict(self.stats()); })
       .def(
           "where",
           [](const TieredStore& self, const Arg<std::string>& key) -> py::object {

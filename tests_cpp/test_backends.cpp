@@ -66,6 +66,12 @@ std::vector<Case> random_cases(unsigned seed, int n) {
   return cases;
 }
 
+/// The cases plus one long float32 cache with GQA 4 (the GPU kernels' many-block path).
+std::vector<Case> with_long_case(std::vector<Case> cases) {
+  cases.push_back(Case{4, 4, 3000, 128, DType::Float32});
+  return cases;
+}
+
 std::string describe(const Backend& b, const Case& c) {
   return b.name + " heads_kv=" + std::to_string(c.heads_kv) + " group=" + std::to_string(c.group) +
          " tokens=" + std::to_string(c.tokens) + " dim=" + std::to_string(c.dim) +
@@ -120,7 +126,7 @@ TEST(Backends, DecodeAttentionMatchesTheCpuReference) {
   for (const Backend& backend : backends()) {
     if (!available(backend)) continue;
     unsigned seed = 100;
-    for (const Case& c : random_cases(7, 24)) {
+    for (const Case& c : with_long_case(random_cases(7, 24))) {
       const Stored kv(c, seed += 10);
       const std::int64_t heads_q = c.heads_kv * c.group;
       const auto q = testing::random_vector(static_cast<std::size_t>(heads_q * c.dim), seed + 2);
@@ -155,7 +161,7 @@ TEST(Backends, AccumulatedAttentionMatchesTheCpuReference) {
   for (const Backend& backend : backends()) {
     if (!available(backend)) continue;
     unsigned seed = 500;
-    for (const Case& c : random_cases(11, 12)) {
+    for (const Case& c : with_long_case(random_cases(11, 12))) {
       const Stored kv(c, seed += 10);
       const std::int64_t heads_q = c.heads_kv * c.group;
       const std::int64_t window = 1 + static_cast<std::int64_t>(seed % 17) % c.tokens;

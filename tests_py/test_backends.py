@@ -1,8 +1,7 @@
-"""The test driver of every backend through the bindings: each op with a CUDA twin runs on
-every backend available here, on random shapes, GQA ratios and KV dtypes, against the
-NumPy float64 reference and the CPU backend. "cpu" always runs; "cuda" (host arrays
-staged on the GPU) and "cuda-tensor" (torch tensors in GPU memory, results left there)
-skip without a device."""
+"""Every op with a CUDA twin, through the bindings, on random shapes, GQA ratios and KV
+dtypes: the CPU result against the NumPy float64 reference, and every backend against the
+CPU through the one driver (backends.check_against_cpu; CUDA backends skip without a
+device)."""
 
 import json
 import os
@@ -15,64 +14,20 @@ import pytest
 import kvpack
 
 import reference as ref
+from backends import BACKENDS, check_against_cpu
 from conftest import KV_DTYPES, random_cache, random_indices
 
-
-def _cuda_tensors_usable():
-    try:
-        import torch
-    except ImportError:
-        return False
-    return kvpack.cuda_available() and torch.cuda.is_available()
-
-
-BACKENDS = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not kvpack.cuda_available(), reason="needs a CUDA device"),
-        ],
-    ),
-    pytest.param(
-        "cuda-tensor",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not _cuda_tensors_usable(), reason="needs torch with CUDA"),
-        ],
-    ),
+# (heads_kv, heads_q, tokens, dim): GQA ratios 1, 4 and 3, short and long caches (3000
+# tokens: the GPU kernels' many-block path).
+SHAPES = [
+    (1, 1, 7, 16),
+    (2, 8, 1500, 128),
+    (4, 12, 333, 40),
+    (3, 3, 64, 64),
+    (2, 8, 3000, 128),
+    (1, 1, 5, 64),
+    (4, 12, 700, 40),
 ]
-
-# (heads_kv, heads_q, tokens, dim): GQA ratios 1, 4 and 3, short and long caches.
-SHAPES = [(1, 1, 7, 16), (2, 8, 1500, 128), (4, 12, 333, 40), (3, 3, 64, 64)]
-
-
-def _run(backend, fn, *arrays, **kwargs):
-    """fn on `backend`: arrays as given (NumPy) or moved into GPU memory as torch tensors."""
-    if backend == "cpu":
-        return fn(*arrays, **kwargs)
-    if backend == "cuda":
-        return fn(*arrays, device="cuda", **kwargs)
-    import torch
-
-    def to_gpu(a):
-        if a is None:
-            return None
-        if a.dtype.name == "bfloat16":
-            return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).cuda()
-        return torch.from_numpy(np.ascontiguousarray(a)).cuda()
-
-    out = fn(*(to_gpu(a) for a in arrays), **kwargs)
-    outs = out if isinstance(out, tuple) else (out,)
-    for o in outs:
-        assert o.is_cuda  # results stay on the device
-    outs = tuple(o.cpu().numpy() for o in outs)
-    return outs if isinstance(out, tuple) else outs[0]
-
-
-def _tolerance(backend):
-    return dict(atol=0, rtol=0) if backend == "cpu" else dict(atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -87,25 +42,22 @@ def test_decode_attention_on_every_backend(rng, backend, dtype, shape, sparse):
         rows = heads_kv if sparse == "kv" else heads_q
         idx = random_indices(rng, rows, tokens, max(1, tokens // 3))
     bias = rng.standard_normal((heads_kv, tokens), dtype=np.float32)
-    cpu = kvpack.attention(q, k, v, idx, bias=bias, return_lse=True, return_weights=True)
-    want = ref.decode_attention(q, k, v, idx, bias)
-    for got, expected in zip(cpu, want):
-        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
 
     def attend(q, k, v, idx, bias, **kwargs):
         return kvpack.attention(
             q, k, v, idx, bias=bias, return_lse=True, return_weights=True, **kwargs
         )
 
-    got = _run(backend, attend, q, k, v, idx, bias)
-    for a, b in zip(got, cpu):
-        np.testing.assert_allclose(a, b, **_tolerance(backend))
+    cpu = check_against_cpu(backend, attend, q, k, v, idx, bias)
+    for got, expected in zip(cpu, ref.decode_attention(q, k, v, idx, bias)):
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", KV_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize(("reduction", "per_query_head"), [("sum", False), ("mean", True)])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("per_query_head", [False, True])
 def test_accumulated_attention_on_every_backend(
     rng, backend, dtype, shape, reduction, per_query_head
 ):
@@ -114,48 +66,52 @@ def test_accumulated_attention_on_every_backend(
     window = min(tokens, 9)
     queries = rng.standard_normal((heads_q, window, dim), dtype=np.float32)
     kwargs = dict(reduction=reduction, per_query_head=per_query_head)
-    cpu = kvpack.accumulated_attention(queries, k, **kwargs)
+    cpu = check_against_cpu(
+        backend, kvpack.accumulated_attention, queries, k, atol=1e-5, rtol=1e-4, **kwargs
+    )
     want = ref.accumulated_attention(queries, k, reduction=reduction, per_query_head=per_query_head)
     np.testing.assert_allclose(cpu, want, atol=1e-5, rtol=1e-4)
-    got = _run(backend, kvpack.accumulated_attention, queries, k, **kwargs)
-    exact = backend == "cpu"
-    np.testing.assert_allclose(got, cpu, atol=0 if exact else 1e-5, rtol=0 if exact else 1e-4)
+
+
+def _same_clustering(got, cpu, exact):
+    if exact:
+        np.testing.assert_array_equal(got.labels, cpu.labels)
+        np.testing.assert_array_equal(got.centroids, cpu.centroids)
+    else:
+        assert (got.labels == cpu.labels).mean() > 0.999
+        np.testing.assert_allclose(got.objective, cpu.objective, rtol=1e-4)
+
+
+def _clustered(rng, clusters, points, dim, noise, dtype):
+    """Two heads of `points` rows around `clusters` random centres, stored in `dtype`."""
+    centres = rng.standard_normal((2, clusters, dim))
+    labels = rng.integers(0, clusters, size=(2, points))
+    x = np.take_along_axis(centres, labels[..., None], axis=1)
+    return (x + noise * rng.standard_normal(x.shape)).astype(dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", KV_DTYPES)
 @pytest.mark.parametrize("spherical", [True, False])
 def test_kmeans_on_every_backend(rng, backend, dtype, spherical):
-    centres = rng.standard_normal((2, 12, 32))
-    labels = rng.integers(0, 12, size=(2, 900))
-    x = np.take_along_axis(centres, labels[..., None], axis=1)
-    x = (x + 0.2 * rng.standard_normal(x.shape)).astype(dtype)
+    x = _clustered(rng, 12, 900, 32, 0.2, dtype)
     init = rng.standard_normal((2, 12, 32)).astype(np.float32)
-    cpu = kvpack.kmeans(x, 12, iters=10, spherical=spherical, init_centroids=init)
+    kwargs = dict(iters=10, spherical=spherical, init_centroids=init)
+    cpu = check_against_cpu(backend, kvpack.kmeans, x, 12, compare=_same_clustering, **kwargs)
     for h in range(2):
         _, lab, history = ref.kmeans(x[h], init[h], 10, spherical)
         assert (cpu.labels[h] == lab).mean() > 0.999
         np.testing.assert_allclose(cpu.history[h], history, rtol=1e-4)
 
-    def cluster(x, **kwargs):
-        # kmeans' results are NumPy whatever the input: the driver compares them directly.
-        return kvpack.kmeans(x, 12, iters=10, spherical=spherical, init_centroids=init, **kwargs)
 
-    if backend == "cuda-tensor":
-        import torch
-
-        if dtype.name == "bfloat16":
-            got = cluster(torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).cuda())
-        else:
-            got = cluster(torch.from_numpy(x).cuda())
-    else:
-        got = cluster(x) if backend == "cpu" else cluster(x, device="cuda")
-    if backend == "cpu":
-        np.testing.assert_array_equal(got.labels, cpu.labels)
-        np.testing.assert_array_equal(got.centroids, cpu.centroids)
-    else:
-        assert (got.labels == cpu.labels).mean() > 0.999
-        np.testing.assert_allclose(got.objective, cpu.objective, rtol=1e-4)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize("spherical", [True, False])
+def test_seeded_kmeans_on_every_backend(rng, backend, dtype, spherical):
+    """Each backend's own seeded initialisation, on well-separated clusters."""
+    x = _clustered(rng, 30, 4000, 64, 0.3, dtype)
+    kwargs = dict(seed=5, spherical=spherical)
+    check_against_cpu(backend, kvpack.kmeans, x, 30, compare=_same_clustering, **kwargs)
 
 
 def _attention_with_cpu_target(target):

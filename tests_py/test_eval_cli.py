@@ -91,7 +91,9 @@ def test_eval_long_perplexity_scores_one_selection_for_every_method(tmp_path):
     argv += ["--budgets", "0.25", "--context", "1024", "--windows", "4", "--quiet"]
     assert cli.main([*argv, "--json", str(out)]) == 0
     full, window = (r["value"] for r in json.loads(out.read_text()))
-    expected = scoring.long_context_perplexity(load_tiny_lm(), context=1024, windows=4)
+    model = load_tiny_lm()
+    selection = scoring.context_dependent_tokens(model, context=1024, windows=4)
+    expected = scoring.perplexity(model, context=1024, windows=4, scored=selection)
     assert full == pytest.approx(expected, rel=1e-6)
     assert window > full
 
@@ -249,3 +251,13 @@ def test_unwritable_output_is_one_line():
     assert result.returncode == 1
     assert "kvpack demo:" in result.stderr and "/proc/kvpack-demo" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_cli_and_the_demo_read_one_task_table():
+    assert set(scoring.TASKS) == {"passkey", "ruler", "perplexity", "long-perplexity", "fidelity"}
+    with pytest.raises(ValueError, match="task: expected one of passkey, ruler"):
+        scoring.score_task("needle", None, [("full", 1.0)])
+    with pytest.raises(ValueError, match="scored: task 'long-perplexity' needs"):
+        scoring.score_task("long-perplexity", None, [("full", 1.0)])
+    assert scoring.headline({"average": 0.5, "niah": 0.5}) == 0.5
+    assert scoring.headline(2.5) == 2.5

@@ -95,17 +95,30 @@ def smollm2(cache_dir):
     return load_pretrained(NAME, cache_dir=cache_dir)
 
 
-@pytest.mark.parametrize("method", ["dynamic", "full", "clusterkv", "quest", "kivi"])
-def test_uncompressed_kvpack_cache_equals_plain_forward_on_smollm2(smollm2, method):
+# "full" with its transformers reference (DynamicCache) and through kvpack's own layers.
+UNCOMPRESSED = [("full", "transformers")] + [
+    (method, "kvpack") for method in ("full", "clusterkv", "quest", "kivi")
+]
+
+
+@pytest.mark.parametrize(("method", "reference"), UNCOMPRESSED)
+def test_uncompressed_kvpack_cache_equals_plain_forward_on_smollm2(smollm2, method, reference):
     """Through kvpack.hf on the real model (GQA 9/3, 30 layers): a budget covering the
     prompt reproduces one plain forward's perplexity over held-out text."""
     from kvpack.eval import scoring
 
     model, tokenizer = smollm2
     context = 256
-    budget = 1.0 if method in ("dynamic", "full") else 4096
+    budget = 1.0 if method == "full" else 4096
     ours = scoring.perplexity(
-        model, method, budget, context=context, windows=1, seed=2, tokenizer=tokenizer
+        model,
+        method,
+        budget,
+        context=context,
+        windows=1,
+        seed=2,
+        tokenizer=tokenizer,
+        reference=reference,
     )
     (ids,) = scoring._text_windows(context, 0.75, 1, 2, tokenizer).texts
     split = round(0.75 * context)

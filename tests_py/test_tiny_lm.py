@@ -73,15 +73,18 @@ def _window_losses(model, ids, split):
 
 @pytest.mark.parametrize("method", ["full", "clusterkv", "kivi"])
 def test_perplexity_of_an_uncompressed_cache_is_one_forward(model, method):
-    """Prefill then a 511-token decode chunk through kvpack's layers equals one forward."""
+    """Prefill then a 511-token decode chunk through kvpack's layers equals one forward
+    (and the reference of "full", transformers' DynamicCache)."""
     context, windows = 1024, 2
-    dynamic = scoring.perplexity(model, context=context, windows=windows, seed=3)
+    reference = scoring.perplexity(model, context=context, windows=windows, seed=3)
     budget = 1.0 if method == "full" else 4096
-    ours = scoring.perplexity(model, method, budget, context=context, windows=windows, seed=3)
-    assert ours == pytest.approx(dynamic, rel=1e-4)
+    ours = scoring.perplexity(
+        model, method, budget, context=context, windows=windows, seed=3, reference="kvpack"
+    )
+    assert ours == pytest.approx(reference, rel=1e-4)
     split = round(0.75 * context)
     losses = [_window_losses(model, ids, split) for ids in _byte_windows(3, context, windows)]
-    assert dynamic == pytest.approx(np.exp(np.concatenate(losses).mean()), rel=1e-4)
+    assert reference == pytest.approx(np.exp(np.concatenate(losses).mean()), rel=1e-4)
 
 
 def _compressed_perplexity(model, method, budget, windows, split):
@@ -99,7 +102,7 @@ def _compressed_perplexity(model, method, budget, windows, split):
 
 def test_runs_share_a_prefill_and_score_as_their_own(model):
     context, windows = 512, 2
-    runs = [("dynamic", 1.0), ("h2o", 0.25), ("kvmerger", 0.5), ("clusterkv", 64), ("kivi", 32)]
+    runs = [("full", 1.0), ("h2o", 0.25), ("kvmerger", 0.5), ("clusterkv", 64), ("kivi", 32)]
     values = scoring.perplexity(model, context=context, windows=windows, seed=5, runs=runs)
     split = round(0.75 * context)
     texts = _byte_windows(5, context, windows)
@@ -112,7 +115,7 @@ def test_runs_share_a_prefill_and_score_as_their_own(model):
     single = scoring.perplexity(model, "h2o", 0.25, context=context, windows=windows, seed=5)
     assert single == values[1]
     accuracies = scoring.passkey_accuracy(
-        model, context=512, prompts=4, batch=2, runs=[("dynamic", 1.0), ("streaming_llm", 32)]
+        model, context=512, prompts=4, batch=2, runs=[("full", 1.0), ("streaming_llm", 32)]
     )
     assert accuracies[0] == scoring.passkey_accuracy(model, context=512, prompts=4, batch=2)
     assert accuracies[1] == scoring.passkey_accuracy(
@@ -143,12 +146,10 @@ def test_context_dependent_tokens_are_those_the_distant_prompt_predicts(model):
     assert sum(int(m.sum()) for m in masks) > 0
 
 
-def test_long_context_perplexity_scores_the_selected_tokens(model):
+def test_perplexity_of_context_dependent_tokens_scores_the_selected_tokens(model):
     context, windows = 1024, 4
     masks = scoring.context_dependent_tokens(model, context=context, windows=windows, seed=2)
-    full = scoring.long_context_perplexity(
-        model, context=context, windows=windows, seed=2, key_tokens=masks
-    )
+    full = scoring.perplexity(model, context=context, windows=windows, seed=2, scored=masks)
     split = round(0.75 * context)
     losses = [
         _window_losses(model, ids, split)[mask]
@@ -161,29 +162,31 @@ def test_long_context_perplexity_scores_the_selected_tokens(model):
     window_all = scoring.perplexity(
         model, "streaming_llm", kept, context=context, windows=windows, seed=2
     )
-    window_long = scoring.long_context_perplexity(
-        model, "streaming_llm", kept, context=context, windows=windows, seed=2, key_tokens=masks
+    window_long = scoring.perplexity(
+        model, "streaming_llm", kept, context=context, windows=windows, seed=2, scored=masks
     )
     every = scoring.perplexity(model, context=context, windows=windows, seed=2)
     assert window_long / full > 1.5 * (window_all / every)
 
 
-def test_long_context_perplexity_rejects_bad_selections(model):
+def test_perplexity_rejects_bad_selections_of_scored_tokens(model):
     masks = scoring.context_dependent_tokens(model, context=512, windows=1, seed=0)
-    with pytest.raises(ValueError, match="key_tokens: expected 2 boolean masks of 128 tokens"):
-        scoring.long_context_perplexity(model, context=512, windows=2, key_tokens=masks)
+    with pytest.raises(ValueError, match="scored: expected 2 boolean masks of 128 tokens"):
+        scoring.perplexity(model, context=512, windows=2, scored=masks)
     as_integers = [masks[0].astype(np.int64)]  # would index tokens 0 and 1, not select
-    with pytest.raises(ValueError, match="key_tokens: expected 1 boolean masks"):
-        scoring.long_context_perplexity(model, context=512, windows=1, key_tokens=as_integers)
+    with pytest.raises(ValueError, match="scored: expected 1 boolean masks"):
+        scoring.perplexity(model, context=512, windows=1, scored=as_integers)
     none = [np.zeros_like(masks[0])]
-    with pytest.raises(ValueError, match="key_tokens: no token depends"):
-        scoring.long_context_perplexity(model, context=512, windows=1, key_tokens=none)
+    with pytest.raises(ValueError, match="scored: selects no token"):
+        scoring.perplexity(model, context=512, windows=1, scored=none)
     with pytest.raises(ValueError, match=r"short: expected 1\.\.382 prompt tokens, got 400"):
         scoring.context_dependent_tokens(model, context=512, windows=1, short=400)
     with pytest.raises(ValueError, match="gain: expected a number of nats, got NaN"):
         scoring.context_dependent_tokens(model, context=512, windows=1, gain=float("nan"))
     with pytest.raises(TypeError, match="tokenizer: expected a transformers tokenizer"):
         scoring.perplexity(model, context=512, windows=1, tokenizer="gpt2")
+    with pytest.raises(ValueError, match="reference: expected 'transformers' or 'kvpack'"):
+        scoring.perplexity(model, context=512, windows=1, reference="dynamic")
 
 
 def test_training_record_describes_the_weights():

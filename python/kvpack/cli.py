@@ -18,12 +18,10 @@ import numpy as np
 from ._extras import MissingExtra, require
 from .eval.demo import add_arguments as add_demo_arguments
 from .eval.demo import run as run_demo
+from .eval.scoring import TASKS
 from .methods import names as _method_names
 
 __all__ = ["main"]
-
-
-TASKS = ("passkey", "ruler", "perplexity", "long-perplexity", "fidelity")
 
 
 class UserError(Exception):
@@ -47,23 +45,24 @@ def _parse_budgets(text: str) -> list[int | float]:
 
 def _load_model(name: str, task: str):
     """The model named on the command line (None for the K/Q/V-only sources)."""
+    reads = TASKS[task].reads
     if name == "synthetic":
-        if task != "fidelity":
+        if reads != "kv":
             raise UserError("--model synthetic has no tokens: use it with --task fidelity")
         return None
     if name == "minilm":
-        if task != "fidelity":
+        if reads != "kv":
             raise UserError("--model minilm is an encoder: use it with --task fidelity")
         return None
     from .models import PRETRAINED, load_pretrained, load_tiny_lm
     from .models.byte_tokenizer import VOCAB_SIZE
 
     if name == "tiny":
-        if task == "ruler":  # the same refusal as for any byte-level checkpoint below
+        if reads == "subword":  # the same refusal as for any byte-level checkpoint below
             _refuse_bytes_for_ruler(name)
         return load_tiny_lm()
     if name in PRETRAINED:
-        if task == "passkey":
+        if reads == "bytes":
             raise UserError(
                 f"--task passkey feeds bytes: {name} is not a byte-level model "
                 "(use --task perplexity, long-perplexity or fidelity)"
@@ -83,9 +82,9 @@ def _load_model(name: str, task: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"--model: cannot load {name}: {error}") from None
-    if task == "ruler" and model.config.vocab_size == VOCAB_SIZE:
+    if reads == "subword" and model.config.vocab_size == VOCAB_SIZE:
         _refuse_bytes_for_ruler(name)
-    if task == "passkey" and model.config.vocab_size != VOCAB_SIZE:
+    if reads == "bytes" and model.config.vocab_size != VOCAB_SIZE:
         raise UserError(
             f"--task passkey feeds bytes: {name} is not a byte-level model "
             "(use --task perplexity, long-perplexity or fidelity)"
@@ -104,8 +103,7 @@ def _tokenizer(name: str, model, task: str):
     """The checkpoint's tokenizer for perplexity on a model that does not read bytes."""
     from .models.byte_tokenizer import VOCAB_SIZE
 
-    reads_text = ("perplexity", "long-perplexity", "ruler")
-    if task not in reads_text or model.config.vocab_size == VOCAB_SIZE:
+    if TASKS[task].reads not in ("text", "subword") or model.config.vocab_size == VOCAB_SIZE:
         return None
     from transformers import AutoTokenizer
 
@@ -153,7 +151,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .eval import scoring
 
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in (*_method_names(), "dynamic")]
+    unknown = [m for m in methods if m not in _method_names()]
     if unknown:
         raise UserError(
             f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(_method_names())}"
@@ -168,7 +166,8 @@ def run_eval(args: argparse.Namespace) -> int:
             f"--budgets: {too_large[0]} tokens is not below the context of {args.context}"
         )
     prompt = round(scoring.PROMPT_SHARE * args.context)  # BOS included
-    if args.task == "long-perplexity" and prompt - 1 <= scoring.SHORT_PROMPT:
+    task = TASKS[args.task]
+    if task.selects and prompt - 1 <= scoring.SHORT_PROMPT:
         raise UserError(
             f"--context: {args.context} leaves a prompt of {prompt} tokens; long-perplexity "
             f"compares it with its last {scoring.SHORT_PROMPT}, so it needs more"
@@ -182,18 +181,12 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     from tqdm.auto import tqdm
 
-    layers = _fidelity_layers(args, model) if args.task == "fidelity" else None
+    layers = _fidelity_layers(args, model) if task.reads == "kv" else None
     tokenizer = _tokenizer(args.model, model, args.task)
-    from .eval import ruler
-
-    per_run = {
-        "passkey": args.prompts,
-        "ruler": args.prompts * len(ruler.TASKS),
-        "fidelity": 1,
-    }.get(args.task, args.windows)
-    selection = args.windows if args.task == "long-perplexity" else 0
+    count = getattr(args, task.count) if task.count else 1
+    selection = args.windows if task.selects else 0
     bar = tqdm(
-        total=selection + len(methods) * len(budgets) * per_run,
+        total=selection + len(methods) * len(budgets) * task.steps(count),
         disable=args.quiet,
         desc=f"{args.task} on {args.model}",
         unit="run" if layers else "prompt",
@@ -214,53 +207,26 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"--windows: no token of {args.windows} windows depends on the distant "
                 "context; use more"
             )
-    # What both perplexity tasks read besides the method and the budget.
-    text = {
-        "context": args.context,
-        "windows": args.windows,
-        "seed": args.seed,
-        "skip_layers": args.skip_layers,
-        "tokenizer": tokenizer,
-    }
+    extra = {"filler": args.filler} if task.reads == "bytes" else {}
+    if task.selects:
+        extra["scored"] = key_tokens
     # Every method x budget in one call: each prompt is prefilled once for all of them.
-    runs = [(_hf_method(method), budget) for method in methods for budget in budgets]
+    runs = [(method, budget) for method in methods for budget in budgets]
     bar.set_postfix_str(f"{len(runs)} runs")
-    details = [None] * len(runs)
-    if args.task == "ruler":
-        details = scoring.ruler_scores(
-            model,
-            tokenizer,
-            context=args.context,
-            samples=args.prompts,
-            seed=args.seed,
-            skip_layers=args.skip_layers,
-            progress=bar.update,
-            runs=runs,
-        )
-        values = [d["average"] for d in details]
-    elif args.task == "passkey":
-        values = scoring.passkey_accuracy(
-            model,
-            context=args.context,
-            prompts=args.prompts,
-            seed=args.seed,
-            filler=args.filler,
-            skip_layers=args.skip_layers,
-            progress=bar.update,
-            runs=runs,
-        )
-    elif args.task == "perplexity":
-        values = scoring.perplexity(model, progress=bar.update, runs=runs, **text)
-    elif args.task == "long-perplexity":
-        values = scoring.long_context_perplexity(
-            model, key_tokens=key_tokens, progress=bar.update, runs=runs, **text
-        )
-    else:
-        values = []
-        for method in methods:
-            for budget in budgets:
-                values.append(scoring.fidelity(layers, method, budget))
-                bar.update(1)
+    scores = scoring.score_task(
+        args.task,
+        layers if task.reads == "kv" else model,
+        runs,
+        count=count,
+        context=args.context,
+        seed=args.seed,
+        skip_layers=args.skip_layers,
+        tokenizer=tokenizer,
+        progress=bar.update,
+        **extra,
+    )
+    values = [scoring.headline(score) for score in scores]
+    details = [score if isinstance(score, dict) else None for score in scores]
     results = [
         {
             "task": args.task,
@@ -277,7 +243,7 @@ def run_eval(args: argparse.Namespace) -> int:
     ]
     bar.close()
     print(_table(results, methods, budgets, args.task))
-    if args.task == "ruler":
+    if any(detail is not None for detail in details):  # RULER's per-task scores
         print(_ruler_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
@@ -297,21 +263,8 @@ def _require_for_eval(args: argparse.Namespace) -> None:
     require(f"kvpack eval --model {args.model}" + (" --plot" if args.plot else ""), *modules)
 
 
-def _hf_method(method: str) -> str:
-    return "dynamic" if method == "full" else method
-
-
-VALUE_NAMES = {
-    "passkey": "pass-key accuracy",
-    "ruler": "RULER-style task average (string match)",
-    "perplexity": "perplexity",
-    "long-perplexity": "perplexity of context-dependent tokens",
-    "fidelity": "attention-output relative error",
-}
-
-
 def _table(results, methods, budgets, task) -> str:
-    header = f"{VALUE_NAMES[task]} by method (rows) and budget (columns)"
+    header = f"{TASKS[task].value} by method (rows) and budget (columns)"
     lines = [header, f"{'method':<16}" + "".join(f"{_budget_label(b):>12}" for b in budgets)]
     for method in methods:
         values = [r["value"] for r in results if r["method"] == method]
@@ -352,7 +305,7 @@ def _plot(results, methods, budgets, args) -> Path:
         )
     axes.set_xticks(list(positions), [_budget_label(b) for b in budgets])
     axes.set_xlabel("budget (tokens, or share of the context)")
-    axes.set_ylabel(VALUE_NAMES[args.task])
+    axes.set_ylabel(TASKS[args.task].value)
     axes.set_title(f"{args.task}, {args.model}, context {args.context}")
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -380,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--task",
-        choices=TASKS,
+        choices=tuple(TASKS),
         default="passkey",
         help="passkey: retrieval accuracy (byte models); ruler: seven RULER-style tasks "
         "with the model's tokenizer; perplexity: on held-out text; long-perplexity: on "
@@ -389,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--methods",
         default="full,clusterkv,quest,h2o,streaming_llm",
-        help=f"comma-separated, from {','.join(_method_names())}",
+        help=f"comma-separated, from {','.join(_method_names())} (full: the uncompressed "
+        "cache, held by transformers' DynamicCache as the reference)",
     )
     ev.add_argument(
         "--budgets",

@@ -117,8 +117,11 @@ def run(args: argparse.Namespace) -> int:
     tiny = load_tiny_lm()
     model, tokenizer = (tiny, None) if args.model == "tiny" else load_pretrained(args.model)
     shares = (0.5, 0.35)
-    retrieval = args.prompts * (1 if tokenizer is None else len(_ruler_tasks()))
-    per_method = retrieval + len(shares) * (args.windows + args.long_windows)
+    # Retrieval: pass-key prompts are bytes; a subword model answers RULER's prompts.
+    retrieval = "passkey" if tokenizer is None else "ruler"
+    per_method = scoring.TASKS[retrieval].steps(args.prompts) + len(shares) * (
+        args.windows + args.long_windows
+    )
     steps = args.long_windows + len(METHODS) * per_method + args.requests * len(POLICIES)
     bar = tqdm(total=steps, disable=args.quiet, desc="kvpack demo", unit="step")
 
@@ -132,39 +135,22 @@ def run(args: argparse.Namespace) -> int:
     )
     selected = sum(int(mask.sum()) for mask in key_tokens)
     # Every method (and share) in one call per measure: each prompt is prefilled once.
-    names = ["dynamic" if method == "full" else method for method in METHODS]
+    setting = dict(context=args.context, tokenizer=tokenizer, progress=bar.update)
     bar.set_postfix_str("retrieval, every method")
-    if tokenizer is None:
-        found = scoring.passkey_accuracy(
-            model,
-            context=args.context,
-            prompts=args.prompts,
-            batch=5,
-            progress=bar.update,
-            runs=[(name, args.budget) for name in names],
-        )
-    else:
-        scores = scoring.ruler_scores(
-            model,
-            tokenizer,
-            context=args.context,
-            samples=args.prompts,
-            progress=bar.update,
-            runs=[(name, args.budget) for name in names],
-        )
-        found = [s["average"] for s in scores]
-    passkey = dict(zip(METHODS, found))
-    runs = [(name, share) for name in names for share in shares]
-    keys = [(method, share) for method in METHODS for share in shares]
+    runs = [(method, args.budget) for method in METHODS]
+    found = scoring.score_task(retrieval, model, runs, count=args.prompts, **setting)
+    passkey = dict(zip(METHODS, map(scoring.headline, found)))
+    runs = [(method, share) for method in METHODS for share in shares]
     bar.set_postfix_str("perplexity, every method")
-    text = dict(context=args.context, tokenizer=tokenizer, progress=bar.update, runs=runs)
-    ppl = dict(zip(keys, scoring.perplexity(model, windows=args.windows, **text)))
-    long_ppl = dict.fromkeys(keys, math.nan)  # printed when no token needs the prompt
+    ppl = dict(
+        zip(runs, scoring.score_task("perplexity", model, runs, count=args.windows, **setting))
+    )
+    long_ppl = dict.fromkeys(runs, math.nan)  # printed when no token needs the prompt
     if selected:
-        long_values = scoring.long_context_perplexity(
-            model, windows=args.long_windows, key_tokens=key_tokens, **text
+        long_values = scoring.score_task(
+            "long-perplexity", model, runs, count=args.long_windows, scored=key_tokens, **setting
         )
-        long_ppl = dict(zip(keys, long_values))
+        long_ppl = dict(zip(runs, long_values))
     else:
         bar.update(args.long_windows * len(runs))
 

@@ -3,8 +3,11 @@ perplexity, the perplexity of the tokens that need the distant prompt, and atten
 fidelity.
 
 The model-level measures run a Hugging Face causal LM through
-:func:`kvpack.hf.make_cache` (``"dynamic"`` is the plain transformers ``DynamicCache``,
-the full-cache reference) on held-out text and prompts of :mod:`kvpack.eval.tasks`.
+:func:`kvpack.hf.make_cache` on held-out text and prompts of :mod:`kvpack.eval.tasks`.
+The method ``"full"`` is the uncompressed reference: by default (``reference=
+"transformers"``) transformers' own ``DynamicCache``, independent of kvpack; with
+``reference="kvpack"`` kvpack's cache layers keeping every token, the path every other
+method takes (the two agree to float rounding).
 Pass-key prompts are bytes (the shipped tiny LM, or any model whose tokens are bytes);
 the perplexities also take a subword model with its tokenizer.
 
@@ -26,13 +29,16 @@ from ..models.byte_tokenizer import BOS, PAD, decode, encode
 from . import tasks
 
 __all__ = [
+    "TASKS",
+    "Task",
     "context_dependent_tokens",
     "fidelity",
+    "headline",
     "lm_contexts",
-    "long_context_perplexity",
     "passkey_accuracy",
     "perplexity",
     "ruler_scores",
+    "score_task",
 ]
 
 Progress = Callable[[int], None]
@@ -49,27 +55,43 @@ def _runs(method, budget, runs) -> list:
     return runs
 
 
-def _cache(model, method, budget, skip_layers: int, options=None, prefill=None) -> dict:
-    """The keyword argument that hands ``model`` a fresh cache of ``method``, started
-    from ``prefill`` (a :class:`kvpack.hf.Prefill`) when given."""
-    from transformers import DynamicCache
-
-    from .. import hf
-
-    if isinstance(method, str) and method == "dynamic":
-        cache = (
-            DynamicCache(config=model.config)
-            if prefill is None
-            else hf.dynamic_cache(model, prefill)
-        )
-    else:
-        cache = hf.make_cache(
-            model, method, budget, skip_layers=skip_layers, prefill=prefill, **(options or {})
-        )
-    return {hf.cache_argument(model): cache}
+REFERENCES = ("transformers", "kvpack")
 
 
-def _generate_runs(model, ids, mask, runs, skip_layers, options, max_new_tokens: int, pad: int):
+@dataclass(frozen=True)
+class _Caches:
+    """How every run's cache is made, besides its method and budget."""
+
+    skip_layers: int = 0  # first layers left uncompressed
+    options: dict | None = None  # the method's options, for make_cache
+    reference: str = "transformers"  # what holds the "full" runs' cache: REFERENCES
+
+    def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ValueError(
+                f"reference: expected 'transformers' or 'kvpack', got {self.reference!r}"
+            )
+
+    def argument(self, model, method, budget, prefill) -> dict:
+        """The keyword argument that hands ``model`` a fresh cache of ``method``, started
+        from ``prefill`` (a :class:`kvpack.hf.Prefill`)."""
+        from .. import hf
+
+        if isinstance(method, str) and method == "full" and self.reference == "transformers":
+            cache = hf.dynamic_cache(model, prefill)
+        else:
+            cache = hf.make_cache(
+                model,
+                method,
+                budget,
+                skip_layers=self.skip_layers,
+                prefill=prefill,
+                **(self.options or {}),
+            )
+        return {hf.cache_argument(model): cache}
+
+
+def _generate_runs(model, ids, mask, runs, caches: _Caches, max_new_tokens: int, pad: int):
     """Greedy continuations of the prompts ``ids`` for every run, from one exact prefill:
     a list (one per run) of (batch, max_new_tokens) token tensors."""
     import torch
@@ -86,7 +108,7 @@ def _generate_runs(model, ids, mask, runs, skip_layers, options, max_new_tokens:
             out = model.generate(
                 shared.next_ids,
                 attention_mask=shared.next_attention_mask,
-                **_cache(model, method, budget, skip_layers, options, shared),
+                **caches.argument(model, method, budget, shared),
                 max_new_tokens=max_new_tokens - 1,
                 do_sample=False,
                 pad_token_id=pad,
@@ -97,7 +119,7 @@ def _generate_runs(model, ids, mask, runs, skip_layers, options, max_new_tokens:
 
 def passkey_accuracy(
     model,
-    method: str = "dynamic",
+    method: str = "full",
     budget: int | float = 1.0,
     *,
     context: int = 2048,
@@ -107,6 +129,7 @@ def passkey_accuracy(
     filler: str = "repeat",
     skip_layers: int = 2,
     options: dict | None = None,
+    reference: str = "transformers",
     progress: Progress | None = None,
     runs=None,
 ) -> float | list[float]:
@@ -116,7 +139,7 @@ def passkey_accuracy(
     ----------
     model : transformers causal LM over byte tokens
     method : str or kvpack.methods object
-        ``"dynamic"`` or one of :data:`kvpack.hf.METHODS`.
+        One of :data:`kvpack.hf.METHODS`; ``"full"`` is the uncompressed reference.
     budget : int or float
         Tokens (or fraction of the prompt) the method keeps or recalls.
     context : int
@@ -133,6 +156,9 @@ def passkey_accuracy(
         First layers the method leaves uncompressed (see :func:`kvpack.hf.make_cache`).
     options : dict, optional
         The method's options (e.g. ``{"n_clusters": 256}`` for ClusterKV).
+    reference : {"transformers", "kvpack"}
+        What holds the cache of ``"full"`` runs: transformers' ``DynamicCache`` (the
+        reference independent of kvpack), or kvpack's cache layers keeping every token.
     progress : callable, optional
         Called with the number of prompts (times runs) done after each batch.
     runs : sequence of (method, budget), optional
@@ -140,12 +166,13 @@ def passkey_accuracy(
         for all of them; a list of results is returned, one per run.
     """
     kwargs = dict(context=context, prompts=prompts, batch=batch, seed=seed, filler=filler)
-    scores = _passkey(model, _runs(method, budget, runs), skip_layers, options, progress, **kwargs)
+    caches = _Caches(skip_layers, options, reference)
+    scores = _passkey(model, _runs(method, budget, runs), caches, progress, **kwargs)
     return scores if runs is not None else scores[0]
 
 
 def _passkey(
-    model, runs, skip_layers, options, progress, *, context, prompts, batch, seed, filler
+    model, runs, caches, progress, *, context, prompts, batch, seed, filler
 ) -> list[float]:
     """:func:`passkey_accuracy` of every run, one prefill per batch of prompts."""
     import torch
@@ -164,9 +191,7 @@ def _passkey(
     for first in range(0, prompts, batch):
         chunk = samples[first : first + batch]
         ids = torch.tensor([s[0][: s[1]] for s in chunk])
-        outputs = _generate_runs(
-            model, ids, torch.ones_like(ids), runs, skip_layers, options, 7, PAD
-        )
+        outputs = _generate_runs(model, ids, torch.ones_like(ids), runs, caches, 7, PAD)
         for r, out in enumerate(outputs):
             for row, (_, _, key) in zip(out.tolist(), chunk):
                 correct[r] += decode(row).strip().startswith(key)
@@ -183,7 +208,7 @@ def _check_tokenizer(tokenizer) -> None:
 def ruler_scores(
     model,
     tokenizer,
-    method: str = "dynamic",
+    method: str = "full",
     budget: int | float = 1.0,
     *,
     tasks=None,
@@ -192,6 +217,7 @@ def ruler_scores(
     seed: int = 0,
     skip_layers: int = 2,
     options: dict | None = None,
+    reference: str = "transformers",
     progress: Progress | None = None,
     runs=None,
 ) -> dict | list[dict]:
@@ -203,7 +229,7 @@ def ruler_scores(
     tokenizer : transformers tokenizer
         ``model``'s own: prompts are built from its tokens (:mod:`kvpack.eval.ruler`).
     method : str
-        ``"dynamic"`` or one of :data:`kvpack.hf.METHODS`.
+        One of :data:`kvpack.hf.METHODS`; ``"full"`` is the uncompressed reference.
     budget : int or float
         Tokens (or fraction of the prompt) the method keeps or recalls.
     tasks : sequence of str, optional
@@ -218,6 +244,9 @@ def ruler_scores(
         First layers the method leaves uncompressed.
     options : dict, optional
         The method's options.
+    reference : {"transformers", "kvpack"}
+        What holds the cache of ``"full"`` runs: transformers' ``DynamicCache`` (the
+        reference independent of kvpack), or kvpack's cache layers keeping every token.
     progress : callable, optional
         Called after each prompt with the runs scored on it (1 without ``runs``).
     runs : sequence of (method, budget), optional
@@ -231,14 +260,13 @@ def ruler_scores(
         answers in the output), and ``"average"`` over the tasks.
     """
     kwargs = dict(tasks=tasks, context=context, samples=samples, seed=seed)
-    scores = _ruler(
-        model, tokenizer, _runs(method, budget, runs), skip_layers, options, progress, **kwargs
-    )
+    caches = _Caches(skip_layers, options, reference)
+    scores = _ruler(model, tokenizer, _runs(method, budget, runs), caches, progress, **kwargs)
     return scores if runs is not None else scores[0]
 
 
 def _ruler(
-    model, tokenizer, runs, skip_layers, options, progress, *, tasks, context, samples, seed
+    model, tokenizer, runs, caches, progress, *, tasks, context, samples, seed
 ) -> list[dict]:
     """:func:`ruler_scores` of every run, one prefill per prompt."""
     import torch
@@ -264,8 +292,7 @@ def _ruler(
             sample = ruler.make_sample(task, tokenizer, context, rng, depth=depth)
             ids = torch.tensor([sample.prompt])
             outputs = _generate_runs(
-                model, ids, torch.ones_like(ids), runs, skip_layers, options,
-                sample.max_new_tokens, pad,
+                model, ids, torch.ones_like(ids), runs, caches, sample.max_new_tokens, pad,
             )  # fmt: skip
             for r, out in enumerate(outputs):
                 answer = tokenizer.decode(out[0], skip_special_tokens=True)
@@ -337,7 +364,7 @@ def _text_windows(context: int, prefix: float, windows: int, seed: int, tokenize
     return _Windows(texts, split, len(bos))
 
 
-def _token_losses(model, ids, split: int, runs, skip_layers=0, options=None) -> list:
+def _token_losses(model, ids, split: int, runs, caches: _Caches) -> list:
     """Negative log-likelihood (nats) of tokens ``split..`` of ``ids`` for every run: the
     prompt ``ids[:, :split]`` is prefilled once, each run's cache compresses its copy, and
     the rest is scored in one forward over it. One array per run."""
@@ -348,7 +375,7 @@ def _token_losses(model, ids, split: int, runs, skip_layers=0, options=None) -> 
     shared = hf.prefill(model, ids[:, :split])
     losses = []
     for method, budget in runs:
-        cache = _cache(model, method, budget, skip_layers, options, shared)
+        cache = caches.argument(model, method, budget, shared)
         with torch.no_grad():
             rest = model(ids[:, split:-1], **cache, use_cache=True).logits
         logits = torch.cat([shared.logits[:, None].to(rest.dtype), rest], dim=1)
@@ -357,16 +384,12 @@ def _token_losses(model, ids, split: int, runs, skip_layers=0, options=None) -> 
     return losses
 
 
-def _perplexity_over(
-    model, runs, windows: _Windows, masks, skip_layers, options, progress
-) -> list[float]:
+def _perplexity_over(model, runs, windows: _Windows, masks, caches, progress) -> list[float]:
     """exp(mean loss) per run of the scored tokens each mask selects (all where None)."""
     losses = [[] for _ in runs]
     for ids, mask in zip(windows.texts, masks or [None] * len(windows.texts)):
         if mask is None or mask.any():
-            for r, loss in enumerate(
-                _token_losses(model, ids, windows.split, runs, skip_layers, options)
-            ):
+            for r, loss in enumerate(_token_losses(model, ids, windows.split, runs, caches)):
                 losses[r].append(loss if mask is None else loss[mask])
         if progress:
             progress(len(runs))
@@ -375,7 +398,7 @@ def _perplexity_over(
 
 def perplexity(
     model,
-    method: str = "dynamic",
+    method: str = "full",
     budget: int | float = 1.0,
     *,
     context: int = 2048,
@@ -383,7 +406,9 @@ def perplexity(
     windows: int = 8,
     seed: int = 0,
     skip_layers: int = 2,
+    scored: list[np.ndarray] | None = None,
     options: dict | None = None,
+    reference: str = "transformers",
     tokenizer=None,
     progress: Progress | None = None,
     runs=None,
@@ -393,14 +418,16 @@ def perplexity(
     Each window of ``context`` held-out tokens is split: the first ``prefix`` share is
     the prompt (prefilled, then compressed), the rest is scored token by token in one
     forward over the compressed cache. Most of those tokens are predicted from the last
-    few hundred, which every method keeps: :func:`long_context_perplexity` scores the
-    ones that need the distant prompt.
+    few hundred, which every method keeps: ``scored=`` :func:`context_dependent_tokens`
+    scores only the ones that need the distant prompt, what compression can lose (the
+    full cache's value on them is low by construction: compare methods with each other
+    on one selection).
 
     Parameters
     ----------
     model : transformers causal LM
     method : str
-        ``"dynamic"`` or one of :data:`kvpack.hf.METHODS`.
+        One of :data:`kvpack.hf.METHODS`; ``"full"`` is the uncompressed reference.
     budget : int or float
         Tokens (or fraction of the prompt) the method keeps or recalls.
     context : int
@@ -413,8 +440,16 @@ def perplexity(
         Seed of the offsets; equal seeds give equal windows for every method.
     skip_layers : int
         First layers the method leaves uncompressed.
+    scored : list of ndarray of bool, optional
+        The tokens scored: one mask per window, shape ``(context - split,)`` with
+        ``split = round(prefix * context)``, ``True`` where the token at ``split + i``
+        counts (e.g. :func:`context_dependent_tokens` of the same windows, computed once
+        for every method). Default: every token after the prompt.
     options : dict, optional
         The method's options (e.g. ``{"log_count_bias": True}`` for KVMerger).
+    reference : {"transformers", "kvpack"}
+        What holds the cache of ``"full"`` runs: transformers' ``DynamicCache`` (the
+        reference independent of kvpack), or kvpack's cache layers keeping every token.
     tokenizer : transformers tokenizer, optional
         ``model``'s own, for a model whose tokens are not bytes: the held-out text is cut
         into ``context`` of its tokens (its BOS first when it has one). Default: bytes,
@@ -424,12 +459,30 @@ def perplexity(
     runs : sequence of (method, budget), optional
         Score these runs instead of ``method`` at ``budget``, each prompt prefilled once
         for all of them; a list of results is returned, one per run.
+
+    Returns
+    -------
+    float
+        exp of the mean loss over the scored tokens of every window.
     """
     text = _text_windows(context, prefix, windows, seed, tokenizer)
-    values = _perplexity_over(
-        model, _runs(method, budget, runs), text, None, skip_layers, options, progress
-    )
+    masks = None if scored is None else _check_scored(scored, windows, context - text.split)
+    caches = _Caches(skip_layers, options, reference)
+    values = _perplexity_over(model, _runs(method, budget, runs), text, masks, caches, progress)
     return values if runs is not None else values[0]
+
+
+def _check_scored(scored, windows: int, tokens: int) -> list[np.ndarray]:
+    """``scored`` as a list of boolean masks, one of ``tokens`` per window, or a named error."""
+    masks = [np.asarray(m) for m in scored]
+    if len(masks) != windows or any(m.dtype != bool or m.shape != (tokens,) for m in masks):
+        raise ValueError(
+            f"scored: expected {windows} boolean masks of {tokens} tokens, one per window "
+            "(context_dependent_tokens with the same context, prefix and windows)"
+        )
+    if not any(m.any() for m in masks):
+        raise ValueError("scored: selects no token; use more windows")
+    return masks
 
 
 def context_dependent_tokens(
@@ -445,7 +498,8 @@ def context_dependent_tokens(
     tokenizer=None,
     progress: Progress | None = None,
 ) -> list[np.ndarray]:
-    """The scored tokens of :func:`perplexity`'s windows that depend on the distant prompt.
+    """The scored tokens of :func:`perplexity`'s windows that depend on the distant prompt
+    (its ``scored=``).
 
     Each window is scored twice with the full cache: after the whole prompt, and after
     the prompt cut to its last ``short`` tokens (BOS kept; the scored tokens before each
@@ -478,77 +532,16 @@ def context_dependent_tokens(
     split, head = text.split, text.head
     if not 1 <= short < split - head:  # at least one prompt token must be distant
         raise ValueError(f"short: expected 1..{split - head - 1} prompt tokens, got {short}")
+    reference = _Caches()  # transformers' DynamicCache holds the whole prompt
     masks = []
     for ids in text.texts:
-        (full,) = _token_losses(model, ids, split, [("dynamic", 1.0)])
+        (full,) = _token_losses(model, ids, split, [("full", 1.0)], reference)
         cut = np.concatenate((np.arange(head), np.arange(split - short, ids.shape[1])))
-        (near,) = _token_losses(model, ids[:, cut], head + short, [("dynamic", 1.0)])
+        (near,) = _token_losses(model, ids[:, cut], head + short, [("full", 1.0)], reference)
         masks.append((near - full >= gain) & (full <= max_loss))
         if progress:
             progress(1)
     return masks
-
-
-def long_context_perplexity(
-    model,
-    method: str = "dynamic",
-    budget: int | float = 1.0,
-    *,
-    context: int = 2048,
-    prefix: float = PROMPT_SHARE,
-    windows: int = 16,
-    seed: int = 0,
-    skip_layers: int = 2,
-    key_tokens: list[np.ndarray] | None = None,
-    options: dict | None = None,
-    tokenizer=None,
-    progress: Progress | None = None,
-    runs=None,
-) -> float | list[float]:
-    """Perplexity of the tokens that depend on the distant prompt, after the method
-    compressed the prompt: what compression can lose, without the tokens every method
-    predicts from its recent window.
-
-    The full cache's value is low by construction (its loss on these tokens is at most
-    ``max_loss``); compare methods with each other on one selection.
-
-    Parameters
-    ----------
-    model, method, budget, context, prefix, windows, seed, skip_layers, options, tokenizer
-        As in :func:`perplexity`.
-    key_tokens : list of ndarray of bool, optional
-        :func:`context_dependent_tokens` of the same windows (computed with its defaults
-        when not given; pass them to score several methods on one selection).
-    progress : callable, optional
-        Called after each window with the runs scored on it (1 without ``runs``).
-    runs : sequence of (method, budget), optional
-        Score these runs instead of ``method`` at ``budget``, each prompt prefilled once
-        for all of them; a list of results is returned, one per run.
-
-    Returns
-    -------
-    float
-        exp of the mean loss over the selected tokens of every window.
-    """
-    if key_tokens is None:
-        key_tokens = context_dependent_tokens(
-            model, context=context, prefix=prefix, windows=windows, seed=seed, tokenizer=tokenizer
-        )
-    text = _text_windows(context, prefix, windows, seed, tokenizer)
-    masks = [np.asarray(m) for m in key_tokens]
-    if len(masks) != windows or any(
-        m.dtype != bool or m.shape != (context - text.split,) for m in masks
-    ):
-        raise ValueError(
-            f"key_tokens: expected {windows} boolean masks of {context - text.split} tokens "
-            "(context_dependent_tokens with the same context, prefix and windows)"
-        )
-    if not any(m.any() for m in masks):
-        raise ValueError("key_tokens: no token depends on the distant prompt; use more windows")
-    values = _perplexity_over(
-        model, _runs(method, budget, runs), text, masks, skip_layers, options, progress
-    )
-    return values if runs is not None else values[0]
 
 
 def fidelity(layers, method, budget: int | float, *, observe: int = 32) -> float:
@@ -632,3 +625,141 @@ def lm_contexts(model, count: int, tokens: int = 1024):
         ]
         contexts.append((kv, None, seconds))
     return contexts
+
+
+# ---- the tasks of `kvpack eval` and `kvpack demo`: one table both read -----------------
+
+
+def _score_passkey(model, runs, *, count, context, seed, skip_layers, tokenizer, progress, **extra):
+    return passkey_accuracy(
+        model, context=context, prompts=count, seed=seed, skip_layers=skip_layers,
+        progress=progress, runs=runs, **extra,
+    )  # fmt: skip
+
+
+def _score_ruler(model, runs, *, count, context, seed, skip_layers, tokenizer, progress, **extra):
+    return ruler_scores(
+        model, tokenizer, context=context, samples=count, seed=seed, skip_layers=skip_layers,
+        progress=progress, runs=runs, **extra,
+    )  # fmt: skip
+
+
+def _score_perplexity(
+    model, runs, *, count, context, seed, skip_layers, tokenizer, progress, **extra
+):
+    return perplexity(
+        model, context=context, windows=count, seed=seed, skip_layers=skip_layers,
+        tokenizer=tokenizer, progress=progress, runs=runs, **extra,
+    )  # fmt: skip
+
+
+def _score_fidelity(layers, runs, *, progress, **_) -> list[float]:
+    values = []
+    for method, budget in runs:
+        values.append(fidelity(layers, method, budget))
+        if progress:
+            progress(1)
+    return values
+
+
+def _ruler_prompts(count: int) -> int:
+    from . import ruler
+
+    return count * len(ruler.TASKS)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task of ``kvpack eval --task`` and ``kvpack demo``: what it measures, what model
+    it reads, and the call that scores a list of (method, budget) runs on it."""
+
+    value: str  # what the number is: a table's header, a figure's axis
+    # What the model must read: "bytes" (pass-key prompts: a byte-level model), "subword"
+    # (prompts built with the model's own tokenizer), "text" (held-out text: bytes, or the
+    # model's tokenizer's tokens) or "kv" (per-layer queries, keys and values, no model).
+    reads: str
+    count: str  # what the count of score_task is: "prompts" or "windows" ("" for none)
+    steps: Callable[[int], int]  # progress steps per run, given the count
+    score: Callable  # (model, runs, *, count, context, seed, ...) -> one result per run
+    selects: bool = False  # scores only the tokens context_dependent_tokens selects
+
+
+TASKS = {
+    "passkey": Task("pass-key accuracy", "bytes", "prompts", int, _score_passkey),
+    "ruler": Task(
+        "RULER-style task average (string match)",
+        "subword",
+        "prompts",
+        _ruler_prompts,
+        _score_ruler,
+    ),
+    "perplexity": Task("perplexity", "text", "windows", int, _score_perplexity),
+    "long-perplexity": Task(
+        "perplexity of context-dependent tokens",
+        "text",
+        "windows",
+        int,
+        _score_perplexity,
+        selects=True,
+    ),
+    "fidelity": Task("attention-output relative error", "kv", "", lambda _: 1, _score_fidelity),
+}
+
+
+def score_task(
+    task: str,
+    model,
+    runs,
+    *,
+    count: int = 1,
+    context: int = 2048,
+    seed: int = 0,
+    skip_layers: int = 2,
+    tokenizer=None,
+    progress: Progress | None = None,
+    **extra,
+) -> list:
+    """Every (method, budget) of ``runs`` scored on one of :data:`TASKS`.
+
+    Parameters
+    ----------
+    task : str
+        A key of :data:`TASKS`.
+    model : transformers causal LM, or list of LayerKV for ``"fidelity"``
+    runs : sequence of (method, budget)
+    count : int
+        Prompts (per RULER task) or text windows, as the task's ``count`` says.
+    context, seed, skip_layers, tokenizer, progress
+        As in the task's scorer (:func:`passkey_accuracy`, :func:`ruler_scores`,
+        :func:`perplexity`, :func:`fidelity`).
+    **extra
+        The scorer's other keywords: ``scored=`` (required for ``"long-perplexity"``),
+        ``filler=`` and ``batch=`` for ``"passkey"``, ``reference=``.
+
+    Returns
+    -------
+    list, one result per run
+        A float, or for ``"ruler"`` a dict of task scores with their ``"average"``
+        (:func:`headline` gives the number either way).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    spec = TASKS[task]
+    if spec.selects and extra.get("scored") is None:
+        raise ValueError(f"scored: task {task!r} needs context_dependent_tokens' selection")
+    return spec.score(
+        model,
+        _runs(None, None, runs),
+        count=count,
+        context=context,
+        seed=seed,
+        skip_layers=skip_layers,
+        tokenizer=tokenizer,
+        progress=progress,
+        **extra,
+    )
+
+
+def headline(result) -> float:
+    """The number of one result of :func:`score_task`: RULER's average, else the value."""
+    return result["average"] if isinstance(result, dict) else result
