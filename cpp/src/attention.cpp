@@ -210,6 +210,35 @@ int tile_for(std::int64_t group) {
   return 1;
 }
 
+// How an attention pass splits its streams (tiles of query heads, each over at most
+// `count` tokens) into work items of token chunks: enough items for every thread, none
+// shorter than kMinChunkTokens. Item i = stream * chunks + chunk keeps its softmax state
+// in partials at i * stride.
+struct SplitK {
+  std::int64_t tile, chunks, chunk_len, stride;
+  std::vector<float> partials;
+
+  SplitK(std::int64_t streams, std::int64_t count, std::int64_t tile_heads, std::int64_t dim)
+      : tile(tile_heads), stride(tile_heads * (dim + 2)) {
+    const std::int64_t wanted =
+        std::max<std::int64_t>(1, (4 * num_threads() + streams - 1) / streams);
+    chunks = std::max<std::int64_t>(1, std::min(wanted, count / kMinChunkTokens));
+    chunk_len = (count + chunks - 1) / chunks;
+    partials.resize(static_cast<std::size_t>(streams * chunks * stride));
+  }
+
+  Partial state(std::int64_t item) {
+    float* p = partials.data() + item * stride;
+    return Partial{p, p + tile, p + 2 * tile};
+  }
+
+  /// Merges query head g of a stream's tile over its chunks into out (size dim).
+  float merge(std::int64_t stream, std::int64_t g, std::int64_t dim, float* out) const {
+    return detail::merge_states(partials.data() + stream * chunks * stride, chunks, stride, tile, g,
+                                dim, out);
+  }
+};
+
 template <class TokenAt>
 void attend_range_tiled(int tile, const float* qs, const KVView& keys, const KVView& values,
                         std::int64_t head, TokenAt token_at, std::int64_t begin, std::int64_t end,
@@ -275,11 +304,8 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
   // head (and an index row), so each K/V row is read once per tile.
   const std::int64_t tile = per_query_head ? 1 : tile_for(group_size);
   const std::int64_t rows = heads_q / tile;
-  const std::int64_t wanted = std::max<std::int64_t>(1, (4 * num_threads() + rows - 1) / rows);
-  const std::int64_t chunks = std::max<std::int64_t>(1, std::min(wanted, count / kMinChunkTokens));
-  const std::int64_t chunk_len = (count + chunks - 1) / chunks;
-  const std::int64_t stride = tile * (dim + 2);
-  std::vector<float> partials(static_cast<std::size_t>(rows * chunks * stride));
+  SplitK split(rows, count, tile, dim);
+  const std::int64_t chunks = split.chunks, chunk_len = split.chunk_len;
   const float scale = resolve_scale(params.scale, dim);
 
   parallel_for(rows * chunks, [&](std::int64_t item) {
@@ -287,10 +313,8 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
     const std::int64_t first_q = row * tile;
     const std::int64_t head = first_q / group_size;
     const std::int64_t begin = chunk * chunk_len, end = std::min(count, begin + chunk_len);
-    float* p = partials.data() + item * stride;
-    Partial state{p, p + tile, p + 2 * tile};
+    const Partial state = split.state(item);
     if (begin >= end) {
-      std::fill(p, p + stride, 0.0f);
       std::fill(state.max, state.max + tile, kNegInf);
       return;
     }
@@ -315,9 +339,7 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
   // Without weights this is a few vector operations per head: a thread team would cost
   // more than it saves.
   const auto merge = [&](std::int64_t hq) {
-    const std::int64_t row = hq / tile, g = hq % tile;
-    const float lse = detail::merge_states(partials.data() + row * chunks * stride, chunks, stride,
-                                           tile, g, dim, output.out + hq * dim);
+    const float lse = split.merge(hq / tile, hq % tile, dim, output.out + hq * dim);
     if (output.lse) output.lse[hq] = lse;
     if (output.weights) {
       float* w = output.weights + hq * count;
@@ -434,9 +456,9 @@ void held_attention(const float* queries, std::int64_t batch, std::int64_t new_q
                     const KVView* values, const HeldSlots& slots, const AttentionParams& params,
                     float* out) {
   KVPACK_CHECK(queries && out && keys && values, "queries/keys/values/out: null pointer");
-  KVPACK_CHECK(batch > 0 && new_queries > 0,
-               "queries: expected at least one row and one query, got " << batch << " and "
-                                                                        << new_queries);
+  KVPACK_CHECK(
+      batch > 0 && new_queries > 0,
+      "queries: expected at least one row and one query, got " << batch << " and " << new_queries);
   const KVView& first = keys[0];
   for (std::int64_t b = 0; b < batch; ++b) {
     check_kv(keys[b], values[b]);
@@ -448,9 +470,8 @@ void held_attention(const float* queries, std::int64_t batch, std::int64_t new_q
   const std::int64_t heads_kv = first.heads, tokens = first.tokens, dim = first.dim;
   const std::int64_t held = slots.held;
   KVPACK_CHECK(heads_q > 0 && heads_q % heads_kv == 0,
-               "queries: expected heads_q to be a positive multiple of heads_kv=" << heads_kv
-                                                                                  << ", got "
-                                                                                  << heads_q);
+               "queries: expected heads_q to be a positive multiple of heads_kv="
+                   << heads_kv << ", got " << heads_q);
   KVPACK_CHECK(held >= 0 && held <= tokens && (held == 0 || slots.positions),
                "slots: expected held in [0, " << tokens << "] with positions, got " << held);
 
@@ -487,11 +508,8 @@ void held_attention(const float* queries, std::int64_t batch, std::int64_t new_q
   const std::int64_t rows = heads_q / tile;
   const std::int64_t most = held + decoded_seen(new_queries - 1);
   const std::int64_t streams = batch * new_queries * rows;
-  const std::int64_t wanted = std::max<std::int64_t>(1, (4 * num_threads() + streams - 1) / streams);
-  const std::int64_t chunks = std::max<std::int64_t>(1, std::min(wanted, most / kMinChunkTokens));
-  const std::int64_t chunk_len = (most + chunks - 1) / chunks;
-  const std::int64_t stride = tile * (dim + 2);
-  std::vector<float> partials(static_cast<std::size_t>(streams * chunks * stride));
+  SplitK split(streams, most, tile, dim);
+  const std::int64_t chunks = split.chunks, chunk_len = split.chunk_len;
   const float scale = resolve_scale(params.scale, dim);
 
   parallel_for(streams * chunks, [&](std::int64_t item) {
@@ -504,8 +522,7 @@ void held_attention(const float* queries, std::int64_t batch, std::int64_t new_q
     const std::int64_t count = seen_held + decoded_seen(i);
     KVPACK_CHECK(count > 0, "queries: query " << i << " of row " << b << " sees no slot");
     const std::int64_t begin = chunk * chunk_len, end = std::min(count, begin + chunk_len);
-    float* p = partials.data() + item * stride;
-    Partial state{p, p + tile, p + 2 * tile};
+    const Partial state = split.state(item);
     if (begin >= end) {
       std::fill(state.max, state.max + tile, kNegInf);
       return;
@@ -531,11 +548,8 @@ void held_attention(const float* queries, std::int64_t batch, std::int64_t new_q
 
   for (std::int64_t stream = 0; stream < streams; ++stream) {
     const std::int64_t row = stream % rows, query = stream / rows;
-    for (std::int64_t g = 0; g < tile; ++g) {
-      const std::int64_t hq = row * tile + g;
-      detail::merge_states(partials.data() + stream * chunks * stride, chunks, stride, tile, g, dim,
-                           out + (query * heads_q + hq) * dim);
-    }
+    for (std::int64_t g = 0; g < tile; ++g)
+      split.merge(stream, g, dim, out + (query * heads_q + row * tile + g) * dim);
   }
 }
 
