@@ -174,7 +174,7 @@ struct __attribute__((visibility("hidden"))) CudaCall {
 /// 0 (the default 1/sqrt(head_dim)) for None, else a positive finite scale.
 float resolve_scale_arg(const std::optional<double>& scale);
 
-/// One validated decode step of a decode-time cache (ClusterKV, EvictionCache): q and the
+/// One validated decode step of a decode-time cache (RecallCache, EvictionCache): q and the
 /// new token checked, the GIL released around cache.step, the output checked for NaN/Inf.
 template <class Cache>
 py::array_t<float> decode_step(Cache& cache, bool prefilled, const py::object& q_obj,

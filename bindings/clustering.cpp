@@ -1,12 +1,13 @@
-// Bindings of kvpack/kmeans.h: validate, convert, release the GIL, call the core.
+// Bindings of kvpack/kmeans.h, cluster_index.h, quest.h and recall_cache.h: validate,
+// convert, release the GIL, call the core.
 #include <pybind11/stl.h>
 
 #include "args.h"
 #include "arrays.h"
 #include "kvpack/cluster_index.h"
-#include "kvpack/cluster_kv.h"
 #include "kvpack/kmeans.h"
 #include "kvpack/quest.h"
+#include "kvpack/recall_cache.h"
 #include "methods.h"
 
 namespace kvpack::bindings {
@@ -299,17 +300,17 @@ void bind_clustering(py::module_& m) {
                               adopt_vector(std::move(hi), shape));
       });
 
-  py::class_<ClusterKV>(m, "ClusterKV")
+  py::class_<RecallCache>(m, "RecallCache")
       .def(py::init([](const Arg<std::int64_t>& budget_arg, const py::object& method) {
              const std::int64_t budget = budget_arg.as("budget");
              RecallMethod recall = recall_method(method);
              std::visit([budget](RecallParams& p) { p.budget = budget; }, recall);
-             return std::make_unique<ClusterKV>(recall);
+             return std::make_unique<RecallCache>(recall);
            }),
            py::arg("budget"), py::arg("method"))
       .def(
           "prefill",
-          [](ClusterKV& self, const py::object& keys_obj, const py::object& values_obj) {
+          [](RecallCache& self, const py::object& keys_obj, const py::object& values_obj) {
             const py::array keys = as_array(keys_obj, "keys"),
                             values = as_array(values_obj, "values");
             const auto [k, v] = kv_pair(keys, values);
@@ -321,28 +322,29 @@ void bind_clustering(py::module_& m) {
           py::arg("keys"), py::arg("values"))
       .def(
           "step",
-          [](ClusterKV& self, const py::object& q, const py::object& key, const py::object& value) {
+          [](RecallCache& self, const py::object& q, const py::object& key,
+             const py::object& value) {
             // A NaN key would poison the clustering later; decode_step rejects it.
             return decode_step(self, self.tokens() > 0, q, key, value);
           },
           py::arg("q"), py::arg("new_key"), py::arg("new_value"))
-      .def_property_readonly("tokens", &ClusterKV::tokens)
+      .def_property_readonly("tokens", &RecallCache::tokens)
       .def_property_readonly("nbytes",
-                             [](const ClusterKV& s) {
+                             [](const RecallCache& s) {
                                py::dict tiers;
                                tiers["slow"] = s.slow_tier_bytes();
                                tiers["fast"] = s.fast_tier_bytes();
                                return tiers;
                              })
       .def_property_readonly("n_clusters",
-                             [](const ClusterKV& s) -> std::int64_t {
+                             [](const RecallCache& s) -> std::int64_t {
                                const ClusterIndex* index = s.cluster_index();
                                return index ? index->arrays()->clusters : 0;
                              })
       .def_property_readonly("last_step",
-                             [](const ClusterKV& s) { return stats_dict(s.last_step()); })
-      .def_property_readonly("total", [](const ClusterKV& s) { return stats_dict(s.total()); })
-      .def_property_readonly("last_selection", [](const ClusterKV& s) {
+                             [](const RecallCache& s) { return stats_dict(s.last_step()); })
+      .def_property_readonly("total", [](const RecallCache& s) { return stats_dict(s.total()); })
+      .def_property_readonly("last_selection", [](const RecallCache& s) {
         std::vector<std::int32_t> copy = s.last_selection();
         return selection_array(std::move(copy), s.last_rows());
       });

@@ -6,9 +6,9 @@
 #include <numeric>
 
 #include "kvpack/cluster_index.h"
-#include "kvpack/cluster_kv.h"
 #include "kvpack/kmeans.h"
 #include "kvpack/quest.h"
+#include "kvpack/recall_cache.h"
 #include "kvpack/select.h"
 #include "reference.h"
 
@@ -90,11 +90,11 @@ TEST(QuestIndex, KeepsTheCurrentPage) {
   EXPECT_TRUE(std::is_sorted(out.begin(), out.end()));
 }
 
-TEST(ClusterKV, StepMatchesDenseAttentionWithFullBudget) {
+TEST(RecallCache, StepMatchesDenseAttentionWithFullBudget) {
   testing::Cache c(2, 300, 16, 27);
   for (RecallMethod method : {RecallMethod{ClusterKVParams{}}, RecallMethod{QuestParams{}}}) {
     std::visit([](RecallParams& p) { p.budget = 1000; }, method);
-    ClusterKV recall(method);
+    RecallCache recall(method);
     const KVView k{c.keys.data(), DType::Float32, 2, 299, 16, 300 * 16};
     const KVView v{c.values.data(), DType::Float32, 2, 299, 16, 300 * 16};
     recall.prefill(k, v);

@@ -146,7 +146,7 @@ def test_step_equals_dense_attention_when_budget_covers_context(rng, method, dty
     keys, _, _ = topic_keys(rng, tokens=700)
     keys = keys.astype(dtype)
     values = rng.standard_normal(keys.shape).astype(dtype)
-    recall = kvpack.ClusterKV(budget=2000, method=method, fast_tier=fast_tier)
+    recall = kvpack.RecallCache(budget=2000, method=method, fast_tier=fast_tier)
     recall.prefill(keys, values)
     k, v = keys, values
     for _ in range(3):
@@ -167,7 +167,7 @@ def test_step_equals_dense_attention_when_budget_covers_context(rng, method, dty
 def test_step_attends_exactly_the_selection(rng, method, per_query_head, fast_tier):
     keys, _, _ = topic_keys(rng)
     values = rng.standard_normal(keys.shape).astype(np.float32)
-    recall = kvpack.ClusterKV(
+    recall = kvpack.RecallCache(
         budget=256, method=method, per_query_head=per_query_head, fast_tier=fast_tier
     )
     recall.prefill(keys, values)
@@ -192,7 +192,7 @@ def test_step_attends_exactly_the_selection(rng, method, per_query_head, fast_ti
 @pytest.mark.parametrize("fast_tier", [False, True])
 def test_recalled_clusters_stay_in_the_fast_tier(rng, fast_tier):
     keys, _, _ = topic_keys(rng)
-    recall = kvpack.ClusterKV(budget=256, recall_steps=1, fast_tier=fast_tier)
+    recall = kvpack.RecallCache(budget=256, recall_steps=1, fast_tier=fast_tier)
     recall.prefill(keys, keys)
     q = rng.standard_normal((2, 32)).astype(np.float32)
     recall.step(q, keys[:, 0], keys[:, 0])
@@ -206,7 +206,7 @@ def test_recalled_clusters_stay_in_the_fast_tier(rng, fast_tier):
 
 def test_fast_tier_must_be_a_bool():
     with pytest.raises(TypeError, match="fast_tier: expected a bool, got str"):
-        kvpack.ClusterKV(fast_tier="yes")
+        kvpack.RecallCache(fast_tier="yes")
 
 
 @pytest.mark.parametrize("method", ["clusterkv", "quest"])
@@ -219,7 +219,7 @@ def test_attending_in_place_equals_the_fast_tier(rng, method, recall_steps):
     options = dict(budget=96, method=method, recall_steps=recall_steps)
     if method == "clusterkv":
         options["append_interval"] = 16
-    in_place, cached = kvpack.ClusterKV(**options), kvpack.ClusterKV(fast_tier=True, **options)
+    in_place, cached = kvpack.RecallCache(**options), kvpack.RecallCache(fast_tier=True, **options)
     for recall in (in_place, cached):
         recall.prefill(keys, values)
     for step in range(40):
@@ -243,10 +243,10 @@ def test_attending_in_place_equals_the_fast_tier(rng, method, recall_steps):
 )
 def test_automatic_cluster_count_follows_the_budget(rng, tokens, budget, expected):
     keys = rng.standard_normal((1, tokens, 8)).astype(np.float32)
-    recall = kvpack.ClusterKV(budget=budget, iters=1)
+    recall = kvpack.RecallCache(budget=budget, iters=1)
     recall.prefill(keys, keys)
     assert recall.n_clusters == expected
-    assert kvpack.ClusterKV(budget=budget, method="quest").n_clusters == 0
+    assert kvpack.RecallCache(budget=budget, method="quest").n_clusters == 0
 
 
 def test_clusterkv_recovers_more_attention_than_quest(rng):
@@ -300,13 +300,13 @@ def test_clusterkv_recovers_more_attention_than_quest(rng):
         ),
         (lambda k: kvpack.QuestIndex(k, page_size=0), ValueError, "page_size: expected >= 1"),
         (
-            lambda k: kvpack.ClusterKV(method="h2o"),
+            lambda k: kvpack.RecallCache(method="h2o"),
             ValueError,
             "method: expected a recall method",
         ),
-        (lambda k: kvpack.ClusterKV(budget=0).prefill(k, k), ValueError, "budget: expected >= 1"),
+        (lambda k: kvpack.RecallCache(budget=0).prefill(k, k), ValueError, "budget: expected >= 1"),
         (
-            lambda k: kvpack.ClusterKV().step(np.ones((2, 32)), k[:, 0], k[:, 0]),
+            lambda k: kvpack.RecallCache().step(np.ones((2, 32)), k[:, 0], k[:, 0]),
             ValueError,
             "call prefill",
         ),
@@ -325,7 +325,7 @@ def test_rejects_bad_arguments(rng, build, error, message):
 
 def test_step_rejects_mismatched_token(rng):
     keys, _, _ = topic_keys(rng, tokens=500)
-    recall = kvpack.ClusterKV(budget=64)
+    recall = kvpack.RecallCache(budget=64)
     recall.prefill(keys, keys)
     q = np.ones((2, 32), np.float32)
     with pytest.raises(ValueError, match=r"new_key: expected shape \(2, 32\)"):
@@ -336,7 +336,7 @@ def test_step_rejects_mismatched_token(rng):
 
 def test_step_rejects_non_finite_token(rng):
     keys, _, _ = topic_keys(rng, tokens=500)
-    recall = kvpack.ClusterKV(budget=64)
+    recall = kvpack.RecallCache(budget=64)
     recall.prefill(keys, keys)
     bad = keys[:, 0].copy()
     bad[1, 3] = np.inf
@@ -349,7 +349,7 @@ def test_decoded_window_is_attended_on_top_of_the_budget(rng):
     """Budget 128 after a 1792-token prompt: every decode step recalls 128 tokens of the
     prompt however many decoded tokens wait to be clustered (ClusterKV's reference)."""
     keys, _, _ = topic_keys(rng, tokens=1792)
-    recall = kvpack.ClusterKV(budget=128, iters=2)
+    recall = kvpack.RecallCache(budget=128, iters=2)
     recall.prefill(keys, keys)
     for step in range(330):  # past the first clustering of decoded tokens, at 320
         new = rng.standard_normal((2, 32)).astype(np.float32)
@@ -365,7 +365,7 @@ def test_decoded_window_is_attended_on_top_of_the_budget(rng):
 
 def test_own_token_is_attended_when_it_is_clustered(rng):
     keys, _, _ = topic_keys(rng, tokens=500)
-    recall = kvpack.ClusterKV(budget=64, append_interval=8, append_clusters=2, iters=2)
+    recall = kvpack.RecallCache(budget=64, append_interval=8, append_clusters=2, iters=2)
     recall.prefill(keys, keys)
     for step in range(20):
         new = rng.standard_normal((2, 32)).astype(np.float32)
@@ -377,7 +377,7 @@ def test_own_token_is_attended_when_it_is_clustered(rng):
 def test_huge_budget_or_recall_steps_allocate_only_what_the_context_needs(rng, fast_tier):
     keys, _, _ = topic_keys(rng, tokens=400)
     for options in ({"budget": 1 << 40}, {"budget": 64, "recall_steps": 1 << 40}):
-        recall = kvpack.ClusterKV(iters=2, fast_tier=fast_tier, **options)
+        recall = kvpack.RecallCache(iters=2, fast_tier=fast_tier, **options)
         recall.prefill(keys, keys)
         for step in range(3):
             q = rng.standard_normal((2, 32)).astype(np.float32)

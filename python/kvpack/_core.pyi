@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 from . import methods
-__all__: list[str] = ['ClusterIndex', 'ClusterKV', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'cluster_slot', 'compress', 'cpu_target', 'cpu_targets', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'kmeans', 'methods', 'parse_codec', 'place', 'set_num_threads', 'xxh3', 'xxh64']
+__all__: list[str] = ['ClusterIndex', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'RecallCache', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'cluster_slot', 'compress', 'cpu_target', 'cpu_targets', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'kmeans', 'methods', 'parse_codec', 'place', 'set_num_threads', 'xxh3', 'xxh64']
 class ClusterIndex:
     def __init__(self, keys: typing.Any, n_clusters: typing.SupportsInt | typing.SupportsIndex = 0, sink: typing.SupportsInt | typing.SupportsIndex = 16, iters: typing.SupportsInt | typing.SupportsIndex = 20, seed: typing.SupportsInt | typing.SupportsIndex = 0, init: typing.Any = 'kmeans++', append_interval: typing.SupportsInt | typing.SupportsIndex = 320, append_clusters: typing.SupportsInt | typing.SupportsIndex = 8, tokens_per_cluster: typing.SupportsInt | typing.SupportsIndex = 80) -> None:
         ...
@@ -73,7 +73,7 @@ class QuestIndex:
     @property
     def tokens(self) -> int:
         ...
-class ClusterKV:
+class RecallCache:
     def __init__(self, budget: typing.SupportsInt | typing.SupportsIndex, method: typing.Any) -> None:
         ...
     def prefill(self, keys: typing.Any, values: typing.Any) -> None:

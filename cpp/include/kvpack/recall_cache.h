@@ -61,7 +61,7 @@ struct ClusterKVParams : RecallParams {
   }
 };
 
-/// A recall method: how a ClusterKV engine selects its tokens.
+/// A recall method: how a RecallCache selects its tokens.
 using RecallMethod = std::variant<ClusterKVParams, QuestParams>;
 
 /// The automatic cluster count keeps the mean cluster at most budget / this many tokens.
@@ -76,9 +76,9 @@ struct RecallStats {
   std::int64_t bytes_loaded = 0;  ///< K and V bytes of the loaded tokens
 };
 
-class ClusterKV {
+class RecallCache {
  public:
-  explicit ClusterKV(const RecallMethod& method);
+  explicit RecallCache(const RecallMethod& method);
 
   /// Takes the prompt's keys and values [heads_kv, tokens, dim] (copied into the slow
   /// tier) and builds the index.

@@ -1,4 +1,4 @@
-#include "kvpack/cluster_kv.h"
+#include "kvpack/recall_cache.h"
 
 #include <algorithm>
 #include <cstring>
@@ -11,7 +11,7 @@ namespace {
 constexpr std::int64_t kNever = -(std::int64_t{1} << 62);  // a step no recency window reaches
 }  // namespace
 
-ClusterKV::ClusterKV(const RecallMethod& method)
+RecallCache::RecallCache(const RecallMethod& method)
     : method_(method), params_(std::visit([](const RecallParams& p) { return p; }, method)) {
   KVPACK_CHECK(params_.budget >= 1, "budget: expected >= 1, got " << params_.budget);
   KVPACK_CHECK(params_.recall_steps >= 1,
@@ -22,15 +22,15 @@ ClusterKV::ClusterKV(const RecallMethod& method)
     KVPACK_CHECK(quest->page_size >= 1, "page_size: expected >= 1, got " << quest->page_size);
 }
 
-KVView ClusterKV::keys() const {
+KVView RecallCache::keys() const {
   return KVView{keys_.data(), dtype_, heads_, tokens_, dim_, capacity_ * dim_};
 }
 
-KVView ClusterKV::values() const {
+KVView RecallCache::values() const {
   return KVView{values_.data(), dtype_, heads_, tokens_, dim_, capacity_ * dim_};
 }
 
-void ClusterKV::append_rows(const KVView& k, const KVView& v) {
+void RecallCache::append_rows(const KVView& k, const KVView& v) {
   const std::size_t elem = dtype_size(dtype_);
   // Grow by a quarter: a copy every capacity/4 tokens keeps appends cheap on average
   // while the slow tier stays within 1.25x of the tokens it holds.
@@ -50,7 +50,7 @@ void ClusterKV::append_rows(const KVView& k, const KVView& v) {
   for (auto& steps : recalled_at_) steps.resize(static_cast<std::size_t>(tokens_), kNever);
 }
 
-void ClusterKV::reserve_rows(std::int64_t capacity) {
+void RecallCache::reserve_rows(std::int64_t capacity) {
   if (capacity <= capacity_) return;
   const std::size_t elem = dtype_size(dtype_);
   std::vector<unsigned char> nk(static_cast<std::size_t>(heads_ * capacity * dim_) * elem),
@@ -67,7 +67,7 @@ void ClusterKV::reserve_rows(std::int64_t capacity) {
   capacity_ = capacity;
 }
 
-ClusterIndexParams ClusterKV::index_params(std::int64_t tokens) const {
+ClusterIndexParams RecallCache::index_params(std::int64_t tokens) const {
   ClusterIndexParams index = std::get<ClusterKVParams>(method_).index;
   const std::int64_t clustered = tokens - std::min(index.sink, tokens);
   if (index.n_clusters == 0 && clustered > 0) {
@@ -82,7 +82,7 @@ ClusterIndexParams ClusterKV::index_params(std::int64_t tokens) const {
   return index;
 }
 
-void ClusterKV::prefill(const KVView& keys, const KVView& values) {
+void RecallCache::prefill(const KVView& keys, const KVView& values) {
   KVPACK_CHECK(keys.data && values.data && keys.heads >= 1 && keys.tokens >= 1 && keys.dim >= 1,
                "keys: expected a non-empty [heads_kv, tokens, head_dim] cache");
   KVPACK_CHECK(values.heads == keys.heads && values.tokens == keys.tokens &&
@@ -117,7 +117,7 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
       params_.fast_tier ? std::min(recall_steps * std::min(params_.budget, tokens_), tokens_) : 0);
 }
 
-void ClusterKV::reset_fast_tier(std::int64_t slots) {
+void RecallCache::reset_fast_tier(std::int64_t slots) {
   slots_ = slots;
   const std::size_t elem = dtype_size(dtype_);
   fast_keys_.assign(static_cast<std::size_t>(heads_ * slots_ * dim_) * elem, 0);
@@ -132,7 +132,7 @@ void ClusterKV::reset_fast_tier(std::int64_t slots) {
   for (auto& slots_of_head : slot_of_) std::fill(slots_of_head.begin(), slots_of_head.end(), -1);
 }
 
-std::int32_t ClusterKV::take_slot(std::int64_t head, std::int32_t token) {
+std::int32_t RecallCache::take_slot(std::int64_t head, std::int32_t token) {
   auto& free = free_slots_[static_cast<std::size_t>(head)];
   KVPACK_CHECK(!free.empty(), "internal: fast tier full");
   const std::int32_t slot = free.back();
@@ -147,7 +147,7 @@ std::int32_t ClusterKV::take_slot(std::int64_t head, std::int32_t token) {
   return slot;
 }
 
-void ClusterKV::recall(const std::vector<std::vector<std::int32_t>>& needed, RecallStats& stats) {
+void RecallCache::recall(const std::vector<std::vector<std::int32_t>>& needed, RecallStats& stats) {
   const std::int64_t row_bytes = 2 * dim_ * static_cast<std::int64_t>(dtype_size(dtype_));
   std::vector<RecallStats> per_head(static_cast<std::size_t>(heads_));
   parallel_for(heads_, [&](std::int64_t h) {
@@ -189,8 +189,8 @@ void ClusterKV::recall(const std::vector<std::vector<std::int32_t>>& needed, Rec
   stats.bytes_loaded = stats.loaded * row_bytes;
 }
 
-void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key,
-                     const KVView& new_value, float* out) {
+void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_key,
+                       const KVView& new_value, float* out) {
   KVPACK_CHECK(tokens_ > 0, "step: call prefill first");
   KVPACK_CHECK(
       new_key.heads == heads_ && new_key.tokens == 1 && new_key.dim == dim_ &&
@@ -284,8 +284,8 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   decode_attention(q, heads_q, fk, fv, &index, nullptr, AttentionParams{}, output);
 }
 
-void ClusterKV::count_recalls(const std::vector<std::vector<std::int32_t>>& needed,
-                              RecallStats& stats) {
+void RecallCache::count_recalls(const std::vector<std::vector<std::int32_t>>& needed,
+                                RecallStats& stats) {
   const std::int64_t row_bytes = 2 * dim_ * static_cast<std::int64_t>(dtype_size(dtype_));
   for (std::int64_t h = 0; h < heads_; ++h) {
     auto& recalled_at = recalled_at_[static_cast<std::size_t>(h)];
@@ -302,8 +302,8 @@ void ClusterKV::count_recalls(const std::vector<std::vector<std::int32_t>>& need
   stats.bytes_loaded = stats.loaded * row_bytes;
 }
 
-void ClusterKV::attend_in_place(const float* q, std::int64_t heads_q, std::int64_t rows,
-                                std::int64_t count, float* out) const {
+void RecallCache::attend_in_place(const float* q, std::int64_t heads_q, std::int64_t rows,
+                                  std::int64_t count, float* out) const {
   const IndexView index{selection_.data(), rows, count};
   AttentionOutput output;
   output.out = out;
