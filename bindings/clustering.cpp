@@ -338,8 +338,7 @@ void bind_clustering(py::module_& m) {
                              })
       .def_property_readonly("n_clusters",
                              [](const RecallCache& s) -> std::int64_t {
-                               const ClusterIndex* index = s.cluster_index();
-                               return index ? index->arrays()->clusters : 0;
+                               return s.selector() ? s.selector()->stats().clusters : 0;
                              })
       .def_property_readonly("last_step",
                              [](const RecallCache& s) { return stats_dict(s.last_step()); })

@@ -11,13 +11,13 @@
 #include <utility>
 #include <variant>
 
+#include "kvpack/cluster_index.h"
 #include "kvpack/evict.h"
 #include "kvpack/keydiff.h"
 #include "kvpack/merge.h"
 #include "kvpack/method.h"
 #include "kvpack/quant.h"
 #include "kvpack/quest.h"
-#include "kvpack/recall_cache.h"
 
 namespace kvpack {
 
