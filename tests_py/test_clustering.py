@@ -384,3 +384,99 @@ def test_huge_budget_or_recall_steps_allocate_only_what_the_context_needs(rng, f
             out = recall.step(q, keys[:, step], keys[:, step])
             assert np.all(np.isfinite(out))
         assert recall.last_step["hits"] + recall.last_step["loaded"] == recall.last_step["selected"]
+
+
+def _recall_caches(rng, method, dtype, batch, heads=2, dim=32, **options):
+    """Two identical sets of prefilled core caches, one per batch row (prompts of
+    different lengths), and the prompts."""
+    sets = ([], [])
+    for b in range(batch):
+        keys = rng.standard_normal((heads, 200 + 37 * b, dim)).astype(dtype)
+        values = rng.standard_normal(keys.shape).astype(dtype)
+        for caches in sets:
+            cache = kvpack.RecallCache(budget=48, method=method, **options)
+            cache.prefill(keys, values)
+            caches.append(cache._recall)
+    return sets
+
+
+@pytest.mark.parametrize("method", ["clusterkv", "quest"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_recall_step_equals_a_step_per_row_and_position(rng, method, dtype, per_query_head):
+    batch, fresh, heads_q, heads, dim = 3, 3, 8, 2, 32
+    options = {"append_interval": 4, "append_clusters": 2, "iters": 2}
+    options = options if method == "clusterkv" else {"page_size": 4}
+    batched, one_by_one = _recall_caches(
+        rng, method, dtype, batch, per_query_head=per_query_head, fast_tier=True, **options
+    )
+    for _ in range(3):  # decode steps, across clusterings of the decoded tokens
+        queries = rng.standard_normal((batch, fresh, heads_q, dim)).astype(np.float32)
+        # Token-major as a model's projections give them, viewed [batch, heads, new, dim].
+        keys = rng.standard_normal((batch, fresh, heads, dim)).astype(dtype).transpose(0, 2, 1, 3)
+        values = rng.standard_normal((batch, fresh, heads, dim)).astype(dtype).transpose(0, 2, 1, 3)
+        out = kvpack._core.recall_step(batched, queries, keys, values)
+        assert out.shape == (batch, fresh, heads_q, dim) and out.dtype == np.float32
+        for b, cache in enumerate(one_by_one):
+            for i in range(fresh):
+                expected = cache.step(queries[b, i], keys[b, :, i], values[b, :, i])
+                np.testing.assert_array_equal(out[b, i], expected)
+            np.testing.assert_array_equal(batched[b].last_selection, cache.last_selection)
+    for mine, theirs in zip(batched, one_by_one):
+        assert mine.tokens == theirs.tokens and mine.total == theirs.total
+
+
+def test_recall_step_reads_torch_views(rng):
+    torch = pytest.importorskip("torch")
+    batched, one_by_one = _recall_caches(rng, "clusterkv", np.float16, 2)
+    queries = torch.randn(2, 1, 4, 32)
+    keys = torch.randn(2, 1, 2, 32, dtype=torch.float16).transpose(1, 2)
+    values = torch.randn(2, 1, 2, 32, dtype=torch.float16).transpose(1, 2)
+    out = kvpack._core.recall_step(batched, queries, keys, values)
+    for b, cache in enumerate(one_by_one):
+        expected = cache.step(queries[b, 0].numpy(), keys[b, :, 0].numpy(), values[b, :, 0].numpy())
+        np.testing.assert_array_equal(out[b, 0], expected)
+
+
+def test_recall_step_rejects_bad_arguments(rng):
+    caches, _ = _recall_caches(rng, "clusterkv", np.float16, 2)
+    queries = np.zeros((2, 1, 4, 32), np.float32)
+    keys = np.zeros((2, 2, 1, 32), np.float16)
+    step = kvpack._core.recall_step
+    fresh = kvpack._core.RecallCache(16, kvpack.methods.ClusterKV())
+    cases = [
+        (lambda: step(caches[:1], queries, keys, keys), ValueError, "caches: expected one per"),
+        (lambda: step(caches[0], queries, keys, keys), TypeError, "caches: expected a sequence"),
+        (lambda: step([caches[0], "x"], queries, keys, keys), TypeError, r"caches\[1\]: expected"),
+        (lambda: step([caches[0], fresh], queries, keys, keys), ValueError, "prefill"),
+        (lambda: step(caches, queries[0], keys, keys), ValueError, "queries: expected 4"),
+        (lambda: step(caches, queries[:, :, ::2], keys, keys), ValueError, "C-contiguous"),
+        (
+            lambda: step(caches, queries, keys[:, :, :0], keys[:, :, :0]),
+            ValueError,
+            "keys: expected shape",
+        ),
+        (lambda: step(caches, queries, keys, keys[:1]), ValueError, "values: expected shape"),
+        (lambda: step(caches, queries, keys[:, :1], keys[:, :1]), ValueError, "keys: expected"),
+        (
+            lambda: step(caches, np.zeros((2, 1, 3, 32), np.float32), keys, keys),
+            ValueError,
+            "multiple of heads_kv",
+        ),
+        (
+            lambda: step(caches, queries, keys.astype(np.float32), keys.astype(np.float32)),
+            TypeError,
+            r"keys/values: expected dtype float16 like the prefill of caches\[0\]",
+        ),
+        (lambda: step(caches, queries, keys, keys.astype(np.float32)), TypeError, "values"),
+        (lambda: step(caches, queries, keys.astype(np.int8), keys), TypeError, "keys"),
+        (
+            lambda: step(caches, queries, np.full_like(keys, np.nan), keys),
+            ValueError,
+            r"keys\[0, :, 0\]: contains NaN",
+        ),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    assert all(cache.tokens == 200 + 37 * b for b, cache in enumerate(caches))

@@ -277,4 +277,18 @@ void RecallCache::attend_in_place(const float* q, std::int64_t heads_q, std::int
   decode_attention(q, heads_q, keys(), values(), &index, nullptr, AttentionParams{}, output);
 }
 
+void recall_step(RecallCache* const* caches, const float* queries, std::int64_t heads_q,
+                 const BatchKVView& keys, const BatchKVView& values, float* out) {
+  KVPACK_CHECK(values.batch == keys.batch && values.heads == keys.heads &&
+                   values.tokens == keys.tokens && values.dim == keys.dim,
+               "values: expected the shape of keys");
+  const std::int64_t size = heads_q * keys.dim;
+  // Rows are independent, positions of a row in order; each step runs its heads in parallel.
+  for (std::int64_t b = 0; b < keys.batch; ++b)
+    for (std::int64_t i = 0; i < keys.tokens; ++i) {
+      const std::int64_t at = (b * keys.tokens + i) * size;
+      caches[b]->step(queries + at, heads_q, keys.row(b, i, 1), values.row(b, i, 1), out + at);
+    }
+}
+
 }  // namespace kvpack

@@ -98,4 +98,15 @@ class RecallCache {
   RecallStats last_, total_;
 };
 
+/// One decode step of a batch of sequences, each with its own cache: for every row b and
+/// then every new position i in order, exactly caches[b]->step(queries[b, i], heads_q,
+/// keys[b, :, i], values[b, :, i], out[b, i]).
+/// @param caches   size keys.batch, each prefilled with keys.heads heads of keys.dim
+/// @param queries  size keys.batch * keys.tokens * heads_q * keys.dim float32,
+///                 [batch, new, heads_q, dim] (token-major, as attention outputs are)
+/// @param keys, values  [batch, heads_kv, new, dim] in the caches' dtype
+/// @param out      size of queries, [batch, new, heads_q, dim]
+void recall_step(RecallCache* const* caches, const float* queries, std::int64_t heads_q,
+                 const BatchKVView& keys, const BatchKVView& values, float* out);
+
 }  // namespace kvpack
