@@ -36,7 +36,7 @@ def run(tokens: int = 32768, budget: int = 1024, steps: int = 64) -> list[tuple[
     dense = best_seconds(lambda: kvpack.attention(cache.query, keys, values), 7)
     rows = [(f"dense attention over {tokens} tokens", f"{dense * 1e3:.2f} ms", "reference")]
     for method in ("clusterkv", "quest"):
-        recall = kvpack.ClusterKV(budget=budget, method=method)
+        recall = kvpack.RecallCache(budget=budget, method=method)
         start = time.perf_counter()
         recall.prefill(keys, values)
         prefill = time.perf_counter() - start
@@ -70,7 +70,7 @@ def _without_locality(tokens: int, budget: int, steps: int, dense: float):
     keys = rng.standard_normal((8, tokens + steps, 128), dtype=np.float32).astype(np.float16)
     values = rng.standard_normal(keys.shape, dtype=np.float32).astype(np.float16)
     queries = rng.standard_normal((steps, 32, 128), dtype=np.float32)
-    recall = kvpack.ClusterKV(budget=budget)
+    recall = kvpack.RecallCache(budget=budget)
     recall.prefill(np.ascontiguousarray(keys[:, :tokens]), np.ascontiguousarray(values[:, :tokens]))
     flush = np.ones(64 << 20, dtype=np.uint8)  # larger than the last-level cache
     times, cold = [], []

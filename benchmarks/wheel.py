@@ -134,7 +134,7 @@ def _kernels() -> dict[str, float]:
     prompt = tokens // 2
     queries = q[None] + 0.1 * rng.standard_normal((steps, *q.shape)).astype(np.float32)
     for method in ("clusterkv", "quest"):
-        recall = kvpack.ClusterKV(budget=budget, method=method)
+        recall = kvpack.RecallCache(budget=budget, method=method)
         start = time.process_time()
         recall.prefill(
             np.ascontiguousarray(keys[:, :prompt]), np.ascontiguousarray(values[:, :prompt])

@@ -242,6 +242,38 @@ KVView strided_kv_view(const py::array& array, const char* name) {
   return view;
 }
 
+BatchKVView batch_kv_view(py::array& array, const char* name, bool heads_contiguous) {
+  BatchKVView view;
+  view.dtype = kv_dtype(array, name);
+  require_native(array, name);
+  KVPACK_ARG_CHECK(array.ndim() == 4, name << ": expected 4 dimensions [batch, heads_kv, tokens, "
+                                              "head_dim], got shape "
+                                           << shape_string(array));
+  const auto item = static_cast<py::ssize_t>(dtype_size(view.dtype));
+  const auto in_place = [&](const py::array& a) {
+    for (int axis = 0; axis < 4; ++axis)
+      if (a.shape(axis) > 1 && (a.strides(axis) <= 0 || a.strides(axis) % item != 0)) return false;
+    if (a.shape(3) > 1 && a.strides(3) != item) return false;
+    return !heads_contiguous || a.shape(2) <= 1 || a.strides(2) == a.shape(3) * item;
+  };
+  if (!in_place(array)) array = py::module_::import("numpy").attr("ascontiguousarray")(array);
+  view.batch = array.shape(0);
+  view.heads = array.shape(1);
+  view.tokens = array.shape(2);
+  view.dim = array.shape(3);
+  KVPACK_ARG_CHECK(view.heads > 0 && view.dim > 0,
+                   name << ": expected heads and head_dim, got shape " << shape_string(array));
+  // A stride along an axis of one element is never used: NumPy may give it any value.
+  const auto stride = [&](int axis) {
+    return array.shape(axis) > 1 ? array.strides(axis) / item : 0;
+  };
+  view.batch_stride = stride(0);
+  view.head_stride = stride(1);
+  view.token_stride = array.shape(2) > 1 ? stride(2) : view.dim;
+  view.data = array.data();
+  return view;
+}
+
 std::pair<KVView, KVView> kv_pair(const py::array& keys, const py::array& values) {
   const KVView k = kv_view(keys, "keys"), v = kv_view(values, "values");
   KVPACK_ARG_CHECK(v.heads == k.heads && v.tokens == k.tokens && v.dim == k.dim,

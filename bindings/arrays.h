@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "args.h"
 #include "dlpack.h"
 #include "kvpack/backend.h"
 #include "kvpack/common.h"
@@ -80,6 +81,12 @@ KVView kv_view(const py::array& array, const char* name);
 /// Like kv_view, but also accepts heads further apart than tokens * dim (each head's
 /// rows contiguous), as in a slice of a cache buffer with spare room; tokens may be 0.
 KVView strided_kv_view(const py::array& array, const char* name);
+
+/// View of a batch's keys or values [batch, heads_kv, tokens, head_dim] (any KV dtype),
+/// read in place when each head_dim row is contiguous (a token-major buffer transposed, a
+/// slice of a buffer with spare room) and, with `heads_contiguous`, each head's token rows
+/// too; `array` is replaced by a C-contiguous copy otherwise (what a step reads is small).
+BatchKVView batch_kv_view(py::array& array, const char* name, bool heads_contiguous);
 
 /// Zero-copy views of a layer's keys and values, validated: values must match the
 /// shape and dtype of keys.
@@ -174,7 +181,33 @@ struct __attribute__((visibility("hidden"))) CudaCall {
 /// 0 (the default 1/sqrt(head_dim)) for None, else a positive finite scale.
 float resolve_scale_arg(const std::optional<double>& scale);
 
-/// One validated decode step of a decode-time cache (ClusterKV, EvictionCache): q and the
+/// The items of a batched call's `objects` argument, one per batch row (`batch`, read from
+/// the argument `batch_from`): ValueError for another count, TypeError naming the argument
+/// (and the item) unless a sequence of `T` (bound as `type_name`). `keep` holds the items
+/// while the GIL is released.
+template <class T>
+std::vector<T*> batch_objects(const py::object& objects, const char* name, const char* type_name,
+                              std::int64_t batch, const char* batch_from,
+                              std::vector<py::object>& keep) {
+  KVPACK_TYPE_CHECK(
+      py::isinstance<py::sequence>(objects) && !py::isinstance<py::str>(objects),
+      name << ": expected a sequence of " << type_name << ", got " << python_type(objects));
+  const auto items = py::reinterpret_borrow<py::sequence>(objects);
+  KVPACK_ARG_CHECK(static_cast<std::int64_t>(items.size()) == batch,
+                   name << ": expected one per batch row of " << batch_from << " (" << batch
+                        << "), got " << items.size());
+  std::vector<T*> out;
+  for (std::size_t b = 0; b < items.size(); ++b) {
+    keep.push_back(items[b]);
+    KVPACK_TYPE_CHECK(py::isinstance<T>(keep.back()), name << "[" << b << "]: expected a "
+                                                           << type_name << ", got "
+                                                           << python_type(keep.back()));
+    out.push_back(&keep.back().cast<T&>());
+  }
+  return out;
+}
+
+/// One validated decode step of a decode-time cache (RecallCache, EvictionCache): q and the
 /// new token checked, the GIL released around cache.step, the output checked for NaN/Inf.
 template <class Cache>
 py::array_t<float> decode_step(Cache& cache, bool prefilled, const py::object& q_obj,

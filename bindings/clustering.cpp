@@ -1,12 +1,13 @@
-// Bindings of kvpack/kmeans.h: validate, convert, release the GIL, call the core.
+// Bindings of kvpack/kmeans.h, cluster_index.h, quest.h and recall_cache.h: validate,
+// convert, release the GIL, call the core.
 #include <pybind11/stl.h>
 
 #include "args.h"
 #include "arrays.h"
 #include "kvpack/cluster_index.h"
-#include "kvpack/cluster_kv.h"
 #include "kvpack/kmeans.h"
 #include "kvpack/quest.h"
+#include "kvpack/recall_cache.h"
 #include "methods.h"
 
 namespace kvpack::bindings {
@@ -175,6 +176,64 @@ py::dict stats_dict(const RecallStats& s) {
   return d;
 }
 
+py::array_t<float> recall_step_binding(const py::object& caches_obj, const py::object& queries_obj,
+                                       const py::object& keys_obj, const py::object& values_obj) {
+  const py::array_t<float> queries = finite_float32(as_array(queries_obj, "queries"), "queries", 4,
+                                                    "[batch, new, heads_q, head_dim]");
+  py::array keys_array = as_array(keys_obj, "keys"), values_array = as_array(values_obj, "values");
+  const BatchKVView keys = batch_kv_view(keys_array, "keys", false);
+  const BatchKVView values = batch_kv_view(values_array, "values", false);
+  KVPACK_ARG_CHECK(values.batch == keys.batch && values.heads == keys.heads &&
+                       values.tokens == keys.tokens && values.dim == keys.dim,
+                   "values: expected shape " << shape_string(keys_array) << " like keys, got "
+                                             << shape_string(values_array));
+  KVPACK_TYPE_CHECK(values.dtype == keys.dtype, "values: expected dtype "
+                                                    << dtype_name(keys.dtype) << " like keys, got "
+                                                    << dtype_string(values_array));
+  const std::int64_t batch = queries.shape(0), fresh = queries.shape(1), heads_q = queries.shape(2);
+  KVPACK_ARG_CHECK(keys.batch == batch && keys.tokens == fresh && keys.dim == queries.shape(3),
+                   "keys: expected shape ("
+                       << batch << ", heads_kv, " << fresh << ", " << queries.shape(3)
+                       << ") to match queries [batch, new, heads_q, "
+                          "head_dim] of shape "
+                       << shape_string(queries) << ", got " << shape_string(keys_array));
+  KVPACK_ARG_CHECK(heads_q > 0 && heads_q % keys.heads == 0,
+                   "queries: expected heads_q to be a positive multiple of heads_kv="
+                       << keys.heads << ", got shape " << shape_string(queries));
+  std::vector<py::object> keep;
+  const std::vector<RecallCache*> caches =
+      batch_objects<RecallCache>(caches_obj, "caches", "RecallCache", batch, "queries", keep);
+  for (std::size_t b = 0; b < caches.size(); ++b) {
+    const RecallCache& cache = *caches[b];
+    KVPACK_ARG_CHECK(cache.tokens() > 0, "caches[" << b << "]: call prefill(keys, values) first");
+    KVPACK_ARG_CHECK(cache.heads() == keys.heads && cache.dim() == keys.dim,
+                     "keys: expected heads_kv " << cache.heads() << " and head_dim " << cache.dim()
+                                                << " like the prefill of caches[" << b
+                                                << "], got shape " << shape_string(keys_array));
+    KVPACK_TYPE_CHECK(cache.dtype() == keys.dtype, "keys/values: expected dtype "
+                                                       << dtype_name(cache.dtype())
+                                                       << " like the prefill of caches[" << b
+                                                       << "], got " << dtype_string(keys_array));
+  }
+  // A NaN key would poison the clustering later: every new token is checked first.
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t i = 0; i < fresh; ++i) {
+      const std::string at = "[" + std::to_string(b) + ", :, " + std::to_string(i) + "]";
+      require_finite(keys.row(b, i, 1), ("keys" + at).c_str());
+      require_finite(values.row(b, i, 1), ("values" + at).c_str());
+    }
+  py::array_t<float> out = owned_float_array({batch, fresh, heads_q, keys.dim});
+  {
+    py::gil_scoped_release release;
+    recall_step(caches.data(), queries.data(), heads_q, keys, values, out.mutable_data());
+  }
+  const std::int64_t row = fresh * heads_q * keys.dim;
+  for (std::int64_t b = 0; b < batch; ++b)
+    if (!all_finite(out.data() + b * row, row))
+      raise_non_finite({{"keys", caches[b]->keys()}, {"values", caches[b]->values()}});
+  return out;
+}
+
 }  // namespace
 
 void bind_clustering(py::module_& m) {
@@ -299,17 +358,17 @@ void bind_clustering(py::module_& m) {
                               adopt_vector(std::move(hi), shape));
       });
 
-  py::class_<ClusterKV>(m, "ClusterKV")
+  py::class_<RecallCache>(m, "RecallCache")
       .def(py::init([](const Arg<std::int64_t>& budget_arg, const py::object& method) {
              const std::int64_t budget = budget_arg.as("budget");
              RecallMethod recall = recall_method(method);
              std::visit([budget](RecallParams& p) { p.budget = budget; }, recall);
-             return std::make_unique<ClusterKV>(recall);
+             return std::make_unique<RecallCache>(recall);
            }),
            py::arg("budget"), py::arg("method"))
       .def(
           "prefill",
-          [](ClusterKV& self, const py::object& keys_obj, const py::object& values_obj) {
+          [](RecallCache& self, const py::object& keys_obj, const py::object& values_obj) {
             const py::array keys = as_array(keys_obj, "keys"),
                             values = as_array(values_obj, "values");
             const auto [k, v] = kv_pair(keys, values);
@@ -321,31 +380,40 @@ void bind_clustering(py::module_& m) {
           py::arg("keys"), py::arg("values"))
       .def(
           "step",
-          [](ClusterKV& self, const py::object& q, const py::object& key, const py::object& value) {
+          [](RecallCache& self, const py::object& q, const py::object& key,
+             const py::object& value) {
             // A NaN key would poison the clustering later; decode_step rejects it.
             return decode_step(self, self.tokens() > 0, q, key, value);
           },
           py::arg("q"), py::arg("new_key"), py::arg("new_value"))
-      .def_property_readonly("tokens", &ClusterKV::tokens)
+      .def_property_readonly("tokens", &RecallCache::tokens)
       .def_property_readonly("nbytes",
-                             [](const ClusterKV& s) {
+                             [](const RecallCache& s) {
                                py::dict tiers;
                                tiers["slow"] = s.slow_tier_bytes();
                                tiers["fast"] = s.fast_tier_bytes();
                                return tiers;
                              })
       .def_property_readonly("n_clusters",
-                             [](const ClusterKV& s) -> std::int64_t {
-                               const ClusterIndex* index = s.cluster_index();
-                               return index ? index->arrays()->clusters : 0;
+                             [](const RecallCache& s) -> std::int64_t {
+                               return s.selector() ? s.selector()->stats().clusters : 0;
                              })
       .def_property_readonly("last_step",
-                             [](const ClusterKV& s) { return stats_dict(s.last_step()); })
-      .def_property_readonly("total", [](const ClusterKV& s) { return stats_dict(s.total()); })
-      .def_property_readonly("last_selection", [](const ClusterKV& s) {
+                             [](const RecallCache& s) { return stats_dict(s.last_step()); })
+      .def_property_readonly("total", [](const RecallCache& s) { return stats_dict(s.total()); })
+      .def_property_readonly("last_selection", [](const RecallCache& s) {
         std::vector<std::int32_t> copy = s.last_selection();
         return selection_array(std::move(copy), s.last_rows());
       });
+
+  m.def("recall_step", &recall_step_binding, py::arg("caches"), py::arg("queries"), py::arg("keys"),
+        py::arg("values"),
+        "One decode step of a batch, one RecallCache per row, looped in C++: out[b, i] is "
+        "caches[b].step(queries[b, i], keys[b, :, i], values[b, :, i]), rows in turn and each "
+        "row's positions in order. queries: float32 [batch, new, heads_q, head_dim]; keys, "
+        "values: [batch, heads_kv, new, head_dim] in the caches' dtype (each head_dim row "
+        "contiguous; strided views are read in place). Returns float32 [batch, new, heads_q, "
+        "head_dim].");
 
   const KMeansParams kmeans_defaults;
   m.def("kmeans", &kmeans_binding, py::arg("x"), py::arg("n_clusters"),

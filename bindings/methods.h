@@ -9,6 +9,7 @@
 #include "arrays.h"
 #include "kvpack/kmeans.h"
 #include "kvpack/methods.h"
+#include "kvpack/selector.h"
 
 namespace kvpack::bindings {
 

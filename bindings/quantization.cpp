@@ -7,6 +7,67 @@
 
 namespace kvpack::bindings {
 
+namespace {
+
+py::array_t<float> quantized_attention_binding(const py::object& quantized_obj,
+                                               const py::object& queries_obj,
+                                               const py::object& tail_keys_obj,
+                                               const py::object& tail_values_obj,
+                                               const Arg<std::optional<double>>& scale_arg) {
+  AttentionParams params;
+  params.scale = resolve_scale_arg(scale_arg.as("scale"));
+  const py::array_t<float> queries = finite_float32(as_array(queries_obj, "queries"), "queries", 4,
+                                                    "[batch, new, heads_q, head_dim]");
+  py::array keys_array = as_array(tail_keys_obj, "tail_keys"),
+            values_array = as_array(tail_values_obj, "tail_values");
+  // Each query reads a prefix of its row's tail as [heads, n, head_dim]: head rows contiguous.
+  const BatchKVView keys = batch_kv_view(keys_array, "tail_keys", true);
+  const BatchKVView values = batch_kv_view(values_array, "tail_values", true);
+  KVPACK_ARG_CHECK(values.batch == keys.batch && values.heads == keys.heads &&
+                       values.tokens == keys.tokens && values.dim == keys.dim,
+                   "tail_values: expected shape " << shape_string(keys_array)
+                                                  << " like tail_keys, got "
+                                                  << shape_string(values_array));
+  const std::int64_t batch = queries.shape(0), fresh = queries.shape(1), heads_q = queries.shape(2);
+  KVPACK_ARG_CHECK(keys.batch == batch && keys.dim == queries.shape(3),
+                   "tail_keys: expected shape ("
+                       << batch << ", heads_kv, decoded, " << queries.shape(3)
+                       << ") to match queries [batch, new, heads_q, "
+                          "head_dim] of shape "
+                       << shape_string(queries) << ", got " << shape_string(keys_array));
+  KVPACK_ARG_CHECK(keys.tokens >= fresh,
+                   "tail_keys: expected at least new=" << fresh
+                                                       << " decoded tokens (query i attends the "
+                                                          "first decoded - new + i + 1), got "
+                                                       << shape_string(keys_array));
+  KVPACK_ARG_CHECK(heads_q > 0 && heads_q % keys.heads == 0,
+                   "queries: expected heads_q to be a positive multiple of heads_kv="
+                       << keys.heads << ", got shape " << shape_string(queries));
+  std::vector<py::object> keep;
+  const std::vector<QuantizedKV*> quantized =
+      batch_objects<QuantizedKV>(quantized_obj, "quantized", "QuantizedKV", batch, "queries", keep);
+  for (std::size_t b = 0; b < quantized.size(); ++b)
+    KVPACK_ARG_CHECK(quantized[b]->heads() == keys.heads && quantized[b]->dim() == keys.dim,
+                     "tail_keys: expected heads_kv "
+                         << quantized[b]->heads() << " and head_dim " << quantized[b]->dim()
+                         << " like quantized[" << b << "], got shape " << shape_string(keys_array));
+  py::array_t<float> out = owned_float_array({batch, fresh, heads_q, keys.dim});
+  {
+    py::gil_scoped_release release;
+    quantized_attention(quantized.data(), queries.data(), fresh, heads_q, keys, values, params,
+                        out.mutable_data());
+  }
+  // The codes are finite by construction: a non-finite result comes from the tail.
+  const std::int64_t row = fresh * heads_q * keys.dim;
+  for (std::int64_t b = 0; b < batch; ++b)
+    if (!all_finite(out.data() + b * row, row))
+      raise_non_finite({{"tail_keys", keys.row(b, 0, keys.tokens)},
+                        {"tail_values", values.row(b, 0, values.tokens)}});
+  return out;
+}
+
+}  // namespace
+
 void bind_quantization(py::module_& m) {
   py::class_<QuantizedKV>(m, "QuantizedKV")
       .def(py::init([](const py::object& keys_obj, const py::object& values_obj,
@@ -126,6 +187,17 @@ void bind_quantization(py::module_& m) {
       .def_property_readonly("tokens", &QuantizedKV::tokens)
       .def_property_readonly("head_dim", &QuantizedKV::dim)
       .def_property_readonly("dtype", [](const QuantizedKV& s) { return numpy_dtype(s.dtype()); });
+
+  m.def("quantized_attention", &quantized_attention_binding, py::arg("quantized"),
+        py::arg("queries"), py::arg("tail_keys"), py::arg("tail_values"),
+        py::arg("scale") = py::none(),
+        "Decode attention of a batch, one QuantizedKV per row, looped in C++: out[b, i] is "
+        "quantized[b].attend(queries[b, i], scale, tail_keys[b, :, :seen], "
+        "tail_values[b, :, :seen]) with seen = decoded - new + i + 1. queries: float32 [batch, "
+        "new, heads_q, head_dim]; tail_keys, tail_values: [batch, heads_kv, decoded, head_dim] "
+        "in any KV dtype, the tokens decoded since the quantization (each head's rows "
+        "contiguous; a slice of a buffer with spare room is read in place). Returns float32 "
+        "[batch, new, heads_q, head_dim].");
 }
 
 }  // namespace kvpack::bindings

@@ -115,7 +115,7 @@ def functional() -> dict:
     error = np.abs(sparse - reference_attention(q, keys, values, indices)).max()
     check(error < 1e-4, f"sparse attention differs from NumPy by {error:.2e}")
 
-    recall = kvpack.ClusterKV(budget=128)
+    recall = kvpack.RecallCache(budget=128)
     recall.prefill(keys, values)
     new_key = rng.standard_normal((heads_kv, dim), dtype=np.float32).astype(np.float16)
     new_value = rng.standard_normal((heads_kv, dim), dtype=np.float32).astype(np.float16)

@@ -6,10 +6,11 @@
 #include <numeric>
 
 #include "kvpack/cluster_index.h"
-#include "kvpack/cluster_kv.h"
 #include "kvpack/kmeans.h"
 #include "kvpack/quest.h"
+#include "kvpack/recall_cache.h"
 #include "kvpack/select.h"
+#include "kvpack/selector.h"
 #include "reference.h"
 
 namespace kvpack {
@@ -90,11 +91,45 @@ TEST(QuestIndex, KeepsTheCurrentPage) {
   EXPECT_TRUE(std::is_sorted(out.begin(), out.end()));
 }
 
-TEST(ClusterKV, StepMatchesDenseAttentionWithFullBudget) {
+TEST(Selector, SelectsAsTheMethodsIndex) {
+  testing::Cache c(2, 300, 16, 29);
+  const auto q = testing::random_vector(4 * 16, 30);
+  ClusterKVParams clusterkv;
+  clusterkv.window = 4;
+  clusterkv.index.n_clusters = 10;
+  QuestParams quest;
+  quest.page_size = 8;
+  const auto clusters = make_selector(clusterkv, c.k), pages = make_selector(quest, c.k);
+  const ClusterIndex cluster_index(c.k, clusterkv.index);
+  const QuestIndex quest_index(c.k, quest.page_size);
+  for (bool per_query_head : {false, true}) {
+    const std::size_t rows = per_query_head ? 4 : 2;
+    std::vector<std::int32_t> got(rows * static_cast<std::size_t>(clusters->selection_size(64)));
+    std::vector<std::int32_t> want(got.size());
+    clusters->select(q.data(), 4, 64, per_query_head, got.data());
+    cluster_index.select(q.data(), 4, 64, 4, per_query_head, want.data());
+    EXPECT_EQ(got, want);
+    got.assign(rows * static_cast<std::size_t>(pages->selection_size(64)), 0);
+    want.assign(got.size(), 0);
+    pages->select(q.data(), 4, 64, per_query_head, got.data());
+    quest_index.select(q.data(), 4, 64, per_query_head, want.data());
+    EXPECT_EQ(got, want);
+  }
+  EXPECT_EQ(clusters->stats().clusters, 10);
+  EXPECT_EQ(pages->stats().pages, 38);
+  EXPECT_EQ(clusters->most_on_top(), clusterkv.index.append_interval);
+  EXPECT_EQ(pages->most_on_top(), 0);
+  clusterkv.window = -1;
+  EXPECT_THROW(check_method(clusterkv), std::invalid_argument);
+  quest.page_size = 0;
+  EXPECT_THROW(check_method(quest), std::invalid_argument);
+}
+
+TEST(RecallCache, StepMatchesDenseAttentionWithFullBudget) {
   testing::Cache c(2, 300, 16, 27);
   for (RecallMethod method : {RecallMethod{ClusterKVParams{}}, RecallMethod{QuestParams{}}}) {
     std::visit([](RecallParams& p) { p.budget = 1000; }, method);
-    ClusterKV recall(method);
+    RecallCache recall(method);
     const KVView k{c.keys.data(), DType::Float32, 2, 299, 16, 300 * 16};
     const KVView v{c.values.data(), DType::Float32, 2, 299, 16, 300 * 16};
     recall.prefill(k, v);

@@ -146,7 +146,7 @@ def test_step_equals_dense_attention_when_budget_covers_context(rng, method, dty
     keys, _, _ = topic_keys(rng, tokens=700)
     keys = keys.astype(dtype)
     values = rng.standard_normal(keys.shape).astype(dtype)
-    recall = kvpack.ClusterKV(budget=2000, method=method, fast_tier=fast_tier)
+    recall = kvpack.RecallCache(budget=2000, method=method, fast_tier=fast_tier)
     recall.prefill(keys, values)
     k, v = keys, values
     for _ in range(3):
@@ -167,7 +167,7 @@ def test_step_equals_dense_attention_when_budget_covers_context(rng, method, dty
 def test_step_attends_exactly_the_selection(rng, method, per_query_head, fast_tier):
     keys, _, _ = topic_keys(rng)
     values = rng.standard_normal(keys.shape).astype(np.float32)
-    recall = kvpack.ClusterKV(
+    recall = kvpack.RecallCache(
         budget=256, method=method, per_query_head=per_query_head, fast_tier=fast_tier
     )
     recall.prefill(keys, values)
@@ -192,7 +192,7 @@ def test_step_attends_exactly_the_selection(rng, method, per_query_head, fast_ti
 @pytest.mark.parametrize("fast_tier", [False, True])
 def test_recalled_clusters_stay_in_the_fast_tier(rng, fast_tier):
     keys, _, _ = topic_keys(rng)
-    recall = kvpack.ClusterKV(budget=256, recall_steps=1, fast_tier=fast_tier)
+    recall = kvpack.RecallCache(budget=256, recall_steps=1, fast_tier=fast_tier)
     recall.prefill(keys, keys)
     q = rng.standard_normal((2, 32)).astype(np.float32)
     recall.step(q, keys[:, 0], keys[:, 0])
@@ -206,7 +206,7 @@ def test_recalled_clusters_stay_in_the_fast_tier(rng, fast_tier):
 
 def test_fast_tier_must_be_a_bool():
     with pytest.raises(TypeError, match="fast_tier: expected a bool, got str"):
-        kvpack.ClusterKV(fast_tier="yes")
+        kvpack.RecallCache(fast_tier="yes")
 
 
 @pytest.mark.parametrize("method", ["clusterkv", "quest"])
@@ -219,7 +219,7 @@ def test_attending_in_place_equals_the_fast_tier(rng, method, recall_steps):
     options = dict(budget=96, method=method, recall_steps=recall_steps)
     if method == "clusterkv":
         options["append_interval"] = 16
-    in_place, cached = kvpack.ClusterKV(**options), kvpack.ClusterKV(fast_tier=True, **options)
+    in_place, cached = kvpack.RecallCache(**options), kvpack.RecallCache(fast_tier=True, **options)
     for recall in (in_place, cached):
         recall.prefill(keys, values)
     for step in range(40):
@@ -243,10 +243,10 @@ def test_attending_in_place_equals_the_fast_tier(rng, method, recall_steps):
 )
 def test_automatic_cluster_count_follows_the_budget(rng, tokens, budget, expected):
     keys = rng.standard_normal((1, tokens, 8)).astype(np.float32)
-    recall = kvpack.ClusterKV(budget=budget, iters=1)
+    recall = kvpack.RecallCache(budget=budget, iters=1)
     recall.prefill(keys, keys)
     assert recall.n_clusters == expected
-    assert kvpack.ClusterKV(budget=budget, method="quest").n_clusters == 0
+    assert kvpack.RecallCache(budget=budget, method="quest").n_clusters == 0
 
 
 def test_clusterkv_recovers_more_attention_than_quest(rng):
@@ -300,13 +300,13 @@ def test_clusterkv_recovers_more_attention_than_quest(rng):
         ),
         (lambda k: kvpack.QuestIndex(k, page_size=0), ValueError, "page_size: expected >= 1"),
         (
-            lambda k: kvpack.ClusterKV(method="h2o"),
+            lambda k: kvpack.RecallCache(method="h2o"),
             ValueError,
             "method: expected a recall method",
         ),
-        (lambda k: kvpack.ClusterKV(budget=0).prefill(k, k), ValueError, "budget: expected >= 1"),
+        (lambda k: kvpack.RecallCache(budget=0).prefill(k, k), ValueError, "budget: expected >= 1"),
         (
-            lambda k: kvpack.ClusterKV().step(np.ones((2, 32)), k[:, 0], k[:, 0]),
+            lambda k: kvpack.RecallCache().step(np.ones((2, 32)), k[:, 0], k[:, 0]),
             ValueError,
             "call prefill",
         ),
@@ -325,7 +325,7 @@ def test_rejects_bad_arguments(rng, build, error, message):
 
 def test_step_rejects_mismatched_token(rng):
     keys, _, _ = topic_keys(rng, tokens=500)
-    recall = kvpack.ClusterKV(budget=64)
+    recall = kvpack.RecallCache(budget=64)
     recall.prefill(keys, keys)
     q = np.ones((2, 32), np.float32)
     with pytest.raises(ValueError, match=r"new_key: expected shape \(2, 32\)"):
@@ -336,7 +336,7 @@ def test_step_rejects_mismatched_token(rng):
 
 def test_step_rejects_non_finite_token(rng):
     keys, _, _ = topic_keys(rng, tokens=500)
-    recall = kvpack.ClusterKV(budget=64)
+    recall = kvpack.RecallCache(budget=64)
     recall.prefill(keys, keys)
     bad = keys[:, 0].copy()
     bad[1, 3] = np.inf
@@ -349,7 +349,7 @@ def test_decoded_window_is_attended_on_top_of_the_budget(rng):
     """Budget 128 after a 1792-token prompt: every decode step recalls 128 tokens of the
     prompt however many decoded tokens wait to be clustered (ClusterKV's reference)."""
     keys, _, _ = topic_keys(rng, tokens=1792)
-    recall = kvpack.ClusterKV(budget=128, iters=2)
+    recall = kvpack.RecallCache(budget=128, iters=2)
     recall.prefill(keys, keys)
     for step in range(330):  # past the first clustering of decoded tokens, at 320
         new = rng.standard_normal((2, 32)).astype(np.float32)
@@ -365,7 +365,7 @@ def test_decoded_window_is_attended_on_top_of_the_budget(rng):
 
 def test_own_token_is_attended_when_it_is_clustered(rng):
     keys, _, _ = topic_keys(rng, tokens=500)
-    recall = kvpack.ClusterKV(budget=64, append_interval=8, append_clusters=2, iters=2)
+    recall = kvpack.RecallCache(budget=64, append_interval=8, append_clusters=2, iters=2)
     recall.prefill(keys, keys)
     for step in range(20):
         new = rng.standard_normal((2, 32)).astype(np.float32)
@@ -377,10 +377,106 @@ def test_own_token_is_attended_when_it_is_clustered(rng):
 def test_huge_budget_or_recall_steps_allocate_only_what_the_context_needs(rng, fast_tier):
     keys, _, _ = topic_keys(rng, tokens=400)
     for options in ({"budget": 1 << 40}, {"budget": 64, "recall_steps": 1 << 40}):
-        recall = kvpack.ClusterKV(iters=2, fast_tier=fast_tier, **options)
+        recall = kvpack.RecallCache(iters=2, fast_tier=fast_tier, **options)
         recall.prefill(keys, keys)
         for step in range(3):
             q = rng.standard_normal((2, 32)).astype(np.float32)
             out = recall.step(q, keys[:, step], keys[:, step])
             assert np.all(np.isfinite(out))
         assert recall.last_step["hits"] + recall.last_step["loaded"] == recall.last_step["selected"]
+
+
+def _recall_caches(rng, method, dtype, batch, heads=2, dim=32, **options):
+    """Two identical sets of prefilled core caches, one per batch row (prompts of
+    different lengths), and the prompts."""
+    sets = ([], [])
+    for b in range(batch):
+        keys = rng.standard_normal((heads, 200 + 37 * b, dim)).astype(dtype)
+        values = rng.standard_normal(keys.shape).astype(dtype)
+        for caches in sets:
+            cache = kvpack.RecallCache(budget=48, method=method, **options)
+            cache.prefill(keys, values)
+            caches.append(cache._recall)
+    return sets
+
+
+@pytest.mark.parametrize("method", ["clusterkv", "quest"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_recall_step_equals_a_step_per_row_and_position(rng, method, dtype, per_query_head):
+    batch, fresh, heads_q, heads, dim = 3, 3, 8, 2, 32
+    options = {"append_interval": 4, "append_clusters": 2, "iters": 2}
+    options = options if method == "clusterkv" else {"page_size": 4}
+    batched, one_by_one = _recall_caches(
+        rng, method, dtype, batch, per_query_head=per_query_head, fast_tier=True, **options
+    )
+    for _ in range(3):  # decode steps, across clusterings of the decoded tokens
+        queries = rng.standard_normal((batch, fresh, heads_q, dim)).astype(np.float32)
+        # Token-major as a model's projections give them, viewed [batch, heads, new, dim].
+        keys = rng.standard_normal((batch, fresh, heads, dim)).astype(dtype).transpose(0, 2, 1, 3)
+        values = rng.standard_normal((batch, fresh, heads, dim)).astype(dtype).transpose(0, 2, 1, 3)
+        out = kvpack._core.recall_step(batched, queries, keys, values)
+        assert out.shape == (batch, fresh, heads_q, dim) and out.dtype == np.float32
+        for b, cache in enumerate(one_by_one):
+            for i in range(fresh):
+                expected = cache.step(queries[b, i], keys[b, :, i], values[b, :, i])
+                np.testing.assert_array_equal(out[b, i], expected)
+            np.testing.assert_array_equal(batched[b].last_selection, cache.last_selection)
+    for mine, theirs in zip(batched, one_by_one):
+        assert mine.tokens == theirs.tokens and mine.total == theirs.total
+
+
+def test_recall_step_reads_torch_views(rng):
+    torch = pytest.importorskip("torch")
+    batched, one_by_one = _recall_caches(rng, "clusterkv", np.float16, 2)
+    queries = torch.randn(2, 1, 4, 32)
+    keys = torch.randn(2, 1, 2, 32, dtype=torch.float16).transpose(1, 2)
+    values = torch.randn(2, 1, 2, 32, dtype=torch.float16).transpose(1, 2)
+    out = kvpack._core.recall_step(batched, queries, keys, values)
+    for b, cache in enumerate(one_by_one):
+        expected = cache.step(queries[b, 0].numpy(), keys[b, :, 0].numpy(), values[b, :, 0].numpy())
+        np.testing.assert_array_equal(out[b, 0], expected)
+
+
+def test_recall_step_rejects_bad_arguments(rng):
+    caches, _ = _recall_caches(rng, "clusterkv", np.float16, 2)
+    queries = np.zeros((2, 1, 4, 32), np.float32)
+    keys = np.zeros((2, 2, 1, 32), np.float16)
+    step = kvpack._core.recall_step
+    fresh = kvpack._core.RecallCache(16, kvpack.methods.ClusterKV())
+    cases = [
+        (lambda: step(caches[:1], queries, keys, keys), ValueError, "caches: expected one per"),
+        (lambda: step(caches[0], queries, keys, keys), TypeError, "caches: expected a sequence"),
+        (lambda: step([caches[0], "x"], queries, keys, keys), TypeError, r"caches\[1\]: expected"),
+        (lambda: step([caches[0], fresh], queries, keys, keys), ValueError, "prefill"),
+        (lambda: step(caches, queries[0], keys, keys), ValueError, "queries: expected 4"),
+        (lambda: step(caches, queries[:, :, ::2], keys, keys), ValueError, "C-contiguous"),
+        (
+            lambda: step(caches, queries, keys[:, :, :0], keys[:, :, :0]),
+            ValueError,
+            "keys: expected shape",
+        ),
+        (lambda: step(caches, queries, keys, keys[:1]), ValueError, "values: expected shape"),
+        (lambda: step(caches, queries, keys[:, :1], keys[:, :1]), ValueError, "keys: expected"),
+        (
+            lambda: step(caches, np.zeros((2, 1, 3, 32), np.float32), keys, keys),
+            ValueError,
+            "multiple of heads_kv",
+        ),
+        (
+            lambda: step(caches, queries, keys.astype(np.float32), keys.astype(np.float32)),
+            TypeError,
+            r"keys/values: expected dtype float16 like the prefill of caches\[0\]",
+        ),
+        (lambda: step(caches, queries, keys, keys.astype(np.float32)), TypeError, "values"),
+        (lambda: step(caches, queries, keys.astype(np.int8), keys), TypeError, "keys"),
+        (
+            lambda: step(caches, queries, np.full_like(keys, np.nan), keys),
+            ValueError,
+            r"keys\[0, :, 0\]: contains NaN",
+        ),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    assert all(cache.tokens == 200 + 37 * b for b, cache in enumerate(caches))

@@ -117,16 +117,16 @@ def test_a_name_and_its_object_compress_alike(rng):
     with pytest.raises(ValueError, match="method: expected a compression method"):
         kvpack.compress(keys, keys, methods.ClusterKV(), 50)
     with pytest.raises(ValueError, match="method: expected a recall method"):
-        kvpack.ClusterKV(64, methods.SnapKV())
+        kvpack.RecallCache(64, methods.SnapKV())
     with pytest.raises(ValueError, match="method: expected 'streaming_llm' or 'h2o'"):
         kvpack.EvictionCache(methods.CaM(), 32)
 
 
 def test_recall_objects_reach_the_recall_store(rng):
     keys = rng.standard_normal((2, 600, 16)).astype(np.float32)
-    by_object = kvpack.ClusterKV(64, methods.ClusterKV(n_clusters=12, iters=3))
-    by_name = kvpack.ClusterKV(64, "clusterkv", n_clusters=12, iters=3)
-    quest = kvpack.ClusterKV(64, methods.Quest(page_size=8))
+    by_object = kvpack.RecallCache(64, methods.ClusterKV(n_clusters=12, iters=3))
+    by_name = kvpack.RecallCache(64, "clusterkv", n_clusters=12, iters=3)
+    quest = kvpack.RecallCache(64, methods.Quest(page_size=8))
     for recall in (by_object, by_name, quest):
         recall.prefill(keys, keys)
     assert by_object.n_clusters == by_name.n_clusters == 12

@@ -164,3 +164,48 @@ def test_attention_reads_quantized_cache(rng):
         kvpack.attention(q, quantized, values)
     with pytest.raises(TypeError, match="values"):
         kvpack.attention(q, keys)
+
+
+@pytest.mark.parametrize("tail_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("scale", [None, 0.05])
+def test_quantized_attention_equals_an_attend_per_row_and_position(rng, tail_dtype, scale):
+    batch, fresh, decoded, capacity, heads_q, heads, dim = 3, 3, 5, 8, 6, 2, 32
+    prompts = [rng.standard_normal((heads, 150 + 20 * b, dim)).astype(np.float16) for b in range(3)]
+    quantized = [kvpack.quantize(k, k[:, ::-1].copy(), bits=2, residual=16) for k in prompts]
+    queries = rng.standard_normal((batch, fresh, heads_q, dim)).astype(np.float32)
+    # The decoded tokens: a slice of a buffer with spare room, read in place.
+    buffer = rng.standard_normal((2, batch, heads, capacity, dim)).astype(tail_dtype)
+    tail_keys, tail_values = buffer[0, :, :, :decoded], buffer[1, :, :, :decoded]
+    cores = [q._core for q in quantized]
+    out = kvpack._core.quantized_attention(cores, queries, tail_keys, tail_values, scale)
+    assert out.shape == (batch, fresh, heads_q, dim) and out.dtype == np.float32
+    for b, q in enumerate(quantized):
+        for i in range(fresh):
+            seen = decoded - fresh + i + 1
+            tail = (tail_keys[b, :, :seen], tail_values[b, :, :seen])
+            np.testing.assert_array_equal(
+                out[b, i], q.attend(queries[b, i], scale=scale, tail=tail)
+            )
+
+
+def test_quantized_attention_rejects_bad_arguments(rng):
+    keys = rng.standard_normal((2, 100, 32)).astype(np.float16)
+    cores = [kvpack.quantize(keys, keys)._core] * 2
+    queries = np.zeros((2, 2, 4, 32), np.float32)
+    tail = np.zeros((2, 2, 3, 32), np.float16)
+    attend = kvpack._core.quantized_attention
+    cases = [
+        (lambda: attend(cores[:1], queries, tail, tail), ValueError, "quantized: expected one"),
+        (lambda: attend([cores[0], keys], queries, tail, tail), TypeError, r"quantized\[1\]"),
+        (lambda: attend(cores, queries[0], tail, tail), ValueError, "queries: expected 4"),
+        (lambda: attend(cores, queries, tail[:, :, :1], tail[:, :, :1]), ValueError, "at least"),
+        (lambda: attend(cores, queries, tail, tail[:, :, :2]), ValueError, "tail_values"),
+        (lambda: attend(cores, queries, tail[:1], tail[:1]), ValueError, "tail_keys: expected"),
+        (lambda: attend(cores, queries, tail[:, :1], tail[:, :1]), ValueError, "heads_kv 2"),
+        (lambda: attend(cores, queries, tail.astype(np.int16), tail), TypeError, "tail_keys"),
+        (lambda: attend(cores, queries, tail, tail, -1.0), ValueError, "scale"),
+        (lambda: attend(cores, queries, np.full_like(tail, np.inf), tail), ValueError, "tail_keys"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()

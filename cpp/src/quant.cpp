@@ -473,4 +473,27 @@ void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionPa
   });
 }
 
+void quantized_attention(const QuantizedKV* const* quantized, const float* queries,
+                         std::int64_t new_tokens, std::int64_t heads_q,
+                         const BatchKVView& tail_keys, const BatchKVView& tail_values,
+                         const AttentionParams& params, float* out) {
+  KVPACK_CHECK(tail_values.batch == tail_keys.batch && tail_values.heads == tail_keys.heads &&
+                   tail_values.tokens == tail_keys.tokens && tail_values.dim == tail_keys.dim,
+               "tail_values: expected the shape of tail_keys");
+  KVPACK_CHECK(new_tokens >= 0 && tail_keys.tokens >= new_tokens,
+               "tail_keys: expected at least new=" << new_tokens << " decoded tokens, got "
+                                                   << tail_keys.tokens);
+  for (const BatchKVView* tail : {&tail_keys, &tail_values})
+    KVPACK_CHECK(tail->tokens <= 1 || tail->token_stride == tail->dim,
+                 "tail: expected each head's rows to be contiguous");
+  const std::int64_t size = heads_q * tail_keys.dim, decoded = tail_keys.tokens;
+  for (std::int64_t b = 0; b < tail_keys.batch; ++b)
+    for (std::int64_t i = 0; i < new_tokens; ++i) {
+      const std::int64_t seen = decoded - new_tokens + i + 1, at = (b * new_tokens + i) * size;
+      const KVView keys = tail_keys.row(b, 0, seen), values = tail_values.row(b, 0, seen);
+      quantized[b]->attend(queries + at, heads_q, params,
+                           AttentionOutput{out + at, nullptr, nullptr}, &keys, &values);
+    }
+}
+
 }  // namespace kvpack

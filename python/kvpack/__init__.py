@@ -19,7 +19,7 @@ from ._core import (
     set_num_threads,
 )
 from .attention import accumulated_attention, attention
-from .clustering import ClusterIndex, ClusterKV, KMeansResult, QuestIndex, kmeans
+from .clustering import ClusterIndex, KMeansResult, QuestIndex, RecallCache, kmeans
 from .compression import METHODS, CompressedKV, EvictionCache, budget_tokens, compress
 from .merging import (
     MergingSets,
@@ -34,13 +34,13 @@ from .store import StoredKV, TieredStore, context_key
 __all__ = [
     "METHODS",
     "ClusterIndex",
-    "ClusterKV",
     "CompressedKV",
     "EvictionCache",
     "KMeansResult",
     "MergingSets",
     "QuantizedKV",
     "QuestIndex",
+    "RecallCache",
     "StoredKV",
     "TieredStore",
     "__version__",

@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 from . import methods
-__all__: list[str] = ['ClusterIndex', 'ClusterKV', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'cluster_slot', 'compress', 'cpu_target', 'cpu_targets', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'kmeans', 'methods', 'parse_codec', 'place', 'set_num_threads', 'xxh3', 'xxh64']
+__all__: list[str] = ['ClusterIndex', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'RecallCache', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'cluster_slot', 'compress', 'cpu_target', 'cpu_targets', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'kmeans', 'methods', 'parse_codec', 'place', 'quantized_attention', 'recall_step', 'set_num_threads', 'xxh3', 'xxh64']
 class ClusterIndex:
     def __init__(self, keys: typing.Any, n_clusters: typing.SupportsInt | typing.SupportsIndex = 0, sink: typing.SupportsInt | typing.SupportsIndex = 16, iters: typing.SupportsInt | typing.SupportsIndex = 20, seed: typing.SupportsInt | typing.SupportsIndex = 0, init: typing.Any = 'kmeans++', append_interval: typing.SupportsInt | typing.SupportsIndex = 320, append_clusters: typing.SupportsInt | typing.SupportsIndex = 8, tokens_per_cluster: typing.SupportsInt | typing.SupportsIndex = 80) -> None:
         ...
@@ -73,7 +73,7 @@ class QuestIndex:
     @property
     def tokens(self) -> int:
         ...
-class ClusterKV:
+class RecallCache:
     def __init__(self, budget: typing.SupportsInt | typing.SupportsIndex, method: typing.Any) -> None:
         ...
     def prefill(self, keys: typing.Any, values: typing.Any) -> None:
@@ -250,6 +250,14 @@ def parse_codec(name: str) -> str:
 def place(options: collections.abc.Sequence[collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex]]], priorities: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], capacities: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> list[int]:
     """
     The placement of items given as lists of (tier, bytes, utility) options: an option index per item, -1 for evicted.
+    """
+def quantized_attention(quantized: typing.Any, queries: typing.Any, tail_keys: typing.Any, tail_values: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex | None = None) -> numpy.typing.NDArray[numpy.float32]:
+    """
+    Decode attention of a batch, one QuantizedKV per row, looped in C++: out[b, i] is quantized[b].attend(queries[b, i], scale, tail_keys[b, :, :seen], tail_values[b, :, :seen]) with seen = decoded - new + i + 1. queries: float32 [batch, new, heads_q, head_dim]; tail_keys, tail_values: [batch, heads_kv, decoded, head_dim] in any KV dtype, the tokens decoded since the quantization (each head's rows contiguous; a slice of a buffer with spare room is read in place). Returns float32 [batch, new, heads_q, head_dim].
+    """
+def recall_step(caches: typing.Any, queries: typing.Any, keys: typing.Any, values: typing.Any) -> numpy.typing.NDArray[numpy.float32]:
+    """
+    One decode step of a batch, one RecallCache per row, looped in C++: out[b, i] is caches[b].step(queries[b, i], keys[b, :, i], values[b, :, i]), rows in turn and each row's positions in order. queries: float32 [batch, new, heads_q, head_dim]; keys, values: [batch, heads_kv, new, head_dim] in the caches' dtype (each head_dim row contiguous; strided views are read in place). Returns float32 [batch, new, heads_q, head_dim].
     """
 def set_num_threads(n: typing.SupportsInt | typing.SupportsIndex) -> None:
     """

@@ -1,4 +1,5 @@
-"""Semantic clustering of keys (ClusterKV) and page summaries (Quest)."""
+"""Semantic clustering of keys (ClusterKV), page summaries (Quest), and the decode-time
+recall cache that selects tokens with either."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 from . import _core
 from . import methods as _methods
 
-__all__ = ["ClusterIndex", "ClusterKV", "KMeansResult", "QuestIndex", "kmeans"]
+__all__ = ["ClusterIndex", "KMeansResult", "QuestIndex", "RecallCache", "kmeans"]
 
 
 @dataclass
@@ -217,8 +218,9 @@ class QuestIndex:
         raise AttributeError(name)
 
 
-class ClusterKV:
-    """Decode-time recall of one layer's KV cache (ClusterKV, or Quest with ``method="quest"``).
+class RecallCache:
+    """Decode-time recall of one layer's KV cache: ClusterKV's clusters, or Quest's pages
+    with ``method="quest"``.
 
     The full cache stays in a slow tier (host memory). Each :meth:`step` appends the new
     token, selects ``budget`` tokens and attends them: score, select, gather, attention
@@ -259,10 +261,10 @@ class ClusterKV:
     >>> import numpy as np, kvpack
     >>> rng = np.random.default_rng(0)
     >>> k = rng.standard_normal((2, 2000, 64)).astype(np.float16)
-    >>> ckv = kvpack.ClusterKV(budget=256)
-    >>> ckv.prefill(k, k)
-    >>> out = ckv.step(rng.standard_normal((8, 64)), k[:, -1], k[:, -1])
-    >>> out.shape, ckv.last_step["selected"]  # 256 + the decoded token, per KV head
+    >>> recall = kvpack.RecallCache(budget=256)
+    >>> recall.prefill(k, k)
+    >>> out = recall.step(rng.standard_normal((8, 64)), k[:, -1], k[:, -1])
+    >>> out.shape, recall.last_step["selected"]  # 256 + the decoded token, per KV head
     ((8, 64), 514)
     """
 
@@ -273,7 +275,7 @@ class ClusterKV:
         **params,
     ) -> None:
         self.method = _methods.resolve(method, **params)
-        self._recall = _core.ClusterKV(budget, self.method)
+        self._recall = _core.RecallCache(budget, self.method)
 
     def prefill(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Stores the prompt's cache, shape (heads_kv, tokens, head_dim), and builds the index."""

@@ -1,7 +1,8 @@
 // ClusterKV's index of one layer: the keys of every KV head clustered by cosine
 // k-means, stored as centroids plus a CSR list of member tokens, and the selection of
 // whole clusters for a decode query. Tokens decoded later wait in a window that is
-// always attended until enough of them arrive to be clustered in turn.
+// always attended until enough of them arrive to be clustered in turn. The ClusterKV
+// method's parameters (ClusterKVParams) sit beside the index they configure.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +11,7 @@
 
 #include "kvpack/common.h"
 #include "kvpack/kmeans.h"
+#include "kvpack/method.h"
 
 namespace kvpack {
 
@@ -89,6 +91,51 @@ class ClusterIndex {
   std::vector<std::vector<float>>
       pending_;  // per head: pending_tokens_ * dim float keys not yet clustered
   std::int64_t pending_tokens_ = 0;
+};
+
+/// The automatic cluster count keeps the mean cluster at most budget / this many tokens.
+inline constexpr std::int64_t kClustersPerBudget = 12;
+
+/// ClusterKV: keys clustered by cosine k-means; each decode step recalls whole clusters
+/// until the budget is filled.
+struct ClusterKVParams : RecallParams {
+  static constexpr const char* name = "clusterkv";
+  static constexpr const char* class_name = "ClusterKV";
+  static constexpr const char* summary =
+      "ClusterKV: keys clustered by cosine k-means; each decode step recalls whole clusters "
+      "until the budget is filled.";
+  static constexpr MethodKind kind = MethodKind::Recall;
+  static constexpr bool ranks_by_attention = false;
+  static constexpr int blob_code = -1;  // not a store codec
+
+  std::int64_t window = 0;  ///< most recent tokens always attended (besides the sinks)
+  /// With n_clusters 0 the prefill makes clustered tokens / tokens_per_cluster clusters,
+  /// or more where their mean size would exceed budget / kClustersPerBudget.
+  ClusterIndexParams index;
+
+  template <class Self, class F>
+  static void each_param(Self& p, F&& f) {
+    f(ParamSpec{"n_clusters", ParamRule::OptionalCount,
+                "Prefill clusters per KV head (None: clustered tokens / tokens_per_cluster, "
+                "raised so the mean cluster holds at most budget / 12 tokens).",
+                0},
+      p.index.n_clusters);
+    f(ParamSpec{"tokens_per_cluster", ParamRule::Count,
+                "Mean cluster size the automatic n_clusters aims at.", 1},
+      p.index.tokens_per_cluster);
+    f(ParamSpec{"sink", ParamRule::Count, "First tokens never clustered, always attended.", 0},
+      p.index.sink);
+    f(ParamSpec{"window", ParamRule::Count, "Most recent tokens always attended.", 0}, p.window);
+    f(ParamSpec{"iters", ParamRule::Count, "k-means rounds.", 1}, p.index.iterations);
+    f(ParamSpec{"seed", ParamRule::Count, "k-means seed.", 0}, p.index.seed);
+    f(ParamSpec{"init", ParamRule::KMeansInit, "k-means initialisation: 'kmeans++' or 'random'."},
+      p.index.init);
+    f(ParamSpec{"append_interval", ParamRule::Count, "Decoded tokens clustered together (m).", 1},
+      p.index.append_interval);
+    f(ParamSpec{"append_clusters", ParamRule::Count, "Clusters made of them (C+).", 1},
+      p.index.append_clusters);
+    each_recall_param(p, f);
+  }
 };
 
 }  // namespace kvpack

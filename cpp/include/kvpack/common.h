@@ -94,6 +94,37 @@ struct KVView {
   }
 };
 
+/// Non-owning view of a batch's keys or values: [batch, heads, tokens, dim] elements of
+/// `dtype` at `data`, with the strides (in elements) of the first three axes; each row of
+/// dim elements is contiguous. Token-major layouts (a transposed [batch, tokens, heads,
+/// dim] buffer) and slices of buffers with spare room are read in place.
+struct BatchKVView {
+  const void* data = nullptr;
+  DType dtype = DType::Float32;
+  std::int64_t batch = 0;
+  std::int64_t heads = 0;
+  std::int64_t tokens = 0;
+  std::int64_t dim = 0;
+  std::int64_t batch_stride = 0;
+  std::int64_t head_stride = 0;
+  std::int64_t token_stride = 0;
+  Device device{};  ///< where `data` lives
+
+  /// Tokens [first, first + n) of batch row b as a [heads, n, dim] view; n > 1 needs
+  /// token_stride == dim (each head's rows contiguous).
+  KVView row(std::int64_t b, std::int64_t first, std::int64_t n) const {
+    const std::int64_t offset = b * batch_stride + first * token_stride;
+    return KVView{
+        static_cast<const char*>(data) + static_cast<std::size_t>(offset) * dtype_size(dtype),
+        dtype,
+        heads,
+        n,
+        dim,
+        heads > 1 ? head_stride : 0,
+        device};
+  }
+};
+
 /// Non-owning view of token index sets: C-contiguous int32 [rows, count], each row
 /// sorted ascending without duplicates. rows is heads_kv (one set shared by a GQA
 /// group) or heads_q (one set per query head).

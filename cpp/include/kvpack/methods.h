@@ -11,7 +11,7 @@
 #include <utility>
 #include <variant>
 
-#include "kvpack/cluster_kv.h"
+#include "kvpack/cluster_index.h"
 #include "kvpack/evict.h"
 #include "kvpack/keydiff.h"
 #include "kvpack/merge.h"

@@ -104,4 +104,19 @@ class QuantizedKV {
   std::vector<unsigned char> residual_keys_, residual_values_;  // [heads, rest, dim] in dtype
 };
 
+/// Decode attention of a batch's new queries, each row over its own quantized cache and the
+/// tokens decoded since (full precision): query i of row b attends quantized[b] and the
+/// first decoded - new + i + 1 tail rows, exactly as quantized[b]->attend(queries[b, i],
+/// heads_q, params, out[b, i], tail_keys[b, :, :that], tail_values[b, :, :that]).
+/// @param quantized    size tail_keys.batch
+/// @param queries      size batch * new_tokens * heads_q * dim float32, [batch, new, heads_q,
+///                     dim]
+/// @param tail_keys, tail_values  [batch, heads_kv, decoded, dim], decoded >= new_tokens,
+///                     each head's rows contiguous (token_stride == dim), any KV dtype
+/// @param out          size of queries
+void quantized_attention(const QuantizedKV* const* quantized, const float* queries,
+                         std::int64_t new_tokens, std::int64_t heads_q,
+                         const BatchKVView& tail_keys, const BatchKVView& tail_values,
+                         const AttentionParams& params, float* out);
+
 }  // namespace kvpack

@@ -229,12 +229,12 @@ def _store_trace(model, args, out: Path, progress) -> dict:
 
 def _speed(tokens: int) -> dict:
     from ..attention import attention
-    from ..clustering import ClusterKV
+    from ..clustering import RecallCache
     from .data import synthetic_llama_cache
 
     cache = synthetic_llama_cache(tokens, dtype="float16", seed=0)
     k, v, q = cache.keys, cache.values, cache.query
-    recall = ClusterKV(budget=1024)
+    recall = RecallCache(budget=1024)
     recall.prefill(np.ascontiguousarray(k[:, :-8]), np.ascontiguousarray(v[:, :-8]))
 
     def best(fn, repeats=5):

@@ -564,7 +564,7 @@ def fidelity(layers, method, budget: int | float, *, observe: int = 32) -> float
     """
     from .. import methods
     from ..attention import attention
-    from ..clustering import ClusterKV
+    from ..clustering import RecallCache
     from ..compression import budget_tokens, compress
     from ..quantization import quantize
 
@@ -581,7 +581,7 @@ def fidelity(layers, method, budget: int | float, *, observe: int = 32) -> float
             raise ValueError(f"budget: {slots} tokens exceed the context of {tokens}")
         dense = attention(q, keys, values)
         if method.kind == "recall":
-            recall = ClusterKV(slots, method)
+            recall = RecallCache(slots, method)
             head = (np.ascontiguousarray(x[:, :-1]) for x in (keys, values))
             recall.prefill(*head)
             out = recall.step(

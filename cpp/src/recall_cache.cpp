@@ -1,4 +1,4 @@
-#include "kvpack/cluster_kv.h"
+#include "kvpack/recall_cache.h"
 
 #include <algorithm>
 #include <cstring>
@@ -11,26 +11,23 @@ namespace {
 constexpr std::int64_t kNever = -(std::int64_t{1} << 62);  // a step no recency window reaches
 }  // namespace
 
-ClusterKV::ClusterKV(const RecallMethod& method)
+RecallCache::RecallCache(const RecallMethod& method)
     : method_(method), params_(std::visit([](const RecallParams& p) { return p; }, method)) {
   KVPACK_CHECK(params_.budget >= 1, "budget: expected >= 1, got " << params_.budget);
   KVPACK_CHECK(params_.recall_steps >= 1,
                "recall_steps: expected >= 1, got " << params_.recall_steps);
-  if (const auto* clusterkv = std::get_if<ClusterKVParams>(&method_))
-    KVPACK_CHECK(clusterkv->window >= 0, "window: expected >= 0, got " << clusterkv->window);
-  if (const auto* quest = std::get_if<QuestParams>(&method_))
-    KVPACK_CHECK(quest->page_size >= 1, "page_size: expected >= 1, got " << quest->page_size);
+  check_method(method_);
 }
 
-KVView ClusterKV::keys() const {
+KVView RecallCache::keys() const {
   return KVView{keys_.data(), dtype_, heads_, tokens_, dim_, capacity_ * dim_};
 }
 
-KVView ClusterKV::values() const {
+KVView RecallCache::values() const {
   return KVView{values_.data(), dtype_, heads_, tokens_, dim_, capacity_ * dim_};
 }
 
-void ClusterKV::append_rows(const KVView& k, const KVView& v) {
+void RecallCache::append_rows(const KVView& k, const KVView& v) {
   const std::size_t elem = dtype_size(dtype_);
   // Grow by a quarter: a copy every capacity/4 tokens keeps appends cheap on average
   // while the slow tier stays within 1.25x of the tokens it holds.
@@ -50,7 +47,7 @@ void ClusterKV::append_rows(const KVView& k, const KVView& v) {
   for (auto& steps : recalled_at_) steps.resize(static_cast<std::size_t>(tokens_), kNever);
 }
 
-void ClusterKV::reserve_rows(std::int64_t capacity) {
+void RecallCache::reserve_rows(std::int64_t capacity) {
   if (capacity <= capacity_) return;
   const std::size_t elem = dtype_size(dtype_);
   std::vector<unsigned char> nk(static_cast<std::size_t>(heads_ * capacity * dim_) * elem),
@@ -67,27 +64,14 @@ void ClusterKV::reserve_rows(std::int64_t capacity) {
   capacity_ = capacity;
 }
 
-ClusterIndexParams ClusterKV::index_params(std::int64_t tokens) const {
-  ClusterIndexParams index = std::get<ClusterKVParams>(method_).index;
-  const std::int64_t clustered = tokens - std::min(index.sink, tokens);
-  if (index.n_clusters == 0 && clustered > 0) {
-    // The paper's 80-token clusters are ~1/13 of a 1k budget at 32k tokens. A smaller
-    // budget keeps clusters of at most budget/12 tokens on average, so it is not spent on
-    // one or two clusters.
-    const std::int64_t by_size = clustered / std::max<std::int64_t>(1, index.tokens_per_cluster);
-    const std::int64_t by_budget =
-        (kClustersPerBudget * clustered + params_.budget - 1) / params_.budget;
-    index.n_clusters = std::clamp<std::int64_t>(std::max(by_size, by_budget), 1, clustered);
-  }
-  return index;
-}
-
-void ClusterKV::prefill(const KVView& keys, const KVView& values) {
+void RecallCache::prefill(const KVView& keys, const KVView& values) {
   KVPACK_CHECK(keys.data && values.data && keys.heads >= 1 && keys.tokens >= 1 && keys.dim >= 1,
                "keys: expected a non-empty [heads_kv, tokens, head_dim] cache");
   KVPACK_CHECK(values.heads == keys.heads && values.tokens == keys.tokens &&
                    values.dim == keys.dim && values.dtype == keys.dtype,
                "values: expected the shape and dtype of keys");
+  // The index first: a prompt it rejects leaves the cache as it was.
+  std::unique_ptr<Selector> selector = make_selector(method_, keys);
   dtype_ = keys.dtype;
   heads_ = keys.heads;
   dim_ = keys.dim;
@@ -97,19 +81,10 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
   last_ = total_ = RecallStats{};
   slot_of_.assign(static_cast<std::size_t>(params_.fast_tier ? heads_ : 0), {});
   recalled_at_.assign(static_cast<std::size_t>(params_.fast_tier ? 0 : heads_), {});
-  // Room for the decoded tokens until the next clustering (or a few Quest pages), so
-  // the first decode steps do not copy the slow tier.
-  const auto* clusterkv = std::get_if<ClusterKVParams>(&method_);
-  const auto* quest = std::get_if<QuestParams>(&method_);
-  reserve_rows(keys.tokens + (clusterkv ? clusterkv->index.append_interval : 4 * quest->page_size));
+  // Room for the first decoded tokens, so the first decode steps do not copy the slow tier.
+  reserve_rows(keys.tokens + selector->decode_room());
   append_rows(keys, values);
-  if (clusterkv) {
-    cluster_index_ = std::make_unique<ClusterIndex>(keys, index_params(keys.tokens));
-    quest_index_.reset();
-  } else {
-    quest_index_ = std::make_unique<QuestIndex>(keys, quest->page_size);
-    cluster_index_.reset();
-  }
+  selector_ = std::move(selector);
   // The fast tier holds what the last R steps recalled (for every query head of a
   // group when heads select on their own), never more than every token once.
   const std::int64_t recall_steps = std::min(params_.recall_steps, tokens_);
@@ -117,7 +92,7 @@ void ClusterKV::prefill(const KVView& keys, const KVView& values) {
       params_.fast_tier ? std::min(recall_steps * std::min(params_.budget, tokens_), tokens_) : 0);
 }
 
-void ClusterKV::reset_fast_tier(std::int64_t slots) {
+void RecallCache::reset_fast_tier(std::int64_t slots) {
   slots_ = slots;
   const std::size_t elem = dtype_size(dtype_);
   fast_keys_.assign(static_cast<std::size_t>(heads_ * slots_ * dim_) * elem, 0);
@@ -132,7 +107,7 @@ void ClusterKV::reset_fast_tier(std::int64_t slots) {
   for (auto& slots_of_head : slot_of_) std::fill(slots_of_head.begin(), slots_of_head.end(), -1);
 }
 
-std::int32_t ClusterKV::take_slot(std::int64_t head, std::int32_t token) {
+std::int32_t RecallCache::take_slot(std::int64_t head, std::int32_t token) {
   auto& free = free_slots_[static_cast<std::size_t>(head)];
   KVPACK_CHECK(!free.empty(), "internal: fast tier full");
   const std::int32_t slot = free.back();
@@ -147,7 +122,7 @@ std::int32_t ClusterKV::take_slot(std::int64_t head, std::int32_t token) {
   return slot;
 }
 
-void ClusterKV::recall(const std::vector<std::vector<std::int32_t>>& needed, RecallStats& stats) {
+void RecallCache::recall(const std::vector<std::vector<std::int32_t>>& needed, RecallStats& stats) {
   const std::int64_t row_bytes = 2 * dim_ * static_cast<std::int64_t>(dtype_size(dtype_));
   std::vector<RecallStats> per_head(static_cast<std::size_t>(heads_));
   parallel_for(heads_, [&](std::int64_t h) {
@@ -189,8 +164,8 @@ void ClusterKV::recall(const std::vector<std::vector<std::int32_t>>& needed, Rec
   stats.bytes_loaded = stats.loaded * row_bytes;
 }
 
-void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key,
-                     const KVView& new_value, float* out) {
+void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_key,
+                       const KVView& new_value, float* out) {
   KVPACK_CHECK(tokens_ > 0, "step: call prefill first");
   KVPACK_CHECK(
       new_key.heads == heads_ && new_key.tokens == 1 && new_key.dim == dim_ &&
@@ -210,19 +185,12 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   // Select.
   const bool per_q = params_.per_query_head && group > 1;
   const std::int64_t rows = per_q ? heads_q : heads_;
-  if (cluster_index_) cluster_index_->append(new_key);
+  selector_->append(new_key);
   // ClusterKV attends the unclustered decoded tokens on top of the budget.
-  const std::int64_t count = cluster_index_ ? cluster_index_->selection_size(params_.budget)
-                                            : std::min(params_.budget, tokens_);
+  const std::int64_t count = selector_->selection_size(params_.budget);
   selection_.assign(static_cast<std::size_t>(rows * count), 0);
   selection_rows_ = rows;
-  if (cluster_index_) {
-    cluster_index_->select(q, heads_q, params_.budget, std::get<ClusterKVParams>(method_).window,
-                           per_q, selection_.data());
-  } else {
-    quest_index_->append(new_key);
-    quest_index_->select(q, heads_q, params_.budget, per_q, selection_.data());
-  }
+  selector_->select(q, heads_q, params_.budget, per_q, selection_.data());
 
   // The fast tier must hold every selected token of a group at once; when query heads
   // select on their own it is resized (and refilled) on the first step that needs more.
@@ -233,11 +201,10 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   if (params_.fast_tier && need_slots > slots_) {
     // Room at once for the largest selection to come (the budget and a full unclustered
     // window), so the growing window never empties the fast tier.
-    const std::int64_t window =
-        cluster_index_ ? std::get<ClusterKVParams>(method_).index.append_interval : 0;
-    const std::int64_t most = cluster_index_ ? std::min(params_.budget, tokens_) + window : 0;
+    const std::int64_t on_top = selector_->most_on_top();
+    const std::int64_t most = std::min(params_.budget, tokens_) + on_top;
     reset_fast_tier(
-        std::min(std::max(need_slots, recall_steps * most * rows_per_head), tokens_ + window));
+        std::min(std::max(need_slots, recall_steps * most * rows_per_head), tokens_ + on_top));
   }
 
   // Gather: make the selection resident, loading only the misses.
@@ -284,8 +251,8 @@ void ClusterKV::step(const float* q, std::int64_t heads_q, const KVView& new_key
   decode_attention(q, heads_q, fk, fv, &index, nullptr, AttentionParams{}, output);
 }
 
-void ClusterKV::count_recalls(const std::vector<std::vector<std::int32_t>>& needed,
-                              RecallStats& stats) {
+void RecallCache::count_recalls(const std::vector<std::vector<std::int32_t>>& needed,
+                                RecallStats& stats) {
   const std::int64_t row_bytes = 2 * dim_ * static_cast<std::int64_t>(dtype_size(dtype_));
   for (std::int64_t h = 0; h < heads_; ++h) {
     auto& recalled_at = recalled_at_[static_cast<std::size_t>(h)];
@@ -302,12 +269,26 @@ void ClusterKV::count_recalls(const std::vector<std::vector<std::int32_t>>& need
   stats.bytes_loaded = stats.loaded * row_bytes;
 }
 
-void ClusterKV::attend_in_place(const float* q, std::int64_t heads_q, std::int64_t rows,
-                                std::int64_t count, float* out) const {
+void RecallCache::attend_in_place(const float* q, std::int64_t heads_q, std::int64_t rows,
+                                  std::int64_t count, float* out) const {
   const IndexView index{selection_.data(), rows, count};
   AttentionOutput output;
   output.out = out;
   decode_attention(q, heads_q, keys(), values(), &index, nullptr, AttentionParams{}, output);
+}
+
+void recall_step(RecallCache* const* caches, const float* queries, std::int64_t heads_q,
+                 const BatchKVView& keys, const BatchKVView& values, float* out) {
+  KVPACK_CHECK(values.batch == keys.batch && values.heads == keys.heads &&
+                   values.tokens == keys.tokens && values.dim == keys.dim,
+               "values: expected the shape of keys");
+  const std::int64_t size = heads_q * keys.dim;
+  // Rows are independent, positions of a row in order; each step runs its heads in parallel.
+  for (std::int64_t b = 0; b < keys.batch; ++b)
+    for (std::int64_t i = 0; i < keys.tokens; ++i) {
+      const std::int64_t at = (b * keys.tokens + i) * size;
+      caches[b]->step(queries + at, heads_q, keys.row(b, i, 1), values.row(b, i, 1), out + at);
+    }
 }
 
 }  // namespace kvpack

@@ -8,64 +8,14 @@
 
 #include <cstdint>
 #include <memory>
-#include <variant>
 #include <vector>
 
 #include "kvpack/attention.h"
-#include "kvpack/cluster_index.h"
 #include "kvpack/common.h"
 #include "kvpack/method.h"
-#include "kvpack/quest.h"
+#include "kvpack/selector.h"
 
 namespace kvpack {
-
-/// ClusterKV: keys clustered by cosine k-means; each decode step recalls whole clusters
-/// until the budget is filled.
-struct ClusterKVParams : RecallParams {
-  static constexpr const char* name = "clusterkv";
-  static constexpr const char* class_name = "ClusterKV";
-  static constexpr const char* summary =
-      "ClusterKV: keys clustered by cosine k-means; each decode step recalls whole clusters "
-      "until the budget is filled.";
-  static constexpr MethodKind kind = MethodKind::Recall;
-  static constexpr bool ranks_by_attention = false;
-  static constexpr int blob_code = -1;  // not a store codec
-
-  std::int64_t window = 0;  ///< most recent tokens always attended (besides the sinks)
-  /// With n_clusters 0 the prefill makes clustered tokens / tokens_per_cluster clusters,
-  /// or more where their mean size would exceed budget / kClustersPerBudget.
-  ClusterIndexParams index;
-
-  template <class Self, class F>
-  static void each_param(Self& p, F&& f) {
-    f(ParamSpec{"n_clusters", ParamRule::OptionalCount,
-                "Prefill clusters per KV head (None: clustered tokens / tokens_per_cluster, "
-                "raised so the mean cluster holds at most budget / 12 tokens).",
-                0},
-      p.index.n_clusters);
-    f(ParamSpec{"tokens_per_cluster", ParamRule::Count,
-                "Mean cluster size the automatic n_clusters aims at.", 1},
-      p.index.tokens_per_cluster);
-    f(ParamSpec{"sink", ParamRule::Count, "First tokens never clustered, always attended.", 0},
-      p.index.sink);
-    f(ParamSpec{"window", ParamRule::Count, "Most recent tokens always attended.", 0}, p.window);
-    f(ParamSpec{"iters", ParamRule::Count, "k-means rounds.", 1}, p.index.iterations);
-    f(ParamSpec{"seed", ParamRule::Count, "k-means seed.", 0}, p.index.seed);
-    f(ParamSpec{"init", ParamRule::KMeansInit, "k-means initialisation: 'kmeans++' or 'random'."},
-      p.index.init);
-    f(ParamSpec{"append_interval", ParamRule::Count, "Decoded tokens clustered together (m).", 1},
-      p.index.append_interval);
-    f(ParamSpec{"append_clusters", ParamRule::Count, "Clusters made of them (C+).", 1},
-      p.index.append_clusters);
-    each_recall_param(p, f);
-  }
-};
-
-/// A recall method: how a ClusterKV engine selects its tokens.
-using RecallMethod = std::variant<ClusterKVParams, QuestParams>;
-
-/// The automatic cluster count keeps the mean cluster at most budget / this many tokens.
-inline constexpr std::int64_t kClustersPerBudget = 12;
 
 /// What one step moved between the tiers (token counts summed over KV heads).
 struct RecallStats {
@@ -76,9 +26,9 @@ struct RecallStats {
   std::int64_t bytes_loaded = 0;  ///< K and V bytes of the loaded tokens
 };
 
-class ClusterKV {
+class RecallCache {
  public:
-  explicit ClusterKV(const RecallMethod& method);
+  explicit RecallCache(const RecallMethod& method);
 
   /// Takes the prompt's keys and values [heads_kv, tokens, dim] (copied into the slow
   /// tier) and builds the index.
@@ -102,8 +52,8 @@ class ClusterKV {
   DType dtype() const { return dtype_; }
   const RecallMethod& method() const { return method_; }
   const RecallParams& params() const { return params_; }
-  const ClusterIndex* cluster_index() const { return cluster_index_.get(); }
-  const QuestIndex* quest_index() const { return quest_index_.get(); }
+  /// The method's selector; null before the prefill.
+  const Selector* selector() const { return selector_.get(); }
   /// The slow tier: every token's keys / values.
   KVView keys() const;
   KVView values() const;
@@ -129,13 +79,10 @@ class ClusterKV {
                        float* out) const;
   // Empties the fast tier and gives it `slots` rows per head.
   void reset_fast_tier(std::int64_t slots);
-  // The clustering of a `tokens`-long prompt (the automatic cluster count resolved).
-  ClusterIndexParams index_params(std::int64_t tokens) const;
 
   RecallMethod method_;
-  RecallParams params_;  // what both methods share, read from method_
-  std::unique_ptr<ClusterIndex> cluster_index_;
-  std::unique_ptr<QuestIndex> quest_index_;
+  RecallParams params_;  // what every recall method shares, read from method_
+  std::unique_ptr<Selector> selector_;
   DType dtype_ = DType::Float32;
   std::int64_t heads_ = 0, dim_ = 0, tokens_ = 0, capacity_ = 0, step_ = 0;
   std::vector<unsigned char> keys_, values_;            // slow tier: heads * capacity_ * dim
@@ -150,5 +97,16 @@ class ClusterKV {
   std::int64_t selection_rows_ = 0;
   RecallStats last_, total_;
 };
+
+/// One decode step of a batch of sequences, each with its own cache: for every row b and
+/// then every new position i in order, exactly caches[b]->step(queries[b, i], heads_q,
+/// keys[b, :, i], values[b, :, i], out[b, i]).
+/// @param caches   size keys.batch, each prefilled with keys.heads heads of keys.dim
+/// @param queries  size keys.batch * keys.tokens * heads_q * keys.dim float32,
+///                 [batch, new, heads_q, dim] (token-major, as attention outputs are)
+/// @param keys, values  [batch, heads_kv, new, dim] in the caches' dtype
+/// @param out      size of queries, [batch, new, heads_q, dim]
+void recall_step(RecallCache* const* caches, const float* queries, std::int64_t heads_q,
+                 const BatchKVView& keys, const BatchKVView& values, float* out);
 
 }  // namespace kvpack
