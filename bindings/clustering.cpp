@@ -9,6 +9,7 @@
 #include "kvpack/quest.h"
 #include "kvpack/recall_cache.h"
 #include "methods.h"
+#include "stats.h"
 
 namespace kvpack::bindings {
 
@@ -165,13 +166,11 @@ py::array_t<std::int32_t> select_tokens(const Index& index, const py::object& q_
   return selection_array(std::move(out), rows);
 }
 
-py::dict stats_dict(const RecallStats& s) {
-  py::dict d;
-  d["steps"] = s.steps;
-  d["selected"] = s.selected;
-  d["hits"] = s.hits;
-  d["loaded"] = s.loaded;
-  d["bytes_loaded"] = s.bytes_loaded;
+py::dict recall_stats_dict(const RecallStats& s) {
+  py::dict d =
+      stats_dict(s, field("steps", &RecallStats::steps), field("selected", &RecallStats::selected),
+                 field("hits", &RecallStats::hits), field("loaded", &RecallStats::loaded),
+                 field("bytes_loaded", &RecallStats::bytes_loaded));
   d["hit_rate"] = s.selected ? static_cast<double>(s.hits) / static_cast<double>(s.selected) : 0.0;
   return d;
 }
@@ -399,8 +398,9 @@ void bind_clustering(py::module_& m) {
                                return s.selector() ? s.selector()->stats().clusters : 0;
                              })
       .def_property_readonly("last_step",
-                             [](const RecallCache& s) { return stats_dict(s.last_step()); })
-      .def_property_readonly("total", [](const RecallCache& s) { return stats_dict(s.total()); })
+                             [](const RecallCache& s) { return recall_stats_dict(s.last_step()); })
+      .def_property_readonly("total",
+                             [](const RecallCache& s) { return recall_stats_dict(s.total()); })
       .def_property_readonly("last_selection", [](const RecallCache& s) {
         std::vector<std::int32_t> copy = s.last_selection();
         return selection_array(std::move(copy), s.last_rows());

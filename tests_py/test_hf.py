@@ -181,7 +181,7 @@ def test_a_method_object_configures_the_cache_like_its_name(model, prompts):
     assert not torch.equal(other, expected)  # the window reaches the layers
     recall = hf.make_cache(model, kvpack.methods.Quest(page_size=8), 32)
     generate(model, ids, mask, recall, new=2)
-    assert recall.layers[2].recall[0].method == kvpack.methods.Quest(page_size=8)
+    assert recall.layers[2].method == kvpack.methods.Quest(page_size=8)
     with pytest.raises(TypeError, match="log_count_bias: method 'quest' does not merge"):
         hf.make_cache(model, "quest", log_count_bias=True)
 

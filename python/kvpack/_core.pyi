@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 from . import methods
-__all__: list[str] = ['ClusterIndex', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'RecallCache', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'cluster_slot', 'compress', 'cpu_target', 'cpu_targets', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'kmeans', 'methods', 'parse_codec', 'place', 'quantized_attention', 'recall_step', 'set_num_threads', 'xxh3', 'xxh64']
+__all__: list[str] = ['ClusterIndex', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'RecallCache', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'cluster_slot', 'compress', 'cpu_target', 'cpu_targets', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'held_attention', 'kmeans', 'methods', 'parse_codec', 'place', 'quantized_attention', 'recall_step', 'set_num_threads', 'xxh3', 'xxh64']
 class ClusterIndex:
     def __init__(self, keys: typing.Any, n_clusters: typing.SupportsInt | typing.SupportsIndex = 0, sink: typing.SupportsInt | typing.SupportsIndex = 16, iters: typing.SupportsInt | typing.SupportsIndex = 20, seed: typing.SupportsInt | typing.SupportsIndex = 0, init: typing.Any = 'kmeans++', append_interval: typing.SupportsInt | typing.SupportsIndex = 320, append_clusters: typing.SupportsInt | typing.SupportsIndex = 8, tokens_per_cluster: typing.SupportsInt | typing.SupportsIndex = 80) -> None:
         ...
@@ -238,6 +238,10 @@ def encode_blob(key: str, kv: typing.Any, codec: str, probe_queries: typing.Any 
 def get_num_threads() -> int:
     """
     Threads used by kvpack's parallel loops: those set by set_num_threads, else the OpenMP runtime's count (OMP_NUM_THREADS, or torch.set_num_threads in a process with torch: both share one OpenMP runtime and its workers in a source build; the wheel carries its own libgomp, so there the two counts are set apart).
+    """
+def held_attention(queries: typing.Any, keys: typing.Any, values: typing.Any, positions: typing.Any, first_decoded: typing.SupportsInt | typing.SupportsIndex, first_query: typing.SupportsInt | typing.SupportsIndex, bias: typing.Any = None, scale: typing.SupportsFloat | typing.SupportsIndex | None = None) -> numpy.typing.NDArray[numpy.float32]:
+    """
+    One decode step of a batch over one layer's cache: held slots (at positions, -1 empty) then decoded tokens from first_decoded; returns [batch, new, heads_q, head_dim].
     """
 def kmeans(x: typing.Any, n_clusters: typing.SupportsInt | typing.SupportsIndex, iters: typing.SupportsInt | typing.SupportsIndex = 20, seed: typing.SupportsInt | typing.SupportsIndex = 0, spherical: bool = True, init: typing.Any = 'kmeans++', init_centroids: typing.Any = None, device: str = 'cpu') -> dict:
     """

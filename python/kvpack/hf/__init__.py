@@ -22,7 +22,7 @@ prefilled in chunks is compressed after its first chunk). Per method:
   compressed to ``budget`` slots per KV head by :func:`kvpack.compress`, ranked by the
   attention the prompt's queries paid each key. Decoded tokens are appended.
 - ``clusterkv``, ``quest``: the whole cache stays in host memory in a
-  :class:`kvpack.ClusterKV` per sequence; each decoded token attends ``budget`` recalled
+  :class:`kvpack.RecallCache` per sequence; each decoded token attends ``budget`` recalled
   tokens (clusters, or Quest pages).
 - ``kivi``: the prompt's cache becomes KIVI codes (:func:`kvpack.quantize`, ``bits``,
   group 32) with the latest ``budget`` tokens in full precision; decode attends the codes

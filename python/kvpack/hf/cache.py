@@ -22,9 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import _core
 from .. import methods as _methods
-from ..clustering import ClusterKV
 from ..compression import budget_tokens, compress
-from ..quantization import quantize
 from .compat import check_model
 
 if TYPE_CHECKING:
@@ -431,34 +429,29 @@ class _EvictionLayer(_BufferedLayer):
 
 
 class _RecallLayer(_KVPackLayer):
-    """One :class:`kvpack.ClusterKV` per sequence holds the whole cache on the host."""
+    """One :class:`kvpack.RecallCache` per sequence holds the whole cache on the host;
+    each decode step is one core call (``_core.recall_step``) over every row and query."""
 
     def _compress(self, query, keys, values, valid, scaling):
         self.recall = []
         for b in range(keys.shape[0]):
             tokens, k, v = _real_tokens(valid[b], keys[b], values[b])
-            recall = ClusterKV(self._budget(tokens.numel()), self.method)
+            recall = _core.RecallCache(self._budget(tokens.numel()), self.method)
             recall.prefill(_dense(k), _dense(v))
             self.recall.append(recall)
-        self.keys = self.values = None  # the host copies in ClusterKV are the cache now
+        self.keys = self.values = None  # the host copies in RecallCache are the cache now
 
     def _append(self, key_states, value_states):
         return key_states, value_states  # decode() hands them to the core
 
     def decode(self, module, query, key, value, attention_mask, scaling):
-        # ClusterKV scales scores by 1/sqrt(head_dim); fold any other scaling into q.
+        # RecallCache scales scores by 1/sqrt(head_dim); fold any other scaling into q.
         fold = scaling * math.sqrt(query.shape[-1])
-        q = query.float() if math.isclose(fold, 1.0, rel_tol=1e-12) else query.float() * fold
-        rows = [
-            torch.from_numpy(
-                recall.step(_dense(q[b, :, i]), _dense(key[b, :, i]), _dense(value[b, :, i]))
-            )
-            for b, recall in enumerate(self.recall)
-            for i in range(query.shape[2])
-        ]
-        output = rows[0][None] if len(rows) == 1 else torch.stack(rows)
-        output = output.view(query.shape[0], query.shape[2], query.shape[1], query.shape[-1])
-        return output.to(query.device, query.dtype)
+        queries = query.transpose(1, 2).float()  # [batch, new, heads_q, dim]
+        if not math.isclose(fold, 1.0, rel_tol=1e-12):
+            queries = queries * fold
+        output = _core.recall_step(self.recall, _dense(queries), _host(key), _host(value))
+        return _torch(output, query)
 
     def slots(self) -> int:
         return min((r.tokens for r in getattr(self, "recall", [])), default=0)
@@ -472,33 +465,27 @@ class _RecallLayer(_KVPackLayer):
 
 class _KiviLayer(_BufferedLayer):
     """KIVI codes of the prompt per sequence, plus the decoded tokens in full precision;
-    a decode step attends both in one softmax."""
+    each decode step is one core call (``_core.quantized_attention``) that attends both in
+    one softmax for every row and query."""
 
     def _compress(self, query, keys, values, valid, scaling):
         bits, group = self.method.bits, self.method.group
         self.quantized = []
         for b in range(keys.shape[0]):
             tokens, k, v = _real_tokens(valid[b], keys[b], values[b])
-            self.quantized.append(
-                quantize(
-                    _dense(k), _dense(v), bits, group=group, residual=self._budget(tokens.numel())
-                )
-            )
+            residual = self._budget(tokens.numel())
+            self.quantized.append(_core.QuantizedKV(_dense(k), _dense(v), bits, group, residual))
         # New tensors: an empty view of the prompt's would keep all of it alive.
         self.keys = keys.new_empty(*keys.shape[:2], 0, keys.shape[-1])
         self.values = values.new_empty(*values.shape[:2], 0, values.shape[-1])
         self.length = 0
 
     def decode(self, module, query, key, value, attention_mask, scaling):
-        new, decoded = query.shape[2], key.shape[2]
-        output = torch.empty(query.shape[0], new, query.shape[1], query.shape[-1])
-        for b, quantized in enumerate(self.quantized):
-            for i in range(new):
-                seen = decoded - new + i + 1  # decoded tokens this query may attend
-                tail = (_host(key[b, :, :seen]), _host(value[b, :, :seen]))
-                q = _dense(query[b, :, i].float())
-                output[b, i] = torch.from_numpy(quantized.attend(q, scale=scaling, tail=tail))
-        return output.to(query.device, query.dtype)
+        queries = _dense(query.transpose(1, 2).float())  # [batch, new, heads_q, dim]
+        output = _core.quantized_attention(
+            self.quantized, queries, _host(key), _host(value), scaling
+        )
+        return _torch(output, query)
 
     def slots(self) -> int:
         return min((q.tokens for q in getattr(self, "quantized", [])), default=0)
