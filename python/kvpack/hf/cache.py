@@ -348,6 +348,8 @@ class _EvictionLayer(_BufferedLayer):
         # What the core reads every step: int64 and float32 in host memory, contiguous.
         self.held_positions = _dense(positions.to(torch.int64))
         self.held_bias = None if bias is None else _dense(bias.float())
+        self._positions_array = _array(self.held_positions)
+        self._bias_array = None if bias is None else _array(self.held_bias)
         self.first_decoded = tokens  # position of the first decoded token
         self.seen, self.prefilled = tokens, True
 
@@ -364,13 +366,13 @@ class _EvictionLayer(_BufferedLayer):
         Padding is read from the held positions; ``attention_mask`` adds nothing to them."""
         queries = query.transpose(1, 2)  # [batch, new, heads_q, dim]: the output's layout
         output = _core.held_attention(
-            _dense(queries.float()),
-            _host(key),
-            _host(value),
-            self.held_positions,
+            _array(_dense(queries.float())),
+            _array(key),
+            _array(value),
+            self._positions_array,
             self.first_decoded,
             self.seen - queries.shape[1],
-            self.held_bias,
+            self._bias_array,
             scaling,
         )
         if self.decode_budget is not None:
@@ -450,7 +452,7 @@ class _RecallLayer(_KVPackLayer):
         queries = query.transpose(1, 2).float()  # [batch, new, heads_q, dim]
         if not math.isclose(fold, 1.0, rel_tol=1e-12):
             queries = queries * fold
-        output = _core.recall_step(self.recall, _dense(queries), _host(key), _host(value))
+        output = _core.recall_step(self.recall, _array(_dense(queries)), _array(key), _array(value))
         return _torch(output, query)
 
     def slots(self) -> int:
@@ -483,7 +485,7 @@ class _KiviLayer(_BufferedLayer):
     def decode(self, module, query, key, value, attention_mask, scaling):
         queries = _dense(query.transpose(1, 2).float())  # [batch, new, heads_q, dim]
         output = _core.quantized_attention(
-            self.quantized, queries, _host(key), _host(value), scaling
+            self.quantized, _array(queries), _array(key), _array(value), scaling
         )
         return _torch(output, query)
 
@@ -563,15 +565,23 @@ def _tensor_bytes(*tensors) -> int:
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as the core takes it through DLPack: a host tensor as it is (strides kept, no
-    copy); a device tensor is copied to the host, where the core's decode path runs."""
-    t = t.detach()
+    """``t`` in host memory: a host tensor as it is (strides kept, no copy); a device tensor
+    is copied to the host, where the core's decode path runs."""
+    t = t.detach() if t.requires_grad else t
     return t if t.device.type == "cpu" else t.cpu()
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """:func:`_host` of ``t``, C-contiguous (no copy when it already is)."""
     return _host(t).contiguous()
+
+
+def _array(t: torch.Tensor):
+    """:func:`_host` of ``t`` as the core takes it without a copy: a NumPy view (handed over
+    in a microsecond, DLPack in several: a decode step hands over four per layer), or the
+    tensor itself where NumPy has no dtype for it (bfloat16), read through DLPack."""
+    t = _host(t)
+    return t if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
