@@ -198,7 +198,7 @@ py::array_t<float> held_attention_binding(const py::object& queries_obj, const p
                      first_query = first_query_arg.as("first_query");
   const auto scale = scale_arg.as("scale");
   const py::array queries_arg = as_array(queries_obj, "queries");
-  const py::array keys_arg = as_array(keys_obj, "keys"), values_arg = as_array(values_obj, "values");
+  py::array keys_arg = as_array(keys_obj, "keys"), values_arg = as_array(values_obj, "values");
   const py::array positions_arg = as_array(positions_obj, "positions");
   const py::array_t<float> queries =
       finite_float32(queries_arg, "queries", 4, "[batch, new, heads_q, head_dim]");
@@ -219,14 +219,11 @@ py::array_t<float> held_attention_binding(const py::object& queries_obj, const p
                                                << keys_arg.shape(3) << ") for keys of shape "
                                                << shape_string(keys_arg) << ", got "
                                                << shape_string(queries));
-  std::vector<KVView> keys, values;
-  for (std::int64_t b = 0; b < batch; ++b) {
-    keys.push_back(strided_kv_view(keys_arg[py::int_(b)].cast<py::array>(), "keys"));
-    values.push_back(strided_kv_view(values_arg[py::int_(b)].cast<py::array>(), "values"));
-    KVPACK_TYPE_CHECK(values.back().dtype == keys.back().dtype,
-                      "values: expected dtype " << dtype_string(keys_arg) << " like keys, got "
-                                                << dtype_string(values_arg));
-  }
+  const BatchKVView keys = batch_kv_view(keys_arg, "keys", true);
+  const BatchKVView values = batch_kv_view(values_arg, "values", true);
+  KVPACK_TYPE_CHECK(values.dtype == keys.dtype, "values: expected dtype "
+                                                    << dtype_name(keys.dtype) << " like keys, got "
+                                                    << dtype_name(values.dtype));
   KVPACK_TYPE_CHECK(positions_arg.dtype().kind() == 'i' && positions_arg.itemsize() == 8,
                     "positions: expected dtype int64, got " << dtype_string(positions_arg));
   require_native(positions_arg, "positions");
@@ -234,23 +231,23 @@ py::array_t<float> held_attention_binding(const py::object& queries_obj, const p
   const std::int64_t held = positions_arg.shape(2);
   KVPACK_ARG_CHECK(positions_arg.shape(0) == batch && positions_arg.shape(1) == heads_kv &&
                        held <= keys_arg.shape(2),
-                   "positions: expected shape (" << batch << ", " << heads_kv << ", held <= "
-                                                 << keys_arg.shape(2) << "), got "
+                   "positions: expected shape (" << batch << ", " << heads_kv
+                                                 << ", held <= " << keys_arg.shape(2) << "), got "
                                                  << shape_string(positions_arg));
   const auto* positions = static_cast<const std::int64_t*>(positions_arg.data());
   KVPACK_ARG_CHECK(
       std::all_of(positions, positions + positions_arg.size(),
                   [&](std::int64_t p) { return p >= -1 && p < first_decoded; }),
       "positions: expected each held position in [-1, first_decoded=" << first_decoded << ")");
-  KVPACK_ARG_CHECK(first_query >= first_decoded,
-                   "first_query: expected at least first_decoded=" << first_decoded << ", got "
-                                                                   << first_query);
+  KVPACK_ARG_CHECK(first_query >= first_decoded, "first_query: expected at least first_decoded="
+                                                     << first_decoded << ", got " << first_query);
   std::optional<py::array_t<float>> bias;
   if (!bias_obj.is_none()) {
     bias = finite_float32(as_array(bias_obj, "bias"), "bias", 3, "[batch, heads_kv, held]");
-    KVPACK_ARG_CHECK(bias->shape(0) == batch && bias->shape(1) == heads_kv && bias->shape(2) == held,
-                     "bias: expected shape (" << batch << ", " << heads_kv << ", " << held
-                                              << ") like positions, got " << shape_string(*bias));
+    KVPACK_ARG_CHECK(
+        bias->shape(0) == batch && bias->shape(1) == heads_kv && bias->shape(2) == held,
+        "bias: expected shape (" << batch << ", " << heads_kv << ", " << held
+                                 << ") like positions, got " << shape_string(*bias));
   }
   const HeldSlots slots{positions, held, first_decoded, bias ? bias->data() : nullptr};
   AttentionParams params;
@@ -258,10 +255,12 @@ py::array_t<float> held_attention_binding(const py::object& queries_obj, const p
   py::array_t<float> out = owned_float_array({batch, new_queries, heads_q, keys_arg.shape(3)});
   {
     py::gil_scoped_release release;
-    held_attention(queries.data(), batch, new_queries, heads_q, first_query, keys.data(),
-                   values.data(), slots, params, out.mutable_data());
+    held_attention(queries.data(), new_queries, heads_q, first_query, keys, values, slots, params,
+                   out.mutable_data());
   }
-  if (!all_finite(out.data(), out.size())) raise_non_finite({{"keys", keys[0]}, {"values", values[0]}});
+  if (!all_finite(out.data(), out.size()))
+    raise_non_finite(
+        {{"keys", keys.row(0, 0, keys.tokens)}, {"values", values.row(0, 0, values.tokens)}});
   return out;
 }
 

@@ -54,8 +54,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, DenseAttention,
 TEST(HeldAttention, EachQuerySeesItsHeldAndEarlierDecodedSlots) {
   const std::int64_t heads_kv = 2, heads_q = 6, held = 700, decoded = 6, dim = 32, rows = 2;
   const std::int64_t tokens = held + decoded, new_queries = 3, first_decoded = 2000;
-  const Cache row0(heads_kv, tokens, dim, 5), row1(heads_kv, tokens, dim, 6);
-  const Cache* caches[] = {&row0, &row1};  // Cache views its own vectors: no copies
+  const Cache c(rows * heads_kv, tokens, dim, 5);  // row b's heads: b * heads_kv + head
   std::vector<std::int64_t> positions(static_cast<std::size_t>(rows * heads_kv * held));
   for (std::int64_t l = 0; l < rows * heads_kv; ++l)
     for (std::int64_t s = 0; s < held; ++s) positions[l * held + s] = 2 * s;
@@ -64,11 +63,13 @@ TEST(HeldAttention, EachQuerySeesItsHeldAndEarlierDecodedSlots) {
   std::reverse(positions.begin() + held, positions.begin() + 2 * held);  // any order
   const auto queries = testing::random_vector(rows * new_queries * heads_q * dim, 7);
   const std::int64_t first_query = first_decoded + decoded - new_queries;
-  const std::vector<KVView> keys = {row0.k, row1.k}, values = {row0.v, row1.v};
+  const auto batch = [&](const KVView& v) {
+    return BatchKVView{v.data,       v.dtype, rows, heads_kv, tokens, dim, heads_kv * tokens * dim,
+                       tokens * dim, dim};
+  };
   std::vector<float> out(queries.size());
-  held_attention(queries.data(), rows, new_queries, heads_q, first_query, keys.data(),
-                 values.data(), HeldSlots{positions.data(), held, first_decoded, nullptr}, {},
-                 out.data());
+  held_attention(queries.data(), new_queries, heads_q, first_query, batch(c.k), batch(c.v),
+                 HeldSlots{positions.data(), held, first_decoded, nullptr}, {}, out.data());
   for (std::int64_t b = 0; b < rows; ++b)
     for (std::int64_t i = 0; i < new_queries; ++i)
       for (std::int64_t hq = 0; hq < heads_q; ++hq) {
@@ -81,7 +82,7 @@ TEST(HeldAttention, EachQuerySeesItsHeldAndEarlierDecodedSlots) {
         double lse;
         const std::int64_t at = ((b * new_queries + i) * heads_q + hq) * dim;
         const auto ref =
-            testing::reference_attention(queries.data() + at, *caches[b], head, seen, &lse);
+            testing::reference_attention(queries.data() + at, c, b * heads_kv + head, seen, &lse);
         for (std::int64_t d = 0; d < dim; ++d) EXPECT_NEAR(out[at + d], ref[d], 2e-5);
       }
 }

@@ -451,22 +451,20 @@ void accumulated_attention(const float* queries, std::int64_t heads_q, std::int6
 
 }  // namespace cpu
 
-void held_attention(const float* queries, std::int64_t batch, std::int64_t new_queries,
-                    std::int64_t heads_q, std::int64_t first_query, const KVView* keys,
-                    const KVView* values, const HeldSlots& slots, const AttentionParams& params,
-                    float* out) {
-  KVPACK_CHECK(queries && out && keys && values, "queries/keys/values/out: null pointer");
+void held_attention(const float* queries, std::int64_t new_queries, std::int64_t heads_q,
+                    std::int64_t first_query, const BatchKVView& keys, const BatchKVView& values,
+                    const HeldSlots& slots, const AttentionParams& params, float* out) {
+  KVPACK_CHECK(queries && out, "queries/out: null pointer");
+  const std::int64_t batch = keys.batch;
   KVPACK_CHECK(
       batch > 0 && new_queries > 0,
       "queries: expected at least one row and one query, got " << batch << " and " << new_queries);
-  const KVView& first = keys[0];
-  for (std::int64_t b = 0; b < batch; ++b) {
-    check_kv(keys[b], values[b]);
-    KVPACK_CHECK(keys[b].heads == first.heads && keys[b].tokens == first.tokens &&
-                     keys[b].dim == first.dim && keys[b].dtype == first.dtype &&
-                     values[b].dtype == first.dtype,
-                 "keys/values: row " << b << " differs from row 0 in shape or dtype");
-  }
+  KVPACK_CHECK(values.batch == batch && values.dtype == keys.dtype &&
+                   (keys.tokens <= 1 ||
+                    (keys.token_stride == keys.dim && values.token_stride == values.dim)),
+               "keys/values: expected one shape and dtype, each head's rows contiguous");
+  const KVView first = keys.row(0, 0, keys.tokens);
+  check_kv(first, values.row(0, 0, values.tokens));
   const std::int64_t heads_kv = first.heads, tokens = first.tokens, dim = first.dim;
   const std::int64_t held = slots.held;
   KVPACK_CHECK(heads_q > 0 && heads_q % heads_kv == 0,
@@ -532,16 +530,17 @@ void held_attention(const float* queries, std::int64_t batch, std::int64_t new_q
     for (std::int64_t d = 0; d < tile * dim; ++d) qs[static_cast<std::size_t>(d)] = q[d] * scale;
     const float* bias_row = slots.bias ? bias.data() + list * tokens : nullptr;
     const int t = static_cast<int>(tile);
+    const KVView row_keys = keys.row(b, 0, tokens), row_values = values.row(b, 0, tokens);
     if (seen_held == held) {  // every held slot: the slots are a prefix of the rows
       auto token_at = [](std::int64_t pos) { return pos; };
-      attend_range_tiled(t, qs.data(), keys[b], values[b], head, token_at, begin, end, count,
+      attend_range_tiled(t, qs.data(), row_keys, row_values, head, token_at, begin, end, count,
                          bias_row, nullptr, state);
     } else {
       const std::int32_t* index = held_index.data() + list * held;
       auto token_at = [index, seen_held, held](std::int64_t pos) {
         return pos < seen_held ? static_cast<std::int64_t>(index[pos]) : held + pos - seen_held;
       };
-      attend_range_tiled(t, qs.data(), keys[b], values[b], head, token_at, begin, end, count,
+      attend_range_tiled(t, qs.data(), row_keys, row_values, head, token_at, begin, end, count,
                          bias_row, nullptr, state);
     }
   });

@@ -104,12 +104,11 @@ std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams&
 
 }  // namespace cpu
 
-void held_attention(const float* queries, std::int64_t batch, std::int64_t new_queries,
-                    std::int64_t heads_q, std::int64_t first_query, const KVView* keys,
-                    const KVView* values, const HeldSlots& slots, const AttentionParams& params,
-                    float* out) {
-  kernels().held_attention(queries, batch, new_queries, heads_q, first_query, keys, values, slots,
-                           params, out);
+void held_attention(const float* queries, std::int64_t new_queries, std::int64_t heads_q,
+                    std::int64_t first_query, const BatchKVView& keys, const BatchKVView& values,
+                    const HeldSlots& slots, const AttentionParams& params, float* out) {
+  kernels().held_attention(queries, new_queries, heads_q, first_query, keys, values, slots, params,
+                           out);
 }
 
 void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const float* q,

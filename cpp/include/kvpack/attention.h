@@ -54,7 +54,8 @@ struct HeldSlots {
   const std::int64_t* positions = nullptr;  ///< [batch, heads_kv, held]
   std::int64_t held = 0;
   std::int64_t first_decoded = 0;
-  const float* bias = nullptr;  ///< [batch, heads_kv, held] added to the held slots' scores, or null
+  const float* bias =
+      nullptr;  ///< [batch, heads_kv, held] added to the held slots' scores, or null
 };
 
 /// One decode step of a batch over one layer's cache (HeldSlots): query i of row b, at
@@ -63,13 +64,12 @@ struct HeldSlots {
 /// All rows, positions and heads run in one parallel pass. Host memory only.
 /// @param queries      [batch, new_queries, heads_q, dim] float32 (the token-major layout of
 ///                     a model's attention output)
-/// @param keys,values  one [heads_kv, slots, dim] view per row (batch of them), one shape
-///                     and dtype, slots >= held
+/// @param keys,values  [batch, heads_kv, slots, dim], each head's rows contiguous, one
+///                     shape and dtype, slots >= held
 /// @param out          [batch, new_queries, heads_q, dim] float32
-void held_attention(const float* queries, std::int64_t batch, std::int64_t new_queries,
-                    std::int64_t heads_q, std::int64_t first_query, const KVView* keys,
-                    const KVView* values, const HeldSlots& slots, const AttentionParams& params,
-                    float* out);
+void held_attention(const float* queries, std::int64_t new_queries, std::int64_t heads_q,
+                    std::int64_t first_query, const BatchKVView& keys, const BatchKVView& values,
+                    const HeldSlots& slots, const AttentionParams& params, float* out);
 
 /// Bytes of scratch decode_attention takes on `device` for heads_q queries over `count`
 /// tokens of dimension `dim` (0 on the CPU): the size of Execution::scratch.
