@@ -274,6 +274,38 @@ BatchKVView batch_kv_view(py::array& array, const char* name, bool heads_contigu
   return view;
 }
 
+BatchStep batch_step(const py::object& queries, const py::object& keys, const py::object& values,
+                     const char* keys_name, const char* values_name, bool heads_contiguous) {
+  BatchStep step;
+  step.queries =
+      finite_float32(as_array(queries, "queries"), "queries", 4, "[batch, new, heads_q, head_dim]");
+  step.keys_array = as_array(keys, keys_name);
+  step.values_array = as_array(values, values_name);
+  step.keys = batch_kv_view(step.keys_array, keys_name, heads_contiguous);
+  step.values = batch_kv_view(step.values_array, values_name, heads_contiguous);
+  const BatchKVView &k = step.keys, &v = step.values;
+  KVPACK_ARG_CHECK(
+      v.batch == k.batch && v.heads == k.heads && v.tokens == k.tokens && v.dim == k.dim,
+      values_name << ": expected shape " << shape_string(step.keys_array) << " like " << keys_name
+                  << ", got " << shape_string(step.values_array));
+  KVPACK_TYPE_CHECK(v.dtype == k.dtype, values_name << ": expected dtype " << dtype_name(k.dtype)
+                                                    << " like " << keys_name << ", got "
+                                                    << dtype_name(v.dtype));
+  step.batch = step.queries.shape(0);
+  step.fresh = step.queries.shape(1);
+  step.heads_q = step.queries.shape(2);
+  KVPACK_ARG_CHECK(k.batch == step.batch && k.dim == step.queries.shape(3),
+                   keys_name << ": expected shape (" << step.batch << ", heads_kv, tokens, "
+                             << step.queries.shape(3)
+                             << ") to match queries [batch, new, heads_q, head_dim] of shape "
+                             << shape_string(step.queries) << ", got "
+                             << shape_string(step.keys_array));
+  KVPACK_ARG_CHECK(step.heads_q > 0 && step.heads_q % k.heads == 0,
+                   "queries: expected heads_q to be a positive multiple of heads_kv="
+                       << k.heads << ", got shape " << shape_string(step.queries));
+  return step;
+}
+
 std::pair<KVView, KVView> kv_pair(const py::array& keys, const py::array& values) {
   const KVView k = kv_view(keys, "keys"), v = kv_view(values, "values");
   KVPACK_ARG_CHECK(v.heads == k.heads && v.tokens == k.tokens && v.dim == k.dim,

@@ -88,6 +88,19 @@ KVView strided_kv_view(const py::array& array, const char* name);
 /// too; `array` is replaced by a C-contiguous copy otherwise (what a step reads is small).
 BatchKVView batch_kv_view(py::array& array, const char* name, bool heads_contiguous);
 
+/// The arguments of a batched decode step, checked: float32 queries [batch, new, heads_q,
+/// head_dim] and keys and values [batch, heads_kv, tokens, head_dim] (batch_kv_view) of one
+/// shape and dtype, heads_q a multiple of heads_kv. The arrays keep the data alive.
+// Hidden like the pybind11 types it holds.
+struct __attribute__((visibility("hidden"))) BatchStep {
+  py::array_t<float> queries;
+  py::array keys_array, values_array;
+  BatchKVView keys, values;
+  std::int64_t batch = 0, fresh = 0, heads_q = 0;  ///< fresh: the new queries per row
+};
+BatchStep batch_step(const py::object& queries, const py::object& keys, const py::object& values,
+                     const char* keys_name, const char* values_name, bool heads_contiguous);
+
 /// Zero-copy views of a layer's keys and values, validated: values must match the
 /// shape and dtype of keys.
 std::pair<KVView, KVView> kv_pair(const py::array& keys, const py::array& values);

@@ -197,33 +197,12 @@ py::array_t<float> held_attention_binding(const py::object& queries_obj, const p
   const std::int64_t first_decoded = first_decoded_arg.as("first_decoded"),
                      first_query = first_query_arg.as("first_query");
   const auto scale = scale_arg.as("scale");
-  const py::array queries_arg = as_array(queries_obj, "queries");
-  py::array keys_arg = as_array(keys_obj, "keys"), values_arg = as_array(values_obj, "values");
+  const BatchStep step = batch_step(queries_obj, keys_obj, values_obj, "keys", "values", true);
   const py::array positions_arg = as_array(positions_obj, "positions");
-  const py::array_t<float> queries =
-      finite_float32(queries_arg, "queries", 4, "[batch, new, heads_q, head_dim]");
-  KVPACK_ARG_CHECK(keys_arg.ndim() == 4,
-                   "keys: expected 4 dimensions [batch, heads_kv, slots, head_dim], got shape "
-                       << shape_string(keys_arg));
-  KVPACK_ARG_CHECK(values_arg.ndim() == 4 && values_arg.shape(0) == keys_arg.shape(0) &&
-                       values_arg.shape(1) == keys_arg.shape(1) &&
-                       values_arg.shape(2) == keys_arg.shape(2) &&
-                       values_arg.shape(3) == keys_arg.shape(3),
-                   "values: expected shape " << shape_string(keys_arg) << " like keys, got "
-                                             << shape_string(values_arg));
-  const std::int64_t batch = keys_arg.shape(0), heads_kv = keys_arg.shape(1);
-  const std::int64_t new_queries = queries.shape(1), heads_q = queries.shape(2);
-  KVPACK_ARG_CHECK(queries.shape(0) == batch && queries.shape(3) == keys_arg.shape(3) &&
-                       heads_q > 0 && heads_kv > 0 && heads_q % heads_kv == 0,
-                   "queries: expected shape (" << batch << ", new, k * " << heads_kv << ", "
-                                               << keys_arg.shape(3) << ") for keys of shape "
-                                               << shape_string(keys_arg) << ", got "
-                                               << shape_string(queries));
-  const BatchKVView keys = batch_kv_view(keys_arg, "keys", true);
-  const BatchKVView values = batch_kv_view(values_arg, "values", true);
-  KVPACK_TYPE_CHECK(values.dtype == keys.dtype, "values: expected dtype "
-                                                    << dtype_name(keys.dtype) << " like keys, got "
-                                                    << dtype_name(values.dtype));
+  const py::array& keys_arg = step.keys_array;
+  const BatchKVView &keys = step.keys, &values = step.values;
+  const std::int64_t batch = step.batch, new_queries = step.fresh, heads_q = step.heads_q;
+  const std::int64_t heads_kv = keys.heads;
   KVPACK_TYPE_CHECK(positions_arg.dtype().kind() == 'i' && positions_arg.itemsize() == 8,
                     "positions: expected dtype int64, got " << dtype_string(positions_arg));
   require_native(positions_arg, "positions");
@@ -255,8 +234,8 @@ py::array_t<float> held_attention_binding(const py::object& queries_obj, const p
   py::array_t<float> out = owned_float_array({batch, new_queries, heads_q, keys_arg.shape(3)});
   {
     py::gil_scoped_release release;
-    held_attention(queries.data(), new_queries, heads_q, first_query, keys, values, slots, params,
-                   out.mutable_data());
+    held_attention(step.queries.data(), new_queries, heads_q, first_query, keys, values, slots,
+                   params, out.mutable_data());
   }
   if (!all_finite(out.data(), out.size()))
     raise_non_finite(

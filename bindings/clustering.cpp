@@ -177,28 +177,15 @@ py::dict recall_stats_dict(const RecallStats& s) {
 
 py::array_t<float> recall_step_binding(const py::object& caches_obj, const py::object& queries_obj,
                                        const py::object& keys_obj, const py::object& values_obj) {
-  const py::array_t<float> queries = finite_float32(as_array(queries_obj, "queries"), "queries", 4,
-                                                    "[batch, new, heads_q, head_dim]");
-  py::array keys_array = as_array(keys_obj, "keys"), values_array = as_array(values_obj, "values");
-  const BatchKVView keys = batch_kv_view(keys_array, "keys", false);
-  const BatchKVView values = batch_kv_view(values_array, "values", false);
-  KVPACK_ARG_CHECK(values.batch == keys.batch && values.heads == keys.heads &&
-                       values.tokens == keys.tokens && values.dim == keys.dim,
-                   "values: expected shape " << shape_string(keys_array) << " like keys, got "
-                                             << shape_string(values_array));
-  KVPACK_TYPE_CHECK(values.dtype == keys.dtype, "values: expected dtype "
-                                                    << dtype_name(keys.dtype) << " like keys, got "
-                                                    << dtype_string(values_array));
-  const std::int64_t batch = queries.shape(0), fresh = queries.shape(1), heads_q = queries.shape(2);
-  KVPACK_ARG_CHECK(keys.batch == batch && keys.tokens == fresh && keys.dim == queries.shape(3),
-                   "keys: expected shape ("
-                       << batch << ", heads_kv, " << fresh << ", " << queries.shape(3)
-                       << ") to match queries [batch, new, heads_q, "
-                          "head_dim] of shape "
-                       << shape_string(queries) << ", got " << shape_string(keys_array));
-  KVPACK_ARG_CHECK(heads_q > 0 && heads_q % keys.heads == 0,
-                   "queries: expected heads_q to be a positive multiple of heads_kv="
-                       << keys.heads << ", got shape " << shape_string(queries));
+  const BatchStep step = batch_step(queries_obj, keys_obj, values_obj, "keys", "values", false);
+  const py::array_t<float>& queries = step.queries;
+  const py::array& keys_array = step.keys_array;
+  const BatchKVView &keys = step.keys, &values = step.values;
+  const std::int64_t batch = step.batch, fresh = step.fresh, heads_q = step.heads_q;
+  KVPACK_ARG_CHECK(keys.tokens == fresh, "keys: expected shape ("
+                                             << batch << ", heads_kv, " << fresh << ", " << keys.dim
+                                             << "): one token per new query, got "
+                                             << shape_string(keys_array));
   std::vector<py::object> keep;
   const std::vector<RecallCache*> caches =
       batch_objects<RecallCache>(caches_obj, "caches", "RecallCache", batch, "queries", keep);

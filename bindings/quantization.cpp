@@ -16,33 +16,18 @@ py::array_t<float> quantized_attention_binding(const py::object& quantized_obj,
                                                const Arg<std::optional<double>>& scale_arg) {
   AttentionParams params;
   params.scale = resolve_scale_arg(scale_arg.as("scale"));
-  const py::array_t<float> queries = finite_float32(as_array(queries_obj, "queries"), "queries", 4,
-                                                    "[batch, new, heads_q, head_dim]");
-  py::array keys_array = as_array(tail_keys_obj, "tail_keys"),
-            values_array = as_array(tail_values_obj, "tail_values");
   // Each query reads a prefix of its row's tail as [heads, n, head_dim]: head rows contiguous.
-  const BatchKVView keys = batch_kv_view(keys_array, "tail_keys", true);
-  const BatchKVView values = batch_kv_view(values_array, "tail_values", true);
-  KVPACK_ARG_CHECK(values.batch == keys.batch && values.heads == keys.heads &&
-                       values.tokens == keys.tokens && values.dim == keys.dim,
-                   "tail_values: expected shape " << shape_string(keys_array)
-                                                  << " like tail_keys, got "
-                                                  << shape_string(values_array));
-  const std::int64_t batch = queries.shape(0), fresh = queries.shape(1), heads_q = queries.shape(2);
-  KVPACK_ARG_CHECK(keys.batch == batch && keys.dim == queries.shape(3),
-                   "tail_keys: expected shape ("
-                       << batch << ", heads_kv, decoded, " << queries.shape(3)
-                       << ") to match queries [batch, new, heads_q, "
-                          "head_dim] of shape "
-                       << shape_string(queries) << ", got " << shape_string(keys_array));
+  const BatchStep step =
+      batch_step(queries_obj, tail_keys_obj, tail_values_obj, "tail_keys", "tail_values", true);
+  const py::array_t<float>& queries = step.queries;
+  const py::array& keys_array = step.keys_array;
+  const BatchKVView &keys = step.keys, &values = step.values;
+  const std::int64_t batch = step.batch, fresh = step.fresh, heads_q = step.heads_q;
   KVPACK_ARG_CHECK(keys.tokens >= fresh,
                    "tail_keys: expected at least new=" << fresh
                                                        << " decoded tokens (query i attends the "
                                                           "first decoded - new + i + 1), got "
                                                        << shape_string(keys_array));
-  KVPACK_ARG_CHECK(heads_q > 0 && heads_q % keys.heads == 0,
-                   "queries: expected heads_q to be a positive multiple of heads_kv="
-                       << keys.heads << ", got shape " << shape_string(queries));
   std::vector<py::object> keep;
   const std::vector<QuantizedKV*> quantized =
       batch_objects<QuantizedKV>(quantized_obj, "quantized", "QuantizedKV", batch, "queries", keep);

@@ -20,6 +20,28 @@ KV_DTYPES = [
 ]
 
 
+def tiny_decoder(family="llama", vocab_size=128, layers=4, **config):
+    """A seeded random-weight decoder of transformers' ``family`` small enough for unit
+    tests: hidden 64, 4 query and 2 KV heads, 512 positions (``config`` overrides)."""
+    import torch
+    import transformers
+
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[family]
+    torch.manual_seed(0)
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    settings.update(config)
+    config_object = getattr(transformers, prefix + "Config")(**settings)
+    return getattr(transformers, prefix + "ForCausalLM")(config_object).eval()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

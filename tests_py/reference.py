@@ -35,8 +35,9 @@ def decode_attention(q, keys, values, indices=None, bias=None, scale=None):
     return np.stack(outs), np.array(lses), np.stack(weights)
 
 
-def held_attention(queries, keys, values, positions, first_decoded, first_query, bias=None,
-                   scale=None):
+def held_attention(
+    queries, keys, values, positions, first_decoded, first_query, bias=None, scale=None
+):
     """float64 decode step of a batch over held slots then decoded tokens (see
     kvpack._core.held_attention): query i of row b, at first_query + i, attends the held slots
     at positions >= 0 and the decoded slots at positions up to its own."""

@@ -209,7 +209,7 @@ def test_held_attention_errors(rng):
     call = kvpack._core.held_attention
     with pytest.raises(ValueError, match="positions: expected each held position"):
         call(queries, keys, values, positions + first_decoded, first_decoded, first_query)
-    with pytest.raises(ValueError, match="queries: expected shape"):
+    with pytest.raises(ValueError, match="queries: expected heads_q to be a positive multiple"):
         call(
             np.ascontiguousarray(queries[:, :, :4]),
             keys,

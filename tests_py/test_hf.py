@@ -11,12 +11,13 @@ import pytest
 import kvpack
 
 import reference
+from conftest import tiny_decoder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("kvpack.hf")
 
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 HEAD_DIM = 16
@@ -24,18 +25,7 @@ HEAD_DIM = 16
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=HEAD_DIM,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_decoder(head_dim=HEAD_DIM)
 
 
 @pytest.fixture(scope="module")
@@ -447,22 +437,8 @@ def test_decode_budget_is_checked(model):
 def test_other_decoder_families_generate_like_their_dynamic_cache(family):
     # Other families' attention hands the cache its kwargs too: every method path decodes
     # exactly with a budget over the context, and decode_budget bounds what layers hold.
-    config_class, model_class = {
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[family]
-    torch.manual_seed(0)
-    config = config_class(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        sliding_window=None,
-    )
-    model = model_class(config).eval()
+    model = tiny_decoder(family, layers=3, sliding_window=None)
+    config = model.config
     ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(5))
     expected = generate(model, ids, None, DynamicCache(config=config), new=8)
     for method in ("full", "h2o", "clusterkv", "kivi"):

@@ -296,7 +296,7 @@ class _EvictionLayer(_BufferedLayer):
     def _compress(self, query, keys, values, valid, scaling):
         rows = []
         for b in range(keys.shape[0]):
-            tokens, k, v = _real_tokens(valid[b], keys[b], values[b])
+            tokens, k, v, q = _real_tokens(valid[b], keys[b], values[b], query[b])
             budget = self._budget(tokens.numel())
             if self.method.name == "full" or budget >= tokens.numel():
                 rows.append((k, v, tokens.expand(k.shape[0], -1), None))
@@ -307,7 +307,7 @@ class _EvictionLayer(_BufferedLayer):
                 self.method,
                 budget,
                 scale=scaling,
-                queries=_dense(query[b][:, tokens].float()),
+                queries=_dense(q.float()),
             )
             positions = tokens[torch.from_numpy(c.positions.astype(np.int64)).to(tokens.device)]
             bias = torch.from_numpy(np.log(c.counts)) if self.log_count_bias else None
@@ -530,14 +530,14 @@ def _valid_tokens(attention_mask, batch: int, tokens: int, device) -> torch.Tens
     return last if last.dtype == torch.bool else last == 0
 
 
-def _real_tokens(valid, keys, values):
-    """The positions of one row's real tokens and its keys and values there, [heads,
-    real, dim]: views when the real tokens are one run (no padding, or left padding)."""
+def _real_tokens(valid, *tensors):
+    """The positions of one row's real tokens, then each of ``tensors`` [heads, tokens,
+    dim] there: views when the real tokens are one run (no padding, or left padding)."""
     tokens = torch.nonzero(valid).flatten()
     first, n = (int(tokens[0]), tokens.numel()) if tokens.numel() else (0, 0)
-    if n and int(tokens[-1]) - first + 1 == n:
-        return tokens, keys[:, first : first + n], values[:, first : first + n]
-    return tokens, keys[:, tokens], values[:, tokens]
+    run = n and int(tokens[-1]) - first + 1 == n
+    picked = slice(first, first + n) if run else tokens
+    return (tokens, *(t[:, picked] for t in tensors))
 
 
 def _folded_log_counts(bias, kept, counts) -> torch.Tensor:
