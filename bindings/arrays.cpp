@@ -216,13 +216,22 @@ KVView kv_view(const py::array& array, const char* name) {
   return view;
 }
 
+namespace {
+
+// The KV dtype of a native-order array of `ndim` dimensions `layout`, strides unchecked.
+DType strided_kv_dtype(const py::array& array, const char* name, int ndim, const char* layout) {
+  const DType dtype = kv_dtype(array, name);
+  require_native(array, name);
+  KVPACK_ARG_CHECK(array.ndim() == ndim, name << ": expected " << ndim << " dimensions " << layout
+                                              << ", got shape " << shape_string(array));
+  return dtype;
+}
+
+}  // namespace
+
 KVView strided_kv_view(const py::array& array, const char* name) {
   KVView view;
-  view.dtype = kv_dtype(array, name);
-  require_native(array, name);
-  KVPACK_ARG_CHECK(array.ndim() == 3, name << ": expected 3 dimensions [heads_kv, tokens, "
-                                              "head_dim], got shape "
-                                           << shape_string(array));
+  view.dtype = strided_kv_dtype(array, name, 3, "[heads_kv, tokens, head_dim]");
   view.heads = array.shape(0);
   view.tokens = array.shape(1);
   view.dim = array.shape(2);
@@ -244,11 +253,7 @@ KVView strided_kv_view(const py::array& array, const char* name) {
 
 BatchKVView batch_kv_view(py::array& array, const char* name, bool heads_contiguous) {
   BatchKVView view;
-  view.dtype = kv_dtype(array, name);
-  require_native(array, name);
-  KVPACK_ARG_CHECK(array.ndim() == 4, name << ": expected 4 dimensions [batch, heads_kv, tokens, "
-                                              "head_dim], got shape "
-                                           << shape_string(array));
+  view.dtype = strided_kv_dtype(array, name, 4, "[batch, heads_kv, tokens, head_dim]");
   const auto item = static_cast<py::ssize_t>(dtype_size(view.dtype));
   const auto in_place = [&](const py::array& a) {
     for (int axis = 0; axis < 4; ++axis)

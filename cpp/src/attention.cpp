@@ -210,6 +210,13 @@ int tile_for(std::int64_t group) {
   return 1;
 }
 
+// The n query values at q times the score scale, as the kernels read them.
+std::vector<float> scaled(const float* q, std::int64_t n, float scale) {
+  std::vector<float> out(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) out[static_cast<std::size_t>(i)] = q[i] * scale;
+  return out;
+}
+
 // How an attention pass splits its streams (tiles of query heads, each over at most
 // `count` tokens) into work items of token chunks: enough items for every thread, none
 // shorter than kMinChunkTokens. Item i = stream * chunks + chunk keeps its softmax state
@@ -230,6 +237,15 @@ struct SplitK {
   Partial state(std::int64_t item) {
     float* p = partials.data() + item * stride;
     return Partial{p, p + tile, p + 2 * tile};
+  }
+
+  /// Tokens [begin, end) of item's chunk of a stream over `count` tokens; when the chunk
+  /// is past the stream's end, the item's state holds no score.
+  std::pair<std::int64_t, std::int64_t> range(std::int64_t item, std::int64_t count) {
+    const std::int64_t begin = (item % chunks) * chunk_len;
+    const std::int64_t end = std::min(count, begin + chunk_len);
+    if (begin >= end) std::fill(state(item).max, state(item).max + tile, kNegInf);
+    return {begin, end};
   }
 
   /// Merges query head g of a stream's tile over its chunks into out (size dim).
@@ -305,21 +321,16 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
   const std::int64_t tile = per_query_head ? 1 : tile_for(group_size);
   const std::int64_t rows = heads_q / tile;
   SplitK split(rows, count, tile, dim);
-  const std::int64_t chunks = split.chunks, chunk_len = split.chunk_len;
+  const std::int64_t chunks = split.chunks;
   const float scale = resolve_scale(params.scale, dim);
 
   parallel_for(rows * chunks, [&](std::int64_t item) {
-    const std::int64_t row = item / chunks, chunk = item % chunks;
-    const std::int64_t first_q = row * tile;
+    const std::int64_t first_q = (item / split.chunks) * tile;
     const std::int64_t head = first_q / group_size;
-    const std::int64_t begin = chunk * chunk_len, end = std::min(count, begin + chunk_len);
+    const auto [begin, end] = split.range(item, count);
+    if (begin >= end) return;
+    const std::vector<float> qs = scaled(q + first_q * dim, tile * dim, scale);
     const Partial state = split.state(item);
-    if (begin >= end) {
-      std::fill(state.max, state.max + tile, kNegInf);
-      return;
-    }
-    std::vector<float> qs(static_cast<std::size_t>(tile * dim));
-    for (std::int64_t i = 0; i < tile * dim; ++i) qs[i] = q[first_q * dim + i] * scale;
     const float* bias_row = bias ? bias + head * keys.tokens : nullptr;
     float* scores = output.weights ? output.weights + first_q * count : nullptr;
     const int t = static_cast<int>(tile);
@@ -507,11 +518,11 @@ void held_attention(const float* queries, std::int64_t new_queries, std::int64_t
   const std::int64_t most = held + decoded_seen(new_queries - 1);
   const std::int64_t streams = batch * new_queries * rows;
   SplitK split(streams, most, tile, dim);
-  const std::int64_t chunks = split.chunks, chunk_len = split.chunk_len;
+  const std::int64_t chunks = split.chunks;
   const float scale = resolve_scale(params.scale, dim);
 
   parallel_for(streams * chunks, [&](std::int64_t item) {
-    const std::int64_t stream = item / chunks, chunk = item % chunks;
+    const std::int64_t stream = item / chunks;
     const std::int64_t row = stream % rows, query = stream / rows;  // query = b * new + i
     const std::int64_t b = query / new_queries, i = query % new_queries;
     const std::int64_t first_q = row * tile, head = first_q / group_size;
@@ -519,15 +530,11 @@ void held_attention(const float* queries, std::int64_t new_queries, std::int64_t
     const std::int64_t seen_held = visible_held[static_cast<std::size_t>(list)];
     const std::int64_t count = seen_held + decoded_seen(i);
     KVPACK_CHECK(count > 0, "queries: query " << i << " of row " << b << " sees no slot");
-    const std::int64_t begin = chunk * chunk_len, end = std::min(count, begin + chunk_len);
+    const auto [begin, end] = split.range(item, count);
+    if (begin >= end) return;
+    const std::vector<float> qs =
+        scaled(queries + (query * heads_q + first_q) * dim, tile * dim, scale);
     const Partial state = split.state(item);
-    if (begin >= end) {
-      std::fill(state.max, state.max + tile, kNegInf);
-      return;
-    }
-    std::vector<float> qs(static_cast<std::size_t>(tile * dim));
-    const float* q = queries + (query * heads_q + first_q) * dim;
-    for (std::int64_t d = 0; d < tile * dim; ++d) qs[static_cast<std::size_t>(d)] = q[d] * scale;
     const float* bias_row = slots.bias ? bias.data() + list * tokens : nullptr;
     const int t = static_cast<int>(tile);
     const KVView row_keys = keys.row(b, 0, tokens), row_values = values.row(b, 0, tokens);
