@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "args.h"
 #include "arrays.h"
@@ -187,13 +188,12 @@ py::array_t<float> accumulated_attention_binding(
 
 // One layer's decode step for a batch (kvpack::held_attention): the Hugging Face cache's
 // single core call per layer and step.
-py::array_t<float> held_attention_binding(const py::object& queries_obj, const py::object& keys_obj,
-                                          const py::object& values_obj,
-                                          const py::object& positions_obj,
-                                          const Arg<std::int64_t>& first_decoded_arg,
-                                          const Arg<std::int64_t>& first_query_arg,
-                                          const py::object& bias_obj,
-                                          const Arg<std::optional<double>>& scale_arg) {
+py::array_t<float> held_attention_binding(
+    const py::object& queries_obj, const py::object& keys_obj, const py::object& values_obj,
+    const py::object& positions_obj, const Arg<std::int64_t>& first_decoded_arg,
+    const Arg<std::int64_t>& first_query_arg, const py::object& bias_obj,
+    const Arg<std::optional<double>>& scale_arg, const Arg<std::optional<double>>& softcap_arg,
+    const Arg<std::optional<std::int64_t>>& window_arg, const py::object& sinks_obj) {
   const std::int64_t first_decoded = first_decoded_arg.as("first_decoded"),
                      first_query = first_query_arg.as("first_query");
   const auto scale = scale_arg.as("scale");
@@ -229,13 +229,28 @@ py::array_t<float> held_attention_binding(const py::object& queries_obj, const p
                                  << ") like positions, got " << shape_string(*bias));
   }
   const HeldSlots slots{positions, held, first_decoded, bias ? bias->data() : nullptr};
-  AttentionParams params;
-  params.scale = resolve_scale_arg(scale);
+  ScoreRules rules;
+  rules.scale = resolve_scale_arg(scale);
+  const auto softcap = softcap_arg.as("softcap");
+  KVPACK_ARG_CHECK(!softcap || (std::isfinite(*softcap) && *softcap > 0.0),
+                   "softcap: expected a positive finite float or None, got " << *softcap);
+  rules.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
+  const auto window = window_arg.as("window");
+  KVPACK_ARG_CHECK(!window || *window >= 1,
+                   "window: expected an int >= 1 or None, got " << *window);
+  rules.window = window ? *window : 0;
+  std::optional<py::array_t<float>> sinks;
+  if (!sinks_obj.is_none()) {
+    sinks = finite_float32(as_array(sinks_obj, "sinks"), "sinks", 1, "[heads_q]");
+    KVPACK_ARG_CHECK(sinks->shape(0) == heads_q,
+                     "sinks: expected shape (" << heads_q << ",), got " << shape_string(*sinks));
+    rules.sinks = sinks->data();
+  }
   py::array_t<float> out = owned_float_array({batch, new_queries, heads_q, keys_arg.shape(3)});
   {
     py::gil_scoped_release release;
     held_attention(step.queries.data(), new_queries, heads_q, first_query, keys, values, slots,
-                   params, out.mutable_data());
+                   rules, out.mutable_data());
   }
   if (!all_finite(out.data(), out.size()))
     raise_non_finite(
@@ -254,8 +269,11 @@ void bind_attention(py::module_& m) {
   m.def("held_attention", &held_attention_binding, py::arg("queries"), py::arg("keys"),
         py::arg("values"), py::arg("positions"), py::arg("first_decoded"), py::arg("first_query"),
         py::arg("bias") = py::none(), py::arg("scale") = py::none(),
+        py::arg("softcap") = py::none(), py::arg("window") = py::none(),
+        py::arg("sinks") = py::none(),
         "One decode step of a batch over one layer's cache: held slots (at positions, -1 empty) "
-        "then decoded tokens from first_decoded; returns [batch, new, heads_q, head_dim].");
+        "then decoded tokens from first_decoded, scores capped by softcap, seen within window "
+        "positions, with a sink logit per query head; returns [batch, new, heads_q, head_dim].");
   m.def("accumulated_attention", &accumulated_attention_binding, py::arg("queries"),
         py::arg("keys"), py::arg("causal") = true, py::arg("reduction") = "sum",
         py::arg("per_query_head") = false, py::arg("scale") = py::none(), py::arg("device") = "cpu",

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <numeric>
 #include <string>
 
@@ -51,7 +52,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, DenseAttention,
 
 // A batch's decode step over held slots (two rows, one with empty slots and a permuted
 // head) then decoded tokens: each query against the reference over the slots it sees.
-TEST(HeldAttention, EachQuerySeesItsHeldAndEarlierDecodedSlots) {
+// Each query of a batch against the float64 reference over the slots it sees (within
+// `window` of its position when > 0); a sink logit scales the output by 1 / (1 + e^(sink - lse)).
+void check_held_attention(std::int64_t window, bool with_sinks) {
   const std::int64_t heads_kv = 2, heads_q = 6, held = 700, decoded = 6, dim = 32, rows = 2;
   const std::int64_t tokens = held + decoded, new_queries = 3, first_decoded = 2000;
   const Cache c(rows * heads_kv, tokens, dim, 5);  // row b's heads: b * heads_kv + head
@@ -67,24 +70,43 @@ TEST(HeldAttention, EachQuerySeesItsHeldAndEarlierDecodedSlots) {
     return BatchKVView{v.data,       v.dtype, rows, heads_kv, tokens, dim, heads_kv * tokens * dim,
                        tokens * dim, dim};
   };
+  std::vector<float> sinks;
+  for (std::int64_t h = 0; h < heads_q; ++h) sinks.push_back(0.5f * static_cast<float>(h) - 1.0f);
+  ScoreRules rules;
+  rules.window = window;
+  rules.sinks = with_sinks ? sinks.data() : nullptr;
   std::vector<float> out(queries.size());
   held_attention(queries.data(), new_queries, heads_q, first_query, batch(c.k), batch(c.v),
-                 HeldSlots{positions.data(), held, first_decoded, nullptr}, {}, out.data());
+                 HeldSlots{positions.data(), held, first_decoded, nullptr}, rules, out.data());
   for (std::int64_t b = 0; b < rows; ++b)
     for (std::int64_t i = 0; i < new_queries; ++i)
       for (std::int64_t hq = 0; hq < heads_q; ++hq) {
         const std::int64_t head = hq / (heads_q / heads_kv);
+        const std::int64_t low = window > 0 ? first_query + i - window + 1 : 0;
         std::vector<std::int64_t> seen;
         for (std::int64_t s = 0; s < held; ++s)
-          if (positions[(b * heads_kv + head) * held + s] >= 0) seen.push_back(s);
+          if (positions[(b * heads_kv + head) * held + s] >= std::max<std::int64_t>(0, low))
+            seen.push_back(s);
         for (std::int64_t j = 0; j < decoded && first_decoded + j <= first_query + i; ++j)
-          seen.push_back(held + j);
+          if (first_decoded + j >= low) seen.push_back(held + j);
         double lse;
         const std::int64_t at = ((b * new_queries + i) * heads_q + hq) * dim;
         const auto ref =
             testing::reference_attention(queries.data() + at, c, b * heads_kv + head, seen, &lse);
-        for (std::int64_t d = 0; d < dim; ++d) EXPECT_NEAR(out[at + d], ref[d], 2e-5);
+        const double kept = with_sinks ? 1.0 / (1.0 + std::exp(sinks[hq] - lse)) : 1.0;
+        for (std::int64_t d = 0; d < dim; ++d) EXPECT_NEAR(out[at + d], kept * ref[d], 2e-5);
       }
+}
+
+TEST(HeldAttention, EachQuerySeesItsHeldAndEarlierDecodedSlots) {
+  check_held_attention(0, false);
+}
+
+// Sliding-window layers (the window reaches into the held slots, then only into the decoded
+// ones) and gpt-oss's sinks.
+TEST(HeldAttention, WindowsAndSinks) {
+  check_held_attention(900, true);
+  check_held_attention(4, false);
 }
 
 TEST(SparseAttention, PerQueryHeadIndicesMatchReference) {

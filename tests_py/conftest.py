@@ -26,7 +26,16 @@ def tiny_decoder(family="llama", vocab_size=128, layers=4, **config):
     import torch
     import transformers
 
-    prefix = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[family]
+    prefix = {
+        "llama": "Llama",
+        "qwen2": "Qwen2",
+        "qwen3": "Qwen3",
+        "mistral": "Mistral",
+        "phi3": "Phi3",
+        "gemma2": "Gemma2",
+        "gemma3": "Gemma3Text",
+        "gpt_oss": "GptOss",
+    }[family]
     torch.manual_seed(0)
     settings = dict(
         vocab_size=vocab_size,
@@ -39,7 +48,8 @@ def tiny_decoder(family="llama", vocab_size=128, layers=4, **config):
     )
     settings.update(config)
     config_object = getattr(transformers, prefix + "Config")(**settings)
-    return getattr(transformers, prefix + "ForCausalLM")(config_object).eval()
+    model_class = getattr(transformers, prefix.removesuffix("Text") + "ForCausalLM")
+    return model_class(config_object).eval()
 
 
 @pytest.fixture

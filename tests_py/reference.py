@@ -36,11 +36,23 @@ def decode_attention(q, keys, values, indices=None, bias=None, scale=None):
 
 
 def held_attention(
-    queries, keys, values, positions, first_decoded, first_query, bias=None, scale=None
+    queries,
+    keys,
+    values,
+    positions,
+    first_decoded,
+    first_query,
+    bias=None,
+    scale=None,
+    softcap=None,
+    window=None,
+    sinks=None,
 ):
     """float64 decode step of a batch over held slots then decoded tokens (see
-    kvpack._core.held_attention): query i of row b, at first_query + i, attends the held slots
-    at positions >= 0 and the decoded slots at positions up to its own."""
+    kvpack._core.held_attention): query i of row b, at p = first_query + i, attends the held
+    slots at positions >= 0 and the decoded slots at positions up to p, within ``window``
+    of p; scores capped by ``softcap`` before the bias; a sink logit per query head joins the
+    softmax and attends nothing."""
     batch, new, heads_q, dim = queries.shape
     heads_kv, slots = keys.shape[1], keys.shape[2]
     held = positions.shape[2]
@@ -49,18 +61,24 @@ def held_attention(
     out = np.zeros((batch, new, heads_q, dim))
     for b in range(batch):
         for i in range(new):
+            p = first_query + i
             for hq in range(heads_q):
                 h = hq // group
                 slot_positions = np.concatenate(
                     [positions[b, h], first_decoded + np.arange(slots - held)]
                 )
-                seen = (slot_positions >= 0) & (slot_positions <= first_query + i)
-                seen[:held] &= positions[b, h] >= 0
+                seen = (slot_positions >= 0) & (slot_positions <= p)
+                if window is not None:
+                    seen &= slot_positions > p - window
                 s = scale * (as64(keys[b, h]) @ as64(queries[b, i, hq]))
+                if softcap is not None:
+                    s = softcap * np.tanh(s / softcap)
                 if bias is not None:
                     s[:held] += bias[b, h]
-                w = np.exp(s[seen] - s[seen].max())
-                out[b, i, hq] = (w / w.sum()) @ as64(values[b, h][seen])
+                top = s[seen].max() if sinks is None else max(s[seen].max(), sinks[hq])
+                w = np.exp(s[seen] - top)
+                total = w.sum() + (0.0 if sinks is None else np.exp(sinks[hq] - top))
+                out[b, i, hq] = (w / total) @ as64(values[b, h][seen])
     return out
 
 

@@ -188,6 +188,27 @@ def test_held_attention_matches_reference(rng, dtype, with_bias):
     assert_close(out, reference.held_attention(*case, bias=bias, scale=0.2), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("window", [None, 1, 30, 70])
+def test_held_attention_softcap_window_and_sinks(rng, window):
+    # What Gemma 2 (softcap, sliding windows) and gpt-oss (sinks) add to the scores.
+    case = held_case(rng, np.float16)
+    heads_q = case[0].shape[2]
+    sinks = rng.standard_normal(heads_q).astype(np.float32) * 3
+    options = dict(softcap=2.5, window=window, sinks=sinks, scale=0.3)
+    out = kvpack._core.held_attention(*case, **options)
+    assert_close(out, reference.held_attention(*case, **options), atol=1e-4, rtol=1e-4)
+
+
+def test_held_attention_rules_are_checked(rng):
+    case = held_case(rng, np.float32)
+    with pytest.raises(ValueError, match="softcap: expected a positive"):
+        kvpack._core.held_attention(*case, softcap=0.0)
+    with pytest.raises(ValueError, match="window: expected an int >= 1"):
+        kvpack._core.held_attention(*case, window=0)
+    with pytest.raises(ValueError, match=r"sinks: expected shape \(9,\)"):
+        kvpack._core.held_attention(*case, sinks=np.zeros(3, np.float32))
+
+
 def test_held_attention_long_cache_and_one_query(rng):
     # Several token chunks per stream; one query sees every slot.
     case = held_case(rng, np.float32, batch=1, new=1, held=1500, decoded=700, dim=64)

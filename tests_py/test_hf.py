@@ -433,17 +433,64 @@ def test_decode_budget_is_checked(model):
             hf.make_cache(model, budget=16, **kwargs)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_other_decoder_families_generate_like_their_dynamic_cache(family):
-    # Other families' attention hands the cache its kwargs too: every method path decodes
-    # exactly with a budget over the context, and decode_budget bounds what layers hold.
-    model = tiny_decoder(family, layers=3, sliding_window=None)
+# Tiny random-weight members of each family, with what sets them apart: sliding-window
+# layers (all of them, or interleaved with global ones), logit softcapping, attention sinks.
+FAMILIES = {
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "mistral": {"sliding_window": 24},
+    "phi3": {"sliding_window": 24, "pad_token_id": 0},
+    "gemma2": {
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 24,
+        "attn_logit_softcapping": 5.0,
+        "final_logit_softcapping": 30.0,
+    },
+    "gemma3": {
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 24,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    },
+    "gpt_oss": {
+        "head_dim": 16,
+        "sliding_window": 24,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    },
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_generates_like_its_dynamic_cache(family):
+    # With a budget over the context every method generates transformers' own tokens
+    # (eager attention, the reference for softcapping and sinks); sliding layers keep their
+    # window; a method the family's scores rule out is refused up front, naming why.
+    model = tiny_decoder(family, layers=3, **FAMILIES[family])
     config = model.config
     ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(5))
-    expected = generate(model, ids, None, DynamicCache(config=config), new=8)
-    for method in ("full", "h2o", "clusterkv", "kivi"):
+    model.set_attn_implementation("eager")
+    expected = generate(model, ids, None, DynamicCache(config=config), new=12)
+    special = family in ("gemma2", "gpt_oss")
+    for method in ("full", "h2o", "kvmerger", "clusterkv", "kivi"):
+        if special and method in ("clusterkv", "kivi"):
+            with pytest.raises(NotImplementedError, match=f"method '{method}': the model's"):
+                hf.make_cache(model, method, budget=4096, skip_layers=1)
+            continue
         cache = hf.make_cache(model, method, budget=4096, skip_layers=1)
-        assert torch.equal(generate(model, ids, None, cache, new=8), expected), method
-    cache = hf.make_cache(model, "h2o", 16, skip_layers=1, decode_budget=20, decode_interval=4)
+        assert torch.equal(generate(model, ids, None, cache, new=12), expected), method
+    window = FAMILIES[family].get("sliding_window")
+    cache = hf.make_cache(model, "h2o", 16, skip_layers=0, decode_budget=20, decode_interval=4)
     generate(model, ids, None, cache, new=30)
-    assert all(layer.length <= 24 for layer in cache.layers[1:])
+    stats = cache.stats()
+    assert len(stats["sliding_layers"]) + len(stats["compressed_layers"]) == 3
+    for index in stats["compressed_layers"]:
+        assert cache.layers[index].length <= 24
+    for index in stats["sliding_layers"]:
+        layer = cache.layers[index]
+        held = layer.positions[0, 0]
+        assert layer.length <= window - 1 + max(1, window // 16)
+        # Everything a later query sees: the last window - 1 positions, as transformers keeps.
+        assert set(range(layer.seen - window + 1, layer.seen)) <= set(held.tolist())

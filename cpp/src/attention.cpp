@@ -106,14 +106,22 @@ struct Partial {
   float* output;  // size Tile * dim, un-normalised
 };
 
+// What the kernel adds to the scaled dot products of one row: a softcap (> 0: a score s
+// becomes softcap * tanh(s / softcap), as Gemma 2 caps its logits), then a bias per token;
+// when `scores` is non-null, the scores are stored at scores[g * count + p].
+struct ScoreTerms {
+  const float* bias = nullptr;
+  float* scores = nullptr;
+  float softcap = 0.0f;
+};
+
 // Streams positions [begin, end) of a row of `count` positions; position p is token
 // token_at(p) of KV head `head`; T is the storage element type. qs holds the tile's
-// pre-scaled queries (Tile * dim). When scores is non-null, the raw scaled scores are
-// stored at scores[g * count + p].
+// pre-scaled queries (Tile * dim).
 template <int Tile, class T, class TokenAt>
 void attend_range(const float* qs, const KVView& keys, const KVView& values, std::int64_t head,
                   TokenAt token_at, std::int64_t begin, std::int64_t end, std::int64_t count,
-                  const float* bias_row, float* scores, Partial state) {
+                  const ScoreTerms& terms, Partial state) {
   const std::int64_t dim = keys.dim;
   float s[Tile * kBlockTokens] = {};  // slots past a short block's end stay finite
   std::int64_t tokens[kBlockTokens];
@@ -147,14 +155,20 @@ void attend_range(const float* qs, const KVView& keys, const KVView& values, std
       const T* k1 = j + 1 < nb ? static_cast<const T*>(keys.row(head, tokens[j + 1])) : k0;
       dot_tile2<Tile>(qs, k0, k1, dim, s + j, kBlockTokens);
     }
-    if (bias_row)
+    if (terms.softcap > 0.0f)
       for (int g = 0; g < Tile; ++g)
-        for (std::int64_t j = 0; j < nb; ++j) s[g * kBlockTokens + j] += bias_row[tokens[j]];
+        for (std::int64_t j = 0; j < nb; ++j) {
+          float& score = s[g * kBlockTokens + j];
+          score = terms.softcap * std::tanh(score / terms.softcap);
+        }
+    if (terms.bias)
+      for (int g = 0; g < Tile; ++g)
+        for (std::int64_t j = 0; j < nb; ++j) s[g * kBlockTokens + j] += terms.bias[tokens[j]];
 
     // Online softmax update.
     for (int g = 0; g < Tile; ++g) {
       float* sg = s + g * kBlockTokens;
-      if (scores) std::copy(sg, sg + nb, scores + g * count + b);
+      if (terms.scores) std::copy(sg, sg + nb, terms.scores + g * count + b);
       float block_max = kNegInf;
       for (std::int64_t j = 0; j < nb; ++j) block_max = std::max(block_max, sg[j]);
       const float new_max = std::max(state.max[g], block_max);
@@ -188,17 +202,17 @@ void attend_range(const float* qs, const KVView& keys, const KVView& values, std
 template <int Tile, class TokenAt>
 void attend_range_typed(const float* qs, const KVView& keys, const KVView& values,
                         std::int64_t head, TokenAt token_at, std::int64_t begin, std::int64_t end,
-                        std::int64_t count, const float* bias_row, float* scores, Partial state) {
+                        std::int64_t count, const ScoreTerms& terms, Partial state) {
   switch (keys.dtype) {
     case DType::Float32:
-      return attend_range<Tile, float>(qs, keys, values, head, token_at, begin, end, count,
-                                       bias_row, scores, state);
+      return attend_range<Tile, float>(qs, keys, values, head, token_at, begin, end, count, terms,
+                                       state);
     case DType::Float16:
       return attend_range<Tile, _Float16>(qs, keys, values, head, token_at, begin, end, count,
-                                          bias_row, scores, state);
+                                          terms, state);
     case DType::BFloat16:
       return attend_range<Tile, detail::bf16>(qs, keys, values, head, token_at, begin, end, count,
-                                              bias_row, scores, state);
+                                              terms, state);
   }
 }
 
@@ -258,23 +272,23 @@ struct SplitK {
 template <class TokenAt>
 void attend_range_tiled(int tile, const float* qs, const KVView& keys, const KVView& values,
                         std::int64_t head, TokenAt token_at, std::int64_t begin, std::int64_t end,
-                        std::int64_t count, const float* bias_row, float* scores, Partial state) {
+                        std::int64_t count, const ScoreTerms& terms, Partial state) {
   switch (tile) {
     case 8:
-      return attend_range_typed<8>(qs, keys, values, head, token_at, begin, end, count, bias_row,
-                                   scores, state);
+      return attend_range_typed<8>(qs, keys, values, head, token_at, begin, end, count, terms,
+                                   state);
     case 4:
-      return attend_range_typed<4>(qs, keys, values, head, token_at, begin, end, count, bias_row,
-                                   scores, state);
+      return attend_range_typed<4>(qs, keys, values, head, token_at, begin, end, count, terms,
+                                   state);
     case 3:
-      return attend_range_typed<3>(qs, keys, values, head, token_at, begin, end, count, bias_row,
-                                   scores, state);
+      return attend_range_typed<3>(qs, keys, values, head, token_at, begin, end, count, terms,
+                                   state);
     case 2:
-      return attend_range_typed<2>(qs, keys, values, head, token_at, begin, end, count, bias_row,
-                                   scores, state);
+      return attend_range_typed<2>(qs, keys, values, head, token_at, begin, end, count, terms,
+                                   state);
     default:
-      return attend_range_typed<1>(qs, keys, values, head, token_at, begin, end, count, bias_row,
-                                   scores, state);
+      return attend_range_typed<1>(qs, keys, values, head, token_at, begin, end, count, terms,
+                                   state);
   }
 }
 
@@ -331,18 +345,18 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
     if (begin >= end) return;
     const std::vector<float> qs = scaled(q + first_q * dim, tile * dim, scale);
     const Partial state = split.state(item);
-    const float* bias_row = bias ? bias + head * keys.tokens : nullptr;
-    float* scores = output.weights ? output.weights + first_q * count : nullptr;
+    const ScoreTerms terms{bias ? bias + head * keys.tokens : nullptr,
+                           output.weights ? output.weights + first_q * count : nullptr};
     const int t = static_cast<int>(tile);
     if (indices) {
       const std::int32_t* idx = indices->data + (indices->rows == heads_q ? first_q : head) * count;
       auto token_at = [idx](std::int64_t pos) { return static_cast<std::int64_t>(idx[pos]); };
-      attend_range_tiled(t, qs.data(), keys, values, head, token_at, begin, end, count, bias_row,
-                         scores, state);
+      attend_range_tiled(t, qs.data(), keys, values, head, token_at, begin, end, count, terms,
+                         state);
     } else {
       auto token_at = [](std::int64_t pos) { return pos; };
-      attend_range_tiled(t, qs.data(), keys, values, head, token_at, begin, end, count, bias_row,
-                         scores, state);
+      attend_range_tiled(t, qs.data(), keys, values, head, token_at, begin, end, count, terms,
+                         state);
     }
   });
 
@@ -464,7 +478,7 @@ void accumulated_attention(const float* queries, std::int64_t heads_q, std::int6
 
 void held_attention(const float* queries, std::int64_t new_queries, std::int64_t heads_q,
                     std::int64_t first_query, const BatchKVView& keys, const BatchKVView& values,
-                    const HeldSlots& slots, const AttentionParams& params, float* out) {
+                    const HeldSlots& slots, const ScoreRules& rules, float* out) {
   KVPACK_CHECK(queries && out, "queries/out: null pointer");
   const std::int64_t batch = keys.batch;
   KVPACK_CHECK(
@@ -483,31 +497,42 @@ void held_attention(const float* queries, std::int64_t new_queries, std::int64_t
                    << heads_kv << ", got " << heads_q);
   KVPACK_CHECK(held >= 0 && held <= tokens && (held == 0 || slots.positions),
                "slots: expected held in [0, " << tokens << "] with positions, got " << held);
+  KVPACK_CHECK(rules.window >= 0 && rules.softcap >= 0.0f,
+               "rules: expected window >= 0 and softcap >= 0");
 
-  // The non-empty held slots of each (row, KV head), listed only where some are empty.
-  const std::int64_t lists = batch * heads_kv;
+  // What query i (at position first_query + i) sees: the held slots at positions in
+  // [0, p] and, with a window, > p - window, listed per (row, KV head, query) where some
+  // held slot is hidden; then the decoded slots [decoded_first(i), decoded_end(i)).
+  const std::int64_t decoded = tokens - held;
+  const auto lowest = [&](std::int64_t i) {  // the lowest position query i sees
+    return rules.window > 0 ? first_query + i - rules.window + 1 : std::int64_t{0};
+  };
+  const auto decoded_first = [&](std::int64_t i) {
+    return std::clamp<std::int64_t>(lowest(i) - slots.first_decoded, 0, decoded);
+  };
+  const auto decoded_end = [&](std::int64_t i) {
+    return std::clamp<std::int64_t>(first_query + i - slots.first_decoded + 1, 0, decoded);
+  };
+  const std::int64_t lists = batch * heads_kv * new_queries;  // (row, KV head, query)
   std::vector<std::int64_t> visible_held(static_cast<std::size_t>(lists), held);
   std::vector<std::int32_t> held_index;
   for (std::int64_t l = 0; l < lists; ++l) {
-    const std::int64_t* p = slots.positions + l * held;
-    if (std::all_of(p, p + held, [](std::int64_t x) { return x >= 0; })) continue;
+    const std::int64_t* p = slots.positions + (l / new_queries) * held;
+    const std::int64_t low = std::max<std::int64_t>(0, lowest(l % new_queries));
+    const auto seen = [low](std::int64_t x) { return x >= low; };
+    if (std::all_of(p, p + held, seen)) continue;
     if (held_index.empty()) held_index.resize(static_cast<std::size_t>(lists * held));
     std::int32_t* index = held_index.data() + l * held;
     std::int64_t n = 0;
     for (std::int64_t s = 0; s < held; ++s)
-      if (p[s] >= 0) index[n++] = static_cast<std::int32_t>(s);
+      if (seen(p[s])) index[n++] = static_cast<std::int32_t>(s);
     visible_held[static_cast<std::size_t>(l)] = n;
   }
-  // Decoded slots query i sees: those up to its own position.
-  const std::int64_t decoded = tokens - held;
-  const auto decoded_seen = [&](std::int64_t i) {
-    return std::clamp<std::int64_t>(first_query + i - slots.first_decoded + 1, 0, decoded);
-  };
   // The bias indexed by slot, as the kernel reads it: the held slots' own, 0 after them.
   std::vector<float> bias;
   if (slots.bias) {
-    bias.assign(static_cast<std::size_t>(lists * tokens), 0.0f);
-    for (std::int64_t l = 0; l < lists; ++l)
+    bias.assign(static_cast<std::size_t>(batch * heads_kv * tokens), 0.0f);
+    for (std::int64_t l = 0; l < batch * heads_kv; ++l)
       std::copy(slots.bias + l * held, slots.bias + (l + 1) * held, bias.data() + l * tokens);
   }
 
@@ -515,47 +540,56 @@ void held_attention(const float* queries, std::int64_t new_queries, std::int64_t
   const std::int64_t group_size = heads_q / heads_kv;
   const std::int64_t tile = tile_for(group_size);
   const std::int64_t rows = heads_q / tile;
-  const std::int64_t most = held + decoded_seen(new_queries - 1);
   const std::int64_t streams = batch * new_queries * rows;
-  SplitK split(streams, most, tile, dim);
-  const std::int64_t chunks = split.chunks;
-  const float scale = resolve_scale(params.scale, dim);
+  SplitK split(streams, held + decoded_end(new_queries - 1), tile, dim);
+  const float scale = resolve_scale(rules.scale, dim);
 
-  parallel_for(streams * chunks, [&](std::int64_t item) {
-    const std::int64_t stream = item / chunks;
+  parallel_for(streams * split.chunks, [&](std::int64_t item) {
+    const std::int64_t stream = item / split.chunks;
     const std::int64_t row = stream % rows, query = stream / rows;  // query = b * new + i
     const std::int64_t b = query / new_queries, i = query % new_queries;
     const std::int64_t first_q = row * tile, head = first_q / group_size;
-    const std::int64_t list = b * heads_kv + head;
+    const std::int64_t list = (b * heads_kv + head) * new_queries + i;
     const std::int64_t seen_held = visible_held[static_cast<std::size_t>(list)];
-    const std::int64_t count = seen_held + decoded_seen(i);
+    const std::int64_t skipped = decoded_first(i);  // decoded slots before the window
+    const std::int64_t count = seen_held + decoded_end(i) - skipped;
     KVPACK_CHECK(count > 0, "queries: query " << i << " of row " << b << " sees no slot");
     const auto [begin, end] = split.range(item, count);
     if (begin >= end) return;
     const std::vector<float> qs =
         scaled(queries + (query * heads_q + first_q) * dim, tile * dim, scale);
     const Partial state = split.state(item);
-    const float* bias_row = slots.bias ? bias.data() + list * tokens : nullptr;
+    const ScoreTerms terms{slots.bias ? bias.data() + (b * heads_kv + head) * tokens : nullptr,
+                           nullptr, rules.softcap};
     const int t = static_cast<int>(tile);
     const KVView row_keys = keys.row(b, 0, tokens), row_values = values.row(b, 0, tokens);
-    if (seen_held == held) {  // every held slot: the slots are a prefix of the rows
+    const std::int64_t decoded_at = held + skipped - seen_held;  // slot of position seen_held
+    if (seen_held == held && skipped == 0) {  // the slots are a prefix of the rows
       auto token_at = [](std::int64_t pos) { return pos; };
       attend_range_tiled(t, qs.data(), row_keys, row_values, head, token_at, begin, end, count,
-                         bias_row, nullptr, state);
+                         terms, state);
     } else {
-      const std::int32_t* index = held_index.data() + list * held;
-      auto token_at = [index, seen_held, held](std::int64_t pos) {
-        return pos < seen_held ? static_cast<std::int64_t>(index[pos]) : held + pos - seen_held;
+      const std::int32_t* index = held_index.empty() ? nullptr : held_index.data() + list * held;
+      auto token_at = [index, seen_held, decoded_at](std::int64_t pos) {
+        if (pos >= seen_held) return decoded_at + pos;
+        return index ? static_cast<std::int64_t>(index[pos]) : pos;
       };
       attend_range_tiled(t, qs.data(), row_keys, row_values, head, token_at, begin, end, count,
-                         bias_row, nullptr, state);
+                         terms, state);
     }
   });
 
   for (std::int64_t stream = 0; stream < streams; ++stream) {
     const std::int64_t row = stream % rows, query = stream / rows;
-    for (std::int64_t g = 0; g < tile; ++g)
-      split.merge(stream, g, dim, out + (query * heads_q + row * tile + g) * dim);
+    for (std::int64_t g = 0; g < tile; ++g) {
+      const std::int64_t hq = row * tile + g;
+      float* o = out + (query * heads_q + hq) * dim;
+      const float lse = split.merge(stream, g, dim, o);
+      if (rules.sinks) {  // the sink's share of the softmax goes nowhere
+        const float kept = 1.0f / (1.0f + std::exp(rules.sinks[hq] - lse));
+        for (std::int64_t d = 0; d < dim; ++d) o[d] *= kept;
+      }
+    }
   }
 }
 

@@ -106,8 +106,8 @@ std::vector<KMeansResult> kmeans_heads(const KVView& points, const KMeansParams&
 
 void held_attention(const float* queries, std::int64_t new_queries, std::int64_t heads_q,
                     std::int64_t first_query, const BatchKVView& keys, const BatchKVView& values,
-                    const HeldSlots& slots, const AttentionParams& params, float* out) {
-  kernels().held_attention(queries, new_queries, heads_q, first_query, keys, values, slots, params,
+                    const HeldSlots& slots, const ScoreRules& rules, float* out) {
+  kernels().held_attention(queries, new_queries, heads_q, first_query, keys, values, slots, rules,
                            out);
 }
 

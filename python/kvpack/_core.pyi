@@ -239,9 +239,9 @@ def get_num_threads() -> int:
     """
     Threads used by kvpack's parallel loops: those set by set_num_threads, else the OpenMP runtime's count (OMP_NUM_THREADS, or torch.set_num_threads in a process with torch: both share one OpenMP runtime and its workers in a source build; the wheel carries its own libgomp, so there the two counts are set apart).
     """
-def held_attention(queries: typing.Any, keys: typing.Any, values: typing.Any, positions: typing.Any, first_decoded: typing.SupportsInt | typing.SupportsIndex, first_query: typing.SupportsInt | typing.SupportsIndex, bias: typing.Any = None, scale: typing.SupportsFloat | typing.SupportsIndex | None = None) -> numpy.typing.NDArray[numpy.float32]:
+def held_attention(queries: typing.Any, keys: typing.Any, values: typing.Any, positions: typing.Any, first_decoded: typing.SupportsInt | typing.SupportsIndex, first_query: typing.SupportsInt | typing.SupportsIndex, bias: typing.Any = None, scale: typing.SupportsFloat | typing.SupportsIndex | None = None, softcap: typing.SupportsFloat | typing.SupportsIndex | None = None, window: typing.SupportsInt | typing.SupportsIndex | None = None, sinks: typing.Any = None) -> numpy.typing.NDArray[numpy.float32]:
     """
-    One decode step of a batch over one layer's cache: held slots (at positions, -1 empty) then decoded tokens from first_decoded; returns [batch, new, heads_q, head_dim].
+    One decode step of a batch over one layer's cache: held slots (at positions, -1 empty) then decoded tokens from first_decoded, scores capped by softcap, seen within window positions, with a sink logit per query head; returns [batch, new, heads_q, head_dim].
     """
 def kmeans(x: typing.Any, n_clusters: typing.SupportsInt | typing.SupportsIndex, iters: typing.SupportsInt | typing.SupportsIndex = 20, seed: typing.SupportsInt | typing.SupportsIndex = 0, spherical: bool = True, init: typing.Any = 'kmeans++', init_centroids: typing.Any = None, device: str = 'cpu') -> dict:
     """

@@ -58,10 +58,20 @@ struct HeldSlots {
       nullptr;  ///< [batch, heads_kv, held] added to the held slots' scores, or null
 };
 
+/// What a model's attention adds to scaled dot products, for held_attention.
+struct ScoreRules {
+  float scale = 0.0f;            ///< multiplies q.k; 0 means 1/sqrt(head_dim)
+  float softcap = 0.0f;          ///< > 0: a score s becomes softcap * tanh(s / softcap) (Gemma 2)
+  std::int64_t window = 0;       ///< > 0: a query at position p sees positions > p - window only
+  const float* sinks = nullptr;  ///< [heads_q] or null: a logit per query head that joins
+                                 ///< the softmax and attends nothing (gpt-oss's sinks)
+};
+
 /// One decode step of a batch over one layer's cache (HeldSlots): query i of row b, at
 /// position first_query + i, attends the row's non-empty held slots and the decoded slots
-/// up to its own position, in one softmax; grouped-query heads as in decode_attention.
-/// All rows, positions and heads run in one parallel pass. Host memory only.
+/// up to its own position (within rules.window of it), in one softmax; grouped-query
+/// heads as in decode_attention. All rows, positions and heads run in one parallel pass.
+/// Host memory only.
 /// @param queries      [batch, new_queries, heads_q, dim] float32 (the token-major layout of
 ///                     a model's attention output)
 /// @param keys,values  [batch, heads_kv, slots, dim], each head's rows contiguous, one
@@ -69,7 +79,7 @@ struct HeldSlots {
 /// @param out          [batch, new_queries, heads_q, dim] float32
 void held_attention(const float* queries, std::int64_t new_queries, std::int64_t heads_q,
                     std::int64_t first_query, const BatchKVView& keys, const BatchKVView& values,
-                    const HeldSlots& slots, const AttentionParams& params, float* out);
+                    const HeldSlots& slots, const ScoreRules& rules, float* out);
 
 /// Bytes of scratch decode_attention takes on `device` for heads_q queries over `count`
 /// tokens of dimension `dim` (0 on the CPU): the size of Execution::scratch.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .. import _core
 from .. import methods as _methods
 from ..compression import budget_tokens, compress
-from .compat import check_model
+from .compat import check_model, layer_windows, score_features
 
 if TYPE_CHECKING:
     from .prefill import Prefill
@@ -113,13 +114,27 @@ def make_cache(
         raise TypeError(f"prefill: expected a kvpack.hf.Prefill, got {type(prefill).__name__}")
     if prefill is not None and len(prefill.layers) != layers:
         raise ValueError(f"prefill: has {len(prefill.layers)} layers, the model {layers}")
+    windows = layer_windows(model)
+    features = score_features(model)
+    if features and method.kind != "compress":
+        raise NotImplementedError(
+            f"method {method.name!r}: the model's attention has {features[0]} "
+            f"({model.config.get_text_config().model_type}), which kvpack computes for the "
+            f"compression methods only ({', '.join(EVICTION_METHODS)})"
+        )
     use_kvpack_attention(model)
     cache = KVPackCache(
-        layers, method, budget, skip_layers=int(skip_layers), log_count_bias=bool(log_count_bias)
+        layers,
+        method,
+        budget,
+        skip_layers=int(skip_layers),
+        log_count_bias=bool(log_count_bias),
+        windows=windows,
     )
     if decode_budget is not None:
         interval = max(1, decode_budget // 16) if decode_interval is None else decode_interval
-        for layer in cache.layers[int(skip_layers) :]:
+        for index in cache.compressed_layers:
+            layer = cache.layers[index]
             layer.decode_budget, layer.decode_interval = int(decode_budget), int(interval)
     if prefill is not None:
         for layer, captured in zip(cache.layers, prefill.layers):
@@ -130,8 +145,11 @@ def make_cache(
 class KVPackCache(Cache):
     """A transformers ``Cache`` whose layers compress or recall with one kvpack method.
 
-    Build it with :func:`make_cache`. ``stats()`` reports what the layers hold (slots
-    and bytes per tier) and, for recall methods, the fast-tier hit rate and bytes loaded.
+    Build it with :func:`make_cache`. The method runs in the layers of
+    ``compressed_layers``: not the first ``skip_layers`` (they keep everything), nor the
+    sliding-window layers of ``sliding_layers`` (they keep their window, as transformers'
+    own cache does). ``stats()`` reports what the layers hold (slots and bytes per tier)
+    and, for recall methods, the fast-tier hit rate and bytes loaded.
     """
 
     def __init__(
@@ -142,16 +160,23 @@ class KVPackCache(Cache):
         *,
         skip_layers: int = 2,
         log_count_bias: bool = False,
+        windows: list[int | None] | None = None,
     ) -> None:
         method = _methods.resolve(method)
         kind = {"compress": _EvictionLayer, "recall": _RecallLayer, "quantize": _KiviLayer}
-        # Skipped layers keep everything, in the growing buffers of the full method.
-        layers = [
-            _EvictionLayer(_methods.Full(), budget)
-            if i < skip_layers
-            else kind[method.kind](method, budget, log_count_bias)
-            for i in range(num_layers)
+        windows = windows or [None] * num_layers
+        self.sliding_layers = [i for i, window in enumerate(windows) if window]
+        self.compressed_layers = [
+            i for i in range(skip_layers, num_layers) if i not in self.sliding_layers
         ]
+        layers = []
+        for i, window in enumerate(windows):
+            if window:
+                layers.append(_SlidingLayer(window))
+            elif i < skip_layers:  # keeps everything, in the growing buffers of full
+                layers.append(_EvictionLayer(_methods.Full(), budget))
+            else:
+                layers.append(kind[method.kind](method, budget, log_count_bias))
         super().__init__(layers=layers)
         self.method, self.budget, self.skip_layers = method, budget, skip_layers
 
@@ -165,7 +190,7 @@ class KVPackCache(Cache):
         ``"fast"`` (the recall methods' host store and fast tier), ``"codes"`` (KIVI's
         quantized prompt); ``"total"`` sums them.
         """
-        compressed = self.layers[self.skip_layers :]
+        compressed = [self.layers[i] for i in self.compressed_layers]
         held: dict[str, int] = {}
         for layer in self.layers:
             for tier, n in layer.nbytes().items():
@@ -175,6 +200,8 @@ class KVPackCache(Cache):
             "method": self.method.name,
             "tokens": self.get_seq_length(),
             "slots": [layer.slots() for layer in compressed],
+            "compressed_layers": list(self.compressed_layers),
+            "sliding_layers": list(self.sliding_layers),
             "bytes": held,
         }
         if self.method.kind == "recall":
@@ -219,11 +246,25 @@ class _KVPackLayer(DynamicLayer):
         kwargs[ATTEND] = self.decode
         return self._append(key_states, value_states)
 
-    def prefill_attention(self, module, query, key, value, attention_mask, scaling):
+    def prefill_attention(self, module, query, key, value, attention_mask, scaling, rules):
         """Exact attention over the prompt; then the layer keeps its method's share."""
-        output, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling
-        )
+        if rules.get("softcap") or rules.get("s_aux") is not None:
+            # SDPA has neither softcapping nor sinks: the model's own eager attention does.
+            # It adds the mask to the scores: the boolean mask SDPA takes becomes 0 / -inf,
+            # and none (SDPA's plain causal case) the causal mask.
+            eager = sys.modules[type(module).__module__].eager_attention_forward
+            mask = attention_mask
+            if mask is None:
+                mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool).tril(
+                    key.shape[-2] - query.shape[-2]
+                )[None, None]
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill(~mask, -math.inf)
+            output, _ = eager(module, query, key, value, mask, scaling=scaling, **rules)
+        else:
+            output, _ = sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, **rules
+            )
         valid = _valid_tokens(attention_mask, key.shape[0], key.shape[-2], key.device)
         self._compress(query, key, value, valid, scaling)
         self.prefilled = True
@@ -360,11 +401,12 @@ class _EvictionLayer(_BufferedLayer):
         decoded = torch.arange(self.first_decoded, self.seen).expand(*held.shape[:2], -1)
         return torch.cat([held, decoded], dim=-1)
 
-    def decode(self, module, query, key, value, attention_mask, scaling):
+    def decode(self, module, query, key, value, attention_mask, scaling, rules):
         """One decode step of every row: attention over the held slots and the decoded
         tokens, in the core; then, with ``decode_budget``, a compression when one is due.
         Padding is read from the held positions; ``attention_mask`` adds nothing to them."""
         queries = query.transpose(1, 2)  # [batch, new, heads_q, dim]: the output's layout
+        sinks = rules.get("s_aux")
         output = _core.held_attention(
             _array(_dense(queries.float())),
             _array(key),
@@ -374,6 +416,9 @@ class _EvictionLayer(_BufferedLayer):
             self.seen - queries.shape[1],
             self._bias_array,
             scaling,
+            rules.get("softcap"),
+            rules.get("sliding_window"),
+            None if sinks is None else _array(_dense(sinks.float())),
         )
         if self.decode_budget is not None:
             self._recent_queries = torch.cat(
@@ -430,6 +475,35 @@ class _EvictionLayer(_BufferedLayer):
         return {"model": _tensor_bytes(self.keys, self.values)}
 
 
+class _SlidingLayer(_EvictionLayer):
+    """A sliding-window layer: it holds the last ``window - 1`` tokens, all that a later
+    query sees (the core's attention applies the window), and drops older ones every
+    ``window // 16`` decoded tokens, so it holds at most ``window - 1 + window // 16``, as
+    transformers' own sliding layers keep their window."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__(_methods.Full(), 1.0)
+        self.window, self.slide_interval = window, max(1, window // 16)
+
+    def _compress(self, query, keys, values, valid, scaling):
+        recent = valid.clone()
+        recent[:, : max(0, valid.shape[1] - self.window + 1)] = False
+        super()._compress(query, keys, values, recent, scaling)
+
+    def decode(self, module, query, key, value, attention_mask, scaling, rules):
+        output = super().decode(module, query, key, value, attention_mask, scaling, rules)
+        if self.length >= self.window - 1 + self.slide_interval:
+            positions = self.positions
+            rows = []
+            for b in range(positions.shape[0]):
+                kept = torch.nonzero(positions[b, 0] > self.seen - self.window).flatten()
+                rows.append(
+                    (self.keys[b][:, kept], self.values[b][:, kept], positions[b][:, kept], None)
+                )
+            self._hold_rows(rows, self.seen)
+        return output
+
+
 class _RecallLayer(_KVPackLayer):
     """One :class:`kvpack.RecallCache` per sequence holds the whole cache on the host;
     each decode step is one core call (``_core.recall_step``) over every row and query."""
@@ -446,7 +520,7 @@ class _RecallLayer(_KVPackLayer):
     def _append(self, key_states, value_states):
         return key_states, value_states  # decode() hands them to the core
 
-    def decode(self, module, query, key, value, attention_mask, scaling):
+    def decode(self, module, query, key, value, attention_mask, scaling, rules):
         # RecallCache scales scores by 1/sqrt(head_dim); fold any other scaling into q.
         fold = scaling * math.sqrt(query.shape[-1])
         queries = query.transpose(1, 2).float()  # [batch, new, heads_q, dim]
@@ -482,7 +556,7 @@ class _KiviLayer(_BufferedLayer):
         self.values = values.new_empty(*values.shape[:2], 0, values.shape[-1])
         self.length = 0
 
-    def decode(self, module, query, key, value, attention_mask, scaling):
+    def decode(self, module, query, key, value, attention_mask, scaling, rules):
         queries = _dense(query.transpose(1, 2).float())  # [batch, new, heads_q, dim]
         output = _core.quantized_attention(
             self.quantized, _array(queries), _array(key), _array(value), scaling
@@ -505,13 +579,10 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    unsupported = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name)]
-    if unsupported or dropout:
-        raise NotImplementedError(
-            f"kvpack caches do not support {(unsupported or ['attention dropout'])[0]}"
-        )
+    if dropout:
+        raise NotImplementedError("kvpack caches do not support attention dropout")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return attend(module, query, key, value, attention_mask, scaling), None
+    return attend(module, query, key, value, attention_mask, scaling, kwargs), None
 
 
 def use_kvpack_attention(model) -> None:

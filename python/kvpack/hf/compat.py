@@ -1,11 +1,12 @@
-"""What differs between transformers releases, in one place: the keyword a model takes
-its cache under, and the name of the cache a forward returns."""
+"""What differs between transformers releases and model families, in one place: the
+keyword a model takes its cache under, the name of the cache a forward returns, which
+layers attend through a sliding window, and what a family adds to attention scores."""
 
 from __future__ import annotations
 
 import inspect
 
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 
 def cache_argument(model) -> str:
@@ -30,3 +31,31 @@ def check_model(model) -> int:
     if not hasattr(getattr(model, "config", None), "get_text_config"):
         raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
     return model.config.get_text_config().num_hidden_layers
+
+
+def layer_windows(model) -> list[int | None]:
+    """Per decoder layer, its sliding window in tokens (None: global attention), as
+    transformers' own cache reads it; NotImplementedError naming any other kind of layer."""
+    config = model.config.get_text_config()
+    types, options = get_layer_types_and_kwargs(config)
+    other = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if other:
+        raise NotImplementedError(
+            f"model: {config.model_type} has {other[0]} layers, which kvpack caches do not hold"
+        )
+    return [
+        option.get("sliding_window") if kind == "sliding_attention" else None
+        for kind, option in zip(types, options)
+    ]
+
+
+def score_features(model) -> list[str]:
+    """What ``model``'s attention adds to scaled dot products: ``"softcap"`` (Gemma 2's
+    logit softcapping) and ``"sinks"`` (gpt-oss's per-head sink logits)."""
+    config = model.config.get_text_config()
+    features = []
+    if getattr(config, "attn_logit_softcapping", None):
+        features.append("softcap")
+    if any(getattr(module, "sinks", None) is not None for module in model.modules()):
+        features.append("sinks")
+    return features

@@ -12,7 +12,7 @@ from transformers.cache_utils import Cache
 
 from .. import methods as _methods
 from .cache import KVPackCache, _KVPackLayer, _torch, use_kvpack_attention
-from .compat import cache_argument, check_model
+from .compat import cache_argument, check_model, layer_windows
 
 
 class Prefill:
@@ -62,6 +62,7 @@ def prefill(model, input_ids, attention_mask=None) -> Prefill:
         raise ValueError("input_ids: expected a (batch, tokens) tensor with at least one token")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    layer_windows(model)  # a model kvpack caches cannot hold is refused before the prefill
     use_kvpack_attention(model)
     capture = Cache(layers=[_CaptureLayer(_methods.Full(), 1.0) for _ in range(layers)])
     # Positions as generate() gives them: counted over the real tokens of each row.
