@@ -211,9 +211,11 @@ def run_decode_memory(
     """KV memory of eviction caches over a long generation: ``decoded`` greedy tokens after
     a ``prompt``-token prompt at ``budget`` slots, with ``decode_budget=budget`` (evicting as
     they go) and without (every decoded token kept), against the bytes ``budget`` slots
-    take in the compressed layers; and the decode speed of each (the peer: the same cache
-    keeping every decoded token)."""
+    take in the compressed layers; and the decode speed of each, against the same cache
+    keeping every decoded token and against transformers' DynamicCache with SDPA (which
+    keeps the whole prompt and every decoded token)."""
     import torch
+    from transformers import DynamicCache
 
     from kvpack import hf
     from kvpack.models import load_pretrained
@@ -247,6 +249,23 @@ def run_decode_memory(
     rows.append(
         (f"h2o @ {budget}: decode keeping every token / with decode_budget", f"{speedup:.2f}x", "")
     )
+    model.set_attn_implementation("sdpa")
+    sdpa_cache = DynamicCache(config=config)
+    sdpa = _generate(model, ids, sdpa_cache, decoded, skip)[1]
+    held = sum(_layer_bytes(layer) for layer in sdpa_cache.layers[skip:])
+    rows += [
+        (
+            f"DynamicCache + SDPA: KV bytes after {decoded} decoded tokens / {budget} slots' bytes",
+            f"{held / (budget * per_slot):.3f}",
+            "",
+        ),
+        ("DynamicCache + SDPA: decode", f"{sdpa:.1f} ms/token", "reference"),
+        (
+            f"DynamicCache + SDPA decode / h2o @ {budget} with decode_budget",
+            f"{sdpa / decode_ms['h2o', budget]:.2f}x",
+            "",
+        ),
+    ]
     return rows
 
 
