@@ -332,6 +332,7 @@ class _EvictionLayer(_BufferedLayer):
 
     decode_budget: int | None = None  # set by make_cache
     decode_interval = 1
+    window: int | None = None  # a sliding-window layer's own (else the model's kwarg)
     observed = 32  # decoded queries a decode-time compression ranks by
 
     def _compress(self, query, keys, values, valid, scaling):
@@ -417,7 +418,7 @@ class _EvictionLayer(_BufferedLayer):
             self._bias_array,
             scaling,
             rules.get("softcap"),
-            rules.get("sliding_window"),
+            self.window or rules.get("sliding_window"),
             None if sinks is None else _array(_dense(sinks.float())),
         )
         if self.decode_budget is not None:
@@ -429,21 +430,30 @@ class _EvictionLayer(_BufferedLayer):
                 self._compress_held(scaling)
         return _torch(output, query)
 
-    def _compress_held(self, scaling) -> None:
-        """Compresses what each row holds back to ``decode_budget`` slots (rows holding no
-        more keep everything), as kvpress's DecodingPress does during generation."""
-        positions = self.positions
-        held = self.held_positions.shape[-1]
+    def _rows_where(self, keep) -> list:
+        """Per batch row, (keys, values, positions, log-count bias or None) of the slots
+        ``keep(positions)`` picks ([batch, slots] bool of the slots' positions [batch,
+        heads_kv, slots]): what _hold_rows takes."""
+        positions, held = self.positions, self.held_positions.shape[-1]
+        keep = keep(positions)
         rows = []
         for b in range(positions.shape[0]):
-            real = torch.nonzero(positions[b, 0] >= 0).flatten()
-            k, v = self.keys[b][:, real], self.values[b][:, real]
+            picked = torch.nonzero(keep[b]).flatten()
             bias = None
             if self.held_bias is not None:  # the held slots carry it, decoded tokens add 0
                 bias = torch.nn.functional.pad(self.held_bias[b], (0, self.length - held))
-                bias = bias[:, real]
-            if real.numel() <= self.decode_budget:
-                rows.append((k, v, positions[b][:, real], bias))
+                bias = bias[:, picked]
+            k, v = self.keys[b][:, picked], self.values[b][:, picked]
+            rows.append((k, v, positions[b][:, picked], bias))
+        return rows
+
+    def _compress_held(self, scaling) -> None:
+        """Compresses what each row holds back to ``decode_budget`` slots (rows holding no
+        more keep everything), as kvpress's DecodingPress does during generation."""
+        rows = []
+        for b, (k, v, positions, bias) in enumerate(self._rows_where(lambda p: p[:, 0] >= 0)):
+            if k.shape[1] <= self.decode_budget:
+                rows.append((k, v, positions, bias))
                 continue
             c = compress(
                 _dense(k),
@@ -452,18 +462,13 @@ class _EvictionLayer(_BufferedLayer):
                 self.decode_budget,
                 scale=scaling,
                 # At most one query per key: a small decode_budget holds fewer keys.
-                queries=_dense(self._recent_queries[b, :, -real.numel() :].float()),
+                queries=_dense(self._recent_queries[b, :, -k.shape[1] :].float()),
             )
             kept = torch.from_numpy(c.positions.astype(np.int64)).to(k.device)
             counts = torch.from_numpy(c.counts.astype(np.int64)).to(k.device)
             new_bias = None if bias is None else _folded_log_counts(bias, kept, counts)
             rows.append(
-                (
-                    _torch(c.keys, k),
-                    _torch(c.values, v),
-                    positions[b][:, real].gather(1, kept),
-                    new_bias,
-                )
+                (_torch(c.keys, k), _torch(c.values, v), positions.gather(1, kept), new_bias)
             )
         self._hold_rows(rows, self.seen)
 
@@ -493,14 +498,8 @@ class _SlidingLayer(_EvictionLayer):
     def decode(self, module, query, key, value, attention_mask, scaling, rules):
         output = super().decode(module, query, key, value, attention_mask, scaling, rules)
         if self.length >= self.window - 1 + self.slide_interval:
-            positions = self.positions
-            rows = []
-            for b in range(positions.shape[0]):
-                kept = torch.nonzero(positions[b, 0] > self.seen - self.window).flatten()
-                rows.append(
-                    (self.keys[b][:, kept], self.values[b][:, kept], positions[b][:, kept], None)
-                )
-            self._hold_rows(rows, self.seen)
+            recent = self._rows_where(lambda p: p[:, 0] > self.seen - self.window)
+            self._hold_rows(recent, self.seen)
         return output
 
 
