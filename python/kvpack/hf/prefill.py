@@ -73,6 +73,7 @@ def prefill(model, input_ids, attention_mask=None) -> Prefill:
             attention_mask=attention_mask,
             position_ids=positions,
             use_cache=True,
+            logits_to_keep=1,  # the last position's only: a prompt's [tokens, vocab] is GBs
             **{cache_argument(model): capture},
         )
     return Prefill(

