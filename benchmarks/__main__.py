@@ -17,6 +17,7 @@ from . import (
     e2e,
     gpu,
     kmeans,
+    long_context,
     real_lm,
     reliability,
     report,
@@ -69,6 +70,11 @@ SUITES = {
         "Eviction caches over 4096 decoded tokens on SmolLM2-135M: KV memory with and "
         "without decode_budget",
         e2e.run_decode_memory,
+    ),
+    "long_context": (
+        "Gemma 3 270M (hybrid: sliding-window and global layers) at 8k, 16k and 32k tokens: "
+        "every cache against transformers' own with SDPA",
+        long_context.run,
     ),
     "real_lm": (
         "Every method on SmolLM2-135M-Instruct (float32): RULER-style tasks, merging "

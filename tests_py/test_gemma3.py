@@ -48,7 +48,7 @@ def generate(model, ids, cache, new=NEW):
         return model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **{hf.cache_argument(model): cache},
             max_new_tokens=new,
             do_sample=False,
             pad_token_id=0,
@@ -78,17 +78,19 @@ def test_every_method_generates_transformers_tokens_at_4k(gemma, prompt, expecte
 
 
 def test_compressed_forward_loop_equals_generate(gemma, prompt):
-    """ClusterKV at 1/16 of the prompt in the global layers, sliding layers at their
-    window: a plain loop of forward calls picks generate()'s tokens and holds the same."""
+    """ClusterKV at 1/16 of a 1024-token prompt in the global layers, sliding layers at
+    their window: a plain loop of forward calls picks generate()'s tokens and holds the
+    same."""
     model, _ = gemma
-    budget = PROMPT // 16
+    prompt = prompt[:, :1024]
+    budget = 1024 // 16
     cache = hf.make_cache(model, "clusterkv", budget)
     produced = generate(model, prompt, cache)
     loop = hf.make_cache(model, "clusterkv", budget)
     ids, tokens = prompt, []
     with torch.no_grad():
         for _ in range(NEW):
-            logits = model(ids, past_key_values=loop, use_cache=True).logits[:, -1]
+            logits = model(ids, **{hf.cache_argument(model): loop}, use_cache=True).logits[:, -1]
             ids = logits.argmax(-1, keepdim=True)
             tokens.append(ids)
     assert torch.equal(torch.cat([prompt, *tokens], dim=1), produced)
