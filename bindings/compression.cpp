@@ -135,9 +135,10 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
   out_v.data = out_values.data();
   out_k.tokens = out_v.tokens = slots;
   out_k.head_stride = out_v.head_stride = 0;
+  std::int64_t filled = slots;
   {
     py::gil_scoped_release release;
-    compress(keys, values, evidence, params, out);
+    filled = compress(keys, values, evidence, params, out);
     check_finite_output(out_k, out_v, keys, values);
   }
   py::dict result;
@@ -145,13 +146,9 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
   result["values"] = out_values;
   result["counts"] = counts;
   result["positions"] = positions;
-  if (adaptive_heads(params.method)) {  // down to the most slots a head kept
-    std::int64_t used = 0;
-    for (std::int64_t h = 0; h < keys.heads; ++h)
-      for (std::int64_t s = used; s < slots && positions.data()[h * slots + s] >= 0; ++s)
-        used = s + 1;
+  if (filled < slots) {  // adaptive head budgets: down to the slots some head filled
     const py::module_ np = py::module_::import("numpy");
-    const py::tuple first = py::make_tuple(py::slice(), py::slice(0, used, 1));
+    const py::tuple first = py::make_tuple(py::slice(), py::slice(0, filled, 1));
     for (const char* name : {"keys", "values", "counts", "positions"})
       result[name] = np.attr("ascontiguousarray")(result[name].attr("__getitem__")(first));
   }

@@ -21,6 +21,7 @@ namespace {
 struct Compressed {
   std::vector<float> keys, values, thresholds;
   std::vector<std::int32_t> counts, positions;
+  std::int64_t filled = 0;  // what compress returns: the most slots a head filled
 };
 
 Compressed run(const testing::Cache& c, const CompressParams& p, const float* scores) {
@@ -31,7 +32,7 @@ Compressed run(const testing::Cache& c, const CompressParams& p, const float* sc
                std::vector<std::int32_t>(rows), std::vector<std::int32_t>(rows)};
   Evidence e;
   e.scores = scores;
-  compress(
+  r.filled = compress(
       c.k, c.v, e, p,
       {r.keys.data(), r.values.data(), r.counts.data(), r.positions.data(), r.thresholds.data()});
   return r;
@@ -110,6 +111,7 @@ TEST(Compress, AdaptiveHeadsShareTheLayersBudget) {
     total += kept[h];
   }
   EXPECT_EQ(total, 3 * 16);
+  EXPECT_EQ(r.filled, *std::max_element(kept.begin(), kept.end()));
   EXPECT_LT(kept[0], 16);  // head 0's window and its one strong token, and its floor
 }
 

@@ -42,9 +42,9 @@ HeadSlots head_slots(const CompressOutput& out, std::int64_t h, std::int64_t slo
 // AdaKV: every head's token_ranks at the uniform budget pooled (pooled_top_k), each head's
 // picks kept in its first slots, the rest left empty.
 template <class Params>
-void compress_adaptive(const Params& method, const KVView& keys, const KVView& values,
-                       const float* scores, std::int64_t budget, std::int64_t slots,
-                       const CompressOutput& out) {
+std::int64_t compress_adaptive(const Params& method, const KVView& keys, const KVView& values,
+                               const float* scores, std::int64_t budget, std::int64_t slots,
+                               const CompressOutput& out) {
   const std::int64_t tokens = keys.tokens;
   const std::size_t row_bytes = static_cast<std::size_t>(keys.dim) * dtype_size(keys.dtype);
   std::vector<float> ranks(static_cast<std::size_t>(keys.heads * tokens));
@@ -66,6 +66,9 @@ void compress_adaptive(const Params& method, const KVView& keys, const KVView& v
     std::memset(static_cast<char*>(head.keys) + n * row_bytes, 0, empty);
     std::memset(static_cast<char*>(head.values) + n * row_bytes, 0, empty);
   });
+  std::size_t most = 0;
+  for (const auto& kept : picks) most = std::max(most, kept.size());
+  return static_cast<std::int64_t>(most);
 }
 
 }  // namespace
@@ -118,8 +121,8 @@ void keep_rows(const HeadInput& in, const HeadSlots& out) {
   std::fill(out.counts, out.counts + in.slots, 1);
 }
 
-void compress(const KVView& keys, const KVView& values, const Evidence& evidence,
-              const CompressParams& params, const CompressOutput& out) {
+std::int64_t compress(const KVView& keys, const KVView& values, const Evidence& evidence,
+                      const CompressParams& params, const CompressOutput& out) {
   const std::int64_t tokens = keys.tokens;
   KVPACK_CHECK(method_kind(params.method) == MethodKind::Compress,
                "method: expected a compression method (" << method_names(MethodKind::Compress)
@@ -139,14 +142,14 @@ void compress(const KVView& keys, const KVView& values, const Evidence& evidence
   const std::size_t row_bytes = static_cast<std::size_t>(keys.dim) * dtype_size(keys.dtype);
 
   if (adaptive_heads(params.method)) {
-    std::visit(
-        [&](const auto& method) {
+    return std::visit(
+        [&](const auto& method) -> std::int64_t {
           if constexpr (ranks_tokens<std::decay_t<decltype(method)>>)
-            compress_adaptive(method, keys, values, ranks ? scores.data() : nullptr, params.budget,
-                              slots, out);
+            return compress_adaptive(method, keys, values, ranks ? scores.data() : nullptr,
+                                     params.budget, slots, out);
+          return slots;  // adaptive_heads holds only for the methods that rank tokens
         },
         params.method);
-    return;
   }
   parallel_for(keys.heads, [&](std::int64_t h) {
     const HeadSlots head = head_slots(out, h, slots, row_bytes);
@@ -158,6 +161,7 @@ void compress(const KVView& keys, const KVView& values, const Evidence& evidence
         },
         params.method);
   });
+  return slots;
 }
 
 }  // namespace kvpack

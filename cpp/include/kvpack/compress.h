@@ -52,7 +52,10 @@ bool adaptive_heads(const MethodParams& method);
 
 /// Compresses one layer's cache [heads, tokens, dim]; values has the shape and dtype of
 /// keys. Arithmetic in float32; merged rows are written back in the input dtype.
-void compress(const KVView& keys, const KVView& values, const Evidence& evidence,
-              const CompressParams& params, const CompressOutput& out);
+/// @return the most slots one head filled: compressed_length, or with adaptive head
+///         budgets the share of the head that kept most (the slots after it are empty
+///         in every head)
+std::int64_t compress(const KVView& keys, const KVView& values, const Evidence& evidence,
+                      const CompressParams& params, const CompressOutput& out);
 
 }  // namespace kvpack
