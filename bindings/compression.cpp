@@ -123,7 +123,7 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
   const auto queries = query_evidence(queries_obj, keys);
   const Evidence evidence = parse_evidence(scores, queries, needs_evidence(params.method),
                                            method_name(params.method), resolve_scale_arg(scale));
-  const std::int64_t slots = compressed_length(params, keys.tokens);
+  const std::int64_t slots = compressed_length(params, keys.tokens, keys.heads);
   const std::vector<py::ssize_t> shape{keys.heads, slots, keys.dim};
   py::array out_keys(keys_arg.dtype(), shape), out_values(keys_arg.dtype(), shape);
   py::array_t<std::int32_t> counts({keys.heads, slots}), positions({keys.heads, slots});
@@ -135,9 +135,10 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
   out_v.data = out_values.data();
   out_k.tokens = out_v.tokens = slots;
   out_k.head_stride = out_v.head_stride = 0;
+  std::int64_t filled = slots;
   {
     py::gil_scoped_release release;
-    compress(keys, values, evidence, params, out);
+    filled = compress(keys, values, evidence, params, out);
     check_finite_output(out_k, out_v, keys, values);
   }
   py::dict result;
@@ -145,6 +146,12 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
   result["values"] = out_values;
   result["counts"] = counts;
   result["positions"] = positions;
+  if (filled < slots) {  // adaptive head budgets: down to the slots some head filled
+    const py::module_ np = py::module_::import("numpy");
+    const py::tuple first = py::make_tuple(py::slice(), py::slice(0, filled, 1));
+    for (const char* name : {"keys", "values", "counts", "positions"})
+      result[name] = np.attr("ascontiguousarray")(result[name].attr("__getitem__")(first));
+  }
   result["thresholds"] =
       std::holds_alternative<KVMergerParams>(params.method) ? py::object(thresholds) : py::none();
   return result;
@@ -202,6 +209,21 @@ void bind_compression(py::module_& m) {
       py::arg("budget"), py::arg("tokens"),
       "Slots a budget stands for over `tokens`: an int token count as given, a float share "
       "of the tokens rounded half up.");
+  m.def(
+      "pyramid_budgets",
+      [](const py::object& budget_obj, const Arg<std::int64_t>& layers_arg,
+         const Arg<std::int64_t>& tokens_arg, const Arg<double>& beta_arg) {
+        const std::int64_t layers = layers_arg.as("layers"), tokens = tokens_arg.as("tokens");
+        const double beta = beta_arg.as("beta");
+        KVPACK_ARG_CHECK(layers >= 1, "layers: expected an int >= 1, got " << layers);
+        KVPACK_ARG_CHECK(tokens >= 1, "tokens: expected an int >= 1, got " << tokens);
+        KVPACK_ARG_CHECK(std::isfinite(beta) && beta >= 1.0,
+                         "beta: expected a number >= 1, got " << beta);
+        const std::int64_t budget = parse_budget(budget_obj, tokens, /*within_context=*/false);
+        return pyramid_budgets(budget, layers, tokens, beta);
+      },
+      py::arg("budget"), py::arg("layers"), py::arg("tokens"), py::arg("beta"),
+      "PyramidKV's budgets per layer; see kvpack.pyramid_budgets.");
   m.def("adjacent_similarity", &adjacent_similarity_binding, py::arg("keys"),
         "Cosine similarity of each key with the next; see kvpack.adjacent_similarity.");
 

@@ -5,6 +5,7 @@
 
 #include <pybind11/stl.h>
 
+#include <charconv>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -122,7 +123,11 @@ py::object read(const T& field, const ParamSpec& spec) {
   } else if constexpr (std::is_floating_point_v<T>) {
     if (spec.rule == ParamRule::OptionalShare && field < 0) return py::none();
     if (spec.rule == ParamRule::Width && field <= 0) return py::str("auto");
-    return py::float_(static_cast<double>(field));
+    // The shortest decimal that reads back as the field (0.2f reads as 0.2, not
+    // 0.20000000298023224), so reprs and as_dict() show what was set.
+    char text[32];
+    const auto end = std::to_chars(text, text + sizeof text, field).ptr;
+    return py::float_(std::stod(std::string(text, end)));
   } else {
     if (spec.rule == ParamRule::OptionalCount && field == 0) return py::none();
     return py::int_(field);

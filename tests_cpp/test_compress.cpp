@@ -21,17 +21,18 @@ namespace {
 struct Compressed {
   std::vector<float> keys, values, thresholds;
   std::vector<std::int32_t> counts, positions;
+  std::int64_t filled = 0;  // what compress returns: the most slots a head filled
 };
 
 Compressed run(const testing::Cache& c, const CompressParams& p, const float* scores) {
-  const std::int64_t slots = compressed_length(p, c.k.tokens);
+  const std::int64_t slots = compressed_length(p, c.k.tokens, c.k.heads);
   const auto rows = static_cast<std::size_t>(c.k.heads * slots);
   Compressed r{std::vector<float>(rows * c.k.dim), std::vector<float>(rows * c.k.dim),
                std::vector<float>(static_cast<std::size_t>(c.k.heads)),
                std::vector<std::int32_t>(rows), std::vector<std::int32_t>(rows)};
   Evidence e;
   e.scores = scores;
-  compress(
+  r.filled = compress(
       c.k, c.v, e, p,
       {r.keys.data(), r.values.data(), r.counts.data(), r.positions.data(), r.thresholds.data()});
   return r;
@@ -49,6 +50,69 @@ TEST(Select, TopKSetIsTheTopKRankingSorted) {
 TEST(Select, TopKSetRejectsNaN) {
   const std::vector<float> scores = {1.0f, std::numeric_limits<float>::quiet_NaN(), 0.0f};
   EXPECT_THROW(top_k_set(scores.data(), 3, 1), std::invalid_argument);
+}
+
+TEST(Select, PooledTopKTakesTheFloorsThenTheBestOfTheRest) {
+  // Head 0 attends one token, head 1 spreads its attention: head 1 gets the pool.
+  const std::vector<float> scores = {9.0f, 0.1f, 0.1f, 0.1f, 0.1f, 0.1f,   // head 0
+                                     0.5f, 0.6f, 0.7f, 0.8f, 0.9f, 0.4f};  // head 1
+  const auto picks = pooled_top_k(scores.data(), 2, 6, 3, 1);
+  EXPECT_EQ(picks[0], (std::vector<std::int32_t>{0}));
+  EXPECT_EQ(picks[1], (std::vector<std::int32_t>{0, 1, 2, 3, 4}));
+  // A floor of the whole budget is the uniform split; ties go to the lower token.
+  const auto uniform = pooled_top_k(scores.data(), 2, 6, 3, 3);
+  EXPECT_EQ(uniform[0], (std::vector<std::int32_t>{0, 1, 2}));
+  EXPECT_EQ(uniform[1], (std::vector<std::int32_t>{2, 3, 4}));
+  // +inf (a method's always-kept tokens) ranks above everything, floor or not.
+  std::vector<float> forced = scores;
+  forced[5] = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(pooled_top_k(forced.data(), 2, 6, 3, 1)[0], (std::vector<std::int32_t>{0, 5}));
+}
+
+TEST(Compress, PyramidBudgetsFallLinearlyAndKeepTheTotal) {
+  EXPECT_EQ(pyramid_budgets(100, 4, 1000, 20.0), (std::vector<std::int64_t>{195, 132, 68, 5}));
+  EXPECT_EQ(pyramid_budgets(300, 2, 400, 20.0), (std::vector<std::int64_t>{400, 200}));
+  EXPECT_EQ(pyramid_budgets(10, 4, 500, 20.0), (std::vector<std::int64_t>(4, 10)));
+  EXPECT_EQ(pyramid_budgets(600, 3, 500, 20.0), (std::vector<std::int64_t>(3, 600)));
+  for (std::int64_t layers = 2; layers <= 40; layers += 7) {
+    const auto b = pyramid_budgets(77, layers, 300, 8.0);
+    EXPECT_EQ(std::accumulate(b.begin(), b.end(), std::int64_t{0}), 77 * layers);
+    EXPECT_TRUE(std::is_sorted(b.rbegin(), b.rend()));
+  }
+  EXPECT_THROW(pyramid_budgets(10, 4, 500, 0.5), std::invalid_argument);
+}
+
+TEST(Compress, AdaptiveHeadsShareTheLayersBudget) {
+  testing::Cache c(3, 80, 8, 5);
+  std::vector<float> scores = testing::random_vector(240, 6);
+  for (float& s : scores) s = std::abs(s);
+  for (std::int64_t t = 0; t < 80; ++t) scores[t] *= 0.01f;  // head 0 attends little
+  scores[40] = 50.0f;
+  SnapKVParams snap;
+  snap.window = 4;
+  snap.adaptive = true;
+  CompressParams p;
+  p.method = snap;
+  p.budget = 16;
+  const std::int64_t slots = compressed_length(p, 80, 3);
+  EXPECT_EQ(slots, 3 * 16 - 2 * 3);  // the floor: floor(0.2 * 16) = 3
+  const Compressed r = run(c, p, scores.data());
+  std::int64_t total = 0;
+  std::vector<std::int64_t> kept(3, 0);
+  for (std::int64_t h = 0; h < 3; ++h) {
+    const std::int32_t* pos = r.positions.data() + h * slots;
+    while (kept[h] < slots && pos[kept[h]] >= 0) ++kept[h];
+    EXPECT_TRUE(std::is_sorted(pos, pos + kept[h]));
+    for (std::int64_t s = kept[h]; s < slots; ++s) {
+      EXPECT_EQ(pos[s], -1);
+      EXPECT_EQ(r.counts[h * slots + s], 0);
+    }
+    EXPECT_GE(kept[h], 4);  // the window, at least
+    total += kept[h];
+  }
+  EXPECT_EQ(total, 3 * 16);
+  EXPECT_EQ(r.filled, *std::max_element(kept.begin(), kept.end()));
+  EXPECT_LT(kept[0], 16);  // head 0's window and its one strong token, and its floor
 }
 
 TEST(Evict, KeepSetsHaveTheBudgetAndTheirWindows) {

@@ -188,6 +188,37 @@ def keep_keydiff(keys, slots):
     return top_set(keydiff_scores(keys), slots)
 
 
+def ranks_h2o(scores, slots, recent_ratio=0.5):
+    """H2O's ranking at ``slots``: the evidence, the latest tokens at +inf."""
+    ranks = as64(scores).copy()
+    recent = min(round_half_up(recent_ratio * slots), slots)
+    ranks[len(ranks) - recent :] = np.inf
+    return ranks
+
+
+def ranks_snapkv(scores, slots, window=32, kernel=5):
+    """SnapKV's ranking at ``slots``: older tokens max-pooled, the window at +inf."""
+    tokens, window, half = len(scores), min(window, slots), kernel // 2
+    older = tokens - window
+    pooled = [max(scores[max(0, t - half) : min(older, t + half + 1)]) for t in range(older)]
+    return np.concatenate([np.asarray(pooled, np.float64), np.full(window, np.inf)])
+
+
+def adaptive_picks(ranks, budget, floor_share=0.2):
+    """AdaKV's split of ``heads * budget`` slots among the rows of ``ranks`` [heads, tokens]:
+    every head its best max(1, floor(floor_share * budget)) first, then the best of all the
+    others in one pool (ties to the lower head, then the lower token). Each head's picks,
+    ascending."""
+    ranks = as64(ranks)
+    heads, tokens = ranks.shape
+    floor = min(budget, max(1, int(np.floor(floor_share * budget))))
+    picks = [set(top_set(ranks[h], floor).tolist()) for h in range(heads)]
+    pool = [(-ranks[h, t], h, t) for h in range(heads) for t in range(tokens) if t not in picks[h]]
+    for _, h, t in sorted(pool)[: heads * budget - heads * floor]:
+        picks[h].add(t)
+    return [np.array(sorted(p), dtype=np.int64) for p in picks]
+
+
 def cam_head(keys, values, scores, slots, sinks=4, merge_window=32):
     """CaM in expectation for one head: (keys, values, positions)."""
     k, v, a = as64(keys), as64(values).copy(), as64(scores)

@@ -154,7 +154,7 @@ EncodedLayer encode_dropped(const LayerView& layer, const Codec& codec, const Ev
     evidence.heads_q = layer.keys.heads;
     evidence.window = n;
   }
-  const std::int64_t slots = compressed_length(params, layer.keys.tokens);
+  const std::int64_t slots = compressed_length(params, layer.keys.tokens, layer.keys.heads);
   const std::int64_t heads = layer.keys.heads, dim = layer.keys.dim;
   const std::size_t kv_bytes = static_cast<std::size_t>(heads * slots) * row_bytes(layer.keys);
   const std::size_t index_bytes = static_cast<std::size_t>(heads * slots) * sizeof(std::int32_t);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 #include "kvpack/attention.h"
@@ -18,28 +19,47 @@ void streaming_keep(std::int64_t tokens, std::int64_t budget, std::int64_t sinks
   std::iota(out + head, out + budget, static_cast<std::int32_t>(tokens - (budget - head)));
 }
 
+void h2o_ranks(const float* scores, std::int64_t tokens, std::int64_t recent, float* out) {
+  const std::int64_t older = tokens - std::clamp<std::int64_t>(recent, 0, tokens);
+  std::copy(scores, scores + older, out);
+  std::fill(out + older, out + tokens, std::numeric_limits<float>::infinity());
+}
+
+void snapkv_ranks(const float* scores, std::int64_t tokens, std::int64_t window,
+                  std::int64_t kernel, float* out) {
+  const std::int64_t older = tokens - std::clamp<std::int64_t>(window, 0, tokens);
+  const std::int64_t half = kernel / 2;
+  // Pooling lets a token ride on a strong neighbour, so kept tokens come in spans.
+  for (std::int64_t t = 0; t < older; ++t) {
+    const float* first = scores + std::max<std::int64_t>(0, t - half);
+    const float* last = scores + std::min(older, t + half + 1);
+    out[t] = *std::max_element(first, last);
+  }
+  std::fill(out + older, out + tokens, std::numeric_limits<float>::infinity());
+}
+
+namespace {
+
+// The budget highest of `ranks` (size tokens), ascending, into out.
+void keep_highest(const float* ranks, std::int64_t tokens, std::int64_t budget, std::int32_t* out) {
+  const std::vector<std::int32_t> kept = top_k_set(ranks, tokens, budget);
+  std::copy(kept.begin(), kept.end(), out);
+}
+
+}  // namespace
+
 void h2o_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std::int64_t recent,
               std::int32_t* out) {
-  recent = std::clamp<std::int64_t>(recent, 0, budget);
-  const std::vector<std::int32_t> heavy = top_k_set(scores, tokens - recent, budget - recent);
-  std::copy(heavy.begin(), heavy.end(), out);
-  std::iota(out + heavy.size(), out + budget, static_cast<std::int32_t>(tokens - recent));
+  std::vector<float> ranks(static_cast<std::size_t>(tokens));
+  h2o_ranks(scores, tokens, std::clamp<std::int64_t>(recent, 0, budget), ranks.data());
+  keep_highest(ranks.data(), tokens, budget, out);
 }
 
 void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std::int64_t window,
                  std::int64_t kernel, std::int32_t* out) {
-  window = std::min(window, budget);
-  const std::int64_t older = tokens - window, half = kernel / 2;
-  // Pooling lets a token ride on a strong neighbour, so kept tokens come in spans.
-  std::vector<float> pooled(static_cast<std::size_t>(older));
-  for (std::int64_t t = 0; t < older; ++t) {
-    const float* first = scores + std::max<std::int64_t>(0, t - half);
-    const float* last = scores + std::min(older, t + half + 1);
-    pooled[t] = *std::max_element(first, last);
-  }
-  const std::vector<std::int32_t> chosen = top_k_set(pooled.data(), older, budget - window);
-  std::copy(chosen.begin(), chosen.end(), out);
-  std::iota(out + chosen.size(), out + budget, static_cast<std::int32_t>(older));
+  std::vector<float> ranks(static_cast<std::size_t>(tokens));
+  snapkv_ranks(scores, tokens, std::min(window, budget), kernel, ranks.data());
+  keep_highest(ranks.data(), tokens, budget, out);
 }
 
 namespace {
@@ -70,8 +90,20 @@ void compress_head(const SnapKVParams& params, const HeadInput& in, const HeadSl
   keep_rows(in, out);
 }
 
+void token_ranks(const H2OParams& params, const HeadInput& in, float* out) {
+  h2o_ranks(in.scores, in.keys.tokens, h2o_recent(params, in.slots), out);
+}
+
+void token_ranks(const SnapKVParams& params, const HeadInput& in, float* out) {
+  snapkv_ranks(in.scores, in.keys.tokens, std::min(params.window, in.slots), params.kernel, out);
+}
+
 EvictionCache::EvictionCache(const EvictionCacheParams& params) : params_(params) {
   KVPACK_CHECK(params.budget >= 1, "budget: expected >= 1, got " << params.budget);
+  const auto* ranked = std::get_if<H2OParams>(&params.policy);
+  KVPACK_CHECK(!ranked || !ranked->adaptive,
+               "adaptive: the decode-time EvictionCache keeps budget tokens in every head; "
+               "adaptive head budgets are for compress");
   if (const auto* streaming = std::get_if<StreamingLLMParams>(&params.policy))
     KVPACK_CHECK(streaming->sinks >= 0, "sinks: expected >= 0, got " << streaming->sinks);
   if (const auto* h2o = std::get_if<H2OParams>(&params.policy))

@@ -39,9 +39,13 @@ void keydiff_scores(const KVView& keys, std::int64_t head, float* out) {
   }
 }
 
-void compress_head(const KeyDiffParams&, const HeadInput& in, const HeadSlots& out) {
+void token_ranks(const KeyDiffParams&, const HeadInput& in, float* out) {
+  keydiff_scores(in.keys, in.head, out);
+}
+
+void compress_head(const KeyDiffParams& params, const HeadInput& in, const HeadSlots& out) {
   std::vector<float> scores(static_cast<std::size_t>(in.keys.tokens));
-  keydiff_scores(in.keys, in.head, scores.data());
+  token_ranks(params, in, scores.data());
   const std::vector<std::int32_t> kept = top_k_set(scores.data(), in.keys.tokens, in.slots);
   std::copy(kept.begin(), kept.end(), out.positions);
   keep_rows(in, out);

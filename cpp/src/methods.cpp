@@ -1,5 +1,7 @@
 #include "kvpack/methods.h"
 
+#include <algorithm>
+#include <cmath>
 #include <numeric>
 
 namespace kvpack {
@@ -14,6 +16,13 @@ const char* kind_name(MethodKind kind) {
       return "quantize";
   }
   return "unknown";
+}
+
+std::int64_t head_budget_floor(const HeadBudgetParams& params, std::int64_t budget) {
+  // In float, as the share is held: 0.7f * 10 is 7, not 6.99999988.
+  const auto share = std::floor(params.adaptive_floor * static_cast<float>(budget));
+  return std::clamp<std::int64_t>(static_cast<std::int64_t>(share), 1,
+                                  std::max<std::int64_t>(budget, 1));
 }
 
 void compress_head(const FullParams&, const HeadInput& in, const HeadSlots& out) {

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <numeric>
 
 #include "kvpack/common.h"
@@ -56,6 +57,27 @@ std::vector<std::int32_t> top_k_set(const float* scores, std::int64_t n, std::in
       out.push_back(static_cast<std::int32_t>(i));
   }
   return out;
+}
+
+std::vector<std::vector<std::int32_t>> pooled_top_k(const float* scores, std::int64_t heads,
+                                                    std::int64_t n, std::int64_t k,
+                                                    std::int64_t floor) {
+  KVPACK_CHECK(heads >= 0 && n >= 0 && k >= 0, "pooled_top_k: expected sizes >= 0");
+  KVPACK_CHECK(heads * n <= std::numeric_limits<std::int32_t>::max(),
+               "pooled_top_k: heads * n = " << heads * n << " scores exceed an int32 index");
+  k = std::min(k, n);
+  floor = std::clamp<std::int64_t>(floor, 0, k);
+  // The floors are ranked first by lifting them to +inf; every row then holds at most k
+  // of them (its floor, or its own +inf scores when it has more, at most k: a method's
+  // always-kept tokens), so the pooled heads * k highest take them all.
+  std::vector<float> pooled(scores, scores + heads * n);
+  for (std::int64_t h = 0; h < heads; ++h)
+    for (std::int32_t i : top_k_set(scores + h * n, n, floor))
+      pooled[static_cast<std::size_t>(h * n + i)] = std::numeric_limits<float>::infinity();
+  std::vector<std::vector<std::int32_t>> picks(static_cast<std::size_t>(heads));
+  for (std::int32_t flat : top_k_set(pooled.data(), heads * n, heads * k))
+    picks[static_cast<std::size_t>(flat / n)].push_back(static_cast<std::int32_t>(flat % n));
+  return picks;
 }
 
 void gather_rows(const KVView& src, std::int64_t head, const std::int32_t* tokens, std::int64_t n,

@@ -20,7 +20,14 @@ from ._core import (
 )
 from .attention import accumulated_attention, attention
 from .clustering import ClusterIndex, KMeansResult, QuestIndex, RecallCache, kmeans
-from .compression import METHODS, CompressedKV, EvictionCache, budget_tokens, compress
+from .compression import (
+    METHODS,
+    CompressedKV,
+    EvictionCache,
+    budget_tokens,
+    compress,
+    pyramid_budgets,
+)
 from .merging import (
     MergingSets,
     adjacent_similarity,
@@ -59,6 +66,7 @@ __all__ = [
     "mergeable_fraction",
     "merging_sets",
     "methods",
+    "pyramid_budgets",
     "quantize",
     "set_num_threads",
     "similarity_profile",

@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 from . import methods
-__all__: list[str] = ['ClusterIndex', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'RecallCache', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'cluster_slot', 'compress', 'cpu_target', 'cpu_targets', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'held_attention', 'kmeans', 'methods', 'parse_codec', 'place', 'quantized_attention', 'recall_step', 'set_num_threads', 'xxh3', 'xxh64']
+__all__: list[str] = ['ClusterIndex', 'EvictionCache', 'QuantizedKV', 'QuestIndex', 'RecallCache', 'TieredStore', 'accumulated_attention', 'adjacent_similarity', 'attention', 'budget_tokens', 'cluster_slot', 'compress', 'cpu_target', 'cpu_targets', 'cuda_available', 'cuda_compiled', 'decode_blob', 'encode_blob', 'get_num_threads', 'held_attention', 'kmeans', 'methods', 'parse_codec', 'place', 'pyramid_budgets', 'quantized_attention', 'recall_step', 'set_num_threads', 'xxh3', 'xxh64']
 class ClusterIndex:
     def __init__(self, keys: typing.Any, n_clusters: typing.SupportsInt | typing.SupportsIndex = 0, sink: typing.SupportsInt | typing.SupportsIndex = 16, iters: typing.SupportsInt | typing.SupportsIndex = 20, seed: typing.SupportsInt | typing.SupportsIndex = 0, init: typing.Any = 'kmeans++', append_interval: typing.SupportsInt | typing.SupportsIndex = 320, append_clusters: typing.SupportsInt | typing.SupportsIndex = 8, tokens_per_cluster: typing.SupportsInt | typing.SupportsIndex = 80) -> None:
         ...
@@ -254,6 +254,10 @@ def parse_codec(name: str) -> str:
 def place(options: collections.abc.Sequence[collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex]]], priorities: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], capacities: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> list[int]:
     """
     The placement of items given as lists of (tier, bytes, utility) options: an option index per item, -1 for evicted.
+    """
+def pyramid_budgets(budget: typing.Any, layers: typing.SupportsInt | typing.SupportsIndex, tokens: typing.SupportsInt | typing.SupportsIndex, beta: typing.SupportsFloat | typing.SupportsIndex) -> list[int]:
+    """
+    PyramidKV's budgets per layer; see kvpack.pyramid_budgets.
     """
 def quantized_attention(quantized: typing.Any, queries: typing.Any, tail_keys: typing.Any, tail_values: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex | None = None) -> numpy.typing.NDArray[numpy.float32]:
     """

@@ -1,10 +1,13 @@
 """Prefill-time KV cache compression behind one call, and a bounded decode-time cache.
 
 Methods: the ``"compress"`` kind of :mod:`kvpack.methods` (``"full"``,
-``"streaming_llm"``, ``"h2o"``, ``"snapkv"``, ``"cam"``, ``"kvmerger"``). Every method
-returns the same :class:`CompressedKV`: exactly ``budget`` slots per KV head, each
-with the number of original tokens it stands for and the position it keeps, so methods
-can be swapped in an experiment without other changes.
+``"streaming_llm"``, ``"h2o"``, ``"snapkv"``, ``"keydiff"``, ``"cam"``, ``"kvmerger"``).
+Every method returns the same :class:`CompressedKV`: exactly ``budget`` slots per KV
+head, each with the number of original tokens it stands for and the position it keeps,
+so methods can be swapped in an experiment without other changes. The methods that keep
+the tokens a score ranks highest (``h2o``, ``snapkv``, ``keydiff``) also take
+``adaptive=True`` (AdaKV): the heads share ``heads_kv * budget`` slots by their pooled
+scores, each keeping at least ``adaptive_floor`` of the budget.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from . import _core
 from . import methods as _methods
 from .attention import attention as _attention
 
-__all__ = ["METHODS", "CompressedKV", "EvictionCache", "budget_tokens", "compress"]
+__all__ = [
+    "METHODS",
+    "CompressedKV",
+    "EvictionCache",
+    "budget_tokens",
+    "compress",
+    "pyramid_budgets",
+]
 
 #: Names of the compression methods.
 METHODS: tuple[str, ...] = _methods.names("compress")
@@ -32,9 +42,31 @@ def budget_tokens(budget: int | float, tokens: int) -> int:
     return _core.budget_tokens(budget, tokens)
 
 
+def pyramid_budgets(budget: int | float, layers: int, tokens: int, beta: float = 20) -> list[int]:
+    """PyramidKV's layer-wise schedule: slots per head for each of ``layers`` layers (the
+    lowest first) whose mean is ``budget`` (a token count, or a share of ``tokens``).
+
+    The budgets fall linearly from ``2 * budget - budget / beta`` to ``budget / beta``
+    (when the first would exceed ``tokens`` it is capped there and the last raised to keep
+    the mean) and are rounded so they add up to ``layers * budget`` exactly. Every layer
+    gets ``budget`` when it covers the tokens, for one layer, or when the last would keep
+    less than one slot.
+
+    >>> import kvpack
+    >>> kvpack.pyramid_budgets(100, 4, 1000, beta=20)
+    [195, 132, 68, 5]
+    """
+    return _core.pyramid_budgets(budget, layers, tokens, beta)
+
+
 @dataclass(frozen=True)
 class CompressedKV:
     """One layer's compressed cache: ``slots`` entries per KV head.
+
+    With adaptive head budgets (``adaptive=True``) heads keep different numbers of
+    tokens, ``kept`` of them: each head's first ``kept[h]`` slots hold them and the rest are
+    empty (position -1, count 0, zero keys and values); ``slots`` is the most any head
+    kept, and ``kept.sum()`` is ``heads_kv * budget``.
 
     Attributes
     ----------
@@ -43,7 +75,8 @@ class CompressedKV:
     counts : ndarray of int32, shape (heads_kv, slots)
         Original tokens each slot stands for (1 unless KVMerger merged a run).
     positions : ndarray of int32, shape (heads_kv, slots)
-        Original position of each slot (a merged run's pivot), ascending per head.
+        Original position of each slot (a merged run's pivot), ascending per head; -1 for
+        an empty slot.
     method : str
     tokens : int
         Tokens per head before compression.
@@ -70,16 +103,25 @@ class CompressedKV:
         return int(self.keys.shape[1])
 
     @property
+    def kept(self) -> np.ndarray:
+        """Non-empty slots per head, (heads_kv,) int64 (``slots`` each unless adaptive)."""
+        return (self.counts > 0).sum(axis=1)
+
+    @property
     def ratio(self) -> float:
-        """Slots kept per original token."""
-        return self.slots / self.tokens
+        """Slots kept per original token (the mean over heads)."""
+        return float(self.kept.mean()) / self.tokens
 
     @property
     def bias(self) -> np.ndarray | None:
-        """``log(counts)`` as float32 when ``log_count_bias`` is on, else ``None``."""
-        if not self.log_count_bias:
+        """What :meth:`attend` adds to each slot's score, float32: ``log(counts)`` when
+        ``log_count_bias`` is on, and a score no weight survives (-1e30) at empty slots;
+        ``None`` when both are zero everywhere."""
+        empty = self.counts == 0
+        if not self.log_count_bias and not empty.any():
             return None
-        return np.log(self.counts).astype(np.float32)
+        counts = np.maximum(self.counts, 1) if self.log_count_bias else np.ones(self.counts.shape)
+        return np.where(empty, np.float32(-1e30), np.log(counts)).astype(np.float32)
 
     def attend(self, q: np.ndarray, **kwargs):
         """:func:`kvpack.attention` over the compressed cache (with the bias when on)."""
@@ -137,6 +179,11 @@ def compress(
           50% budget, 8% + 2% at 35%, linear between, scaled down below 35%.
         - ``sigma`` (5.0): KVMerger's Gaussian kernel width; ``"auto"`` sets it per merged
           run to the RMS distance of the members from the pivot.
+        - ``adaptive`` (False): AdaKV's head-wise budgets (``h2o``, ``snapkv``, ``keydiff``):
+          every head's scores at ``budget`` pooled (the tokens the method always keeps
+          first), each head's best ``max(1, floor(adaptive_floor * budget))`` taken first,
+          then the best of the rest until the heads hold ``heads_kv * budget`` between them;
+          ``adaptive_floor`` (0.2): AdaKV's safeguard.
 
     Returns
     -------

@@ -107,11 +107,15 @@ class H2O:
     ----------
     recent_ratio : float, default 0.5
         Share of the budget held by the latest tokens.
+    adaptive : bool, default False
+        AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+    adaptive_floor : float, default 0.2
+        With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
     """
     __hash__: typing.ClassVar[None] = None
     kind: typing.ClassVar[str] = 'compress'
     name: typing.ClassVar[str] = 'h2o'
-    params: typing.ClassVar[tuple] = ('recent_ratio')
+    params: typing.ClassVar[tuple] = ('recent_ratio', 'adaptive', 'adaptive_floor')
     def __copy__(self: H2O) -> H2O:
         ...
     def __deepcopy__(self: H2O, arg0: dict) -> H2O:
@@ -135,6 +139,22 @@ class H2O:
         A copy with the given parameters changed.
         """
     @property
+    def adaptive(self) -> typing.Any:
+        """
+        bool: AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        """
+    @adaptive.setter
+    def adaptive(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def adaptive_floor(self) -> typing.Any:
+        """
+        float: With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
+        """
+    @adaptive_floor.setter
+    def adaptive_floor(self, arg1: typing.Any) -> None:
+        ...
+    @property
     def recent_ratio(self) -> typing.Any:
         """
         float: Share of the budget held by the latest tokens.
@@ -152,11 +172,15 @@ class SnapKV:
         Observation window: the prompt's last queries, and tokens always kept.
     kernel : int, default 5
         Max-pooling width over neighbouring tokens (odd).
+    adaptive : bool, default False
+        AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+    adaptive_floor : float, default 0.2
+        With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
     """
     __hash__: typing.ClassVar[None] = None
     kind: typing.ClassVar[str] = 'compress'
     name: typing.ClassVar[str] = 'snapkv'
-    params: typing.ClassVar[tuple] = ('window', 'kernel')
+    params: typing.ClassVar[tuple] = ('window', 'kernel', 'adaptive', 'adaptive_floor')
     def __copy__(self: SnapKV) -> SnapKV:
         ...
     def __deepcopy__(self: SnapKV, arg0: dict) -> SnapKV:
@@ -180,6 +204,22 @@ class SnapKV:
         A copy with the given parameters changed.
         """
     @property
+    def adaptive(self) -> typing.Any:
+        """
+        bool: AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        """
+    @adaptive.setter
+    def adaptive(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def adaptive_floor(self) -> typing.Any:
+        """
+        float: With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
+        """
+    @adaptive_floor.setter
+    def adaptive_floor(self, arg1: typing.Any) -> None:
+        ...
+    @property
     def kernel(self) -> typing.Any:
         """
         int: Max-pooling width over neighbouring tokens (odd).
@@ -201,12 +241,15 @@ class KeyDiff:
     
     Parameters
     ----------
-    None.
+    adaptive : bool, default False
+        AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+    adaptive_floor : float, default 0.2
+        With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
     """
     __hash__: typing.ClassVar[None] = None
     kind: typing.ClassVar[str] = 'compress'
     name: typing.ClassVar[str] = 'keydiff'
-    params: typing.ClassVar[tuple] = tuple()
+    params: typing.ClassVar[tuple] = ('adaptive', 'adaptive_floor')
     def __copy__(self: KeyDiff) -> KeyDiff:
         ...
     def __deepcopy__(self: KeyDiff, arg0: dict) -> KeyDiff:
@@ -229,6 +272,22 @@ class KeyDiff:
         """
         A copy with the given parameters changed.
         """
+    @property
+    def adaptive(self) -> typing.Any:
+        """
+        bool: AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        """
+    @adaptive.setter
+    def adaptive(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def adaptive_floor(self) -> typing.Any:
+        """
+        float: With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
+        """
+    @adaptive_floor.setter
+    def adaptive_floor(self, arg1: typing.Any) -> None:
+        ...
 class CaM:
     """
     CaM: StreamingLLM's choice, each evicted value merged into the kept ones with the probability its attention gives.

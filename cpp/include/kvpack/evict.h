@@ -32,7 +32,7 @@ struct StreamingLLMParams {
 };
 
 /// H2O: the heavy hitters by accumulated attention and the latest tokens.
-struct H2OParams {
+struct H2OParams : HeadBudgetParams {
   static constexpr const char* name = "h2o";
   static constexpr const char* class_name = "H2O";
   static constexpr const char* summary =
@@ -47,11 +47,12 @@ struct H2OParams {
   static void each_param(Self& p, F&& f) {
     f(ParamSpec{"recent_ratio", ParamRule::Share, "Share of the budget held by the latest tokens."},
       p.recent_ratio);
+    each_head_budget_param(p, f);
   }
 };
 
 /// SnapKV: the tokens the observation window attends most (max-pooled), and the window.
-struct SnapKVParams {
+struct SnapKVParams : HeadBudgetParams {
   static constexpr const char* name = "snapkv";
   static constexpr const char* class_name = "SnapKV";
   static constexpr const char* summary =
@@ -71,6 +72,7 @@ struct SnapKVParams {
     f(ParamSpec{"kernel", ParamRule::OddCount, "Max-pooling width over neighbouring tokens (odd).",
                 1},
       p.kernel);
+    each_head_budget_param(p, f);
   }
 };
 
@@ -83,20 +85,40 @@ void compress_head(const StreamingLLMParams& params, const HeadInput& in, const 
 void compress_head(const H2OParams& params, const HeadInput& in, const HeadSlots& out);
 void compress_head(const SnapKVParams& params, const HeadInput& in, const HeadSlots& out);
 
+/// The score each token of in.head ranks by when the method keeps in.slots of them (the
+/// in.slots highest are its choice): +inf for the tokens it always keeps (H2O's latest,
+/// SnapKV's window), then the evidence (H2O) or its max-pooling (SnapKV).
+/// @param out  size in.keys.tokens
+void token_ranks(const H2OParams& params, const HeadInput& in, float* out);
+void token_ranks(const SnapKVParams& params, const HeadInput& in, float* out);
+
+/// H2O's ranking: `scores` with the latest `recent` tokens at +inf.
+/// @param scores  size tokens: attention each token received
+/// @param out     size tokens
+void h2o_ranks(const float* scores, std::int64_t tokens, std::int64_t recent, float* out);
+
+/// SnapKV's ranking: each older token's score max-pooled over `kernel` neighbours (older
+/// tokens only), the last `window` tokens (the observation window) at +inf.
+/// @param scores  size tokens: attention the observation window gave each token
+/// @param out     size tokens
+void snapkv_ranks(const float* scores, std::int64_t tokens, std::int64_t window,
+                  std::int64_t kernel, float* out);
+
 /// StreamingLLM: the first min(sinks, budget) tokens and the latest ones.
 /// @param out  size budget (<= tokens): kept positions, ascending
 void streaming_keep(std::int64_t tokens, std::int64_t budget, std::int64_t sinks,
                     std::int32_t* out);
 
 /// H2O: the latest `recent` tokens plus the budget - recent older tokens with the
-/// highest accumulated attention.
+/// highest accumulated attention (the budget highest of h2o_ranks).
 /// @param scores  size tokens: attention each token received
 /// @param out     size budget (<= tokens): kept positions, ascending
 void h2o_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std::int64_t recent,
               std::int32_t* out);
 
 /// SnapKV: the last min(window, budget) tokens (the observation window) plus the older
-/// tokens whose window attention, max-pooled over `kernel` neighbours, is highest.
+/// tokens whose window attention, max-pooled over `kernel` neighbours, is highest (the
+/// budget highest of snapkv_ranks with window min(window, budget)).
 /// @param scores  size tokens: attention the observation window gave each token
 /// @param out     size budget (<= tokens): kept positions, ascending
 void snapkv_keep(const float* scores, std::int64_t tokens, std::int64_t budget, std::int64_t window,

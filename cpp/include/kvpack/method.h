@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kvpack/common.h"
 
@@ -90,6 +91,38 @@ struct RecallParams {
       p.fast_tier);
   }
 };
+
+/// What the compression methods that keep the tokens a score ranks highest (H2O, SnapKV,
+/// KeyDiff) share: how a layer's heads * budget slots are split among its KV heads. Uniform
+/// (budget each), or AdaKV's adaptive split: every head's token scores of the layer pooled
+/// and the best heads * budget kept, each head keeping at least its best
+/// max(1, floor(adaptive_floor * budget)) (the floor), so heads whose attention is spread
+/// out get more slots than heads whose attention is concentrated on a few tokens.
+struct HeadBudgetParams {
+  bool adaptive = false;
+  float adaptive_floor = 0.2f;
+
+  template <class Self, class F>
+  static void each_head_budget_param(Self& p, F&& f) {
+    f(ParamSpec{"adaptive", ParamRule::Flag,
+                "AdaKV: the layer's heads share heads * budget slots by their pooled scores "
+                "(False: budget slots each)."},
+      p.adaptive);
+    f(ParamSpec{"adaptive_floor", ParamRule::Share,
+                "With adaptive: share of the budget each head keeps at least (AdaKV's "
+                "safeguard; at least one slot)."},
+      p.adaptive_floor);
+  }
+};
+
+/// Whether a method keeps the tokens a per-token score ranks highest, and so can split a
+/// layer's budget among its heads (HeadBudgetParams); it then provides
+/// token_ranks(params, in, out).
+template <class Params>
+inline constexpr bool ranks_tokens = std::is_base_of_v<HeadBudgetParams, Params>;
+
+/// The slots of a head's share of the adaptive split: at least one.
+std::int64_t head_budget_floor(const HeadBudgetParams& params, std::int64_t budget);
 
 /// Prompt queries a compression method observes (0: all it is given); SnapKV overloads it.
 template <class Params>

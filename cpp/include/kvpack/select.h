@@ -23,6 +23,16 @@ std::vector<std::int32_t> top_k(const float* scores, std::int64_t n, std::int64_
 /// to the lower index), found by selection rather than a sort of the winners.
 std::vector<std::int32_t> top_k_set(const float* scores, std::int64_t n, std::int64_t k);
 
+/// AdaKV's split of heads * k picks among `heads` rows of n scores each (the rows a
+/// layer's KV heads): every row's `floor` highest first (top_k_set), then the highest of
+/// all the other scores pooled, ties to the lower row, then the lower index. A row can
+/// get anything from floor to n picks; together they are min(heads * k, heads * n).
+/// @param scores  size heads * n, no NaN (+inf ranks above every finite score)
+/// @return each row's picks, ascending
+std::vector<std::vector<std::int32_t>> pooled_top_k(const float* scores, std::int64_t heads,
+                                                    std::int64_t n, std::int64_t k,
+                                                    std::int64_t floor);
+
 /// Scoring and ranking batched over heads, as ClusterIndex ranks its centroids (Quest's
 /// page scores are bounds, not inner products, and rank with top_k):
 /// scores[h, i] = rows[h, i] . q[h], then the k best of each head's n scores, highest

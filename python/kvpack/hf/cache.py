@@ -23,13 +23,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import _core
 from .. import methods as _methods
-from ..compression import budget_tokens, compress
+from ..compression import budget_tokens, compress, pyramid_budgets
 from .compat import check_model, layer_windows, score_features
 
 if TYPE_CHECKING:
     from .prefill import Prefill
 
 EVICTION_METHODS = _methods.names("compress")
+LAYER_BUDGETS = ("uniform", "pyramid")
 RECALL_METHODS = _methods.names("recall")
 METHODS = _methods.names()
 ATTENTION = "kvpack"  # the attention implementation make_cache sets
@@ -46,6 +47,8 @@ def make_cache(
     prefill: Prefill | None = None,
     decode_budget: int | None = None,
     decode_interval: int | None = None,
+    layer_budgets: str = "uniform",
+    pyramid_beta: float = 20,
     **params: Any,
 ) -> KVPackCache:
     """A cache that compresses or recalls the KV cache of ``model`` with ``method``.
@@ -59,7 +62,9 @@ def make_cache(
         (``kvpack.methods.ClusterKV(n_clusters=64)``).
     budget : int or float
         Slots (tokens) per KV head kept or recalled; a float in (0, 1) is a fraction of
-        each prompt. For ``kivi``, the tokens kept in full precision.
+        each prompt. For ``kivi``, the tokens kept in full precision. With
+        ``adaptive=True`` (``h2o``, ``snapkv``, ``keydiff``: AdaKV) a layer's KV heads share
+        ``heads_kv * budget`` slots by their pooled scores, a head's unused slots empty.
     skip_layers : int
         First layers left uncompressed [2].
     log_count_bias : bool
@@ -79,6 +84,13 @@ def make_cache(
     decode_interval : int, optional
         Decoded tokens between two such compressions [``decode_budget // 16``, at least 1]:
         a layer holds at most ``decode_budget + decode_interval`` slots.
+    layer_budgets : {"uniform", "pyramid"}
+        How the compressed layers share the budget (compression and recall methods):
+        ``"uniform"``, each ``budget``; ``"pyramid"``, PyramidKV's schedule
+        (:func:`kvpack.pyramid_budgets`): more in the lower layers, less in the higher,
+        ``budget`` per layer on average over each prompt, the total kept.
+    pyramid_beta : float
+        The pyramid's steepness [20]: the highest layer keeps ``budget / pyramid_beta``.
     **params
         The method's parameters, as for a name in :func:`kvpack.methods.resolve`: e.g.
         ``window`` (SnapKV), ``sigma`` (KVMerger), ``n_clusters``, ``recall_steps``
@@ -103,6 +115,24 @@ def make_cache(
             raise ValueError(f"{name}: expected an int >= 1 or None, got {value!r}")
     if decode_interval is not None and decode_budget is None:
         raise ValueError("decode_interval: given without decode_budget")
+    if decode_budget is not None and getattr(method, "adaptive", False):
+        raise NotImplementedError(
+            "decode_budget: not with adaptive head budgets (adaptive=True): decode-time "
+            "compression keeps decode_budget slots in every head"
+        )
+    if layer_budgets not in LAYER_BUDGETS:
+        raise ValueError(
+            f"layer_budgets: expected one of {', '.join(LAYER_BUDGETS)}, got {layer_budgets!r}"
+        )
+    if isinstance(pyramid_beta, (bool, np.bool_)) or not isinstance(pyramid_beta, numbers.Real):
+        raise TypeError(f"pyramid_beta: expected a number >= 1, got {pyramid_beta!r}")
+    if not math.isfinite(pyramid_beta) or pyramid_beta < 1:
+        raise ValueError(f"pyramid_beta: expected a number >= 1, got {pyramid_beta!r}")
+    if layer_budgets == "pyramid" and (method.kind == "quantize" or method.name == "full"):
+        raise ValueError(
+            f"layer_budgets: method {method.name!r} keeps no budget of slots to schedule "
+            f"(the compression and recall methods do)"
+        )
     if decode_budget is not None and (method.kind != "compress" or method.name == "full"):
         raise ValueError(
             f"decode_budget: method {method.name!r} does not compress (only "
@@ -131,6 +161,10 @@ def make_cache(
         log_count_bias=bool(log_count_bias),
         windows=windows,
     )
+    if layer_budgets == "pyramid":
+        compressed = cache.compressed_layers
+        for position, index in enumerate(compressed):
+            cache.layers[index].pyramid = (position, len(compressed), float(pyramid_beta))
     if decode_budget is not None:
         interval = max(1, decode_budget // 16) if decode_interval is None else decode_interval
         for index in cache.compressed_layers:
@@ -217,6 +251,8 @@ class _KVPackLayer(DynamicLayer):
     the prompt, then ``_compress``), later forwards decode (``decode``)."""
 
     is_croppable = False
+    # PyramidKV: (this layer among the compressed ones, how many, beta); set by make_cache
+    pyramid: tuple[int, int, float] | None = None
 
     def __init__(self, method, budget: int | float, log_count_bias: bool = False) -> None:
         super().__init__()
@@ -305,7 +341,11 @@ class _KVPackLayer(DynamicLayer):
         self.prefilled = True
 
     def _budget(self, prompt_tokens: int) -> int:
-        return budget_tokens(self.budget, prompt_tokens)
+        budget = budget_tokens(self.budget, prompt_tokens)
+        if self.pyramid is None:
+            return budget
+        position, layers, beta = self.pyramid
+        return pyramid_budgets(budget, layers, prompt_tokens, beta)[position]
 
     def reset(self) -> None:
         super().reset()
@@ -377,8 +417,12 @@ class _EvictionLayer(_BufferedLayer):
                 scale=scaling,
                 queries=_dense(q.float()),
             )
-            positions = tokens[torch.from_numpy(c.positions.astype(np.int64)).to(tokens.device)]
-            bias = torch.from_numpy(np.log(c.counts)) if self.log_count_bias else None
+            kept = torch.from_numpy(c.positions.astype(np.int64)).to(tokens.device)
+            # Adaptive head budgets leave a head's unused slots empty (-1), as padding does.
+            positions = torch.where(kept >= 0, tokens[kept.clamp(min=0)], -1)
+            bias = None
+            if self.log_count_bias:
+                bias = torch.from_numpy(np.log(np.maximum(c.counts, 1)))
             rows.append((_torch(c.keys, k), _torch(c.values, v), positions, bias))
         self._hold_rows(rows, int(valid.shape[1]))
 
