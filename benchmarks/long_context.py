@@ -17,8 +17,8 @@ A method's prefill is the shared exact prefill plus its own step over it (compre
 with its evidence, or the recall index), which is what its own prefill adds. Memory: the
 KV bytes each cache holds after the prompt, against what its budget promises (b slots in
 each global layer, the window in each sliding layer), and the process's peak resident
-memory over its prefill step and decode. The pass-key column says where the model
-itself stops answering: the full cache's answer at each length.
+memory over its prefill step and decode. The full cache's answer to the pass key at each
+length says where the model itself stops retrieving.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ import time
 from .common import machine
 from .e2e import _best_decode, _generate, _layer_bytes
 
-LENGTHS = (8192, 16384, 32736)  # 32736 + the 9 generated tokens stays in the 32768 context
+LENGTHS = (
+    32736,
+    16384,
+    8192,
+)  # the longest first; 32736 + the 9 generated tokens stays in the 32768 context
 SHARES = (1 / 16, 1 / 32)
 STEPS = 8
 ROUNDS = 2
@@ -57,7 +61,7 @@ def run(
 
     import kvpack
     from kvpack import hf
-    from kvpack.eval.ruler import make_sample, score
+    from kvpack.eval.ruler import make_sample
     from kvpack.models import load_pretrained
 
     start = time.perf_counter()
@@ -121,7 +125,10 @@ def run(
                 cache = hf.make_cache(model, method, budget, prefill=shared)
                 step = time.perf_counter() - began
                 held = sum(_layer_bytes(layer) for layer in cache.layers)
-                answer = _answer(model, shared, cache, tokenizer, sample.max_new_tokens)
+                if method == "full":
+                    answer = _answer(model, shared, cache, tokenizer, sample.max_new_tokens)
+                    rows.append((f"{tokens}: full cache's pass key", answer.strip(), ""))
+                    rows.append((f"{tokens}: the key", sample.answers[0], ""))
                 peak = _peak_gib()
                 del cache
 
@@ -158,14 +165,13 @@ def run(
                         _memory_target(method),
                     ),
                     (f"{label}: peak memory", f"{peak:.2f} GiB", ""),
-                    (f"{label}: pass key", f"{score(answer, sample.answers):.0f}", ""),
                 ]
                 if "near" in best:
                     rows.append(
                         (
                             f"{label}: decode / SDPA over a {budget}-token cache",
                             f"{decode / best['near']:.2f}",
-                            "<= 1.10" if tokens == lengths[-1] else "",
+                            "<= 1.10" if tokens == max(lengths) else "",
                         )
                     )
                 print(f"long_context: {label} done", flush=True)
@@ -194,18 +200,18 @@ def _answer(model, shared, cache, tokenizer, new_tokens: int) -> str:
 
 
 def _speed_target(method: str, tokens: int) -> str:
-    return ">= 1.00" if method == "full" and tokens == LENGTHS[-1] else ""
+    return ">= 1.00" if method == "full" and tokens == max(LENGTHS) else ""
 
 
 def _floor_target(method: str, tokens: int, share: float) -> str:
     recall = method in ("clusterkv", "quest") and share == 1 / 16
-    return "<= 1.15" if recall and tokens == LENGTHS[-1] else ""
+    return "<= 1.15" if recall and tokens == max(LENGTHS) else ""
 
 
 def _prefill_target(method: str, tokens: int) -> str:
     # Every method but the uncompressed one adds a step to the prefill: its evidence and
     # compression, its recall index, or its quantization.
-    return "<= 1.15" if method != "full" and tokens == LENGTHS[-1] else ""
+    return "<= 1.15" if method != "full" and tokens == max(LENGTHS) else ""
 
 
 def _memory_target(method: str) -> str:
