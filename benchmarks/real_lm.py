@@ -40,12 +40,16 @@ import numpy as np
 
 import kvpack
 from kvpack import methods
+from kvpack.eval import bootstrap_interval
 
 from .store import BASELINES, compare, replay_rows
 
 RULER_CONTEXT = 2048
 LONG_CONTEXT = 4096  # the ClusterKV claim's own context (suite real_lm_4k)
 RECALL_SHARES = (1 / 16, 1 / 8)
+# 8 prompts for each of the 7 tasks: one prompt moves an average by at most 100/56 < 2
+# points.
+PROMPTS_PER_TASK = 8
 RECALL_METHODS = ("clusterkv", "quest", "snapkv", "h2o", "streaming_llm")
 MERGING_SHARES = (0.5, 0.35)
 MERGING_RUN_METHODS = ("kvmerger", "h2o", "cam")
@@ -84,7 +88,7 @@ def _label(share: float) -> str:
     return f"1/{fraction.denominator}" if small else f"{share:.0%}"
 
 
-def run(ruler_samples: int = 3, windows: int = 6, long_windows: int = 10) -> list:
+def run(ruler_samples: int = PROMPTS_PER_TASK, windows: int = 6, long_windows: int = 10) -> list:
     import torch
 
     from kvpack.models import load_pretrained
@@ -112,7 +116,8 @@ def run(ruler_samples: int = 3, windows: int = 6, long_windows: int = 10) -> lis
 
 def _table(model, tokenizer, runs, context: int, samples: int, tasks=None):
     """RULER-style scores of every (method, share) run at ``context`` tokens, each prompt
-    prefilled once: one row per run, and each run's average in points."""
+    prefilled once: one row per run, and each run's result (its task scores, ``"average"``
+    and ``"prompts"``)."""
     from kvpack.eval import ruler, ruler_scores
 
     tasks = tuple(tasks or ruler.TASKS)
@@ -128,37 +133,48 @@ def _table(model, tokenizer, runs, context: int, samples: int, tasks=None):
     )
     rows, average = [], {}
     for (method, share), result in zip(runs, scores):
-        average[(method, share)] = 100 * result["average"]
+        average[(method, share)] = result
         name = "full cache" if method == "full" else f"{method} @ {_label(share)}"
         scored = ", ".join(f"{t} {100 * result[t]:.0f}" for t in tasks)
+        low, high = bootstrap_interval(result["prompts"])
         rows.append(
             (
                 f"RULER-style average at {context}, {name} ({prompts} prompts)",
-                f"{100 * result['average']:.1f} ({scored})",
+                f"{100 * result['average']:.1f} [{100 * low:.1f}, {100 * high:.1f}] ({scored})",
                 "",
             )
         )
     return rows, average
 
 
+def _gap(result: dict, baseline: dict) -> tuple[float, float, float]:
+    """Points ``result`` lies below ``baseline`` on the same prompts: the mean and its
+    95% paired bootstrap interval."""
+    low, high = bootstrap_interval(baseline["prompts"], result["prompts"])
+    return 100 * (baseline["average"] - result["average"]), 100 * low, 100 * high
+
+
 def _clusterkv_rows(average: dict) -> list:
-    """The paper's claim at each recall share: within 5 points of full, above Quest."""
+    """The paper's claim at each recall share: within 5 points of full, above Quest, both
+    on the 95% paired bootstrap interval over prompts, not the mean alone."""
     rows = []
     for share in RECALL_SHARES:
         cluster, quest = average[("clusterkv", share)], average[("quest", share)]
-        gap = average[("full", 1.0)] - cluster
-        holds = gap <= 5 and cluster > quest
+        gap, _, gap_high = _gap(cluster, average[("full", 1.0)])
+        lead, lead_low, _ = _gap(quest, cluster)
+        holds = gap_high <= 5 and lead_low > 0
         rows.append(
             (
-                f"ClusterKV @ {_label(share)}: points below full; Quest's average",
-                f"{gap:+.1f}; quest {quest:.1f} vs clusterkv {cluster:.1f}",
+                f"ClusterKV @ {_label(share)}: points below full; points above Quest "
+                "[95% intervals]",
+                f"{gap:+.1f} [upper {gap_high:+.1f}]; {lead:+.1f} [lower {lead_low:+.1f}]",
                 f"within 5 of full and above quest: {'holds' if holds else 'does not hold'}",
             )
         )
     return rows
 
 
-def run_long(samples: int = 3) -> list:
+def run_long(samples: int = PROMPTS_PER_TASK) -> list:
     """ClusterKV against Quest at 1/16 and 1/8 of a 4096-token prompt (SnapKV, H2O and
     StreamingLLM beside them at 1/16), the seven tasks with ``samples`` prompts each."""
     import torch
@@ -186,12 +202,12 @@ def _ruler(model, tokenizer, samples: int, tasks=None) -> list:
     rows += _clusterkv_rows(average)
     for share in MERGING_SHARES:
         merged = average[("kvmerger", share)]
-        others = {m: average[(m, share)] for m in ("h2o", "cam")}
-        holds = merged > max(others.values())
+        leads = {m: _gap(average[(m, share)], merged) for m in ("h2o", "cam")}
+        holds = all(low > 0 for _, low, _ in leads.values())
         rows.append(
             (
-                f"KVMerger @ {_label(share)}: task average against H2O and CaM",
-                f"{merged:.1f} vs h2o {others['h2o']:.1f}, cam {others['cam']:.1f}",
+                f"KVMerger @ {_label(share)}: points above H2O and CaM [95% lower ends]",
+                ", ".join(f"{m} {lead:+.1f} [{low:+.1f}]" for m, (lead, low, _) in leads.items()),
                 f"> h2o and cam: {'holds' if holds else 'does not hold'}",
             )
         )

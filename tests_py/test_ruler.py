@@ -91,8 +91,40 @@ def test_eval_cli_ruler_on_smollm2(smollm2_cache, monkeypatch, capsys, tmp_path)
     results = json.loads(out.read_text())
     assert [r["method"] for r in results] == ["full"]
     for r in results:
-        assert set(r["tasks"]) == {*ruler.TASKS, "average"}
+        assert set(r["tasks"]) == {*ruler.TASKS, "average", "prompts"}
         assert r["value"] == pytest.approx(np.mean([r["tasks"][t] for t in ruler.TASKS]))
+        prompts = r["tasks"]["prompts"]  # each prompt's score, their mean the task's
+        assert all(r["tasks"][t] == pytest.approx(np.mean(prompts[t])) for t in ruler.TASKS)
     assert results[0]["tasks"]["passkey"] == 1.0  # the full cache finds a shallow pass key
     assert main(["eval", "--model", "tiny", "--task", "ruler"]) == 2
     assert "subword tokenizer" in capsys.readouterr().err
+
+
+def test_bootstrap_interval_against_the_normal_approximation():
+    from kvpack.eval import bootstrap_interval
+
+    rng = np.random.default_rng(3)
+    scores = {t: rng.integers(0, 2, size=40).astype(float).tolist() for t in ("a", "b", "c")}
+    low, high = bootstrap_interval(scores, seed=1)
+    # Float64 reference: the stratified mean's normal interval, each task's variance of
+    # its mean (population variance / n, as the bootstrap resamples) over tasks squared.
+    means = [np.mean(v) for v in scores.values()]
+    variance = sum(np.var(v) / len(v) for v in scores.values()) / len(scores) ** 2
+    half = 1.959964 * np.sqrt(variance)
+    assert low < np.mean(means) < high
+    assert low == pytest.approx(np.mean(means) - half, abs=0.012)
+    assert high == pytest.approx(np.mean(means) + half, abs=0.012)
+    # Paired: a run against itself differs by exactly 0; shifted by 0.25, by 0.25.
+    assert bootstrap_interval(scores, scores) == (0.0, 0.0)
+    shifted = {t: [x + 0.25 for x in v] for t, v in scores.items()}
+    assert bootstrap_interval(shifted, scores) == pytest.approx((0.25, 0.25))
+    # More prompts, a narrower interval (about 1/sqrt(4) as wide).
+    more = {t: v * 4 for t, v in scores.items()}
+    narrow = bootstrap_interval(more, seed=1)
+    assert (narrow[1] - narrow[0]) == pytest.approx((high - low) / 2, rel=0.15)
+    with pytest.raises(ValueError, match="baseline: expected the same tasks"):
+        bootstrap_interval(scores, {"a": [1.0]})
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_interval(scores, confidence=1.5)
+    with pytest.raises(ValueError, match="scores: expected a dict"):
+        bootstrap_interval({})

@@ -31,6 +31,7 @@ from . import tasks
 __all__ = [
     "TASKS",
     "Task",
+    "bootstrap_interval",
     "context_dependent_tokens",
     "fidelity",
     "headline",
@@ -257,7 +258,8 @@ def ruler_scores(
     -------
     dict
         Task name -> mean score in [0, 1] (RULER's string match: the share of expected
-        answers in the output), and ``"average"`` over the tasks.
+        answers in the output), ``"average"`` over the tasks, and ``"prompts"``: task
+        name -> each prompt's score, for :func:`bootstrap_interval`.
     """
     kwargs = dict(tasks=tasks, context=context, samples=samples, seed=seed)
     caches = _Caches(skip_layers, options, reference)
@@ -284,8 +286,8 @@ def _ruler(
     _check_tokenizer(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores = [{} for _ in runs]
+    per_prompt = [{task: [] for task in tasks} for _ in runs]
     for index, task in enumerate(tasks):
-        totals = np.zeros(len(runs))
         for i in range(samples):
             rng = np.random.default_rng([seed, index, i])
             depth = i / max(1, samples - 1)
@@ -296,14 +298,61 @@ def _ruler(
             )  # fmt: skip
             for r, out in enumerate(outputs):
                 answer = tokenizer.decode(out[0], skip_special_tokens=True)
-                totals[r] += ruler.score(answer, sample.answers)
+                per_prompt[r][task].append(ruler.score(answer, sample.answers))
             if progress:
                 progress(len(runs))
         for r in range(len(runs)):
-            scores[r][task] = float(totals[r]) / samples
-    for run_scores in scores:
+            scores[r][task] = float(np.mean(per_prompt[r][task]))
+    for run_scores, prompts in zip(scores, per_prompt):
         run_scores["average"] = float(np.mean([run_scores[t] for t in tasks]))
+        run_scores["prompts"] = prompts
     return scores
+
+
+def bootstrap_interval(
+    scores: dict, baseline: dict | None = None, *, confidence: float = 0.95,
+    resamples: int = 10000, seed: int = 0,
+) -> tuple[float, float]:  # fmt: skip
+    """A percentile bootstrap interval of a task average over its prompts.
+
+    ``scores`` maps each task to its prompts' scores (``ruler_scores(...)["prompts"]``);
+    the average is the mean over tasks of each task's mean. Each resample draws every
+    task's prompts again with replacement, within the task, so each task keeps its
+    weight. With ``baseline`` (another run's scores on the same prompts) the interval
+    is of the difference ``scores - baseline``, prompt by prompt: paired, as the claim
+    "within x points of the full cache" needs.
+
+    Returns
+    -------
+    (low, high) : tuple of float
+        In the scores' units, at ``confidence``.
+    """
+    if not isinstance(scores, dict) or not scores:
+        raise ValueError("scores: expected a dict of task -> prompt scores, got none")
+    if baseline is not None and (
+        not isinstance(baseline, dict)
+        or baseline.keys() != scores.keys()
+        or any(len(baseline[t]) != len(scores[t]) for t in scores)
+    ):
+        raise ValueError("baseline: expected the same tasks and prompt counts as scores")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence: expected a number in (0, 1), got {confidence}")
+    if resamples < 1:
+        raise ValueError(f"resamples: expected at least 1, got {resamples}")
+    rng = np.random.default_rng(seed)
+    averages = np.zeros(resamples)
+    for task, values in scores.items():
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 1 or values.size == 0:
+            raise ValueError(f"scores: task {task!r}: expected a list of prompt scores")
+        if baseline is not None:
+            values = values - np.asarray(baseline[task], dtype=np.float64)
+        drawn = rng.integers(0, values.size, size=(resamples, values.size))
+        averages += values[drawn].mean(axis=1)
+    averages /= len(scores)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(averages, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 # The perplexity windows' defaults: the prompt's share of a window, and the prompt tokens
