@@ -170,7 +170,8 @@ py::dict recall_stats_dict(const RecallStats& s) {
   py::dict d =
       stats_dict(s, field("steps", &RecallStats::steps), field("selected", &RecallStats::selected),
                  field("hits", &RecallStats::hits), field("loaded", &RecallStats::loaded),
-                 field("bytes_loaded", &RecallStats::bytes_loaded));
+                 field("bytes_loaded", &RecallStats::bytes_loaded),
+                 field("candidates", &RecallStats::candidates));
   d["hit_rate"] = s.selected ? static_cast<double>(s.hits) / static_cast<double>(s.selected) : 0.0;
   return d;
 }
@@ -388,8 +389,13 @@ void bind_clustering(py::module_& m) {
                              [](const RecallCache& s) { return recall_stats_dict(s.last_step()); })
       .def_property_readonly("total",
                              [](const RecallCache& s) { return recall_stats_dict(s.total()); })
-      .def_property_readonly("last_selection", [](const RecallCache& s) {
-        std::vector<std::int32_t> copy = s.last_selection();
+      .def_property_readonly("last_selection",
+                             [](const RecallCache& s) {
+                               std::vector<std::int32_t> copy = s.last_selection();
+                               return selection_array(std::move(copy), s.last_rows());
+                             })
+      .def_property_readonly("last_candidates", [](const RecallCache& s) {
+        std::vector<std::int32_t> copy = s.last_candidates();
         return selection_array(std::move(copy), s.last_rows());
       });
 

@@ -9,6 +9,7 @@
 
 #include "kvpack/convert.h"
 #include "kvpack/parallel.h"
+#include "kvpack/select.h"
 #include "reference.h"
 
 namespace kvpack {
@@ -142,6 +143,46 @@ TEST(Attention, HalfStorageMatchesFloatStorage) {
   decode_attention(q.data(), 4, c.k, c.v, nullptr, nullptr, {}, {a.data(), nullptr, nullptr});
   decode_attention(q.data(), 4, k16, v16, nullptr, nullptr, {}, {b.data(), nullptr, nullptr});
   for (std::size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-6);
+}
+
+TEST(Attention, GatheredScoresAndWeightedValuesMatchReference) {
+  // The two halves of attention over a token set, for every storage dtype, tile of query
+  // heads (1, 3, 4 and 5 = five tiles of 1) and an odd token count.
+  Cache c(2, 300, 40, 11);
+  const std::vector<std::int32_t> tokens{3, 7, 8, 50, 51, 120, 199, 200, 201, 257, 299};
+  const auto n = static_cast<std::int64_t>(tokens.size());
+  for (DType dtype : {DType::Float32, DType::Float16, DType::BFloat16}) {
+    std::vector<std::uint16_t> kh(c.keys.size()), vh(c.values.size());
+    std::vector<float> keys = c.keys, values = c.values;  // rounded through dtype
+    KVView k = c.k, v = c.v;
+    if (dtype != DType::Float32) {
+      const auto size = static_cast<std::int64_t>(keys.size());
+      from_float(c.keys.data(), size, dtype, kh.data());
+      from_float(c.values.data(), size, dtype, vh.data());
+      to_float(kh.data(), dtype, size, keys.data());
+      to_float(vh.data(), dtype, size, values.data());
+      k = KVView{kh.data(), dtype, 2, 300, 40};
+      v = KVView{vh.data(), dtype, 2, 300, 40};
+    }
+    for (std::int64_t n_q : {1, 3, 4, 5}) {
+      const auto q = testing::random_vector(static_cast<std::size_t>(n_q * 40), 12);
+      std::vector<float> scores(static_cast<std::size_t>(n_q * n)), out(q.size());
+      gather_scores(q.data(), n_q, k, 1, tokens.data(), n, scores.data());
+      weighted_value_sum(scores.data(), n_q, v, 1, tokens.data(), n, out.data());
+      for (std::int64_t g = 0; g < n_q; ++g) {
+        std::vector<double> want(40, 0.0);
+        for (std::int64_t j = 0; j < n; ++j) {
+          double dot = 0;
+          for (std::int64_t i = 0; i < 40; ++i)
+            dot += double(q[g * 40 + i]) * keys[(300 + tokens[j]) * 40 + i];
+          EXPECT_NEAR(scores[g * n + j], dot, 1e-4) << dtype_name(dtype) << " " << n_q;
+          for (std::int64_t i = 0; i < 40; ++i)
+            want[i] += double(scores[g * n + j]) * values[(300 + tokens[j]) * 40 + i];
+        }
+        for (std::int64_t i = 0; i < 40; ++i) EXPECT_NEAR(out[g * 40 + i], want[i], 1e-3);
+      }
+    }
+  }
 }
 
 TEST(Attention, RejectsBadShapes) {

@@ -144,5 +144,70 @@ TEST(RecallCache, StepMatchesDenseAttentionWithFullBudget) {
   }
 }
 
+TEST(RecallCache, RefinedStepKeepsTheHighestExactScoresOfTheCandidates) {
+  testing::Cache c(2, 400, 16, 31);
+  const auto q = testing::random_vector(4 * 16, 32);
+  ClusterKVParams clusterkv;
+  clusterkv.index.n_clusters = 12;
+  clusterkv.window = 4;
+  QuestParams quest;
+  quest.page_size = 8;
+  for (RecallMethod method : {RecallMethod{clusterkv}, RecallMethod{quest}}) {
+    std::visit(
+        [](RecallParams& p) {
+          p.budget = 48;
+          p.refine = 3;
+        },
+        method);
+    RecallCache recall(method);
+    const KVView k{c.keys.data(), DType::Float32, 2, 399, 16, 400 * 16};
+    const KVView v{c.values.data(), DType::Float32, 2, 399, 16, 400 * 16};
+    recall.prefill(k, v);
+    const KVView nk{c.keys.data() + 399 * 16, DType::Float32, 2, 1, 16, 400 * 16};
+    const KVView nv{c.values.data() + 399 * 16, DType::Float32, 2, 1, 16, 400 * 16};
+    std::vector<float> out(4 * 16);
+    recall.step(q.data(), 4, nk, nv, out.data());
+    const std::vector<std::int32_t> always = recall.selector()->always_attended(48);
+    const std::int64_t n = recall.last_candidate_count();
+    const std::int64_t count = static_cast<std::int64_t>(recall.last_selection().size()) / 2;
+    EXPECT_GT(n, count);
+    EXPECT_EQ(recall.last_step().candidates, 2 * n);
+    for (std::int64_t h = 0; h < 2; ++h) {
+      const std::int32_t* cand = recall.last_candidates().data() + h * n;
+      const std::int32_t* kept = recall.last_selection().data() + h * count;
+      EXPECT_TRUE(std::is_sorted(kept, kept + count));
+      const auto score = [&](std::int32_t t) {  // summed over the KV head's query heads
+        double s = 0;
+        for (std::int64_t g = 2 * h; g < 2 * h + 2; ++g)
+          for (std::int64_t i = 0; i < 16; ++i)
+            s += double(q[g * 16 + i]) * c.keys[(h * 400 + t) * 16 + i];
+        return s;
+      };
+      double lowest_kept = INFINITY, highest_dropped = -INFINITY;
+      for (std::int64_t j = 0; j < n; ++j) {
+        const bool pinned = std::binary_search(always.begin(), always.end(), cand[j]);
+        const bool in = std::binary_search(kept, kept + count, cand[j]);
+        if (pinned) {
+          EXPECT_TRUE(in) << cand[j];
+        }
+        if (!pinned && in) lowest_kept = std::min(lowest_kept, score(cand[j]));
+        if (!in) highest_dropped = std::max(highest_dropped, score(cand[j]));
+      }
+      EXPECT_GE(lowest_kept, highest_dropped);
+      for (std::int64_t i = 0; i < count; ++i)
+        EXPECT_TRUE(std::binary_search(cand, cand + n, kept[i])) << kept[i];
+      const std::vector<std::int64_t> sel(kept, kept + count);
+      for (std::int64_t g = 2 * h; g < 2 * h + 2; ++g) {
+        double lse = 0;
+        const auto want = testing::reference_attention(q.data() + g * 16, c, h, sel, &lse);
+        for (std::int64_t i = 0; i < 16; ++i) EXPECT_NEAR(out[g * 16 + i], want[i], 1e-5);
+      }
+    }
+  }
+  ClusterKVParams bad;
+  bad.refine = 0;
+  EXPECT_THROW(RecallCache{RecallMethod{bad}}, std::invalid_argument);
+}
+
 }  // namespace
 }  // namespace kvpack

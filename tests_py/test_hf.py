@@ -135,16 +135,31 @@ def test_eviction_layer_attends_the_compressed_slots(model, method):
     np.testing.assert_allclose(prefill[-1].numpy(), last, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("refine", [1, 3])
 @pytest.mark.parametrize("method", ["clusterkv", "quest"])
-def test_recall_layer_attends_the_selected_tokens(model, method):
-    cache, q, k, v, _, out = _layer_step(
-        model, method, budget=32, **({"sink": 4, "n_clusters": 6} if method == "clusterkv" else {})
-    )
+def test_recall_layer_attends_the_selected_tokens(model, method, refine):
+    options = {"sink": 4, "n_clusters": 6} if method == "clusterkv" else {}
+    cache, q, k, v, _, out = _layer_step(model, method, budget=32, refine=refine, **options)
     prompt = k.shape[1] - 1
-    selected = cache.layers[2].recall[0].last_selection
+    recall = cache.layers[2].recall[0]
+    selected = recall.last_selection
     assert selected.shape[1] < prompt + 1
+    if refine > 1:  # the budget kept from more candidates, by exact scores
+        candidates = recall.last_candidates
+        assert candidates.shape[1] > selected.shape[1]
+        assert all(np.isin(s, c).all() for s, c in zip(selected, candidates, strict=True))
     expected, _, _ = reference.decode_attention(q[:, prompt], k, v, indices=selected)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["clusterkv", "quest"])
+def test_refined_recall_over_the_context_gives_the_dynamic_cache_tokens(model, prompts, method):
+    # Every candidate kept: the refined step's attention from its own scores is exact.
+    ids, mask = prompts
+    expected = generate(model, ids, mask, DynamicCache(config=model.config))
+    cache = hf.make_cache(model, method, budget=4096, refine=3)
+    assert torch.equal(generate(model, ids, mask, cache), expected)
+    assert cache.stats()["candidates"] == cache.stats()["selected"] > 0
 
 
 def test_kivi_layer_attends_codes_and_decoded_tokens(model):

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -35,9 +36,12 @@ using detail::load_lanes;
 // out[g * ld + j] = q_g . k_j for the `Tile` queries at q (Tile * dim floats) and the
 // two keys k_0, k_1: one load of each key slice feeds every query, and 2 * Tile
 // independent FMA chains keep the units busy.
+// Always inlined: an out-of-line copy trips GCC 12's false -Wuninitialized in
+// _mm512_reduce_add_ps, and every caller is a hot loop.
 template <int Tile, class T>
-inline void dot_tile2(const float* q, const T* k0, const T* k1, std::int64_t dim, float* out,
-                      std::int64_t ld) {
+__attribute__((always_inline)) inline void dot_tile2(const float* q, const T* k0, const T* k1,
+                                                     std::int64_t dim, float* out,
+                                                     std::int64_t ld) {
   floatv acc0[Tile], acc1[Tile];
   for (int g = 0; g < Tile; ++g) acc0[g] = acc1[g] = floatv{};  // in registers, not memset
   std::int64_t i = 0;
@@ -307,7 +311,91 @@ void check_kv(const KVView& keys, const KVView& values) {
                                           << values.tokens << ", " << values.dim << "]");
 }
 
+// Calls f(std::integral_constant<int, Tile>, const T* null) for the tile and the storage
+// type of `dtype`: the halves of attention below run as attend_range does.
+template <class F>
+void with_tile_and_type(int tile, DType dtype, F&& f) {
+  const auto typed = [&](auto tile_c) {
+    switch (dtype) {
+      case DType::Float32:
+        return f(tile_c, static_cast<const float*>(nullptr));
+      case DType::Float16:
+        return f(tile_c, static_cast<const _Float16*>(nullptr));
+      case DType::BFloat16:
+        return f(tile_c, static_cast<const detail::bf16*>(nullptr));
+    }
+  };
+  switch (tile) {
+    case 8:
+      return typed(std::integral_constant<int, 8>{});
+    case 4:
+      return typed(std::integral_constant<int, 4>{});
+    case 3:
+      return typed(std::integral_constant<int, 3>{});
+    case 2:
+      return typed(std::integral_constant<int, 2>{});
+    default:
+      return typed(std::integral_constant<int, 1>{});
+  }
+}
+
+// Asks for the rows of tokens [from, to) of a head (within n) ahead of their use.
+inline void prefetch_rows(const KVView& view, std::int64_t head, const std::int32_t* tokens,
+                          std::int64_t from, std::int64_t to, std::int64_t n) {
+  const std::int64_t row_bytes = view.dim * static_cast<std::int64_t>(dtype_size(view.dtype));
+  for (std::int64_t p = from; p < std::min(to, n); ++p) {
+    const char* row = static_cast<const char*>(view.row(head, tokens[p]));
+    for (std::int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
+  }
+}
+
 }  // namespace
+
+void gather_scores(const float* q, std::int64_t n_q, const KVView& keys, std::int64_t head,
+                   const std::int32_t* tokens, std::int64_t n, float* out) {
+  const std::int64_t dim = keys.dim;
+  const int tile = tile_for(n_q);
+  with_tile_and_type(tile, keys.dtype, [&](auto tile_c, auto type) {
+    constexpr int Tile = decltype(tile_c)::value;
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
+    for (std::int64_t first = 0; first < n_q; first += Tile) {
+      const float* qt = q + first * dim;
+      float* ot = out + first * n;
+      std::int64_t j = 0;
+      for (; j + 2 <= n; j += 2) {
+        prefetch_rows(keys, head, tokens, j + kPrefetchTokens, j + kPrefetchTokens + 2, n);
+        dot_tile2<Tile>(qt, static_cast<const T*>(keys.row(head, tokens[j])),
+                        static_cast<const T*>(keys.row(head, tokens[j + 1])), dim, ot + j, n);
+      }
+      if (j < n) {  // the odd last token: its pair's second score goes to scratch
+        float pair[2 * Tile];
+        const T* k = static_cast<const T*>(keys.row(head, tokens[j]));
+        dot_tile2<Tile>(qt, k, k, dim, pair, 2);
+        for (int g = 0; g < Tile; ++g) ot[g * n + j] = pair[2 * g];
+      }
+    }
+  });
+}
+
+void weighted_value_sum(const float* weights, std::int64_t n_q, const KVView& values,
+                        std::int64_t head, const std::int32_t* tokens, std::int64_t n, float* out) {
+  const std::int64_t dim = values.dim;
+  std::fill(out, out + n_q * dim, 0.0f);
+  const int tile = tile_for(n_q);
+  with_tile_and_type(tile, values.dtype, [&](auto tile_c, auto type) {
+    constexpr int Tile = decltype(tile_c)::value;
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
+    const T* rows[kBlockTokens];
+    for (std::int64_t first = 0; first < n_q; first += Tile)
+      for (std::int64_t b = 0; b < n; b += kBlockTokens) {
+        const std::int64_t nb = std::min(kBlockTokens, n - b);
+        prefetch_rows(values, head, tokens, b + kBlockTokens, b + 2 * kBlockTokens, n);
+        for (std::int64_t j = 0; j < nb; ++j)
+          rows[j] = static_cast<const T*>(values.row(head, tokens[b + j]));
+        accumulate_tile<Tile>(rows, nb, weights + first * n + b, n, dim, out + first * dim);
+      }
+  });
+}
 
 namespace cpu {
 

@@ -145,6 +145,16 @@ void ClusterIndex::append(const KVView& new_keys) {
   }
 }
 
+std::vector<std::int32_t> ClusterIndex::always_attended(std::int64_t window) const {
+  // The sinks, then the last `window` tokens and the tokens on top of the budget (the
+  // unclustered window, or a decode step's own token just clustered).
+  std::vector<std::int32_t> always;
+  for (std::int64_t t = 0; t < sink_; ++t) always.push_back(static_cast<std::int32_t>(t));
+  const std::int64_t recent = std::max(sink_, std::min(tokens_ - on_top(), tokens_ - window));
+  for (std::int64_t t = recent; t < tokens_; ++t) always.push_back(static_cast<std::int32_t>(t));
+  return always;
+}
+
 void ClusterIndex::select(const float* q, std::int64_t heads_q, std::int64_t budget,
                           std::int64_t window, bool per_query_head, std::int32_t* out,
                           std::vector<std::vector<std::int32_t>>* used_clusters) const {
@@ -159,12 +169,7 @@ void ClusterIndex::select(const float* q, std::int64_t heads_q, std::int64_t bud
   const std::int64_t count = selection_size(budget);
   if (used_clusters) used_clusters->assign(static_cast<std::size_t>(rows), {});
 
-  // Always attended: the sinks, then the last `window` tokens and the tokens on top of the
-  // budget (the unclustered window, or a decode step's own token just clustered).
-  std::vector<std::int32_t> always;
-  for (std::int64_t t = 0; t < sink_; ++t) always.push_back(static_cast<std::int32_t>(t));
-  const std::int64_t recent = std::max(sink_, std::min(tokens_ - on_top(), tokens_ - window));
-  for (std::int64_t t = recent; t < tokens_; ++t) always.push_back(static_cast<std::int32_t>(t));
+  const std::vector<std::int32_t> always = always_attended(window);
 
   parallel_for(rows, [&](std::int64_t r) {
     const std::int64_t head = per_query_head ? r / group : r;

@@ -121,6 +121,16 @@ void page_bound_scores(const float* q, std::int64_t n_q, const float* lo, const 
   kernels().page_bound_scores(q, n_q, lo, hi, n_pages, dim, scores);
 }
 
+void gather_scores(const float* q, std::int64_t n_q, const KVView& keys, std::int64_t head,
+                   const std::int32_t* tokens, std::int64_t n, float* out) {
+  kernels().gather_scores(q, n_q, keys, head, tokens, n, out);
+}
+
+void weighted_value_sum(const float* weights, std::int64_t n_q, const KVView& values,
+                        std::int64_t head, const std::int32_t* tokens, std::int64_t n, float* out) {
+  kernels().weighted_value_sum(weights, n_q, values, head, tokens, n, out);
+}
+
 std::unique_ptr<KMeansBackend> cpu_kmeans_backend(const void* points, DType dtype, std::int64_t n,
                                                   std::int64_t dim, bool spherical, bool parallel) {
   return kernels().cpu_kmeans_backend(points, dtype, n, dim, spherical, parallel);

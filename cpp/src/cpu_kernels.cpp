@@ -28,6 +28,8 @@ const CpuKernels kernels = {
     &cpu::kmeans_heads,
     &inner_products,
     &page_bound_scores,
+    &gather_scores,
+    &weighted_value_sum,
     &cpu_kmeans_backend,
     &kmeans,
     &kmeans,

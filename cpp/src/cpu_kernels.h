@@ -1,4 +1,5 @@
-// The hot CPU kernels (attention, k-means, centroid and page scoring, float16 conversion),
+// The hot CPU kernels (attention, k-means, centroid, page and token scoring, float16
+// conversion),
 // compiled once per instruction set: every build of kernel sources puts its definitions in
 // namespace kvpack::KVPACK_TARGET_NS and a table of them (CpuKernels); cpu_dispatch.cpp
 // implements the public functions by calling the table of the best build the processor can
@@ -33,6 +34,8 @@ struct CpuKernels {
   decltype(&kvpack::cpu::kmeans_heads) kmeans_heads;
   decltype(&kvpack::inner_products) inner_products;
   decltype(&kvpack::page_bound_scores) page_bound_scores;
+  decltype(&kvpack::gather_scores) gather_scores;
+  decltype(&kvpack::weighted_value_sum) weighted_value_sum;
   decltype(&kvpack::cpu_kmeans_backend) cpu_kmeans_backend;
   KMeansLoop* kmeans_loop;
   KMeansPoints* kmeans_points;
@@ -56,6 +59,8 @@ decltype(kvpack::cpu::kmeans_heads) kmeans_heads;
 decltype(kvpack::held_attention) held_attention;
 decltype(kvpack::inner_products) inner_products;
 decltype(kvpack::page_bound_scores) page_bound_scores;
+decltype(kvpack::gather_scores) gather_scores;
+decltype(kvpack::weighted_value_sum) weighted_value_sum;
 decltype(kvpack::cpu_kmeans_backend) cpu_kmeans_backend;
 KMeansLoop kmeans;
 KMeansPoints kmeans;

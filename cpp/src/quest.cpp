@@ -62,6 +62,15 @@ void QuestIndex::append(const KVView& new_keys) {
   tokens_ = total;
 }
 
+std::vector<std::int32_t> QuestIndex::always_attended(std::int64_t budget) const {
+  const std::int64_t count = selection_size(budget);
+  const std::int64_t current =
+      std::max<std::int64_t>(0, tokens_ - std::min(count, tokens_ - (pages() - 1) * page_size_));
+  std::vector<std::int32_t> always;
+  for (std::int64_t t = current; t < tokens_; ++t) always.push_back(static_cast<std::int32_t>(t));
+  return always;
+}
+
 void QuestIndex::select(const float* q, std::int64_t heads_q, std::int64_t budget,
                         bool per_query_head, std::int32_t* out,
                         std::vector<std::vector<std::int32_t>>* used_pages) const {
@@ -81,10 +90,7 @@ void QuestIndex::select(const float* q, std::int64_t heads_q, std::int64_t budge
   for (std::int64_t p = 0; p <= n_pages; ++p)
     offsets[p] = static_cast<std::int32_t>(std::min(p * page_size_, tokens_));
   for (std::int64_t t = 0; t < tokens_; ++t) members[t] = static_cast<std::int32_t>(t);
-  std::vector<std::int32_t> always;
-  const std::int64_t current =
-      std::max<std::int64_t>(0, tokens_ - std::min(count, tokens_ - (n_pages - 1) * page_size_));
-  for (std::int64_t t = current; t < tokens_; ++t) always.push_back(static_cast<std::int32_t>(t));
+  const std::vector<std::int32_t> always = always_attended(budget);
 
   parallel_for(rows, [&](std::int64_t r) {
     const std::int64_t head = per_query_head ? r / group : r;

@@ -1,9 +1,12 @@
 #include "kvpack/recall_cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "kvpack/parallel.h"
+#include "kvpack/select.h"
 
 namespace kvpack {
 
@@ -16,6 +19,7 @@ RecallCache::RecallCache(const RecallMethod& method)
   KVPACK_CHECK(params_.budget >= 1, "budget: expected >= 1, got " << params_.budget);
   KVPACK_CHECK(params_.recall_steps >= 1,
                "recall_steps: expected >= 1, got " << params_.recall_steps);
+  KVPACK_CHECK(params_.refine >= 1, "refine: expected >= 1, got " << params_.refine);
   check_method(method_);
 }
 
@@ -79,6 +83,9 @@ void RecallCache::prefill(const KVView& keys, const KVView& values) {
   keys_.clear();
   values_.clear();
   last_ = total_ = RecallStats{};
+  selection_.clear();
+  candidates_.clear();
+  selection_rows_ = candidate_count_ = 0;
   slot_of_.assign(static_cast<std::size_t>(params_.fast_tier ? heads_ : 0), {});
   recalled_at_.assign(static_cast<std::size_t>(params_.fast_tier ? 0 : heads_), {});
   // Room for the first decoded tokens, so the first decode steps do not copy the slow tier.
@@ -190,7 +197,13 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
   const std::int64_t count = selector_->selection_size(params_.budget);
   selection_.assign(static_cast<std::size_t>(rows * count), 0);
   selection_rows_ = rows;
-  selector_->select(q, heads_q, params_.budget, per_q, selection_.data());
+  const bool refined = params_.refine > 1;
+  std::vector<float> scores;  // refined: the selection's exact scaled scores
+  if (refined) {
+    refine_selection(q, heads_q, per_q, count, scores);
+  } else {
+    selector_->select(q, heads_q, params_.budget, per_q, selection_.data());
+  }
 
   // The fast tier must hold every selected token of a group at once; when query heads
   // select on their own it is resized (and refilled) on the first step that needs more.
@@ -220,6 +233,7 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
     }
   last_ = RecallStats{};
   last_.steps = 1;
+  last_.candidates = static_cast<std::int64_t>(candidates_.size());
   if (params_.fast_tier)
     recall(needed, last_);
   else
@@ -229,7 +243,13 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
   total_.hits += last_.hits;
   total_.loaded += last_.loaded;
   total_.bytes_loaded += last_.bytes_loaded;
+  total_.candidates += last_.candidates;
 
+  // The refined selection's scores are what attention scores: they are not computed again.
+  if (refined) {
+    attend_scored(scores, heads_q, per_q, count, out);
+    return;
+  }
   if (!params_.fast_tier) {
     attend_in_place(q, heads_q, rows, count, out);
     return;
@@ -249,6 +269,81 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
   AttentionOutput output;
   output.out = out;
   decode_attention(q, heads_q, fk, fv, &index, nullptr, AttentionParams{}, output);
+}
+
+void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool per_q,
+                                   std::int64_t count, std::vector<float>& scores) {
+  const std::int64_t group = heads_q / heads_;
+  const std::int64_t rows = per_q ? heads_q : heads_, n_q = per_q ? 1 : group;
+  const std::int64_t budget = params_.budget;
+  const std::vector<std::int32_t> always = selector_->always_attended(budget);
+  // Candidates beyond the budget only where the always attended tokens leave room; the
+  // product stays below 2^62 (tokens < 2^31, refine capped at tokens).
+  const std::int64_t wide = static_cast<std::int64_t>(always.size()) < count
+                                ? std::min(budget, tokens_) * std::min(params_.refine, tokens_)
+                                : budget;
+  const std::int64_t n = selector_->selection_size(wide);
+  candidate_count_ = n;
+  candidates_.assign(static_cast<std::size_t>(rows * n), 0);
+  selector_->select(q, heads_q, wide, per_q, candidates_.data());
+  scores.assign(static_cast<std::size_t>(rows * n_q * count), 0.0f);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim_));
+  const KVView k = keys();
+  parallel_for(rows, [&](std::int64_t r) {
+    const std::int64_t head = per_q ? r / group : r, first_q = per_q ? r : r * group;
+    const std::int32_t* candidates = candidates_.data() + r * n;
+    // Exact q . k of every candidate for each query head of the row (as attention scores
+    // them), then the row's ranking score: their sum over the group.
+    std::vector<float> dots(static_cast<std::size_t>(n_q * n));
+    gather_scores(q + first_q * dim_, n_q, k, head, candidates, n, dots.data());
+    std::vector<float> rank(dots.begin(), dots.begin() + n);
+    for (std::int64_t g = 1; g < n_q; ++g)
+      for (std::int64_t j = 0; j < n; ++j) rank[j] += dots[g * n + j];
+    // The always attended tokens rank first (both lists ascending).
+    for (std::int64_t j = 0, a = 0; j < n && a < static_cast<std::int64_t>(always.size()); ++j) {
+      while (a < static_cast<std::int64_t>(always.size()) && always[a] < candidates[j]) ++a;
+      if (a < static_cast<std::int64_t>(always.size()) && always[a] == candidates[j])
+        rank[j] = std::numeric_limits<float>::infinity();
+    }
+    // top_k_set keeps candidate order: the kept tokens stay ascending.
+    const std::vector<std::int32_t> kept = top_k_set(rank.data(), n, count);
+    for (std::int64_t i = 0; i < count; ++i) {
+      selection_[r * count + i] = candidates[kept[i]];
+      for (std::int64_t g = 0; g < n_q; ++g)
+        scores[(r * n_q + g) * count + i] = dots[g * n + kept[i]] * scale;
+    }
+  });
+}
+
+void RecallCache::attend_scored(const std::vector<float>& scores, std::int64_t heads_q, bool per_q,
+                                std::int64_t count, float* out) const {
+  const std::int64_t group = heads_q / heads_;
+  const std::int64_t rows = per_q ? heads_q : heads_, n_q = per_q ? 1 : group;
+  const KVView slow = values();
+  const KVView fast{fast_values_.data(), dtype_, heads_, slots_, dim_};
+  parallel_for(rows, [&](std::int64_t r) {
+    const std::int64_t head = per_q ? r / group : r, first_q = per_q ? r : r * group;
+    // Softmax weights of each query head over the row's tokens.
+    std::vector<float> weights(scores.begin() + r * n_q * count,
+                               scores.begin() + (r + 1) * n_q * count);
+    for (std::int64_t g = 0; g < n_q; ++g) {
+      float* w = weights.data() + g * count;
+      const float top = *std::max_element(w, w + count);
+      float sum = 0.0f;
+      for (std::int64_t i = 0; i < count; ++i) sum += (w[i] = std::exp(w[i] - top));
+      for (std::int64_t i = 0; i < count; ++i) w[i] /= sum;
+    }
+    // The values where they are resident: the slow tier's tokens, or their fast-tier slots.
+    const std::int32_t* tokens = selection_.data() + r * count;
+    std::vector<std::int32_t> slots;
+    if (params_.fast_tier) {
+      const auto& slot_of = slot_of_[static_cast<std::size_t>(head)];
+      for (std::int64_t i = 0; i < count; ++i)
+        slots.push_back(slot_of[static_cast<std::size_t>(tokens[i])]);
+    }
+    weighted_value_sum(weights.data(), n_q, params_.fast_tier ? fast : slow, head,
+                       params_.fast_tier ? slots.data() : tokens, count, out + first_q * dim_);
+  });
 }
 
 void RecallCache::count_recalls(const std::vector<std::vector<std::int32_t>>& needed,

@@ -20,6 +20,9 @@ class ClusterSelector final : public Selector {
               std::int32_t* out) const override {
     index_.select(q, heads_q, budget, window_, per_query_head, out);
   }
+  std::vector<std::int32_t> always_attended(std::int64_t) const override {
+    return index_.always_attended(window_);
+  }
   // The unclustered window grows up to the next clustering.
   std::int64_t most_on_top() const override { return index_.params().append_interval; }
   std::int64_t decode_room() const override { return index_.params().append_interval; }
@@ -58,6 +61,9 @@ class PageSelector final : public Selector {
   void select(const float* q, std::int64_t heads_q, std::int64_t budget, bool per_query_head,
               std::int32_t* out) const override {
     index_.select(q, heads_q, budget, per_query_head, out);
+  }
+  std::vector<std::int32_t> always_attended(std::int64_t budget) const override {
+    return index_.always_attended(budget);
   }
   std::int64_t most_on_top() const override { return 0; }
   std::int64_t decode_room() const override { return 4 * index_.page_size(); }

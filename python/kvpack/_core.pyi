@@ -81,6 +81,9 @@ class RecallCache:
     def step(self, q: typing.Any, new_key: typing.Any, new_value: typing.Any) -> numpy.typing.NDArray[numpy.float32]:
         ...
     @property
+    def last_candidates(self) -> numpy.typing.NDArray[numpy.int32]:
+        ...
+    @property
     def last_selection(self) -> numpy.typing.NDArray[numpy.int32]:
         ...
     @property

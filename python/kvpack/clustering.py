@@ -253,6 +253,12 @@ class RecallCache:
         Copy recalled tokens into a fast tier kept for R steps [False: attend in place].
     per_query_head : bool
         Each query head selects its own tokens (GQA) instead of one set per KV head.
+    refine : int
+        The method recalls ``refine * budget`` candidates (whole clusters or pages), then
+        the step keeps the ``budget`` of them with the highest exact ``q . k`` (summed over
+        a KV head's query heads unless ``per_query_head``), besides the tokens the method
+        always attends [1: the method's own selection]. A cluster or page shared by a
+        relevant token and its neighbours then no longer spends the budget on all of them.
     page_size : int
         Quest page size [16].
 
@@ -314,7 +320,8 @@ class RecallCache:
 
     @property
     def last_step(self) -> dict:
-        """The last step's selected, hits, loaded, bytes_loaded and hit_rate (over KV heads)."""
+        """The last step's selected, hits, loaded, bytes_loaded and hit_rate (over KV heads),
+        and candidates: the keys scored exactly to refine the selection (over rows)."""
         return self._recall.last_step
 
     @property
@@ -326,3 +333,10 @@ class RecallCache:
     def last_selection(self) -> np.ndarray:
         """Token ids attended in the last step, shape (rows, n), ascending rows."""
         return self._recall.last_selection
+
+    @property
+    def last_candidates(self) -> np.ndarray:
+        """With ``refine > 1``, the tokens the method recalled in the last step before the
+        exact scores kept :attr:`last_selection`, shape (rows, n), ascending rows; shape
+        (rows, 0) otherwise."""
+        return self._recall.last_candidates

@@ -428,6 +428,8 @@ class ClusterKV:
         Decoded tokens clustered together (m).
     append_clusters : int, default 8
         Clusters made of them (C+).
+    refine : int, default 1
+        Recall refine x budget candidates, then keep the budget tokens with the highest exact q.k among them (1: the method's own selection).
     recall_steps : int, default 1
         R: tokens recalled in the last R steps stay in the fast tier.
     per_query_head : bool, default False
@@ -438,7 +440,7 @@ class ClusterKV:
     __hash__: typing.ClassVar[None] = None
     kind: typing.ClassVar[str] = 'recall'
     name: typing.ClassVar[str] = 'clusterkv'
-    params: typing.ClassVar[tuple] = ('n_clusters', 'tokens_per_cluster', 'sink', 'window', 'iters', 'seed', 'init', 'append_interval', 'append_clusters', 'recall_steps', 'per_query_head', 'fast_tier')
+    params: typing.ClassVar[tuple] = ('n_clusters', 'tokens_per_cluster', 'sink', 'window', 'iters', 'seed', 'init', 'append_interval', 'append_clusters', 'refine', 'recall_steps', 'per_query_head', 'fast_tier')
     def __copy__(self: ClusterKV) -> ClusterKV:
         ...
     def __deepcopy__(self: ClusterKV, arg0: dict) -> ClusterKV:
@@ -526,6 +528,14 @@ class ClusterKV:
     def recall_steps(self, arg1: typing.Any) -> None:
         ...
     @property
+    def refine(self) -> typing.Any:
+        """
+        int: Recall refine x budget candidates, then keep the budget tokens with the highest exact q.k among them (1: the method's own selection).
+        """
+    @refine.setter
+    def refine(self, arg1: typing.Any) -> None:
+        ...
+    @property
     def seed(self) -> typing.Any:
         """
         int: k-means seed.
@@ -565,6 +575,8 @@ class Quest:
     ----------
     page_size : int, default 16
         Tokens per page.
+    refine : int, default 1
+        Recall refine x budget candidates, then keep the budget tokens with the highest exact q.k among them (1: the method's own selection).
     recall_steps : int, default 1
         R: tokens recalled in the last R steps stay in the fast tier.
     per_query_head : bool, default False
@@ -575,7 +587,7 @@ class Quest:
     __hash__: typing.ClassVar[None] = None
     kind: typing.ClassVar[str] = 'recall'
     name: typing.ClassVar[str] = 'quest'
-    params: typing.ClassVar[tuple] = ('page_size', 'recall_steps', 'per_query_head', 'fast_tier')
+    params: typing.ClassVar[tuple] = ('page_size', 'refine', 'recall_steps', 'per_query_head', 'fast_tier')
     def __copy__(self: Quest) -> Quest:
         ...
     def __deepcopy__(self: Quest, arg0: dict) -> Quest:
@@ -629,6 +641,14 @@ class Quest:
         """
     @recall_steps.setter
     def recall_steps(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def refine(self) -> typing.Any:
+        """
+        int: Recall refine x budget candidates, then keep the budget tokens with the highest exact q.k among them (1: the method's own selection).
+        """
+    @refine.setter
+    def refine(self, arg1: typing.Any) -> None:
         ...
 class KIVI:
     """

@@ -45,6 +45,12 @@ void decode_attention(const float* q, std::int64_t heads_q, const KVView& keys,
                       const AttentionParams& params, const AttentionOutput& output,
                       const Execution& exec = {});
 
+/// The value half of decode attention, for weights computed beforehand (from
+/// gather_scores): out[g] = sum_j weights[g * n + j] * values[head, tokens[j]] for the n_q
+/// rows of weights, each of `n` floats; out: size n_q * values.dim. Host memory.
+void weighted_value_sum(const float* weights, std::int64_t n_q, const KVView& values,
+                        std::int64_t head, const std::int32_t* tokens, std::int64_t n, float* out);
+
 /// Where the slots of one layer's decode cache stand: the first `held` slots hold what
 /// was kept of the past (a compressed prompt, or what a decode-time compression kept),
 /// in any order, each at its logical position (-1: an empty slot, as a padded row's);

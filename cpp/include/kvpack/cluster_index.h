@@ -66,6 +66,10 @@ class ClusterIndex {
     const std::int64_t in_range = arrays_->end - (newest_clustered() ? 1 : 0);
     return (budget < in_range ? budget : in_range) + on_top();
   }
+  /// Tokens every selection holds whatever the query, ascending: the sinks, the last
+  /// `window` tokens and the tokens on top of the budget.
+  std::vector<std::int32_t> always_attended(std::int64_t window) const;
+
   /// Tokens attended on top of the budget: the unclustered appended tokens, or the newest
   /// appended token when it was just clustered.
   std::int64_t on_top() const { return tokens_ - arrays_->end + (newest_clustered() ? 1 : 0); }

@@ -76,9 +76,17 @@ struct RecallParams {
   /// Worth it where the fast tier is faster memory (a GPU's); on the host both tiers are
   /// host memory and the copies only cost time, so the step attends in place instead.
   bool fast_tier = false;
+  /// Candidates the method recalls per budget token before the step keeps the `budget` of
+  /// them with the highest exact q . k (1: the method's own selection, as its paper does).
+  std::int64_t refine = 1;
 
   template <class Self, class F>
   static void each_recall_param(Self& p, F&& f) {
+    f(ParamSpec{"refine", ParamRule::Count,
+                "Recall refine x budget candidates, then keep the budget tokens with the highest "
+                "exact q.k among them (1: the method's own selection).",
+                1},
+      p.refine);
     f(ParamSpec{"recall_steps", ParamRule::Count,
                 "R: tokens recalled in the last R steps stay in the fast tier.", 1},
       p.recall_steps);

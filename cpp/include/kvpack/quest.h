@@ -46,6 +46,10 @@ class QuestIndex {
               std::int32_t* out,
               std::vector<std::vector<std::int32_t>>* used_pages = nullptr) const;
 
+  /// Tokens a selection of `budget` holds whatever the query, ascending: the current
+  /// page's tokens (its latest ones when the budget is smaller).
+  std::vector<std::int32_t> always_attended(std::int64_t budget) const;
+
   std::int64_t selection_size(std::int64_t budget) const {
     return budget < tokens_ ? budget : tokens_;
   }

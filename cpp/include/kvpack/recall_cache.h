@@ -4,6 +4,8 @@
 // the last R steps stay there and a step loads only the misses; without one (the host
 // backend, where both tiers would be the same memory) the step attends the selected
 // tokens where they are and counts what a fast tier would have hit and loaded.
+// With refine > 1 the method recalls refine x budget candidates, the step scores them
+// exactly and keeps the budget with the highest q . k, attending them from those scores.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +26,7 @@ struct RecallStats {
   std::int64_t hits = 0;          ///< of them recalled in the last R steps (fast-tier hits)
   std::int64_t loaded = 0;        ///< of them not (what a fast tier loads)
   std::int64_t bytes_loaded = 0;  ///< K and V bytes of the loaded tokens
+  std::int64_t candidates = 0;    ///< keys scored exactly to refine the selection (over rows)
 };
 
 class RecallCache {
@@ -46,6 +49,10 @@ class RecallCache {
   /// Token ids attended in the last step: rows * last_count(), ascending per row.
   const std::vector<std::int32_t>& last_selection() const { return selection_; }
   std::int64_t last_rows() const { return selection_rows_; }
+  /// What the method recalled before the refinement kept last_selection() (refine > 1):
+  /// rows * last_candidate_count() token ids, ascending per row; empty otherwise.
+  const std::vector<std::int32_t>& last_candidates() const { return candidates_; }
+  std::int64_t last_candidate_count() const { return candidate_count_; }
   std::int64_t tokens() const { return tokens_; }
   std::int64_t heads() const { return heads_; }
   std::int64_t dim() const { return dim_; }
@@ -77,6 +84,15 @@ class RecallCache {
   // Attends `rows` selections of `count` tokens (ascending ids) in the slow tier.
   void attend_in_place(const float* q, std::int64_t heads_q, std::int64_t rows, std::int64_t count,
                        float* out) const;
+  // Recalls refine x budget candidates per row into candidates_ and keeps in selection_
+  // the `count` with the highest exact q . k (the always attended tokens first). Writes
+  // the kept tokens' scaled scores to scores: per row, its n_q query heads' `count` each.
+  void refine_selection(const float* q, std::int64_t heads_q, bool per_q, std::int64_t count,
+                        std::vector<float>& scores);
+  // Attends selection_ (rows of `count`) from its scores (refine_selection's), reading the
+  // values where they are resident.
+  void attend_scored(const std::vector<float>& scores, std::int64_t heads_q, bool per_q,
+                     std::int64_t count, float* out) const;
   // Empties the fast tier and gives it `slots` rows per head.
   void reset_fast_tier(std::int64_t slots);
 
@@ -95,6 +111,8 @@ class RecallCache {
   std::vector<std::vector<std::int32_t>> free_slots_;   // per head
   std::vector<std::int32_t> selection_;
   std::int64_t selection_rows_ = 0;
+  std::vector<std::int32_t> candidates_;  // refine > 1: rows * candidate_count_
+  std::int64_t candidate_count_ = 0;
   RecallStats last_, total_;
 };
 

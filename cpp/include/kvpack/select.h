@@ -16,6 +16,12 @@ namespace kvpack {
 void inner_products(const float* rows, std::int64_t n, std::int64_t dim, const float* q,
                     float* out);
 
+/// out[g * n + j] = q_g . keys[head, tokens[j]] for the n_q queries at q (size n_q *
+/// keys.dim float32) and n tokens of one KV head, in float32 from any KV dtype: the scores
+/// decode attention computes, for a set of tokens to rank. Host memory.
+void gather_scores(const float* q, std::int64_t n_q, const KVView& keys, std::int64_t head,
+                   const std::int32_t* tokens, std::int64_t n, float* out);
+
 /// Indices of the k largest of n scores, highest first, ties to the lower index.
 std::vector<std::int32_t> top_k(const float* scores, std::int64_t n, std::int64_t k);
 

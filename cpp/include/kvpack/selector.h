@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <variant>
+#include <vector>
 
 #include "kvpack/cluster_index.h"
 #include "kvpack/common.h"
@@ -40,6 +41,11 @@ class Selector {
   /// @param out  size rows * selection_size(budget), ascending per row
   virtual void select(const float* q, std::int64_t heads_q, std::int64_t budget,
                       bool per_query_head, std::int32_t* out) const = 0;
+
+  /// Tokens every selection of `budget` holds whatever the query, ascending (ClusterKV's
+  /// sinks, window and unclustered tokens, Quest's current page); a refined selection
+  /// keeps them.
+  virtual std::vector<std::int32_t> always_attended(std::int64_t budget) const = 0;
 
   /// The most tokens a selection will hold on top of min(budget, tokens), so that a fast
   /// tier can be sized once for every selection to come.

@@ -217,7 +217,8 @@ class KVPackCache(Cache):
     def stats(self) -> dict:
         """Tokens seen, slots held per compressed layer, the bytes every layer holds per
         tier, and recall counts summed over layers and sequences (``hits``, ``loaded``,
-        ``bytes_loaded``, ``hit_rate``).
+        ``bytes_loaded``, ``hit_rate``, and ``candidates``: keys scored exactly to refine
+        the selection).
 
         ``bytes`` maps each tier to the key/value bytes held there: ``"model"`` (tensors
         on the model's device: kept slots, decoded tokens, skipped layers), ``"slow"`` and
@@ -240,7 +241,7 @@ class KVPackCache(Cache):
         }
         if self.method.kind == "recall":
             totals = [r.total for layer in compressed for r in getattr(layer, "recall", [])]
-            for name in ("selected", "hits", "loaded", "bytes_loaded"):
+            for name in ("selected", "hits", "loaded", "bytes_loaded", "candidates"):
                 result[name] = int(sum(t[name] for t in totals))
             result["hit_rate"] = result["hits"] / max(1, result["selected"])
         return result
