@@ -379,6 +379,7 @@ void bind_clustering(py::module_& m) {
                                py::dict tiers;
                                tiers["slow"] = s.slow_tier_bytes();
                                tiers["fast"] = s.fast_tier_bytes();
+                               tiers["codes"] = s.code_bytes();
                                return tiers;
                              })
       .def_property_readonly("n_clusters",

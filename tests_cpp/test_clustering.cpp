@@ -209,5 +209,56 @@ TEST(RecallCache, RefinedStepKeepsTheHighestExactScoresOfTheCandidates) {
   EXPECT_THROW(RecallCache{RecallMethod{bad}}, std::invalid_argument);
 }
 
+TEST(RecallCache, CodedSlowTierAttendsTheDequantizedPrompt) {
+  testing::Cache c(2, 200, 16, 33);
+  QuestParams quest;
+  quest.page_size = 8;
+  quest.budget = 40;
+  quest.slow_bits = 4;
+  quest.slow_group = 16;
+  for (std::int64_t refine : {1, 3}) {
+    quest.refine = refine;
+    RecallCache recall(quest);
+    const KVView k{c.keys.data(), DType::Float32, 2, 190, 16, 200 * 16};
+    const KVView v{c.values.data(), DType::Float32, 2, 190, 16, 200 * 16};
+    recall.prefill(k, v);
+    ASSERT_NE(recall.codes(), nullptr);
+    EXPECT_EQ(recall.codes()->quantized(), 160);
+    EXPECT_GT(recall.code_bytes(), 0);
+    // The reference cache: the dequantized prompt, then the decoded tokens exact.
+    testing::Cache want = c;
+    std::vector<float> dk(2 * 190 * 16), dv(dk.size());
+    recall.codes()->dequantize(dk.data(), dv.data());
+    for (std::int64_t h = 0; h < 2; ++h)
+      for (std::int64_t i = 0; i < 190 * 16; ++i) {
+        want.keys[h * 200 * 16 + i] = dk[h * 190 * 16 + i];
+        want.values[h * 200 * 16 + i] = dv[h * 190 * 16 + i];
+      }
+    for (std::int64_t t = 190; t < 200; ++t) {
+      const KVView nk{c.keys.data() + t * 16, DType::Float32, 2, 1, 16, 200 * 16};
+      const KVView nv{c.values.data() + t * 16, DType::Float32, 2, 1, 16, 200 * 16};
+      const auto q = testing::random_vector(4 * 16, static_cast<unsigned>(t));
+      std::vector<float> out(4 * 16);
+      recall.step(q.data(), 4, nk, nv, out.data());
+      const std::int64_t count = static_cast<std::int64_t>(recall.last_selection().size()) / 2;
+      EXPECT_EQ(count, 40);
+      for (std::int64_t hq = 0; hq < 4; ++hq) {
+        const std::int32_t* row = recall.last_selection().data() + (hq / 2) * count;
+        const std::vector<std::int64_t> sel(row, row + count);
+        EXPECT_EQ(sel.back(), t);
+        double lse = 0;
+        const auto ref = testing::reference_attention(q.data() + hq * 16, want, hq / 2, sel, &lse);
+        for (std::int64_t i = 0; i < 16; ++i) EXPECT_NEAR(out[hq * 16 + i], ref[i], 1e-5);
+      }
+    }
+    EXPECT_EQ(recall.tokens(), 200);
+  }
+  quest.slow_bits = 2;
+  EXPECT_THROW(RecallCache{quest}, std::invalid_argument);
+  quest.slow_bits = 8;
+  quest.fast_tier = true;
+  EXPECT_THROW(RecallCache{quest}, std::invalid_argument);
+}
+
 }  // namespace
 }  // namespace kvpack

@@ -49,6 +49,34 @@ TEST(Quant, AttentionOverCodesEqualsAttentionOverDequantized) {
   for (std::size_t i = 0; i < lse.size(); ++i) EXPECT_NEAR(lse[i], expected_lse[i], 1e-4);
 }
 
+TEST(Quant, DequantizedRowsEqualTheWholeDequantization) {
+  testing::Cache c(2, 90, 20, 45);  // 20 channels: a short last value group
+  const std::vector<std::int32_t> tokens{0, 7, 8, 31, 40, 63, 64, 79, 80, 89};  // codes, residual
+  const auto n = static_cast<std::int64_t>(tokens.size());
+  for (int bits : {2, 4, 8}) {
+    QuantParams p;
+    p.bits = bits;
+    p.group = 8;
+    p.residual = 10;
+    const QuantizedKV q(c.k, c.v, p);
+    std::vector<float> k(c.keys.size()), v(c.values.size());
+    q.dequantize(k.data(), v.data());
+    std::vector<float> rows_k(static_cast<std::size_t>(n * 20)), rows_v(rows_k.size());
+    q.dequantize_rows(1, tokens.data(), n, rows_k.data(), rows_v.data());
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t ch = 0; ch < 20; ++ch) {
+        EXPECT_EQ(rows_k[i * 20 + ch], k[(90 + tokens[i]) * 20 + ch]) << bits << " " << i;
+        EXPECT_EQ(rows_v[i * 20 + ch], v[(90 + tokens[i]) * 20 + ch]) << bits << " " << i;
+      }
+    std::fill(rows_v.begin(), rows_v.end(), -1.0f);
+    q.dequantize_rows(1, tokens.data(), n, nullptr, rows_v.data());  // values alone
+    EXPECT_EQ(rows_v[20], v[(90 + 7) * 20]);
+    const std::int32_t out_of_range = 90;
+    EXPECT_THROW(q.dequantize_rows(0, &out_of_range, 1, rows_k.data(), nullptr),
+                 std::invalid_argument);
+  }
+}
+
 TEST(Quant, RejectsBadBits) {
   testing::Cache c(1, 10, 4, 44);
   QuantParams p;

@@ -312,6 +312,75 @@ def test_refining_keeps_more_attention_than_the_method_alone(rng, method):
     assert (gain >= -1e-9).all() and gain.mean() > 0.1, gain.mean()
 
 
+@pytest.mark.parametrize("method", ["clusterkv", "quest"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("refine", "per_query_head"), [(1, False), (3, False), (3, True)])
+def test_coded_slow_tier_attends_the_dequantized_prompt(rng, method, bits, refine, per_query_head):
+    # The prompt held as KIVI codes: the step ranks and attends the recalled tokens as the
+    # float64 dequantized prompt (and the exact decoded tokens) would give them.
+    keys, _, _ = topic_keys(rng, tokens=1500)
+    keys = keys.astype(np.float16)
+    values = rng.standard_normal(keys.shape).astype(np.float16)
+    budget, group = 128, 32
+    options = dict(slow_bits=bits, slow_group=group, refine=refine, per_query_head=per_query_head)
+    if method == "clusterkv":
+        options["n_clusters"] = 60
+    recall = kvpack.RecallCache(budget=budget, method=method, **options)
+    recall.prefill(keys, values)
+    k, v, quantized = reference.kivi_dequantize(keys, values, bits, group=group, residual=group)
+    assert quantized == 1440
+    exact = kvpack.RecallCache(budget=budget, method=method, **{**options, "slow_bits": 0})
+    exact.prefill(keys, values)
+    for step in range(3):
+        q = rng.standard_normal((8, 32)).astype(np.float32)
+        new_k = rng.standard_normal((2, 32)).astype(np.float16)
+        new_v = rng.standard_normal((2, 32)).astype(np.float16)
+        out = recall.step(q, new_k, new_v)
+        exact.step(q, new_k, new_v)
+        k = np.concatenate([k, new_k[:, None]], axis=1)
+        v = np.concatenate([v, new_v[:, None]], axis=1)
+        selection = recall.last_selection
+        if refine == 1:  # the index is the exact prompt's: the same selection
+            np.testing.assert_array_equal(selection, exact.last_selection)
+        else:  # the candidates too, then the budget ranked by the dequantized keys
+            candidates = recall.last_candidates
+            np.testing.assert_array_equal(candidates, exact.last_candidates)
+            tokens = k.shape[1]
+            if method == "quest":
+                pinned = np.arange(16 * (tokens // 16), tokens)
+                count = budget
+            else:
+                pinned = np.r_[np.arange(16), np.arange(1500, tokens)]
+                count = budget + step + 1
+            expected = reference_refine(candidates, pinned, k, q, count, per_query_head)
+            np.testing.assert_array_equal(selection, expected)
+        want, _, _ = reference.decode_attention(q, k, v, indices=selection)
+        np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+    held = recall.nbytes
+    full = keys.nbytes + values.nbytes
+    assert held["fast"] == 0 and held["slow"] < exact.nbytes["slow"] - full * 0.9
+    # codes of `bits` bits and two float16 per 32 values, the last 60 tokens exact
+    expected_codes = full * ((bits + 1) / 16 * 1440 / 1500 + 60 / 1500)
+    assert held["codes"] == pytest.approx(expected_codes, rel=1e-3)
+
+
+def test_coded_slow_tier_holds_about_a_quarter_of_the_prompt(rng):
+    keys = rng.standard_normal((2, 4096, 128)).astype(np.float16)
+    recall = kvpack.RecallCache(budget=256, slow_bits=4)
+    recall.prefill(keys, keys)
+    ratio = recall.nbytes["codes"] / (2 * keys.nbytes)
+    assert 0.26 < ratio < 0.29, ratio  # 4 bits + 2 float16 per 128 values, 128 tokens exact
+    q = rng.standard_normal((4, 128)).astype(np.float32)
+    recall.step(q, keys[:, 0], keys[:, 0])
+    stats = recall.last_step
+    # A token of the codes loads 2 x 64 bytes of codes and its value range; the prompt's
+    # exact tail and the new token their float16 rows.
+    coded = int((recall.last_selection < 4096 - 128).sum())
+    exact = stats["loaded"] - coded
+    assert coded > 0 and exact >= 2
+    assert stats["bytes_loaded"] == coded * (2 * 64 + 4) + exact * 2 * 128 * 2
+
+
 @pytest.mark.parametrize("fast_tier", [False, True])
 def test_recalled_clusters_stay_in_the_fast_tier(rng, fast_tier):
     keys, _, _ = topic_keys(rng)
@@ -429,6 +498,16 @@ def test_clusterkv_recovers_more_attention_than_quest(rng):
         ),
         (lambda k: kvpack.RecallCache(budget=0).prefill(k, k), ValueError, "budget: expected >= 1"),
         (lambda k: kvpack.RecallCache(refine=0), ValueError, "refine: expected an int from 1 to"),
+        (
+            lambda k: kvpack.RecallCache(slow_bits=2).prefill(k, k),
+            ValueError,
+            "slow_bits: expected 0 \\(exact\\), 4 or 8, got 2",
+        ),
+        (
+            lambda k: kvpack.RecallCache(slow_bits=4, fast_tier=True).prefill(k, k),
+            ValueError,
+            "fast_tier: a slow tier of codes",
+        ),
         (
             lambda k: kvpack.RecallCache().step(np.ones((2, 32)), k[:, 0], k[:, 0]),
             ValueError,

@@ -152,6 +152,29 @@ def test_recall_layer_attends_the_selected_tokens(model, method, refine):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("refine", [1, 2])
+@pytest.mark.parametrize("method", ["clusterkv", "quest"])
+def test_recall_layer_attends_the_coded_prompt(model, method, refine):
+    # The prompt as 8-bit codes in the slow tier: the step attends what the float64
+    # dequantized prompt and the exact decoded token give the selection.
+    options = {"sink": 4, "n_clusters": 6} if method == "clusterkv" else {}
+    cache, q, k, v, _, out = _layer_step(
+        model, method, budget=32, slow_bits=8, slow_group=32, refine=refine, **options
+    )
+    prompt = k.shape[1] - 1
+    deq_k, deq_v, quantized = reference.kivi_dequantize(
+        k[:, :prompt], v[:, :prompt], 8, group=32, residual=32
+    )
+    assert quantized == 64
+    keys = np.concatenate([deq_k, k[:, prompt:]], axis=1)
+    values = np.concatenate([deq_v, v[:, prompt:]], axis=1)
+    selected = cache.layers[2].recall[0].last_selection
+    expected, _, _ = reference.decode_attention(q[:, prompt], keys, values, indices=selected)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    held = cache.stats()["bytes"]
+    assert held["codes"] > 0
+
+
 @pytest.mark.parametrize("method", ["clusterkv", "quest"])
 def test_refined_recall_over_the_context_gives_the_dynamic_cache_tokens(model, prompts, method):
     # Every candidate kept: the refined step's attention from its own scores is exact.

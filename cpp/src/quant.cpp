@@ -224,6 +224,39 @@ void QuantizedKV::dequantize(DType dtype, void* keys, void* values) const {
   });
 }
 
+void QuantizedKV::dequantize_rows(std::int64_t head, const std::int32_t* tokens, std::int64_t n,
+                                  float* keys, float* values) const {
+  const std::int64_t group = params_.group, token_groups = quantized_ / group;
+  const std::int64_t rest = tokens_ - quantized_, group_bytes = key_group_bytes();
+  const int bits = params_.bits, mask = (1 << bits) - 1;
+  const std::size_t row_bytes = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(dim_));
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t t = tokens[i];
+    KVPACK_CHECK(t >= 0 && t < tokens_,
+                 "tokens: expected ids in [0, " << tokens_ << "), got " << t);
+    float* k = keys ? keys + i * dim_ : nullptr;
+    float* v = values ? values + i * dim_ : nullptr;
+    if (t >= quantized_) {
+      const std::size_t at = static_cast<std::size_t>(head * rest + t - quantized_) * row_bytes;
+      if (k) to_float(residual_keys_.data() + at, dtype_, dim_, k);
+      if (v) to_float(residual_values_.data() + at, dtype_, dim_, v);
+      continue;
+    }
+    if (k) {  // code t % group of each channel's run in its token group
+      const std::int64_t base = (head * token_groups + t / group) * dim_;
+      const std::int64_t bit = (t % group) * bits;
+      const std::uint8_t* packed = key_codes_.data() + base * group_bytes + bit / 8;
+      for (std::int64_t c = 0; c < dim_; ++c) {
+        const int code = (packed[c * group_bytes] >> (bit % 8)) & mask;
+        k[c] = static_cast<float>(key_min_[base + c]) +
+               static_cast<float>(key_scale_[base + c]) * static_cast<float>(code);
+      }
+    }
+    if (v) expand_value_row(head, t, codes.data(), v);
+  }
+}
+
 namespace {
 
 struct SerialHeader {

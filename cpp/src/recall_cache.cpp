@@ -4,7 +4,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 
+#include "kvpack/convert.h"
 #include "kvpack/parallel.h"
 #include "kvpack/select.h"
 
@@ -20,35 +22,45 @@ RecallCache::RecallCache(const RecallMethod& method)
   KVPACK_CHECK(params_.recall_steps >= 1,
                "recall_steps: expected >= 1, got " << params_.recall_steps);
   KVPACK_CHECK(params_.refine >= 1, "refine: expected >= 1, got " << params_.refine);
+  KVPACK_CHECK(params_.slow_bits == 0 || params_.slow_bits == 4 || params_.slow_bits == 8,
+               "slow_bits: expected 0 (exact), 4 or 8, got " << params_.slow_bits);
+  KVPACK_CHECK(params_.slow_group >= 1, "slow_group: expected >= 1, got " << params_.slow_group);
+  KVPACK_CHECK(!(params_.slow_bits && params_.fast_tier),
+               "fast_tier: a slow tier of codes (slow_bits) is attended in place; expected "
+               "fast_tier False");
   check_method(method_);
 }
 
 KVView RecallCache::keys() const {
-  return KVView{keys_.data(), dtype_, heads_, tokens_, dim_, capacity_ * dim_};
+  return KVView{keys_.data(), dtype_, heads_, tokens_ - base_, dim_, capacity_ * dim_};
 }
 
 KVView RecallCache::values() const {
-  return KVView{values_.data(), dtype_, heads_, tokens_, dim_, capacity_ * dim_};
+  return KVView{values_.data(), dtype_, heads_, tokens_ - base_, dim_, capacity_ * dim_};
+}
+
+void RecallCache::track_tokens() {
+  for (auto& slots : slot_of_) slots.resize(static_cast<std::size_t>(tokens_), -1);
+  for (auto& steps : recalled_at_) steps.resize(static_cast<std::size_t>(tokens_), kNever);
 }
 
 void RecallCache::append_rows(const KVView& k, const KVView& v) {
   const std::size_t elem = dtype_size(dtype_);
+  const std::int64_t held = tokens_ - base_;
   // Grow by a quarter: a copy every capacity/4 tokens keeps appends cheap on average
   // while the slow tier stays within 1.25x of the tokens it holds.
-  if (tokens_ + k.tokens > capacity_)
-    reserve_rows(
-        std::max(tokens_ + k.tokens, capacity_ + std::max<std::int64_t>(64, capacity_ / 4)));
+  if (held + k.tokens > capacity_)
+    reserve_rows(std::max(held + k.tokens, capacity_ + std::max<std::int64_t>(64, capacity_ / 4)));
   const std::size_t row_bytes = static_cast<std::size_t>(dim_) * elem;
   for (std::int64_t h = 0; h < heads_; ++h)
     for (std::int64_t i = 0; i < k.tokens; ++i) {
-      std::memcpy(keys_.data() + ((h * capacity_ + tokens_ + i) * dim_) * elem, k.row(h, i),
+      std::memcpy(keys_.data() + ((h * capacity_ + held + i) * dim_) * elem, k.row(h, i),
                   row_bytes);
-      std::memcpy(values_.data() + ((h * capacity_ + tokens_ + i) * dim_) * elem, v.row(h, i),
+      std::memcpy(values_.data() + ((h * capacity_ + held + i) * dim_) * elem, v.row(h, i),
                   row_bytes);
     }
   tokens_ += k.tokens;
-  for (auto& slots : slot_of_) slots.resize(static_cast<std::size_t>(tokens_), -1);
-  for (auto& steps : recalled_at_) steps.resize(static_cast<std::size_t>(tokens_), kNever);
+  track_tokens();
 }
 
 void RecallCache::reserve_rows(std::int64_t capacity) {
@@ -56,8 +68,8 @@ void RecallCache::reserve_rows(std::int64_t capacity) {
   const std::size_t elem = dtype_size(dtype_);
   std::vector<unsigned char> nk(static_cast<std::size_t>(heads_ * capacity * dim_) * elem),
       nv(nk.size());
-  for (std::int64_t h = 0; h < heads_ && tokens_ > 0; ++h) {
-    const std::size_t bytes = static_cast<std::size_t>(tokens_ * dim_) * elem;
+  for (std::int64_t h = 0; h < heads_ && tokens_ > base_; ++h) {
+    const std::size_t bytes = static_cast<std::size_t>((tokens_ - base_) * dim_) * elem;
     std::memcpy(nk.data() + h * capacity * dim_ * elem, keys_.data() + h * capacity_ * dim_ * elem,
                 bytes);
     std::memcpy(nv.data() + h * capacity * dim_ * elem,
@@ -76,12 +88,18 @@ void RecallCache::prefill(const KVView& keys, const KVView& values) {
                "values: expected the shape and dtype of keys");
   // The index first: a prompt it rejects leaves the cache as it was.
   std::unique_ptr<Selector> selector = make_selector(method_, keys);
+  std::unique_ptr<QuantizedKV> codes;
+  if (params_.slow_bits)
+    codes = std::make_unique<QuantizedKV>(
+        keys, values,
+        QuantParams{static_cast<int>(params_.slow_bits), params_.slow_group, params_.slow_group});
   dtype_ = keys.dtype;
   heads_ = keys.heads;
   dim_ = keys.dim;
-  tokens_ = capacity_ = step_ = 0;
+  tokens_ = capacity_ = step_ = base_ = 0;
   keys_.clear();
   values_.clear();
+  codes_ = std::move(codes);
   last_ = total_ = RecallStats{};
   selection_.clear();
   candidates_.clear();
@@ -89,8 +107,14 @@ void RecallCache::prefill(const KVView& keys, const KVView& values) {
   slot_of_.assign(static_cast<std::size_t>(params_.fast_tier ? heads_ : 0), {});
   recalled_at_.assign(static_cast<std::size_t>(params_.fast_tier ? 0 : heads_), {});
   // Room for the first decoded tokens, so the first decode steps do not copy the slow tier.
-  reserve_rows(keys.tokens + selector->decode_room());
-  append_rows(keys, values);
+  if (codes_) {  // the prompt lives in the codes; the exact rows start after it
+    tokens_ = base_ = keys.tokens;
+    reserve_rows(selector->decode_room());
+    track_tokens();
+  } else {
+    reserve_rows(keys.tokens + selector->decode_room());
+    append_rows(keys, values);
+  }
   selector_ = std::move(selector);
   // The fast tier holds what the last R steps recalled (for every query head of a
   // group when heads select on their own), never more than every token once.
@@ -197,8 +221,9 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
   const std::int64_t count = selector_->selection_size(params_.budget);
   selection_.assign(static_cast<std::size_t>(rows * count), 0);
   selection_rows_ = rows;
-  const bool refined = params_.refine > 1;
-  std::vector<float> scores;  // refined: the selection's exact scaled scores
+  // Refined or coded selections are scored here, and attended from those scores.
+  const bool refined = params_.refine > 1 || codes_;
+  std::vector<float> scores;  // refined: the selection's scaled scores
   if (refined) {
     refine_selection(q, heads_q, per_q, count, scores);
   } else {
@@ -279,7 +304,7 @@ void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool pe
   const std::vector<std::int32_t> always = selector_->always_attended(budget);
   // Candidates beyond the budget only where the always attended tokens leave room; the
   // product stays below 2^62 (tokens < 2^31, refine capped at tokens).
-  const std::int64_t wide = static_cast<std::int64_t>(always.size()) < count
+  const std::int64_t wide = params_.refine > 1 && static_cast<std::int64_t>(always.size()) < count
                                 ? std::min(budget, tokens_) * std::min(params_.refine, tokens_)
                                 : budget;
   const std::int64_t n = selector_->selection_size(wide);
@@ -295,7 +320,14 @@ void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool pe
     // Exact q . k of every candidate for each query head of the row (as attention scores
     // them), then the row's ranking score: their sum over the group.
     std::vector<float> dots(static_cast<std::size_t>(n_q * n));
-    gather_scores(q + first_q * dim_, n_q, k, head, candidates, n, dots.data());
+    if (codes_) {  // from the recalled tokens' codes
+      std::vector<float> rows_f(static_cast<std::size_t>(n * dim_));
+      rows_as_float(head, candidates, n, rows_f.data(), nullptr);
+      for (std::int64_t g = 0; g < n_q; ++g)
+        inner_products(rows_f.data(), n, dim_, q + (first_q + g) * dim_, dots.data() + g * n);
+    } else {
+      gather_scores(q + first_q * dim_, n_q, k, head, candidates, n, dots.data());
+    }
     std::vector<float> rank(dots.begin(), dots.begin() + n);
     for (std::int64_t g = 1; g < n_q; ++g)
       for (std::int64_t j = 0; j < n; ++j) rank[j] += dots[g * n + j];
@@ -313,6 +345,24 @@ void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool pe
         scores[(r * n_q + g) * count + i] = dots[g * n + kept[i]] * scale;
     }
   });
+  if (params_.refine == 1) {  // the method's own selection: nothing to report as candidates
+    candidates_.clear();
+    candidate_count_ = 0;
+  }
+}
+
+void RecallCache::rows_as_float(std::int64_t head, const std::int32_t* tokens, std::int64_t n,
+                                float* keys, float* values) const {
+  // Ascending ids: the coded prompt's first, then the exact rows after it.
+  const std::int64_t coded =
+      codes_ ? std::lower_bound(tokens, tokens + n, static_cast<std::int32_t>(base_)) - tokens : 0;
+  if (coded > 0) codes_->dequantize_rows(head, tokens, coded, keys, values);
+  const std::size_t elem = dtype_size(dtype_);
+  for (std::int64_t i = coded; i < n; ++i) {
+    const std::size_t row = static_cast<std::size_t>((head * capacity_ + tokens[i] - base_) * dim_);
+    if (keys) to_float(keys_.data() + row * elem, dtype_, dim_, keys + i * dim_);
+    if (values) to_float(values_.data() + row * elem, dtype_, dim_, values + i * dim_);
+  }
 }
 
 void RecallCache::attend_scored(const std::vector<float>& scores, std::int64_t heads_q, bool per_q,
@@ -341,6 +391,16 @@ void RecallCache::attend_scored(const std::vector<float>& scores, std::int64_t h
       for (std::int64_t i = 0; i < count; ++i)
         slots.push_back(slot_of[static_cast<std::size_t>(tokens[i])]);
     }
+    if (codes_) {  // the kept tokens' values from their codes, as rows 0..count-1
+      std::vector<float> rows_f(static_cast<std::size_t>(count * dim_));
+      rows_as_float(head, tokens, count, nullptr, rows_f.data());
+      std::vector<std::int32_t> order(static_cast<std::size_t>(count));
+      std::iota(order.begin(), order.end(), 0);
+      const KVView gathered{rows_f.data(), DType::Float32, 1, count, dim_};
+      weighted_value_sum(weights.data(), n_q, gathered, 0, order.data(), count,
+                         out + first_q * dim_);
+      return;
+    }
     weighted_value_sum(weights.data(), n_q, params_.fast_tier ? fast : slow, head,
                        params_.fast_tier ? slots.data() : tokens, count, out + first_q * dim_);
   });
@@ -349,19 +409,27 @@ void RecallCache::attend_scored(const std::vector<float>& scores, std::int64_t h
 void RecallCache::count_recalls(const std::vector<std::vector<std::int32_t>>& needed,
                                 RecallStats& stats) {
   const std::int64_t row_bytes = 2 * dim_ * static_cast<std::int64_t>(dtype_size(dtype_));
+  // A coded token loads its key and value codes and its value ranges (its key ranges are
+  // shared by its token group).
+  const std::int64_t coded_below = codes_ ? codes_->quantized() : 0;
+  const std::int64_t code_bytes = 2 * ((dim_ * params_.slow_bits + 7) / 8) +
+                                  4 * ((dim_ + params_.slow_group - 1) / params_.slow_group);
+  std::int64_t loaded_coded = 0;
   for (std::int64_t h = 0; h < heads_; ++h) {
     auto& recalled_at = recalled_at_[static_cast<std::size_t>(h)];
     for (std::int32_t t : needed[static_cast<std::size_t>(h)]) {
       std::int64_t& at = recalled_at[static_cast<std::size_t>(t)];
-      if (at >= step_ - params_.recall_steps)
+      if (at >= step_ - params_.recall_steps) {
         ++stats.hits;
-      else
+      } else {
         ++stats.loaded;
+        loaded_coded += t < coded_below;
+      }
       at = step_;
     }
     stats.selected += static_cast<std::int64_t>(needed[static_cast<std::size_t>(h)].size());
   }
-  stats.bytes_loaded = stats.loaded * row_bytes;
+  stats.bytes_loaded = (stats.loaded - loaded_coded) * row_bytes + loaded_coded * code_bytes;
 }
 
 void RecallCache::attend_in_place(const float* q, std::int64_t heads_q, std::int64_t rows,

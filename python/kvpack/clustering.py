@@ -259,6 +259,15 @@ class RecallCache:
         a KV head's query heads unless ``per_query_head``), besides the tokens the method
         always attends [1: the method's own selection]. A cluster or page shared by a
         relevant token and its neighbours then no longer spends the budget on all of them.
+    slow_bits : {0, 4, 8}
+        0: the slow tier holds the prompt as given [0]. 4 or 8: as KIVI codes of that many
+        bits (keys per channel over ``slow_group`` tokens, values per token over
+        ``slow_group`` channels, float16 ranges); the prompt's last ``slow_group`` tokens
+        and every decoded token stay exact. A step scores and attends the recalled tokens
+        from their codes, reading only theirs; the index (centroids, page bounds) is built
+        from the exact prompt at the prefill. Needs ``fast_tier=False``.
+    slow_group : int
+        Tokens per key range and channels per value range of the codes [128].
     page_size : int
         Quest page size [16].
 
@@ -309,8 +318,9 @@ class RecallCache:
 
     @property
     def nbytes(self) -> dict[str, int]:
-        """Key and value bytes held per tier: ``{"slow": ..., "fast": ...}`` (the slow
-        tier's spare room for decoded tokens included; ``fast`` is 0 in place)."""
+        """Key and value bytes held per tier: ``{"slow": ..., "fast": ..., "codes": ...}``
+        (the slow tier's exact rows, its spare room for decoded tokens included; ``fast`` is
+        0 in place; ``codes``: the prompt's KIVI codes with ``slow_bits``, else 0)."""
         return self._recall.nbytes
 
     @property

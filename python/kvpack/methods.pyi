@@ -436,11 +436,15 @@ class ClusterKV:
         Each query head selects its own tokens (GQA) instead of one set per KV head.
     fast_tier : bool, default False
         Copy recalled tokens into a fast tier kept for R steps (False: attend in place).
+    slow_bits : int, default 0
+        0: the slow tier holds the prompt as given; 4 or 8: as KIVI codes of that many bits, ranked and attended from the codes (the last slow_group prompt tokens and the decoded ones exact).
+    slow_group : int, default 128
+        Tokens per key range and channels per value range of the slow tier's codes.
     """
     __hash__: typing.ClassVar[None] = None
     kind: typing.ClassVar[str] = 'recall'
     name: typing.ClassVar[str] = 'clusterkv'
-    params: typing.ClassVar[tuple] = ('n_clusters', 'tokens_per_cluster', 'sink', 'window', 'iters', 'seed', 'init', 'append_interval', 'append_clusters', 'refine', 'recall_steps', 'per_query_head', 'fast_tier')
+    params: typing.ClassVar[tuple] = ('n_clusters', 'tokens_per_cluster', 'sink', 'window', 'iters', 'seed', 'init', 'append_interval', 'append_clusters', 'refine', 'recall_steps', 'per_query_head', 'fast_tier', 'slow_bits', 'slow_group')
     def __copy__(self: ClusterKV) -> ClusterKV:
         ...
     def __deepcopy__(self: ClusterKV, arg0: dict) -> ClusterKV:
@@ -552,6 +556,22 @@ class ClusterKV:
     def sink(self, arg1: typing.Any) -> None:
         ...
     @property
+    def slow_bits(self) -> typing.Any:
+        """
+        int: 0: the slow tier holds the prompt as given; 4 or 8: as KIVI codes of that many bits, ranked and attended from the codes (the last slow_group prompt tokens and the decoded ones exact).
+        """
+    @slow_bits.setter
+    def slow_bits(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def slow_group(self) -> typing.Any:
+        """
+        int: Tokens per key range and channels per value range of the slow tier's codes.
+        """
+    @slow_group.setter
+    def slow_group(self, arg1: typing.Any) -> None:
+        ...
+    @property
     def tokens_per_cluster(self) -> typing.Any:
         """
         int: Mean cluster size the automatic n_clusters aims at.
@@ -583,11 +603,15 @@ class Quest:
         Each query head selects its own tokens (GQA) instead of one set per KV head.
     fast_tier : bool, default False
         Copy recalled tokens into a fast tier kept for R steps (False: attend in place).
+    slow_bits : int, default 0
+        0: the slow tier holds the prompt as given; 4 or 8: as KIVI codes of that many bits, ranked and attended from the codes (the last slow_group prompt tokens and the decoded ones exact).
+    slow_group : int, default 128
+        Tokens per key range and channels per value range of the slow tier's codes.
     """
     __hash__: typing.ClassVar[None] = None
     kind: typing.ClassVar[str] = 'recall'
     name: typing.ClassVar[str] = 'quest'
-    params: typing.ClassVar[tuple] = ('page_size', 'refine', 'recall_steps', 'per_query_head', 'fast_tier')
+    params: typing.ClassVar[tuple] = ('page_size', 'refine', 'recall_steps', 'per_query_head', 'fast_tier', 'slow_bits', 'slow_group')
     def __copy__(self: Quest) -> Quest:
         ...
     def __deepcopy__(self: Quest, arg0: dict) -> Quest:
@@ -649,6 +673,22 @@ class Quest:
         """
     @refine.setter
     def refine(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def slow_bits(self) -> typing.Any:
+        """
+        int: 0: the slow tier holds the prompt as given; 4 or 8: as KIVI codes of that many bits, ranked and attended from the codes (the last slow_group prompt tokens and the decoded ones exact).
+        """
+    @slow_bits.setter
+    def slow_bits(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def slow_group(self) -> typing.Any:
+        """
+        int: Tokens per key range and channels per value range of the slow tier's codes.
+        """
+    @slow_group.setter
+    def slow_group(self, arg1: typing.Any) -> None:
         ...
 class KIVI:
     """

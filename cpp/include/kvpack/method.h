@@ -79,6 +79,11 @@ struct RecallParams {
   /// Candidates the method recalls per budget token before the step keeps the `budget` of
   /// them with the highest exact q . k (1: the method's own selection, as its paper does).
   std::int64_t refine = 1;
+  /// 0: the slow tier holds the prompt's keys and values as given; 4 or 8: as KIVI codes of
+  /// that many bits (keys per channel over slow_group tokens, values per token over
+  /// slow_group channels), the prompt's last slow_group tokens and every decoded one exact.
+  std::int64_t slow_bits = 0;
+  std::int64_t slow_group = 128;
 
   template <class Self, class F>
   static void each_recall_param(Self& p, F&& f) {
@@ -97,6 +102,15 @@ struct RecallParams {
                 "Copy recalled tokens into a fast tier kept for R steps (False: attend in "
                 "place)."},
       p.fast_tier);
+    f(ParamSpec{"slow_bits", ParamRule::Count,
+                "0: the slow tier holds the prompt as given; 4 or 8: as KIVI codes of that many "
+                "bits, ranked and attended from the codes (the last slow_group prompt tokens "
+                "and the decoded ones exact).",
+                0},
+      p.slow_bits);
+    f(ParamSpec{"slow_group", ParamRule::Count,
+                "Tokens per key range and channels per value range of the slow tier's codes.", 1},
+      p.slow_group);
   }
 };
 

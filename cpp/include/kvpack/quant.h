@@ -64,6 +64,11 @@ class QuantizedKV {
   /// Writes the dequantized cache [heads, tokens, dim] in `dtype` into keys and values.
   void dequantize(DType dtype, void* keys, void* values) const;
 
+  /// The dequantized rows of n tokens (each < tokens()) of one head as float32 [n, dim]
+  /// into keys and values (either may be null), read from the codes of those tokens only.
+  void dequantize_rows(std::int64_t head, const std::int32_t* tokens, std::int64_t n, float* keys,
+                       float* values) const;
+
   /// Bytes of the serialized form: parameters, shapes, then every array in order.
   std::size_t serialized_size() const;
   void serialize(unsigned char* out) const;

@@ -6,6 +6,8 @@
 // tokens where they are and counts what a fast tier would have hit and loaded.
 // With refine > 1 the method recalls refine x budget candidates, the step scores them
 // exactly and keeps the budget with the highest q . k, attending them from those scores.
+// With slow_bits the slow tier holds the prompt as KIVI codes: a step scores and attends
+// the recalled tokens from their codes (only theirs are read), decoded tokens stay exact.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +17,7 @@
 #include "kvpack/attention.h"
 #include "kvpack/common.h"
 #include "kvpack/method.h"
+#include "kvpack/quant.h"
 #include "kvpack/selector.h"
 
 namespace kvpack {
@@ -25,7 +28,7 @@ struct RecallStats {
   std::int64_t selected = 0;      ///< distinct tokens attended
   std::int64_t hits = 0;          ///< of them recalled in the last R steps (fast-tier hits)
   std::int64_t loaded = 0;        ///< of them not (what a fast tier loads)
-  std::int64_t bytes_loaded = 0;  ///< K and V bytes of the loaded tokens
+  std::int64_t bytes_loaded = 0;  ///< K and V bytes of the loaded tokens (codes where coded)
   std::int64_t candidates = 0;    ///< keys scored exactly to refine the selection (over rows)
 };
 
@@ -61,13 +64,19 @@ class RecallCache {
   const RecallParams& params() const { return params_; }
   /// The method's selector; null before the prefill.
   const Selector* selector() const { return selector_.get(); }
-  /// The slow tier: every token's keys / values.
+  /// The slow tier's exact rows: every token's keys / values, or with slow_bits the
+  /// tokens after the prompt (token exact_from() + i at row i).
   KVView keys() const;
   KVView values() const;
-  /// Key and value bytes each tier holds (the slow tier's spare capacity included).
+  std::int64_t exact_from() const { return base_; }
+  /// The prompt's KIVI codes (slow_bits), else null.
+  const QuantizedKV* codes() const { return codes_.get(); }
+  /// Key and value bytes each tier holds (the slow tier's spare capacity included): its
+  /// exact rows, and its codes (slow_bits).
   std::int64_t slow_tier_bytes() const {
     return static_cast<std::int64_t>(keys_.size() + values_.size());
   }
+  std::int64_t code_bytes() const { return codes_ ? codes_->nbytes() : 0; }
   std::int64_t fast_tier_bytes() const {
     return static_cast<std::int64_t>(fast_keys_.size() + fast_values_.size());
   }
@@ -93,6 +102,12 @@ class RecallCache {
   // values where they are resident.
   void attend_scored(const std::vector<float>& scores, std::int64_t heads_q, bool per_q,
                      std::int64_t count, float* out) const;
+  // Tokens [0, n) of `head` (ascending ids) as float32 rows [n, dim] into keys and values
+  // (either may be null), from the codes or the exact rows where each is held.
+  void rows_as_float(std::int64_t head, const std::int32_t* tokens, std::int64_t n, float* keys,
+                     float* values) const;
+  // Sizes the per-token bookkeeping to tokens_.
+  void track_tokens();
   // Empties the fast tier and gives it `slots` rows per head.
   void reset_fast_tier(std::int64_t slots);
 
@@ -101,6 +116,8 @@ class RecallCache {
   std::unique_ptr<Selector> selector_;
   DType dtype_ = DType::Float32;
   std::int64_t heads_ = 0, dim_ = 0, tokens_ = 0, capacity_ = 0, step_ = 0;
+  std::unique_ptr<QuantizedKV> codes_;                  // slow_bits: the prompt's codes
+  std::int64_t base_ = 0;                               // tokens before keys_' first row
   std::vector<unsigned char> keys_, values_;            // slow tier: heads * capacity_ * dim
   std::int64_t slots_ = 0;                              // fast-tier rows per head
   std::vector<unsigned char> fast_keys_, fast_values_;  // heads * slots_ * dim

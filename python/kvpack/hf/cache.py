@@ -223,7 +223,7 @@ class KVPackCache(Cache):
         ``bytes`` maps each tier to the key/value bytes held there: ``"model"`` (tensors
         on the model's device: kept slots, decoded tokens, skipped layers), ``"slow"`` and
         ``"fast"`` (the recall methods' host store and fast tier), ``"codes"`` (KIVI's
-        quantized prompt); ``"total"`` sums them.
+        quantized prompt, or a recall method's with ``slow_bits``); ``"total"`` sums them.
         """
         compressed = [self.layers[i] for i in self.compressed_layers]
         held: dict[str, int] = {}
@@ -606,7 +606,7 @@ class _RecallLayer(_KVPackLayer):
         if not self.prefilled:
             return {"model": _tensor_bytes(self.keys, self.values)}
         tiers = [r.nbytes for r in self.recall]
-        return {tier: sum(t[tier] for t in tiers) for tier in ("slow", "fast")}
+        return {tier: sum(t[tier] for t in tiers) for tier in ("slow", "fast", "codes")}
 
 
 class _KiviLayer(_BufferedLayer):
