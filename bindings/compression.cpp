@@ -76,12 +76,55 @@ std::optional<py::array_t<float>> query_evidence(const py::object& queries, cons
   return q;
 }
 
+// The rotary frequencies [rotary_dim / 2] the queries turn by, validated against the keys.
+std::optional<py::array_t<float>> rotary_evidence(const py::object& inv_freq, const KVView& keys) {
+  if (inv_freq.is_none()) return std::nullopt;
+  py::array_t<float> freq =
+      finite_float32(as_array(inv_freq, "inv_freq"), "inv_freq", 1, "[rotary_dim / 2]");
+  KVPACK_ARG_CHECK(freq.shape(0) >= 1 && 2 * freq.shape(0) <= keys.dim,
+                   "inv_freq: expected 1 to head_dim / 2 = "
+                       << keys.dim / 2 << " frequencies, got shape " << shape_string(freq));
+  return freq;
+}
+
+// The rotation and positions of the queries (Expected Attention reads them).
+void parse_rotary(Evidence& e, const std::optional<py::array_t<float>>& inv_freq,
+                  const std::optional<double>& scaling,
+                  const std::optional<std::int64_t>& first_position) {
+  KVPACK_ARG_CHECK(e.queries || (!inv_freq && !scaling && !first_position),
+                   "inv_freq, rotary_scaling, first_position: describe the queries; pass "
+                   "queries too");
+  KVPACK_ARG_CHECK(!scaling || inv_freq, "rotary_scaling: given without inv_freq");
+  if (inv_freq) {
+    e.rotary.inv_freq = inv_freq->data();
+    e.rotary.rotary_dim = 2 * inv_freq->shape(0);
+  }
+  if (scaling) {
+    const auto as_float = static_cast<float>(*scaling);
+    KVPACK_ARG_CHECK(
+        std::isfinite(*scaling) && *scaling > 0.0 && as_float > 0.0f && std::isfinite(as_float),
+        "rotary_scaling: expected a positive number, got " << *scaling);
+    e.rotary.scaling = as_float;
+  }
+  if (first_position) {
+    KVPACK_ARG_CHECK(*first_position >= 0,
+                     "first_position: expected an int >= 0 or None, got " << *first_position);
+    e.first_position = *first_position;
+  }
+}
+
 // The evidence a method ranks by, from exactly one of queries / attention.
 Evidence parse_evidence(const std::optional<py::array_t<float>>& scores,
                         const std::optional<py::array_t<float>>& queries, bool needed,
-                        const std::string& method, float scale) {
+                        bool only_queries, const std::string& method, float scale) {
   KVPACK_ARG_CHECK(!(scores && queries),
                    "queries, attention: pass one source of evidence, not both");
+  KVPACK_ARG_CHECK(!only_queries || queries,
+                   "queries: method '"
+                       << method
+                       << "' models future queries from the prompt's queries; "
+                          "pass them [heads_q, window, head_dim]"
+                       << (scores ? " (accumulated attention does not serve)" : ""));
   KVPACK_ARG_CHECK(!needed || scores || queries,
                    "queries, attention: method '"
                        << method
@@ -110,8 +153,13 @@ void check_finite_output(const KVView& out_keys, const KVView& out_values, const
 py::dict compress_binding(const py::object& keys_obj, const py::object& values_obj,
                           const py::object& method_obj, const py::object& budget_obj,
                           const py::object& queries_obj, const py::object& attention_obj,
-                          const Arg<std::optional<double>>& scale_arg) {
+                          const Arg<std::optional<double>>& scale_arg,
+                          const py::object& inv_freq_obj,
+                          const Arg<std::optional<double>>& rotary_scaling_arg,
+                          const Arg<std::optional<std::int64_t>>& first_position_arg) {
   const auto scale = scale_arg.as("scale");
+  const auto rotary_scaling = rotary_scaling_arg.as("rotary_scaling");
+  const auto first_position = first_position_arg.as("first_position");
   CompressParams params;
   params.method = method_params(method_obj, MethodKind::Compress);
   const py::array keys_arg = as_array(keys_obj, "keys"),
@@ -121,8 +169,11 @@ py::dict compress_binding(const py::object& keys_obj, const py::object& values_o
 
   const auto scores = attention_evidence(attention_obj, keys);
   const auto queries = query_evidence(queries_obj, keys);
-  const Evidence evidence = parse_evidence(scores, queries, needs_evidence(params.method),
-                                           method_name(params.method), resolve_scale_arg(scale));
+  const auto inv_freq = rotary_evidence(inv_freq_obj, keys);
+  Evidence evidence =
+      parse_evidence(scores, queries, needs_evidence(params.method), needs_queries(params.method),
+                     method_name(params.method), resolve_scale_arg(scale));
+  parse_rotary(evidence, inv_freq, rotary_scaling, first_position);
   const std::int64_t slots = compressed_length(params, keys.tokens, keys.heads);
   const std::vector<py::ssize_t> shape{keys.heads, slots, keys.dim};
   py::array out_keys(keys_arg.dtype(), shape), out_values(keys_arg.dtype(), shape);
@@ -200,7 +251,9 @@ py::array_t<T> copy_slots(const T* data, std::int64_t heads, std::int64_t size,
 void bind_compression(py::module_& m) {
   m.def("compress", &compress_binding, py::arg("keys"), py::arg("values"), py::arg("method"),
         py::arg("budget"), py::arg("queries") = py::none(), py::arg("attention") = py::none(),
-        py::arg("scale") = py::none(), "Prefill-time compression; see kvpack.compress.");
+        py::arg("scale") = py::none(), py::arg("inv_freq") = py::none(),
+        py::arg("rotary_scaling") = py::none(), py::arg("first_position") = py::none(),
+        "Prefill-time compression; see kvpack.compress.");
   m.def(
       "budget_tokens",
       [](const py::object& budget, const Arg<std::int64_t>& tokens) {
@@ -253,7 +306,7 @@ void bind_compression(py::module_& m) {
             const auto scores = attention_evidence(attention_obj, keys);
             const auto queries = query_evidence(queries_obj, keys);
             const Evidence evidence =
-                parse_evidence(scores, queries, h2o, "h2o", self.params().scale);
+                parse_evidence(scores, queries, h2o, false, "h2o", self.params().scale);
             py::gil_scoped_release release;
             self.prefill(keys, values, evidence);
           },

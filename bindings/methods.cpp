@@ -50,6 +50,15 @@ float to_share(const py::handle& h, const std::string& name) {
   return static_cast<float>(share);
 }
 
+float to_non_negative(const py::handle& h, const std::string& name) {
+  KVPACK_TYPE_CHECK(is_real(h), name << ": expected a number, got " << type_name(h));
+  const double number = h.cast<double>();
+  KVPACK_ARG_CHECK(
+      std::isfinite(number) && number >= 0.0 && std::isfinite(static_cast<float>(number)),
+      name << ": expected a finite number >= 0, got " << number);
+  return static_cast<float>(number);
+}
+
 float to_width(const py::handle& h, const std::string& name) {
   if (py::isinstance<py::str>(h)) {
     const auto text = h.cast<std::string>();
@@ -79,6 +88,9 @@ void assign(T& field, const ParamSpec& spec, const py::handle& value) {
   switch (spec.rule) {
     case ParamRule::Share:
       if constexpr (std::is_floating_point_v<T>) field = to_share(value, name);
+      return;
+    case ParamRule::NonNegative:
+      if constexpr (std::is_floating_point_v<T>) field = to_non_negative(value, name);
       return;
     case ParamRule::OptionalShare:
       if constexpr (std::is_floating_point_v<T>)
@@ -144,6 +156,7 @@ const char* rule_type(ParamRule rule) {
     case ParamRule::OptionalCount:
       return "int | None";
     case ParamRule::Share:
+    case ParamRule::NonNegative:
       return "float";
     case ParamRule::OptionalShare:
       return "float | None";

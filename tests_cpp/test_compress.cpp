@@ -24,18 +24,29 @@ struct Compressed {
   std::int64_t filled = 0;  // what compress returns: the most slots a head filled
 };
 
-Compressed run(const testing::Cache& c, const CompressParams& p, const float* scores) {
+Compressed run(const testing::Cache& c, const CompressParams& p, const Evidence& e) {
   const std::int64_t slots = compressed_length(p, c.k.tokens, c.k.heads);
   const auto rows = static_cast<std::size_t>(c.k.heads * slots);
   Compressed r{std::vector<float>(rows * c.k.dim), std::vector<float>(rows * c.k.dim),
                std::vector<float>(static_cast<std::size_t>(c.k.heads)),
                std::vector<std::int32_t>(rows), std::vector<std::int32_t>(rows)};
-  Evidence e;
-  e.scores = scores;
   r.filled = compress(
       c.k, c.v, e, p,
       {r.keys.data(), r.values.data(), r.counts.data(), r.positions.data(), r.thresholds.data()});
   return r;
+}
+
+// Compresses c; queries (heads_q * window * dim), when given, join the evidence.
+Compressed run(const testing::Cache& c, const CompressParams& p, const float* scores,
+               const std::vector<float>* queries = nullptr, std::int64_t heads_q = 0) {
+  Evidence e;
+  e.scores = scores;
+  if (queries) {
+    e.queries = queries->data();
+    e.heads_q = heads_q;
+    e.window = static_cast<std::int64_t>(queries->size()) / (heads_q * c.k.dim);
+  }
+  return run(c, p, e);
 }
 
 TEST(Select, TopKSetIsTheTopKRankingSorted) {
@@ -132,6 +143,7 @@ TEST(Evict, KeepSetsHaveTheBudgetAndTheirWindows) {
 TEST(Compress, EveryMethodMeetsTheBudget) {
   testing::Cache c(2, 120, 8, 31);
   const std::vector<float> scores = testing::random_vector(240, 32);
+  const std::vector<float> queries = testing::random_vector(4 * 30 * 8, 35);
   std::vector<MethodParams> compressing;
   for_each_method([&](const auto& defaults) {
     if (defaults.kind == MethodKind::Compress &&
@@ -142,7 +154,7 @@ TEST(Compress, EveryMethodMeetsTheBudget) {
     CompressParams p;
     p.method = m;
     p.budget = 45;
-    const Compressed r = run(c, p, scores.data());
+    const Compressed r = run(c, p, scores.data(), &queries, 4);
     for (std::int64_t h = 0; h < 2; ++h) {
       const std::int32_t* pos = r.positions.data() + h * 45;
       EXPECT_TRUE(std::is_sorted(pos, pos + 45));
@@ -173,6 +185,77 @@ TEST(Methods, EveryMethodIsFoundByItsNameOnce) {
   EXPECT_FALSE(find_method("snap_kv"));
   EXPECT_TRUE(needs_evidence(SnapKVParams{}));
   EXPECT_FALSE(needs_evidence(StreamingLLMParams{}));
+  EXPECT_TRUE(needs_evidence(ExpectedAttentionParams{}));
+  EXPECT_TRUE(needs_queries(ExpectedAttentionParams{}));
+  EXPECT_FALSE(needs_queries(SnapKVParams{}));
+}
+
+// One query q, the same at every position (no spread): its expected exp-score is
+// exp(scale * k.q), so Expected Attention without value norms keeps the keys q leans to
+// most, the sinks aside. Cached with RoPE, q is taken back and turned to the position
+// after the last query (future_positions = 1): the keys R(next) q leans to most.
+TEST(ExpectedAttention, OneRepeatedQueryKeepsTheKeysItLeansTo) {
+  const std::int64_t dim = 8, tokens = 60, window = 20, half = dim / 2;
+  testing::Cache c(1, tokens, dim, 41);
+  const std::vector<float> q = testing::random_vector(dim, 42);
+  const std::vector<float> inv_freq = {1.0f, 0.3f, 0.1f, 0.01f};
+  auto turned = [&](std::int64_t position) {  // R(position) q, transformers' layout
+    std::vector<float> out(q);
+    for (std::int64_t j = 0; j < half; ++j) {
+      const double angle = static_cast<float>(position) * inv_freq[j];
+      out[j] = static_cast<float>(std::cos(angle) * q[j] - std::sin(angle) * q[j + half]);
+      out[j + half] = static_cast<float>(std::sin(angle) * q[j] + std::cos(angle) * q[j + half]);
+    }
+    return out;
+  };
+  for (const bool rotary : {false, true}) {
+    std::vector<float> queries;
+    for (std::int64_t i = 0; i < window; ++i) {
+      const std::vector<float> row = rotary ? turned(tokens - window + i) : q;
+      queries.insert(queries.end(), row.begin(), row.end());
+    }
+    ExpectedAttentionParams ea;
+    ea.value_norm = false;
+    ea.future_positions = 1;
+    CompressParams p;
+    p.method = ea;
+    p.budget = 14;
+    Evidence e;
+    e.queries = queries.data();
+    e.heads_q = 1;
+    e.window = window;
+    if (rotary) e.rotary = Rotary{inv_freq.data(), dim, 1.0f};
+    std::vector<float> scores(static_cast<std::size_t>(tokens));
+    expected_attention_scores(ea, c.k, c.v, e, 0, scores.data());
+    const std::vector<float> future = rotary ? turned(tokens) : q;
+    std::vector<float> leaning(static_cast<std::size_t>(tokens - 4));
+    inner_products(c.keys.data() + 4 * dim, tokens - 4, dim, future.data(), leaning.data());
+    std::vector<std::int32_t> expected = {0, 1, 2, 3};
+    for (const std::int32_t t : top_k_set(leaning.data(), tokens - 4, 10))
+      expected.push_back(t + 4);
+    const Compressed r = run(c, p, e);
+    EXPECT_EQ(r.positions, expected) << "rotary " << rotary;
+    EXPECT_TRUE(std::isinf(scores[0]) && std::isinf(scores[3]) && std::isfinite(scores[4]));
+  }
+}
+
+TEST(ExpectedAttention, NeedsQueriesAndValidParameters) {
+  testing::Cache c(2, 30, 4, 43);
+  const std::vector<float> scores(60, 1.0f);
+  const std::vector<float> queries = testing::random_vector(2 * 10 * 4, 44);
+  CompressParams p;
+  p.method = ExpectedAttentionParams{};
+  p.budget = 10;
+  EXPECT_THROW(run(c, p, scores.data()), std::invalid_argument);  // attention does not serve
+  EXPECT_NO_THROW(run(c, p, nullptr, &queries, 2));
+  ExpectedAttentionParams bad;
+  bad.future_positions = 0;
+  p.method = bad;
+  EXPECT_THROW(run(c, p, nullptr, &queries, 2), std::invalid_argument);
+  bad = {};
+  bad.epsilon = -1.0f;
+  p.method = bad;
+  EXPECT_THROW(run(c, p, nullptr, &queries, 2), std::invalid_argument);
 }
 
 TEST(Compress, RejectsAMethodOfAnotherKind) {

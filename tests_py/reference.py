@@ -219,6 +219,88 @@ def adaptive_picks(ranks, budget, floor_share=0.2):
     return [np.array(sorted(p), dtype=np.int64) for p in picks]
 
 
+def rope_matrix(position, inv_freq, dim, scaling=1.0):
+    """The [dim, dim] matrix of the rotary embedding at ``position`` (transformers'
+    rotate_half layout, the angle a float32 product as transformers computes it)."""
+    half = len(inv_freq)
+    angles = (np.float32(position) * np.asarray(inv_freq, np.float32)).astype(np.float64)
+    r = np.eye(dim)
+    for i, angle in enumerate(angles):
+        c, s = scaling * np.cos(angle), scaling * np.sin(angle)
+        r[i, i], r[i, i + half], r[i + half, i], r[i + half, i + half] = c, -s, s, c
+    return r
+
+
+def expected_attention_scores(
+    keys,
+    values,
+    queries,
+    inv_freq=None,
+    rotary_scaling=1.0,
+    first_position=None,
+    scale=None,
+    future_positions=512,
+    sinks=4,
+    covariance=True,
+    value_norm=True,
+    epsilon=0.0,
+):
+    """Expected Attention's scores [heads_kv, tokens] (the sinks +inf) in float64, from
+    the definition: queries taken back to no position, their mean and covariance turned by
+    the rotation matrix averaged over the next positions, E[exp(scale q.k)] for q normal
+    in log form, a softmax per query head over the ranked keys, the group's mean, times
+    the value norm."""
+    k, v, q = as64(keys), as64(values), as64(queries)
+    heads_kv, tokens, dim = k.shape
+    heads_q, window, _ = q.shape
+    group = heads_q // heads_kv
+    scale = 1.0 / np.sqrt(dim) if scale is None else scale
+    first = tokens - window if first_position is None else first_position
+    positions = first + np.arange(window)
+    counted = positions >= sinks
+    if inv_freq is not None:
+        unrotated = np.empty_like(q)
+        for i, p in enumerate(positions):
+            r = rope_matrix(p, inv_freq, dim, rotary_scaling)
+            unrotated[:, i] = np.linalg.solve(r, q[:, i].T).T
+        q = unrotated
+        next_position = first + window
+        averaged = np.mean(
+            [
+                rope_matrix(p, inv_freq, dim, rotary_scaling)
+                for p in range(next_position, next_position + future_positions)
+            ],
+            axis=0,
+        )
+    else:
+        averaged = np.eye(dim)
+    n_sinks = min(sinks, tokens)
+    scores = np.full((heads_kv, tokens), np.inf)
+    for h in range(heads_kv):
+        ranked = k[h, n_sinks:]
+        pooled = np.zeros(len(ranked))
+        for g in range(group):
+            x = q[h * group + g, counted]
+            mu = x.mean(axis=0) if len(x) else np.zeros(dim)
+            sigma = (x - mu).T @ (x - mu) / len(x) if len(x) else np.zeros((dim, dim))
+            mu, sigma = averaged @ mu, averaged @ sigma @ averaged.T
+            logits = scale * ranked @ mu
+            if covariance:
+                logits = logits + 0.5 * scale**2 * np.einsum("ti,ij,tj->t", ranked, sigma, ranked)
+            weights = np.exp(logits - logits.max())
+            pooled += weights / weights.sum() / group
+        if value_norm:
+            pooled = (pooled + epsilon) * np.linalg.norm(v[h, n_sinks:], axis=-1)
+        scores[h, n_sinks:] = pooled
+    return scores
+
+
+def keep_expected_attention(keys, values, queries, slots, **params):
+    """Kept positions [heads_kv, slots] of Expected Attention."""
+    scores = expected_attention_scores(keys, values, queries, **params)
+    return np.stack([top_set(s, slots) for s in scores])
+
+
 def cam_head(keys, values, scores, slots, sinks=4, merge_window=32):
     """CaM in expectation for one head: (keys, values, positions)."""
     k, v, a = as64(keys), as64(values).copy(), as64(scores)
@@ -290,10 +372,12 @@ def kvmerger_head(keys, values, scores, slots, protect_recent=None, protect_heav
     return np.array(out_k), np.array(out_v), np.array(counts), np.array(positions), threshold
 
 
-def compress(keys, values, method, slots, scores=None, **params):
+def compress(keys, values, method, slots, scores=None, queries=None, **params):
     """Every kvpack.compress method head by head: dict of float64 keys/values, counts, positions."""
     heads, tokens, _ = keys.shape
     out = {"keys": [], "values": [], "counts": [], "positions": []}
+    if method == "expected_attention":
+        expected = keep_expected_attention(keys, values, queries, slots, **params)
     for h in range(heads):
         counts = None
         if method == "full":
@@ -306,6 +390,8 @@ def compress(keys, values, method, slots, scores=None, **params):
             positions = keep_snapkv(scores[h], slots, **params)
         elif method == "keydiff":
             positions = keep_keydiff(keys[h], slots)
+        elif method == "expected_attention":
+            positions = expected[h]
         elif method == "cam":
             hk, hv, positions = cam_head(keys[h], values[h], scores[h], slots, **params)
         elif method == "kvmerger":

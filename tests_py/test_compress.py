@@ -52,9 +52,14 @@ def test_methods_match_reference(rng, method, budget, structured):
         keys = rng.standard_normal((2, 300, 32), dtype=np.float32)
         values = rng.standard_normal((2, 300, 32), dtype=np.float32)
     scores = random_evidence(rng, 2, 300)
-    result = kvpack.compress(keys, values, method, budget, attention=scores)
+    evidence = {"attention": scores}
+    if method == "expected_attention":  # it reads the queries themselves
+        evidence = {"queries": rng.standard_normal((4, 300, 32), dtype=np.float32)}
+    result = kvpack.compress(keys, values, method, budget, **evidence)
     slots = budget if isinstance(budget, int) else round(budget * 300)
-    expected = reference.compress(keys, values, method, 300 if method == "full" else slots, scores)
+    expected = reference.compress(
+        keys, values, method, 300 if method == "full" else slots, scores, evidence.get("queries")
+    )
     assert result.keys.shape == (2, expected["positions"].shape[1], 32)
     check_against_reference(result, expected)
 

@@ -438,7 +438,9 @@ def test_decode_budget_evicts_as_it_goes_and_attends_what_it_holds(model):
     assert last[-1].item() == 99 and cache.stats()["tokens"] == 100
 
 
-@pytest.mark.parametrize("method", ["h2o", "snapkv", "keydiff", "cam", "kvmerger"])
+@pytest.mark.parametrize(
+    "method", ["h2o", "snapkv", "keydiff", "expected_attention", "cam", "kvmerger"]
+)
 def test_decode_budget_bounds_every_eviction_method(model, prompts, method):
     ids, mask = prompts
     cache = hf.make_cache(

@@ -19,6 +19,7 @@ def test_registry_lists_every_method_once_by_kind():
         "h2o",
         "snapkv",
         "keydiff",
+        "expected_attention",
         "cam",
         "kvmerger",
     )

@@ -43,13 +43,14 @@ HeadSlots head_slots(const CompressOutput& out, std::int64_t h, std::int64_t slo
 // picks kept in its first slots, the rest left empty.
 template <class Params>
 std::int64_t compress_adaptive(const Params& method, const KVView& keys, const KVView& values,
-                               const float* scores, std::int64_t budget, std::int64_t slots,
-                               const CompressOutput& out) {
+                               const Evidence& evidence, const float* scores, std::int64_t budget,
+                               std::int64_t slots, const CompressOutput& out) {
   const std::int64_t tokens = keys.tokens;
   const std::size_t row_bytes = static_cast<std::size_t>(keys.dim) * dtype_size(keys.dtype);
   std::vector<float> ranks(static_cast<std::size_t>(keys.heads * tokens));
   parallel_for(keys.heads, [&](std::int64_t h) {
-    const HeadInput input{keys, values, h, scores ? scores + h * tokens : nullptr, budget};
+    const HeadInput input{keys,   values,   h, scores ? scores + h * tokens : nullptr,
+                          budget, &evidence};
     token_ranks(method, input, ranks.data() + h * tokens);
   });
   const auto picks =
@@ -133,7 +134,9 @@ std::int64_t compress(const KVView& keys, const KVView& values, const Evidence& 
   KVPACK_CHECK(asked >= 1 && asked <= tokens,
                "budget: expected 1 <= budget <= tokens=" << tokens << ", got " << asked);
   const std::int64_t slots = compressed_length(params, tokens, keys.heads);
-  const bool ranks = needs_evidence(params.method);
+  // Accumulated attention for the methods that rank by it; the queries-reading ones get
+  // the evidence itself (HeadInput::evidence).
+  const bool ranks = std::visit([](const auto& p) { return p.ranks_by_attention; }, params.method);
   const std::vector<float> scores =
       ranks ? evidence_scores(
                   keys, evidence,
@@ -145,15 +148,16 @@ std::int64_t compress(const KVView& keys, const KVView& values, const Evidence& 
     return std::visit(
         [&](const auto& method) -> std::int64_t {
           if constexpr (ranks_tokens<std::decay_t<decltype(method)>>)
-            return compress_adaptive(method, keys, values, ranks ? scores.data() : nullptr,
-                                     params.budget, slots, out);
+            return compress_adaptive(method, keys, values, evidence,
+                                     ranks ? scores.data() : nullptr, params.budget, slots, out);
           return slots;  // adaptive_heads holds only for the methods that rank tokens
         },
         params.method);
   }
   parallel_for(keys.heads, [&](std::int64_t h) {
     const HeadSlots head = head_slots(out, h, slots, row_bytes);
-    const HeadInput input{keys, values, h, ranks ? scores.data() + h * tokens : nullptr, slots};
+    const HeadInput input{keys,  values,   h, ranks ? scores.data() + h * tokens : nullptr,
+                          slots, &evidence};
     std::visit(
         [&](const auto& method) {
           if constexpr (std::decay_t<decltype(method)>::kind == MethodKind::Compress)

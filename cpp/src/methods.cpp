@@ -39,7 +39,11 @@ MethodKind method_kind(const MethodParams& method) {
 }
 
 bool needs_evidence(const MethodParams& method) {
-  return std::visit([](const auto& p) { return p.ranks_by_attention; }, method);
+  return std::visit([](const auto& p) { return p.ranks_by_attention || reads_queries(p); }, method);
+}
+
+bool needs_queries(const MethodParams& method) {
+  return std::visit([](const auto& p) { return reads_queries(p); }, method);
 }
 
 std::optional<MethodParams> find_method(const std::string& name) {

@@ -214,7 +214,7 @@ def cluster_slot(key: bytes) -> int:
     """
     The Redis Cluster hash slot of a Redis key (CRC16 of its hash tag mod 16384), as CLUSTER KEYSLOT gives it.
     """
-def compress(keys: typing.Any, values: typing.Any, method: typing.Any, budget: typing.Any, queries: typing.Any = None, attention: typing.Any = None, scale: typing.SupportsFloat | typing.SupportsIndex | None = None) -> dict:
+def compress(keys: typing.Any, values: typing.Any, method: typing.Any, budget: typing.Any, queries: typing.Any = None, attention: typing.Any = None, scale: typing.SupportsFloat | typing.SupportsIndex | None = None, inv_freq: typing.Any = None, rotary_scaling: typing.SupportsFloat | typing.SupportsIndex | None = None, first_position: typing.SupportsInt | typing.SupportsIndex | None = None) -> dict:
     """
     Prefill-time compression; see kvpack.compress.
     """

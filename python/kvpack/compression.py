@@ -1,13 +1,15 @@
 """Prefill-time KV cache compression behind one call, and a bounded decode-time cache.
 
 Methods: the ``"compress"`` kind of :mod:`kvpack.methods` (``"full"``,
-``"streaming_llm"``, ``"h2o"``, ``"snapkv"``, ``"keydiff"``, ``"cam"``, ``"kvmerger"``).
+``"streaming_llm"``, ``"h2o"``, ``"snapkv"``, ``"keydiff"``,
+``"expected_attention"``, ``"cam"``, ``"kvmerger"``).
 Every method returns the same :class:`CompressedKV`: exactly ``budget`` slots per KV
 head, each with the number of original tokens it stands for and the position it keeps,
 so methods can be swapped in an experiment without other changes. The methods that keep
-the tokens a score ranks highest (``h2o``, ``snapkv``, ``keydiff``) also take
-``adaptive=True`` (AdaKV): the heads share ``heads_kv * budget`` slots by their pooled
-scores, each keeping at least ``adaptive_floor`` of the budget.
+the tokens a score ranks highest (``h2o``, ``snapkv``, ``keydiff``,
+``expected_attention``) also take ``adaptive=True`` (AdaKV): the heads share
+``heads_kv * budget`` slots by their pooled scores, each keeping at least
+``adaptive_floor`` of the budget.
 """
 
 from __future__ import annotations
@@ -137,6 +139,9 @@ def compress(
     queries: np.ndarray | None = None,
     attention: np.ndarray | None = None,
     scale: float | None = None,
+    inv_freq: np.ndarray | None = None,
+    rotary_scaling: float | None = None,
+    first_position: int | None = None,
     log_count_bias: bool = False,
     **params,
 ) -> CompressedKV:
@@ -148,20 +153,34 @@ def compress(
         float32, float16 or bfloat16, C-contiguous, same dtype (read in place).
     method : str or kvpack.methods object
         A compression method: ``"full"``, ``"streaming_llm"``, ``"h2o"``, ``"snapkv"``,
-        ``"cam"``, ``"kvmerger"`` or its object (e.g. ``kvpack.methods.SnapKV(window=16)``).
-        ``"full"`` keeps everything (the budget is still checked).
+        ``"keydiff"``, ``"expected_attention"``, ``"cam"``, ``"kvmerger"`` or its object
+        (e.g. ``kvpack.methods.SnapKV(window=16)``). ``"full"`` keeps everything (the
+        budget is still checked).
     budget : float or int
         A float in (0, 1] is a fraction of the tokens (rounded, at least 1); an int is a
         token count in [1, tokens].
     queries : ndarray, shape (heads_q, window, head_dim), optional
         The prompt's last queries; the accumulated attention each key received from them
         (causal, GQA groups summed) is the evidence H2O, SnapKV, CaM and KVMerger rank
-        by. SnapKV observes only the last ``window`` of them.
+        by. SnapKV observes only the last ``window`` of them. Expected Attention reads
+        the queries themselves (their mean and covariance), so only ``queries`` serve it.
     attention : ndarray of float32, shape (heads_kv, tokens), optional
         The evidence given directly (e.g. from :func:`kvpack.accumulated_attention`).
         Pass ``queries`` or ``attention``, not both.
     scale : float, optional
         Score scale for evidence computed from ``queries``; default ``1/sqrt(head_dim)``.
+    inv_freq : ndarray of float32, shape (rotary_dim / 2,), optional
+        The rotary embedding (RoPE) the queries carry, for Expected Attention, which takes
+        it off the queries and averages it over the positions to come: at position ``p``
+        channel ``i`` turns with channel ``i + rotary_dim / 2`` by ``p * inv_freq[i]``
+        (transformers' layout; later channels do not turn). None: the queries carry no
+        rotation.
+    rotary_scaling : float, optional
+        transformers' ``attention_scaling`` of the rotary embedding (cos and sin are scaled
+        by it); default 1.
+    first_position : int, optional
+        Position of the first of ``queries``; default ``tokens - window`` (the prompt's
+        last queries). Expected Attention's future positions start after the last query.
     log_count_bias : bool
         Record that attention over the result should add ``log(counts)`` to each slot's
         score (see :meth:`CompressedKV.attend`); an extension beyond KVMerger's paper.
@@ -179,11 +198,14 @@ def compress(
           50% budget, 8% + 2% at 35%, linear between, scaled down below 35%.
         - ``sigma`` (5.0): KVMerger's Gaussian kernel width; ``"auto"`` sets it per merged
           run to the RMS distance of the members from the pivot.
-        - ``adaptive`` (False): AdaKV's head-wise budgets (``h2o``, ``snapkv``, ``keydiff``):
+        - ``adaptive`` (False): AdaKV's head-wise budgets (``h2o``, ``snapkv``, ``keydiff``,
+          ``expected_attention``):
           every head's scores at ``budget`` pooled (the tokens the method always keeps
           first), each head's best ``max(1, floor(adaptive_floor * budget))`` taken first,
           then the best of the rest until the heads hold ``heads_kv * budget`` between them;
           ``adaptive_floor`` (0.2): AdaKV's safeguard.
+        - ``future_positions`` (512), ``sinks`` (4), ``covariance`` (True), ``value_norm``
+          (True), ``epsilon`` (0.0): Expected Attention's (kvpress's defaults).
 
     Returns
     -------
@@ -206,7 +228,18 @@ def compress(
     (2, 50, 64)
     """
     spec = _methods.resolve(method, **params)
-    result = _core.compress(keys, values, spec, budget, queries, attention, scale)
+    result = _core.compress(
+        keys,
+        values,
+        spec,
+        budget,
+        queries,
+        attention,
+        scale,
+        inv_freq,
+        rotary_scaling,
+        first_position,
+    )
     return CompressedKV(
         keys=result["keys"],
         values=result["values"],

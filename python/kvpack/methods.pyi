@@ -21,7 +21,7 @@ from kvpack._core import methods as _core_methods
 import typing
 from typing import Any
 from typing import Any as Method
-__all__: list = ['CaM', 'ClusterKV', 'Full', 'H2O', 'KIVI', 'KVMerger', 'KeyDiff', 'Method', 'Quest', 'REGISTRY', 'SnapKV', 'StreamingLLM', 'names', 'resolve']
+__all__: list = ['CaM', 'ClusterKV', 'ExpectedAttention', 'Full', 'H2O', 'KIVI', 'KVMerger', 'KeyDiff', 'Method', 'Quest', 'REGISTRY', 'SnapKV', 'StreamingLLM', 'names', 'resolve']
 class Full:
     """
     No compression: every token kept (the reference).
@@ -287,6 +287,109 @@ class KeyDiff:
         """
     @adaptive_floor.setter
     def adaptive_floor(self, arg1: typing.Any) -> None:
+        ...
+class ExpectedAttention:
+    """
+    Expected Attention: the tokens that queries still to come, modelled from the prompt's query statistics, are expected to attend most, weighted by value norm.
+    
+    Parameters
+    ----------
+    future_positions : int, default 512
+        Positions after the last query the rotation of future queries is averaged over.
+    sinks : int, default 4
+        First tokens always kept; their queries stay out of the statistics.
+    covariance : bool, default True
+        Add the queries' covariance term (False: the mean query alone).
+    value_norm : bool, default True
+        Scale each score by the norm of its value.
+    epsilon : float, default 0.0
+        Added to each score before the value-norm scaling.
+    adaptive : bool, default False
+        AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+    adaptive_floor : float, default 0.2
+        With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
+    """
+    __hash__: typing.ClassVar[None] = None
+    kind: typing.ClassVar[str] = 'compress'
+    name: typing.ClassVar[str] = 'expected_attention'
+    params: typing.ClassVar[tuple] = ('future_positions', 'sinks', 'covariance', 'value_norm', 'epsilon', 'adaptive', 'adaptive_floor')
+    def __copy__(self: ExpectedAttention) -> ExpectedAttention:
+        ...
+    def __deepcopy__(self: ExpectedAttention, arg0: dict) -> ExpectedAttention:
+        ...
+    def __eq__(self: ExpectedAttention, arg0: typing.Any) -> bool:
+        ...
+    def __getstate__(self: ExpectedAttention) -> dict:
+        ...
+    def __init__(self: ExpectedAttention, *args, **kwargs) -> None:
+        ...
+    def __repr__(self: ExpectedAttention) -> str:
+        ...
+    def __setstate__(self: ExpectedAttention, arg0: dict) -> None:
+        ...
+    def as_dict(self: ExpectedAttention) -> dict:
+        """
+        The parameters as {name: value}.
+        """
+    def replace(self: ExpectedAttention, **kwargs) -> ExpectedAttention:
+        """
+        A copy with the given parameters changed.
+        """
+    @property
+    def adaptive(self) -> typing.Any:
+        """
+        bool: AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        """
+    @adaptive.setter
+    def adaptive(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def adaptive_floor(self) -> typing.Any:
+        """
+        float: With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
+        """
+    @adaptive_floor.setter
+    def adaptive_floor(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def covariance(self) -> typing.Any:
+        """
+        bool: Add the queries' covariance term (False: the mean query alone).
+        """
+    @covariance.setter
+    def covariance(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def epsilon(self) -> typing.Any:
+        """
+        float: Added to each score before the value-norm scaling.
+        """
+    @epsilon.setter
+    def epsilon(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def future_positions(self) -> typing.Any:
+        """
+        int: Positions after the last query the rotation of future queries is averaged over.
+        """
+    @future_positions.setter
+    def future_positions(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def sinks(self) -> typing.Any:
+        """
+        int: First tokens always kept; their queries stay out of the statistics.
+        """
+    @sinks.setter
+    def sinks(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def value_norm(self) -> typing.Any:
+        """
+        bool: Scale each score by the norm of its value.
+        """
+    @value_norm.setter
+    def value_norm(self, arg1: typing.Any) -> None:
         ...
 class CaM:
     """
@@ -753,4 +856,4 @@ def resolve(method, **params) -> Method:
     The method object ``method`` stands for: a name with ``params`` (its defaults
         for the rest), or a method object (``params`` then change a copy of it).
     """
-REGISTRY: dict = {'full': Full, 'streaming_llm': StreamingLLM, 'h2o': H2O, 'snapkv': SnapKV, 'keydiff': KeyDiff, 'cam': CaM, 'kvmerger': KVMerger, 'clusterkv': ClusterKV, 'quest': Quest, 'kivi': KIVI}
+REGISTRY: dict = {'full': Full, 'streaming_llm': StreamingLLM, 'h2o': H2O, 'snapkv': SnapKV, 'keydiff': KeyDiff, 'expected_attention': ExpectedAttention, 'cam': CaM, 'kvmerger': KVMerger, 'clusterkv': ClusterKV, 'quest': Quest, 'kivi': KIVI}

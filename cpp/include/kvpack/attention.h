@@ -118,15 +118,30 @@ void accumulated_attention(const float* queries, std::int64_t heads_q, std::int6
                            const KVView& keys, const AccumulateParams& params, float* out,
                            const Execution& exec = {});
 
+/// The rotary embedding (RoPE) queries and keys carry, in transformers' layout: at
+/// position p, channel i < rotary_dim / 2 turns with channel i + rotary_dim / 2 by the angle
+/// p * inv_freq[i] (computed in float32, as transformers does), cos and sin scaled by
+/// `scaling`; channels from rotary_dim on are not turned.
+struct Rotary {
+  const float* inv_freq = nullptr;  ///< rotary_dim / 2 frequencies, or null: no rotation
+  std::int64_t rotary_dim = 0;      ///< even, <= dim
+  float scaling = 1.0f;             ///< transformers' attention_scaling
+};
+
 /// What H2O, SnapKV, CaM and KVMerger rank tokens by: accumulated attention given
 /// directly, or prompt queries from which it is computed (causal, each GQA group summed
-/// onto its KV head).
+/// onto its KV head). Expected Attention reads the queries with their rotation and
+/// positions.
 struct Evidence {
   const float* scores = nullptr;   ///< heads_kv * tokens, or null
   const float* queries = nullptr;  ///< heads_q * window * dim float32: the prompt's last queries
   std::int64_t heads_q = 0;
   std::int64_t window = 0;
   float scale = 0.0f;  ///< score scale; 0 means 1/sqrt(dim)
+  Rotary rotary;       ///< the rotation the queries carry (Expected Attention)
+  /// Position of query 0 (query i at first_position + i); -1: tokens - window, the
+  /// prompt's last queries (Expected Attention)
+  std::int64_t first_position = -1;
 };
 
 /// The evidence as heads_kv * tokens finite scores: a copy of evidence.scores, or the

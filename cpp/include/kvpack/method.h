@@ -12,6 +12,8 @@
 
 namespace kvpack {
 
+struct Evidence;
+
 /// How a method meets its budget.
 enum class MethodKind : int {
   Compress = 0,  ///< at prefill: `budget` slots per KV head kept, merged or dropped
@@ -28,6 +30,7 @@ enum class ParamRule : int {
   OddCount,       ///< an odd int >= lowest
   OptionalCount,  ///< an int >= lowest, or None (0 in the field: chosen automatically)
   Share,          ///< a number in [0, 1]
+  NonNegative,    ///< a finite number >= 0
   OptionalShare,  ///< a share, or None (< 0 in the field: the method's own schedule)
   Width,          ///< a positive number, or 'auto' (0 in the field: chosen from the data)
   Flag,           ///< a bool
@@ -60,6 +63,8 @@ struct HeadInput {
   /// tokens: attention each token received (methods that rank by attention), else null
   const float* scores = nullptr;
   std::int64_t slots = 0;  ///< slots to fill, 1 <= slots <= tokens
+  /// the compress call's evidence, for methods that read the queries themselves
+  const Evidence* evidence = nullptr;
 };
 
 /// The rows of in.head at out.positions (filled by the caller) copied to out, counts 1:
@@ -150,6 +155,14 @@ std::int64_t head_budget_floor(const HeadBudgetParams& params, std::int64_t budg
 template <class Params>
 std::int64_t observation_window(const Params&) {
   return 0;
+}
+
+/// Whether a compression method reads the prompt's queries themselves rather than the
+/// attention they paid (then only queries serve as its evidence); Expected Attention
+/// overloads it.
+template <class Params>
+constexpr bool reads_queries(const Params&) {
+  return false;
 }
 
 }  // namespace kvpack

@@ -13,6 +13,7 @@
 
 #include "kvpack/cluster_index.h"
 #include "kvpack/evict.h"
+#include "kvpack/expected_attention.h"
 #include "kvpack/keydiff.h"
 #include "kvpack/merge.h"
 #include "kvpack/method.h"
@@ -44,6 +45,7 @@ using MethodParams = std::variant<
     H2OParams,
     SnapKVParams,
     KeyDiffParams,
+    ExpectedAttentionParams,
     CaMParams,
     KVMergerParams,
     ClusterKVParams,
@@ -64,10 +66,13 @@ void for_each_method(F&& f) {
   detail::for_each_method(f, std::make_index_sequence<std::variant_size_v<MethodParams>>{});
 }
 
-/// The method's name ("snapkv", ...), kind and whether it ranks tokens by attention.
+/// The method's name ("snapkv", ...), kind, whether it ranks tokens by evidence (the
+/// attention of the prompt's queries, or the queries themselves) and whether only the
+/// queries serve (reads_queries).
 const char* method_name(const MethodParams& method);
 MethodKind method_kind(const MethodParams& method);
 bool needs_evidence(const MethodParams& method);
+bool needs_queries(const MethodParams& method);
 
 /// The defaults of the method called `name`, or nothing.
 std::optional<MethodParams> find_method(const std::string& name);

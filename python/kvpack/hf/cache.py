@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .. import _core
 from .. import methods as _methods
 from ..compression import budget_tokens, compress, pyramid_budgets
-from .compat import check_model, layer_windows, score_features
+from .compat import check_model, layer_windows, rotary_embedding, score_features
 
 if TYPE_CHECKING:
     from .prefill import Prefill
@@ -63,8 +63,9 @@ def make_cache(
     budget : int or float
         Slots (tokens) per KV head kept or recalled; a float in (0, 1) is a fraction of
         each prompt. For ``kivi``, the tokens kept in full precision. With
-        ``adaptive=True`` (``h2o``, ``snapkv``, ``keydiff``: AdaKV) a layer's KV heads share
-        ``heads_kv * budget`` slots by their pooled scores, a head's unused slots empty.
+        ``adaptive=True`` (``h2o``, ``snapkv``, ``keydiff``, ``expected_attention``: AdaKV)
+        a layer's KV heads share ``heads_kv * budget`` slots by their pooled scores, a
+        head's unused slots empty.
     skip_layers : int
         First layers left uncompressed [2].
     log_count_bias : bool
@@ -165,6 +166,9 @@ def make_cache(
         compressed = cache.compressed_layers
         for position, index in enumerate(compressed):
             cache.layers[index].pyramid = (position, len(compressed), float(pyramid_beta))
+    rotary = rotary_embedding(model)
+    for index in cache.compressed_layers:  # Expected Attention takes RoPE off its queries
+        cache.layers[index].rotary = rotary
     if decode_budget is not None:
         interval = max(1, decode_budget // 16) if decode_interval is None else decode_interval
         for index in cache.compressed_layers:
@@ -401,11 +405,22 @@ class _EvictionLayer(_BufferedLayer):
     decode_interval = 1
     window: int | None = None  # a sliding-window layer's own (else the model's kwarg)
     observed = 32  # decoded queries a decode-time compression ranks by
+    rotary = None  # set by make_cache: reads the model's (inv_freq, attention_scaling)
+
+    def _rope(self) -> dict:
+        """The keywords of :func:`kvpack.compress` that describe the queries' rotation."""
+        if self.rotary is None:
+            return {}
+        inv_freq, scaling = self.rotary()
+        return {"inv_freq": inv_freq, "rotary_scaling": scaling}
 
     def _compress(self, query, keys, values, valid, scaling):
         rows = []
+        # Where each row's real tokens start: positions count from there (left padding).
+        self._first_real = []
         for b in range(keys.shape[0]):
             tokens, k, v, q = _real_tokens(valid[b], keys[b], values[b], query[b])
+            self._first_real.append(int(tokens[0]) if tokens.numel() else 0)
             budget = self._budget(tokens.numel())
             if self.method.name == "full" or budget >= tokens.numel():
                 rows.append((k, v, tokens.expand(k.shape[0], -1), None))
@@ -417,6 +432,7 @@ class _EvictionLayer(_BufferedLayer):
                 budget,
                 scale=scaling,
                 queries=_dense(q.float()),
+                **self._rope(),
             )
             kept = torch.from_numpy(c.positions.astype(np.int64)).to(tokens.device)
             # Adaptive head budgets leave a head's unused slots empty (-1), as padding does.
@@ -526,14 +542,18 @@ class _EvictionLayer(_BufferedLayer):
             if k.shape[1] <= self.decode_budget:
                 rows.append((k, v, positions, bias))
                 continue
+            # At most one query per key: a small decode_budget holds fewer keys.
+            queries = self._recent_queries[b, :, -k.shape[1] :]
             c = compress(
                 _dense(k),
                 _dense(v),
                 self.method,
                 self.decode_budget,
                 scale=scaling,
-                # At most one query per key: a small decode_budget holds fewer keys.
-                queries=_dense(self._recent_queries[b, :, -k.shape[1] :].float()),
+                queries=_dense(queries.float()),
+                # The latest queries' positions, counted over the row's real tokens.
+                first_position=self.seen - queries.shape[1] - self._first_real[b],
+                **self._rope(),
             )
             kept = torch.from_numpy(c.positions.astype(np.int64)).to(k.device)
             counts = torch.from_numpy(c.counts.astype(np.int64)).to(k.device)

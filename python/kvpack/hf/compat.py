@@ -59,3 +59,29 @@ def score_features(model) -> list[str]:
     if any(getattr(module, "sinks", None) is not None for module in model.modules()):
         features.append("sinks")
     return features
+
+
+def rotary_embedding(model):
+    """A reader of the rotary embedding (RoPE) of ``model``'s global-attention layers, as
+    the core takes it: called, it gives ``(inv_freq, attention_scaling)``, a float32 ndarray
+    of ``rotary_dim / 2`` frequencies and the factor cos and sin are scaled by. It reads
+    them when called, as RoPE types that adapt to the length (``dynamic``, ``longrope``)
+    change the frequencies during a forward. None for a model without one.
+
+    Every family kvpack caches turns channel ``i`` with channel ``i + rotary_dim / 2``
+    (transformers' ``rotate_half``), the layout the core assumes; the frequencies and the
+    scaling are what differ between RoPE types, and transformers computes them."""
+    for module in model.modules():
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        # Families with per-layer-type RoPE (Gemma 3) name the global layers' buffers.
+        prefix = "full_attention_" if hasattr(module, "full_attention_inv_freq") else ""
+        if not hasattr(module, prefix + "inv_freq"):
+            continue
+
+        def read(module=module, prefix=prefix):
+            inv_freq = getattr(module, prefix + "inv_freq").detach().float().cpu().numpy()
+            return inv_freq, float(getattr(module, prefix + "attention_scaling", 1.0))
+
+        return read
+    return None
