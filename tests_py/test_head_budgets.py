@@ -11,6 +11,7 @@ import pytest
 import kvpack
 
 import reference
+from conftest import generate, padded_prompts, tiny_decoder
 from kvpress_reference import press
 
 RANKING = ("h2o", "snapkv", "keydiff")
@@ -245,35 +246,13 @@ def test_pyramid_budgets_fall_back_to_uniform_and_are_checked():
 @pytest.fixture(scope="module")
 def model():
     pytest.importorskip("transformers")
-    from conftest import tiny_decoder
-
     return tiny_decoder(head_dim=16)
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    torch = pytest.importorskip("torch")
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 128, (2, 120), generator=generator)  # 0 is the pad token
-    mask = torch.ones_like(ids)
-    ids[1, :40], mask[1, :40] = 0, 0  # the second prompt is left-padded
-    return ids, mask
-
-
-def generate(model, ids, mask, cache, new=10):
-    import torch
-
-    from kvpack import hf
-
-    with torch.no_grad():
-        return model.generate(
-            ids,
-            attention_mask=mask,
-            **{hf.cache_argument(model): cache},
-            max_new_tokens=new,
-            do_sample=False,
-            pad_token_id=0,
-        )
+    pytest.importorskip("torch")
+    return padded_prompts()
 
 
 @pytest.mark.parametrize(

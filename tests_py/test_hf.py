@@ -11,7 +11,7 @@ import pytest
 import kvpack
 
 import reference
-from conftest import tiny_decoder
+from conftest import generate, padded_prompts, tiny_decoder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -30,23 +30,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def prompts():
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 128, (2, 120), generator=generator)  # 0 is the pad token
-    mask = torch.ones_like(ids)
-    ids[1, :40], mask[1, :40] = 0, 0  # the second prompt is left-padded
-    return ids, mask
-
-
-def generate(model, ids, mask, cache, new=10):
-    with torch.no_grad():
-        return model.generate(
-            ids,
-            attention_mask=mask,
-            **{hf.cache_argument(model): cache},
-            max_new_tokens=new,
-            do_sample=False,
-            pad_token_id=0,
-        )
+    return padded_prompts()
 
 
 @pytest.mark.parametrize("skip_layers", [0, 2])
