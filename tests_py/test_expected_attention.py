@@ -299,18 +299,7 @@ def test_a_model_cache_keeps_what_kvpress_keeps(family, value_norm):
     expected_attention_press = press("expected_attention_press", "ExpectedAttentionPress")
     model = tiny_decoder(family, head_dim=16, **MODEL_FAMILIES[family])
     ids = torch.randint(1, 128, (1, 150), generator=torch.Generator().manual_seed(3))
-    hidden = {}
-
-    def keep_hidden_states(index):
-        def hook(module, args, kwargs):
-            hidden.setdefault(index, kwargs["hidden_states"])
-
-        return hook
-
-    hooks = [
-        layer.self_attn.register_forward_pre_hook(keep_hidden_states(i), with_kwargs=True)
-        for i, layer in enumerate(model.model.layers)
-    ]
+    hidden, hooks = _hidden_states_of_each_attention(model)
     cache = hf.make_cache(model, "expected_attention", 40, value_norm=value_norm)
     with torch.no_grad():
         model(ids, **{hf.cache_argument(model): cache})
@@ -398,18 +387,7 @@ def test_smollm2_keeps_what_kvpress_keeps(smollm2_cache):
     model, tokenizer = load_pretrained("smollm2-135m", cache_dir=smollm2_cache)
     text = " ".join(pydoc.render_doc(obj, renderer=pydoc.plaintext) for obj in (dict, str))
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :512]
-    hidden = {}
-
-    def keep_hidden_states(index):
-        def hook(module, args, kwargs):
-            hidden.setdefault(index, kwargs["hidden_states"])
-
-        return hook
-
-    hooks = [
-        layer.self_attn.register_forward_pre_hook(keep_hidden_states(i), with_kwargs=True)
-        for i, layer in enumerate(model.model.layers)
-    ]
+    hidden, hooks = _hidden_states_of_each_attention(model)
     prompt = hf.prefill(model, ids)
     for hook in hooks:
         hook.remove()
@@ -456,3 +434,20 @@ def test_adaptive_heads_split_by_expected_attention(rng, floor):
         np.testing.assert_array_equal(c.positions[h, : len(picks)], picks)
         assert (picks[:4] == np.arange(4)).all()  # the sinks
         assert (c.positions[h, len(picks) :] == -1).all()
+
+
+def _hidden_states_of_each_attention(model):
+    """Hooks keeping each layer's first attention input: (layer -> hidden states, hooks)."""
+    hidden = {}
+
+    def keep_hidden_states(index):
+        def hook(module, args, kwargs):
+            hidden.setdefault(index, kwargs["hidden_states"])
+
+        return hook
+
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(keep_hidden_states(i), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)
+    ]
+    return hidden, hooks

@@ -122,6 +122,12 @@ void keep_rows(const HeadInput& in, const HeadSlots& out) {
   std::fill(out.counts, out.counts + in.slots, 1);
 }
 
+void keep_highest_ranked(const float* ranks, const HeadInput& in, const HeadSlots& out) {
+  const std::vector<std::int32_t> kept = top_k_set(ranks, in.keys.tokens, in.slots);
+  std::copy(kept.begin(), kept.end(), out.positions);
+  keep_rows(in, out);
+}
+
 std::int64_t compress(const KVView& keys, const KVView& values, const Evidence& evidence,
                       const CompressParams& params, const CompressOutput& out) {
   const std::int64_t tokens = keys.tokens;

@@ -231,9 +231,7 @@ void compress_head(const ExpectedAttentionParams& params, const HeadInput& in,
                    const HeadSlots& out) {
   std::vector<float> scores(static_cast<std::size_t>(in.keys.tokens));
   token_ranks(params, in, scores.data());
-  const std::vector<std::int32_t> kept = top_k_set(scores.data(), in.keys.tokens, in.slots);
-  std::copy(kept.begin(), kept.end(), out.positions);
-  keep_rows(in, out);
+  keep_highest_ranked(scores.data(), in, out);
 }
 
 }  // namespace kvpack

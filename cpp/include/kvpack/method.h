@@ -71,6 +71,10 @@ struct HeadInput {
 /// the last step of every method that keeps tokens rather than merging them.
 void keep_rows(const HeadInput& in, const HeadSlots& out);
 
+/// The in.slots tokens of highest `ranks` (one per token) kept, ascending, by keep_rows:
+/// compress_head of every method that ranks tokens one by one.
+void keep_highest_ranked(const float* ranks, const HeadInput& in, const HeadSlots& out);
+
 /// What the recall methods (ClusterKV, Quest) share: how a step attends what they select.
 struct RecallParams {
   /// Tokens attended per step (per KV head or query head); ClusterKV attends its decoded

