@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from . import (
+    ablation,
     attention,
     clusterkv,
     compress,
@@ -84,6 +85,11 @@ SUITES = {
     "real_lm_4k": (
         "ClusterKV against Quest at 1/16 and 1/8 of 4096 tokens on SmolLM2-135M-Instruct",
         real_lm.run_long,
+    ),
+    "ablation_4k": (
+        "Levers beyond the papers at 1/16 and 1/8 of 4096 tokens on SmolLM2-135M-Instruct: "
+        "refined recall, a 4-bit slow tier, head and layer budgets",
+        ablation.run,
     ),
     "reliability": (
         "Reliability: fuzzed decoder, killed writers, 16 threads of store traffic, a hung Redis",

@@ -570,4 +570,29 @@ float resolve_scale_arg(const std::optional<double>& scale) {
   return as_float;
 }
 
+ScoreRules score_rules(const Arg<std::optional<double>>& scale,
+                       const Arg<std::optional<double>>& softcap,
+                       const Arg<std::optional<std::int64_t>>* window, const py::object& sinks,
+                       std::int64_t heads_q, std::optional<py::array_t<float>>& sinks_keep) {
+  ScoreRules rules;
+  rules.scale = resolve_scale_arg(scale.as("scale"));
+  const auto cap = softcap.as("softcap");
+  KVPACK_ARG_CHECK(!cap || (std::isfinite(*cap) && *cap > 0.0),
+                   "softcap: expected a positive finite float or None, got " << *cap);
+  rules.softcap = cap ? static_cast<float>(*cap) : 0.0f;
+  if (window) {
+    const auto w = window->as("window");
+    KVPACK_ARG_CHECK(!w || *w >= 1, "window: expected an int >= 1 or None, got " << *w);
+    rules.window = w ? *w : 0;
+  }
+  if (!sinks.is_none()) {
+    sinks_keep = finite_float32(as_array(sinks, "sinks"), "sinks", 1, "[heads_q]");
+    KVPACK_ARG_CHECK(sinks_keep->shape(0) == heads_q, "sinks: expected shape ("
+                                                          << heads_q << ",), got "
+                                                          << shape_string(*sinks_keep));
+    rules.sinks = sinks_keep->data();
+  }
+  return rules;
+}
+
 }  // namespace kvpack::bindings

@@ -16,6 +16,7 @@
 
 #include "args.h"
 #include "dlpack.h"
+#include "kvpack/attention.h"
 #include "kvpack/backend.h"
 #include "kvpack/common.h"
 
@@ -193,6 +194,16 @@ struct __attribute__((visibility("hidden"))) CudaCall {
 
 /// 0 (the default 1/sqrt(head_dim)) for None, else a positive finite scale.
 float resolve_scale_arg(const std::optional<double>& scale);
+
+/// What a model's attention adds to its scores, as a call's arguments give it (the one
+/// parser of them): scale (None: 1/sqrt(head_dim)), softcap (None or a positive finite
+/// float), window (None or an int >= 1; a null `window` where the call sees every token)
+/// and sinks (None or finite float32 [heads_q], held in `sinks_keep` while the rules point
+/// at it). Errors name the argument.
+ScoreRules score_rules(const Arg<std::optional<double>>& scale,
+                       const Arg<std::optional<double>>& softcap,
+                       const Arg<std::optional<std::int64_t>>* window, const py::object& sinks,
+                       std::int64_t heads_q, std::optional<py::array_t<float>>& sinks_keep);
 
 /// The items of a batched call's `objects` argument, one per batch row (`batch`, read from
 /// the argument `batch_from`): ValueError for another count, TypeError naming the argument

@@ -196,7 +196,6 @@ py::array_t<float> held_attention_binding(
     const Arg<std::optional<std::int64_t>>& window_arg, const py::object& sinks_obj) {
   const std::int64_t first_decoded = first_decoded_arg.as("first_decoded"),
                      first_query = first_query_arg.as("first_query");
-  const auto scale = scale_arg.as("scale");
   const BatchStep step = batch_step(queries_obj, keys_obj, values_obj, "keys", "values", true);
   const py::array positions_arg = as_array(positions_obj, "positions");
   const py::array& keys_arg = step.keys_array;
@@ -229,23 +228,9 @@ py::array_t<float> held_attention_binding(
                                  << ") like positions, got " << shape_string(*bias));
   }
   const HeldSlots slots{positions, held, first_decoded, bias ? bias->data() : nullptr};
-  ScoreRules rules;
-  rules.scale = resolve_scale_arg(scale);
-  const auto softcap = softcap_arg.as("softcap");
-  KVPACK_ARG_CHECK(!softcap || (std::isfinite(*softcap) && *softcap > 0.0),
-                   "softcap: expected a positive finite float or None, got " << *softcap);
-  rules.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
-  const auto window = window_arg.as("window");
-  KVPACK_ARG_CHECK(!window || *window >= 1,
-                   "window: expected an int >= 1 or None, got " << *window);
-  rules.window = window ? *window : 0;
   std::optional<py::array_t<float>> sinks;
-  if (!sinks_obj.is_none()) {
-    sinks = finite_float32(as_array(sinks_obj, "sinks"), "sinks", 1, "[heads_q]");
-    KVPACK_ARG_CHECK(sinks->shape(0) == heads_q,
-                     "sinks: expected shape (" << heads_q << ",), got " << shape_string(*sinks));
-    rules.sinks = sinks->data();
-  }
+  const ScoreRules rules =
+      score_rules(scale_arg, softcap_arg, &window_arg, sinks_obj, heads_q, sinks);
   py::array_t<float> out = owned_float_array({batch, new_queries, heads_q, keys_arg.shape(3)});
   {
     py::gil_scoped_release release;

@@ -177,7 +177,10 @@ py::dict recall_stats_dict(const RecallStats& s) {
 }
 
 py::array_t<float> recall_step_binding(const py::object& caches_obj, const py::object& queries_obj,
-                                       const py::object& keys_obj, const py::object& values_obj) {
+                                       const py::object& keys_obj, const py::object& values_obj,
+                                       const Arg<std::optional<double>>& scale_arg,
+                                       const Arg<std::optional<double>>& softcap_arg,
+                                       const py::object& sinks_obj) {
   const BatchStep step = batch_step(queries_obj, keys_obj, values_obj, "keys", "values", false);
   const py::array_t<float>& queries = step.queries;
   const py::array& keys_array = step.keys_array;
@@ -209,10 +212,12 @@ py::array_t<float> recall_step_binding(const py::object& caches_obj, const py::o
       require_finite(keys.row(b, i, 1), ("keys" + at).c_str());
       require_finite(values.row(b, i, 1), ("values" + at).c_str());
     }
+  std::optional<py::array_t<float>> sinks;
+  const ScoreRules rules = score_rules(scale_arg, softcap_arg, nullptr, sinks_obj, heads_q, sinks);
   py::array_t<float> out = owned_float_array({batch, fresh, heads_q, keys.dim});
   {
     py::gil_scoped_release release;
-    recall_step(caches.data(), queries.data(), heads_q, keys, values, out.mutable_data());
+    recall_step(caches.data(), queries.data(), heads_q, keys, values, out.mutable_data(), rules);
   }
   const std::int64_t row = fresh * heads_q * keys.dim;
   for (std::int64_t b = 0; b < batch; ++b)
@@ -401,10 +406,13 @@ void bind_clustering(py::module_& m) {
       });
 
   m.def("recall_step", &recall_step_binding, py::arg("caches"), py::arg("queries"), py::arg("keys"),
-        py::arg("values"),
+        py::arg("values"), py::arg("scale") = py::none(), py::arg("softcap") = py::none(),
+        py::arg("sinks") = py::none(),
         "One decode step of a batch, one RecallCache per row, looped in C++: out[b, i] is "
         "caches[b].step(queries[b, i], keys[b, :, i], values[b, :, i]), rows in turn and each "
-        "row's positions in order. queries: float32 [batch, new, heads_q, head_dim]; keys, "
+        "row's positions in order; scores scaled by scale (None: 1/sqrt(head_dim)), capped by "
+        "softcap, a sink logit per query head joining the softmax. queries: float32 [batch, "
+        "new, heads_q, head_dim]; keys, "
         "values: [batch, heads_kv, new, head_dim] in the caches' dtype (each head_dim row "
         "contiguous; strided views are read in place). Returns float32 [batch, new, heads_q, "
         "head_dim].");

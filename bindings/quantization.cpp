@@ -9,13 +9,10 @@ namespace kvpack::bindings {
 
 namespace {
 
-py::array_t<float> quantized_attention_binding(const py::object& quantized_obj,
-                                               const py::object& queries_obj,
-                                               const py::object& tail_keys_obj,
-                                               const py::object& tail_values_obj,
-                                               const Arg<std::optional<double>>& scale_arg) {
-  AttentionParams params;
-  params.scale = resolve_scale_arg(scale_arg.as("scale"));
+py::array_t<float> quantized_attention_binding(
+    const py::object& quantized_obj, const py::object& queries_obj, const py::object& tail_keys_obj,
+    const py::object& tail_values_obj, const Arg<std::optional<double>>& scale_arg,
+    const Arg<std::optional<double>>& softcap_arg, const py::object& sinks_obj) {
   // Each query reads a prefix of its row's tail as [heads, n, head_dim]: head rows contiguous.
   const BatchStep step =
       batch_step(queries_obj, tail_keys_obj, tail_values_obj, "tail_keys", "tail_values", true);
@@ -36,10 +33,12 @@ py::array_t<float> quantized_attention_binding(const py::object& quantized_obj,
                      "tail_keys: expected heads_kv "
                          << quantized[b]->heads() << " and head_dim " << quantized[b]->dim()
                          << " like quantized[" << b << "], got shape " << shape_string(keys_array));
+  std::optional<py::array_t<float>> sinks;
+  const ScoreRules rules = score_rules(scale_arg, softcap_arg, nullptr, sinks_obj, heads_q, sinks);
   py::array_t<float> out = owned_float_array({batch, fresh, heads_q, keys.dim});
   {
     py::gil_scoped_release release;
-    quantized_attention(quantized.data(), queries.data(), fresh, heads_q, keys, values, params,
+    quantized_attention(quantized.data(), queries.data(), fresh, heads_q, keys, values, rules,
                         out.mutable_data());
   }
   // The codes are finite by construction: a non-finite result comes from the tail.
@@ -114,16 +113,17 @@ void bind_quantization(py::module_& m) {
           [](const QuantizedKV& self, const py::object& q_obj,
              const Arg<std::optional<double>>& scale_arg, const Arg<bool>& return_lse_arg,
              const Arg<bool>& return_weights_arg, const py::object& tail_keys_obj,
-             const py::object& tail_values_obj) {
-            const auto scale = scale_arg.as("scale");
+             const py::object& tail_values_obj, const Arg<std::optional<double>>& softcap_arg,
+             const py::object& sinks_obj) {
             const bool return_lse = return_lse_arg.as("return_lse"),
                        return_weights = return_weights_arg.as("return_weights");
             const py::array_t<float> q =
                 finite_float32(as_array(q_obj, "q"), "q", 2, "[heads_q, head_dim]");
             check_query(q, self.heads(), self.dim());
             const std::int64_t heads_q = q.shape(0);
-            AttentionParams params;
-            params.scale = resolve_scale_arg(scale);
+            std::optional<py::array_t<float>> sinks;
+            const ScoreRules rules =
+                score_rules(scale_arg, softcap_arg, nullptr, sinks_obj, heads_q, sinks);
             KVPACK_ARG_CHECK(tail_keys_obj.is_none() == tail_values_obj.is_none(),
                              "tail: expected (keys, values), got only one of them");
             // The tail (tokens decoded since the prefill) is read in place, a slice of a
@@ -149,7 +149,7 @@ void bind_quantization(py::module_& m) {
                 return_weights ? owned_float_array({heads_q, attended}) : owned_float_array({0});
             {
               py::gil_scoped_release release;
-              self.attend(q.data(), heads_q, params,
+              self.attend(q.data(), heads_q, rules,
                           AttentionOutput{out.mutable_data(), lse.mutable_data(),
                                           return_weights ? weights.mutable_data() : nullptr},
                           tk ? &*tk : nullptr, tv ? &*tv : nullptr);
@@ -162,7 +162,8 @@ void bind_quantization(py::module_& m) {
           },
           py::arg("q"), py::arg("scale") = py::none(), py::arg("return_lse") = false,
           py::arg("return_weights") = false, py::arg("tail_keys") = py::none(),
-          py::arg("tail_values") = py::none())
+          py::arg("tail_values") = py::none(), py::arg("softcap") = py::none(),
+          py::arg("sinks") = py::none())
       .def_property_readonly("nbytes", &QuantizedKV::nbytes)
       .def_property_readonly("bits", [](const QuantizedKV& s) { return s.params().bits; })
       .def_property_readonly("group", [](const QuantizedKV& s) { return s.params().group; })
@@ -175,10 +176,12 @@ void bind_quantization(py::module_& m) {
 
   m.def("quantized_attention", &quantized_attention_binding, py::arg("quantized"),
         py::arg("queries"), py::arg("tail_keys"), py::arg("tail_values"),
-        py::arg("scale") = py::none(),
+        py::arg("scale") = py::none(), py::arg("softcap") = py::none(),
+        py::arg("sinks") = py::none(),
         "Decode attention of a batch, one QuantizedKV per row, looped in C++: out[b, i] is "
-        "quantized[b].attend(queries[b, i], scale, tail_keys[b, :, :seen], "
-        "tail_values[b, :, :seen]) with seen = decoded - new + i + 1. queries: float32 [batch, "
+        "quantized[b].attend(queries[b, i], scale, softcap, sinks, tail_keys[b, :, :seen], "
+        "tail_values[b, :, :seen]) with seen = decoded - new + i + 1; scores capped by "
+        "softcap, a sink logit per query head joining the softmax. queries: float32 [batch, "
         "new, heads_q, head_dim]; tail_keys, tail_values: [batch, heads_kv, decoded, head_dim] "
         "in any KV dtype, the tokens decoded since the quantization (each head's rows "
         "contiguous; a slice of a buffer with spare room is read in place). Returns float32 "

@@ -211,10 +211,6 @@ __global__ void mean_kernel(float* acc, std::int64_t rows, std::int64_t tokens, 
   }
 }
 
-float resolve_scale(float scale, std::int64_t dim) {
-  return scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(dim));
-}
-
 std::size_t kv_bytes(const KVView& v) {
   return static_cast<std::size_t>(v.heads * v.tokens * v.dim) * dtype_size(v.dtype);
 }

@@ -9,8 +9,12 @@ def as64(x: np.ndarray) -> np.ndarray:
     return np.asarray(x).astype(np.float64)
 
 
-def decode_attention(q, keys, values, indices=None, bias=None, scale=None):
-    """Returns (out [hq, d], lse [hq], weights [hq, n]) in float64."""
+def decode_attention(
+    q, keys, values, indices=None, bias=None, scale=None, softcap=None, sinks=None
+):
+    """Returns (out [hq, d], lse [hq], weights [hq, n]) in float64; scores capped by
+    ``softcap`` before the bias, a sink logit per query head joining the softmax (in lse and
+    the weights' total) and attending nothing."""
     q, k, v = as64(q), as64(keys), as64(values)
     heads_q, dim = q.shape
     heads_kv, tokens, _ = k.shape
@@ -24,11 +28,13 @@ def decode_attention(q, keys, values, indices=None, bias=None, scale=None):
         else:
             sel = indices[h] if indices.shape[0] == heads_q else indices[kv]
         s = k[kv, sel] @ q[h] * scale
+        if softcap is not None:
+            s = softcap * np.tanh(s / softcap)
         if bias is not None:
             s = s + as64(bias)[kv, sel]
-        m = s.max()
+        m = s.max() if sinks is None else max(s.max(), float(sinks[h]))
         p = np.exp(s - m)
-        total = p.sum()
+        total = p.sum() + (0.0 if sinks is None else np.exp(float(sinks[h]) - m))
         outs.append((p / total) @ v[kv, sel])
         lses.append(m + np.log(total))
         weights.append(p / total)

@@ -629,6 +629,38 @@ def test_recall_step_equals_a_step_per_row_and_position(rng, method, dtype, per_
         assert mine.tokens == theirs.tokens and mine.total == theirs.total
 
 
+RULES = {"scale": (0.3, None, False), "softcap": (0.3, 2.0, False), "sinks": (None, None, True)}
+RULES["both"] = (0.3, 2.0, True)
+
+
+@pytest.mark.parametrize("method", ["clusterkv", "quest"])
+@pytest.mark.parametrize(
+    "options", [{}, {"refine": 2}, {"per_query_head": True}, {"fast_tier": True}], ids=str
+)
+@pytest.mark.parametrize("rules", RULES)
+def test_recall_step_scales_caps_and_sinks_like_float64(rng, method, options, rules):
+    # A model's own scale, Gemma 2's softcap and gpt-oss's sinks on the recalled tokens:
+    # each step is float64 attention over its own selection under the same rules.
+    scale, softcap, with_sinks = RULES[rules]
+    heads_q, heads, dim = 8, 2, 32
+    keys = rng.standard_normal((heads, 300, dim)).astype(np.float32)
+    values = rng.standard_normal(keys.shape).astype(np.float32)
+    cache = kvpack.RecallCache(budget=48, method=method, **options)
+    cache.prefill(keys, values)
+    sinks = rng.standard_normal(heads_q).astype(np.float32) + 2 if with_sinks else None
+    for _ in range(3):
+        q = 3 * rng.standard_normal((1, 1, heads_q, dim)).astype(np.float32)  # capped scores
+        key = rng.standard_normal((1, heads, 1, dim)).astype(np.float32)
+        value = rng.standard_normal((1, heads, 1, dim)).astype(np.float32)
+        out = kvpack._core.recall_step([cache._recall], q, key, value, scale, softcap, sinks)
+        keys, values = np.concatenate([keys, key[0]], 1), np.concatenate([values, value[0]], 1)
+        selection = cache._recall.last_selection
+        expected = reference.decode_attention(
+            q[0, 0], keys, values, selection, scale=scale, softcap=softcap, sinks=sinks
+        )[0]
+        np.testing.assert_allclose(out[0, 0], expected, rtol=2e-4, atol=2e-5)
+
+
 def test_recall_step_reads_torch_views(rng):
     torch = pytest.importorskip("torch")
     batched, one_by_one = _recall_caches(rng, "clusterkv", np.float16, 2)

@@ -487,22 +487,56 @@ FAMILIES = {
 }
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+def test_every_kind_of_layer_applies_the_models_softcap_and_sinks(family):
+    # Scores of order one, a softcap that bends them and sink logits that take a real
+    # share of each softmax: a held, a recall and a KIVI step (a budget over the context)
+    # give transformers' eager logits, which they would not with either rule dropped.
+    options = dict(FAMILIES[family])
+    if family == "gemma2":
+        options["attn_logit_softcapping"] = 0.3
+    model = tiny_decoder(family, layers=3, **options)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                weight.mul_(6.0)
+        for module in model.modules():
+            if getattr(module, "sinks", None) is not None:
+                module.sinks.copy_(torch.linspace(-1.0, 2.0, module.sinks.numel()))
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(6))
+
+    def logits(cache):
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                **{hf.cache_argument(model): cache},
+                max_new_tokens=6,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        return torch.stack(out.logits)
+
+    expected = logits(DynamicCache(config=model.config))
+    for method in ("full", "clusterkv", "quest", "kivi"):
+        cache = hf.make_cache(model, method, budget=4096, skip_layers=0)
+        got = logits(cache)
+        assert cache.stats()["compressed_layers"] == [1]  # the global layer runs the method
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=method)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_generates_like_its_dynamic_cache(family):
     # With a budget over the context every method generates transformers' own tokens
     # (eager attention, the reference for softcapping and sinks); sliding layers keep their
-    # window; a method the family's scores rule out is refused up front, naming why.
+    # window.
     model = tiny_decoder(family, layers=3, **FAMILIES[family])
     config = model.config
     ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(5))
     model.set_attn_implementation("eager")
     expected = generate(model, ids, None, DynamicCache(config=config), new=12)
-    special = family in ("gemma2", "gpt_oss")
-    for method in ("full", "h2o", "kvmerger", "clusterkv", "kivi"):
-        if special and method in ("clusterkv", "kivi"):
-            with pytest.raises(NotImplementedError, match=f"method '{method}': the model's"):
-                hf.make_cache(model, method, budget=4096, skip_layers=1)
-            continue
+    for method in ("full", "h2o", "kvmerger", "clusterkv", "quest", "kivi"):
         cache = hf.make_cache(model, method, budget=4096, skip_layers=1)
         assert torch.equal(generate(model, ids, None, cache, new=12), expected), method
     window = FAMILIES[family].get("sliding_window")

@@ -188,6 +188,65 @@ def test_quantized_attention_equals_an_attend_per_row_and_position(rng, tail_dty
             )
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_quantized_attention_caps_scores_and_adds_sinks_like_float64(rng, softcap, with_sinks):
+    # Gemma 2's softcap and gpt-oss's sinks over the codes and the decoded tail: float64
+    # attention over the dequantized cache under the same rules; lse counts the sink.
+    heads_q, heads, dim, fresh = 6, 2, 32, 3
+    keys = rng.standard_normal((heads, 150, dim)).astype(np.float16)
+    values = rng.standard_normal(keys.shape).astype(np.float16)
+    quantized = kvpack.quantize(keys, values, bits=4, residual=16)._core
+    codes_keys, codes_values = quantized.dequantize()
+    tail = rng.standard_normal((2, 1, heads, fresh, dim)).astype(np.float16)
+    queries = 3 * rng.standard_normal((1, fresh, heads_q, dim)).astype(np.float32)
+    sinks = rng.standard_normal(heads_q).astype(np.float32) + 2 if with_sinks else None
+    out = kvpack._core.quantized_attention(
+        [quantized], queries, tail[0], tail[1], 0.2, softcap, sinks
+    )
+    for i in range(fresh):
+        k = np.concatenate([codes_keys, tail[0, 0, :, : i + 1]], 1)
+        v = np.concatenate([codes_values, tail[1, 0, :, : i + 1]], 1)
+        expected, lse, _ = reference.decode_attention(
+            queries[0, i], k, v, scale=0.2, softcap=softcap, sinks=sinks
+        )
+        np.testing.assert_allclose(out[0, i], expected, rtol=2e-4, atol=2e-5)
+        _, got_lse, _ = quantized.attend(
+            queries[0, i],
+            scale=0.2,
+            return_lse=True,
+            tail_keys=tail[0, 0, :, : i + 1],
+            tail_values=tail[1, 0, :, : i + 1],
+            softcap=softcap,
+            sinks=sinks,
+        )
+        np.testing.assert_allclose(got_lse, lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call", ["quantized_attention", "recall_step"])
+def test_score_rules_are_checked(rng, call):
+    keys = rng.standard_normal((2, 100, 32)).astype(np.float16)
+    if call == "quantized_attention":
+        cores = [kvpack.quantize(keys, keys)._core]
+    else:
+        cache = kvpack.RecallCache(budget=16)
+        cache.prefill(keys, keys)
+        cores = [cache._recall]
+    queries = np.zeros((1, 1, 4, 32), np.float32)
+    tail = np.zeros((1, 2, 1, 32), np.float16)
+    step = getattr(kvpack._core, call)
+    for kwargs, error, message in [
+        ({"softcap": -1.0}, ValueError, "softcap: expected a positive finite float"),
+        ({"softcap": float("inf")}, ValueError, "softcap: expected a positive finite float"),
+        ({"sinks": np.zeros(3, np.float32)}, ValueError, r"sinks: expected shape \(4,\)"),
+        ({"sinks": np.full(4, np.nan, np.float32)}, ValueError, "sinks"),
+        ({"scale": 0.0}, ValueError, "scale: expected a positive number"),
+        ({"softcap": "x"}, TypeError, "softcap"),
+    ]:
+        with pytest.raises(error, match=message):
+            step(cores, queries, tail, tail, **kwargs)
+
+
 def test_quantized_attention_rejects_bad_arguments(rng):
     keys = rng.standard_normal((2, 100, 32)).astype(np.float16)
     cores = [kvpack.quantize(keys, keys)._core] * 2

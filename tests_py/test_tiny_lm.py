@@ -121,7 +121,15 @@ def test_runs_share_a_prefill_and_score_as_their_own(model):
     assert accuracies[1] == scoring.passkey_accuracy(
         model, "streaming_llm", 32, context=512, prompts=4, batch=2
     )
-    for bad in ([], [("h2o",)], ["h2o"]):
+    # A run's own make_cache options, over the measure's: as if given to the measure.
+    pyramid = {"layer_budgets": "pyramid"}
+    window = dict(context=context, windows=1, seed=5)
+    mixed = scoring.perplexity(model, runs=[("h2o", 64, pyramid), ("h2o", 64)], **window)
+    assert mixed == [
+        scoring.perplexity(model, "h2o", 64, options=o, **window) for o in (pyramid, None)
+    ]
+    assert mixed[0] != mixed[1]  # the schedule was applied
+    for bad in ([], [("h2o",)], ["h2o"], [("h2o", 64, "pyramid")]):
         with pytest.raises(ValueError, match="runs: expected a non-empty sequence"):
             scoring.perplexity(model, context=context, windows=1, runs=bad)
 

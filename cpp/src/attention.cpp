@@ -163,7 +163,7 @@ void attend_range(const float* qs, const KVView& keys, const KVView& values, std
       for (int g = 0; g < Tile; ++g)
         for (std::int64_t j = 0; j < nb; ++j) {
           float& score = s[g * kBlockTokens + j];
-          score = terms.softcap * std::tanh(score / terms.softcap);
+          score = capped_score(score, terms.softcap);
         }
     if (terms.bias)
       for (int g = 0; g < Tile; ++g)
@@ -294,10 +294,6 @@ void attend_range_tiled(int tile, const float* qs, const KVView& keys, const KVV
       return attend_range_typed<1>(qs, keys, values, head, token_at, begin, end, count, terms,
                                    state);
   }
-}
-
-float resolve_scale(float scale, std::int64_t dim) {
-  return scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(dim));
 }
 
 void check_kv(const KVView& keys, const KVView& values) {
@@ -674,7 +670,7 @@ void held_attention(const float* queries, std::int64_t new_queries, std::int64_t
       float* o = out + (query * heads_q + hq) * dim;
       const float lse = split.merge(stream, g, dim, o);
       if (rules.sinks) {  // the sink's share of the softmax goes nowhere
-        const float kept = 1.0f / (1.0f + std::exp(rules.sinks[hq] - lse));
+        const float kept = sink_share(rules.sinks[hq], lse);
         for (std::int64_t d = 0; d < dim; ++d) o[d] *= kept;
       }
     }

@@ -418,10 +418,12 @@ void QuantizedKV::load_block(std::int64_t head, std::int64_t block, const KVView
   }
 }
 
-void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionParams& params,
+void QuantizedKV::attend(const float* q, std::int64_t heads_q, const ScoreRules& rules,
                          const AttentionOutput& output, const KVView* tail_keys,
                          const KVView* tail_values) const {
   KVPACK_CHECK(!tail_keys == !tail_values, "tail: expected both keys and values, or neither");
+  KVPACK_CHECK(rules.window == 0 && rules.softcap >= 0.0f,
+               "rules: expected window 0 (every token is seen) and softcap >= 0");
   const std::int64_t extra = tail_keys ? tail_keys->tokens : 0;
   if (tail_keys) {
     for (const KVView* t : {tail_keys, tail_values})
@@ -433,8 +435,7 @@ void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionPa
   const std::int64_t group = params_.group, token_groups = quantized_ / group;
   const std::int64_t rest = tokens_ - quantized_, per_kv = heads_q / heads_;
   const std::int64_t attended = tokens_ + extra;
-  const float scale =
-      params.scale > 0.0f ? params.scale : 1.0f / std::sqrt(static_cast<float>(dim_));
+  const float scale = resolve_scale(rules.scale, dim_);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   // A flash-decoding pass over blocks of `group` tokens: each block (a token group of
@@ -470,7 +471,8 @@ void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionPa
       for (std::int64_t g = 0; g < per_kv; ++g) {
         float block_max = kNegInf;
         for (std::int64_t j = 0; j < n; ++j) {
-          s[j] = detail::dot(qs.data() + g * dim_, keys.data() + j * dim_, dim_);
+          s[j] = capped_score(detail::dot(qs.data() + g * dim_, keys.data() + j * dim_, dim_),
+                              rules.softcap);
           block_max = std::max(block_max, s[j]);
         }
         if (output.weights)
@@ -497,8 +499,14 @@ void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionPa
   // Merge the chunks of every query head.
   parallel_for(heads_q, [&](std::int64_t hq) {
     const std::int64_t h = hq / per_kv, g = hq % per_kv;
-    const float lse = detail::merge_states(partials.data() + h * chunks * stride, chunks, stride,
-                                           per_kv, g, dim_, output.out + hq * dim_);
+    float* out = output.out + hq * dim_;
+    float lse = detail::merge_states(partials.data() + h * chunks * stride, chunks, stride, per_kv,
+                                     g, dim_, out);
+    if (rules.sinks) {  // the sink's share of the softmax goes nowhere
+      const float kept = sink_share(rules.sinks[hq], lse);
+      for (std::int64_t c = 0; c < dim_; ++c) out[c] *= kept;
+      lse -= std::log(kept);
+    }
     if (output.lse) output.lse[hq] = lse;
     if (output.weights)
       for (std::int64_t t = 0; t < attended; ++t)
@@ -509,7 +517,7 @@ void QuantizedKV::attend(const float* q, std::int64_t heads_q, const AttentionPa
 void quantized_attention(const QuantizedKV* const* quantized, const float* queries,
                          std::int64_t new_tokens, std::int64_t heads_q,
                          const BatchKVView& tail_keys, const BatchKVView& tail_values,
-                         const AttentionParams& params, float* out) {
+                         const ScoreRules& rules, float* out) {
   KVPACK_CHECK(tail_values.batch == tail_keys.batch && tail_values.heads == tail_keys.heads &&
                    tail_values.tokens == tail_keys.tokens && tail_values.dim == tail_keys.dim,
                "tail_values: expected the shape of tail_keys");
@@ -524,7 +532,7 @@ void quantized_attention(const QuantizedKV* const* quantized, const float* queri
     for (std::int64_t i = 0; i < new_tokens; ++i) {
       const std::int64_t seen = decoded - new_tokens + i + 1, at = (b * new_tokens + i) * size;
       const KVView keys = tail_keys.row(b, 0, seen), values = tail_values.row(b, 0, seen);
-      quantized[b]->attend(queries + at, heads_q, params,
+      quantized[b]->attend(queries + at, heads_q, rules,
                            AttentionOutput{out + at, nullptr, nullptr}, &keys, &values);
     }
 }

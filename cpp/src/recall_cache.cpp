@@ -196,8 +196,10 @@ void RecallCache::recall(const std::vector<std::vector<std::int32_t>>& needed, R
 }
 
 void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_key,
-                       const KVView& new_value, float* out) {
+                       const KVView& new_value, float* out, const ScoreRules& rules) {
   KVPACK_CHECK(tokens_ > 0, "step: call prefill first");
+  KVPACK_CHECK(rules.window == 0 && rules.softcap >= 0.0f,
+               "rules: expected window 0 (a recall layer sees every token) and softcap >= 0");
   KVPACK_CHECK(
       new_key.heads == heads_ && new_key.tokens == 1 && new_key.dim == dim_ &&
           new_key.dtype == dtype_,
@@ -221,11 +223,12 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
   const std::int64_t count = selector_->selection_size(params_.budget);
   selection_.assign(static_cast<std::size_t>(rows * count), 0);
   selection_rows_ = rows;
-  // Refined or coded selections are scored here, and attended from those scores.
-  const bool refined = params_.refine > 1 || codes_;
-  std::vector<float> scores;  // refined: the selection's scaled scores
+  // Refined or coded selections, and those of a model that caps its scores or adds sinks,
+  // are scored here and attended from those scores.
+  const bool refined = params_.refine > 1 || codes_ || rules.softcap > 0.0f || rules.sinks;
+  std::vector<float> scores;  // refined: the selection's scores
   if (refined) {
-    refine_selection(q, heads_q, per_q, count, scores);
+    refine_selection(q, heads_q, per_q, count, rules, scores);
   } else {
     selector_->select(q, heads_q, params_.budget, per_q, selection_.data());
   }
@@ -272,11 +275,11 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
 
   // The refined selection's scores are what attention scores: they are not computed again.
   if (refined) {
-    attend_scored(scores, heads_q, per_q, count, out);
+    attend_scored(scores, heads_q, per_q, count, rules.sinks, out);
     return;
   }
   if (!params_.fast_tier) {
-    attend_in_place(q, heads_q, rows, count, out);
+    attend_in_place(q, heads_q, rows, count, rules.scale, out);
     return;
   }
   // Attend over the fast tier at the selected tokens' slots.
@@ -293,11 +296,12 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
   const IndexView index{slots.data(), rows, count};
   AttentionOutput output;
   output.out = out;
-  decode_attention(q, heads_q, fk, fv, &index, nullptr, AttentionParams{}, output);
+  decode_attention(q, heads_q, fk, fv, &index, nullptr, AttentionParams{rules.scale}, output);
 }
 
 void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool per_q,
-                                   std::int64_t count, std::vector<float>& scores) {
+                                   std::int64_t count, const ScoreRules& rules,
+                                   std::vector<float>& scores) {
   const std::int64_t group = heads_q / heads_;
   const std::int64_t rows = per_q ? heads_q : heads_, n_q = per_q ? 1 : group;
   const std::int64_t budget = params_.budget;
@@ -312,7 +316,7 @@ void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool pe
   candidates_.assign(static_cast<std::size_t>(rows * n), 0);
   selector_->select(q, heads_q, wide, per_q, candidates_.data());
   scores.assign(static_cast<std::size_t>(rows * n_q * count), 0.0f);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dim_));
+  const float scale = resolve_scale(rules.scale, dim_);
   const KVView k = keys();
   parallel_for(rows, [&](std::int64_t r) {
     const std::int64_t head = per_q ? r / group : r, first_q = per_q ? r : r * group;
@@ -342,7 +346,8 @@ void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool pe
     for (std::int64_t i = 0; i < count; ++i) {
       selection_[r * count + i] = candidates[kept[i]];
       for (std::int64_t g = 0; g < n_q; ++g)
-        scores[(r * n_q + g) * count + i] = dots[g * n + kept[i]] * scale;
+        scores[(r * n_q + g) * count + i] =
+            capped_score(dots[g * n + kept[i]] * scale, rules.softcap);
     }
   });
   if (params_.refine == 1) {  // the method's own selection: nothing to report as candidates
@@ -366,20 +371,23 @@ void RecallCache::rows_as_float(std::int64_t head, const std::int32_t* tokens, s
 }
 
 void RecallCache::attend_scored(const std::vector<float>& scores, std::int64_t heads_q, bool per_q,
-                                std::int64_t count, float* out) const {
+                                std::int64_t count, const float* sinks, float* out) const {
   const std::int64_t group = heads_q / heads_;
   const std::int64_t rows = per_q ? heads_q : heads_, n_q = per_q ? 1 : group;
   const KVView slow = values();
   const KVView fast{fast_values_.data(), dtype_, heads_, slots_, dim_};
   parallel_for(rows, [&](std::int64_t r) {
     const std::int64_t head = per_q ? r / group : r, first_q = per_q ? r : r * group;
-    // Softmax weights of each query head over the row's tokens.
+    // Softmax weights of each query head over the row's tokens (and its sink, which
+    // attends nothing).
     std::vector<float> weights(scores.begin() + r * n_q * count,
                                scores.begin() + (r + 1) * n_q * count);
     for (std::int64_t g = 0; g < n_q; ++g) {
       float* w = weights.data() + g * count;
-      const float top = *std::max_element(w, w + count);
-      float sum = 0.0f;
+      const float* sink = sinks ? sinks + first_q + g : nullptr;
+      const float top = std::max(*std::max_element(w, w + count),
+                                 sink ? *sink : -std::numeric_limits<float>::infinity());
+      float sum = sink ? std::exp(*sink - top) : 0.0f;
       for (std::int64_t i = 0; i < count; ++i) sum += (w[i] = std::exp(w[i] - top));
       for (std::int64_t i = 0; i < count; ++i) w[i] /= sum;
     }
@@ -433,15 +441,16 @@ void RecallCache::count_recalls(const std::vector<std::vector<std::int32_t>>& ne
 }
 
 void RecallCache::attend_in_place(const float* q, std::int64_t heads_q, std::int64_t rows,
-                                  std::int64_t count, float* out) const {
+                                  std::int64_t count, float scale, float* out) const {
   const IndexView index{selection_.data(), rows, count};
   AttentionOutput output;
   output.out = out;
-  decode_attention(q, heads_q, keys(), values(), &index, nullptr, AttentionParams{}, output);
+  decode_attention(q, heads_q, keys(), values(), &index, nullptr, AttentionParams{scale}, output);
 }
 
 void recall_step(RecallCache* const* caches, const float* queries, std::int64_t heads_q,
-                 const BatchKVView& keys, const BatchKVView& values, float* out) {
+                 const BatchKVView& keys, const BatchKVView& values, float* out,
+                 const ScoreRules& rules) {
   KVPACK_CHECK(values.batch == keys.batch && values.heads == keys.heads &&
                    values.tokens == keys.tokens && values.dim == keys.dim,
                "values: expected the shape of keys");
@@ -450,7 +459,8 @@ void recall_step(RecallCache* const* caches, const float* queries, std::int64_t 
   for (std::int64_t b = 0; b < keys.batch; ++b)
     for (std::int64_t i = 0; i < keys.tokens; ++i) {
       const std::int64_t at = (b * keys.tokens + i) * size;
-      caches[b]->step(queries + at, heads_q, keys.row(b, i, 1), values.row(b, i, 1), out + at);
+      caches[b]->step(queries + at, heads_q, keys.row(b, i, 1), values.row(b, i, 1), out + at,
+                      rules);
     }
 }
 

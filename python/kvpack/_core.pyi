@@ -132,7 +132,7 @@ class EvictionCache:
 class QuantizedKV:
     def __init__(self, keys: typing.Any, values: typing.Any, bits: typing.SupportsInt | typing.SupportsIndex = 2, group: typing.SupportsInt | typing.SupportsIndex = 32, residual: typing.SupportsInt | typing.SupportsIndex = 128) -> None:
         ...
-    def attend(self, q: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex | None = None, return_lse: bool = False, return_weights: bool = False, tail_keys: typing.Any = None, tail_values: typing.Any = None) -> tuple[numpy.typing.NDArray[numpy.float32], typing.Any, typing.Any]:
+    def attend(self, q: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex | None = None, return_lse: bool = False, return_weights: bool = False, tail_keys: typing.Any = None, tail_values: typing.Any = None, softcap: typing.SupportsFloat | typing.SupportsIndex | None = None, sinks: typing.Any = None) -> tuple[numpy.typing.NDArray[numpy.float32], typing.Any, typing.Any]:
         ...
     def dequantize(self, keys_out: typing.Any = None, values_out: typing.Any = None) -> tuple:
         ...
@@ -262,13 +262,13 @@ def pyramid_budgets(budget: typing.Any, layers: typing.SupportsInt | typing.Supp
     """
     PyramidKV's budgets per layer; see kvpack.pyramid_budgets.
     """
-def quantized_attention(quantized: typing.Any, queries: typing.Any, tail_keys: typing.Any, tail_values: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex | None = None) -> numpy.typing.NDArray[numpy.float32]:
+def quantized_attention(quantized: typing.Any, queries: typing.Any, tail_keys: typing.Any, tail_values: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex | None = None, softcap: typing.SupportsFloat | typing.SupportsIndex | None = None, sinks: typing.Any = None) -> numpy.typing.NDArray[numpy.float32]:
     """
-    Decode attention of a batch, one QuantizedKV per row, looped in C++: out[b, i] is quantized[b].attend(queries[b, i], scale, tail_keys[b, :, :seen], tail_values[b, :, :seen]) with seen = decoded - new + i + 1. queries: float32 [batch, new, heads_q, head_dim]; tail_keys, tail_values: [batch, heads_kv, decoded, head_dim] in any KV dtype, the tokens decoded since the quantization (each head's rows contiguous; a slice of a buffer with spare room is read in place). Returns float32 [batch, new, heads_q, head_dim].
+    Decode attention of a batch, one QuantizedKV per row, looped in C++: out[b, i] is quantized[b].attend(queries[b, i], scale, softcap, sinks, tail_keys[b, :, :seen], tail_values[b, :, :seen]) with seen = decoded - new + i + 1; scores capped by softcap, a sink logit per query head joining the softmax. queries: float32 [batch, new, heads_q, head_dim]; tail_keys, tail_values: [batch, heads_kv, decoded, head_dim] in any KV dtype, the tokens decoded since the quantization (each head's rows contiguous; a slice of a buffer with spare room is read in place). Returns float32 [batch, new, heads_q, head_dim].
     """
-def recall_step(caches: typing.Any, queries: typing.Any, keys: typing.Any, values: typing.Any) -> numpy.typing.NDArray[numpy.float32]:
+def recall_step(caches: typing.Any, queries: typing.Any, keys: typing.Any, values: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex | None = None, softcap: typing.SupportsFloat | typing.SupportsIndex | None = None, sinks: typing.Any = None) -> numpy.typing.NDArray[numpy.float32]:
     """
-    One decode step of a batch, one RecallCache per row, looped in C++: out[b, i] is caches[b].step(queries[b, i], keys[b, :, i], values[b, :, i]), rows in turn and each row's positions in order. queries: float32 [batch, new, heads_q, head_dim]; keys, values: [batch, heads_kv, new, head_dim] in the caches' dtype (each head_dim row contiguous; strided views are read in place). Returns float32 [batch, new, heads_q, head_dim].
+    One decode step of a batch, one RecallCache per row, looped in C++: out[b, i] is caches[b].step(queries[b, i], keys[b, :, i], values[b, :, i]), rows in turn and each row's positions in order; scores scaled by scale (None: 1/sqrt(head_dim)), capped by softcap, a sink logit per query head joining the softmax. queries: float32 [batch, new, heads_q, head_dim]; keys, values: [batch, heads_kv, new, head_dim] in the caches' dtype (each head_dim row contiguous; strided views are read in place). Returns float32 [batch, new, heads_q, head_dim].
     """
 def set_num_threads(n: typing.SupportsInt | typing.SupportsIndex) -> None:
     """

@@ -3,6 +3,7 @@
 // Every compression and recall method in kvpack attends and scores through here.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -72,6 +73,24 @@ struct ScoreRules {
   const float* sinks = nullptr;  ///< [heads_q] or null: a logit per query head that joins
                                  ///< the softmax and attends nothing (gpt-oss's sinks)
 };
+
+/// The scale a score takes: `scale`, or 1/sqrt(dim) for 0 (the default of every attention).
+inline float resolve_scale(float scale, std::int64_t dim) {
+  return scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(dim));
+}
+
+/// A scaled score under a softcap (> 0: softcap * tanh(score / softcap), as Gemma 2 caps
+/// its logits; 0: unchanged).
+inline float capped_score(float score, float softcap) {
+  return softcap > 0.0f ? softcap * std::tanh(score / softcap) : score;
+}
+
+/// The share of an attention output that a sink logit leaves (1 / (1 + exp(sink - lse)) for
+/// scores of log-sum-exp `lse`): the rest of the softmax goes to the sink, which attends
+/// nothing.
+inline float sink_share(float sink, float lse) {
+  return 1.0f / (1.0f + std::exp(sink - lse));
+}
 
 /// One decode step of a batch over one layer's cache (HeldSlots): query i of row b, at
 /// position first_query + i, attends the row's non-empty held slots and the decoded slots

@@ -79,8 +79,9 @@ class QuantizedKV {
   /// directly (no dequantized copy); out as for decode_attention. `tail`, when given,
   /// holds full-precision rows [heads, n, dim] that follow the cache (a decode step's
   /// tokens since the prefill), attended in the same softmax after it; weights then has
-  /// tokens() + n entries per query head.
-  void attend(const float* q, std::int64_t heads_q, const AttentionParams& params,
+  /// tokens() + n entries per query head. The rules' scale, softcap and sinks apply as in
+  /// held_attention (lse and weights include the sink); every token is seen (window 0).
+  void attend(const float* q, std::int64_t heads_q, const ScoreRules& rules,
               const AttentionOutput& output, const KVView* tail_keys = nullptr,
               const KVView* tail_values = nullptr) const;
 
@@ -112,7 +113,7 @@ class QuantizedKV {
 /// Decode attention of a batch's new queries, each row over its own quantized cache and the
 /// tokens decoded since (full precision): query i of row b attends quantized[b] and the
 /// first decoded - new + i + 1 tail rows, exactly as quantized[b]->attend(queries[b, i],
-/// heads_q, params, out[b, i], tail_keys[b, :, :that], tail_values[b, :, :that]).
+/// heads_q, rules, out[b, i], tail_keys[b, :, :that], tail_values[b, :, :that]).
 /// @param quantized    size tail_keys.batch
 /// @param queries      size batch * new_tokens * heads_q * dim float32, [batch, new, heads_q,
 ///                     dim]
@@ -122,6 +123,6 @@ class QuantizedKV {
 void quantized_attention(const QuantizedKV* const* quantized, const float* queries,
                          std::int64_t new_tokens, std::int64_t heads_q,
                          const BatchKVView& tail_keys, const BatchKVView& tail_values,
-                         const AttentionParams& params, float* out);
+                         const ScoreRules& rules, float* out);
 
 }  // namespace kvpack

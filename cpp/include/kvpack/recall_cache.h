@@ -42,10 +42,13 @@ class RecallCache {
 
   /// One decode step: appends the new token (new_key, new_value: [heads_kv, 1, dim],
   /// the dtype of the prefill), selects, loads the misses and attends.
-  /// @param q    size heads_q * dim float32
-  /// @param out  size heads_q * dim float32
+  /// @param q      size heads_q * dim float32
+  /// @param out    size heads_q * dim float32
+  /// @param rules  the model's scale, softcap and sinks (as held_attention applies them;
+  ///               window 0: a recall layer is a global one). With a softcap or sinks the
+  ///               step scores its selection as a refined one does, and attends from them.
   void step(const float* q, std::int64_t heads_q, const KVView& new_key, const KVView& new_value,
-            float* out);
+            float* out, const ScoreRules& rules = {});
 
   const RecallStats& last_step() const { return last_; }
   const RecallStats& total() const { return total_; }
@@ -92,16 +95,17 @@ class RecallCache {
   void count_recalls(const std::vector<std::vector<std::int32_t>>& needed, RecallStats& stats);
   // Attends `rows` selections of `count` tokens (ascending ids) in the slow tier.
   void attend_in_place(const float* q, std::int64_t heads_q, std::int64_t rows, std::int64_t count,
-                       float* out) const;
+                       float scale, float* out) const;
   // Recalls refine x budget candidates per row into candidates_ and keeps in selection_
   // the `count` with the highest exact q . k (the always attended tokens first). Writes
-  // the kept tokens' scaled scores to scores: per row, its n_q query heads' `count` each.
+  // the kept tokens' scores (scaled, then capped by rules.softcap) to scores: per row, its
+  // n_q query heads' `count` each.
   void refine_selection(const float* q, std::int64_t heads_q, bool per_q, std::int64_t count,
-                        std::vector<float>& scores);
+                        const ScoreRules& rules, std::vector<float>& scores);
   // Attends selection_ (rows of `count`) from its scores (refine_selection's), reading the
-  // values where they are resident.
+  // values where they are resident; sinks (null or [heads_q]) join each softmax.
   void attend_scored(const std::vector<float>& scores, std::int64_t heads_q, bool per_q,
-                     std::int64_t count, float* out) const;
+                     std::int64_t count, const float* sinks, float* out) const;
   // Tokens [0, n) of `head` (ascending ids) as float32 rows [n, dim] into keys and values
   // (either may be null), from the codes or the exact rows where each is held.
   void rows_as_float(std::int64_t head, const std::int32_t* tokens, std::int64_t n, float* keys,
@@ -135,13 +139,14 @@ class RecallCache {
 
 /// One decode step of a batch of sequences, each with its own cache: for every row b and
 /// then every new position i in order, exactly caches[b]->step(queries[b, i], heads_q,
-/// keys[b, :, i], values[b, :, i], out[b, i]).
+/// keys[b, :, i], values[b, :, i], out[b, i], rules).
 /// @param caches   size keys.batch, each prefilled with keys.heads heads of keys.dim
 /// @param queries  size keys.batch * keys.tokens * heads_q * keys.dim float32,
 ///                 [batch, new, heads_q, dim] (token-major, as attention outputs are)
 /// @param keys, values  [batch, heads_kv, new, dim] in the caches' dtype
 /// @param out      size of queries, [batch, new, heads_q, dim]
 void recall_step(RecallCache* const* caches, const float* queries, std::int64_t heads_q,
-                 const BatchKVView& keys, const BatchKVView& values, float* out);
+                 const BatchKVView& keys, const BatchKVView& values, float* out,
+                 const ScoreRules& rules = {});
 
 }  // namespace kvpack

@@ -11,10 +11,12 @@ method takes (the two agree to float rounding).
 Pass-key prompts are bytes (the shipped tiny LM, or any model whose tokens are bytes);
 the perplexities also take a subword model with its tokenizer.
 
-Given ``runs``, a sequence of (method, budget), each measure scores all of them at once:
-each prompt is prefilled exactly once (:func:`kvpack.hf.prefill`) and every run
-compresses its own copy of that prefill, so a method x budget table costs one prefill
-per prompt. It then returns one result per run.
+Given ``runs``, a sequence of (method, budget) or (method, budget, options), each measure
+scores all of them at once: each prompt is prefilled exactly once (:func:`kvpack.hf.prefill`)
+and every run compresses its own copy of that prefill, so a method x budget table costs one
+prefill per prompt. A run's ``options`` are :func:`kvpack.hf.make_cache` keyword arguments
+of its own (e.g. ``{"layer_budgets": "pyramid"}``), over the measure's ``options``. It then
+returns one result per run.
 """
 
 from __future__ import annotations
@@ -46,14 +48,20 @@ Progress = Callable[[int], None]
 
 
 def _runs(method, budget, runs) -> list:
-    """The (method, budget) runs a measure scores: ``runs`` when given, checked, else the
-    one run of ``method`` at ``budget``."""
+    """The (method, budget, options) runs a measure scores: ``runs`` when given, checked
+    (options {} where a run gives none), else the one run of ``method`` at ``budget``."""
     if runs is None:
-        return [(method, budget)]
+        return [(method, budget, {})]
     runs = list(runs)
-    if not runs or not all(isinstance(r, (tuple, list)) and len(r) == 2 for r in runs):
-        raise ValueError(f"runs: expected a non-empty sequence of (method, budget), got {runs!r}")
-    return runs
+    if not runs or not all(
+        isinstance(r, (tuple, list)) and (len(r) == 2 or (len(r) == 3 and isinstance(r[2], dict)))
+        for r in runs
+    ):
+        raise ValueError(
+            "runs: expected a non-empty sequence of (method, budget) or (method, budget, "
+            f"options dict), got {runs!r}"
+        )
+    return [(r[0], r[1], dict(r[2]) if len(r) == 3 else {}) for r in runs]
 
 
 REFERENCES = ("transformers", "kvpack")
@@ -73,21 +81,18 @@ class _Caches:
                 f"reference: expected 'transformers' or 'kvpack', got {self.reference!r}"
             )
 
-    def argument(self, model, method, budget, prefill) -> dict:
+    def argument(self, model, method, budget, prefill, run_options=None) -> dict:
         """The keyword argument that hands ``model`` a fresh cache of ``method``, started
-        from ``prefill`` (a :class:`kvpack.hf.Prefill`)."""
+        from ``prefill`` (a :class:`kvpack.hf.Prefill`); ``run_options`` are the run's own
+        make_cache arguments, over the shared ``options``."""
         from .. import hf
 
         if isinstance(method, str) and method == "full" and self.reference == "transformers":
             cache = hf.dynamic_cache(model, prefill)
         else:
+            options = {**(self.options or {}), **(run_options or {})}
             cache = hf.make_cache(
-                model,
-                method,
-                budget,
-                skip_layers=self.skip_layers,
-                prefill=prefill,
-                **(self.options or {}),
+                model, method, budget, skip_layers=self.skip_layers, prefill=prefill, **options
             )
         return {hf.cache_argument(model): cache}
 
@@ -101,7 +106,7 @@ def _generate_runs(model, ids, mask, runs, caches: _Caches, max_new_tokens: int,
 
     shared = hf.prefill(model, ids, mask)
     outputs = []
-    for method, budget in runs:
+    for method, budget, options in runs:
         if max_new_tokens == 1:
             outputs.append(shared.next_ids[:, -1:])
             continue
@@ -109,7 +114,7 @@ def _generate_runs(model, ids, mask, runs, caches: _Caches, max_new_tokens: int,
             out = model.generate(
                 shared.next_ids,
                 attention_mask=shared.next_attention_mask,
-                **caches.argument(model, method, budget, shared),
+                **caches.argument(model, method, budget, shared, options),
                 max_new_tokens=max_new_tokens - 1,
                 do_sample=False,
                 pad_token_id=pad,
@@ -162,7 +167,7 @@ def passkey_accuracy(
         reference independent of kvpack), or kvpack's cache layers keeping every token.
     progress : callable, optional
         Called with the number of prompts (times runs) done after each batch.
-    runs : sequence of (method, budget), optional
+    runs : sequence of (method, budget) or (method, budget, options), optional
         Score these runs instead of ``method`` at ``budget``, each prompt prefilled once
         for all of them; a list of results is returned, one per run.
     """
@@ -250,7 +255,7 @@ def ruler_scores(
         reference independent of kvpack), or kvpack's cache layers keeping every token.
     progress : callable, optional
         Called after each prompt with the runs scored on it (1 without ``runs``).
-    runs : sequence of (method, budget), optional
+    runs : sequence of (method, budget) or (method, budget, options), optional
         Score these runs instead of ``method`` at ``budget``, each prompt prefilled once
         for all of them; a list of results is returned, one per run.
 
@@ -423,8 +428,8 @@ def _token_losses(model, ids, split: int, runs, caches: _Caches) -> list:
 
     shared = hf.prefill(model, ids[:, :split])
     losses = []
-    for method, budget in runs:
-        cache = caches.argument(model, method, budget, shared)
+    for method, budget, options in runs:
+        cache = caches.argument(model, method, budget, shared, options)
         with torch.no_grad():
             rest = model(ids[:, split:-1], **cache, use_cache=True).logits
         logits = torch.cat([shared.logits[:, None].to(rest.dtype), rest], dim=1)
@@ -505,7 +510,7 @@ def perplexity(
         BOS first (the shipped tiny LM).
     progress : callable, optional
         Called after each window with the runs scored on it (1 without ``runs``).
-    runs : sequence of (method, budget), optional
+    runs : sequence of (method, budget) or (method, budget, options), optional
         Score these runs instead of ``method`` at ``budget``, each prompt prefilled once
         for all of them; a list of results is returned, one per run.
 
@@ -582,11 +587,12 @@ def context_dependent_tokens(
     if not 1 <= short < split - head:  # at least one prompt token must be distant
         raise ValueError(f"short: expected 1..{split - head - 1} prompt tokens, got {short}")
     reference = _Caches()  # transformers' DynamicCache holds the whole prompt
+    whole = _runs("full", 1.0, None)
     masks = []
     for ids in text.texts:
-        (full,) = _token_losses(model, ids, split, [("full", 1.0)], reference)
+        (full,) = _token_losses(model, ids, split, whole, reference)
         cut = np.concatenate((np.arange(head), np.arange(split - short, ids.shape[1])))
-        (near,) = _token_losses(model, ids[:, cut], head + short, [("full", 1.0)], reference)
+        (near,) = _token_losses(model, ids[:, cut], head + short, whole, reference)
         masks.append((near - full >= gain) & (full <= max_loss))
         if progress:
             progress(1)
@@ -704,7 +710,9 @@ def _score_perplexity(
 
 def _score_fidelity(layers, runs, *, progress, **_) -> list[float]:
     values = []
-    for method, budget in runs:
+    for method, budget, options in runs:
+        if options:
+            raise ValueError(f"runs: fidelity takes no cache options, got {options!r}")
         values.append(fidelity(layers, method, budget))
         if progress:
             progress(1)

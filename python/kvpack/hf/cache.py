@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .. import _core
 from .. import methods as _methods
 from ..compression import budget_tokens, compress, pyramid_budgets
-from .compat import check_model, layer_windows, rotary_embedding, score_features
+from .compat import check_model, layer_windows, rotary_embedding
 
 if TYPE_CHECKING:
     from .prefill import Prefill
@@ -146,13 +146,6 @@ def make_cache(
     if prefill is not None and len(prefill.layers) != layers:
         raise ValueError(f"prefill: has {len(prefill.layers)} layers, the model {layers}")
     windows = layer_windows(model)
-    features = score_features(model)
-    if features and method.kind != "compress":
-        raise NotImplementedError(
-            f"method {method.name!r}: the model's attention has {features[0]} "
-            f"({model.config.get_text_config().model_type}), which kvpack computes for the "
-            f"compression methods only ({', '.join(EVICTION_METHODS)})"
-        )
     use_kvpack_attention(model)
     cache = KVPackCache(
         layers,
@@ -320,7 +313,6 @@ class _KVPackLayer(DynamicLayer):
     def _windowed_prefill(query, key, value, scaling, rules, window):
         """Causal attention of a prompt with no padding in which a query at position p
         sees positions above p - window: one core call, as a decode step over no held slot."""
-        sinks = rules.get("s_aux")
         no_slots = np.zeros((key.shape[0], key.shape[1], 0), dtype=np.int64)
         output = _core.held_attention(
             _array(_dense(query.transpose(1, 2).float())),
@@ -333,7 +325,7 @@ class _KVPackLayer(DynamicLayer):
             scaling,
             rules.get("softcap"),
             window,
-            None if sinks is None else _array(_dense(sinks.float())),
+            _sink_logits(rules),
         )
         return _torch(output, query)
 
@@ -494,7 +486,6 @@ class _EvictionLayer(_BufferedLayer):
         tokens, in the core; then, with ``decode_budget``, a compression when one is due.
         Padding is read from the held positions; ``attention_mask`` adds nothing to them."""
         queries = query.transpose(1, 2)  # [batch, new, heads_q, dim]: the output's layout
-        sinks = rules.get("s_aux")
         output = _core.held_attention(
             _array(_dense(queries.float())),
             _array(key),
@@ -506,7 +497,7 @@ class _EvictionLayer(_BufferedLayer):
             scaling,
             rules.get("softcap"),
             self.window or rules.get("sliding_window"),
-            None if sinks is None else _array(_dense(sinks.float())),
+            _sink_logits(rules),
         )
         if self.decode_budget is not None:
             self._recent_queries = torch.cat(
@@ -611,12 +602,16 @@ class _RecallLayer(_KVPackLayer):
         return key_states, value_states  # decode() hands them to the core
 
     def decode(self, module, query, key, value, attention_mask, scaling, rules):
-        # RecallCache scales scores by 1/sqrt(head_dim); fold any other scaling into q.
-        fold = scaling * math.sqrt(query.shape[-1])
-        queries = query.transpose(1, 2).float()  # [batch, new, heads_q, dim]
-        if not math.isclose(fold, 1.0, rel_tol=1e-12):
-            queries = queries * fold
-        output = _core.recall_step(self.recall, _array(_dense(queries)), _array(key), _array(value))
+        queries = _dense(query.transpose(1, 2).float())  # [batch, new, heads_q, dim]
+        output = _core.recall_step(
+            self.recall,
+            _array(queries),
+            _array(key),
+            _array(value),
+            scaling,
+            rules.get("softcap"),
+            _sink_logits(rules),
+        )
         return _torch(output, query)
 
     def slots(self) -> int:
@@ -649,7 +644,13 @@ class _KiviLayer(_BufferedLayer):
     def decode(self, module, query, key, value, attention_mask, scaling, rules):
         queries = _dense(query.transpose(1, 2).float())  # [batch, new, heads_q, dim]
         output = _core.quantized_attention(
-            self.quantized, _array(queries), _array(key), _array(value), scaling
+            self.quantized,
+            _array(queries),
+            _array(key),
+            _array(value),
+            scaling,
+            rules.get("softcap"),
+            _sink_logits(rules),
         )
         return _torch(output, query)
 
@@ -752,6 +753,13 @@ def _array(t: torch.Tensor):
     tensor itself where NumPy has no dtype for it (bfloat16), read through DLPack."""
     t = _host(t)
     return t if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _sink_logits(rules: dict):
+    """The attention's sink logit per query head (gpt-oss's ``s_aux``) as the core takes
+    them, or None."""
+    sinks = rules.get("s_aux")
+    return None if sinks is None else _array(_dense(sinks.float()))
 
 
 def _torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:

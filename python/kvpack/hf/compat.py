@@ -49,18 +49,6 @@ def layer_windows(model) -> list[int | None]:
     ]
 
 
-def score_features(model) -> list[str]:
-    """What ``model``'s attention adds to scaled dot products: ``"softcap"`` (Gemma 2's
-    logit softcapping) and ``"sinks"`` (gpt-oss's per-head sink logits)."""
-    config = model.config.get_text_config()
-    features = []
-    if getattr(config, "attn_logit_softcapping", None):
-        features.append("softcap")
-    if any(getattr(module, "sinks", None) is not None for module in model.modules()):
-        features.append("sinks")
-    return features
-
-
 def rotary_embedding(model):
     """A reader of the rotary embedding (RoPE) of ``model``'s global-attention layers, as
     the core takes it: called, it gives ``(inv_freq, attention_scaling)``, a float32 ndarray
