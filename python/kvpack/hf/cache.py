@@ -602,17 +602,7 @@ class _RecallLayer(_KVPackLayer):
         return key_states, value_states  # decode() hands them to the core
 
     def decode(self, module, query, key, value, attention_mask, scaling, rules):
-        queries = _dense(query.transpose(1, 2).float())  # [batch, new, heads_q, dim]
-        output = _core.recall_step(
-            self.recall,
-            _array(queries),
-            _array(key),
-            _array(value),
-            scaling,
-            rules.get("softcap"),
-            _sink_logits(rules),
-        )
-        return _torch(output, query)
+        return _row_objects_step(_core.recall_step, self.recall, query, key, value, scaling, rules)
 
     def slots(self) -> int:
         return min((r.tokens for r in getattr(self, "recall", [])), default=0)
@@ -642,17 +632,9 @@ class _KiviLayer(_BufferedLayer):
         self.length = 0
 
     def decode(self, module, query, key, value, attention_mask, scaling, rules):
-        queries = _dense(query.transpose(1, 2).float())  # [batch, new, heads_q, dim]
-        output = _core.quantized_attention(
-            self.quantized,
-            _array(queries),
-            _array(key),
-            _array(value),
-            scaling,
-            rules.get("softcap"),
-            _sink_logits(rules),
+        return _row_objects_step(
+            _core.quantized_attention, self.quantized, query, key, value, scaling, rules
         )
-        return _torch(output, query)
 
     def slots(self) -> int:
         return min((q.tokens for q in getattr(self, "quantized", [])), default=0)
@@ -753,6 +735,23 @@ def _array(t: torch.Tensor):
     tensor itself where NumPy has no dtype for it (bfloat16), read through DLPack."""
     t = _host(t)
     return t if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _row_objects_step(core_step, rows, query, key, value, scaling, rules) -> torch.Tensor:
+    """One decode step of a layer that keeps a core object per row (``RecallCache``,
+    ``QuantizedKV``): ``core_step`` (``_core.recall_step`` or ``_core.quantized_attention``)
+    over every row and query, under the model's scale, softcap and sinks."""
+    queries = _dense(query.transpose(1, 2).float())  # [batch, new, heads_q, dim]
+    output = core_step(
+        rows,
+        _array(queries),
+        _array(key),
+        _array(value),
+        scaling,
+        rules.get("softcap"),
+        _sink_logits(rules),
+    )
+    return _torch(output, query)
 
 
 def _sink_logits(rules: dict):
