@@ -83,7 +83,8 @@ SUITES = {
         real_lm.run,
     ),
     "real_lm_4k": (
-        "ClusterKV against Quest at 1/16 and 1/8 of 4096 tokens on SmolLM2-135M-Instruct",
+        "ClusterKV against Quest at 1/16 and 1/8 of 4096 tokens on SmolLM2-135M-Instruct, "
+        "each also with refined recall, beside the eviction methods",
         real_lm.run_long,
     ),
     "ablation_4k": (
