@@ -92,6 +92,11 @@ SUITES = {
         "refined recall, a 4-bit slow tier, head and layer budgets",
         ablation.run,
     ),
+    "ablation_4k_heads": (
+        "Adaptive head budgets for refined recall at 1/16 and 1/8 of 4096 tokens on "
+        "SmolLM2-135M-Instruct",
+        ablation.run_heads,
+    ),
     "reliability": (
         "Reliability: fuzzed decoder, killed writers, 16 threads of store traffic, a hung Redis",
         reliability.run,

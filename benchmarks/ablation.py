@@ -8,6 +8,8 @@ tokens, each method at 1/16 and 1/8 of the prompt.
   budgets (``layer_budgets="pyramid"``), and with the three together.
 - SnapKV and H2O as their papers have them; with AdaKV's head budgets (``adaptive``); and
   with PyramidKV's layer budgets as well.
+- Suite ``ablation_4k_heads``: refined ClusterKV and Quest, uniform and with AdaKV's head
+  budgets for the recalled tokens, on 56 prompts.
 
 Each row gives the average with its 95% bootstrap interval over prompts, the points it
 gains over its method's paper configuration on the same prompts (paired interval), and the
@@ -28,6 +30,8 @@ from .real_lm import LONG_CONTEXT, RECALL_SHARES, _label, _progress
 
 # 3 prompts for each of the 7 tasks: 33 rows on 21 prompts fit about half an hour here.
 PROMPTS_PER_TASK = 3
+# The head-budget rows are few: as many prompts as real_lm_4k (one moves a mean < 2 points).
+HEAD_PROMPTS_PER_TASK = 8
 PYRAMID = {"layer_budgets": "pyramid"}
 
 
@@ -73,7 +77,30 @@ def _bytes(model, tokenizer, levers, shares) -> dict:
     return held
 
 
-def run(samples: int = PROMPTS_PER_TASK, shares: tuple[float, ...] = RECALL_SHARES) -> list:
+def _head_levers() -> list[tuple[str, str, object, dict]]:
+    """The rows of ``ablation_4k_heads``: refined ClusterKV and Quest, each with AdaKV's
+    head budgets (the heads share the step's recalled tokens) against its uniform row."""
+    rows = []
+    for name, kind in (("clusterkv", methods.ClusterKV), ("quest", methods.Quest)):
+        base = f"{name} + refine 4"
+        rows += [
+            (base, base, kind(refine=4), {}),
+            (f"{base} + adaptive heads", base, kind(refine=4, adaptive=True), {}),
+        ]
+    return rows
+
+
+def run_heads(samples: int = HEAD_PROMPTS_PER_TASK) -> list:
+    """Suite ``ablation_4k_heads``: adaptive head budgets for refined recall at 1/16 and 1/8
+    of 4096 tokens, on as many prompts as ``real_lm_4k``."""
+    return run(samples, levers=_head_levers())
+
+
+def run(
+    samples: int = PROMPTS_PER_TASK,
+    shares: tuple[float, ...] = RECALL_SHARES,
+    levers: list | None = None,
+) -> list:
     import torch
 
     from kvpack.eval import ruler, ruler_scores
@@ -82,7 +109,7 @@ def run(samples: int = PROMPTS_PER_TASK, shares: tuple[float, ...] = RECALL_SHAR
     start = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     model, tokenizer = load_pretrained("smollm2-135m")
-    levers = _levers()
+    levers = levers or _levers()
     runs = [("full", 1.0)]
     runs += [(method, share, options) for share in shares for _, _, method, options in levers]
     prompts = samples * len(ruler.TASKS)

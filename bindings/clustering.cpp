@@ -2,6 +2,8 @@
 // convert, release the GIL, call the core.
 #include <pybind11/stl.h>
 
+#include <algorithm>
+
 #include "args.h"
 #include "arrays.h"
 #include "kvpack/cluster_index.h"
@@ -138,6 +140,20 @@ py::array_t<std::int32_t> selection_array(std::vector<std::int32_t>&& tokens, st
   const auto count =
       static_cast<py::ssize_t>(rows ? static_cast<std::int64_t>(tokens.size()) / rows : 0);
   return adopt_vector(std::move(tokens), {static_cast<py::ssize_t>(rows), count});
+}
+
+// A recall step's selection as [rows, widest row]: rows of different sizes (adaptive head
+// budgets) padded with -1 after their tokens.
+py::array_t<std::int32_t> last_selection_array(const RecallCache& cache) {
+  const std::vector<std::int32_t>& tokens = cache.last_selection();
+  const std::vector<std::int64_t>& at = cache.last_offsets();
+  const std::int64_t rows = cache.last_rows();
+  std::int64_t widest = 0;
+  for (std::int64_t r = 0; r < rows; ++r) widest = std::max(widest, at[r + 1] - at[r]);
+  std::vector<std::int32_t> padded(static_cast<std::size_t>(rows * widest), -1);
+  for (std::int64_t r = 0; r < rows; ++r)
+    std::copy(tokens.begin() + at[r], tokens.begin() + at[r + 1], padded.begin() + r * widest);
+  return selection_array(std::move(padded), rows);
 }
 
 // Validates and appends decoded tokens' keys to a ClusterIndex or QuestIndex.
@@ -395,11 +411,7 @@ void bind_clustering(py::module_& m) {
                              [](const RecallCache& s) { return recall_stats_dict(s.last_step()); })
       .def_property_readonly("total",
                              [](const RecallCache& s) { return recall_stats_dict(s.total()); })
-      .def_property_readonly("last_selection",
-                             [](const RecallCache& s) {
-                               std::vector<std::int32_t> copy = s.last_selection();
-                               return selection_array(std::move(copy), s.last_rows());
-                             })
+      .def_property_readonly("last_selection", &last_selection_array)
       .def_property_readonly("last_candidates", [](const RecallCache& s) {
         std::vector<std::int32_t> copy = s.last_candidates();
         return selection_array(std::move(copy), s.last_rows());

@@ -117,8 +117,8 @@ def test_attention_over_an_adaptive_result_skips_the_empty_slots(rng):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_only_methods_that_rank_tokens_take_adaptive():
-    for method in ("streaming_llm", "cam", "kvmerger", "full", "clusterkv", "quest"):
+def test_only_methods_that_rank_tokens_or_recall_take_adaptive():
+    for method in ("streaming_llm", "cam", "kvmerger", "full"):
         with pytest.raises(TypeError, match=f"adaptive: method '{method}' does not take"):
             kvpack.methods.resolve(method, adaptive=True)
     with pytest.raises(ValueError, match="adaptive_floor"):
@@ -128,6 +128,8 @@ def test_only_methods_that_rank_tokens_take_adaptive():
     with pytest.raises(ValueError, match="adaptive: the decode-time EvictionCache"):
         kvpack.EvictionCache("h2o", 16, adaptive=True)
     assert kvpack.methods.H2O(adaptive=True) == kvpack.methods.H2O().replace(adaptive=True)
+    # The recall methods share each step's recalled tokens (tests_py/test_clustering.py).
+    assert kvpack.methods.resolve("quest", adaptive=True, refine=2).adaptive
 
 
 def test_adaptive_snapkv_keeps_kvpress_adakv_sets(rng):
@@ -328,6 +330,28 @@ def test_pyramid_recall_recalls_each_layers_budget(model, prompts):
     generate(model, ids[:1], None, cache, new=2)
     budgets = [cache.layers[i].recall[0].last_selection.shape[1] for i in cache.compressed_layers]
     assert budgets == kvpack.pyramid_budgets(32, 4, 120, 20)
+
+
+@pytest.mark.parametrize("method", ["clusterkv", "quest"])
+def test_adaptive_recall_shares_each_layers_budget_in_generate(model, prompts, method):
+    # Through generate(): every compressed layer's heads recall heads * 32 tokens between
+    # them at each step (ClusterKV: and the decoded tokens on top, in every head), in
+    # shares that differ (the split itself: tests_py/test_clustering.py).
+    from kvpack import hf
+
+    ids, _ = prompts
+    options = {"n_clusters": 8} if method == "clusterkv" else {}
+    chosen = kvpack.methods.resolve(method, refine=3, adaptive=True, **options)
+    cache = hf.make_cache(model, chosen, budget=32, skip_layers=0)
+    generate(model, ids[:1], None, cache, new=3)
+    shares = set()
+    for i in cache.compressed_layers:
+        recall = cache.layers[i].recall[0]
+        kept = (recall.last_selection >= 0).sum(1)
+        on_top = 2 if method == "clusterkv" else 0  # 2 decode steps, not yet clustered
+        assert kept.sum() == len(kept) * (32 + on_top)
+        shares.update(kept.tolist())
+    assert len(shares) > 1
 
 
 def test_adaptive_and_pyramid_options_are_checked(model):

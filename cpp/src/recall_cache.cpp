@@ -28,6 +28,10 @@ RecallCache::RecallCache(const RecallMethod& method)
   KVPACK_CHECK(!(params_.slow_bits && params_.fast_tier),
                "fast_tier: a slow tier of codes (slow_bits) is attended in place; expected "
                "fast_tier False");
+  KVPACK_CHECK(!params_.heads.adaptive || params_.refine >= 2,
+               "adaptive: the heads share the budget among their refined candidates; expected "
+               "refine >= 2, got "
+                   << params_.refine);
   check_method(method_);
 }
 
@@ -102,6 +106,7 @@ void RecallCache::prefill(const KVView& keys, const KVView& values) {
   codes_ = std::move(codes);
   last_ = total_ = RecallStats{};
   selection_.clear();
+  offsets_.clear();
   candidates_.clear();
   selection_rows_ = candidate_count_ = 0;
   slot_of_.assign(static_cast<std::size_t>(params_.fast_tier ? heads_ : 0), {});
@@ -221,7 +226,6 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
   selector_->append(new_key);
   // ClusterKV attends the unclustered decoded tokens on top of the budget.
   const std::int64_t count = selector_->selection_size(params_.budget);
-  selection_.assign(static_cast<std::size_t>(rows * count), 0);
   selection_rows_ = rows;
   // Refined or coded selections, and those of a model that caps its scores or adds sinks,
   // are scored here and attended from those scores.
@@ -230,20 +234,29 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
   if (refined) {
     refine_selection(q, heads_q, per_q, count, rules, scores);
   } else {
+    selection_.assign(static_cast<std::size_t>(rows * count), 0);
+    offsets_.resize(static_cast<std::size_t>(rows + 1));
+    for (std::int64_t r = 0; r <= rows; ++r) offsets_[r] = r * count;
     selector_->select(q, heads_q, params_.budget, per_q, selection_.data());
   }
+  std::int64_t widest = 0;  // the most tokens a row attends (count unless adaptive)
+  for (std::int64_t r = 0; r < rows; ++r) widest = std::max(widest, offsets_[r + 1] - offsets_[r]);
 
   // The fast tier must hold every selected token of a group at once; when query heads
   // select on their own it is resized (and refilled) on the first step that needs more.
   // A head's fast tier never holds more than every token once, however large R is.
   const std::int64_t rows_per_head = per_q ? group : 1;
   const std::int64_t recall_steps = std::min(params_.recall_steps, tokens_);
-  const std::int64_t need_slots = std::min(recall_steps * count * rows_per_head, tokens_);
+  const std::int64_t need_slots = std::min(recall_steps * widest * rows_per_head, tokens_);
   if (params_.fast_tier && need_slots > slots_) {
-    // Room at once for the largest selection to come (the budget and a full unclustered
-    // window), so the growing window never empties the fast tier.
+    // Room at once for the largest selection to come (the budget, or with adaptive head
+    // budgets all of a row's candidates, and a full unclustered window), so the growing
+    // window never empties the fast tier.
     const std::int64_t on_top = selector_->most_on_top();
-    const std::int64_t most = std::min(params_.budget, tokens_) + on_top;
+    const std::int64_t row_most =
+        std::min(params_.budget, tokens_) *
+        (params_.heads.adaptive ? std::min(params_.refine, tokens_) : std::int64_t{1});
+    const std::int64_t most = std::min(row_most, tokens_) + on_top;
     reset_fast_tier(
         std::min(std::max(need_slots, recall_steps * most * rows_per_head), tokens_ + on_top));
   }
@@ -252,7 +265,7 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
   std::vector<std::vector<std::int32_t>> needed(static_cast<std::size_t>(heads_));
   for (std::int64_t r = 0; r < rows; ++r) {
     auto& n = needed[static_cast<std::size_t>(per_q ? r / group : r)];
-    n.insert(n.end(), selection_.begin() + r * count, selection_.begin() + (r + 1) * count);
+    n.insert(n.end(), selection_.begin() + offsets_[r], selection_.begin() + offsets_[r + 1]);
   }
   if (per_q)  // a head's rows overlap; a single row is ascending and distinct already
     for (auto& n : needed) {
@@ -275,7 +288,7 @@ void RecallCache::step(const float* q, std::int64_t heads_q, const KVView& new_k
 
   // The refined selection's scores are what attention scores: they are not computed again.
   if (refined) {
-    attend_scored(scores, heads_q, per_q, count, rules.sinks, out);
+    attend_scored(scores, heads_q, per_q, rules.sinks, out);
     return;
   }
   if (!params_.fast_tier) {
@@ -315,41 +328,69 @@ void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool pe
   candidate_count_ = n;
   candidates_.assign(static_cast<std::size_t>(rows * n), 0);
   selector_->select(q, heads_q, wide, per_q, candidates_.data());
-  scores.assign(static_cast<std::size_t>(rows * n_q * count), 0.0f);
   const float scale = resolve_scale(rules.scale, dim_);
+  const bool adaptive = params_.heads.adaptive;
   const KVView k = keys();
+  // Exact q . k of every candidate for each query head of a row (as attention scores them),
+  // then the row's ranking score: their sum over the group, or with adaptive head budgets
+  // the sum of their softmax weights over the candidates (comparable across rows).
+  std::vector<float> dots(static_cast<std::size_t>(rows * n_q * n));
+  std::vector<float> rank(static_cast<std::size_t>(rows * n));
+  std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(rows));
   parallel_for(rows, [&](std::int64_t r) {
     const std::int64_t head = per_q ? r / group : r, first_q = per_q ? r : r * group;
     const std::int32_t* candidates = candidates_.data() + r * n;
-    // Exact q . k of every candidate for each query head of the row (as attention scores
-    // them), then the row's ranking score: their sum over the group.
-    std::vector<float> dots(static_cast<std::size_t>(n_q * n));
+    float* row_dots = dots.data() + r * n_q * n;
     if (codes_) {  // from the recalled tokens' codes
       std::vector<float> rows_f(static_cast<std::size_t>(n * dim_));
       rows_as_float(head, candidates, n, rows_f.data(), nullptr);
       for (std::int64_t g = 0; g < n_q; ++g)
-        inner_products(rows_f.data(), n, dim_, q + (first_q + g) * dim_, dots.data() + g * n);
+        inner_products(rows_f.data(), n, dim_, q + (first_q + g) * dim_, row_dots + g * n);
     } else {
-      gather_scores(q + first_q * dim_, n_q, k, head, candidates, n, dots.data());
+      gather_scores(q + first_q * dim_, n_q, k, head, candidates, n, row_dots);
     }
-    std::vector<float> rank(dots.begin(), dots.begin() + n);
-    for (std::int64_t g = 1; g < n_q; ++g)
-      for (std::int64_t j = 0; j < n; ++j) rank[j] += dots[g * n + j];
+    float* row_rank = rank.data() + r * n;
+    std::fill(row_rank, row_rank + n, 0.0f);
+    for (std::int64_t g = 0; g < n_q; ++g) {
+      const float* d = row_dots + g * n;
+      if (!adaptive) {
+        for (std::int64_t j = 0; j < n; ++j) row_rank[j] += d[j];
+        continue;
+      }
+      std::vector<float> w(static_cast<std::size_t>(n));
+      for (std::int64_t j = 0; j < n; ++j) w[j] = capped_score(d[j] * scale, rules.softcap);
+      const float top = n ? *std::max_element(w.begin(), w.end()) : 0.0f;
+      float sum = 0.0f;
+      for (auto& x : w) sum += (x = std::exp(x - top));
+      for (std::int64_t j = 0; j < n; ++j) row_rank[j] += w[j] / sum;
+    }
     // The always attended tokens rank first (both lists ascending).
     for (std::int64_t j = 0, a = 0; j < n && a < static_cast<std::int64_t>(always.size()); ++j) {
       while (a < static_cast<std::int64_t>(always.size()) && always[a] < candidates[j]) ++a;
       if (a < static_cast<std::int64_t>(always.size()) && always[a] == candidates[j])
-        rank[j] = std::numeric_limits<float>::infinity();
+        row_rank[j] = std::numeric_limits<float>::infinity();
     }
     // top_k_set keeps candidate order: the kept tokens stay ascending.
-    const std::vector<std::int32_t> kept = top_k_set(rank.data(), n, count);
-    for (std::int64_t i = 0; i < count; ++i) {
-      selection_[r * count + i] = candidates[kept[i]];
-      for (std::int64_t g = 0; g < n_q; ++g)
-        scores[(r * n_q + g) * count + i] =
-            capped_score(dots[g * n + kept[i]] * scale, rules.softcap);
-    }
+    if (!adaptive) kept[r] = top_k_set(row_rank, n, count);
   });
+  if (adaptive)  // AdaKV: rows * count of the pooled ranks, each row at least its floor
+    kept = pooled_top_k(rank.data(), rows, n, count, head_budget_floor(params_.heads, count));
+  offsets_.assign(static_cast<std::size_t>(rows + 1), 0);
+  for (std::int64_t r = 0; r < rows; ++r)
+    offsets_[r + 1] = offsets_[r] + static_cast<std::int64_t>(kept[r].size());
+  selection_.assign(static_cast<std::size_t>(offsets_[rows]), 0);
+  scores.assign(static_cast<std::size_t>(offsets_[rows] * n_q), 0.0f);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int32_t* candidates = candidates_.data() + r * n;
+    const std::int64_t size = offsets_[r + 1] - offsets_[r];
+    for (std::int64_t i = 0; i < size; ++i) {
+      const std::int32_t j = kept[r][i];
+      selection_[offsets_[r] + i] = candidates[j];
+      for (std::int64_t g = 0; g < n_q; ++g)
+        scores[offsets_[r] * n_q + g * size + i] =
+            capped_score(dots[(r * n_q + g) * n + j] * scale, rules.softcap);
+    }
+  }
   if (params_.refine == 1) {  // the method's own selection: nothing to report as candidates
     candidates_.clear();
     candidate_count_ = 0;
@@ -371,28 +412,29 @@ void RecallCache::rows_as_float(std::int64_t head, const std::int32_t* tokens, s
 }
 
 void RecallCache::attend_scored(const std::vector<float>& scores, std::int64_t heads_q, bool per_q,
-                                std::int64_t count, const float* sinks, float* out) const {
+                                const float* sinks, float* out) const {
   const std::int64_t group = heads_q / heads_;
   const std::int64_t rows = per_q ? heads_q : heads_, n_q = per_q ? 1 : group;
   const KVView slow = values();
   const KVView fast{fast_values_.data(), dtype_, heads_, slots_, dim_};
   parallel_for(rows, [&](std::int64_t r) {
     const std::int64_t head = per_q ? r / group : r, first_q = per_q ? r : r * group;
+    const std::int64_t count = offsets_[r + 1] - offsets_[r];
     // Softmax weights of each query head over the row's tokens (and its sink, which
     // attends nothing).
-    std::vector<float> weights(scores.begin() + r * n_q * count,
-                               scores.begin() + (r + 1) * n_q * count);
+    std::vector<float> weights(scores.begin() + offsets_[r] * n_q,
+                               scores.begin() + offsets_[r + 1] * n_q);
     for (std::int64_t g = 0; g < n_q; ++g) {
       float* w = weights.data() + g * count;
       const float* sink = sinks ? sinks + first_q + g : nullptr;
-      const float top = std::max(*std::max_element(w, w + count),
-                                 sink ? *sink : -std::numeric_limits<float>::infinity());
+      float top = sink ? *sink : -std::numeric_limits<float>::infinity();
+      for (std::int64_t i = 0; i < count; ++i) top = std::max(top, w[i]);
       float sum = sink ? std::exp(*sink - top) : 0.0f;
       for (std::int64_t i = 0; i < count; ++i) sum += (w[i] = std::exp(w[i] - top));
       for (std::int64_t i = 0; i < count; ++i) w[i] /= sum;
     }
     // The values where they are resident: the slow tier's tokens, or their fast-tier slots.
-    const std::int32_t* tokens = selection_.data() + r * count;
+    const std::int32_t* tokens = selection_.data() + offsets_[r];
     std::vector<std::int32_t> slots;
     if (params_.fast_tier) {
       const auto& slot_of = slot_of_[static_cast<std::size_t>(head)];

@@ -341,7 +341,9 @@ class RecallCache:
 
     @property
     def last_selection(self) -> np.ndarray:
-        """Token ids attended in the last step, shape (rows, n), ascending rows."""
+        """Token ids attended in the last step, shape (rows, n), ascending rows; with
+        adaptive head budgets rows attend different numbers of tokens, the shorter ones
+        padded with -1."""
         return self._recall.last_selection
 
     @property

@@ -108,7 +108,7 @@ class H2O:
     recent_ratio : float, default 0.5
         Share of the budget held by the latest tokens.
     adaptive : bool, default False
-        AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
     adaptive_floor : float, default 0.2
         With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
     """
@@ -141,7 +141,7 @@ class H2O:
     @property
     def adaptive(self) -> typing.Any:
         """
-        bool: AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        bool: AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
         """
     @adaptive.setter
     def adaptive(self, arg1: typing.Any) -> None:
@@ -173,7 +173,7 @@ class SnapKV:
     kernel : int, default 5
         Max-pooling width over neighbouring tokens (odd).
     adaptive : bool, default False
-        AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
     adaptive_floor : float, default 0.2
         With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
     """
@@ -206,7 +206,7 @@ class SnapKV:
     @property
     def adaptive(self) -> typing.Any:
         """
-        bool: AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        bool: AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
         """
     @adaptive.setter
     def adaptive(self, arg1: typing.Any) -> None:
@@ -242,7 +242,7 @@ class KeyDiff:
     Parameters
     ----------
     adaptive : bool, default False
-        AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
     adaptive_floor : float, default 0.2
         With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
     """
@@ -275,7 +275,7 @@ class KeyDiff:
     @property
     def adaptive(self) -> typing.Any:
         """
-        bool: AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        bool: AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
         """
     @adaptive.setter
     def adaptive(self, arg1: typing.Any) -> None:
@@ -305,7 +305,7 @@ class ExpectedAttention:
     epsilon : float, default 0.0
         Added to each score before the value-norm scaling.
     adaptive : bool, default False
-        AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
     adaptive_floor : float, default 0.2
         With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
     """
@@ -338,7 +338,7 @@ class ExpectedAttention:
     @property
     def adaptive(self) -> typing.Any:
         """
-        bool: AdaKV: the layer's heads share heads * budget slots by their pooled scores (False: budget slots each).
+        bool: AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
         """
     @adaptive.setter
     def adaptive(self, arg1: typing.Any) -> None:
@@ -543,11 +543,15 @@ class ClusterKV:
         0: the slow tier holds the prompt as given; 4 or 8: as KIVI codes of that many bits, ranked and attended from the codes (the last slow_group prompt tokens and the decoded ones exact).
     slow_group : int, default 128
         Tokens per key range and channels per value range of the slow tier's codes.
+    adaptive : bool, default False
+        AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
+    adaptive_floor : float, default 0.2
+        With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
     """
     __hash__: typing.ClassVar[None] = None
     kind: typing.ClassVar[str] = 'recall'
     name: typing.ClassVar[str] = 'clusterkv'
-    params: typing.ClassVar[tuple] = ('n_clusters', 'tokens_per_cluster', 'sink', 'window', 'iters', 'seed', 'init', 'append_interval', 'append_clusters', 'refine', 'recall_steps', 'per_query_head', 'fast_tier', 'slow_bits', 'slow_group')
+    params: typing.ClassVar[tuple] = ('n_clusters', 'tokens_per_cluster', 'sink', 'window', 'iters', 'seed', 'init', 'append_interval', 'append_clusters', 'refine', 'recall_steps', 'per_query_head', 'fast_tier', 'slow_bits', 'slow_group', 'adaptive', 'adaptive_floor')
     def __copy__(self: ClusterKV) -> ClusterKV:
         ...
     def __deepcopy__(self: ClusterKV, arg0: dict) -> ClusterKV:
@@ -570,6 +574,22 @@ class ClusterKV:
         """
         A copy with the given parameters changed.
         """
+    @property
+    def adaptive(self) -> typing.Any:
+        """
+        bool: AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
+        """
+    @adaptive.setter
+    def adaptive(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def adaptive_floor(self) -> typing.Any:
+        """
+        float: With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
+        """
+    @adaptive_floor.setter
+    def adaptive_floor(self, arg1: typing.Any) -> None:
+        ...
     @property
     def append_clusters(self) -> typing.Any:
         """
@@ -710,11 +730,15 @@ class Quest:
         0: the slow tier holds the prompt as given; 4 or 8: as KIVI codes of that many bits, ranked and attended from the codes (the last slow_group prompt tokens and the decoded ones exact).
     slow_group : int, default 128
         Tokens per key range and channels per value range of the slow tier's codes.
+    adaptive : bool, default False
+        AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
+    adaptive_floor : float, default 0.2
+        With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
     """
     __hash__: typing.ClassVar[None] = None
     kind: typing.ClassVar[str] = 'recall'
     name: typing.ClassVar[str] = 'quest'
-    params: typing.ClassVar[tuple] = ('page_size', 'refine', 'recall_steps', 'per_query_head', 'fast_tier', 'slow_bits', 'slow_group')
+    params: typing.ClassVar[tuple] = ('page_size', 'refine', 'recall_steps', 'per_query_head', 'fast_tier', 'slow_bits', 'slow_group', 'adaptive', 'adaptive_floor')
     def __copy__(self: Quest) -> Quest:
         ...
     def __deepcopy__(self: Quest, arg0: dict) -> Quest:
@@ -737,6 +761,22 @@ class Quest:
         """
         A copy with the given parameters changed.
         """
+    @property
+    def adaptive(self) -> typing.Any:
+        """
+        bool: AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
+        """
+    @adaptive.setter
+    def adaptive(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def adaptive_floor(self) -> typing.Any:
+        """
+        float: With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
+        """
+    @adaptive_floor.setter
+    def adaptive_floor(self, arg1: typing.Any) -> None:
+        ...
     @property
     def fast_tier(self) -> typing.Any:
         """

@@ -75,6 +75,30 @@ void keep_rows(const HeadInput& in, const HeadSlots& out);
 /// compress_head of every method that ranks tokens one by one.
 void keep_highest_ranked(const float* ranks, const HeadInput& in, const HeadSlots& out);
 
+/// How a layer's heads * budget slots (or recalled tokens) are split among its heads, as the
+/// compression methods that keep the tokens a score ranks highest (H2O, SnapKV, KeyDiff,
+/// Expected Attention) and the recall methods share it. Uniform (budget each), or AdaKV's
+/// adaptive split: every head's token scores of the layer pooled and the best heads * budget
+/// kept, each head keeping at least its best max(1, floor(adaptive_floor * budget)) (the
+/// floor), so heads whose attention is spread out get more slots than heads whose attention
+/// is concentrated on a few tokens.
+struct HeadBudgetParams {
+  bool adaptive = false;
+  float adaptive_floor = 0.2f;
+
+  template <class Self, class F>
+  static void each_head_budget_param(Self& p, F&& f) {
+    f(ParamSpec{"adaptive", ParamRule::Flag,
+                "AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) "
+                "by their pooled scores (False: budget each)."},
+      p.adaptive);
+    f(ParamSpec{"adaptive_floor", ParamRule::Share,
+                "With adaptive: share of the budget each head keeps at least (AdaKV's "
+                "safeguard; at least one slot)."},
+      p.adaptive_floor);
+  }
+};
+
 /// What the recall methods (ClusterKV, Quest) share: how a step attends what they select.
 struct RecallParams {
   /// Tokens attended per step (per KV head or query head); ClusterKV attends its decoded
@@ -93,6 +117,9 @@ struct RecallParams {
   /// slow_group channels), the prompt's last slow_group tokens and every decoded one exact.
   std::int64_t slow_bits = 0;
   std::int64_t slow_group = 128;
+  /// adaptive: each step the rows (KV heads, or query heads) share rows * budget tokens by
+  /// the softmax of their refined candidates' exact scores (so refine >= 2).
+  HeadBudgetParams heads;
 
   template <class Self, class F>
   static void each_recall_param(Self& p, F&& f) {
@@ -120,29 +147,7 @@ struct RecallParams {
     f(ParamSpec{"slow_group", ParamRule::Count,
                 "Tokens per key range and channels per value range of the slow tier's codes.", 1},
       p.slow_group);
-  }
-};
-
-/// What the compression methods that keep the tokens a score ranks highest (H2O, SnapKV,
-/// KeyDiff) share: how a layer's heads * budget slots are split among its KV heads. Uniform
-/// (budget each), or AdaKV's adaptive split: every head's token scores of the layer pooled
-/// and the best heads * budget kept, each head keeping at least its best
-/// max(1, floor(adaptive_floor * budget)) (the floor), so heads whose attention is spread
-/// out get more slots than heads whose attention is concentrated on a few tokens.
-struct HeadBudgetParams {
-  bool adaptive = false;
-  float adaptive_floor = 0.2f;
-
-  template <class Self, class F>
-  static void each_head_budget_param(Self& p, F&& f) {
-    f(ParamSpec{"adaptive", ParamRule::Flag,
-                "AdaKV: the layer's heads share heads * budget slots by their pooled scores "
-                "(False: budget slots each)."},
-      p.adaptive);
-    f(ParamSpec{"adaptive_floor", ParamRule::Share,
-                "With adaptive: share of the budget each head keeps at least (AdaKV's "
-                "safeguard; at least one slot)."},
-      p.adaptive_floor);
+    HeadBudgetParams::each_head_budget_param(p.heads, f);
   }
 };
 

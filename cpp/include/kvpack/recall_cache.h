@@ -8,6 +8,8 @@
 // exactly and keeps the budget with the highest q . k, attending them from those scores.
 // With slow_bits the slow tier holds the prompt as KIVI codes: a step scores and attends
 // the recalled tokens from their codes (only theirs are read), decoded tokens stay exact.
+// With adaptive head budgets the rows of a step share rows x budget tokens (AdaKV's split
+// of their refined candidates), so rows attend different numbers of tokens.
 #pragma once
 
 #include <cstdint>
@@ -52,8 +54,10 @@ class RecallCache {
 
   const RecallStats& last_step() const { return last_; }
   const RecallStats& total() const { return total_; }
-  /// Token ids attended in the last step: rows * last_count(), ascending per row.
+  /// Token ids attended in the last step, row r at [last_offsets()[r], last_offsets()[r+1]),
+  /// ascending per row (rows of one size unless the head budgets are adaptive).
   const std::vector<std::int32_t>& last_selection() const { return selection_; }
+  const std::vector<std::int64_t>& last_offsets() const { return offsets_; }
   std::int64_t last_rows() const { return selection_rows_; }
   /// What the method recalled before the refinement kept last_selection() (refine > 1):
   /// rows * last_candidate_count() token ids, ascending per row; empty otherwise.
@@ -97,15 +101,16 @@ class RecallCache {
   void attend_in_place(const float* q, std::int64_t heads_q, std::int64_t rows, std::int64_t count,
                        float scale, float* out) const;
   // Recalls refine x budget candidates per row into candidates_ and keeps in selection_
-  // the `count` with the highest exact q . k (the always attended tokens first). Writes
-  // the kept tokens' scores (scaled, then capped by rules.softcap) to scores: per row, its
-  // n_q query heads' `count` each.
+  // (rows at offsets_) the `count` per row with the highest exact q . k, or with adaptive
+  // head budgets rows * count split by AdaKV's rule; the always attended tokens first.
+  // Writes the kept tokens' scores (scaled, then capped by rules.softcap) to scores: per
+  // row, its n_q query heads' row each.
   void refine_selection(const float* q, std::int64_t heads_q, bool per_q, std::int64_t count,
                         const ScoreRules& rules, std::vector<float>& scores);
-  // Attends selection_ (rows of `count`) from its scores (refine_selection's), reading the
-  // values where they are resident; sinks (null or [heads_q]) join each softmax.
+  // Attends selection_ from its scores (refine_selection's), reading the values where they
+  // are resident; sinks (null or [heads_q]) join each softmax.
   void attend_scored(const std::vector<float>& scores, std::int64_t heads_q, bool per_q,
-                     std::int64_t count, const float* sinks, float* out) const;
+                     const float* sinks, float* out) const;
   // Tokens [0, n) of `head` (ascending ids) as float32 rows [n, dim] into keys and values
   // (either may be null), from the codes or the exact rows where each is held.
   void rows_as_float(std::int64_t head, const std::int32_t* tokens, std::int64_t n, float* keys,
@@ -131,6 +136,7 @@ class RecallCache {
   std::vector<std::vector<std::int64_t>> last_used_;    // per head: slot -> step
   std::vector<std::vector<std::int32_t>> free_slots_;   // per head
   std::vector<std::int32_t> selection_;
+  std::vector<std::int64_t> offsets_;  // selection_rows_ + 1: where each row starts
   std::int64_t selection_rows_ = 0;
   std::vector<std::int32_t> candidates_;  // refine > 1: rows * candidate_count_
   std::int64_t candidate_count_ = 0;

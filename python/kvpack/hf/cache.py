@@ -65,7 +65,8 @@ def make_cache(
         each prompt. For ``kivi``, the tokens kept in full precision. With
         ``adaptive=True`` (``h2o``, ``snapkv``, ``keydiff``, ``expected_attention``: AdaKV)
         a layer's KV heads share ``heads_kv * budget`` slots by their pooled scores, a
-        head's unused slots empty.
+        head's unused slots empty; for ``clusterkv`` and ``quest`` (with ``refine >= 2``)
+        they share ``heads_kv * budget`` recalled tokens at each step.
     skip_layers : int
         First layers left uncompressed [2].
     log_count_bias : bool
