@@ -41,6 +41,14 @@ void put_code(std::uint8_t* packed, std::int64_t i, int bits, std::uint8_t code)
   packed[bit / 8] = static_cast<std::uint8_t>(packed[bit / 8] | (code << (bit % 8)));
 }
 
+// out[c * rows + r] = in[r * cols + c]: a token group's key codes between the layout held
+// in memory ([group bytes, dim]) and the serialized one ([dim, group bytes]).
+void transpose_bytes(const std::uint8_t* in, std::int64_t rows, std::int64_t cols,
+                     std::uint8_t* out) {
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c) out[c * rows + r] = in[r * cols + c];
+}
+
 // Expands n codes packed at Bits each (n a multiple of 8 / Bits, or the tail of a row)
 // into one byte per code; Bits is a template argument so the shifts are constants and
 // the loop vectorises.
@@ -92,13 +100,15 @@ QuantizedKV::QuantizedKV(const KVView& keys, const KVView& values, const QuantPa
     for (std::int64_t g = 0; g < token_groups; ++g) {
       for (std::int64_t j = 0; j < group; ++j)
         to_float(keys.row(h, g * group + j), dtype_, dim_, block.data() + j * dim_);
+      // Token j's code of channel c: byte row j / per_byte, column c, at bit j % per_byte.
+      std::uint8_t* rows = key_codes_.data() + (h * token_groups + g) * dim_ * key_group_bytes();
+      const std::int64_t per_byte = 8 / params.bits;
       for (std::int64_t c = 0; c < dim_; ++c) {
         const std::int64_t at = (h * token_groups + g) * dim_ + c;
         fit_range(block.data() + c, group, dim_, params.bits, &key_scale_[at], &key_min_[at]);
         const float scale = key_scale_[at], minimum = key_min_[at];
-        std::uint8_t* packed = key_codes_.data() + at * key_group_bytes();
         for (std::int64_t j = 0; j < group; ++j)
-          put_code(packed, j, params.bits,
+          put_code(rows + (j / per_byte) * dim_ + c, j % per_byte, params.bits,
                    encode(block[j * dim_ + c], scale, minimum, params.bits));
       }
     }
@@ -156,20 +166,16 @@ void QuantizedKV::allocate() {
 
 namespace {
 
-// Expands one token group of key codes (group tokens x dim channels) into rows of `dtype`:
-// the packed bytes are first transposed to [byte, channel] so each output row is a
-// contiguous vector expression over channels.
+// Expands one token group of key codes (group tokens x dim channels, held as rows of bytes
+// over the channels) into rows of `dtype`: each output row is a contiguous vector
+// expression over channels.
 template <int Bits>
-void expand_key_group(const std::uint8_t* packed, std::int64_t group_bytes, std::int64_t group,
-                      std::int64_t dim, const float* lo, const float* step, DType dtype,
-                      std::size_t out_row, unsigned char* out, std::uint8_t* transposed,
-                      float* row) {
+void expand_key_group(const std::uint8_t* packed, std::int64_t group, std::int64_t dim,
+                      const float* lo, const float* step, DType dtype, std::size_t out_row,
+                      unsigned char* out, float* row) {
   constexpr int kPerByte = 8 / Bits, kMask = (1 << Bits) - 1;
-  for (std::int64_t c = 0; c < dim; ++c)
-    for (std::int64_t b = 0; b < group_bytes; ++b)
-      transposed[b * dim + c] = packed[c * group_bytes + b];
   for (std::int64_t j = 0; j < group; ++j) {
-    const std::uint8_t* bytes = transposed + (j / kPerByte) * dim;
+    const std::uint8_t* bytes = packed + (j / kPerByte) * dim;
     const int shift = static_cast<int>(j % kPerByte) * Bits;
 #pragma omp simd
     for (std::int64_t c = 0; c < dim; ++c)
@@ -196,9 +202,7 @@ void QuantizedKV::dequantize(DType dtype, void* keys, void* values) const {
     unsigned char* k = static_cast<unsigned char*>(keys) + h * tokens_ * out_row;
     unsigned char* v = static_cast<unsigned char*>(values) + h * tokens_ * out_row;
     std::vector<float> row(static_cast<std::size_t>(dim_)), lo(row.size()), step(row.size());
-    std::vector<std::uint8_t> transposed(
-        static_cast<std::size_t>(token_groups > 0 ? key_group_bytes() * dim_ : 0)),
-        run(static_cast<std::size_t>(dim_));
+    std::vector<std::uint8_t> run(static_cast<std::size_t>(dim_));
     for (std::int64_t g = 0; g < token_groups; ++g) {
       const std::int64_t base = (h * token_groups + g) * dim_;
       for (std::int64_t c = 0; c < dim_; ++c) {
@@ -206,9 +210,8 @@ void QuantizedKV::dequantize(DType dtype, void* keys, void* values) const {
         lo[c] = static_cast<float>(key_min_[base + c]);
         step[c] = static_cast<float>(key_scale_[base + c]);
       }
-      expand(key_codes_.data() + base * key_group_bytes(), key_group_bytes(), group, dim_,
-             lo.data(), step.data(), dtype, out_row, k + g * group * out_row, transposed.data(),
-             row.data());
+      expand(key_codes_.data() + base * key_group_bytes(), group, dim_, lo.data(), step.data(),
+             dtype, out_row, k + g * group * out_row, row.data());
     }
     for (std::int64_t t = 0; t < quantized_; ++t) {
       expand_value_row(h, t, run.data(), row.data());
@@ -230,7 +233,11 @@ void QuantizedKV::dequantize_rows(std::int64_t head, const std::int32_t* tokens,
   const std::int64_t rest = tokens_ - quantized_, group_bytes = key_group_bytes();
   const int bits = params_.bits, mask = (1 << bits) - 1;
   const std::size_t row_bytes = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
-  std::vector<std::uint8_t> codes(static_cast<std::size_t>(dim_));
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(dim_));  // a value row's
+  // The key ranges of the token group last read, as float32: tokens come ascending, so a
+  // group's ranges are converted once for all its tokens rather than once per token.
+  std::vector<float> low(static_cast<std::size_t>(dim_)), step(static_cast<std::size_t>(dim_));
+  std::int64_t ranges_of = -1;
   for (std::int64_t i = 0; i < n; ++i) {
     const std::int64_t t = tokens[i];
     KVPACK_CHECK(t >= 0 && t < tokens_,
@@ -245,13 +252,20 @@ void QuantizedKV::dequantize_rows(std::int64_t head, const std::int32_t* tokens,
     }
     if (k) {  // code t % group of each channel's run in its token group
       const std::int64_t base = (head * token_groups + t / group) * dim_;
-      const std::int64_t bit = (t % group) * bits;
-      const std::uint8_t* packed = key_codes_.data() + base * group_bytes + bit / 8;
-      for (std::int64_t c = 0; c < dim_; ++c) {
-        const int code = (packed[c * group_bytes] >> (bit % 8)) & mask;
-        k[c] = static_cast<float>(key_min_[base + c]) +
-               static_cast<float>(key_scale_[base + c]) * static_cast<float>(code);
+      if (base != ranges_of) {
+        for (std::int64_t c = 0; c < dim_; ++c) {
+          low[c] = static_cast<float>(key_min_[base + c]);
+          step[c] = static_cast<float>(key_scale_[base + c]);
+        }
+        ranges_of = base;
       }
+      // The token's codes: dim contiguous bytes (its byte row), shifted to its bits.
+      const std::int64_t per_byte = 8 / bits, j = t % group;
+      const std::uint8_t* bytes = key_codes_.data() + base * group_bytes + (j / per_byte) * dim_;
+      const int shift = static_cast<int>(j % per_byte) * bits;
+#pragma omp simd
+      for (std::int64_t c = 0; c < dim_; ++c)
+        k[c] = low[c] + step[c] * static_cast<float>((bytes[c] >> shift) & mask);
     }
     if (v) expand_value_row(head, t, codes.data(), v);
   }
@@ -294,7 +308,12 @@ void QuantizedKV::serialize(unsigned char* out) const {
                             dim_,          quantized_};
   std::memcpy(out, &header, sizeof header);
   out += sizeof header;
-  write_section(out, key_codes_);
+  // Key codes channel-major, as KIVI lays them out: each channel's run of group codes.
+  const std::int64_t group_bytes = key_group_bytes();
+  for (std::size_t at = 0; at < key_codes_.size(); at += dim_ * group_bytes) {
+    transpose_bytes(key_codes_.data() + at, group_bytes, dim_, out);
+    out += dim_ * group_bytes;
+  }
   write_section(out, key_scale_);
   write_section(out, key_min_);
   write_section(out, value_codes_);
@@ -351,7 +370,10 @@ QuantizedKV QuantizedKV::deserialize(const unsigned char* data, std::size_t size
   kv.allocate();
   assert(kv.serialized_size() == size);
   const unsigned char* in = data + sizeof header;
-  read_section(in, kv.key_codes_);
+  const auto block = static_cast<std::int64_t>(dim * key_group_bytes);
+  for (std::size_t at = 0; at < kv.key_codes_.size(); at += block, in += block)
+    transpose_bytes(in, header.dim, static_cast<std::int64_t>(key_group_bytes),
+                    kv.key_codes_.data() + at);
   read_section(in, kv.key_scale_);
   read_section(in, kv.key_min_);
   read_section(in, kv.value_codes_);
@@ -393,9 +415,9 @@ void QuantizedKV::load_block(std::int64_t head, std::int64_t block, const KVView
     const auto expand = bits == 2   ? &expand_key_group<2>
                         : bits == 4 ? &expand_key_group<4>
                                     : &expand_key_group<8>;
-    expand(key_codes_.data() + base * key_group_bytes(), key_group_bytes(), group, dim_, lo, step,
-           DType::Float32, static_cast<std::size_t>(dim_) * sizeof(float),
-           reinterpret_cast<unsigned char*>(keys), scratch, values + 2 * dim_);
+    expand(key_codes_.data() + base * key_group_bytes(), group, dim_, lo, step, DType::Float32,
+           static_cast<std::size_t>(dim_) * sizeof(float), reinterpret_cast<unsigned char*>(keys),
+           values + 2 * dim_);
     for (std::int64_t j = 0; j < group; ++j)
       expand_value_row(head, block * group + j, scratch, values + j * dim_);
     return;
@@ -460,8 +482,7 @@ void QuantizedKV::attend(const float* q, std::int64_t heads_q, const ScoreRules&
     std::vector<float> keys(static_cast<std::size_t>(block_tokens * dim_)),
         values(static_cast<std::size_t>(std::max(block_tokens, std::int64_t{3}) * dim_)),
         s(static_cast<std::size_t>(block_tokens)), qs(static_cast<std::size_t>(per_kv * dim_));
-    std::vector<std::uint8_t> scratch(
-        static_cast<std::size_t>((token_groups > 0 ? key_group_bytes() : 1) * dim_ + dim_));
+    std::vector<std::uint8_t> scratch(static_cast<std::size_t>(dim_));
     for (std::int64_t i = 0; i < per_kv * dim_; ++i) qs[i] = q[h * per_kv * dim_ + i] * scale;
     for (std::int64_t b = begin; b < end; ++b) {
       load_block(h, b, tail_keys, tail_values, keys.data(), values.data(), scratch.data());

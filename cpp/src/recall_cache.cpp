@@ -14,6 +14,8 @@ namespace kvpack {
 
 namespace {
 constexpr std::int64_t kNever = -(std::int64_t{1} << 62);  // a step no recency window reaches
+// Coded tokens are expanded to float32 this many rows at a time, which stay in L1.
+constexpr std::int64_t kCodedChunk = 64;
 }  // namespace
 
 RecallCache::RecallCache(const RecallMethod& method)
@@ -341,11 +343,14 @@ void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool pe
     const std::int64_t head = per_q ? r / group : r, first_q = per_q ? r : r * group;
     const std::int32_t* candidates = candidates_.data() + r * n;
     float* row_dots = dots.data() + r * n_q * n;
-    if (codes_) {  // from the recalled tokens' codes
-      std::vector<float> rows_f(static_cast<std::size_t>(n * dim_));
-      rows_as_float(head, candidates, n, rows_f.data(), nullptr);
-      for (std::int64_t g = 0; g < n_q; ++g)
-        inner_products(rows_f.data(), n, dim_, q + (first_q + g) * dim_, row_dots + g * n);
+    if (codes_) {  // from the recalled tokens' codes, a chunk at a time (it stays in cache)
+      std::vector<float> rows_f(static_cast<std::size_t>(kCodedChunk * dim_));
+      for (std::int64_t at = 0; at < n; at += kCodedChunk) {
+        const std::int64_t m = std::min(kCodedChunk, n - at);
+        rows_as_float(head, candidates + at, m, rows_f.data(), nullptr);
+        for (std::int64_t g = 0; g < n_q; ++g)
+          inner_products(rows_f.data(), m, dim_, q + (first_q + g) * dim_, row_dots + g * n + at);
+      }
     } else {
       gather_scores(q + first_q * dim_, n_q, k, head, candidates, n, row_dots);
     }
@@ -371,7 +376,13 @@ void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool pe
         row_rank[j] = std::numeric_limits<float>::infinity();
     }
     // top_k_set keeps candidate order: the kept tokens stay ascending.
-    if (!adaptive) kept[r] = top_k_set(row_rank, n, count);
+    if (!adaptive) {  // every candidate kept when there are no more than count
+      kept[r].resize(static_cast<std::size_t>(std::min(n, count)));
+      if (n <= count)
+        std::iota(kept[r].begin(), kept[r].end(), 0);
+      else
+        kept[r] = top_k_set(row_rank, n, count);
+    }
   });
   if (adaptive)  // AdaKV: rows * count of the pooled ranks, each row at least its floor
     kept = pooled_top_k(rank.data(), rows, n, count, head_budget_floor(params_.heads, count));
@@ -441,14 +452,23 @@ void RecallCache::attend_scored(const std::vector<float>& scores, std::int64_t h
       for (std::int64_t i = 0; i < count; ++i)
         slots.push_back(slot_of[static_cast<std::size_t>(tokens[i])]);
     }
-    if (codes_) {  // the kept tokens' values from their codes, as rows 0..count-1
-      std::vector<float> rows_f(static_cast<std::size_t>(count * dim_));
-      rows_as_float(head, tokens, count, nullptr, rows_f.data());
-      std::vector<std::int32_t> order(static_cast<std::size_t>(count));
+    if (codes_) {  // the kept tokens' values from their codes, a chunk of rows at a time
+      std::vector<float> rows_f(static_cast<std::size_t>(kCodedChunk * dim_));
+      std::vector<float> chunk_weights(static_cast<std::size_t>(n_q * kCodedChunk));
+      std::vector<float> part(static_cast<std::size_t>(n_q * dim_));
+      std::vector<std::int32_t> order(static_cast<std::size_t>(kCodedChunk));
       std::iota(order.begin(), order.end(), 0);
-      const KVView gathered{rows_f.data(), DType::Float32, 1, count, dim_};
-      weighted_value_sum(weights.data(), n_q, gathered, 0, order.data(), count,
-                         out + first_q * dim_);
+      float* row_out = out + first_q * dim_;
+      std::fill(row_out, row_out + n_q * dim_, 0.0f);
+      for (std::int64_t at = 0; at < count; at += kCodedChunk) {
+        const std::int64_t m = std::min(kCodedChunk, count - at);
+        rows_as_float(head, tokens + at, m, nullptr, rows_f.data());
+        for (std::int64_t g = 0; g < n_q; ++g)
+          std::copy_n(weights.data() + g * count + at, m, chunk_weights.data() + g * m);
+        const KVView gathered{rows_f.data(), DType::Float32, 1, m, dim_};
+        weighted_value_sum(chunk_weights.data(), n_q, gathered, 0, order.data(), m, part.data());
+        for (std::int64_t i = 0; i < n_q * dim_; ++i) row_out[i] += part[i];
+      }
       return;
     }
     weighted_value_sum(weights.data(), n_q, params_.fast_tier ? fast : slow, head,

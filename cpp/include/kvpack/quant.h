@@ -95,7 +95,7 @@ class QuantizedKV {
   void expand_value_row(std::int64_t head, std::int64_t t, std::uint8_t* codes, float* row) const;
   // Block `block` of a head as float32 rows [n, dim] into keys and values (each room for
   // max(group, 3) rows): token group `block` of the codes, or after them `group` rows of
-  // the residual and then the tail; scratch holds key_group_bytes() * dim + dim bytes.
+  // the residual and then the tail; scratch holds dim bytes.
   void load_block(std::int64_t head, std::int64_t block, const KVView* tail_keys,
                   const KVView* tail_values, float* keys, float* values,
                   std::uint8_t* scratch) const;
@@ -103,7 +103,9 @@ class QuantizedKV {
   QuantParams params_;
   DType dtype_ = DType::Float32;
   std::int64_t heads_ = 0, tokens_ = 0, dim_ = 0, quantized_ = 0, channel_groups_ = 0;
-  std::vector<std::uint8_t> key_codes_;            // [heads, token groups, dim, key_group_bytes]
+  // [heads, token groups, key_group_bytes, dim]: a token's codes are one contiguous row of
+  // bytes, so a recall reads dim bytes per token (serialized channel-major, as KIVI has it).
+  std::vector<std::uint8_t> key_codes_;
   std::vector<_Float16> key_scale_, key_min_;      // [heads, token groups, dim]
   std::vector<std::uint8_t> value_codes_;          // [heads, quantized, value_row_bytes]
   std::vector<_Float16> value_scale_, value_min_;  // [heads, quantized, channel groups]
