@@ -375,13 +375,13 @@ void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool pe
       if (a < static_cast<std::int64_t>(always.size()) && always[a] == candidates[j])
         row_rank[j] = std::numeric_limits<float>::infinity();
     }
+    if (adaptive) return;  // the rows' ranks are pooled below
     // top_k_set keeps candidate order: the kept tokens stay ascending.
-    if (!adaptive) {  // every candidate kept when there are no more than count
-      kept[r].resize(static_cast<std::size_t>(std::min(n, count)));
-      if (n <= count)
-        std::iota(kept[r].begin(), kept[r].end(), 0);
-      else
-        kept[r] = top_k_set(row_rank, n, count);
+    if (n > count) {
+      kept[r] = top_k_set(row_rank, n, count);
+    } else {  // every candidate is kept
+      kept[r].resize(static_cast<std::size_t>(n));
+      std::iota(kept[r].begin(), kept[r].end(), 0);
     }
   });
   if (adaptive)  // AdaKV: rows * count of the pooled ranks, each row at least its floor
