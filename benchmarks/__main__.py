@@ -93,8 +93,7 @@ SUITES = {
         ablation.run,
     ),
     "ablation_4k_heads": (
-        "Adaptive head budgets for refined recall at 1/16 and 1/8 of 4096 tokens on "
-        "SmolLM2-135M-Instruct",
+        "Adaptive head budgets for refined recall at 1/16 of 4096 tokens on SmolLM2-135M-Instruct",
         ablation.run_heads,
     ),
     "reliability": (
