@@ -166,6 +166,15 @@ void QuantizedKV::allocate() {
 
 namespace {
 
+// One token's keys as float32 from its byte row of a token group's key codes (its codes at
+// `shift`) and the group's ranges.
+inline void expand_key_row(const std::uint8_t* bytes, int shift, int mask, std::int64_t dim,
+                           const float* lo, const float* step, float* row) {
+#pragma omp simd
+  for (std::int64_t c = 0; c < dim; ++c)
+    row[c] = lo[c] + step[c] * static_cast<float>((bytes[c] >> shift) & mask);
+}
+
 // Expands one token group of key codes (group tokens x dim channels, held as rows of bytes
 // over the channels) into rows of `dtype`: each output row is a contiguous vector
 // expression over channels.
@@ -175,11 +184,8 @@ void expand_key_group(const std::uint8_t* packed, std::int64_t group, std::int64
                       unsigned char* out, float* row) {
   constexpr int kPerByte = 8 / Bits, kMask = (1 << Bits) - 1;
   for (std::int64_t j = 0; j < group; ++j) {
-    const std::uint8_t* bytes = packed + (j / kPerByte) * dim;
-    const int shift = static_cast<int>(j % kPerByte) * Bits;
-#pragma omp simd
-    for (std::int64_t c = 0; c < dim; ++c)
-      row[c] = lo[c] + step[c] * static_cast<float>((bytes[c] >> shift) & kMask);
+    expand_key_row(packed + (j / kPerByte) * dim, static_cast<int>(j % kPerByte) * Bits, kMask, dim,
+                   lo, step, row);
     from_float(row, dim, dtype, out + j * out_row);
   }
 }
@@ -233,7 +239,7 @@ void QuantizedKV::dequantize_rows(std::int64_t head, const std::int32_t* tokens,
   const std::int64_t rest = tokens_ - quantized_, group_bytes = key_group_bytes();
   const int bits = params_.bits, mask = (1 << bits) - 1;
   const std::size_t row_bytes = static_cast<std::size_t>(dim_) * dtype_size(dtype_);
-  std::vector<std::uint8_t> codes(static_cast<std::size_t>(dim_));  // a value row's
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(dim_));  // a value row's codes
   // The key ranges of the token group last read, as float32: tokens come ascending, so a
   // group's ranges are converted once for all its tokens rather than once per token.
   std::vector<float> low(static_cast<std::size_t>(dim_)), step(static_cast<std::size_t>(dim_));
@@ -261,11 +267,8 @@ void QuantizedKV::dequantize_rows(std::int64_t head, const std::int32_t* tokens,
       }
       // The token's codes: dim contiguous bytes (its byte row), shifted to its bits.
       const std::int64_t per_byte = 8 / bits, j = t % group;
-      const std::uint8_t* bytes = key_codes_.data() + base * group_bytes + (j / per_byte) * dim_;
-      const int shift = static_cast<int>(j % per_byte) * bits;
-#pragma omp simd
-      for (std::int64_t c = 0; c < dim_; ++c)
-        k[c] = low[c] + step[c] * static_cast<float>((bytes[c] >> shift) & mask);
+      expand_key_row(key_codes_.data() + base * group_bytes + (j / per_byte) * dim_,
+                     static_cast<int>(j % per_byte) * bits, mask, dim_, low.data(), step.data(), k);
     }
     if (v) expand_value_row(head, t, codes.data(), v);
   }
