@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 
@@ -331,8 +332,15 @@ std::variant<StreamingLLMParams, H2OParams> eviction_policy(const py::handle& me
 
 RecallMethod recall_method(const py::handle& method) {
   const MethodParams params = method_params(method, MethodKind::Recall);
-  if (const auto* clusterkv = std::get_if<ClusterKVParams>(&params)) return *clusterkv;
-  return std::get<QuestParams>(params);
+  // A named configuration of ClusterKV (ClusterKVRefined) steps as ClusterKV.
+  return std::visit(
+      [](const auto& p) -> RecallMethod {
+        using P = std::decay_t<decltype(p)>;
+        if constexpr (std::is_base_of_v<ClusterKVParams, P>) return ClusterKVParams(p);
+        if constexpr (std::is_base_of_v<QuestParams, P>) return QuestParams(p);
+        throw std::logic_error("method_params admitted a method the recall cache cannot run");
+      },
+      params);
 }
 
 void bind_methods(py::module_& parent) {

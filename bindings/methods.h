@@ -22,7 +22,7 @@ MethodParams method_params(const py::handle& method, MethodKind kind);
 /// EvictionCache's policy: "streaming_llm" or "h2o" (a name or an object).
 std::variant<StreamingLLMParams, H2OParams> eviction_policy(const py::handle& method);
 
-/// The recall engine's method: "clusterkv" or "quest" (budget left default).
+/// The recall engine's method: a recall method of the registry (budget left default).
 RecallMethod recall_method(const py::handle& method);
 
 /// k-means initialisation from 'kmeans++' or 'random' (argument `name` in errors).

@@ -240,19 +240,24 @@ def reference_refine(candidates, always, keys, q, count, per_query_head):
     return np.array(out, dtype=np.int32)
 
 
-@pytest.mark.parametrize("method", ["clusterkv", "quest"])
+@pytest.mark.parametrize("method", ["clusterkv", "clusterkv_refined", "quest"])
 @pytest.mark.parametrize("per_query_head", [False, True])
 @pytest.mark.parametrize("fast_tier", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_refined_step_matches_reference(rng, method, per_query_head, fast_tier, dtype):
     # The whole refined step against float64: the method's candidates (refine x budget),
-    # the budget kept by exact scores, and attention over it.
+    # the budget kept by exact scores, and attention over it. "clusterkv_refined" is
+    # ClusterKV's step with refine 4 by default.
     keys, _, _ = topic_keys(rng, tokens=1500)
     keys = keys.astype(dtype)
     values = rng.standard_normal(keys.shape).astype(dtype)
-    budget, refine, window = 128, 3, 8
-    options = dict(per_query_head=per_query_head, fast_tier=fast_tier, refine=refine)
-    if method == "clusterkv":
+    budget, window = 128, 8
+    options = dict(per_query_head=per_query_head, fast_tier=fast_tier)
+    if method == "clusterkv_refined":
+        refine = 4
+    else:
+        refine = options["refine"] = 3
+    if method.startswith("clusterkv"):
         options.update(n_clusters=60, window=window)
         index = kvpack.ClusterIndex(keys, n_clusters=60)
     recall = kvpack.RecallCache(budget=budget, method=method, **options)
@@ -265,7 +270,7 @@ def test_refined_step_matches_reference(rng, method, per_query_head, fast_tier, 
         k = np.concatenate([k, new_k[:, None]], axis=1)
         v = np.concatenate([v, new_v[:, None]], axis=1)
         tokens = k.shape[1]
-        if method == "clusterkv":
+        if method.startswith("clusterkv"):
             index.append(new_k)
             candidates = reference_select(
                 index, q, budget * refine, window, per_query_head, prompt=1500

@@ -23,7 +23,7 @@ def test_registry_lists_every_method_once_by_kind():
         "cam",
         "kvmerger",
     )
-    assert methods.names("recall") == ("clusterkv", "quest")
+    assert methods.names("recall") == ("clusterkv", "clusterkv_refined", "quest")
     assert methods.names("quantize") == ("kivi",)
     for name, cls in methods.REGISTRY.items():
         assert cls.name == name

@@ -21,7 +21,7 @@ from kvpack._core import methods as _core_methods
 import typing
 from typing import Any
 from typing import Any as Method
-__all__: list = ['CaM', 'ClusterKV', 'ExpectedAttention', 'Full', 'H2O', 'KIVI', 'KVMerger', 'KeyDiff', 'Method', 'Quest', 'REGISTRY', 'SnapKV', 'StreamingLLM', 'names', 'resolve']
+__all__: list = ['CaM', 'ClusterKV', 'ClusterKVRefined', 'ExpectedAttention', 'Full', 'H2O', 'KIVI', 'KVMerger', 'KeyDiff', 'Method', 'Quest', 'REGISTRY', 'SnapKV', 'StreamingLLM', 'names', 'resolve']
 class Full:
     """
     No compression: every token kept (the reference).
@@ -710,6 +710,209 @@ class ClusterKV:
     @window.setter
     def window(self, arg1: typing.Any) -> None:
         ...
+class ClusterKVRefined:
+    """
+    ClusterKV recalling 4x its budget in clusters, then keeping the budget tokens of highest exact q.k among them (kvpack's best recall configuration).
+    
+    Parameters
+    ----------
+    n_clusters : int | None, default None
+        Prefill clusters per KV head (None: clustered tokens / tokens_per_cluster, raised so the mean cluster holds at most budget / 12 tokens).
+    tokens_per_cluster : int, default 80
+        Mean cluster size the automatic n_clusters aims at.
+    sink : int, default 16
+        First tokens never clustered, always attended.
+    window : int, default 0
+        Most recent tokens always attended.
+    iters : int, default 20
+        k-means rounds.
+    seed : int, default 0
+        k-means seed.
+    init : str, default 'kmeans++'
+        k-means initialisation: 'kmeans++' or 'random'.
+    append_interval : int, default 320
+        Decoded tokens clustered together (m).
+    append_clusters : int, default 8
+        Clusters made of them (C+).
+    refine : int, default 4
+        Recall refine x budget candidates, then keep the budget tokens with the highest exact q.k among them (1: the method's own selection).
+    recall_steps : int, default 1
+        R: tokens recalled in the last R steps stay in the fast tier.
+    per_query_head : bool, default False
+        Each query head selects its own tokens (GQA) instead of one set per KV head.
+    fast_tier : bool, default False
+        Copy recalled tokens into a fast tier kept for R steps (False: attend in place).
+    slow_bits : int, default 0
+        0: the slow tier holds the prompt as given; 4 or 8: as KIVI codes of that many bits, ranked and attended from the codes (the last slow_group prompt tokens and the decoded ones exact).
+    slow_group : int, default 128
+        Tokens per key range and channels per value range of the slow tier's codes.
+    adaptive : bool, default False
+        AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
+    adaptive_floor : float, default 0.2
+        With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
+    """
+    __hash__: typing.ClassVar[None] = None
+    kind: typing.ClassVar[str] = 'recall'
+    name: typing.ClassVar[str] = 'clusterkv_refined'
+    params: typing.ClassVar[tuple] = ('n_clusters', 'tokens_per_cluster', 'sink', 'window', 'iters', 'seed', 'init', 'append_interval', 'append_clusters', 'refine', 'recall_steps', 'per_query_head', 'fast_tier', 'slow_bits', 'slow_group', 'adaptive', 'adaptive_floor')
+    def __copy__(self: ClusterKVRefined) -> ClusterKVRefined:
+        ...
+    def __deepcopy__(self: ClusterKVRefined, arg0: dict) -> ClusterKVRefined:
+        ...
+    def __eq__(self: ClusterKVRefined, arg0: typing.Any) -> bool:
+        ...
+    def __getstate__(self: ClusterKVRefined) -> dict:
+        ...
+    def __init__(self: ClusterKVRefined, *args, **kwargs) -> None:
+        ...
+    def __repr__(self: ClusterKVRefined) -> str:
+        ...
+    def __setstate__(self: ClusterKVRefined, arg0: dict) -> None:
+        ...
+    def as_dict(self: ClusterKVRefined) -> dict:
+        """
+        The parameters as {name: value}.
+        """
+    def replace(self: ClusterKVRefined, **kwargs) -> ClusterKVRefined:
+        """
+        A copy with the given parameters changed.
+        """
+    @property
+    def adaptive(self) -> typing.Any:
+        """
+        bool: AdaKV: the layer's heads share heads * budget slots (recall: tokens per step) by their pooled scores (False: budget each).
+        """
+    @adaptive.setter
+    def adaptive(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def adaptive_floor(self) -> typing.Any:
+        """
+        float: With adaptive: share of the budget each head keeps at least (AdaKV's safeguard; at least one slot).
+        """
+    @adaptive_floor.setter
+    def adaptive_floor(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def append_clusters(self) -> typing.Any:
+        """
+        int: Clusters made of them (C+).
+        """
+    @append_clusters.setter
+    def append_clusters(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def append_interval(self) -> typing.Any:
+        """
+        int: Decoded tokens clustered together (m).
+        """
+    @append_interval.setter
+    def append_interval(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def fast_tier(self) -> typing.Any:
+        """
+        bool: Copy recalled tokens into a fast tier kept for R steps (False: attend in place).
+        """
+    @fast_tier.setter
+    def fast_tier(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def init(self) -> typing.Any:
+        """
+        str: k-means initialisation: 'kmeans++' or 'random'.
+        """
+    @init.setter
+    def init(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def iters(self) -> typing.Any:
+        """
+        int: k-means rounds.
+        """
+    @iters.setter
+    def iters(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def n_clusters(self) -> typing.Any:
+        """
+        int | None: Prefill clusters per KV head (None: clustered tokens / tokens_per_cluster, raised so the mean cluster holds at most budget / 12 tokens).
+        """
+    @n_clusters.setter
+    def n_clusters(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def per_query_head(self) -> typing.Any:
+        """
+        bool: Each query head selects its own tokens (GQA) instead of one set per KV head.
+        """
+    @per_query_head.setter
+    def per_query_head(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def recall_steps(self) -> typing.Any:
+        """
+        int: R: tokens recalled in the last R steps stay in the fast tier.
+        """
+    @recall_steps.setter
+    def recall_steps(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def refine(self) -> typing.Any:
+        """
+        int: Recall refine x budget candidates, then keep the budget tokens with the highest exact q.k among them (1: the method's own selection).
+        """
+    @refine.setter
+    def refine(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def seed(self) -> typing.Any:
+        """
+        int: k-means seed.
+        """
+    @seed.setter
+    def seed(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def sink(self) -> typing.Any:
+        """
+        int: First tokens never clustered, always attended.
+        """
+    @sink.setter
+    def sink(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def slow_bits(self) -> typing.Any:
+        """
+        int: 0: the slow tier holds the prompt as given; 4 or 8: as KIVI codes of that many bits, ranked and attended from the codes (the last slow_group prompt tokens and the decoded ones exact).
+        """
+    @slow_bits.setter
+    def slow_bits(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def slow_group(self) -> typing.Any:
+        """
+        int: Tokens per key range and channels per value range of the slow tier's codes.
+        """
+    @slow_group.setter
+    def slow_group(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def tokens_per_cluster(self) -> typing.Any:
+        """
+        int: Mean cluster size the automatic n_clusters aims at.
+        """
+    @tokens_per_cluster.setter
+    def tokens_per_cluster(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def window(self) -> typing.Any:
+        """
+        int: Most recent tokens always attended.
+        """
+    @window.setter
+    def window(self, arg1: typing.Any) -> None:
+        ...
 class Quest:
     """
     Quest: pages of keys recalled per decode step by their per-channel bounds.
@@ -896,4 +1099,4 @@ def resolve(method, **params) -> Method:
     The method object ``method`` stands for: a name with ``params`` (its defaults
         for the rest), or a method object (``params`` then change a copy of it).
     """
-REGISTRY: dict = {'full': Full, 'streaming_llm': StreamingLLM, 'h2o': H2O, 'snapkv': SnapKV, 'keydiff': KeyDiff, 'expected_attention': ExpectedAttention, 'cam': CaM, 'kvmerger': KVMerger, 'clusterkv': ClusterKV, 'quest': Quest, 'kivi': KIVI}
+REGISTRY: dict = {'full': Full, 'streaming_llm': StreamingLLM, 'h2o': H2O, 'snapkv': SnapKV, 'keydiff': KeyDiff, 'expected_attention': ExpectedAttention, 'cam': CaM, 'kvmerger': KVMerger, 'clusterkv': ClusterKV, 'clusterkv_refined': ClusterKVRefined, 'quest': Quest, 'kivi': KIVI}

@@ -49,6 +49,7 @@ using MethodParams = std::variant<
     CaMParams,
     KVMergerParams,
     ClusterKVParams,
+    ClusterKVRefinedParams,
     QuestParams,
     QuantParams>;
 // clang-format on
