@@ -12,9 +12,10 @@ def as64(x: np.ndarray) -> np.ndarray:
 def decode_attention(
     q, keys, values, indices=None, bias=None, scale=None, softcap=None, sinks=None
 ):
-    """Returns (out [hq, d], lse [hq], weights [hq, n]) in float64; scores capped by
-    ``softcap`` before the bias, a sink logit per query head joining the softmax (in lse and
-    the weights' total) and attending nothing."""
+    """Returns (out [hq, d], lse [hq], weights [hq, n]) in float64 (``indices`` [hkv or hq,
+    n], -1 padding a shorter row); scores capped by ``softcap`` before the bias, a sink
+    logit per query head joining the softmax (in lse and the weights' total) and attending
+    nothing."""
     q, k, v = as64(q), as64(keys), as64(values)
     heads_q, dim = q.shape
     heads_kv, tokens, _ = k.shape
@@ -27,6 +28,8 @@ def decode_attention(
             sel = np.arange(tokens)
         else:
             sel = indices[h] if indices.shape[0] == heads_q else indices[kv]
+        held = sel >= 0  # -1 pads a row shorter than the others (its weight 0)
+        sel = sel[held]
         s = k[kv, sel] @ q[h] * scale
         if softcap is not None:
             s = softcap * np.tanh(s / softcap)
@@ -37,7 +40,8 @@ def decode_attention(
         total = p.sum() + (0.0 if sinks is None else np.exp(float(sinks[h]) - m))
         outs.append((p / total) @ v[kv, sel])
         lses.append(m + np.log(total))
-        weights.append(p / total)
+        weights.append(np.zeros(held.shape))
+        weights[-1][held] = p / total
     return np.stack(outs), np.array(lses), np.stack(weights)
 
 

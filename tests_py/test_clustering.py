@@ -737,7 +737,15 @@ RULES["both"] = (0.3, 2.0, True)
 
 @pytest.mark.parametrize("method", ["clusterkv", "quest"])
 @pytest.mark.parametrize(
-    "options", [{}, {"refine": 2}, {"per_query_head": True}, {"fast_tier": True}], ids=str
+    "options",
+    [
+        {},
+        {"refine": 2},
+        {"refine": 2, "adaptive": True},
+        {"per_query_head": True},
+        {"fast_tier": True},
+    ],
+    ids=str,
 )
 @pytest.mark.parametrize("rules", RULES)
 def test_recall_step_scales_caps_and_sinks_like_float64(rng, method, options, rules):

@@ -519,7 +519,8 @@ def test_every_kind_of_layer_applies_the_models_softcap_and_sinks(family):
         return torch.stack(out.logits)
 
     expected = logits(DynamicCache(config=model.config))
-    for method in ("full", "clusterkv", "quest", "kivi"):
+    adaptive = kvpack.methods.ClusterKVRefined(adaptive=True)
+    for method in ("full", "clusterkv", "clusterkv_refined", adaptive, "quest", "kivi"):
         cache = hf.make_cache(model, method, budget=4096, skip_layers=0)
         got = logits(cache)
         assert cache.stats()["compressed_layers"] == [1]  # the global layer runs the method
