@@ -166,9 +166,6 @@ void QuantizedKV::allocate() {
 
 namespace {
 
-// How far ahead dequantize_rows asks for a recalled token's codes.
-constexpr std::int64_t kPrefetchRows = 4;
-
 // One token's keys as float32 from its byte row of a token group's key codes (its codes at
 // `shift`) and the group's ranges.
 inline void expand_key_row(const std::uint8_t* bytes, int shift, int mask, std::int64_t dim,
@@ -247,28 +244,10 @@ void QuantizedKV::dequantize_rows(std::int64_t head, const std::int32_t* tokens,
   // group's ranges are converted once for all its tokens rather than once per token.
   std::vector<float> low(static_cast<std::size_t>(dim_)), step(static_cast<std::size_t>(dim_));
   std::int64_t ranges_of = -1;
-  const std::int64_t per_byte = 8 / bits, value_bytes = value_row_bytes();
   for (std::int64_t i = 0; i < n; ++i) {
     const std::int64_t t = tokens[i];
     KVPACK_CHECK(t >= 0 && t < tokens_,
                  "tokens: expected ids in [0, " << tokens_ << "), got " << t);
-    // Recalled tokens are scattered: ask for the codes of a token kPrefetchRows ahead.
-    if (i + kPrefetchRows < n && tokens[i + kPrefetchRows] < quantized_) {
-      const std::int64_t ahead = tokens[i + kPrefetchRows], j = ahead % group;
-      if (keys) {
-        const std::uint8_t* row = key_codes_.data() +
-                                  (head * token_groups + ahead / group) * dim_ * group_bytes +
-                                  (j / per_byte) * dim_;
-        for (std::int64_t at = 0; at < dim_; at += 64) __builtin_prefetch(row + at, 0, 1);
-      }
-      if (values) {
-        const std::uint8_t* row = value_codes_.data() + (head * quantized_ + ahead) * value_bytes;
-        for (std::int64_t at = 0; at < value_bytes; at += 64) __builtin_prefetch(row + at, 0, 1);
-        __builtin_prefetch(value_scale_.data() + (head * quantized_ + ahead) * channel_groups_, 0,
-                           1);
-        __builtin_prefetch(value_min_.data() + (head * quantized_ + ahead) * channel_groups_, 0, 1);
-      }
-    }
     float* k = keys ? keys + i * dim_ : nullptr;
     float* v = values ? values + i * dim_ : nullptr;
     if (t >= quantized_) {
@@ -285,7 +264,7 @@ void QuantizedKV::dequantize_rows(std::int64_t head, const std::int32_t* tokens,
         ranges_of = base;
       }
       // The token's codes: dim contiguous bytes (its byte row), shifted to its bits.
-      const std::int64_t j = t % group;
+      const std::int64_t per_byte = 8 / bits, j = t % group;
       expand_key_row(key_codes_.data() + base * group_bytes + (j / per_byte) * dim_,
                      static_cast<int>(j % per_byte) * bits, mask, dim_, low.data(), step.data(), k);
     }
