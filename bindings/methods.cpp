@@ -336,9 +336,12 @@ RecallMethod recall_method(const py::handle& method) {
   return std::visit(
       [](const auto& p) -> RecallMethod {
         using P = std::decay_t<decltype(p)>;
-        if constexpr (std::is_base_of_v<ClusterKVParams, P>) return ClusterKVParams(p);
-        if constexpr (std::is_base_of_v<QuestParams, P>) return QuestParams(p);
-        throw std::logic_error("method_params admitted a method the recall cache cannot run");
+        if constexpr (std::is_base_of_v<ClusterKVParams, P>)
+          return ClusterKVParams(p);
+        else if constexpr (std::is_base_of_v<QuestParams, P>)
+          return QuestParams(p);
+        else  // method_params checked the kind
+          throw std::logic_error("method: a recall method the recall cache cannot run");
       },
       params);
 }

@@ -294,17 +294,23 @@ def test_refined_step_matches_reference(rng, method, per_query_head, fast_tier, 
         assert stats["hits"] + stats["loaded"] == stats["selected"]
 
 
-def reference_adaptive_split(candidates, always, keys, q, count, per_query_head, floor):
+def reference_adaptive_split(
+    candidates, always, keys, q, count, per_query_head, floor, softcap=None
+):
     """AdaKV's split of rows * count recalled tokens, in float64: each row ranks its
     candidates by their softmax weights over the candidates (summed over a KV head's query
-    heads), the always attended tokens first; every row keeps its `floor` best, then the
-    best of all rows pooled (ties to the lower row, then the earlier candidate)."""
+    heads; scores capped by ``softcap`` as attention caps them), the always attended tokens
+    first; every row keeps its `floor` best, then the best of all rows pooled (ties to the
+    lower row, then the earlier candidate)."""
     heads, dim = keys.shape[0], keys.shape[2]
     ranks = []
     for r, row in enumerate(candidates):
         head = r // (q.shape[0] // heads) if per_query_head else r
         s = reference.as64(keys[head, row]) @ row_queries(q, r, heads, per_query_head).T
-        w = np.exp((s - s.max(0)) / np.sqrt(dim))
+        s = s / np.sqrt(dim)
+        if softcap is not None:
+            s = softcap * np.tanh(s / softcap)
+        w = np.exp(s - s.max(0))
         rank = (w / w.sum(0)).sum(1)
         rank[np.isin(row, always)] = np.inf
         ranks.append(rank)
@@ -323,13 +329,16 @@ def reference_adaptive_split(candidates, always, keys, q, count, per_query_head,
 @pytest.mark.parametrize("per_query_head", [False, True])
 @pytest.mark.parametrize("fast_tier", [False, True])
 @pytest.mark.parametrize("focus", [3.0, 30.0])
+@pytest.mark.parametrize("softcap", [None, 20.0])
 def test_adaptive_head_budgets_split_the_step_like_float64(
-    rng, method, per_query_head, fast_tier, focus
+    rng, method, per_query_head, fast_tier, focus, softcap
 ):
     # Query heads that point at one topic concentrate their attention; the others spread
     # it. The rows share rows * count tokens by AdaKV's rule over their refined candidates,
     # and each row attends exactly its share. At focus 30 KV head 0's rows are held near
-    # their floor.
+    # their floor. Under a softcap (Gemma 2) the split ranks the capped scores, which
+    # splits the budget differently; the cap bends the focused scores without saturating
+    # them (a saturated cap ties them in float32, and ties are not float64's order).
     keys, centres, _ = topic_keys(rng, heads=2, tokens=1500)
     values = rng.standard_normal(keys.shape).astype(np.float32)
     budget, refine = 96, 3
@@ -341,14 +350,22 @@ def test_adaptive_head_budgets_split_the_step_like_float64(
     recall.prefill(keys, values)
     uniform.prefill(keys, values)
     k, v = keys, values
-    sizes = []
+    sizes, capped = [], False
     for step in range(3):
         q = 0.3 * rng.standard_normal((8, 32))
         focused = 2 if focus == 3.0 else 4  # query heads of KV head 0 that concentrate
         q[:focused] += focus * centres[0, step]
         q = q.astype(np.float32)
         new_k, new_v = keys[:, 200 + step], values[:, 200 + step]
-        out = recall.step(q, new_k, new_v)
+        out = kvpack._core.recall_step(
+            [recall._recall],
+            q[None, None],
+            new_k[None, :, None],
+            new_v[None, :, None],
+            None,
+            softcap,
+            None,
+        )[0, 0]
         uniform.step(q, new_k, new_v)
         k = np.concatenate([k, new_k[:, None]], axis=1)
         v = np.concatenate([v, new_v[:, None]], axis=1)
@@ -362,8 +379,15 @@ def test_adaptive_head_budgets_split_the_step_like_float64(
             always = np.arange(16 * (tokens // 16), tokens)
             count = budget
         floor = int(0.2 * count)
-        picks = reference_adaptive_split(candidates, always, k, q, count, per_query_head, floor)
-        if focus == 30.0:  # KV head 0's rows keep about their floor, the others the rest
+        picks = reference_adaptive_split(
+            candidates, always, k, q, count, per_query_head, floor, softcap
+        )
+        if softcap is not None:
+            uncapped = reference_adaptive_split(
+                candidates, always, k, q, count, per_query_head, floor
+            )
+            capped |= picks != uncapped
+        elif focus == 30.0:  # KV head 0's rows keep about their floor, the others the rest
             half = len(picks) // 2
             assert max(map(len, picks[:half])) < floor + 5 < count < min(map(len, picks[half:]))
         selection = recall.last_selection
@@ -377,13 +401,18 @@ def test_adaptive_head_budgets_split_the_step_like_float64(
         for h in range(8):
             sel = np.array(picks[h if per_query_head else h // 4])
             want, _, _ = reference.decode_attention(
-                q[h : h + 1], k[h // 4 : h // 4 + 1], v[h // 4 : h // 4 + 1], indices=sel[None]
+                q[h : h + 1],
+                k[h // 4 : h // 4 + 1],
+                v[h // 4 : h // 4 + 1],
+                indices=sel[None],
+                softcap=softcap,
             )
             np.testing.assert_allclose(out[h], want[0], atol=2e-5, rtol=2e-5)
         per_head = np.split(np.arange(rows), 2)  # each KV head's rows
         held = [np.unique(np.concatenate([picks[r] for r in mine])) for mine in per_head]
         assert recall.last_step["selected"] == sum(map(len, held))
     assert max(sizes) > min(sizes)  # the heads were given different shares
+    assert capped or softcap is None  # the cap moved the split
 
 
 def test_adaptive_recall_needs_refined_candidates():

@@ -345,16 +345,11 @@ void RecallCache::refine_selection(const float* q, std::int64_t heads_q, bool pe
     float* row_dots = dots.data() + r * n_q * n;
     if (codes_) {  // from the recalled tokens' codes, a chunk at a time (it stays in cache)
       std::vector<float> rows_f(static_cast<std::size_t>(kCodedChunk * dim_));
-      std::vector<float> chunk_dots(static_cast<std::size_t>(n_q * kCodedChunk));
-      std::vector<std::int32_t> order(static_cast<std::size_t>(kCodedChunk));
-      std::iota(order.begin(), order.end(), 0);
       for (std::int64_t at = 0; at < n; at += kCodedChunk) {
         const std::int64_t m = std::min(kCodedChunk, n - at);
         rows_as_float(head, candidates + at, m, rows_f.data(), nullptr);
-        const KVView chunk{rows_f.data(), DType::Float32, 1, m, dim_};
-        gather_scores(q + first_q * dim_, n_q, chunk, 0, order.data(), m, chunk_dots.data());
         for (std::int64_t g = 0; g < n_q; ++g)
-          std::copy_n(chunk_dots.data() + g * m, m, row_dots + g * n + at);
+          inner_products(rows_f.data(), m, dim_, q + (first_q + g) * dim_, row_dots + g * n + at);
       }
     } else {
       gather_scores(q + first_q * dim_, n_q, k, head, candidates, n, row_dots);
