@@ -537,7 +537,7 @@ def test_every_family_generates_like_its_dynamic_cache(family):
     ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(5))
     model.set_attn_implementation("eager")
     expected = generate(model, ids, None, DynamicCache(config=config), new=12)
-    for method in ("full", "h2o", "kvmerger", "clusterkv", "quest", "kivi"):
+    for method in ("full", "h2o", "kvmerger", "clusterkv", "clusterkv_refined", "quest", "kivi"):
         cache = hf.make_cache(model, method, budget=4096, skip_layers=1)
         assert torch.equal(generate(model, ids, None, cache, new=12), expected), method
     window = FAMILIES[family].get("sliding_window")
